@@ -1,0 +1,8 @@
+//! Generated protobuf types and gRPC stubs of the mesh.
+
+/// The echo workload's gRPC API (`mesh.echo.v1`).
+pub mod echo {
+    pub mod v1 {
+        tonic::include_proto!("mesh.echo.v1");
+    }
+}

@@ -1,0 +1,21 @@
+//! A monotonic clock as plain numbers, so that lock-free state can store
+//! times in atomics and pure logic can be tested with made-up times.
+
+use std::sync::OnceLock;
+use std::time::Instant;
+
+fn base() -> Instant {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    *BASE.get_or_init(Instant::now)
+}
+
+/// Nanoseconds since the first call in this process.
+pub fn now_nanos() -> u64 {
+    base().elapsed().as_nanos() as u64
+}
+
+/// Milliseconds since the first call in this process, never 0 so that 0
+/// can mean "no time set" in packed state.
+pub fn now_millis() -> u64 {
+    base().elapsed().as_millis() as u64 + 1
+}

@@ -1,0 +1,450 @@
+//! The static TOML routing-table file: parsing and validation.
+//!
+//! Errors name the line and the field, because the user has to find the
+//! mistake in a file that may hold many services.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::{
+    BreakerPolicy, EndpointConfig, HumanDuration, Listen, Protocol, ProxyConfig, RetryOn, RetryPolicy,
+    ServiceConfig, UpstreamConfig, DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, DEFAULT_VERSION,
+};
+
+/// A config file that cannot be used, with where and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigError {
+    pub line: Option<usize>,
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "line {line}, field `{}`: {}", self.field, self.message),
+            None => write!(f, "field `{}`: {}", self.field, self.message),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    listen: RawListen,
+    service: Option<String>,
+    version: Option<String>,
+    #[serde(default)]
+    services: Vec<RawService>,
+    #[serde(default)]
+    upstreams: Vec<RawUpstream>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListen {
+    outbound: Option<SocketAddr>,
+    inbound: Option<SocketAddr>,
+    admin: Option<SocketAddr>,
+    app: Option<SocketAddr>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: Spanned<String>,
+    protocol: Option<RawProtocol>,
+    timeout: Option<Spanned<HumanDuration>>,
+    connect_timeout: Option<Spanned<HumanDuration>>,
+    split: Option<BTreeMap<String, Spanned<Weight>>>,
+    retry: Option<RawRetry>,
+    breaker: Option<RawBreaker>,
+    #[serde(default)]
+    endpoints: Vec<RawEndpoint>,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum RawProtocol {
+    Http,
+    H2,
+    Grpc,
+    Tcp,
+}
+
+/// A split weight: a whole number, never negative.
+#[derive(Clone, Copy)]
+struct Weight(u32);
+
+impl<'de> Deserialize<'de> for Weight {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let value = i64::deserialize(deserializer)?;
+        u32::try_from(value).ok().filter(|w| *w <= 1_000_000).map(Weight).ok_or_else(|| {
+            serde::de::Error::custom(format!("a weight must be from 0 to 1000000, got {value}"))
+        })
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetry {
+    attempts: Option<Spanned<u32>>,
+    on: Option<Vec<RetryOn>>,
+    non_idempotent: Option<bool>,
+    budget_ratio: Option<Spanned<f64>>,
+    budget_min_per_second: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBreaker {
+    consecutive_failures: Option<Spanned<u32>>,
+    base_ejection: Option<HumanDuration>,
+    max_ejection: Option<Spanned<HumanDuration>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEndpoint {
+    addr: SocketAddr,
+    version: Option<String>,
+    ready: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    service: Spanned<String>,
+    listen: Spanned<SocketAddr>,
+}
+
+/// Parses and validates a config file's text. Nothing is applied here, so a
+/// bad file changes nothing.
+pub fn parse_config(text: &str) -> Result<ProxyConfig, ConfigError> {
+    let deserializer = toml::Deserializer::parse(text).map_err(|e| from_toml_error(text, "", e))?;
+    let raw: RawFile = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+        let field = e.path().to_string();
+        from_toml_error(text, &field, e.into_inner())
+    })?;
+    Validator { text }.validate(raw)
+}
+
+fn from_toml_error(text: &str, field: &str, error: toml::de::Error) -> ConfigError {
+    // Spanned values add a private segment to the path that means nothing to a user.
+    let field = field.replace(".$__serde_spanned_private_value", "");
+    let field = if field.is_empty() || field == "." { "(file)".to_owned() } else { field };
+    ConfigError {
+        line: error.span().map(|span| line_of(text, span.start)),
+        field,
+        message: error.message().trim().to_owned(),
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].bytes().filter(|b| *b == b'\n').count() + 1
+}
+
+struct Validator<'a> {
+    text: &'a str,
+}
+
+impl Validator<'_> {
+    fn error(&self, span: Range<usize>, field: String, message: impl Into<String>) -> ConfigError {
+        ConfigError { line: Some(line_of(self.text, span.start)), field, message: message.into() }
+    }
+
+    fn validate(&self, raw: RawFile) -> Result<ProxyConfig, ConfigError> {
+        let mut names = HashSet::new();
+        let mut services = Vec::with_capacity(raw.services.len());
+        for (index, service) in raw.services.into_iter().enumerate() {
+            let field = format!("services[{index}]");
+            if !names.insert(service.name.get_ref().clone()) {
+                return Err(self.error(
+                    service.name.span(),
+                    format!("{field}.name"),
+                    format!("duplicate service {:?}", service.name.get_ref()),
+                ));
+            }
+            services.push(self.service(&field, service)?);
+        }
+        let mut upstream_addrs = HashSet::new();
+        let mut upstreams = Vec::with_capacity(raw.upstreams.len());
+        for (index, upstream) in raw.upstreams.into_iter().enumerate() {
+            let field = format!("upstreams[{index}]");
+            if !names.contains(upstream.service.get_ref()) {
+                return Err(self.error(
+                    upstream.service.span(),
+                    format!("{field}.service"),
+                    format!(
+                        "unknown service {:?}; declare it under [[services]]",
+                        upstream.service.get_ref()
+                    ),
+                ));
+            }
+            if !upstream_addrs.insert(*upstream.listen.get_ref()) {
+                return Err(self.error(
+                    upstream.listen.span(),
+                    format!("{field}.listen"),
+                    format!("address {} is used by another upstream", upstream.listen.get_ref()),
+                ));
+            }
+            upstreams.push(UpstreamConfig {
+                service: upstream.service.into_inner(),
+                listen: upstream.listen.into_inner(),
+            });
+        }
+        Ok(ProxyConfig {
+            listen: Listen {
+                outbound: raw.listen.outbound,
+                inbound: raw.listen.inbound,
+                admin: raw.listen.admin,
+                app: raw.listen.app,
+            },
+            local_service: raw.service.unwrap_or_else(|| "app".to_owned()),
+            local_version: raw.version.unwrap_or_else(|| DEFAULT_VERSION.to_owned()),
+            services,
+            upstreams,
+        })
+    }
+
+    fn service(&self, field: &str, raw: RawService) -> Result<ServiceConfig, ConfigError> {
+        if raw.name.get_ref().is_empty() {
+            return Err(self.error(raw.name.span(), format!("{field}.name"), "a service needs a name"));
+        }
+        let endpoints: Vec<EndpointConfig> = raw
+            .endpoints
+            .into_iter()
+            .map(|e| EndpointConfig {
+                addr: e.addr,
+                version: e.version.unwrap_or_else(|| DEFAULT_VERSION.to_owned()),
+                ready: e.ready.unwrap_or(true),
+            })
+            .collect();
+        let versions: HashSet<&str> = endpoints.iter().map(|e| e.version.as_str()).collect();
+        let mut split = BTreeMap::new();
+        if let Some(raw_split) = raw.split {
+            let mut total = 0u64;
+            let mut first_span = None;
+            for (version, weight) in raw_split {
+                let span = weight.span();
+                first_span.get_or_insert(span.clone());
+                if !versions.contains(version.as_str()) {
+                    return Err(self.error(
+                        span,
+                        format!("{field}.split.{version}"),
+                        format!(
+                            "weight on unknown version {version:?}; this service's endpoints have versions {:?}",
+                            sorted(&versions)
+                        ),
+                    ));
+                }
+                total += u64::from(weight.get_ref().0);
+                split.insert(version, weight.into_inner().0);
+            }
+            if total == 0 {
+                let span = first_span.unwrap_or(raw.name.span());
+                return Err(self.error(
+                    span,
+                    format!("{field}.split"),
+                    "the weights add up to 0; no traffic could flow",
+                ));
+            }
+        }
+        let retry = self.retry(field, raw.retry)?;
+        let breaker = self.breaker(field, raw.breaker)?;
+        let timeout = self.positive(field, "timeout", raw.timeout, DEFAULT_TIMEOUT)?;
+        let connect_timeout =
+            self.positive(field, "connect_timeout", raw.connect_timeout, DEFAULT_CONNECT_TIMEOUT)?;
+        Ok(ServiceConfig {
+            name: raw.name.into_inner(),
+            protocol: match raw.protocol.unwrap_or(RawProtocol::Http) {
+                RawProtocol::Http => Protocol::Http,
+                RawProtocol::H2 => Protocol::H2,
+                RawProtocol::Grpc => Protocol::Grpc,
+                RawProtocol::Tcp => Protocol::Tcp,
+            },
+            timeout,
+            connect_timeout,
+            split,
+            retry,
+            breaker,
+            endpoints,
+        })
+    }
+
+    fn positive(
+        &self,
+        field: &str,
+        name: &str,
+        value: Option<Spanned<HumanDuration>>,
+        default: std::time::Duration,
+    ) -> Result<std::time::Duration, ConfigError> {
+        match value {
+            None => Ok(default),
+            Some(v) if v.get_ref().0.is_zero() => {
+                Err(self.error(v.span(), format!("{field}.{name}"), "must be longer than zero"))
+            }
+            Some(v) => Ok(v.into_inner().0),
+        }
+    }
+
+    fn retry(&self, field: &str, raw: Option<RawRetry>) -> Result<RetryPolicy, ConfigError> {
+        let mut policy = RetryPolicy::default();
+        let Some(raw) = raw else { return Ok(policy) };
+        if let Some(attempts) = raw.attempts {
+            if !(1..=10).contains(attempts.get_ref()) {
+                return Err(self.error(
+                    attempts.span(),
+                    format!("{field}.retry.attempts"),
+                    format!(
+                        "must be from 1 to 10 (tries in all, the first included), got {}",
+                        attempts.get_ref()
+                    ),
+                ));
+            }
+            policy.attempts = attempts.into_inner();
+        }
+        if let Some(on) = raw.on {
+            policy.on = on;
+        }
+        if let Some(non_idempotent) = raw.non_idempotent {
+            policy.non_idempotent = non_idempotent;
+        }
+        if let Some(ratio) = raw.budget_ratio {
+            if !(0.0..=1.0).contains(ratio.get_ref()) {
+                return Err(self.error(
+                    ratio.span(),
+                    format!("{field}.retry.budget_ratio"),
+                    format!("must be from 0 to 1, got {}", ratio.get_ref()),
+                ));
+            }
+            policy.budget_ratio = ratio.into_inner();
+        }
+        if let Some(min) = raw.budget_min_per_second {
+            policy.budget_min_per_second = min;
+        }
+        Ok(policy)
+    }
+
+    fn breaker(&self, field: &str, raw: Option<RawBreaker>) -> Result<BreakerPolicy, ConfigError> {
+        let mut policy = BreakerPolicy::default();
+        let Some(raw) = raw else { return Ok(policy) };
+        if let Some(failures) = raw.consecutive_failures {
+            if *failures.get_ref() == 0 || *failures.get_ref() > 60_000 {
+                return Err(self.error(
+                    failures.span(),
+                    format!("{field}.breaker.consecutive_failures"),
+                    "must be from 1 to 60000",
+                ));
+            }
+            policy.consecutive_failures = failures.into_inner();
+        }
+        if let Some(base) = raw.base_ejection {
+            policy.base_ejection = base.0;
+        }
+        if let Some(max) = raw.max_ejection {
+            if max.get_ref().0 < policy.base_ejection {
+                return Err(self.error(
+                    max.span(),
+                    format!("{field}.breaker.max_ejection"),
+                    "must not be shorter than base_ejection",
+                ));
+            }
+            policy.max_ejection = max.into_inner().0;
+        }
+        Ok(policy)
+    }
+}
+
+fn sorted<'a>(set: &HashSet<&'a str>) -> Vec<&'a str> {
+    let mut list: Vec<&str> = set.iter().copied().collect();
+    list.sort_unstable();
+    list
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[listen]
+outbound = "127.0.0.1:4140"
+admin = "127.0.0.1:4191"
+
+[[services]]
+name = "echo"
+protocol = "http"
+timeout = "2s"
+split = { v1 = 90, v2 = 10 }
+retry = { attempts = 3, on = ["connect-failure", "5xx"], budget_ratio = 0.2, budget_min_per_second = 10 }
+breaker = { consecutive_failures = 7, base_ejection = "1s", max_ejection = "60s" }
+endpoints = [
+  { addr = "127.0.0.1:9001", version = "v1" },
+  { addr = "127.0.0.1:9002", version = "v2", ready = false },
+]
+
+[[upstreams]]
+service = "echo"
+listen = "127.0.0.1:9191"
+"#;
+
+    #[test]
+    fn the_documented_example_parses() {
+        let config = parse_config(GOOD).unwrap();
+        let echo = &config.services[0];
+        assert_eq!(echo.split.get("v1"), Some(&90));
+        assert_eq!(echo.retry.on, vec![RetryOn::ConnectFailure, RetryOn::ServerError]);
+        assert_eq!(echo.timeout, std::time::Duration::from_secs(2));
+        assert!(!echo.endpoints[1].ready);
+        assert_eq!(config.upstreams[0].service, "echo");
+    }
+
+    /// Each bad file must fail with the field and line that a user would
+    /// have to fix.
+    #[test]
+    fn bad_files_name_line_and_field() {
+        let cases: &[(&str, &str, &str, usize, &str)] = &[
+            ("syntax error", "name = \"echo\"", "name = \"echo", 7, "(file)"),
+            ("unknown field", "protocol = \"http\"", "protocol = \"http\"\ncolour = \"red\"", 9, "colour"),
+            ("negative weight", "v2 = 10 }", "v2 = -10 }", 10, "services[0].split.v2"),
+            ("unknown version", "v2 = 10 }", "v3 = 10 }", 10, "services[0].split.v3"),
+            ("zero weights", "{ v1 = 90, v2 = 10 }", "{ v1 = 0, v2 = 0 }", 10, "services[0].split"),
+            ("bad duration", "timeout = \"2s\"", "timeout = \"2 parsecs\"", 9, "services[0].timeout"),
+            (
+                "unknown upstream",
+                "service = \"echo\"\nlisten",
+                "service = \"ghost\"\nlisten",
+                19,
+                "upstreams[0].service",
+            ),
+            ("unknown retry condition", "\"5xx\"]", "\"6xx\"]", 11, "services[0].retry.on"),
+        ];
+        for (what, from, to, line, field) in cases {
+            let text = GOOD.replacen(from, to, 1);
+            assert_ne!(text, GOOD, "{what}: the case must change the file");
+            let err = parse_config(&text).expect_err(what);
+            assert!(err.field.contains(field), "{what}: field {:?} should name {field:?} ({err})", err.field);
+            assert_eq!(err.line, Some(*line), "{what}: {err}");
+        }
+    }
+
+    #[test]
+    fn duplicate_service_is_rejected_at_its_second_name() {
+        let text = GOOD.replacen(
+            "[[upstreams]]",
+            "[[services]]\nname = \"echo\"\nendpoints = []\n\n[[upstreams]]",
+            1,
+        );
+        let err = parse_config(&text).unwrap_err();
+        assert_eq!(err.field, "services[1].name");
+        assert_eq!(err.line, Some(19));
+        assert!(err.message.contains("duplicate"), "{err}");
+    }
+}

@@ -1,0 +1,147 @@
+//! The routing table a proxy runs on, as validated plain data.
+//!
+//! Every source of configuration (the static file today, the control plane
+//! later) produces a [`ProxyConfig`]; only validated values reach the
+//! snapshot builder, so nothing downstream re-checks them.
+
+mod duration;
+mod file;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::Serialize;
+
+pub use duration::HumanDuration;
+pub use file::{parse_config, ConfigError};
+
+/// Everything a proxy needs to run: its listeners and its routing table.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ProxyConfig {
+    pub listen: Listen,
+    /// The service of the local app, used to label inbound metrics.
+    pub local_service: String,
+    /// The version of the local app, used to label inbound metrics.
+    pub local_version: String,
+    pub services: Vec<ServiceConfig>,
+    pub upstreams: Vec<UpstreamConfig>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct Listen {
+    pub outbound: Option<SocketAddr>,
+    pub inbound: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+    pub app: Option<SocketAddr>,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Http,
+    H2,
+    Grpc,
+    Tcp,
+}
+
+impl Protocol {
+    /// Whether the proxy speaks HTTP/2 to this service's endpoints.
+    pub fn is_h2(self) -> bool {
+        matches!(self, Protocol::H2 | Protocol::Grpc)
+    }
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub protocol: Protocol,
+    /// Covers the whole request up to the response headers, retries included.
+    #[serde(serialize_with = "serialize_duration")]
+    pub timeout: Duration,
+    #[serde(serialize_with = "serialize_duration")]
+    pub connect_timeout: Duration,
+    /// Version name to weight; empty means every ready endpoint shares.
+    pub split: BTreeMap<String, u32>,
+    pub retry: RetryPolicy,
+    pub breaker: BreakerPolicy,
+    pub endpoints: Vec<EndpointConfig>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct RetryPolicy {
+    /// Total tries, the first one included.
+    pub attempts: u32,
+    pub on: Vec<RetryOn>,
+    /// Also retry methods that are not idempotent (POST, PATCH; gRPC calls).
+    pub non_idempotent: bool,
+    pub budget_ratio: f64,
+    pub budget_min_per_second: u32,
+}
+
+/// Conditions that make a response worth another try. Connect failures are
+/// always retried, whatever this list says, because the request never left.
+#[derive(Clone, Copy, Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum RetryOn {
+    ConnectFailure,
+    /// Any 5xx status.
+    #[serde(rename = "5xx")]
+    ServerError,
+    /// 502, 503 and 504 only.
+    GatewayError,
+    /// gRPC status UNAVAILABLE in the response headers.
+    Unavailable,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct BreakerPolicy {
+    pub consecutive_failures: u32,
+    #[serde(serialize_with = "serialize_duration")]
+    pub base_ejection: Duration,
+    #[serde(serialize_with = "serialize_duration")]
+    pub max_ejection: Duration,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct EndpointConfig {
+    pub addr: SocketAddr,
+    pub version: String,
+    pub ready: bool,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct UpstreamConfig {
+    pub service: String,
+    pub listen: SocketAddr,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            attempts: 3,
+            on: vec![RetryOn::ConnectFailure],
+            non_idempotent: false,
+            budget_ratio: 0.2,
+            budget_min_per_second: 10,
+        }
+    }
+}
+
+impl Default for BreakerPolicy {
+    fn default() -> Self {
+        BreakerPolicy {
+            consecutive_failures: 7,
+            base_ejection: Duration::from_secs(1),
+            max_ejection: Duration::from_secs(60),
+        }
+    }
+}
+
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+pub const DEFAULT_VERSION: &str = "default";
+
+fn serialize_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    HumanDuration(*d).serialize(s)
+}

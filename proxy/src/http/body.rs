@@ -1,0 +1,132 @@
+//! Body types of the request path, as enums rather than boxes so the hot
+//! path does not allocate for them.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+use crate::http::pool::{ConnPool, Http1Sender};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A request body on its way to an endpoint: either bytes kept for replay
+/// (so the request can be retried) or the caller's stream (which cannot).
+pub enum RequestBody {
+    Buffered(Option<Bytes>),
+    Streaming(Incoming),
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            RequestBody::Buffered(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            RequestBody::Streaming(incoming) => Pin::new(incoming).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Buffered(bytes) => bytes.is_none(),
+            RequestBody::Streaming(incoming) => incoming.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Buffered(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
+            RequestBody::Buffered(None) => SizeHint::with_exact(0),
+            RequestBody::Streaming(incoming) => incoming.size_hint(),
+        }
+    }
+}
+
+/// A response body going back to the caller. An HTTP/1 connection goes back
+/// to its pool only once its response body has been read to the end.
+pub struct ResponseBody {
+    inner: ResponseInner,
+    release: Option<(Arc<ConnPool>, Http1Sender)>,
+}
+
+enum ResponseInner {
+    Upstream(Incoming),
+    Local(Option<Bytes>),
+}
+
+impl ResponseBody {
+    pub fn upstream(body: Incoming, release: Option<(Arc<ConnPool>, Http1Sender)>) -> Self {
+        let mut body = ResponseBody { inner: ResponseInner::Upstream(body), release };
+        body.release_if_done();
+        body
+    }
+
+    pub fn local(bytes: impl Into<Bytes>) -> Self {
+        let bytes = bytes.into();
+        let inner = ResponseInner::Local(if bytes.is_empty() { None } else { Some(bytes) });
+        ResponseBody { inner, release: None }
+    }
+
+    pub fn empty() -> Self {
+        ResponseBody { inner: ResponseInner::Local(None), release: None }
+    }
+
+    fn release_if_done(&mut self) {
+        if self.is_end_stream() {
+            if let Some((pool, sender)) = self.release.take() {
+                pool.put_http1(sender);
+            }
+        }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = match &mut this.inner {
+            ResponseInner::Local(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            ResponseInner::Upstream(incoming) => Pin::new(incoming).poll_frame(cx),
+        };
+        match &polled {
+            Poll::Ready(None) => {
+                if let Some((pool, sender)) = this.release.take() {
+                    pool.put_http1(sender);
+                }
+            }
+            Poll::Ready(Some(Ok(_))) => this.release_if_done(),
+            // A broken body means a broken connection: never reuse it.
+            Poll::Ready(Some(Err(_))) => this.release = None,
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            ResponseInner::Local(bytes) => bytes.is_none(),
+            ResponseInner::Upstream(incoming) => incoming.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            ResponseInner::Local(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
+            ResponseInner::Local(None) => SizeHint::with_exact(0),
+            ResponseInner::Upstream(incoming) => incoming.size_hint(),
+        }
+    }
+}

@@ -1,0 +1,550 @@
+//! Forwarding one HTTP request: choose an endpoint, send, classify the
+//! answer, retry within the policy and the budget, all under the service's
+//! timeout. This is the hot path; it reads the snapshot it was given and
+//! touches only atomics of shared state.
+//!
+//! How it fails: a request the proxy cannot place gets the contract's
+//! error (`no-endpoints`, `breaker-open`, `connect-failed`, `timeout`);
+//! an upstream failure that cannot be retried is passed through as is.
+
+use std::cell::RefCell;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::request::Parts;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Method, Request, Response, Uri, Version};
+use http_body::Body;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use rand::rngs::SmallRng;
+use rand::SeedableRng;
+
+use crate::clock;
+use crate::config::{Protocol, RetryOn};
+use crate::errors::ProxyError;
+use crate::http::body::{RequestBody, ResponseBody};
+use crate::http::pool::{ConnPool, ConnectError, Http1Sender};
+use crate::http::{error_response, is_grpc, mark_error, strip_hop_by_hop};
+use crate::metrics::HttpMetrics;
+use crate::snapshot::{Endpoint, EndpointState, Service};
+
+/// Bodies up to this size are kept so the request can be retried.
+pub const MAX_REPLAY_BODY: u64 = 64 * 1024;
+
+thread_local! {
+    static RNG: RefCell<SmallRng> = RefCell::new(SmallRng::from_rng(&mut rand::rng()));
+}
+
+/// The request body as the retry loop sees it.
+enum PreparedBody {
+    /// Kept in memory: every try gets a copy.
+    Replayable(Option<Bytes>),
+    /// The caller's stream: only one try can send it.
+    Streaming(Option<Incoming>),
+}
+
+impl PreparedBody {
+    fn is_replayable(&self) -> bool {
+        matches!(self, PreparedBody::Replayable(_))
+    }
+
+    fn for_attempt(&mut self) -> Option<RequestBody> {
+        match self {
+            PreparedBody::Replayable(bytes) => Some(RequestBody::Buffered(bytes.clone())),
+            PreparedBody::Streaming(body) => body.take().map(RequestBody::Streaming),
+        }
+    }
+
+    /// A try that never sent its body hands it back for the next one.
+    fn give_back(&mut self, body: RequestBody) {
+        if let (PreparedBody::Streaming(slot), RequestBody::Streaming(incoming)) = (self, body) {
+            *slot = Some(incoming);
+        }
+    }
+}
+
+/// Why sending on an endpoint failed.
+enum SendError {
+    /// No connection could be made; the request never left and comes back.
+    Connect(ConnectError, Box<Request<RequestBody>>),
+    /// The connection broke after the request was (maybe partly) sent.
+    Broken(hyper::Error),
+}
+
+/// The answer of a forwarded request and what to record about it.
+struct Outcome {
+    response: Response<ResponseBody>,
+    error: Option<ProxyError>,
+    metrics: Arc<HttpMetrics>,
+}
+
+/// Forwards an outbound request to `service` and records its metrics.
+pub async fn forward(service: Arc<Service>, request: Request<Incoming>) -> Response<ResponseBody> {
+    let started = Instant::now();
+    let grpc = is_grpc(request.headers());
+    let version = request.version();
+    let outcome = match tokio::time::timeout(service.config.timeout, attempts(&service, request, grpc)).await
+    {
+        Ok(outcome) => outcome,
+        Err(_) => Outcome {
+            response: error_response(
+                ProxyError::Timeout,
+                grpc,
+                &format!("no answer within {}", humantime::format_duration(service.config.timeout)),
+            ),
+            error: Some(ProxyError::Timeout),
+            metrics: service.unrouted_metrics.clone(),
+        },
+    };
+    let Outcome { mut response, error, metrics } = outcome;
+    metrics.record(response.status().as_u16(), error, started.elapsed());
+    *response.version_mut() = version;
+    response
+}
+
+async fn attempts(service: &Service, request: Request<Incoming>, grpc: bool) -> Outcome {
+    let (mut parts, body) = request.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    let policy = &service.config.retry;
+    let idempotent = policy.non_idempotent || is_idempotent(&parts.method);
+    let retries_responses =
+        idempotent && policy.attempts > 1 && policy.on.iter().any(|on| *on != RetryOn::ConnectFailure);
+    let mut body = match prepare_body(body, &parts, retries_responses).await {
+        Ok(body) => body,
+        Err(e) => {
+            let response =
+                error_response(ProxyError::BadRequest, grpc, &format!("reading the request body: {e}"));
+            return Outcome {
+                response,
+                error: Some(ProxyError::BadRequest),
+                metrics: service.unrouted_metrics.clone(),
+            };
+        }
+    };
+    service.budget.record_request(clock::now_millis() / 1000);
+    let authority = authority_for_upstream(&parts);
+    let mut tried = [SocketAddr::from(([0, 0, 0, 0], 0)); 10];
+    let mut last_failure: Option<Outcome> = None;
+    for attempt in 1..=policy.attempts {
+        let now_ms = clock::now_millis();
+        let chosen = RNG.with(|rng| {
+            service.choose(
+                &tried[..(attempt - 1) as usize],
+                now_ms,
+                clock::now_nanos(),
+                &mut *rng.borrow_mut(),
+            )
+        });
+        let endpoint = match chosen {
+            Ok(chosen) => chosen.endpoint,
+            Err(error) => {
+                return last_failure.unwrap_or_else(|| Outcome {
+                    response: error_response(error, grpc, &format!("service {:?}", service.config.name)),
+                    error: Some(error),
+                    metrics: service.unrouted_metrics.clone(),
+                })
+            }
+        };
+        tried[(attempt - 1) as usize] = endpoint.addr;
+        let Some(attempt_body) = body.for_attempt() else { break };
+        let upstream_request =
+            build_upstream_request(&parts, attempt_body, service.config.protocol, &authority);
+        let may_retry = attempt < policy.attempts;
+        let started = clock::now_nanos();
+        endpoint.state.ewma.start();
+        let sent = send(
+            &endpoint.state.pool,
+            service.config.protocol,
+            service.config.connect_timeout,
+            upstream_request,
+        )
+        .await;
+        endpoint.state.ewma.finish(started, clock::now_nanos());
+        match sent {
+            Err(SendError::Connect(error, request)) => {
+                record_failure(endpoint, service);
+                body.give_back(request.into_body());
+                if may_retry && spend_retry(service, &service.retry_metrics.connect_failure) {
+                    continue;
+                }
+                let detail = format!("{}: {}", endpoint.addr, error.0);
+                return Outcome {
+                    response: error_response(ProxyError::ConnectFailed, grpc, &detail),
+                    error: Some(ProxyError::ConnectFailed),
+                    metrics: endpoint.metrics.clone(),
+                };
+            }
+            Err(SendError::Broken(error)) => {
+                record_failure(endpoint, service);
+                let outcome = Outcome {
+                    response: error_response(
+                        ProxyError::ConnectFailed,
+                        grpc,
+                        &format!("{}: {error}", endpoint.addr),
+                    ),
+                    error: Some(ProxyError::ConnectFailed),
+                    metrics: endpoint.metrics.clone(),
+                };
+                let retryable = retries_responses
+                    && body.is_replayable()
+                    && policy.on.iter().any(|on| matches!(on, RetryOn::ServerError | RetryOn::GatewayError));
+                if retryable && may_retry && spend_retry(service, &service.retry_metrics.server_error) {
+                    last_failure = Some(outcome);
+                    continue;
+                }
+                return outcome;
+            }
+            Ok((response, release)) => {
+                let status = response.status();
+                let grpc_unavailable = response.headers().get("grpc-status").is_some_and(|s| s == "14");
+                if status.is_server_error() {
+                    record_failure(endpoint, service);
+                } else {
+                    endpoint.state.breaker.record_success();
+                }
+                let reason = retry_reason(&policy.on, status.as_u16(), grpc_unavailable);
+                let response = finish_response(response, release, &endpoint.state.pool);
+                let outcome = Outcome { response, error: None, metrics: endpoint.metrics.clone() };
+                let Some(reason) = reason.filter(|_| retries_responses && body.is_replayable() && may_retry)
+                else {
+                    return outcome;
+                };
+                let counter = match reason {
+                    RetryOn::Unavailable => &service.retry_metrics.unavailable,
+                    _ => &service.retry_metrics.server_error,
+                };
+                if spend_retry(service, counter) {
+                    last_failure = Some(outcome);
+                    continue;
+                }
+                let mut outcome = outcome;
+                mark_error(&mut outcome.response, ProxyError::RetryBudgetExhausted);
+                outcome.error = Some(ProxyError::RetryBudgetExhausted);
+                return outcome;
+            }
+        }
+    }
+    last_failure.unwrap_or_else(|| Outcome {
+        response: error_response(ProxyError::NoEndpoints, grpc, "no try could be made"),
+        error: Some(ProxyError::NoEndpoints),
+        metrics: service.unrouted_metrics.clone(),
+    })
+}
+
+fn spend_retry(service: &Service, counter: &std::sync::atomic::AtomicU64) -> bool {
+    let policy = &service.config.retry;
+    let spent = service.budget.try_spend_retry(
+        clock::now_millis() / 1000,
+        policy.budget_ratio,
+        policy.budget_min_per_second,
+    );
+    if spent {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+    spent
+}
+
+fn record_failure(endpoint: &Endpoint, service: &Service) {
+    if endpoint.state.breaker.record_failure(clock::now_millis(), &service.config.breaker) {
+        endpoint.state.ejections.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(service = %service.config.name, endpoint = %endpoint.addr, "endpoint ejected by its circuit breaker");
+    }
+}
+
+/// Which retry condition, if any, this response meets.
+pub fn retry_reason(on: &[RetryOn], status: u16, grpc_unavailable: bool) -> Option<RetryOn> {
+    on.iter().copied().find(|condition| match condition {
+        RetryOn::ConnectFailure => false,
+        RetryOn::ServerError => (500..600).contains(&status),
+        RetryOn::GatewayError => matches!(status, 502..=504),
+        RetryOn::Unavailable => grpc_unavailable,
+    })
+}
+
+pub fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+async fn prepare_body(
+    body: Incoming,
+    parts: &Parts,
+    keep_for_replay: bool,
+) -> Result<PreparedBody, hyper::Error> {
+    if body.is_end_stream() {
+        return Ok(PreparedBody::Replayable(None));
+    }
+    let length = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    match length {
+        Some(length) if keep_for_replay && length <= MAX_REPLAY_BODY => {
+            let bytes = body.collect().await?.to_bytes();
+            Ok(PreparedBody::Replayable(if bytes.is_empty() { None } else { Some(bytes) }))
+        }
+        _ => Ok(PreparedBody::Streaming(Some(body))),
+    }
+}
+
+/// The authority the upstream sees: the one the caller used.
+fn authority_for_upstream(parts: &Parts) -> Option<Authority> {
+    if let Some(authority) = parts.uri.authority() {
+        return Some(authority.clone());
+    }
+    parts.headers.get(header::HOST).and_then(|h| Authority::try_from(h.as_bytes()).ok())
+}
+
+fn build_upstream_request(
+    parts: &Parts,
+    body: RequestBody,
+    protocol: Protocol,
+    authority: &Option<Authority>,
+) -> Request<RequestBody> {
+    let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let mut request = Request::new(body);
+    *request.method_mut() = parts.method.clone();
+    *request.headers_mut() = parts.headers.clone();
+    if protocol.is_h2() {
+        *request.version_mut() = Version::HTTP_2;
+        let mut uri = Uri::builder().scheme(Scheme::HTTP).path_and_query(path.clone());
+        if let Some(authority) = authority {
+            uri = uri.authority(authority.clone());
+            request.headers_mut().remove(header::HOST);
+        }
+        *request.uri_mut() = uri.build().unwrap_or_else(|_| Uri::from(path));
+    } else {
+        *request.version_mut() = Version::HTTP_11;
+        *request.uri_mut() = Uri::from(path);
+        if !request.headers().contains_key(header::HOST) {
+            if let Some(host) = authority.as_ref().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
+                request.headers_mut().insert(header::HOST, host);
+            }
+        }
+    }
+    request
+}
+
+/// Sends a request on a pooled or new connection. A pooled HTTP/1
+/// connection that the server closed meanwhile hands the request back, and
+/// it goes out on a fresh connection without counting as a retry.
+async fn send(
+    pool: &ConnPool,
+    protocol: Protocol,
+    connect_timeout: std::time::Duration,
+    mut request: Request<RequestBody>,
+) -> Result<(Response<Incoming>, Option<Http1Sender>), SendError> {
+    if protocol.is_h2() {
+        for _ in 0..2 {
+            let mut sender = match pool.http2(connect_timeout).await {
+                Ok(sender) => sender,
+                Err(error) => return Err(SendError::Connect(error, Box::new(request))),
+            };
+            if sender.ready().await.is_err() {
+                pool.forget_http2();
+                continue;
+            }
+            match sender.try_send_request(request).await {
+                Ok(response) => return Ok((response, None)),
+                Err(mut error) => match error.take_message() {
+                    Some(unsent) => {
+                        pool.forget_http2();
+                        request = unsent;
+                    }
+                    None => return Err(SendError::Broken(error.into_error())),
+                },
+            }
+        }
+        let error =
+            std::io::Error::other("the HTTP/2 connection closed twice before the request could be sent");
+        return Err(SendError::Connect(ConnectError(error), Box::new(request)));
+    }
+    if let Some(mut sender) = pool.take_http1() {
+        match sender.try_send_request(request).await {
+            Ok(response) => return Ok((response, Some(sender))),
+            Err(mut error) => match error.take_message() {
+                Some(unsent) => request = unsent,
+                None => return Err(SendError::Broken(error.into_error())),
+            },
+        }
+    }
+    let mut sender = match pool.connect_http1(connect_timeout).await {
+        Ok(sender) => sender,
+        Err(error) => return Err(SendError::Connect(error, Box::new(request))),
+    };
+    match sender.try_send_request(request).await {
+        Ok(response) => Ok((response, Some(sender))),
+        Err(error) => Err(SendError::Broken(error.into_error())),
+    }
+}
+
+fn finish_response(
+    response: Response<Incoming>,
+    release: Option<Http1Sender>,
+    pool: &Arc<ConnPool>,
+) -> Response<ResponseBody> {
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    let release = release.map(|sender| (pool.clone(), sender));
+    Response::from_parts(parts, ResponseBody::upstream(body, release))
+}
+
+/// Whether a request asks to switch protocols on its HTTP/1 connection.
+pub fn is_upgrade<B>(request: &Request<B>) -> bool {
+    request.version() == Version::HTTP_11
+        && request.headers().contains_key(header::UPGRADE)
+        && request
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))))
+}
+
+/// Forwards an upgrade (WebSocket and the like) on its own connection and,
+/// when the endpoint agrees with 101, splices the two connections. Upgrades
+/// are never retried: the caller may already be streaming.
+pub async fn forward_upgrade(service: Arc<Service>, request: Request<Incoming>) -> Response<ResponseBody> {
+    let started = Instant::now();
+    let chosen =
+        RNG.with(|rng| service.choose(&[], clock::now_millis(), clock::now_nanos(), &mut *rng.borrow_mut()));
+    let endpoint = match chosen {
+        Ok(chosen) => chosen.endpoint,
+        Err(error) => {
+            service.unrouted_metrics.record(error.status().as_u16(), Some(error), started.elapsed());
+            return error_response(error, false, &format!("service {:?}", service.config.name));
+        }
+    };
+    let (response, error) = upgrade_on(&endpoint.state, service.config.connect_timeout, request).await;
+    endpoint.metrics.record(response.status().as_u16(), error, started.elapsed());
+    response
+}
+
+/// Forwards an upgrade to one endpoint's state (shared with inbound).
+pub async fn upgrade_on(
+    state: &EndpointState,
+    connect_timeout: std::time::Duration,
+    mut request: Request<Incoming>,
+) -> (Response<ResponseBody>, Option<ProxyError>) {
+    let downstream = hyper::upgrade::on(&mut request);
+    let (parts, body) = request.into_parts();
+    let mut headers = parts.headers.clone();
+    let upgrade = headers.remove(header::UPGRADE);
+    strip_hop_by_hop(&mut headers);
+    let mut upstream_request = Request::new(RequestBody::Streaming(body));
+    *upstream_request.method_mut() = parts.method;
+    *upstream_request.uri_mut() =
+        Uri::from(parts.uri.path_and_query().cloned().unwrap_or(PathAndQuery::from_static("/")));
+    *upstream_request.headers_mut() = headers;
+    if let Some(upgrade) = upgrade {
+        upstream_request.headers_mut().insert(header::UPGRADE, upgrade);
+        upstream_request.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    let mut sender = match state.pool.connect_http1(connect_timeout).await {
+        Ok(sender) => sender,
+        Err(error) => {
+            return (
+                error_response(ProxyError::ConnectFailed, false, &error.0.to_string()),
+                Some(ProxyError::ConnectFailed),
+            )
+        }
+    };
+    let mut response = match sender.send_request(upstream_request).await {
+        Ok(response) => response,
+        Err(error) => {
+            return (
+                error_response(ProxyError::ConnectFailed, false, &error.to_string()),
+                Some(ProxyError::ConnectFailed),
+            )
+        }
+    };
+    if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+        let upstream = hyper::upgrade::on(&mut response);
+        tokio::spawn(async move {
+            if let (Ok(down), Ok(up)) = (downstream.await, upstream.await) {
+                let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(down), &mut TokioIo::new(up)).await;
+            }
+        });
+    }
+    let (parts, body) = response.into_parts();
+    (Response::from_parts(parts, ResponseBody::upstream(body, None)), None)
+}
+
+/// Forwards an inbound request to the local app: one try, no balancing,
+/// keeping the caller's protocol (HTTP/2 stays HTTP/2).
+pub async fn forward_inbound(
+    inbound: &crate::snapshot::Inbound,
+    request: Request<Incoming>,
+) -> Response<ResponseBody> {
+    let started = Instant::now();
+    let grpc = is_grpc(request.headers());
+    let version = request.version();
+    let Some(app) = inbound.app else {
+        let error = ProxyError::NoEndpoints;
+        inbound.metrics.record(error.status().as_u16(), Some(error), started.elapsed());
+        return error_response(error, grpc, "no local app is configured (listen.app)");
+    };
+    if is_upgrade(&request) {
+        let (response, error) =
+            upgrade_on(&inbound.state, crate::config::DEFAULT_CONNECT_TIMEOUT, request).await;
+        inbound.metrics.record(response.status().as_u16(), error, started.elapsed());
+        return response;
+    }
+    let protocol = if version == Version::HTTP_2 { Protocol::H2 } else { Protocol::Http };
+    let (mut parts, body) = request.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    let authority = authority_for_upstream(&parts);
+    let upstream_request = build_upstream_request(&parts, RequestBody::Streaming(body), protocol, &authority);
+    let sent =
+        send(&inbound.state.pool, protocol, crate::config::DEFAULT_CONNECT_TIMEOUT, upstream_request).await;
+    let (mut response, error) = match sent {
+        Ok((response, release)) => (finish_response(response, release, &inbound.state.pool), None),
+        Err(SendError::Connect(error, _)) => {
+            let detail = format!("local app at {app}: {}", error.0);
+            (error_response(ProxyError::ConnectFailed, grpc, &detail), Some(ProxyError::ConnectFailed))
+        }
+        Err(SendError::Broken(error)) => {
+            let detail = format!("local app at {app}: {error}");
+            (error_response(ProxyError::ConnectFailed, grpc, &detail), Some(ProxyError::ConnectFailed))
+        }
+    };
+    inbound.metrics.record(response.status().as_u16(), error, started.elapsed());
+    *response.version_mut() = version;
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_conditions_match_statuses() {
+        use RetryOn::*;
+        // (conditions, status, grpc UNAVAILABLE, expected reason)
+        let table: &[(&[RetryOn], u16, bool, Option<RetryOn>)] = &[
+            (&[ConnectFailure], 503, false, None),
+            (&[ConnectFailure, ServerError], 500, false, Some(ServerError)),
+            (&[ServerError], 200, false, None),
+            (&[GatewayError], 500, false, None),
+            (&[GatewayError], 503, false, Some(GatewayError)),
+            (&[Unavailable], 200, true, Some(Unavailable)),
+            (&[Unavailable], 200, false, None),
+        ];
+        for (on, status, unavailable, want) in table {
+            assert_eq!(retry_reason(on, *status, *unavailable), *want, "{on:?} {status}");
+        }
+    }
+
+    #[test]
+    fn idempotent_methods() {
+        for (method, want) in
+            [(Method::GET, true), (Method::PUT, true), (Method::POST, false), (Method::PATCH, false)]
+        {
+            assert_eq!(is_idempotent(&method), want, "{method}");
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! mesh-proxy: the sidecar of the mesh. See ARCHITECTURE.md for the life of
+//! a request through these modules.
+
+pub mod balance;
+pub mod clock;
+pub mod config;
+pub mod errors;
+pub mod http;
+pub mod listen;
+pub mod metrics;
+pub mod proxy;
+pub mod reload;
+pub mod retry_budget;
+pub mod snapshot;
+pub mod transport;

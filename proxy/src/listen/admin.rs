@@ -1,0 +1,78 @@
+//! The admin listener: `/metrics`, `/ready`, `/live`, `/config`.
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use crate::clock;
+use crate::listen::{shutdown_started, ShutdownSignal};
+use crate::proxy::Proxy;
+
+pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, mut shutdown: ShutdownSignal) {
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(_) => continue,
+            },
+            _ = shutdown_started(&mut shutdown) => return,
+        };
+        let proxy = proxy.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let proxy = proxy.clone();
+                async move { Ok::<_, Infallible>(handle(&proxy, request)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn handle(proxy: &Proxy, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    if request.method() != Method::GET {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is served here\n");
+    }
+    match request.uri().path() {
+        "/metrics" => {
+            let snapshot = proxy.table.load();
+            let body = proxy
+                .long_lived
+                .metrics
+                .render(&snapshot.endpoint_counts(clock::now_millis()), snapshot.version);
+            let mut response = text(StatusCode::OK, body);
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            response
+        }
+        "/ready" if proxy.draining.load(Ordering::Relaxed) => {
+            text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+        }
+        "/ready" => text(StatusCode::OK, "ready\n"),
+        "/live" => text(StatusCode::OK, "live\n"),
+        "/config" => {
+            let snapshot = proxy.table.load();
+            let body = serde_json::json!({ "version": snapshot.version, "config": &*snapshot.config });
+            let mut response = text(StatusCode::OK, format!("{body:#}\n"));
+            response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            response
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found; try /metrics, /ready, /live or /config\n"),
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    response
+}

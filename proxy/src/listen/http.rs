@@ -1,0 +1,116 @@
+//! HTTP listeners: outbound (routes by authority), per-upstream (one fixed
+//! service) and inbound (to the local app). HTTP/1.1 and HTTP/2 with prior
+//! knowledge are told apart by the connection preface.
+//!
+//! On shutdown a listener stops accepting, sends GOAWAY on HTTP/2
+//! connections, closes HTTP/1 connections after their request in flight,
+//! and returns once every connection has finished.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+
+use crate::errors::ProxyError;
+use crate::http::body::ResponseBody;
+use crate::http::forward::{forward, forward_inbound, forward_upgrade, is_upgrade};
+use crate::http::route::{authority_of, service_name};
+use crate::http::{error_response, is_grpc};
+use crate::listen::{shutdown_started, ShutdownSignal};
+use crate::proxy::Proxy;
+
+/// Which requests a listener serves.
+#[derive(Clone)]
+pub enum Role {
+    /// The app's calls to any service, named by the request's authority.
+    Outbound,
+    /// The app's calls through a per-upstream port: always this service.
+    Upstream(Arc<str>),
+    /// Peers' calls to the local app.
+    Inbound,
+}
+
+pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, role: Role, mut shutdown: ShutdownSignal) {
+    let graceful = GracefulShutdown::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(std::time::Duration::from_secs(30));
+    builder.http2().timer(hyper_util::rt::TokioTimer::new());
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    // Running out of file descriptors must not end the listener.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            _ = shutdown_started(&mut shutdown) => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let proxy = proxy.clone();
+        let role = role.clone();
+        let service = hyper::service::service_fn(move |request| {
+            let proxy = proxy.clone();
+            let role = role.clone();
+            async move { Ok::<_, Infallible>(handle(&proxy, &role, request).await) }
+        });
+        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+async fn handle(proxy: &Proxy, role: &Role, request: Request<Incoming>) -> Response<ResponseBody> {
+    let snapshot = proxy.table.load();
+    let name = match role {
+        Role::Inbound => {
+            let snapshot = arc_swap::Guard::into_inner(snapshot);
+            return forward_inbound(&snapshot.inbound, request).await;
+        }
+        Role::Upstream(name) => name.as_ref(),
+        Role::Outbound => match authority_of(&request) {
+            Some(authority) => service_name(authority),
+            None => {
+                let error = ProxyError::UnknownService;
+                snapshot.unknown_service_metrics.record(
+                    error.status().as_u16(),
+                    Some(error),
+                    Default::default(),
+                );
+                return error_response(
+                    error,
+                    is_grpc(request.headers()),
+                    "the request names no service (no Host)",
+                );
+            }
+        },
+    };
+    let Some(service) = snapshot.services.get(name).cloned() else {
+        let error = ProxyError::UnknownService;
+        snapshot.unknown_service_metrics.record(error.status().as_u16(), Some(error), Default::default());
+        let detail = format!("no service {name:?} in routing table version {}", snapshot.version);
+        return error_response(error, is_grpc(request.headers()), &detail);
+    };
+    drop(snapshot);
+    if is_upgrade(&request) {
+        forward_upgrade(service, request).await
+    } else {
+        forward(service, request).await
+    }
+}

@@ -1,0 +1,281 @@
+//! Prometheus metrics with lock-free recording.
+//!
+//! Handles are looked up once per routing-table build (per service and
+//! version) and kept in the snapshot; a request only increments atomics.
+//! The registry's lock is taken by table builds and scrapes, never by
+//! requests.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use crate::errors::ProxyError;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Direction {
+    Inbound,
+    Outbound,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+        }
+    }
+}
+
+/// Upper bounds of the latency histogram, in seconds.
+pub const BUCKETS: [f64; 14] =
+    [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+const STATUS_CODES: usize = 500; // 100..=599
+const ERROR_SLOTS: usize = ProxyError::ALL.len() + 1;
+
+/// Request counts and latency for one (direction, service, version).
+#[derive(Default)]
+pub struct HttpMetrics {
+    counts: [OnceLock<Box<[AtomicU64; STATUS_CODES]>>; ERROR_SLOTS],
+    buckets: [AtomicU64; BUCKETS.len()],
+    overflow: AtomicU64,
+    sum_nanos: AtomicU64,
+}
+
+impl HttpMetrics {
+    pub fn record(&self, status: u16, error: Option<ProxyError>, elapsed: Duration) {
+        let slot = error.map_or(0, ProxyError::metric_index);
+        let code = usize::from(status.clamp(100, 599) - 100);
+        let counts = self.counts[slot].get_or_init(|| Box::new(std::array::from_fn(|_| AtomicU64::new(0))));
+        counts[code].fetch_add(1, Ordering::Relaxed);
+        let seconds = elapsed.as_secs_f64();
+        match BUCKETS.iter().position(|bound| seconds <= *bound) {
+            Some(bucket) => self.buckets[bucket].fetch_add(1, Ordering::Relaxed),
+            None => self.overflow.fetch_add(1, Ordering::Relaxed),
+        };
+        self.sum_nanos.fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
+    }
+}
+
+/// Retries of one service by reason.
+#[derive(Default)]
+pub struct RetryMetrics {
+    pub connect_failure: AtomicU64,
+    pub server_error: AtomicU64,
+    pub unavailable: AtomicU64,
+}
+
+/// Opaque TCP traffic of one (direction, service).
+#[derive(Default)]
+pub struct TcpMetrics {
+    pub open: AtomicI64,
+    pub read_bytes: AtomicU64,
+    pub write_bytes: AtomicU64,
+}
+
+/// A gauge row computed at scrape time, such as endpoints per state.
+pub struct EndpointCount<'a> {
+    pub service: &'a str,
+    pub version: &'a str,
+    pub ready: u64,
+    pub ejected: u64,
+    pub ejections_total: u64,
+}
+
+type HttpKey = (Direction, String, String);
+
+#[derive(Default)]
+pub struct Metrics {
+    http: Mutex<BTreeMap<HttpKey, Arc<HttpMetrics>>>,
+    retries: Mutex<BTreeMap<String, Arc<RetryMetrics>>>,
+    tcp: Mutex<BTreeMap<(Direction, String), Arc<TcpMetrics>>>,
+    pub reloads_ok: AtomicU64,
+    pub reloads_failed: AtomicU64,
+}
+
+impl Metrics {
+    pub fn http(&self, direction: Direction, service: &str, version: &str) -> Arc<HttpMetrics> {
+        let mut map = self.http.lock().expect("metrics lock");
+        map.entry((direction, service.to_owned(), version.to_owned())).or_default().clone()
+    }
+
+    pub fn retries(&self, service: &str) -> Arc<RetryMetrics> {
+        self.retries.lock().expect("metrics lock").entry(service.to_owned()).or_default().clone()
+    }
+
+    pub fn tcp(&self, direction: Direction, service: &str) -> Arc<TcpMetrics> {
+        self.tcp.lock().expect("metrics lock").entry((direction, service.to_owned())).or_default().clone()
+    }
+
+    /// Renders the Prometheus text format. `endpoints` and `config_version`
+    /// come from the routing table in use at scrape time.
+    pub fn render(&self, endpoints: &[EndpointCount<'_>], config_version: u64) -> String {
+        let mut out = String::with_capacity(8192);
+        self.render_http(&mut out);
+        self.render_retries(&mut out);
+        self.render_tcp(&mut out);
+        header(&mut out, "mesh_endpoints", "gauge", "Endpoints of a service version by state.");
+        for row in endpoints {
+            for (state, value) in [("ready", row.ready), ("ejected", row.ejected)] {
+                let _ = writeln!(
+                    out,
+                    "mesh_endpoints{{service=\"{}\",version=\"{}\",state=\"{state}\"}} {value}",
+                    escape(row.service),
+                    escape(row.version)
+                );
+            }
+        }
+        header(&mut out, "mesh_endpoint_ejections_total", "counter", "Circuit-breaker ejections.");
+        for row in endpoints {
+            let _ = writeln!(
+                out,
+                "mesh_endpoint_ejections_total{{service=\"{}\",version=\"{}\"}} {}",
+                escape(row.service),
+                escape(row.version),
+                row.ejections_total
+            );
+        }
+        header(&mut out, "mesh_config_version", "gauge", "Version of the routing table in use.");
+        let _ = writeln!(out, "mesh_config_version {config_version}");
+        header(&mut out, "mesh_config_reloads_total", "counter", "Routing-table loads by result.");
+        let _ = writeln!(
+            out,
+            "mesh_config_reloads_total{{result=\"ok\"}} {}",
+            self.reloads_ok.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "mesh_config_reloads_total{{result=\"rejected\"}} {}",
+            self.reloads_failed.load(Ordering::Relaxed)
+        );
+        out
+    }
+
+    fn render_http(&self, out: &mut String) {
+        let map = self.http.lock().expect("metrics lock").clone();
+        header(out, "mesh_http_requests_total", "counter", "HTTP requests by outcome.");
+        for ((direction, service, version), m) in &map {
+            let labels = format!(
+                "direction=\"{}\",service=\"{}\",version=\"{}\"",
+                direction.as_str(),
+                escape(service),
+                escape(version)
+            );
+            for (slot, counts) in m.counts.iter().enumerate() {
+                let Some(counts) = counts.get() else { continue };
+                let error = if slot == 0 { "" } else { ProxyError::ALL[slot - 1].reason() };
+                for (code, count) in counts.iter().enumerate() {
+                    let count = count.load(Ordering::Relaxed);
+                    if count > 0 {
+                        let _ = writeln!(
+                            out,
+                            "mesh_http_requests_total{{{labels},code=\"{}\",error=\"{error}\"}} {count}",
+                            code + 100
+                        );
+                    }
+                }
+            }
+        }
+        header(out, "mesh_http_request_duration_seconds", "histogram", "Time to response headers.");
+        for ((direction, service, version), m) in &map {
+            let labels = format!(
+                "direction=\"{}\",service=\"{}\",version=\"{}\"",
+                direction.as_str(),
+                escape(service),
+                escape(version)
+            );
+            let mut cumulative = 0;
+            for (bound, bucket) in BUCKETS.iter().zip(&m.buckets) {
+                cumulative += bucket.load(Ordering::Relaxed);
+                let _ = writeln!(
+                    out,
+                    "mesh_http_request_duration_seconds_bucket{{{labels},le=\"{bound}\"}} {cumulative}"
+                );
+            }
+            cumulative += m.overflow.load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "mesh_http_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {cumulative}"
+            );
+            let sum = m.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+            let _ = writeln!(out, "mesh_http_request_duration_seconds_sum{{{labels}}} {sum}");
+            let _ = writeln!(out, "mesh_http_request_duration_seconds_count{{{labels}}} {cumulative}");
+        }
+    }
+
+    fn render_retries(&self, out: &mut String) {
+        header(out, "mesh_http_retries_total", "counter", "Retries by reason.");
+        for (service, m) in self.retries.lock().expect("metrics lock").iter() {
+            for (reason, count) in [
+                ("connect-failure", &m.connect_failure),
+                ("5xx", &m.server_error),
+                ("unavailable", &m.unavailable),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "mesh_http_retries_total{{service=\"{}\",reason=\"{reason}\"}} {}",
+                    escape(service),
+                    count.load(Ordering::Relaxed)
+                );
+            }
+        }
+    }
+
+    fn render_tcp(&self, out: &mut String) {
+        let map = self.tcp.lock().expect("metrics lock").clone();
+        header(out, "mesh_tcp_connections_open", "gauge", "Open opaque TCP connections.");
+        for ((direction, service), m) in &map {
+            let _ = writeln!(
+                out,
+                "mesh_tcp_connections_open{{direction=\"{}\",service=\"{}\"}} {}",
+                direction.as_str(),
+                escape(service),
+                m.open.load(Ordering::Relaxed)
+            );
+        }
+        header(out, "mesh_tcp_bytes_total", "counter", "Opaque TCP bytes.");
+        for ((direction, service), m) in &map {
+            for (flow, bytes) in [("read", &m.read_bytes), ("write", &m.write_bytes)] {
+                let _ = writeln!(
+                    out,
+                    "mesh_tcp_bytes_total{{direction=\"{}\",service=\"{}\",flow=\"{flow}\"}} {}",
+                    direction.as_str(),
+                    escape(service),
+                    bytes.load(Ordering::Relaxed)
+                );
+            }
+        }
+    }
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+fn escape(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_show_up_with_their_labels() {
+        let metrics = Metrics::default();
+        let handle = metrics.http(Direction::Outbound, "echo", "v1");
+        handle.record(200, None, Duration::from_millis(3));
+        handle.record(200, None, Duration::from_millis(30));
+        handle.record(503, Some(ProxyError::BreakerOpen), Duration::from_micros(10));
+        let text = metrics.render(&[], 4);
+        assert!(text.contains(
+            "mesh_http_requests_total{direction=\"outbound\",service=\"echo\",version=\"v1\",code=\"200\",error=\"\"} 2"
+        ));
+        assert!(text.contains("code=\"503\",error=\"breaker-open\"} 1"));
+        assert!(text.contains("le=\"0.005\"} 2"), "{text}");
+        assert!(text.contains("le=\"+Inf\"} 3"));
+        assert!(text.contains("mesh_config_version 4"));
+    }
+}

@@ -1,0 +1,75 @@
+//! Reloading the static config file on SIGHUP and when its content
+//! changes. Parsing and validation happen here, off the request path; only
+//! a valid file reaches [`Proxy::apply`], so a bad file leaves the table in
+//! force untouched.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::config::{parse_config, ProxyConfig};
+use crate::listen::{shutdown_started, ShutdownSignal};
+use crate::proxy::Proxy;
+
+/// How often the file's content is compared with the applied one.
+const POLL_INTERVAL: Duration = Duration::from_millis(250);
+
+pub async fn read_config(path: &PathBuf) -> Result<(String, ProxyConfig), String> {
+    let text = tokio::fs::read_to_string(path).await.map_err(|e| format!("{}: {e}", path.display()))?;
+    let config = parse_config(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok((text, config))
+}
+
+pub async fn watch(path: PathBuf, proxy: Arc<Proxy>, mut applied_text: String, mut shutdown: ShutdownSignal) {
+    let mut hangup = match signal(SignalKind::hangup()) {
+        Ok(hangup) => hangup,
+        Err(error) => {
+            tracing::error!(%error, "cannot watch SIGHUP; reloads follow file changes only");
+            return;
+        }
+    };
+    // A rejected text is not parsed and logged again until it changes.
+    let mut rejected_text = String::new();
+    let mut ticker = tokio::time::interval(POLL_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let forced = tokio::select! {
+            _ = hangup.recv() => true,
+            _ = ticker.tick() => false,
+            _ = shutdown_started(&mut shutdown) => return,
+        };
+        let text = match tokio::fs::read_to_string(&path).await {
+            Ok(text) => text,
+            Err(error) => {
+                if forced {
+                    tracing::error!(path = %path.display(), %error, "reload failed: cannot read the config file");
+                    proxy.long_lived.metrics.reloads_failed.fetch_add(1, Ordering::Relaxed);
+                }
+                continue;
+            }
+        };
+        if !forced && (text == applied_text || text == rejected_text) {
+            continue;
+        }
+        match parse_config(&text) {
+            Ok(config) => {
+                let previous = proxy.table.load();
+                if config.listen != previous.config.listen || config.upstreams != previous.config.upstreams {
+                    tracing::warn!("listen addresses or upstream ports changed; they take effect at restart");
+                }
+                drop(previous);
+                let version = proxy.apply(config);
+                tracing::info!(version, "routing table reloaded");
+                applied_text = text;
+            }
+            Err(error) => {
+                tracing::error!(path = %path.display(), %error, "config rejected; the previous routing table stays in force");
+                proxy.long_lived.metrics.reloads_failed.fetch_add(1, Ordering::Relaxed);
+                rejected_text = text;
+            }
+        }
+    }
+}

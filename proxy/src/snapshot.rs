@@ -1,0 +1,258 @@
+//! The routing snapshot: every service with its policies, endpoints, their
+//! health and their metric handles, built off the hot path from a validated
+//! config and published whole with one atomic swap.
+//!
+//! State that must outlive a table swap (latency estimates, breakers,
+//! pooled connections, retry budgets) lives in [`LongLived`] and is shared
+//! by consecutive snapshots, so a reload never resets a breaker or drops a
+//! pooled connection to an endpoint that stays.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use rand::Rng;
+
+use crate::balance::breaker::{Availability, BreakerCell};
+use crate::balance::ewma::PeakEwma;
+use crate::balance::{pick_p2c, pick_weighted};
+use crate::config::{ProxyConfig, ServiceConfig};
+use crate::errors::ProxyError;
+use crate::http::pool::ConnPool;
+use crate::metrics::{Direction, EndpointCount, HttpMetrics, Metrics, RetryMetrics, TcpMetrics};
+use crate::retry_budget::RetryBudget;
+
+/// Per-endpoint state kept across table swaps.
+pub struct EndpointState {
+    pub ewma: PeakEwma,
+    pub breaker: BreakerCell,
+    pub ejections: AtomicU64,
+    pub pool: Arc<ConnPool>,
+}
+
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    pub version: Arc<str>,
+    pub ready: bool,
+    pub state: Arc<EndpointState>,
+    pub metrics: Arc<HttpMetrics>,
+}
+
+/// Endpoints that share a split weight: one version, or with no split, all.
+pub struct Group {
+    pub endpoints: Vec<Endpoint>,
+}
+
+pub struct Service {
+    pub config: ServiceConfig,
+    pub groups: Vec<Group>,
+    pub weights: Vec<u32>,
+    pub budget: Arc<RetryBudget>,
+    pub retry_metrics: Arc<RetryMetrics>,
+    /// For answers made before any endpoint was chosen.
+    pub unrouted_metrics: Arc<HttpMetrics>,
+    pub tcp_metrics: Arc<TcpMetrics>,
+}
+
+/// The local app behind the inbound listener.
+pub struct Inbound {
+    pub app: Option<SocketAddr>,
+    pub state: Arc<EndpointState>,
+    pub metrics: Arc<HttpMetrics>,
+    pub tcp_metrics: Arc<TcpMetrics>,
+}
+
+pub struct Snapshot {
+    pub version: u64,
+    pub config: Arc<ProxyConfig>,
+    pub services: HashMap<String, Arc<Service>>,
+    pub inbound: Inbound,
+    /// For requests naming a service the table does not have.
+    pub unknown_service_metrics: Arc<HttpMetrics>,
+}
+
+/// A chosen endpoint, and whether it is the single probe of an ejected one.
+pub struct Chosen<'a> {
+    pub endpoint: &'a Endpoint,
+    pub probe: bool,
+}
+
+impl Service {
+    /// Chooses an endpoint for one try, avoiding the endpoints in `tried`
+    /// when another is available. Fails with `no-endpoints` when nothing is
+    /// ready, or `breaker-open` when everything ready is ejected.
+    pub fn choose(
+        &self,
+        tried: &[SocketAddr],
+        now_ms: u64,
+        now_nanos: u64,
+        rng: &mut impl Rng,
+    ) -> Result<Chosen<'_>, ProxyError> {
+        let usable = |group: &Group| {
+            group
+                .endpoints
+                .iter()
+                .any(|e| e.ready && e.state.breaker.load().availability(now_ms) != Availability::Ejected)
+        };
+        let Some(group_index) = pick_weighted(&self.weights, |i| usable(&self.groups[i]), rng) else {
+            let any_ready = self.groups.iter().any(|g| g.endpoints.iter().any(|e| e.ready));
+            return Err(if any_ready { ProxyError::BreakerOpen } else { ProxyError::NoEndpoints });
+        };
+        let endpoints = &self.groups[group_index].endpoints;
+        // An endpoint whose ejection is over gets exactly one probe request.
+        for endpoint in endpoints {
+            if endpoint.ready
+                && !tried.contains(&endpoint.addr)
+                && endpoint.state.breaker.try_claim_probe(now_ms)
+            {
+                return Ok(Chosen { endpoint, probe: true });
+            }
+        }
+        let available = |i: usize| {
+            let e = &endpoints[i];
+            e.ready && e.state.breaker.load().availability(now_ms) == Availability::Available
+        };
+        let cost = |i: usize| endpoints[i].state.ewma.cost(now_nanos);
+        let fresh =
+            pick_p2c(endpoints.len(), |i| available(i) && !tried.contains(&endpoints[i].addr), cost, rng);
+        match fresh.or_else(|| pick_p2c(endpoints.len(), available, cost, rng)) {
+            Some(i) => Ok(Chosen { endpoint: &endpoints[i], probe: false }),
+            None => Err(ProxyError::BreakerOpen),
+        }
+    }
+}
+
+/// State that outlives routing tables, keyed by what identifies it.
+#[derive(Default)]
+pub struct LongLived {
+    endpoints: Mutex<HashMap<(String, SocketAddr), Arc<EndpointState>>>,
+    budgets: Mutex<HashMap<String, Arc<RetryBudget>>>,
+    pub metrics: Metrics,
+    next_version: AtomicU64,
+}
+
+impl LongLived {
+    fn endpoint(&self, service: &str, addr: SocketAddr) -> Arc<EndpointState> {
+        let mut map = self.endpoints.lock().expect("long-lived lock");
+        map.entry((service.to_owned(), addr))
+            .or_insert_with(|| {
+                Arc::new(EndpointState {
+                    ewma: PeakEwma::default(),
+                    breaker: BreakerCell::default(),
+                    ejections: AtomicU64::new(0),
+                    pool: Arc::new(ConnPool::new(addr)),
+                })
+            })
+            .clone()
+    }
+
+    /// Builds the snapshot for a validated config. Endpoint state of
+    /// endpoints that are gone is dropped here, closing their idle
+    /// connections.
+    pub fn build(&self, config: ProxyConfig) -> Snapshot {
+        let version = self.next_version.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut services = HashMap::with_capacity(config.services.len());
+        let mut live_keys = Vec::new();
+        for service in &config.services {
+            let name = service.name.as_str();
+            let endpoint = |e: &crate::config::EndpointConfig| {
+                live_keys.push((name.to_owned(), e.addr));
+                Endpoint {
+                    addr: e.addr,
+                    version: Arc::from(e.version.as_str()),
+                    ready: e.ready,
+                    state: self.endpoint(name, e.addr),
+                    metrics: self.metrics.http(Direction::Outbound, name, &e.version),
+                }
+            };
+            let (groups, weights) = if service.split.is_empty() {
+                (vec![Group { endpoints: service.endpoints.iter().map(endpoint).collect() }], vec![1])
+            } else {
+                let mut endpoint = endpoint;
+                service
+                    .split
+                    .iter()
+                    .map(|(version, weight)| {
+                        let endpoints = service
+                            .endpoints
+                            .iter()
+                            .filter(|e| &e.version == version)
+                            .map(&mut endpoint)
+                            .collect();
+                        (Group { endpoints }, *weight)
+                    })
+                    .unzip()
+            };
+            let budget =
+                self.budgets.lock().expect("long-lived lock").entry(name.to_owned()).or_default().clone();
+            services.insert(
+                name.to_owned(),
+                Arc::new(Service {
+                    config: service.clone(),
+                    groups,
+                    weights,
+                    budget,
+                    retry_metrics: self.metrics.retries(name),
+                    unrouted_metrics: self.metrics.http(Direction::Outbound, name, ""),
+                    tcp_metrics: self.metrics.tcp(Direction::Outbound, name),
+                }),
+            );
+        }
+        let app = config.listen.app;
+        let inbound = Inbound {
+            app,
+            state: self.endpoint("", app.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)))),
+            metrics: self.metrics.http(Direction::Inbound, &config.local_service, &config.local_version),
+            tcp_metrics: self.metrics.tcp(Direction::Inbound, &config.local_service),
+        };
+        if let Some(app) = app {
+            live_keys.push((String::new(), app));
+        }
+        self.endpoints.lock().expect("long-lived lock").retain(|key, _| live_keys.contains(key));
+        Snapshot {
+            version,
+            config: Arc::new(config),
+            services,
+            inbound,
+            unknown_service_metrics: self.metrics.http(Direction::Outbound, "", ""),
+        }
+    }
+}
+
+impl Snapshot {
+    /// Rows for the `mesh_endpoints` gauges, per service and version.
+    pub fn endpoint_counts(&self, now_ms: u64) -> Vec<EndpointCount<'_>> {
+        let mut rows: Vec<EndpointCount<'_>> = Vec::new();
+        let mut names: Vec<&String> = self.services.keys().collect();
+        names.sort();
+        for name in names {
+            let service = &self.services[name];
+            for endpoint in service.groups.iter().flat_map(|g| &g.endpoints) {
+                let index =
+                    match rows.iter().position(|r| r.service == name && r.version == &*endpoint.version) {
+                        Some(index) => index,
+                        None => {
+                            rows.push(EndpointCount {
+                                service: name,
+                                version: &endpoint.version,
+                                ready: 0,
+                                ejected: 0,
+                                ejections_total: 0,
+                            });
+                            rows.len() - 1
+                        }
+                    };
+                let row = &mut rows[index];
+                let breaker = endpoint.state.breaker.load();
+                if breaker.is_ejected() {
+                    row.ejected += 1;
+                } else if endpoint.ready && breaker.availability(now_ms) == Availability::Available {
+                    row.ready += 1;
+                }
+                row.ejections_total += endpoint.state.ejections.load(Ordering::Relaxed);
+            }
+        }
+        rows
+    }
+}
