@@ -2,6 +2,7 @@
 //! and a raw byte echo after an `Upgrade`.
 
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -39,6 +40,36 @@ pub async fn handle(
     grpc: tonic::service::Routes,
     request: Request<Incoming>,
 ) -> Result<Response<EchoBody>, Infallible> {
+    if request.uri().path() == "/_echo/stats" {
+        let stats = &shared.stats;
+        let body = serde_json::json!({
+            "connections": stats.connections.load(Ordering::Relaxed),
+            "requests": stats.requests.load(Ordering::Relaxed),
+            "in_flight": stats.in_flight.load(Ordering::Relaxed),
+        });
+        return Ok(reply(&shared, StatusCode::OK, format!("{body}\n")));
+    }
+    shared.stats.requests.fetch_add(1, Ordering::Relaxed);
+    shared.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+    // Counted down however the request ends, even if the caller goes away.
+    let _in_flight = InFlight(&shared.stats.in_flight);
+    answer(&shared, grpc, request).await
+}
+
+struct InFlight<'a>(&'a AtomicU64);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn answer(
+    shared: &Arc<Shared>,
+    grpc: tonic::service::Routes,
+    request: Request<Incoming>,
+) -> Result<Response<EchoBody>, Infallible> {
+    let shared = shared.clone();
     let is_grpc = request
         .headers()
         .get(header::CONTENT_TYPE)

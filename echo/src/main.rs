@@ -10,6 +10,7 @@ mod http_echo;
 mod knobs;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -67,6 +68,15 @@ pub struct Shared {
     pub instance: String,
     pub message: String,
     pub knobs: ArcSwap<Knobs>,
+    pub stats: Stats,
+}
+
+/// Counters that let tests see what reached the app: `GET /_echo/stats`.
+#[derive(Default)]
+pub struct Stats {
+    pub connections: AtomicU64,
+    pub requests: AtomicU64,
+    pub in_flight: AtomicU64,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -91,6 +101,7 @@ async fn main() {
             not_ready: args.not_ready,
             not_live: args.not_live,
         }),
+        stats: Stats::default(),
     });
     // Tests and scripts read this line to learn the port.
     println!("mesh-echo listening on {local} version={}", shared.version);
@@ -111,6 +122,7 @@ async fn main() {
             _ = terminate.recv() => break,
         };
         let _ = stream.set_nodelay(true);
+        shared.stats.connections.fetch_add(1, Ordering::Relaxed);
         let shared = shared.clone();
         let grpc = grpc.clone();
         tokio::spawn(async move {

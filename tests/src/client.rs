@@ -1,0 +1,149 @@
+//! A pooled HTTP client for driving load through a proxy, and a summary of
+//! what came back.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+pub fn http1() -> HttpClient {
+    Client::builder(TokioExecutor::new()).pool_max_idle_per_host(64).build(HttpConnector::new())
+}
+
+pub fn http2() -> HttpClient {
+    Client::builder(TokioExecutor::new()).http2_only(true).build(HttpConnector::new())
+}
+
+/// What one request got back.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// Sends `GET http://<proxy>/<path>` with `Host: <host>`.
+pub async fn get(client: &HttpClient, proxy: &str, host: &str, path: &str) -> Result<Answer, String> {
+    let request = Request::get(format!("http://{proxy}{path}"))
+        .header("host", host)
+        .body(Full::new(Bytes::new()))
+        .expect("valid request");
+    send(client, request).await
+}
+
+pub async fn send(client: &HttpClient, request: Request<Full<Bytes>>) -> Result<Answer, String> {
+    let response = tokio::time::timeout(Duration::from_secs(20), client.request(request))
+        .await
+        .map_err(|_| "no answer within 20s".to_owned())?
+        .map_err(|e| format!("request failed: {e:?}"))?;
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.map_err(|e| format!("body failed: {e}"))?.to_bytes();
+    Ok(Answer { status: parts.status, headers: parts.headers, body })
+}
+
+/// Tallies of a load run.
+#[derive(Debug, Default, Clone)]
+pub struct Tally {
+    pub ok: u64,
+    /// Status or transport error text -> count.
+    pub failures: BTreeMap<String, u64>,
+    pub by_version: BTreeMap<String, u64>,
+    pub by_instance: BTreeMap<String, u64>,
+}
+
+impl Tally {
+    pub fn add(&mut self, result: &Result<Answer, String>) {
+        match result {
+            Ok(answer) if answer.status == StatusCode::OK => {
+                self.ok += 1;
+                let version = answer.header("x-version").unwrap_or("?").to_owned();
+                *self.by_version.entry(version).or_default() += 1;
+                let instance = answer.header("x-instance").unwrap_or("?").to_owned();
+                *self.by_instance.entry(instance).or_default() += 1;
+            }
+            Ok(answer) => {
+                let key = format!("{} {}", answer.status, answer.header("x-mesh-error").unwrap_or(""));
+                *self.failures.entry(key).or_default() += 1;
+            }
+            Err(error) => *self.failures.entry(error.clone()).or_default() += 1,
+        }
+    }
+
+    pub fn failed(&self) -> u64 {
+        self.failures.values().sum()
+    }
+
+    pub fn share(&self, version: &str) -> f64 {
+        let total: u64 = self.by_version.values().sum();
+        100.0 * *self.by_version.get(version).unwrap_or(&0) as f64 / total.max(1) as f64
+    }
+}
+
+/// Sends `total` GETs with `concurrency` in flight and tallies the answers.
+pub async fn closed_loop(proxy: &str, host: &str, total: u64, concurrency: u64) -> Tally {
+    let client = http1();
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (client, next, proxy, host) = (client.clone(), next.clone(), proxy.to_owned(), host.to_owned());
+        tasks.push(tokio::spawn(async move {
+            let mut tally = Tally::default();
+            while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < total {
+                tally.add(&get(&client, &proxy, &host, "/load").await);
+            }
+            tally
+        }));
+    }
+    merge(tasks).await
+}
+
+/// Sends GETs at a steady `rate` per second for `duration` (open loop: a
+/// slow answer does not delay the next request) and tallies the answers.
+pub async fn steady_rate(proxy: &str, host: &str, rate: u32, duration: Duration) -> Tally {
+    let client = http1();
+    let mut ticker = tokio::time::interval(Duration::from_secs(1) / rate);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    while started.elapsed() < duration {
+        ticker.tick().await;
+        let (client, proxy, host) = (client.clone(), proxy.to_owned(), host.to_owned());
+        tasks.push(tokio::spawn(async move {
+            let mut tally = Tally::default();
+            tally.add(&get(&client, &proxy, &host, "/steady").await);
+            tally
+        }));
+    }
+    merge(tasks).await
+}
+
+async fn merge(tasks: Vec<tokio::task::JoinHandle<Tally>>) -> Tally {
+    let mut total = Tally::default();
+    for task in tasks {
+        let tally = task.await.expect("load task");
+        total.ok += tally.ok;
+        for (k, v) in tally.failures {
+            *total.failures.entry(k).or_default() += v;
+        }
+        for (k, v) in tally.by_version {
+            *total.by_version.entry(k).or_default() += v;
+        }
+        for (k, v) in tally.by_instance {
+            *total.by_instance.entry(k).or_default() += v;
+        }
+    }
+    total
+}

@@ -1,0 +1,152 @@
+//! Child processes that are killed, with their whole process group, when
+//! the test ends, however it ends.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+pub struct Process {
+    pub name: String,
+    child: Child,
+    /// The first line the process printed on stdout.
+    pub first_line: String,
+}
+
+impl Process {
+    /// Starts a program and waits (bounded) for its first line of output,
+    /// which the mesh's binaries print once they listen.
+    pub fn start(program: &Path, args: &[&str]) -> Process {
+        Process::start_with(Command::new(program).args(args))
+    }
+
+    pub fn start_with(command: &mut Command) -> Process {
+        let name = command.get_program().to_string_lossy().rsplit('/').next().unwrap_or_default().to_owned();
+        command.stdout(Stdio::piped()).stderr(Stdio::inherit());
+        // Its own process group, so cleanup reaches anything it started.
+        std::os::unix::process::CommandExt::process_group(command, 0);
+        let mut child = command.spawn().unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            let first = lines.next().and_then(Result::ok).unwrap_or_default();
+            let _ = tx.send(first);
+            // Keep draining so the child never blocks on a full pipe.
+            for _ in lines {}
+        });
+        let first_line = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) if !line.is_empty() => line,
+            _ => {
+                let _ = child.kill();
+                let status = child.wait().ok();
+                panic!("{name} printed no ready line (exit status {status:?})");
+            }
+        };
+        Process { name, child, first_line }
+    }
+
+    /// The value of `key=` in the ready line, e.g. `outbound=127.0.0.1:4140`.
+    pub fn field(&self, key: &str) -> String {
+        let prefix = format!("{key}=");
+        self.first_line
+            .split_whitespace()
+            .find_map(|word| word.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("{} ready line has no {key}: {}", self.name, self.first_line))
+            .to_owned()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) with a pid we own has no memory effects.
+        unsafe { libc::kill(self.pid(), signal) };
+    }
+
+    /// Waits for the process to exit, up to `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child's process group.
+        unsafe { libc::kill(-self.pid(), libc::SIGKILL) };
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs a program to completion and returns (exit code, stdout, stderr).
+pub fn run(program: &Path, args: &[&str]) -> (i32, String, String) {
+    let output =
+        Command::new(program).args(args).output().unwrap_or_else(|e| panic!("cannot run {program:?}: {e}"));
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// A mesh-echo instance.
+pub struct Echo {
+    pub process: Process,
+    pub addr: String,
+}
+
+impl Echo {
+    pub fn start(version: &str, extra: &[&str]) -> Echo {
+        let mut args = vec!["--port", "0", "--version", version];
+        args.extend_from_slice(extra);
+        let process = Process::start(&crate::bin("mesh-echo"), &args);
+        // "mesh-echo listening on ADDR version=V"
+        let addr =
+            process.first_line.split_whitespace().nth(3).expect("echo ready line has an address").to_owned();
+        Echo { process, addr }
+    }
+}
+
+/// A mesh-proxy on a config file.
+pub struct Proxy {
+    pub process: Process,
+}
+
+impl Proxy {
+    pub fn start(config: &Path) -> Proxy {
+        Proxy::start_args(config, &[])
+    }
+
+    pub fn start_args(config: &Path, extra: &[&str]) -> Proxy {
+        let config = config.to_str().expect("utf-8 path");
+        let mut args = vec!["--config", config];
+        args.extend_from_slice(extra);
+        Proxy { process: Process::start(&crate::bin("mesh-proxy"), &args) }
+    }
+
+    pub fn outbound(&self) -> String {
+        self.process.field("outbound")
+    }
+
+    pub fn inbound(&self) -> String {
+        self.process.field("inbound")
+    }
+
+    pub fn admin(&self) -> String {
+        self.process.field("admin")
+    }
+
+    pub fn upstream(&self, service: &str) -> String {
+        self.process.field(&format!("upstream.{service}"))
+    }
+}

@@ -1,0 +1,153 @@
+//! Splits, retries, the retry budget, the circuit breaker and latency-aware
+//! balancing, through a real mesh-proxy in front of real mesh-echo servers.
+
+use std::time::Duration;
+
+use mesh_tests::client::{closed_loop, steady_rate};
+use mesh_tests::metrics::scrape;
+use mesh_tests::process::{Echo, Proxy};
+use mesh_tests::proxy_config::{render, ServiceSpec};
+use mesh_tests::{eventually, TempDir};
+
+fn start_proxy(dir: &TempDir, services: &[ServiceSpec]) -> Proxy {
+    let path = dir.path("proxy.toml");
+    std::fs::write(&path, render(services, &[], None)).unwrap();
+    Proxy::start(&path)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_90_10_split_lands_within_two_points() {
+    let dir = TempDir::new("split");
+    let v1 = Echo::start("v1", &[]);
+    let v2 = Echo::start("v2", &[]);
+    let proxy = start_proxy(
+        &dir,
+        &[ServiceSpec::new("echo")
+            .line("split = { v1 = 90, v2 = 10 }")
+            .endpoint(&v1.addr, "v1")
+            .endpoint(&v2.addr, "v2")],
+    );
+    let tally = closed_loop(&proxy.outbound(), "echo", 10_000, 16).await;
+    assert_eq!(tally.failed(), 0, "{:?}", tally.failures);
+    assert_eq!(tally.ok, 10_000);
+    let (v1_share, v2_share) = (tally.share("v1"), tally.share("v2"));
+    assert!((v1_share - 90.0).abs() <= 2.0, "v1 got {v1_share:.2}%");
+    assert!((v2_share - 10.0).abs() <= 2.0, "v2 got {v2_share:.2}%");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_endpoint_is_retried_around_and_ejected() {
+    let dir = TempDir::new("eject");
+    let good_a = Echo::start("v1", &[]);
+    let good_b = Echo::start("v1", &[]);
+    let bad = Echo::start("v1", &["--fail-rate", "1"]);
+    let proxy = start_proxy(
+        &dir,
+        &[ServiceSpec::new("echo")
+            .line("retry = { attempts = 3, on = [\"5xx\"] }")
+            .line("breaker = { consecutive_failures = 7, base_ejection = \"1s\", max_ejection = \"60s\" }")
+            .endpoint(&good_a.addr, "v1")
+            .endpoint(&good_b.addr, "v1")
+            .endpoint(&bad.addr, "v1")],
+    );
+    let tally = closed_loop(&proxy.outbound(), "echo", 2_000, 8).await;
+    assert_eq!(tally.failed(), 0, "idempotent GETs must all succeed: {:?}", tally.failures);
+    assert_eq!(tally.by_instance.get(&bad.addr), None, "no answer may come from the failing endpoint");
+
+    let metrics = scrape(&proxy.admin()).await;
+    assert_eq!(metrics.sum("mesh_endpoints", &[("service", "echo"), ("state", "ejected")]), 1.0);
+    assert_eq!(metrics.sum("mesh_endpoints", &[("service", "echo"), ("state", "ready")]), 2.0);
+    assert!(metrics.sum("mesh_endpoint_ejections_total", &[("service", "echo")]) >= 1.0);
+    let retries = metrics.sum("mesh_http_retries_total", &[("service", "echo"), ("reason", "5xx")]);
+    // Without the breaker a third of 2000 requests would need a retry.
+    assert!(retries >= 1.0 && retries < 100.0, "retries: {retries}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_everything_fails_retries_stop_at_the_budget() {
+    let dir = TempDir::new("budget");
+    let echoes: Vec<Echo> = (0..3).map(|_| Echo::start("v1", &["--fail-rate", "1"])).collect();
+    let mut service = ServiceSpec::new("echo")
+        .line("retry = { attempts = 3, on = [\"5xx\"], budget_ratio = 0.2, budget_min_per_second = 10 }")
+        // The breaker stays out of the way so that only the budget limits retries.
+        .line("breaker = { consecutive_failures = 60000 }");
+    for echo in &echoes {
+        service = service.endpoint(&echo.addr, "v1");
+    }
+    let proxy = start_proxy(&dir, &[service]);
+    let requests = 1_000u64;
+    let started = std::time::Instant::now();
+    let tally = closed_loop(&proxy.outbound(), "echo", requests, 8).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    assert_eq!(tally.ok, 0);
+    assert_eq!(tally.failed(), requests);
+    assert!(tally.failures.keys().any(|k| k.contains("retry-budget-exhausted")), "{:?}", tally.failures);
+
+    let metrics = scrape(&proxy.admin()).await;
+    let retries = metrics.sum("mesh_http_retries_total", &[("service", "echo")]);
+    // 20 % of the requests plus 10 per second over each 10-second window.
+    let windows = (elapsed / 10.0).ceil().max(1.0);
+    let bound = 0.2 * requests as f64 + 10.0 * 10.0 * windows;
+    assert!(retries > 0.0 && retries <= bound, "retries {retries} must be within (0, {bound}]");
+    let exhausted =
+        metrics.sum("mesh_http_requests_total", &[("service", "echo"), ("error", "retry-budget-exhausted")]);
+    assert!(exhausted > 0.0, "answers marked retry-budget-exhausted are counted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slower_endpoint_gets_little_traffic() {
+    let dir = TempDir::new("ewma");
+    let fast_a = Echo::start("v1", &[]);
+    let fast_b = Echo::start("v1", &[]);
+    let slow = Echo::start("v1", &["--latency", "50ms"]);
+    let proxy = start_proxy(
+        &dir,
+        &[ServiceSpec::new("echo")
+            .endpoint(&fast_a.addr, "v1")
+            .endpoint(&fast_b.addr, "v1")
+            .endpoint(&slow.addr, "v1")],
+    );
+    let tally = steady_rate(&proxy.outbound(), "echo", 300, Duration::from_secs(10)).await;
+    assert_eq!(tally.failed(), 0, "{:?}", tally.failures);
+    assert!(tally.ok >= 2_900, "sent {} requests", tally.ok);
+    let slow_share = 100.0 * *tally.by_instance.get(&slow.addr).unwrap_or(&0) as f64 / tally.ok as f64;
+    assert!(slow_share < 10.0, "the slow endpoint got {slow_share:.1}% of requests: {:?}", tally.by_instance);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_ready_endpoints_get_no_traffic_and_an_ejected_one_comes_back() {
+    let dir = TempDir::new("ready");
+    let ready = Echo::start("v1", &[]);
+    let not_ready = Echo::start("v1", &[]);
+    let flaky = Echo::start("v1", &["--fail-rate", "1"]);
+    let proxy = start_proxy(
+        &dir,
+        &[ServiceSpec::new("echo")
+            .line("retry = { attempts = 3, on = [\"5xx\"] }")
+            .line(
+                "breaker = { consecutive_failures = 2, base_ejection = \"200ms\", max_ejection = \"400ms\" }",
+            )
+            .endpoint(&ready.addr, "v1")
+            .endpoint(&flaky.addr, "v1")
+            .not_ready_endpoint(&not_ready.addr, "v1")],
+    );
+    let tally = closed_loop(&proxy.outbound(), "echo", 300, 4).await;
+    assert_eq!(tally.failed(), 0, "{:?}", tally.failures);
+    assert_eq!(tally.by_instance.get(&not_ready.addr), None);
+
+    // The flaky endpoint heals; its next probe succeeds and it is readmitted.
+    let client = mesh_tests::client::http1();
+    let heal = http::Request::post(format!("http://{}/_echo/config", flaky.addr))
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(br#"{"fail_rate":0}"#)))
+        .unwrap();
+    assert!(mesh_tests::client::send(&client, heal).await.unwrap().status.is_success());
+    let outbound = proxy.outbound();
+    eventually("the healed endpoint answers again", Duration::from_secs(10), || {
+        let (client, outbound, flaky) = (client.clone(), outbound.clone(), flaky.addr.clone());
+        async move {
+            let answer = mesh_tests::client::get(&client, &outbound, "echo", "/").await.ok()?;
+            (answer.header("x-instance") == Some(flaky.as_str())).then_some(())
+        }
+    })
+    .await;
+}
