@@ -147,3 +147,21 @@ async fn merge(tasks: Vec<tokio::task::JoinHandle<Tally>>) -> Tally {
     }
     total
 }
+
+/// Sends one request over a fresh HTTP/2 prior-knowledge connection to
+/// `connect_to`, keeping the request's own authority (as gRPC clients do).
+pub async fn h2_prior_knowledge(connect_to: &str, request: Request<Full<Bytes>>) -> Result<Answer, String> {
+    let stream = tokio::net::TcpStream::connect(connect_to).await.map_err(|e| e.to_string())?;
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+    tokio::spawn(connection);
+    let response = tokio::time::timeout(Duration::from_secs(20), sender.send_request(request))
+        .await
+        .map_err(|_| "no answer within 20s".to_owned())?
+        .map_err(|e| format!("request failed: {e:?}"))?;
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.map_err(|e| format!("body failed: {e}"))?.to_bytes();
+    Ok(Answer { status: parts.status, headers: parts.headers, body })
+}

@@ -24,6 +24,10 @@ impl Process {
     pub fn start_with(command: &mut Command) -> Process {
         let name = command.get_program().to_string_lossy().rsplit('/').next().unwrap_or_default().to_owned();
         command.stdout(Stdio::piped()).stderr(Stdio::inherit());
+        // Keep test output readable; a failing test can be rerun with RUST_LOG=debug.
+        if std::env::var_os("RUST_LOG").is_none() {
+            command.env("RUST_LOG", "warn");
+        }
         // Its own process group, so cleanup reaches anything it started.
         std::os::unix::process::CommandExt::process_group(command, 0);
         let mut child = command.spawn().unwrap_or_else(|e| panic!("cannot start {name}: {e}"));

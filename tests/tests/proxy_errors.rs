@@ -1,0 +1,100 @@
+//! The answers the proxy makes itself, exactly as DESIGN.md lists them:
+//! status, `x-mesh-error`, the `error` metric label, and `grpc-status` for
+//! gRPC callers.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
+use mesh_tests::client::{get, h2_prior_knowledge, http1};
+use mesh_tests::metrics::scrape;
+use mesh_tests::process::{Echo, Proxy};
+use mesh_tests::proxy_config::{render, ServiceSpec};
+use mesh_tests::TempDir;
+
+/// A port nothing listens on: bound, then released.
+fn closed_port() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_proxy_made_error_has_its_status_header_and_label() {
+    let dir = TempDir::new("errors");
+    let hanging = Echo::start("v1", &["--hang"]);
+    let failing = Echo::start("v1", &["--fail-rate", "1"]);
+    let dead = closed_port();
+    let services = [
+        ServiceSpec::new("nothing-ready").not_ready_endpoint(&hanging.addr, "v1"),
+        ServiceSpec::new("dead").line("retry = { attempts = 2 }").endpoint(&dead, "v1"),
+        ServiceSpec::new("slow").line("timeout = \"300ms\"").endpoint(&hanging.addr, "v1"),
+        ServiceSpec::new("broken")
+            .line("breaker = { consecutive_failures = 1, base_ejection = \"60s\", max_ejection = \"60s\" }")
+            .endpoint(&failing.addr, "v1"),
+    ];
+    let path = dir.path("proxy.toml");
+    std::fs::write(&path, render(&services, &[], None)).unwrap();
+    let proxy = Proxy::start(&path);
+    let client = http1();
+    // Trip the breaker of "broken": its one failure passes through as a 500.
+    assert_eq!(get(&client, &proxy.outbound(), "broken", "/").await.unwrap().status, 500);
+
+    // (service, status, reason)
+    let table = [
+        ("no-such-service", 404, "unknown-service"),
+        ("nothing-ready", 503, "no-endpoints"),
+        ("dead", 502, "connect-failed"),
+        ("slow", 504, "timeout"),
+        ("broken", 503, "breaker-open"),
+    ];
+    for (service, status, reason) in table {
+        let answer = get(&client, &proxy.outbound(), service, "/").await.unwrap();
+        assert_eq!(answer.status, status, "{service}");
+        assert_eq!(answer.header("x-mesh-error"), Some(reason), "{service}");
+        let body = String::from_utf8_lossy(&answer.body);
+        assert!(body.starts_with(reason), "the body names the cause: {body}");
+    }
+    let metrics = scrape(&proxy.admin()).await;
+    for (service, status, reason) in table {
+        let labels = [("code", &*status.to_string()), ("error", reason)];
+        assert_eq!(metrics.sum("mesh_http_requests_total", &labels), 1.0, "{service} {reason}");
+    }
+    assert!(
+        metrics.sum("mesh_http_retries_total", &[("service", "dead"), ("reason", "connect-failure")]) >= 1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_callers_get_a_grpc_status_instead() {
+    let dir = TempDir::new("grpc-errors");
+    let hanging = Echo::start("v1", &["--hang"]);
+    let services = [
+        ServiceSpec::new("nothing-ready").protocol("grpc").not_ready_endpoint(&hanging.addr, "v1"),
+        ServiceSpec::new("slow").protocol("grpc").line("timeout = \"300ms\"").endpoint(&hanging.addr, "v1"),
+    ];
+    let path = dir.path("proxy.toml");
+    std::fs::write(&path, render(&services, &[], None)).unwrap();
+    let proxy = Proxy::start(&path);
+    // (service, grpc-status, reason): UNIMPLEMENTED, UNAVAILABLE, DEADLINE_EXCEEDED
+    let table = [
+        ("missing", "12", "unknown-service"),
+        ("nothing-ready", "14", "no-endpoints"),
+        ("slow", "4", "timeout"),
+    ];
+    for (service, grpc_status, reason) in table {
+        let request = Request::post(format!("http://{service}/mesh.echo.v1.Echo/Unary"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(Full::new(Bytes::from_static(&[0, 0, 0, 0, 0])))
+            .unwrap();
+        let answer =
+            tokio::time::timeout(Duration::from_secs(10), h2_prior_knowledge(&proxy.outbound(), request))
+                .await
+                .unwrap()
+                .unwrap();
+        assert_eq!(answer.status, 200, "gRPC errors travel in grpc-status, not the HTTP status ({service})");
+        assert_eq!(answer.header("grpc-status"), Some(grpc_status), "{service}");
+        assert_eq!(answer.header("x-mesh-error"), Some(reason), "{service}");
+    }
+}
