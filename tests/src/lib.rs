@@ -28,6 +28,27 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// The Python with grpcio that the test command installs: `MESH_TEST_PYTHON`,
+/// or the virtualenv under `target/`.
+pub fn python() -> PathBuf {
+    if let Ok(python) = std::env::var("MESH_TEST_PYTHON") {
+        return PathBuf::from(python);
+    }
+    let path = workspace_dir().join("target/test-python/bin/python");
+    assert!(path.exists(), "{} is missing: run ./scripts/test, which installs grpcio", path.display());
+    path
+}
+
+pub fn workspace_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+/// A free loopback port, for programs that cannot listen on port 0 and
+/// report it (Prometheus). The tiny race with other binders is accepted.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
 /// A fresh directory under the system temp dir, removed on drop.
 pub struct TempDir(pub PathBuf);
 

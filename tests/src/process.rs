@@ -22,6 +22,16 @@ impl Process {
     }
 
     pub fn start_with(command: &mut Command) -> Process {
+        Process::spawn(command, true)
+    }
+
+    /// Starts a program that prints no ready line; the caller waits for
+    /// readiness its own way.
+    pub fn start_quiet(command: &mut Command) -> Process {
+        Process::spawn(command, false)
+    }
+
+    fn spawn(command: &mut Command, wait_for_line: bool) -> Process {
         let name = command.get_program().to_string_lossy().rsplit('/').next().unwrap_or_default().to_owned();
         command.stdout(Stdio::piped()).stderr(Stdio::inherit());
         // Keep test output readable; a failing test can be rerun with RUST_LOG=debug.
@@ -32,6 +42,10 @@ impl Process {
         std::os::unix::process::CommandExt::process_group(command, 0);
         let mut child = command.spawn().unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
         let stdout = child.stdout.take().expect("piped stdout");
+        if !wait_for_line {
+            std::thread::spawn(move || for _ in BufReader::new(stdout).lines() {});
+            return Process { name, child, first_line: String::new() };
+        }
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             let mut lines = BufReader::new(stdout).lines();

@@ -1,0 +1,27 @@
+# Shared by the README's commands: install what is missing, idempotently.
+
+# Installs Debian packages that are not installed yet; does nothing when
+# all are present, so it is cheap to call every time.
+ensure_apt_packages() {
+  local missing=()
+  for package in "$@"; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  echo "installing Debian packages: ${missing[*]}" >&2
+  local sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  $sudo apt-get update -q >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+# A virtualenv with grpcio for the gRPC interoperability tests.
+ensure_test_python() {
+  local venv="$1"
+  if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c 'import grpc' 2>/dev/null; then
+    return 0
+  fi
+  echo "creating $venv with grpcio" >&2
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check 'grpcio==1.85.1'
+}
