@@ -99,7 +99,7 @@ async fn run(args: Args) -> ExitCode {
         if let Some(addr) = listen.admin {
             let listener = bind("admin", addr).await?;
             bound.push(format!("admin={}", listener.local_addr().map_err(|e| e.to_string())?));
-            tokio::spawn(listen::admin::serve(listener, proxy.clone(), shutdown_rx.clone()));
+            tokio::spawn(listen::admin::serve(listener, proxy.clone()));
         }
         Ok(())
     }

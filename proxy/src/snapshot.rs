@@ -104,7 +104,7 @@ impl Service {
         for endpoint in endpoints {
             if endpoint.ready
                 && !tried.contains(&endpoint.addr)
-                && endpoint.state.breaker.try_claim_probe(now_ms)
+                && endpoint.state.breaker.try_claim_probe(now_ms, &self.config.breaker)
             {
                 return Ok(Chosen { endpoint, probe: true });
             }

@@ -151,3 +151,26 @@ async fn not_ready_endpoints_get_no_traffic_and_an_ejected_one_comes_back() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_that_hangs_is_ejected_by_its_timeouts() {
+    let dir = TempDir::new("hang");
+    let good = Echo::start("v1", &[]);
+    let hanging = Echo::start("v1", &["--hang"]);
+    let proxy = start_proxy(
+        &dir,
+        &[ServiceSpec::new("echo")
+            .line("timeout = \"200ms\"")
+            .line("breaker = { consecutive_failures = 2, base_ejection = \"30s\", max_ejection = \"60s\" }")
+            .endpoint(&good.addr, "v1")
+            .endpoint(&hanging.addr, "v1")],
+    );
+    // Timeouts count against the hanging endpoint until it is ejected.
+    let warmup = closed_loop(&proxy.outbound(), "echo", 40, 4).await;
+    let timeouts = warmup.failures.get("504 Gateway Timeout timeout").copied().unwrap_or(0);
+    assert!((1..=8).contains(&timeouts), "a few timeouts before the ejection: {:?}", warmup.failures);
+    let after = closed_loop(&proxy.outbound(), "echo", 200, 4).await;
+    assert_eq!(after.failed(), 0, "{:?}", after.failures);
+    let metrics = scrape(&proxy.admin()).await;
+    assert_eq!(metrics.sum("mesh_endpoints", &[("service", "echo"), ("state", "ejected")]), 1.0);
+}

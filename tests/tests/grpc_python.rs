@@ -22,13 +22,15 @@ fn grpcio_calls_pass_through_intact() {
     // Through the outbound listener (routing by :authority) and through the
     // per-upstream port.
     for target in [proxy.outbound(), proxy.upstream("pyecho")] {
-        let (code, stdout, stderr) =
-            run(&python(), &[client_script.to_str().unwrap(), &target, "pyecho"]);
+        let (code, stdout, stderr) = run(&python(), &[client_script.to_str().unwrap(), &target, "pyecho"]);
         assert_eq!(code, 0, "client via {target} failed: {stderr}");
         let result: serde_json::Value = serde_json::from_str(stdout.trim()).expect("client prints JSON");
         assert_eq!(result["unary"], "echo:hello", "{result}");
         assert_eq!(result["unary_trailers"]["x-trailer"], "kept", "{result}");
-        assert_eq!(result["server_stream"], serde_json::json!(["item-0", "item-1", "item-2", "item-3", "item-4"]));
+        assert_eq!(
+            result["server_stream"],
+            serde_json::json!(["item-0", "item-1", "item-2", "item-3", "item-4"])
+        );
         assert_eq!(result["client_stream"], "a+b+c");
         assert_eq!(result["bidi"], serde_json::json!(["bidi:x", "bidi:y"]));
         assert_eq!(result["fail"]["code"], "NOT_FOUND", "{result}");

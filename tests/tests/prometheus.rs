@@ -17,7 +17,10 @@ async fn promtool_accepts_the_metrics_and_prometheus_counts_requests() {
     let v1 = Echo::start("v1", &[]);
     let v2 = Echo::start("v2", &["--fail-rate", "1"]);
     let path = dir.path("proxy.toml");
-    let service = ServiceSpec::new("echo").line("split = { v1 = 100, v2 = 0 }").endpoint(&v1.addr, "v1").endpoint(&v2.addr, "v2");
+    let service = ServiceSpec::new("echo")
+        .line("split = { v1 = 100, v2 = 0 }")
+        .endpoint(&v1.addr, "v1")
+        .endpoint(&v2.addr, "v2");
     std::fs::write(&path, render(&[service], &[], None)).unwrap();
     let proxy = Proxy::start(&path);
     let tally = closed_loop(&proxy.outbound(), "echo", 150, 4).await;

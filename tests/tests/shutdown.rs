@@ -14,7 +14,7 @@ use mesh_tests::{eventually, TempDir};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_every_accepted_request_finish() {
     let dir = TempDir::new("shutdown");
-    let echo = Echo::start("v1", &["--latency", "1s"]);
+    let echo = Echo::start("v1", &["--latency", "3s"]);
     let path = dir.path("proxy.toml");
     std::fs::write(&path, render(&[ServiceSpec::new("echo").endpoint(&echo.addr, "v1")], &[], None)).unwrap();
     let mut proxy = Proxy::start(&path);
@@ -44,6 +44,12 @@ async fn sigterm_lets_every_accepted_request_finish() {
     })
     .await;
     proxy.process.signal(libc::SIGTERM);
+    let admin = proxy.admin();
+    eventually("/ready turns 503 while draining", Duration::from_secs(2), || {
+        let admin = admin.clone();
+        async move { (get(&http1(), &admin, &admin, "/ready").await.ok()?.status == 503).then_some(()) }
+    })
+    .await;
     for request in in_flight {
         let answer = request.await.unwrap().expect("an accepted request must not fail");
         assert_eq!(answer.status, 200);

@@ -20,7 +20,9 @@ pub struct BreakerState {
     pub ejections: u8,
     /// A probe request is on its way to the endpoint.
     pub probing: bool,
-    /// While non-zero, the endpoint is ejected until this millisecond.
+    /// While non-zero, the endpoint is ejected until this millisecond. While
+    /// a probe is out, this is the probe's deadline: a probe that never
+    /// reports back (its caller went away) lets another probe go after it.
     pub ejected_until_ms: u32,
 }
 
@@ -37,7 +39,7 @@ impl BreakerState {
     pub fn availability(self, now_ms: u64) -> Availability {
         if self.ejected_until_ms == 0 {
             Availability::Available
-        } else if self.probing || now_ms < u64::from(self.ejected_until_ms) {
+        } else if now_ms < u64::from(self.ejected_until_ms) {
             Availability::Ejected
         } else {
             Availability::ProbeDue
@@ -48,8 +50,12 @@ impl BreakerState {
         self.ejected_until_ms != 0
     }
 
-    pub fn with_probe(self) -> BreakerState {
-        BreakerState { probing: true, ..self }
+    /// Sends the single probe, which must report back within one ejection
+    /// length.
+    pub fn with_probe(self, now_ms: u64, policy: &BreakerPolicy) -> BreakerState {
+        let deadline = now_ms
+            .saturating_add(ejection_length(self.ejections.saturating_sub(1), policy).as_millis() as u64);
+        BreakerState { probing: true, ejected_until_ms: deadline.min(u64::from(u32::MAX)) as u32, ..self }
     }
 
     /// Any success closes the breaker.
@@ -120,14 +126,19 @@ impl BreakerCell {
 
     /// Claims the single probe of an endpoint whose ejection is over; only
     /// one caller wins.
-    pub fn try_claim_probe(&self, now_ms: u64) -> bool {
+    pub fn try_claim_probe(&self, now_ms: u64, policy: &BreakerPolicy) -> bool {
         let current = self.0.load(Ordering::Acquire);
         let state = BreakerState::unpack(current);
         if state.availability(now_ms) != Availability::ProbeDue {
             return false;
         }
         self.0
-            .compare_exchange(current, state.with_probe().pack(), Ordering::AcqRel, Ordering::Acquire)
+            .compare_exchange(
+                current,
+                state.with_probe(now_ms, policy).pack(),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
             .is_ok()
     }
 
@@ -188,7 +199,9 @@ mod tests {
             assert_eq!(ejection_length(ejections, &p), Duration::from_secs(seconds), "after {ejections}");
         }
         let ejected = BreakerState { ejections: 1, ejected_until_ms: 1000, ..Default::default() };
-        let (after_probe, e) = ejected.with_probe().on_failure(1000, &p);
+        let probing = ejected.with_probe(1000, &p);
+        assert_eq!(probing.availability(1500), Availability::Ejected, "one probe at a time");
+        let (after_probe, e) = probing.on_failure(1000, &p);
         assert!(e);
         assert_eq!(after_probe.ejected_until_ms, 3000);
         assert_eq!(after_probe.ejections, 2);
@@ -209,9 +222,12 @@ mod tests {
         for _ in 0..3 {
             cell.record_failure(10, &p);
         }
-        assert!(!cell.try_claim_probe(500), "still ejected");
-        assert!(cell.try_claim_probe(1010));
-        assert!(!cell.try_claim_probe(1010), "a probe is already out");
+        assert!(!cell.try_claim_probe(500, &p), "still ejected");
+        assert!(cell.try_claim_probe(1010, &p));
+        assert!(!cell.try_claim_probe(1010, &p), "a probe is already out");
+        // The probe never reports back; after its deadline another may go.
+        assert!(!cell.try_claim_probe(1900, &p));
+        assert!(cell.try_claim_probe(2010, &p));
         cell.record_success();
         assert_eq!(cell.load().availability(1010), Availability::Available);
     }

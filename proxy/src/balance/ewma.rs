@@ -54,12 +54,15 @@ impl PeakEwma {
         decayed(estimate, elapsed) * f64::from(pending + 1)
     }
 
-    pub fn start(&self) {
+    /// Counts a request in flight until the returned guard is dropped, so a
+    /// request cancelled by a timeout or a departed caller is not counted
+    /// forever.
+    pub fn start(&self, now_nanos: u64) -> Pending<'_> {
         self.pending.fetch_add(1, Ordering::Relaxed);
+        Pending { ewma: self, started_nanos: now_nanos }
     }
 
-    pub fn finish(&self, started_nanos: u64, now_nanos: u64) {
-        self.pending.fetch_sub(1, Ordering::Relaxed);
+    fn observe(&self, started_nanos: u64, now_nanos: u64) {
         let rtt = now_nanos.saturating_sub(started_nanos) as f64;
         let estimate = f64::from_bits(self.estimate_nanos.load(Ordering::Relaxed));
         let elapsed = now_nanos.saturating_sub(self.updated_at_nanos.swap(now_nanos, Ordering::Relaxed));
@@ -68,6 +71,25 @@ impl PeakEwma {
 
     pub fn pending(&self) -> u32 {
         self.pending.load(Ordering::Relaxed)
+    }
+}
+
+/// One request in flight to an endpoint.
+pub struct Pending<'a> {
+    ewma: &'a PeakEwma,
+    started_nanos: u64,
+}
+
+impl Pending<'_> {
+    /// The response headers arrived: feed the latency into the estimate.
+    pub fn finish(self, now_nanos: u64) {
+        self.ewma.observe(self.started_nanos, now_nanos);
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.ewma.pending.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -94,8 +116,14 @@ mod tests {
     fn cost_counts_requests_in_flight() {
         let ewma = PeakEwma::default();
         let idle = ewma.cost(0);
-        ewma.start();
-        ewma.start();
+        let first = ewma.start(0);
+        let second = ewma.start(0);
         assert!((ewma.cost(0) - 3.0 * idle).abs() < 1.0);
+        // A cancelled request stops counting without touching the estimate.
+        drop(first);
+        assert_eq!(ewma.pending(), 1);
+        second.finish(1_000);
+        assert_eq!(ewma.pending(), 0);
+        assert!(ewma.cost(1_000) < idle, "a 1 µs answer lowers the estimate");
     }
 }

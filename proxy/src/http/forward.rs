@@ -60,13 +60,6 @@ impl PreparedBody {
             PreparedBody::Streaming(body) => body.take().map(RequestBody::Streaming),
         }
     }
-
-    /// A try that never sent its body hands it back for the next one.
-    fn give_back(&mut self, body: RequestBody) {
-        if let (PreparedBody::Streaming(slot), RequestBody::Streaming(incoming)) = (self, body) {
-            *slot = Some(incoming);
-        }
-    }
 }
 
 /// Why sending on an endpoint failed.
@@ -89,18 +82,22 @@ pub async fn forward(service: Arc<Service>, request: Request<Incoming>) -> Respo
     let started = Instant::now();
     let grpc = is_grpc(request.headers());
     let version = request.version();
-    let outcome = match tokio::time::timeout(service.config.timeout, attempts(&service, request, grpc)).await
-    {
+    // The endpoint a try is waiting on, so a timeout can be held against it.
+    let mut waiting_on: Option<&Endpoint> = None;
+    let tries = attempts(&service, request, grpc, &mut waiting_on);
+    let outcome = match tokio::time::timeout(service.config.timeout, tries).await {
         Ok(outcome) => outcome,
-        Err(_) => Outcome {
-            response: error_response(
-                ProxyError::Timeout,
-                grpc,
-                &format!("no answer within {}", humantime::format_duration(service.config.timeout)),
-            ),
-            error: Some(ProxyError::Timeout),
-            metrics: service.unrouted_metrics.clone(),
-        },
+        Err(_) => {
+            if let Some(endpoint) = waiting_on {
+                record_failure(endpoint, &service);
+            }
+            let detail = format!("no answer within {}", humantime::format_duration(service.config.timeout));
+            Outcome {
+                response: error_response(ProxyError::Timeout, grpc, &detail),
+                error: Some(ProxyError::Timeout),
+                metrics: waiting_on.map_or_else(|| service.unrouted_metrics.clone(), |e| e.metrics.clone()),
+            }
+        }
     };
     let Outcome { mut response, error, metrics } = outcome;
     metrics.record(response.status().as_u16(), error, started.elapsed());
@@ -108,7 +105,20 @@ pub async fn forward(service: Arc<Service>, request: Request<Incoming>) -> Respo
     response
 }
 
-async fn attempts(service: &Service, request: Request<Incoming>, grpc: bool) -> Outcome {
+/// The request as each try needs it: kept whole when a response may be
+/// retried, otherwise moved into the single request that goes out (a
+/// connect failure hands that request back for the next try).
+enum Template {
+    Keep(Parts),
+    Move(Option<Parts>),
+}
+
+async fn attempts<'s>(
+    service: &'s Service,
+    request: Request<Incoming>,
+    grpc: bool,
+    waiting_on: &mut Option<&'s Endpoint>,
+) -> Outcome {
     let (mut parts, body) = request.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     let policy = &service.config.retry;
@@ -120,27 +130,23 @@ async fn attempts(service: &Service, request: Request<Incoming>, grpc: bool) -> 
         Err(e) => {
             let response =
                 error_response(ProxyError::BadRequest, grpc, &format!("reading the request body: {e}"));
-            return Outcome {
-                response,
-                error: Some(ProxyError::BadRequest),
-                metrics: service.unrouted_metrics.clone(),
-            };
+            let metrics = service.unrouted_metrics.clone();
+            return Outcome { response, error: Some(ProxyError::BadRequest), metrics };
         }
     };
+    let retries_responses = retries_responses && body.is_replayable();
     service.budget.record_request(clock::now_millis() / 1000);
     let authority = authority_for_upstream(&parts);
+    let protocol = service.config.protocol;
+    let mut template = if retries_responses { Template::Keep(parts) } else { Template::Move(Some(parts)) };
+    let mut returned: Option<Request<RequestBody>> = None;
     let mut tried = [SocketAddr::from(([0, 0, 0, 0], 0)); 10];
     let mut last_failure: Option<Outcome> = None;
     for attempt in 1..=policy.attempts {
         let now_ms = clock::now_millis();
-        let chosen = RNG.with(|rng| {
-            service.choose(
-                &tried[..(attempt - 1) as usize],
-                now_ms,
-                clock::now_nanos(),
-                &mut *rng.borrow_mut(),
-            )
-        });
+        let tried_so_far = &tried[..(attempt - 1) as usize];
+        let chosen =
+            RNG.with(|rng| service.choose(tried_so_far, now_ms, clock::now_nanos(), &mut *rng.borrow_mut()));
         let endpoint = match chosen {
             Ok(chosen) => chosen.endpoint,
             Err(error) => {
@@ -152,24 +158,30 @@ async fn attempts(service: &Service, request: Request<Incoming>, grpc: bool) -> 
             }
         };
         tried[(attempt - 1) as usize] = endpoint.addr;
-        let Some(attempt_body) = body.for_attempt() else { break };
-        let upstream_request =
-            build_upstream_request(&parts, attempt_body, service.config.protocol, &authority);
+        let upstream_request = match (returned.take(), &mut template) {
+            (Some(request), _) => request,
+            (None, Template::Keep(parts)) => match body.for_attempt() {
+                Some(attempt_body) => build_upstream_request(parts, attempt_body, protocol, &authority),
+                None => break,
+            },
+            (None, Template::Move(parts)) => match (parts.take(), body.for_attempt()) {
+                (Some(parts), Some(attempt_body)) => {
+                    build_upstream_request_owned(parts, attempt_body, protocol, &authority)
+                }
+                _ => break,
+            },
+        };
         let may_retry = attempt < policy.attempts;
-        let started = clock::now_nanos();
-        endpoint.state.ewma.start();
-        let sent = send(
-            &endpoint.state.pool,
-            service.config.protocol,
-            service.config.connect_timeout,
-            upstream_request,
-        )
-        .await;
-        endpoint.state.ewma.finish(started, clock::now_nanos());
+        *waiting_on = Some(endpoint);
+        let pending = endpoint.state.ewma.start(clock::now_nanos());
+        let sent =
+            send(&endpoint.state.pool, protocol, service.config.connect_timeout, upstream_request).await;
+        pending.finish(clock::now_nanos());
+        *waiting_on = None;
         match sent {
             Err(SendError::Connect(error, request)) => {
                 record_failure(endpoint, service);
-                body.give_back(request.into_body());
+                returned = Some(*request);
                 if may_retry && spend_retry(service, &service.retry_metrics.connect_failure) {
                     continue;
                 }
@@ -182,17 +194,13 @@ async fn attempts(service: &Service, request: Request<Incoming>, grpc: bool) -> 
             }
             Err(SendError::Broken(error)) => {
                 record_failure(endpoint, service);
+                let detail = format!("{}: {error}", endpoint.addr);
                 let outcome = Outcome {
-                    response: error_response(
-                        ProxyError::ConnectFailed,
-                        grpc,
-                        &format!("{}: {error}", endpoint.addr),
-                    ),
+                    response: error_response(ProxyError::ConnectFailed, grpc, &detail),
                     error: Some(ProxyError::ConnectFailed),
                     metrics: endpoint.metrics.clone(),
                 };
                 let retryable = retries_responses
-                    && body.is_replayable()
                     && policy.on.iter().any(|on| matches!(on, RetryOn::ServerError | RetryOn::GatewayError));
                 if retryable && may_retry && spend_retry(service, &service.retry_metrics.server_error) {
                     last_failure = Some(outcome);
@@ -210,9 +218,8 @@ async fn attempts(service: &Service, request: Request<Incoming>, grpc: bool) -> 
                 }
                 let reason = retry_reason(&policy.on, status.as_u16(), grpc_unavailable);
                 let response = finish_response(response, release, &endpoint.state.pool);
-                let outcome = Outcome { response, error: None, metrics: endpoint.metrics.clone() };
-                let Some(reason) = reason.filter(|_| retries_responses && body.is_replayable() && may_retry)
-                else {
+                let mut outcome = Outcome { response, error: None, metrics: endpoint.metrics.clone() };
+                let Some(reason) = reason.filter(|_| retries_responses && may_retry) else {
                     return outcome;
                 };
                 let counter = match reason {
@@ -223,7 +230,6 @@ async fn attempts(service: &Service, request: Request<Incoming>, grpc: bool) -> 
                     last_failure = Some(outcome);
                     continue;
                 }
-                let mut outcome = outcome;
                 mark_error(&mut outcome.response, ProxyError::RetryBudgetExhausted);
                 outcome.error = Some(ProxyError::RetryBudgetExhausted);
                 return outcome;
@@ -300,16 +306,39 @@ fn authority_for_upstream(parts: &Parts) -> Option<Authority> {
     parts.headers.get(header::HOST).and_then(|h| Authority::try_from(h.as_bytes()).ok())
 }
 
+/// Builds a try's request from kept parts (copies the headers).
 fn build_upstream_request(
     parts: &Parts,
     body: RequestBody,
     protocol: Protocol,
     authority: &Option<Authority>,
 ) -> Request<RequestBody> {
-    let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
     let mut request = Request::new(body);
     *request.method_mut() = parts.method.clone();
     *request.headers_mut() = parts.headers.clone();
+    *request.uri_mut() = parts.uri.clone();
+    retarget(request, protocol, authority)
+}
+
+/// Builds the one request that goes out from the caller's parts, moving
+/// them rather than copying.
+fn build_upstream_request_owned(
+    parts: Parts,
+    body: RequestBody,
+    protocol: Protocol,
+    authority: &Option<Authority>,
+) -> Request<RequestBody> {
+    retarget(Request::from_parts(parts, body), protocol, authority)
+}
+
+/// Sets the version, URI form and host for the upstream's protocol: origin
+/// form and `Host` for HTTP/1.1, absolute URI (`:authority`) for HTTP/2.
+fn retarget(
+    mut request: Request<RequestBody>,
+    protocol: Protocol,
+    authority: &Option<Authority>,
+) -> Request<RequestBody> {
+    let path = request.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
     if protocol.is_h2() {
         *request.version_mut() = Version::HTTP_2;
         let mut uri = Uri::builder().scheme(Scheme::HTTP).path_and_query(path.clone());
@@ -498,7 +527,8 @@ pub async fn forward_inbound(
     let (mut parts, body) = request.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     let authority = authority_for_upstream(&parts);
-    let upstream_request = build_upstream_request(&parts, RequestBody::Streaming(body), protocol, &authority);
+    let upstream_request =
+        build_upstream_request_owned(parts, RequestBody::Streaming(body), protocol, &authority);
     let sent =
         send(&inbound.state.pool, protocol, crate::config::DEFAULT_CONNECT_TIMEOUT, upstream_request).await;
     let (mut response, error) = match sent {

@@ -12,17 +12,15 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 use crate::clock;
-use crate::listen::{shutdown_started, ShutdownSignal};
 use crate::proxy::Proxy;
 
-pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, mut shutdown: ShutdownSignal) {
+/// Serves until the process exits: during a drain `/ready` answers 503 and
+/// `/metrics` keeps counting, so the admin listener does not stop early.
+pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>) {
     loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(_) => continue,
-            },
-            _ = shutdown_started(&mut shutdown) => return,
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            continue;
         };
         let proxy = proxy.clone();
         tokio::spawn(async move {
