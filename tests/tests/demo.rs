@@ -13,8 +13,7 @@ fn the_demo_serves_traffic_and_cleans_up() {
         .expect("run scripts/demo");
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "demo failed: {stdout}{}", String::from_utf8_lossy(&output.stderr));
-    let last =
-        stdout.lines().filter(|l| l.starts_with("requests=")).last().expect("the demo reports progress");
+    let last = stdout.lines().rfind(|l| l.starts_with("requests=")).expect("the demo reports progress");
     let numbers: Vec<u64> =
         last.split_whitespace().map(|field| field.split('=').nth(1).unwrap().parse().unwrap()).collect();
     let (requests, v1, v2, errors) = (numbers[0], numbers[1], numbers[2], numbers[3]);
