@@ -256,3 +256,96 @@ impl Snapshot {
         rows
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse_config;
+    use crate::config::BreakerPolicy;
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
+
+    fn snapshot(endpoints: &str, split: &str) -> Snapshot {
+        let text =
+            format!("[listen]\n[[services]]\nname = \"echo\"\n{split}\nendpoints = [\n{endpoints}\n]\n");
+        LongLived::default().build(parse_config(&text).unwrap())
+    }
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    fn eject(endpoint: &Endpoint, now_ms: u64) {
+        let policy = BreakerPolicy { consecutive_failures: 1, ..BreakerPolicy::default() };
+        endpoint.state.breaker.record_failure(now_ms, &policy);
+    }
+
+    #[test]
+    fn choose_prefers_untried_endpoints_and_falls_back_to_tried_ones() {
+        let table = snapshot(
+            "{ addr = \"127.0.0.1:1\" }, { addr = \"127.0.0.1:2\" }, { addr = \"127.0.0.1:3\" }",
+            "",
+        );
+        let service = &table.services["echo"];
+        let mut rng = StdRng::seed_from_u64(3);
+        // (tried, endpoints that may be chosen)
+        let cases: &[(&[u16], &[u16])] =
+            &[(&[], &[1, 2, 3]), (&[1], &[2, 3]), (&[1, 2], &[3]), (&[1, 2, 3], &[1, 2, 3])];
+        for (tried, allowed) in cases {
+            let tried: Vec<SocketAddr> = tried.iter().map(|p| addr(*p)).collect();
+            for _ in 0..50 {
+                let chosen = service.choose(&tried, 10, 10, &mut rng).unwrap();
+                assert!(allowed.contains(&chosen.endpoint.addr.port()), "tried {tried:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn choose_names_why_nothing_can_be_chosen() {
+        let none_ready = snapshot("{ addr = \"127.0.0.1:1\", ready = false }", "");
+        let mut rng = StdRng::seed_from_u64(3);
+        let result = none_ready.services["echo"].choose(&[], 10, 10, &mut rng).err();
+        assert_eq!(result, Some(ProxyError::NoEndpoints));
+
+        let all_ejected =
+            snapshot("{ addr = \"127.0.0.1:1\" }, { addr = \"127.0.0.1:2\", ready = false }", "");
+        let service = &all_ejected.services["echo"];
+        eject(&service.groups[0].endpoints[0], 10);
+        assert_eq!(service.choose(&[], 20, 20, &mut rng).err(), Some(ProxyError::BreakerOpen));
+        // Once the ejection is over, one request probes; the next waits for it.
+        let later = 10 + 1_000;
+        let probe = service.choose(&[], later, later, &mut rng).unwrap();
+        assert!(probe.probe);
+        assert_eq!(service.choose(&[], later, later, &mut rng).err(), Some(ProxyError::BreakerOpen));
+    }
+
+    #[test]
+    fn a_version_without_available_endpoints_fails_over() {
+        let table = snapshot(
+            "{ addr = \"127.0.0.1:1\", version = \"v1\" }, { addr = \"127.0.0.1:2\", version = \"v2\", ready = false }",
+            "split = { v1 = 10, v2 = 90 }",
+        );
+        let mut rng = StdRng::seed_from_u64(5);
+        for _ in 0..100 {
+            let chosen = table.services["echo"].choose(&[], 10, 10, &mut rng).unwrap();
+            assert_eq!(&*chosen.endpoint.version, "v1");
+        }
+    }
+
+    #[test]
+    fn endpoint_state_survives_a_rebuild_and_leaves_with_its_endpoint() {
+        let long_lived = LongLived::default();
+        let text =
+            |endpoints: &str| format!("[listen]\n[[services]]\nname = \"echo\"\nendpoints = [{endpoints}]\n");
+        let first = long_lived
+            .build(parse_config(&text("{ addr = \"127.0.0.1:1\" }, { addr = \"127.0.0.1:2\" }")).unwrap());
+        eject(&first.services["echo"].groups[0].endpoints[0], 10);
+        let second = long_lived.build(parse_config(&text("{ addr = \"127.0.0.1:1\" }")).unwrap());
+        assert!(
+            second.services["echo"].groups[0].endpoints[0].state.breaker.load().is_ejected(),
+            "kept across reload"
+        );
+        assert_eq!(second.version, first.version + 1);
+        assert_eq!(long_lived.endpoints.lock().unwrap().len(), 1, "the removed endpoint's state is dropped");
+    }
+}
