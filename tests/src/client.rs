@@ -45,7 +45,14 @@ pub async fn get(client: &HttpClient, proxy: &str, host: &str, path: &str) -> Re
 }
 
 pub async fn send(client: &HttpClient, request: Request<Full<Bytes>>) -> Result<Answer, String> {
-    let response = tokio::time::timeout(Duration::from_secs(20), client.request(request))
+    answer_of(client.request(request)).await
+}
+
+/// Waits (bounded) for a response and reads its whole body.
+async fn answer_of<E: std::fmt::Debug>(
+    response: impl std::future::Future<Output = Result<http::Response<hyper::body::Incoming>, E>>,
+) -> Result<Answer, String> {
+    let response = tokio::time::timeout(Duration::from_secs(20), response)
         .await
         .map_err(|_| "no answer within 20s".to_owned())?
         .map_err(|e| format!("request failed: {e:?}"))?;
@@ -157,11 +164,5 @@ pub async fn h2_prior_knowledge(connect_to: &str, request: Request<Full<Bytes>>)
             .await
             .map_err(|e| e.to_string())?;
     tokio::spawn(connection);
-    let response = tokio::time::timeout(Duration::from_secs(20), sender.send_request(request))
-        .await
-        .map_err(|_| "no answer within 20s".to_owned())?
-        .map_err(|e| format!("request failed: {e:?}"))?;
-    let (parts, body) = response.into_parts();
-    let body = body.collect().await.map_err(|e| format!("body failed: {e}"))?.to_bytes();
-    Ok(Answer { status: parts.status, headers: parts.headers, body })
+    answer_of(sender.send_request(request)).await
 }
