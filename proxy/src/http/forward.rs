@@ -135,7 +135,8 @@ async fn attempts<'s>(
         }
     };
     let retries_responses = retries_responses && body.is_replayable();
-    service.budget.record_request(clock::now_millis() / 1000);
+    let mut now_nanos = clock::now_nanos();
+    service.budget.record_request(clock::millis_of(now_nanos) / 1000);
     let authority = authority_for_upstream(&parts);
     let protocol = service.config.protocol;
     let mut template = if retries_responses { Template::Keep(parts) } else { Template::Move(Some(parts)) };
@@ -143,10 +144,9 @@ async fn attempts<'s>(
     let mut tried = [SocketAddr::from(([0, 0, 0, 0], 0)); 10];
     let mut last_failure: Option<Outcome> = None;
     for attempt in 1..=policy.attempts {
-        let now_ms = clock::now_millis();
+        let now_ms = clock::millis_of(now_nanos);
         let tried_so_far = &tried[..(attempt - 1) as usize];
-        let chosen =
-            RNG.with(|rng| service.choose(tried_so_far, now_ms, clock::now_nanos(), &mut *rng.borrow_mut()));
+        let chosen = RNG.with(|rng| service.choose(tried_so_far, now_ms, now_nanos, &mut *rng.borrow_mut()));
         let endpoint = match chosen {
             Ok(chosen) => chosen.endpoint,
             Err(error) => {
@@ -173,10 +173,11 @@ async fn attempts<'s>(
         };
         let may_retry = attempt < policy.attempts;
         *waiting_on = Some(endpoint);
-        let pending = endpoint.state.ewma.start(clock::now_nanos());
+        let pending = endpoint.state.ewma.start(now_nanos);
         let sent =
             send(&endpoint.state.pool, protocol, service.config.connect_timeout, upstream_request).await;
-        pending.finish(clock::now_nanos());
+        now_nanos = clock::now_nanos();
+        pending.finish(now_nanos);
         *waiting_on = None;
         match sent {
             Err(SendError::Connect(error, request)) => {

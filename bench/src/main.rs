@@ -1,0 +1,263 @@
+//! mesh-bench: runs every contender in turn, on loopback, against the same
+//! backend with the same load, and writes a Markdown table and an SVG
+//! chart. Run it through `bench/run`, which installs the contenders and
+//! pins this process (load generator and backend) to the second core.
+
+mod contenders;
+mod load;
+mod procstat;
+mod report;
+mod tools;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+
+use crate::contenders::{free_port, Kind, Setup};
+use crate::load::{open_loop, OpenLoop};
+use crate::report::Row;
+
+#[derive(Parser, Debug)]
+#[command(name = "mesh-bench", about = "Side-by-side proxy benchmark")]
+struct Args {
+    /// A few seconds per point: checks that every contender answers.
+    #[arg(long)]
+    quick: bool,
+    /// Repetitions of each point; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    repeat: u32,
+    /// Seconds per measured point.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// The fixed open-loop request rate.
+    #[arg(long, default_value_t = 2000)]
+    rate: u32,
+    /// Where mesh-proxy is.
+    #[arg(long)]
+    bin_dir: PathBuf,
+    /// The Envoy binary.
+    #[arg(long)]
+    envoy: PathBuf,
+    /// Where the table and chart go.
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+    /// The core the proxies are pinned to.
+    #[arg(long, default_value = "0")]
+    proxy_core: String,
+    /// Only these contenders (comma-separated names as in the table).
+    #[arg(long)]
+    only: Option<String>,
+}
+
+/// A running program in its own process group, killed with it on drop.
+struct Running {
+    child: Child,
+}
+
+impl Running {
+    fn start(mut command: Command) -> Running {
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
+        command.stdout(Stdio::null()).stderr(Stdio::inherit());
+        let child = command.spawn().unwrap_or_else(|e| panic!("cannot start {command:?}: {e}"));
+        Running { child }
+    }
+
+    fn pgid(&self) -> i32 {
+        self.child.id() as i32
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child's process group.
+        unsafe { libc::kill(-self.pgid(), libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits (bounded) until `port` answers an HTTP request with 200.
+fn wait_ready(port: u16, host: &str) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            use std::io::{Read, Write};
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+            let request = format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+            let mut answer = String::new();
+            if stream.write_all(request.as_bytes()).is_ok()
+                && stream.read_to_string(&mut answer).is_ok()
+                && answer.starts_with("HTTP/1.1 200")
+            {
+                return Ok(());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(format!("nothing answered 200 on port {port} within 20 s"))
+}
+
+fn run_open_loop(load: OpenLoop) -> Result<load::LoadResult, String> {
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&runtime, open_loop(load))
+}
+
+/// One repetition of every point for one contender.
+fn measure(kind: Kind, setup: &Setup, args: &Args) -> Result<Row, String> {
+    let seconds = Duration::from_secs(if args.quick { 1 } else { args.seconds });
+    let host = "backend";
+    let proxy_port = free_port();
+    let (port, running) = match contenders::command(kind, setup, proxy_port) {
+        None => (setup.backends[0], None),
+        Some(command) => (proxy_port, Some(Running::start(command))),
+    };
+    wait_ready(port, host)?;
+    let target = format!("127.0.0.1:{port}");
+    let pgid = running.as_ref().map(Running::pgid);
+
+    // Memory at a moderate load with many connections, from a fresh start.
+    let rss_load = OpenLoop {
+        target: target.clone(),
+        host: host.into(),
+        rate: 1000,
+        connections: 100,
+        duration: seconds.min(Duration::from_secs(5)),
+    };
+    let rss_run = run_open_loop(rss_load)?;
+    let peak_rss_mb = pgid.map(|g| procstat::peak_rss_bytes(g) as f64 / 1e6);
+
+    let cpu_before = pgid.map(procstat::cpu_seconds);
+    let saturation = tools::wrk(&format!("http://{target}/"), host, 32, seconds)?;
+    let cpu_us_per_request = pgid
+        .zip(cpu_before)
+        .map(|(g, before)| (procstat::cpu_seconds(g) - before) * 1e6 / saturation.requests as f64);
+
+    let cpu_before = pgid.map(procstat::cpu_seconds);
+    let at_rate = run_open_loop(OpenLoop {
+        target: target.clone(),
+        host: host.into(),
+        rate: args.rate,
+        connections: 32,
+        duration: seconds,
+    })?;
+    let cpu_us_per_request_at_rate = pgid
+        .zip(cpu_before)
+        .map(|(g, before)| (procstat::cpu_seconds(g) - before) * 1e6 / at_rate.requests.max(1) as f64);
+
+    let sequential = tools::wrk(&format!("http://{target}/"), host, 1, seconds)?;
+    let errors = rss_run.errors + saturation.errors + at_rate.errors + sequential.errors;
+    if errors > 0 || at_rate.requests == 0 {
+        return Err(format!("{}: {errors} failed requests", kind.name()));
+    }
+    drop(running);
+    Ok(Row {
+        name: kind.name().to_owned(),
+        saturation_rps: saturation.requests_per_second,
+        cpu_us_per_request,
+        cpu_us_per_request_at_rate,
+        rate_p50_us: at_rate.p50_us as f64,
+        rate_p99_us: at_rate.p99_us as f64,
+        rate_p999_us: at_rate.p999_us as f64,
+        sequential_p50_us: sequential.p50_us,
+        sequential_p99_us: sequential.p99_us,
+        peak_rss_mb,
+    })
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// The per-metric median over repetitions.
+fn median_row(runs: &[Row]) -> Row {
+    let of = |f: &dyn Fn(&Row) -> f64| median(runs.iter().map(f).collect());
+    let of_opt = |f: &dyn Fn(&Row) -> Option<f64>| {
+        let values: Vec<f64> = runs.iter().filter_map(f).collect();
+        (!values.is_empty()).then(|| median(values))
+    };
+    Row {
+        name: runs[0].name.clone(),
+        saturation_rps: of(&|r| r.saturation_rps),
+        cpu_us_per_request: of_opt(&|r| r.cpu_us_per_request),
+        cpu_us_per_request_at_rate: of_opt(&|r| r.cpu_us_per_request_at_rate),
+        rate_p50_us: of(&|r| r.rate_p50_us),
+        rate_p99_us: of(&|r| r.rate_p99_us),
+        rate_p999_us: of(&|r| r.rate_p999_us),
+        sequential_p50_us: of(&|r| r.sequential_p50_us),
+        sequential_p99_us: of(&|r| r.sequential_p99_us),
+        peak_rss_mb: of_opt(&|r| r.peak_rss_mb),
+    }
+}
+
+fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name")?.split(':').nth(1).map(str::trim))
+        .unwrap_or("unknown CPU")
+        .to_owned();
+    // Counted from cpuinfo: this process is pinned, so the scheduler's view is one core.
+    let cores = cpuinfo.lines().filter(|l| l.starts_with("processor")).count();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{model}, {cores} cores, Linux {}", kernel.trim())
+}
+
+fn main() {
+    let args = Args::parse();
+    let work = std::env::temp_dir().join(format!("mesh-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&work).expect("work dir");
+    let setup = Setup {
+        work: work.clone(),
+        bin_dir: args.bin_dir.clone(),
+        envoy: args.envoy.clone(),
+        proxy_core: args.proxy_core.clone(),
+        backends: [free_port(), free_port()],
+    };
+    let backend = Running::start(contenders::backend_command(&setup));
+    for port in setup.backends {
+        if let Err(e) = wait_ready(port, "backend") {
+            eprintln!("mesh-bench: the backend did not start: {e}");
+            std::process::exit(1);
+        }
+    }
+    let chosen: Vec<Kind> = Kind::ALL
+        .into_iter()
+        .filter(|k| args.only.as_ref().is_none_or(|only| only.split(',').any(|o| o.trim() == k.name())))
+        .collect();
+    let repeat = if args.quick { 1 } else { args.repeat.max(1) };
+    let mut runs: Vec<Vec<Row>> = vec![Vec::new(); chosen.len()];
+    let mut failed = Vec::new();
+    // Repetitions go round all contenders, so slow drifts of the machine
+    // spread over everyone instead of landing on one.
+    for round in 0..repeat {
+        for (index, kind) in chosen.iter().enumerate() {
+            eprintln!("mesh-bench: round {}/{repeat}: {}", round + 1, kind.name());
+            match measure(*kind, &setup, &args) {
+                Ok(row) => runs[index].push(row),
+                Err(e) => {
+                    eprintln!("mesh-bench: {e}");
+                    failed.push(kind.name());
+                }
+            }
+        }
+    }
+    drop(backend);
+    let rows: Vec<Row> = runs.iter().filter(|r| !r.is_empty()).map(|r| median_row(r)).collect();
+    let table = report::markdown(&rows, args.rate);
+    std::fs::create_dir_all(&args.out).expect("results dir");
+    let mode = if args.quick { "quick" } else { "full" };
+    std::fs::write(args.out.join(format!("http1-{mode}.md")), &table).expect("write table");
+    std::fs::write(args.out.join(format!("http1-{mode}.svg")), report::svg(&rows, args.rate))
+        .expect("write chart");
+    println!("## HTTP/1.1, one hop, one proxy core ({})\n", machine());
+    println!("{table}");
+    let _ = std::fs::remove_dir_all(&work);
+    if !failed.is_empty() {
+        eprintln!("mesh-bench: these contenders failed: {failed:?}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,77 @@
+//! Running wrk and reading its report.
+
+use std::process::Command;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Default)]
+pub struct WrkResult {
+    pub requests: u64,
+    pub requests_per_second: f64,
+    pub errors: u64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+}
+
+/// Runs wrk with one thread: `connections` keep-alive connections for `duration`.
+pub fn wrk(url: &str, host: &str, connections: u32, duration: Duration) -> Result<WrkResult, String> {
+    let output = Command::new("wrk")
+        .args(["-t1", &format!("-c{connections}"), &format!("-d{}s", duration.as_secs().max(1))])
+        .args(["--latency", "-H", &format!("Host: {host}"), url])
+        .output()
+        .map_err(|e| format!("cannot run wrk: {e}"))?;
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    if !output.status.success() {
+        return Err(format!("wrk failed: {text}{}", String::from_utf8_lossy(&output.stderr)));
+    }
+    parse_wrk(&text).ok_or_else(|| format!("cannot read wrk's report:\n{text}"))
+}
+
+pub fn parse_wrk(text: &str) -> Option<WrkResult> {
+    let mut result = WrkResult::default();
+    for line in text.lines().map(str::trim) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["Requests/sec:", value] => result.requests_per_second = value.parse().ok()?,
+            [count, "requests", "in", ..] => result.requests = count.parse().ok()?,
+            ["50%", value] => result.p50_us = micros(value)?,
+            ["99%", value] => result.p99_us = micros(value)?,
+            ["Non-2xx", "or", "3xx", "responses:", value] => result.errors += value.parse::<u64>().ok()?,
+            ["Socket", "errors:", rest @ ..] => {
+                result.errors +=
+                    rest.iter().filter_map(|w| w.trim_end_matches(',').parse::<u64>().ok()).sum::<u64>()
+            }
+            _ => {}
+        }
+    }
+    (result.requests > 0).then_some(result)
+}
+
+/// wrk prints `123.45us`, `1.20ms` or `2.00s`.
+fn micros(text: &str) -> Option<f64> {
+    let (number, scale) = if let Some(n) = text.strip_suffix("us") {
+        (n, 1.0)
+    } else if let Some(n) = text.strip_suffix("ms") {
+        (n, 1e3)
+    } else if let Some(n) = text.strip_suffix('s') {
+        (n, 1e6)
+    } else {
+        return None;
+    };
+    Some(number.parse::<f64>().ok()? * scale)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_a_wrk_report() {
+        let report = "Running 1s test @ http://127.0.0.1:1/\n  1 threads and 32 connections\n  Latency Distribution\n     50%  512.00us\n     75%    1.00ms\n     99%    2.50ms\n  51234 requests in 1.00s, 7.00MB read\n  Socket errors: connect 0, read 2, write 0, timeout 1\n  Non-2xx or 3xx responses: 3\nRequests/sec:  51234.56\n";
+        let result = parse_wrk(report).unwrap();
+        assert_eq!(result.requests, 51234);
+        assert_eq!(result.p50_us, 512.0);
+        assert_eq!(result.p99_us, 2500.0);
+        assert_eq!(result.errors, 6);
+        assert!((result.requests_per_second - 51234.56).abs() < 0.01);
+    }
+}

@@ -1,0 +1,29 @@
+//! The benchmark itself keeps working: `bench/run --quick` runs every
+//! contender and each answers without errors. The numbers are not judged
+//! here; they live in bench/RESULTS.md.
+
+use mesh_tests::{bin, workspace_dir};
+
+#[test]
+fn the_quick_benchmark_runs_every_contender() {
+    let bin_dir = bin("mesh-bench").parent().unwrap().to_path_buf();
+    let output = std::process::Command::new(workspace_dir().join("bench/run"))
+        .arg("--quick")
+        .env("MESH_BIN_DIR", &bin_dir)
+        .current_dir(workspace_dir())
+        .output()
+        .expect("run bench/run --quick");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "bench/run --quick failed:\n{stdout}\n{stderr}");
+    for contender in ["direct (no proxy)", "mesh-proxy", "HAProxy", "nginx", "Envoy"] {
+        let row = stdout
+            .lines()
+            .find(|line| line.starts_with(&format!("| {contender} |")))
+            .unwrap_or_else(|| panic!("no row for {contender}:\n{stdout}"));
+        let requests_per_second: f64 = row.split('|').nth(2).unwrap().trim().parse().unwrap();
+        assert!(requests_per_second > 0.0, "{contender} answered nothing: {row}");
+    }
+    let svg = std::fs::read_to_string(workspace_dir().join("bench/results/http1-quick.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("mesh-proxy"), "the chart is written");
+}
