@@ -61,6 +61,9 @@ pub fn markdown(rows: &[Row], rate: u32) -> String {
     out
 }
 
+/// A chart panel: its title and the value it draws for a row.
+type Panel<'a> = (&'a str, fn(&Row) -> f64);
+
 /// Two bar groups: CPU per request and p99 at the fixed rate.
 pub fn svg(rows: &[Row], rate: u32) -> String {
     let proxies: Vec<&Row> = rows.iter().filter(|r| r.cpu_us_per_request.is_some()).collect();
@@ -70,7 +73,7 @@ pub fn svg(rows: &[Row], rate: u32) -> String {
     );
     let colours = ["#2b8cbe", "#e34a33", "#31a354", "#756bb1", "#636363"];
     let rate_title = format!("p99 µs at {rate} req/s (open loop)");
-    let panels: [(&str, fn(&Row) -> f64); 2] = [
+    let panels: [Panel<'_>; 2] = [
         ("proxy CPU µs per request (saturation)", |r| r.cpu_us_per_request.unwrap_or(0.0)),
         (&rate_title, |r| r.rate_p99_us),
     ];
