@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 
-use crate::contenders::{free_port, Kind, Setup};
+use crate::contenders::{free_port, Kind, Mode, Setup};
 use crate::load::{open_loop, OpenLoop};
-use crate::report::Row;
+use crate::report::{H2Row, Row};
 
 #[derive(Parser, Debug)]
 #[command(name = "mesh-bench", about = "Side-by-side proxy benchmark")]
@@ -109,11 +109,7 @@ fn run_open_loop(load: OpenLoop) -> Result<load::LoadResult, String> {
 fn measure(kind: Kind, setup: &Setup, args: &Args) -> Result<Row, String> {
     let seconds = Duration::from_secs(if args.quick { 1 } else { args.seconds });
     let host = "backend";
-    let proxy_port = free_port();
-    let (port, running) = match contenders::command(kind, setup, proxy_port) {
-        None => (setup.backends[0], None),
-        Some(command) => (proxy_port, Some(Running::start(command))),
-    };
+    let (port, running) = start_contender(kind, Mode::Http1, setup);
     wait_ready(port, host)?;
     let target = format!("127.0.0.1:{port}");
     let pgid = running.as_ref().map(Running::pgid);
@@ -167,6 +163,80 @@ fn measure(kind: Kind, setup: &Setup, args: &Args) -> Result<Row, String> {
     })
 }
 
+fn start_contender(kind: Kind, mode: Mode, setup: &Setup) -> (u16, Option<Running>) {
+    let proxy_port = free_port();
+    match contenders::command(kind, mode, setup, proxy_port) {
+        None => (setup.direct_port(mode), None),
+        Some(command) => (proxy_port, Some(Running::start(command))),
+    }
+}
+
+/// Waits (bounded) until an HTTP/2 prior-knowledge request through `port` succeeds.
+fn wait_ready_h2(port: u16, authority: &str, grpc_body: Option<&std::path::Path>) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let url = format!("http://127.0.0.1:{port}{}", if grpc_body.is_some() { GRPC_PATH } else { "/" });
+    loop {
+        let mut command = Command::new("h2load");
+        command.args(["-n1", "-c1", "-H", &format!(":authority: {authority}")]);
+        if let Some(body) = grpc_body {
+            command.args([
+                "-d",
+                body.to_str().unwrap_or_default(),
+                "-H",
+                "content-type: application/grpc",
+                "-H",
+                "te: trailers",
+            ]);
+        }
+        let output = command.arg(&url).output().map_err(|e| format!("cannot run h2load: {e}"))?;
+        if String::from_utf8_lossy(&output.stdout).contains("1 succeeded")
+            && tools::parse_h2load(&String::from_utf8_lossy(&output.stdout)).is_some_and(|r| r.failed == 0)
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("no HTTP/2 answer on port {port} within 20 s"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+const GRPC_PATH: &str = "/mesh.echo.v1.Echo/Unary";
+
+/// One round of the HTTP/2 and gRPC points for one contender.
+fn measure_h2(kind: Kind, setup: &Setup, args: &Args) -> Result<H2Row, String> {
+    let seconds = Duration::from_secs(if args.quick { 1 } else { args.seconds });
+    let grpc_body = setup.work.join("grpc-request.bin");
+    // One gRPC message: no compression, length 4, EchoRequest { message: "hi" }.
+    std::fs::write(&grpc_body, [0u8, 0, 0, 0, 4, 0x0a, 0x02, b'h', b'i']).map_err(|e| e.to_string())?;
+    let mut row = H2Row { name: kind.name().to_owned(), ..H2Row::default() };
+    for mode in [Mode::H2, Mode::Grpc] {
+        let body = (mode == Mode::Grpc).then_some(grpc_body.as_path());
+        let (port, running) = start_contender(kind, mode, setup);
+        wait_ready_h2(port, "backend", body)?;
+        let pgid = running.as_ref().map(Running::pgid);
+        let cpu_before = pgid.map(procstat::cpu_seconds);
+        let path = if body.is_some() { GRPC_PATH } else { "/" };
+        let result =
+            tools::h2load(&format!("http://127.0.0.1:{port}{path}"), "backend", 32, 10, seconds, body)?;
+        let cpu = pgid.zip(cpu_before).map(|(g, before)| {
+            // h2load's warm-up second is not in its count but is in the CPU time.
+            let measured = seconds.as_secs_f64();
+            (procstat::cpu_seconds(g) - before) * 1e6
+                / (result.requests_per_second * (measured + 1.0)).max(1.0)
+        });
+        if result.failed > 0 {
+            return Err(format!("{} {mode:?}: {} failed requests", kind.name(), result.failed));
+        }
+        match mode {
+            Mode::H2 => (row.h2_rps, row.h2_cpu_us_per_request) = (result.requests_per_second, cpu),
+            _ => (row.grpc_rps, row.grpc_cpu_us_per_request) = (result.requests_per_second, cpu),
+        }
+        drop(running);
+    }
+    Ok(row)
+}
+
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(|a, b| a.total_cmp(b));
     values.get(values.len() / 2).copied().unwrap_or(0.0)
@@ -193,6 +263,21 @@ fn median_row(runs: &[Row]) -> Row {
     }
 }
 
+fn median_h2_row(runs: &[H2Row]) -> H2Row {
+    let of = |f: &dyn Fn(&H2Row) -> f64| median(runs.iter().map(f).collect());
+    let of_opt = |f: &dyn Fn(&H2Row) -> Option<f64>| {
+        let values: Vec<f64> = runs.iter().filter_map(f).collect();
+        (!values.is_empty()).then(|| median(values))
+    };
+    H2Row {
+        name: runs[0].name.clone(),
+        h2_rps: of(&|r| r.h2_rps),
+        h2_cpu_us_per_request: of_opt(&|r| r.h2_cpu_us_per_request),
+        grpc_rps: of(&|r| r.grpc_rps),
+        grpc_cpu_us_per_request: of_opt(&|r| r.grpc_cpu_us_per_request),
+    }
+}
+
 fn machine() -> String {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = cpuinfo
@@ -216,8 +301,11 @@ fn main() {
         envoy: args.envoy.clone(),
         proxy_core: args.proxy_core.clone(),
         backends: [free_port(), free_port()],
+        backend_h2: free_port(),
+        grpc_backend: free_port(),
     };
     let backend = Running::start(contenders::backend_command(&setup));
+    let grpc_backend = Running::start(contenders::grpc_backend_command(&setup));
     for port in setup.backends {
         if let Err(e) = wait_ready(port, "backend") {
             eprintln!("mesh-bench: the backend did not start: {e}");
@@ -230,6 +318,7 @@ fn main() {
         .collect();
     let repeat = if args.quick { 1 } else { args.repeat.max(1) };
     let mut runs: Vec<Vec<Row>> = vec![Vec::new(); chosen.len()];
+    let mut h2_runs: Vec<Vec<H2Row>> = vec![Vec::new(); chosen.len()];
     let mut failed = Vec::new();
     // Repetitions go round all contenders, so slow drifts of the machine
     // spread over everyone instead of landing on one.
@@ -243,9 +332,18 @@ fn main() {
                     failed.push(kind.name());
                 }
             }
+            match measure_h2(*kind, &setup, &args) {
+                Ok(row) => h2_runs[index].push(row),
+                Err(e) => {
+                    eprintln!("mesh-bench: {e}");
+                    failed.push(kind.name());
+                }
+            }
         }
     }
     drop(backend);
+    drop(grpc_backend);
+    let h2_rows: Vec<H2Row> = h2_runs.iter().filter(|r| !r.is_empty()).map(|r| median_h2_row(r)).collect();
     let rows: Vec<Row> = runs.iter().filter(|r| !r.is_empty()).map(|r| median_row(r)).collect();
     let table = report::markdown(&rows, args.rate);
     std::fs::create_dir_all(&args.out).expect("results dir");
@@ -255,6 +353,10 @@ fn main() {
         .expect("write chart");
     println!("## HTTP/1.1, one hop, one proxy core ({})\n", machine());
     println!("{table}");
+    let h2_table = report::markdown_h2(&h2_rows);
+    std::fs::write(args.out.join(format!("h2-grpc-{mode}.md")), &h2_table).expect("write table");
+    println!("## HTTP/2 and gRPC (h2load, 32 connections × 10 streams), one hop, one proxy core\n");
+    println!("{h2_table}");
     let _ = std::fs::remove_dir_all(&work);
     if !failed.is_empty() {
         eprintln!("mesh-bench: these contenders failed: {failed:?}");

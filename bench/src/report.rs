@@ -61,6 +61,43 @@ pub fn markdown(rows: &[Row], rate: u32) -> String {
     out
 }
 
+/// HTTP/2 and gRPC medians for one contender.
+#[derive(Debug, Clone, Default)]
+pub struct H2Row {
+    pub name: String,
+    pub h2_rps: f64,
+    pub h2_cpu_us_per_request: Option<f64>,
+    pub grpc_rps: f64,
+    pub grpc_cpu_us_per_request: Option<f64>,
+}
+
+pub fn markdown_h2(rows: &[H2Row]) -> String {
+    let find = |name: &str| rows.iter().find(|r| r.name == name);
+    let (haproxy, envoy) = (find("HAProxy"), find("Envoy"));
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| contender | h2 req/s | h2 CPU µs/req | ×HAProxy | ×Envoy | gRPC req/s | gRPC CPU µs/req | ×HAProxy | ×Envoy |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for row in rows {
+        let _ = writeln!(
+            out,
+            "| {} | {:.0} | {} | {} | {} | {:.0} | {} | {} | {} |",
+            row.name,
+            row.h2_rps,
+            opt(row.h2_cpu_us_per_request, 1),
+            ratio(row.h2_cpu_us_per_request, haproxy.and_then(|h| h.h2_cpu_us_per_request)),
+            ratio(row.h2_cpu_us_per_request, envoy.and_then(|e| e.h2_cpu_us_per_request)),
+            row.grpc_rps,
+            opt(row.grpc_cpu_us_per_request, 1),
+            ratio(row.grpc_cpu_us_per_request, haproxy.and_then(|h| h.grpc_cpu_us_per_request)),
+            ratio(row.grpc_cpu_us_per_request, envoy.and_then(|e| e.grpc_cpu_us_per_request)),
+        );
+    }
+    out
+}
+
 /// A chart panel: its title and the value it draws for a row.
 type Panel<'a> = (&'a str, fn(&Row) -> f64);
 

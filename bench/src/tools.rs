@@ -75,3 +75,84 @@ mod tests {
         assert!((result.requests_per_second - 51234.56).abs() < 0.01);
     }
 }
+
+#[derive(Debug, Clone, Default)]
+pub struct H2loadResult {
+    pub succeeded: u64,
+    pub requests_per_second: f64,
+    pub failed: u64,
+}
+
+/// Runs h2load (HTTP/2 prior knowledge) with one thread: `connections`
+/// connections × `streams` concurrent streams for `duration`. With a body
+/// file, requests are gRPC unary calls.
+pub fn h2load(
+    url: &str,
+    authority: &str,
+    connections: u32,
+    streams: u32,
+    duration: Duration,
+    grpc_body: Option<&std::path::Path>,
+) -> Result<H2loadResult, String> {
+    let mut command = Command::new("h2load");
+    command
+        .args(["-t1", &format!("-c{connections}"), &format!("-m{streams}")])
+        .args([&format!("--duration={}", duration.as_secs().max(1)), "--warm-up-time=1"])
+        .args(["-H", &format!(":authority: {authority}")]);
+    if let Some(body) = grpc_body {
+        command.args([
+            "-d",
+            body.to_str().unwrap_or_default(),
+            "-H",
+            "content-type: application/grpc",
+            "-H",
+            "te: trailers",
+        ]);
+    }
+    let output = command.arg(url).output().map_err(|e| format!("cannot run h2load: {e}"))?;
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    if !output.status.success() {
+        return Err(format!("h2load failed: {text}{}", String::from_utf8_lossy(&output.stderr)));
+    }
+    parse_h2load(&text).ok_or_else(|| format!("cannot read h2load's report:\n{text}"))
+}
+
+pub fn parse_h2load(text: &str) -> Option<H2loadResult> {
+    let mut result = H2loadResult::default();
+    for line in text.lines().map(str::trim) {
+        if let Some(rest) = line.strip_prefix("finished in ") {
+            let rate = rest.split(", ").nth(1)?.strip_suffix(" req/s")?;
+            result.requests_per_second = rate.parse().ok()?;
+        } else if let Some(rest) = line.strip_prefix("requests: ") {
+            for part in rest.split(", ") {
+                let (count, what) = part.split_once(' ')?;
+                let count: u64 = count.parse().ok()?;
+                match what {
+                    "succeeded" => result.succeeded = count,
+                    "failed" | "errored" | "timeout" => result.failed += count,
+                    _ => {}
+                }
+            }
+        } else if let Some(rest) = line.strip_prefix("status codes: ") {
+            // A non-2xx answer counts as a failure even though h2load calls it done.
+            for part in rest.split(", ").skip(1) {
+                result.failed += part.split_once(' ')?.0.parse::<u64>().ok()?;
+            }
+        }
+    }
+    (result.succeeded > 0).then_some(result)
+}
+
+#[cfg(test)]
+mod h2load_tests {
+    use super::*;
+
+    #[test]
+    fn reads_an_h2load_report() {
+        let report = "finished in 5.00s, 40123.45 req/s, 1.2MB/s\nrequests: 200617 total, 200617 started, 200617 done, 200610 succeeded, 7 failed, 0 errored, 0 timeout\nstatus codes: 200610 2xx, 0 3xx, 0 4xx, 2 5xx\n";
+        let result = parse_h2load(report).unwrap();
+        assert_eq!(result.succeeded, 200610);
+        assert_eq!(result.failed, 9);
+        assert!((result.requests_per_second - 40123.45).abs() < 0.01);
+    }
+}
