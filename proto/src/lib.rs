@@ -6,3 +6,10 @@ pub mod echo {
         tonic::include_proto!("mesh.echo.v1");
     }
 }
+
+/// The control plane's APIs (`mesh.v1`): registry, discovery and admin.
+pub mod mesh {
+    pub mod v1 {
+        tonic::include_proto!("mesh.v1");
+    }
+}

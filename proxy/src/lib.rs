@@ -4,6 +4,7 @@
 pub mod balance;
 pub mod clock;
 pub mod config;
+pub mod control;
 pub mod errors;
 pub mod http;
 pub mod listen;

@@ -1,32 +1,68 @@
 //! mesh-proxy: the mesh's sidecar. `mesh-proxy --config FILE` runs it on a
-//! static routing table that reloads on SIGHUP and when the file changes.
+//! static routing table that reloads on SIGHUP and when the file changes;
+//! `mesh-proxy --control ADDR --service NAME ...` runs it under the
+//! control plane.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use clap::Parser;
-use mesh_proxy::listen::{self, http::Role};
+use mesh_proxy::config::{Listen, Protocol, ProxyConfig, UpstreamConfig};
+use mesh_proxy::control::{self, ControlOptions};
+use mesh_proxy::listen::{self, http::Role, ShutdownSignal};
 use mesh_proxy::proxy::Proxy;
 use mesh_proxy::reload;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::task::JoinSet;
 
 #[derive(Parser, Debug)]
 #[command(name = "mesh-proxy", version, about = "The mesh's sidecar proxy")]
 struct Args {
     /// Static routing-table file (TOML); reloaded on SIGHUP and on change.
+    #[arg(long, required_unless_present = "control", conflicts_with = "control")]
+    config: Option<PathBuf>,
+    /// The control plane's gRPC address; routes come from it.
+    #[arg(long, requires = "service")]
+    control: Option<String>,
+    /// The service of the local app (with --control).
     #[arg(long)]
-    config: PathBuf,
+    service: Option<String>,
+    /// The version of the local app, for inbound metrics (with --control).
+    #[arg(long = "app-version", env = "MESH_VERSION", default_value = "default")]
+    app_version: String,
+    /// Unique name of this proxy for the control plane; default SERVICE-PID.
+    #[arg(long)]
+    proxy_id: Option<String>,
+    #[arg(long)]
+    outbound: Option<SocketAddr>,
+    #[arg(long)]
+    inbound: Option<SocketAddr>,
+    #[arg(long)]
+    admin: Option<SocketAddr>,
+    /// Where inbound requests go: the local app.
+    #[arg(long)]
+    app: Option<SocketAddr>,
+    /// A local port for one upstream service: SERVICE=IP:PORT (repeatable).
+    #[arg(long = "upstream", value_parser = parse_upstream)]
+    upstreams: Vec<UpstreamConfig>,
     /// Worker threads; the sidecar is meant to be small.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
     threads: u16,
     /// How long requests in flight may take to finish after SIGTERM.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
     drain_timeout: Duration,
+}
+
+fn parse_upstream(text: &str) -> Result<UpstreamConfig, String> {
+    let (service, addr) = text.split_once('=').ok_or_else(|| format!("{text:?} is not SERVICE=IP:PORT"))?;
+    let listen = addr.parse().map_err(|_| format!("{addr:?} is not IP:PORT"))?;
+    Ok(UpstreamConfig { service: service.to_owned(), listen })
 }
 
 fn main() -> ExitCode {
@@ -55,68 +91,99 @@ async fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener, String> {
     TcpListener::bind(addr).await.map_err(|e| format!("cannot listen for {what} on {addr}: {e}"))
 }
 
-async fn run(args: Args) -> ExitCode {
-    let (text, config) = match reload::read_config(&args.config).await {
-        Ok(loaded) => loaded,
-        Err(error) => {
-            eprintln!("mesh-proxy: config rejected: {error}");
-            return ExitCode::from(2);
-        }
-    };
-    let listen = config.listen.clone();
-    let upstreams = config.upstreams.clone();
-    let protocols: Vec<_> = upstreams
-        .iter()
-        .map(|u| config.services.iter().find(|s| s.name == u.service).map(|s| s.protocol))
-        .collect();
-    let proxy = Proxy::new(config);
-    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
-    let mut serving = tokio::task::JoinSet::new();
-    let mut bound = Vec::new();
+/// The proxy's listeners, bound, and the addresses they got.
+struct Listeners {
+    serving: JoinSet<()>,
+    bound: Vec<String>,
+}
 
-    let result: Result<(), String> = async {
+impl Listeners {
+    async fn start_main(
+        &mut self,
+        listen: &Listen,
+        proxy: &Arc<Proxy>,
+        shutdown: &ShutdownSignal,
+    ) -> Result<(), String> {
         if let Some(addr) = listen.outbound {
             let listener = bind("outbound", addr).await?;
-            bound.push(format!("outbound={}", listener.local_addr().map_err(|e| e.to_string())?));
-            serving.spawn(listen::http::serve(listener, proxy.clone(), Role::Outbound, shutdown_rx.clone()));
+            self.bound.push(format!("outbound={}", local(&listener)?));
+            self.serving.spawn(listen::http::serve(
+                listener,
+                proxy.clone(),
+                Role::Outbound,
+                shutdown.clone(),
+            ));
         }
         if let Some(addr) = listen.inbound {
             let listener = bind("inbound", addr).await?;
-            bound.push(format!("inbound={}", listener.local_addr().map_err(|e| e.to_string())?));
-            serving.spawn(listen::http::serve(listener, proxy.clone(), Role::Inbound, shutdown_rx.clone()));
-        }
-        for (upstream, protocol) in upstreams.iter().zip(protocols) {
-            let listener = bind(&format!("upstream {}", upstream.service), upstream.listen).await?;
-            let local = listener.local_addr().map_err(|e| e.to_string())?;
-            bound.push(format!("upstream.{}={local}", upstream.service));
-            let name: Arc<str> = Arc::from(upstream.service.as_str());
-            if protocol == Some(mesh_proxy::config::Protocol::Tcp) {
-                serving.spawn(listen::tcp::serve(listener, proxy.clone(), name, shutdown_rx.clone()));
-            } else {
-                serving.spawn(listen::http::serve(
-                    listener,
-                    proxy.clone(),
-                    Role::Upstream(name),
-                    shutdown_rx.clone(),
-                ));
-            }
+            self.bound.push(format!("inbound={}", local(&listener)?));
+            self.serving.spawn(listen::http::serve(listener, proxy.clone(), Role::Inbound, shutdown.clone()));
         }
         if let Some(addr) = listen.admin {
             let listener = bind("admin", addr).await?;
-            bound.push(format!("admin={}", listener.local_addr().map_err(|e| e.to_string())?));
+            self.bound.push(format!("admin={}", local(&listener)?));
             tokio::spawn(listen::admin::serve(listener, proxy.clone()));
         }
         Ok(())
     }
-    .await;
-    if let Err(error) = result {
-        eprintln!("mesh-proxy: {error}");
-        return ExitCode::from(1);
+
+    /// Upstream ports serve opaque TCP or HTTP by their service's protocol
+    /// in the table in force.
+    async fn start_upstreams(
+        &mut self,
+        upstreams: &[UpstreamConfig],
+        proxy: &Arc<Proxy>,
+        shutdown: &ShutdownSignal,
+    ) -> Result<BTreeMap<String, Protocol>, String> {
+        let mut protocols = BTreeMap::new();
+        for upstream in upstreams {
+            let protocol = proxy
+                .table
+                .load()
+                .services
+                .get(&upstream.service)
+                .map_or(Protocol::Http, |s| s.config.protocol);
+            protocols.insert(upstream.service.clone(), protocol);
+            let listener = bind(&format!("upstream {}", upstream.service), upstream.listen).await?;
+            self.bound.push(format!("upstream.{}={}", upstream.service, local(&listener)?));
+            let name: Arc<str> = Arc::from(upstream.service.as_str());
+            if protocol == Protocol::Tcp {
+                self.serving.spawn(listen::tcp::serve(listener, proxy.clone(), name, shutdown.clone()));
+            } else {
+                self.serving.spawn(listen::http::serve(
+                    listener,
+                    proxy.clone(),
+                    Role::Upstream(name),
+                    shutdown.clone(),
+                ));
+            }
+        }
+        Ok(protocols)
     }
-    tokio::spawn(reload::watch(args.config.clone(), proxy.clone(), text, shutdown_rx.clone()));
+}
+
+fn local(listener: &TcpListener) -> Result<SocketAddr, String> {
+    listener.local_addr().map_err(|e| e.to_string())
+}
+
+async fn run(args: Args) -> ExitCode {
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let mut listeners = Listeners { serving: JoinSet::new(), bound: Vec::new() };
+    let started = match (&args.config, &args.control) {
+        (Some(path), _) => start_from_file(path, &mut listeners, &shutdown_rx).await,
+        (None, Some(control)) => start_under_control(control, &args, &mut listeners, &shutdown_rx).await,
+        (None, None) => Err((2, "give --config FILE or --control ADDR".to_owned())),
+    };
+    let proxy = match started {
+        Ok(proxy) => proxy,
+        Err((code, error)) => {
+            eprintln!("mesh-proxy: {error}");
+            return ExitCode::from(code);
+        }
+    };
     // Tests and scripts read this line to learn the bound ports.
-    println!("mesh-proxy ready {}", bound.join(" "));
-    tracing::info!(listeners = %bound.join(" "), version = proxy.table.load().version, "mesh-proxy ready");
+    println!("mesh-proxy ready {}", listeners.bound.join(" "));
+    tracing::info!(listeners = %listeners.bound.join(" "), version = proxy.table.load().version, "mesh-proxy ready");
 
     let mut terminate = signal(SignalKind::terminate()).expect("can watch SIGTERM");
     let mut interrupt = signal(SignalKind::interrupt()).expect("can watch SIGINT");
@@ -127,6 +194,7 @@ async fn run(args: Args) -> ExitCode {
     tracing::info!(deadline = ?args.drain_timeout, "shutting down: no new connections, draining requests in flight");
     proxy.draining.store(true, Ordering::Relaxed);
     let _ = shutdown_tx.send(true);
+    let serving = &mut listeners.serving;
     let drained =
         tokio::time::timeout(args.drain_timeout, async { while serving.join_next().await.is_some() {} })
             .await;
@@ -135,4 +203,60 @@ async fn run(args: Args) -> ExitCode {
         Err(_) => tracing::warn!("drain deadline passed; exiting with requests still in flight"),
     }
     ExitCode::SUCCESS
+}
+
+async fn start_from_file(
+    path: &PathBuf,
+    listeners: &mut Listeners,
+    shutdown: &ShutdownSignal,
+) -> Result<Arc<Proxy>, (u8, String)> {
+    let (text, config) = reload::read_config(path).await.map_err(|e| (2, format!("config rejected: {e}")))?;
+    let listen = config.listen.clone();
+    let upstreams = config.upstreams.clone();
+    let proxy = Proxy::new(config);
+    listeners.start_main(&listen, &proxy, shutdown).await.map_err(|e| (1, e))?;
+    listeners.start_upstreams(&upstreams, &proxy, shutdown).await.map_err(|e| (1, e))?;
+    tokio::spawn(reload::watch(path.clone(), proxy.clone(), text, shutdown.clone()));
+    Ok(proxy)
+}
+
+async fn start_under_control(
+    control_addr: &str,
+    args: &Args,
+    listeners: &mut Listeners,
+    shutdown: &ShutdownSignal,
+) -> Result<Arc<Proxy>, (u8, String)> {
+    let service = args.service.clone().unwrap_or_default();
+    let listen = Listen { outbound: args.outbound, inbound: args.inbound, admin: args.admin, app: args.app };
+    let options = ControlOptions {
+        control: control_addr.to_owned(),
+        proxy_id: args.proxy_id.clone().unwrap_or_else(|| format!("{service}-{}", std::process::id())),
+        service: service.clone(),
+        version: args.app_version.clone(),
+        listen: listen.clone(),
+        upstreams: args.upstreams.clone(),
+        upstream_protocols: Arc::new(OnceLock::new()),
+    };
+    let empty = ProxyConfig {
+        listen: listen.clone(),
+        local_service: service,
+        local_version: args.app_version.clone(),
+        services: Vec::new(),
+        upstreams: args.upstreams.clone(),
+    };
+    let proxy = Proxy::waiting(empty);
+    listeners.start_main(&listen, &proxy, shutdown).await.map_err(|e| (1, e))?;
+    tokio::spawn(control::run(options.clone(), proxy.clone(), shutdown.clone()));
+    // Upstream ports need to know their service's protocol: wait for the
+    // first table (the admin listener already answers /ready with 503).
+    let mut waited = tokio::time::interval(Duration::from_millis(20));
+    while !proxy.has_table.load(Ordering::Acquire) {
+        waited.tick().await;
+        if *shutdown.borrow() {
+            return Err((1, "shut down before the first routing table arrived".to_owned()));
+        }
+    }
+    let protocols = listeners.start_upstreams(&args.upstreams, &proxy, shutdown).await.map_err(|e| (1, e))?;
+    let _ = options.upstream_protocols.set(protocols);
+    Ok(proxy)
 }

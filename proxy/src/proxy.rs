@@ -1,7 +1,7 @@
 //! What every listener of a running proxy shares: the routing table in use
 //! and the state that outlives tables.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -15,26 +15,56 @@ pub struct Proxy {
     pub table: ArcSwap<Snapshot>,
     pub long_lived: LongLived,
     pub draining: AtomicBool,
+    /// False until a routing table has been applied (under the control
+    /// plane, until the first update); `/ready` says so.
+    pub has_table: AtomicBool,
+    /// The control plane's version of the table in force, 0 for none.
+    control_version: AtomicU64,
 }
 
 impl Proxy {
+    /// A proxy serving `config` from the start.
     pub fn new(config: ProxyConfig) -> Arc<Proxy> {
+        let proxy = Proxy::waiting(config);
+        proxy.long_lived.metrics.reloads_ok.fetch_add(1, Ordering::Relaxed);
+        proxy.has_table.store(true, Ordering::Release);
+        proxy
+    }
+
+    /// A proxy with listeners but no routes yet, waiting for the control plane.
+    pub fn waiting(config: ProxyConfig) -> Arc<Proxy> {
         let long_lived = LongLived::default();
-        let snapshot = long_lived.build(config);
-        long_lived.metrics.reloads_ok.fetch_add(1, Ordering::Relaxed);
+        let snapshot = long_lived.build(config, None);
         Arc::new(Proxy {
             table: ArcSwap::from_pointee(snapshot),
             long_lived,
             draining: AtomicBool::new(false),
+            has_table: AtomicBool::new(false),
+            control_version: AtomicU64::new(0),
         })
     }
 
     /// Builds and publishes the table for a validated config; returns its version.
     pub fn apply(&self, config: ProxyConfig) -> u64 {
-        let snapshot = self.long_lived.build(config);
+        self.publish(config, None)
+    }
+
+    /// Publishes a table the control plane sent as `version`.
+    pub fn apply_control(&self, config: ProxyConfig, version: u64) {
+        self.publish(config, Some(version));
+        self.control_version.store(version, Ordering::Release);
+    }
+
+    pub fn control_version(&self) -> u64 {
+        self.control_version.load(Ordering::Acquire)
+    }
+
+    fn publish(&self, config: ProxyConfig, version: Option<u64>) -> u64 {
+        let snapshot = self.long_lived.build(config, version);
         let version = snapshot.version;
         self.table.store(Arc::new(snapshot));
         self.long_lived.metrics.reloads_ok.fetch_add(1, Ordering::Relaxed);
+        self.has_table.store(true, Ordering::Release);
         version
     }
 }

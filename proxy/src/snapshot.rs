@@ -149,9 +149,16 @@ impl LongLived {
 
     /// Builds the snapshot for a validated config. Endpoint state of
     /// endpoints that are gone is dropped here, closing their idle
-    /// connections.
-    pub fn build(&self, config: ProxyConfig) -> Snapshot {
-        let version = self.next_version.fetch_add(1, Ordering::Relaxed) + 1;
+    /// connections. The version is the control plane's when it sent the
+    /// table, else the next local one.
+    pub fn build(&self, config: ProxyConfig, version: Option<u64>) -> Snapshot {
+        let version = match version {
+            Some(version) => {
+                self.next_version.store(version, Ordering::Relaxed);
+                version
+            }
+            None => self.next_version.fetch_add(1, Ordering::Relaxed) + 1,
+        };
         let mut services = HashMap::with_capacity(config.services.len());
         let mut live_keys = Vec::new();
         for service in &config.services {
@@ -268,7 +275,7 @@ mod tests {
     fn snapshot(endpoints: &str, split: &str) -> Snapshot {
         let text =
             format!("[listen]\n[[services]]\nname = \"echo\"\n{split}\nendpoints = [\n{endpoints}\n]\n");
-        LongLived::default().build(parse_config(&text).unwrap())
+        LongLived::default().build(parse_config(&text).unwrap(), None)
     }
 
     fn addr(port: u16) -> SocketAddr {
@@ -337,10 +344,12 @@ mod tests {
         let long_lived = LongLived::default();
         let text =
             |endpoints: &str| format!("[listen]\n[[services]]\nname = \"echo\"\nendpoints = [{endpoints}]\n");
-        let first = long_lived
-            .build(parse_config(&text("{ addr = \"127.0.0.1:1\" }, { addr = \"127.0.0.1:2\" }")).unwrap());
+        let first = long_lived.build(
+            parse_config(&text("{ addr = \"127.0.0.1:1\" }, { addr = \"127.0.0.1:2\" }")).unwrap(),
+            None,
+        );
         eject(&first.services["echo"].groups[0].endpoints[0], 10);
-        let second = long_lived.build(parse_config(&text("{ addr = \"127.0.0.1:1\" }")).unwrap());
+        let second = long_lived.build(parse_config(&text("{ addr = \"127.0.0.1:1\" }")).unwrap(), None);
         assert!(
             second.services["echo"].groups[0].endpoints[0].state.breaker.load().is_ejected(),
             "kept across reload"

@@ -56,6 +56,9 @@ fn handle(proxy: &Proxy, request: Request<Incoming>) -> Response<Full<Bytes>> {
         "/ready" if proxy.draining.load(Ordering::Relaxed) => {
             text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
         }
+        "/ready" if !proxy.has_table.load(Ordering::Acquire) => {
+            text(StatusCode::SERVICE_UNAVAILABLE, "waiting for a routing table from the control plane\n")
+        }
         "/ready" => text(StatusCode::OK, "ready\n"),
         "/live" => text(StatusCode::OK, "live\n"),
         "/config" => {

@@ -1,0 +1,412 @@
+//! meshctl: the mesh's command line. Every listing takes `-o table|json`;
+//! JSON is an array of objects with stable snake_case fields.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use mesh_proto::mesh::v1 as pb;
+use mesh_proto::mesh::v1::admin_client::AdminClient;
+use mesh_proto::mesh::v1::registry_client::RegistryClient;
+use serde_json::{json, Value};
+use tonic::transport::Channel;
+
+#[derive(Parser, Debug)]
+#[command(name = "meshctl", version, about = "Command line of the mesh")]
+struct Cli {
+    /// The control plane's gRPC address.
+    #[arg(long, global = true, env = "MESH_SERVER", default_value = "127.0.0.1:7400")]
+    server: String,
+    /// Output format of listings.
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// List services, endpoints, proxies or splits.
+    Get {
+        #[arg(value_enum)]
+        what: Listing,
+    },
+    /// Shift a service's traffic between versions: `meshctl split web v1=90 v2=10`.
+    Split {
+        service: String,
+        /// VERSION=WEIGHT pairs adding up to 100.
+        #[arg(value_parser = parse_weight, required_unless_present = "clear", conflicts_with = "clear")]
+        weights: Vec<(String, u32)>,
+        /// Remove the split: every ready endpoint shares.
+        #[arg(long)]
+        clear: bool,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    /// Set a service's policy; options not given keep their value.
+    Policy {
+        service: String,
+        #[command(flatten)]
+        policy: PolicyArgs,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    /// The current version, and per proxy its acked version, lag and last contact.
+    Status,
+    /// Register an endpoint that runs outside the scheduler.
+    Register {
+        service: String,
+        #[arg(long)]
+        version: String,
+        /// IP:port that peers connect to.
+        #[arg(long)]
+        addr: String,
+        #[arg(long)]
+        not_ready: bool,
+    },
+    /// Remove an endpoint registered with `register`.
+    Deregister {
+        service: String,
+        #[arg(long)]
+        addr: String,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Listing {
+    Services,
+    Endpoints,
+    Proxies,
+    Splits,
+}
+
+#[derive(Args, Debug)]
+struct Wait {
+    /// Return once every connected proxy has applied the change.
+    #[arg(long)]
+    wait: bool,
+    /// How long `--wait` waits before failing.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s", requires = "wait")]
+    timeout: Duration,
+}
+
+#[derive(Args, Debug)]
+struct PolicyArgs {
+    /// http, h2, grpc or tcp.
+    #[arg(long, value_parser = ["http", "h2", "grpc", "tcp"])]
+    protocol: Option<String>,
+    /// Whole-request timeout, retries included, e.g. 2s.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    timeout: Option<Duration>,
+    #[arg(long, value_parser = humantime::parse_duration)]
+    connect_timeout: Option<Duration>,
+    #[arg(long)]
+    retry_attempts: Option<u32>,
+    /// Comma-separated: connect-failure, 5xx, gateway-error, unavailable.
+    #[arg(long, value_delimiter = ',')]
+    retry_on: Option<Vec<String>>,
+    #[arg(long)]
+    retry_non_idempotent: Option<bool>,
+    #[arg(long)]
+    retry_budget_ratio: Option<f64>,
+    #[arg(long)]
+    retry_budget_min_per_second: Option<u32>,
+    #[arg(long)]
+    breaker_failures: Option<u32>,
+    #[arg(long, value_parser = humantime::parse_duration)]
+    breaker_base_ejection: Option<Duration>,
+    #[arg(long, value_parser = humantime::parse_duration)]
+    breaker_max_ejection: Option<Duration>,
+}
+
+fn parse_weight(text: &str) -> Result<(String, u32), String> {
+    let (version, weight) =
+        text.split_once('=').ok_or_else(|| format!("{text:?} is not VERSION=WEIGHT, e.g. v1=90"))?;
+    let weight: u32 = weight
+        .parse()
+        .map_err(|_| format!("weight {weight:?} of {version:?} is not a whole number from 0 to 100"))?;
+    if version.is_empty() {
+        return Err(format!("{text:?} names no version"));
+    }
+    Ok((version.to_owned(), weight))
+}
+
+/// A failure to report: the message and the exit code.
+struct Failure(String, u8);
+
+impl From<tonic::Status> for Failure {
+    fn from(status: tonic::Status) -> Failure {
+        let code = if status.code() == tonic::Code::InvalidArgument { 2 } else { 1 };
+        Failure(status.message().to_owned(), code)
+    }
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure(message, code)) => {
+            eprintln!("meshctl: {message}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+async fn connect(server: &str) -> Result<Channel, Failure> {
+    let endpoint = Channel::from_shared(format!("http://{server}"))
+        .map_err(|e| Failure(format!("--server {server:?} is not HOST:PORT: {e}"), 2))?
+        .connect_timeout(Duration::from_secs(3));
+    endpoint
+        .connect()
+        .await
+        .map_err(|e| Failure(format!("cannot reach the control plane at {server}: {e}"), 1))
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let channel = connect(&cli.server).await?;
+    let mut admin = AdminClient::new(channel.clone());
+    match cli.command {
+        Command::Get { what } => {
+            let rows = match what {
+                Listing::Services => services(&mut admin).await?,
+                Listing::Endpoints => endpoints(&mut admin).await?,
+                Listing::Proxies => proxies(&admin.list_proxies(pb::Empty {}).await?.into_inner().proxies),
+                Listing::Splits => splits(&mut admin).await?,
+            };
+            print_rows(cli.output, &rows);
+        }
+        Command::Split { service, weights, clear, wait } => {
+            let version = if clear {
+                admin.clear_split(pb::ServiceName { service: service.clone() }).await?.into_inner().version
+            } else {
+                let weights = weights.into_iter().collect();
+                admin
+                    .set_split(pb::SetSplitRequest { service: service.clone(), weights })
+                    .await?
+                    .into_inner()
+                    .version
+            };
+            println!("split of {service} set (version {version})");
+            wait_for(&mut admin, version, &wait).await?;
+        }
+        Command::Policy { service, policy, wait } => {
+            let ms = |d: Option<Duration>| d.map(|d| d.as_millis() as u64);
+            let policy = pb::Policy {
+                protocol: policy.protocol,
+                timeout_ms: ms(policy.timeout),
+                connect_timeout_ms: ms(policy.connect_timeout),
+                retry_attempts: policy.retry_attempts,
+                retry_on: policy.retry_on.unwrap_or_default(),
+                retry_non_idempotent: policy.retry_non_idempotent,
+                retry_budget_ratio: policy.retry_budget_ratio,
+                retry_budget_min_per_second: policy.retry_budget_min_per_second,
+                breaker_consecutive_failures: policy.breaker_failures,
+                breaker_base_ejection_ms: ms(policy.breaker_base_ejection),
+                breaker_max_ejection_ms: ms(policy.breaker_max_ejection),
+            };
+            let request = pb::SetPolicyRequest { service: service.clone(), policy: Some(policy) };
+            let version = admin.set_policy(request).await?.into_inner().version;
+            println!("policy of {service} set (version {version})");
+            wait_for(&mut admin, version, &wait).await?;
+        }
+        Command::Status => {
+            let status = admin.status(pb::Empty {}).await?.into_inner();
+            if cli.output == Output::Table {
+                let state = if status.converged { "converged" } else { "converging" };
+                println!("version {} ({state})", status.version);
+            }
+            let rows = status_rows(&status);
+            print_rows(cli.output, &rows);
+        }
+        Command::Register { service, version, addr, not_ready } => {
+            let endpoint =
+                pb::Endpoint { service: service.clone(), version, addr: addr.clone(), ready: !not_ready };
+            let mut registry = RegistryClient::new(channel);
+            let reply =
+                registry.register(pb::RegisterRequest { endpoint: Some(endpoint) }).await?.into_inner();
+            println!("registered {addr} for {service} (version {})", reply.version);
+        }
+        Command::Deregister { service, addr } => {
+            let mut registry = RegistryClient::new(channel);
+            let request = pb::DeregisterRequest { service: service.clone(), addr: addr.clone() };
+            let reply = registry.deregister(request).await?.into_inner();
+            println!("deregistered {addr} from {service} (version {})", reply.version);
+        }
+    }
+    Ok(())
+}
+
+async fn wait_for(admin: &mut AdminClient<Channel>, version: u64, wait: &Wait) -> Result<(), Failure> {
+    if !wait.wait {
+        return Ok(());
+    }
+    let request = pb::WaitRequest { version, timeout_ms: wait.timeout.as_millis() as u64 };
+    let convergence = admin.wait_converged(request).await?.into_inner();
+    let connected = convergence.proxies.iter().filter(|p| p.connected).count();
+    if convergence.converged {
+        println!(
+            "all {connected} connected proxies applied version {version} in {} ms",
+            convergence.waited_ms
+        );
+        return Ok(());
+    }
+    let lagging: Vec<String> = convergence
+        .proxies
+        .iter()
+        .filter(|p| p.connected && p.acked_version < version)
+        .map(|p| {
+            let reason = if p.rejected_version >= version && !p.rejected_reason.is_empty() {
+                format!(", refused: {}", p.rejected_reason)
+            } else {
+                String::new()
+            };
+            format!("  {} (service {}, at version {}{reason})", p.proxy_id, p.service, p.acked_version)
+        })
+        .collect();
+    Err(Failure(
+        format!(
+            "version {version} did not reach every proxy within {}; lagging:\n{}",
+            humantime::format_duration(wait.timeout),
+            lagging.join("\n")
+        ),
+        3,
+    ))
+}
+
+/// Rows of a listing; each keeps its columns in the order shown.
+type Rows = Vec<Vec<(&'static str, Value)>>;
+
+fn row(fields: Vec<(&'static str, Value)>) -> Vec<(&'static str, Value)> {
+    fields
+}
+
+fn weights_text(weights: &std::collections::HashMap<String, u32>) -> Value {
+    let sorted: BTreeMap<&String, &u32> = weights.iter().collect();
+    json!(sorted)
+}
+
+async fn services(admin: &mut AdminClient<Channel>) -> Result<Rows, Failure> {
+    let list = admin.list_services(pb::Empty {}).await?.into_inner();
+    Ok(list
+        .services
+        .iter()
+        .map(|s| {
+            row(vec![
+                ("name", json!(s.name)),
+                ("endpoints", json!(s.endpoints)),
+                ("ready_endpoints", json!(s.ready_endpoints)),
+                ("split", weights_text(&s.split)),
+            ])
+        })
+        .collect())
+}
+
+async fn endpoints(admin: &mut AdminClient<Channel>) -> Result<Rows, Failure> {
+    let list = admin.list_endpoints(pb::Empty {}).await?.into_inner();
+    Ok(list
+        .endpoints
+        .iter()
+        .map(|e| {
+            row(vec![
+                ("service", json!(e.service)),
+                ("version", json!(e.version)),
+                ("addr", json!(e.addr)),
+                ("ready", json!(e.ready)),
+            ])
+        })
+        .collect())
+}
+
+async fn splits(admin: &mut AdminClient<Channel>) -> Result<Rows, Failure> {
+    let list = admin.list_splits(pb::Empty {}).await?.into_inner();
+    Ok(list
+        .splits
+        .iter()
+        .map(|s| row(vec![("service", json!(s.service)), ("weights", weights_text(&s.weights))]))
+        .collect())
+}
+
+fn ago(unix_ms: u64) -> Value {
+    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    json!(now.saturating_sub(unix_ms))
+}
+
+fn proxies(list: &[pb::ProxyStatus]) -> Rows {
+    list.iter()
+        .map(|p| {
+            row(vec![
+                ("proxy_id", json!(p.proxy_id)),
+                ("service", json!(p.service)),
+                ("connected", json!(p.connected)),
+                ("acked_version", json!(p.acked_version)),
+                ("last_contact_ms_ago", ago(p.last_contact_unix_ms)),
+                ("rejected_reason", json!(p.rejected_reason)),
+            ])
+        })
+        .collect()
+}
+
+fn status_rows(status: &pb::Convergence) -> Rows {
+    status
+        .proxies
+        .iter()
+        .map(|p| {
+            row(vec![
+                ("proxy_id", json!(p.proxy_id)),
+                ("service", json!(p.service)),
+                ("connected", json!(p.connected)),
+                ("acked_version", json!(p.acked_version)),
+                ("lag", json!(status.version.saturating_sub(p.acked_version))),
+                ("last_contact_ms_ago", ago(p.last_contact_unix_ms)),
+                ("rejected_version", json!(p.rejected_version)),
+                ("rejected_reason", json!(p.rejected_reason)),
+            ])
+        })
+        .collect()
+}
+
+fn print_rows(output: Output, rows: &Rows) {
+    if output == Output::Json {
+        let objects: Vec<serde_json::Map<String, Value>> =
+            rows.iter().map(|r| r.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()).collect();
+        println!("{}", serde_json::to_string_pretty(&objects).unwrap_or_else(|_| "[]".into()));
+        return;
+    }
+    let Some(first) = rows.first() else {
+        println!("(none)");
+        return;
+    };
+    let columns: Vec<&str> = first.iter().map(|(k, _)| *k).collect();
+    let cell = |value: &Value| match value {
+        Value::String(s) if s.is_empty() => "-".to_owned(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let widths: Vec<usize> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| rows.iter().map(|r| cell(&r[i].1).len()).max().unwrap_or(0).max(c.len()))
+        .collect();
+    let line = |cells: Vec<String>| {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_owned()
+    };
+    println!("{}", line(columns.iter().map(|c| c.to_uppercase()).collect()));
+    for r in rows {
+        println!("{}", line(r.iter().map(|(_, v)| cell(v)).collect()));
+    }
+}

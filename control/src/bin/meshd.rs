@@ -1,0 +1,88 @@
+//! meshd: the mesh's control plane. `meshd server` holds the routing state
+//! in an embedded store and streams routing tables to proxies.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use mesh_control::server::admin::AdminService;
+use mesh_control::server::discovery::DiscoveryService;
+use mesh_control::server::registry::RegistryService;
+use mesh_control::server::{http, ControlPlane};
+use mesh_control::store::RedbStore;
+use mesh_proto::mesh::v1::admin_server::AdminServer;
+use mesh_proto::mesh::v1::discovery_server::DiscoveryServer;
+use mesh_proto::mesh::v1::registry_server::RegistryServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+#[derive(Parser, Debug)]
+#[command(name = "meshd", version, about = "The mesh's control plane")]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the control plane.
+    Server {
+        /// Where the embedded store lives.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// gRPC for proxies, agents and meshctl.
+        #[arg(long, default_value = "127.0.0.1:7400")]
+        listen: SocketAddr,
+        /// HTTP admin: /metrics and /ready.
+        #[arg(long, default_value = "127.0.0.1:7401")]
+        admin: SocketAddr,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let Command::Server { data_dir, listen, admin } = Args::parse().command;
+    match serve(data_dir, listen, admin).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("meshd: {error}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn serve(data_dir: PathBuf, listen: SocketAddr, admin: SocketAddr) -> Result<(), String> {
+    let store = RedbStore::open(&data_dir).map_err(|e| e.to_string())?;
+    let control = ControlPlane::new(Box::new(store)).map_err(|e| e.to_string())?;
+    let grpc = TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let http = TcpListener::bind(admin).await.map_err(|e| format!("cannot listen on {admin}: {e}"))?;
+    let grpc_addr = grpc.local_addr().map_err(|e| e.to_string())?;
+    let http_addr = http.local_addr().map_err(|e| e.to_string())?;
+    tokio::spawn(http::serve(http, control.clone()));
+    // Tests and scripts read this line to learn the bound ports.
+    println!("meshd ready listen={grpc_addr} admin={http_addr} version={}", control.current_version());
+    tracing::info!(%grpc_addr, %http_addr, data_dir = %data_dir.display(), "meshd server ready");
+    let shutdown = async {
+        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("can watch SIGTERM");
+        tokio::select! {
+            _ = terminate.recv() => {},
+            _ = tokio::signal::ctrl_c() => {},
+        }
+    };
+    tonic::transport::Server::builder()
+        .add_service(RegistryServer::new(RegistryService { control: control.clone() }))
+        .add_service(DiscoveryServer::new(DiscoveryService { control: control.clone() }))
+        .add_service(AdminServer::new(AdminService { control }))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), shutdown)
+        .await
+        .map_err(|e| e.to_string())
+}

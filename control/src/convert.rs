@@ -1,0 +1,79 @@
+//! Between the internal state and the protobuf messages.
+
+use mesh_proto::mesh::v1 as pb;
+
+use crate::state::{Policy, ServiceState};
+
+pub fn route(name: &str, service: &ServiceState) -> pb::ServiceRoute {
+    pb::ServiceRoute {
+        name: name.to_owned(),
+        policy: Some(policy_to_pb(&service.policy)),
+        split: service.split.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+        endpoints: service
+            .endpoints
+            .iter()
+            .map(|(addr, e)| pb::Endpoint {
+                service: name.to_owned(),
+                version: e.version.clone(),
+                addr: addr.to_string(),
+                ready: e.ready,
+            })
+            .collect(),
+    }
+}
+
+pub fn policy_to_pb(policy: &Policy) -> pb::Policy {
+    pb::Policy {
+        protocol: policy.protocol.clone(),
+        timeout_ms: policy.timeout_ms,
+        connect_timeout_ms: policy.connect_timeout_ms,
+        retry_attempts: policy.retry_attempts,
+        retry_on: policy.retry_on.clone().unwrap_or_default(),
+        retry_non_idempotent: policy.retry_non_idempotent,
+        retry_budget_ratio: policy.retry_budget_ratio,
+        retry_budget_min_per_second: policy.retry_budget_min_per_second,
+        breaker_consecutive_failures: policy.breaker_consecutive_failures,
+        breaker_base_ejection_ms: policy.breaker_base_ejection_ms,
+        breaker_max_ejection_ms: policy.breaker_max_ejection_ms,
+    }
+}
+
+pub fn policy_from_pb(policy: &pb::Policy) -> Policy {
+    Policy {
+        protocol: policy.protocol.clone(),
+        timeout_ms: policy.timeout_ms,
+        connect_timeout_ms: policy.connect_timeout_ms,
+        retry_attempts: policy.retry_attempts,
+        retry_on: (!policy.retry_on.is_empty()).then(|| policy.retry_on.clone()),
+        retry_non_idempotent: policy.retry_non_idempotent,
+        retry_budget_ratio: policy.retry_budget_ratio,
+        retry_budget_min_per_second: policy.retry_budget_min_per_second,
+        breaker_consecutive_failures: policy.breaker_consecutive_failures,
+        breaker_base_ejection_ms: policy.breaker_base_ejection_ms,
+        breaker_max_ejection_ms: policy.breaker_max_ejection_ms,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policies_survive_the_round_trip() {
+        let policies = [
+            Policy::default(),
+            Policy { timeout_ms: Some(2000), retry_attempts: Some(3), ..Policy::default() },
+            Policy {
+                retry_on: Some(vec!["5xx".into()]),
+                retry_budget_ratio: Some(0.0),
+                retry_budget_min_per_second: Some(0),
+                breaker_consecutive_failures: Some(5),
+                breaker_max_ejection_ms: Some(10_000),
+                ..Policy::default()
+            },
+        ];
+        for policy in policies {
+            assert_eq!(policy_from_pb(&policy_to_pb(&policy)), policy);
+        }
+    }
+}

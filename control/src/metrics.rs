@@ -1,0 +1,92 @@
+//! The control plane's own metrics, served at the admin `/metrics`.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+const BUCKETS: [f64; 12] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+
+#[derive(Default)]
+pub struct ControlMetrics {
+    connected: AtomicU64,
+    version: AtomicU64,
+    pushes: AtomicU64,
+    pushed_bytes: AtomicU64,
+    ack_buckets: [AtomicU64; BUCKETS.len()],
+    ack_overflow: AtomicU64,
+    ack_sum_nanos: AtomicU64,
+}
+
+impl ControlMetrics {
+    pub fn set_connected(&self, n: u64) {
+        self.connected.store(n, Ordering::Relaxed);
+    }
+
+    pub fn set_version(&self, version: u64) {
+        self.version.store(version, Ordering::Relaxed);
+    }
+
+    pub fn count_push(&self, bytes: u64) {
+        self.pushes.fetch_add(1, Ordering::Relaxed);
+        self.pushed_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    pub fn observe_push_to_ack(&self, elapsed: Duration) {
+        let seconds = elapsed.as_secs_f64();
+        match BUCKETS.iter().position(|b| seconds <= *b) {
+            Some(i) => self.ack_buckets[i].fetch_add(1, Ordering::Relaxed),
+            None => self.ack_overflow.fetch_add(1, Ordering::Relaxed),
+        };
+        self.ack_sum_nanos.fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let gauge = |out: &mut String, name: &str, help: &str, value: u64, kind: &str| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+        };
+        gauge(
+            &mut out,
+            "meshd_connected_proxies",
+            "Proxies with an open discovery stream.",
+            self.connected.load(Ordering::Relaxed),
+            "gauge",
+        );
+        gauge(
+            &mut out,
+            "meshd_config_version",
+            "Current routing-state version.",
+            self.version.load(Ordering::Relaxed),
+            "gauge",
+        );
+        gauge(
+            &mut out,
+            "meshd_pushes_total",
+            "Routing updates sent to proxies.",
+            self.pushes.load(Ordering::Relaxed),
+            "counter",
+        );
+        gauge(
+            &mut out,
+            "meshd_pushed_bytes_total",
+            "Bytes of routing updates sent to proxies.",
+            self.pushed_bytes.load(Ordering::Relaxed),
+            "counter",
+        );
+        let name = "meshd_push_to_ack_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Time from sending an update to the proxy's ack.\n# TYPE {name} histogram"
+        );
+        let mut cumulative = 0;
+        for (bound, bucket) in BUCKETS.iter().zip(&self.ack_buckets) {
+            cumulative += bucket.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+        }
+        cumulative += self.ack_overflow.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+        let _ = writeln!(out, "{name}_sum {}", self.ack_sum_nanos.load(Ordering::Relaxed) as f64 / 1e9);
+        let _ = writeln!(out, "{name}_count {cumulative}");
+        out
+    }
+}

@@ -1,0 +1,154 @@
+//! The Admin API that meshctl calls.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use mesh_proto::mesh::v1 as pb;
+use mesh_proto::mesh::v1::admin_server::Admin;
+use tonic::{Request, Response, Status};
+
+use crate::convert::{policy_from_pb, policy_to_pb};
+use crate::server::registry::status_of;
+use crate::server::{ControlPlane, ProxyRecord};
+use crate::state::Change;
+
+pub struct AdminService {
+    pub control: Arc<ControlPlane>,
+}
+
+/// The longest `--wait` the server accepts.
+const MAX_WAIT: Duration = Duration::from_secs(600);
+
+pub fn proxy_status(id: &str, record: &ProxyRecord) -> pb::ProxyStatus {
+    let (rejected_version, rejected_reason) = record.rejected.clone().unwrap_or_default();
+    pb::ProxyStatus {
+        proxy_id: id.to_owned(),
+        service: record.service.clone(),
+        acked_version: record.acked_version,
+        rejected_reason,
+        rejected_version,
+        last_contact_unix_ms: record
+            .last_contact
+            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_millis() as u64),
+        connected: record.connected,
+    }
+}
+
+impl AdminService {
+    async fn change(&self, change: Change) -> Result<Response<pb::ChangeReply>, Status> {
+        let version = self.control.change(change).await.map_err(status_of)?;
+        Ok(Response::new(pb::ChangeReply { version }))
+    }
+
+    fn convergence(
+        &self,
+        version: u64,
+        converged: bool,
+        proxies: &[(String, ProxyRecord)],
+        waited: Duration,
+    ) -> pb::Convergence {
+        pb::Convergence {
+            version,
+            converged,
+            proxies: proxies.iter().map(|(id, record)| proxy_status(id, record)).collect(),
+            waited_ms: waited.as_millis() as u64,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn list_services(&self, _: Request<pb::Empty>) -> Result<Response<pb::ServiceList>, Status> {
+        let state = self.control.state().await;
+        let services = state
+            .services
+            .iter()
+            .map(|(name, service)| pb::ServiceInfo {
+                name: name.clone(),
+                policy: Some(policy_to_pb(&service.policy)),
+                split: service.split.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+                endpoints: service.endpoints.len() as u32,
+                ready_endpoints: service.endpoints.values().filter(|e| e.ready).count() as u32,
+            })
+            .collect();
+        Ok(Response::new(pb::ServiceList { services }))
+    }
+
+    async fn list_endpoints(&self, _: Request<pb::Empty>) -> Result<Response<pb::EndpointList>, Status> {
+        let state = self.control.state().await;
+        let endpoints = state
+            .services
+            .iter()
+            .flat_map(|(name, service)| crate::convert::route(name, service).endpoints)
+            .collect();
+        Ok(Response::new(pb::EndpointList { endpoints }))
+    }
+
+    async fn list_proxies(&self, _: Request<pb::Empty>) -> Result<Response<pb::ProxyList>, Status> {
+        let proxies = self.control.proxies().iter().map(|(id, record)| proxy_status(id, record)).collect();
+        Ok(Response::new(pb::ProxyList { proxies }))
+    }
+
+    async fn set_split(
+        &self,
+        request: Request<pb::SetSplitRequest>,
+    ) -> Result<Response<pb::ChangeReply>, Status> {
+        let request = request.into_inner();
+        self.change(Change::SetSplit {
+            service: request.service,
+            weights: request.weights.into_iter().collect(),
+        })
+        .await
+    }
+
+    async fn clear_split(
+        &self,
+        request: Request<pb::ServiceName>,
+    ) -> Result<Response<pb::ChangeReply>, Status> {
+        self.change(Change::ClearSplit { service: request.into_inner().service }).await
+    }
+
+    async fn list_splits(&self, _: Request<pb::Empty>) -> Result<Response<pb::SplitList>, Status> {
+        let state = self.control.state().await;
+        let splits = state
+            .services
+            .iter()
+            .filter(|(_, s)| !s.split.is_empty())
+            .map(|(name, s)| pb::SplitEntry {
+                service: name.clone(),
+                weights: s.split.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            })
+            .collect();
+        Ok(Response::new(pb::SplitList { splits }))
+    }
+
+    async fn set_policy(
+        &self,
+        request: Request<pb::SetPolicyRequest>,
+    ) -> Result<Response<pb::ChangeReply>, Status> {
+        let request = request.into_inner();
+        let Some(policy) = request.policy else {
+            return Err(Status::invalid_argument("SetPolicyRequest.policy is missing"));
+        };
+        self.change(Change::SetPolicy { service: request.service, policy: policy_from_pb(&policy) }).await
+    }
+
+    async fn wait_converged(
+        &self,
+        request: Request<pb::WaitRequest>,
+    ) -> Result<Response<pb::Convergence>, Status> {
+        let request = request.into_inner();
+        let timeout = Duration::from_millis(request.timeout_ms).min(MAX_WAIT);
+        let started = std::time::Instant::now();
+        let (converged, proxies) = self.control.wait_converged(request.version, timeout).await;
+        Ok(Response::new(self.convergence(request.version, converged, &proxies, started.elapsed())))
+    }
+
+    async fn status(&self, _: Request<pb::Empty>) -> Result<Response<pb::Convergence>, Status> {
+        let version = self.control.current_version();
+        let proxies = self.control.proxies();
+        let converged = proxies.iter().filter(|(_, p)| p.connected).all(|(_, p)| p.acked_version >= version);
+        Ok(Response::new(self.convergence(version, converged, &proxies, Duration::ZERO)))
+    }
+}

@@ -1,0 +1,139 @@
+//! The Discovery stream: one per proxy. A sender task pushes what the
+//! proxy lacks (everything first, then only changed services); a reader
+//! task records the proxy's acks. The sender holds at most one update in
+//! flight and always diffs against the newest publication, so a stuck
+//! proxy neither delays others nor makes the server buffer its backlog.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use mesh_proto::mesh::v1 as pb;
+use mesh_proto::mesh::v1::discovery_server::Discovery;
+use mesh_proto::mesh::v1::subscribe_request::Message;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::publish::{diff, Published};
+use crate::server::ControlPlane;
+
+pub struct DiscoveryService {
+    pub control: Arc<ControlPlane>,
+}
+
+static STREAMS: AtomicU64 = AtomicU64::new(1);
+
+type UpdateStream = Pin<Box<dyn Stream<Item = Result<pb::RoutingUpdate, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Discovery for DiscoveryService {
+    type SubscribeStream = UpdateStream;
+
+    async fn subscribe(
+        &self,
+        request: Request<Streaming<pb::SubscribeRequest>>,
+    ) -> Result<Response<UpdateStream>, Status> {
+        let mut inbound = request.into_inner();
+        let hello = match inbound.next().await {
+            Some(Ok(pb::SubscribeRequest { message: Some(Message::Hello(hello)) })) => hello,
+            Some(Err(status)) => return Err(status),
+            _ => return Err(Status::invalid_argument("the first message of a subscription must be a Hello")),
+        };
+        if hello.proxy_id.is_empty() {
+            return Err(Status::invalid_argument("Hello.proxy_id must not be empty"));
+        }
+        let stream = STREAMS.fetch_add(1, Ordering::Relaxed);
+        let id = hello.proxy_id.clone();
+        self.control.update_proxy(&id, |record| {
+            record.service = hello.service.clone();
+            record.connected = true;
+            record.stream = stream;
+            record.last_contact = Some(SystemTime::now());
+            // What the proxy runs on now; versions only grow, even across restarts.
+            record.acked_version = hello.have_version;
+        });
+        let (tx, rx) = mpsc::channel(1);
+        tokio::spawn(push(self.control.clone(), id.clone(), hello.have_version, tx));
+        tokio::spawn(read_acks(self.control.clone(), id, stream, inbound));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Sends the proxy what it lacks, each time the state changes.
+async fn push(
+    control: Arc<ControlPlane>,
+    id: String,
+    have_version: u64,
+    tx: mpsc::Sender<Result<pb::RoutingUpdate, Status>>,
+) {
+    let mut publications = control.subscribe();
+    let mut sent: BTreeMap<String, u64> = BTreeMap::new();
+    let mut first = true;
+    loop {
+        let current: Arc<Published> = publications.borrow_and_update().clone();
+        if first && have_version == current.version && have_version != 0 {
+            // The proxy resumes on the current table: nothing to send.
+            sent = current.services.iter().map(|(n, s)| (n.clone(), s.stamp)).collect();
+        } else {
+            let (changed, removed) = diff(&sent, &current);
+            if first || !changed.is_empty() || !removed.is_empty() {
+                let update = pb::RoutingUpdate {
+                    version: current.version,
+                    full: first,
+                    services: changed.iter().map(|s| pb::ServiceRoute::clone(&s.route)).collect(),
+                    removed_services: removed,
+                };
+                control.update_proxy(&id, |record| record.pushed = Some((current.version, Instant::now())));
+                control.metrics.count_push(prost::Message::encoded_len(&update) as u64);
+                if tx.send(Ok(update)).await.is_err() {
+                    return;
+                }
+                sent = current.services.iter().map(|(n, s)| (n.clone(), s.stamp)).collect();
+            }
+        }
+        first = false;
+        if publications.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Records acks until the stream ends, then marks the proxy disconnected.
+async fn read_acks(
+    control: Arc<ControlPlane>,
+    id: String,
+    stream: u64,
+    mut inbound: Streaming<pb::SubscribeRequest>,
+) {
+    while let Some(Ok(message)) = inbound.next().await {
+        let Some(Message::Ack(ack)) = message.message else { continue };
+        control.update_proxy(&id, |record| {
+            record.last_contact = Some(SystemTime::now());
+            if ack.applied {
+                record.acked_version = ack.version;
+                record.rejected = None;
+            } else {
+                record.rejected = Some((ack.version, ack.error.clone()));
+            }
+            if let Some((version, at)) = record.pushed {
+                if version == ack.version {
+                    control.metrics.observe_push_to_ack(at.elapsed());
+                    record.pushed = None;
+                }
+            }
+        });
+        if !ack.applied {
+            tracing::warn!(proxy = %id, version = ack.version, reason = %ack.error, "a proxy refused an update");
+        }
+    }
+    control.update_proxy(&id, |record| {
+        // A newer stream of the same proxy may already be connected.
+        if record.stream == stream {
+            record.connected = false;
+        }
+    });
+}

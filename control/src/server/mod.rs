@@ -1,0 +1,144 @@
+//! `meshd server`: the control plane's core. Changes are validated by the
+//! pure state (`state.rs`), made durable in the store, then published on a
+//! watch channel that every proxy's stream reads from. The watch channel
+//! holds only the newest publication, so a slow proxy skips versions
+//! instead of queueing them: memory per proxy stays bounded.
+
+pub mod admin;
+pub mod discovery;
+pub mod http;
+pub mod registry;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::watch;
+
+use crate::metrics::ControlMetrics;
+use crate::publish::Published;
+use crate::state::{Change, ChangeError, MeshState};
+use crate::store::{Store, StoreError};
+
+/// What the control plane knows about one proxy.
+#[derive(Clone, Debug, Default)]
+pub struct ProxyRecord {
+    pub service: String,
+    pub acked_version: u64,
+    pub rejected: Option<(u64, String)>,
+    pub last_contact: Option<SystemTime>,
+    pub connected: bool,
+    /// The version last pushed and when, for push-to-ack latency.
+    pub pushed: Option<(u64, Instant)>,
+    /// Distinguishes reconnections of one proxy id.
+    pub stream: u64,
+}
+
+pub struct ControlPlane {
+    store: Box<dyn Store>,
+    /// Writers take this lock in turn; readers use `published`.
+    state: tokio::sync::Mutex<MeshState>,
+    published: watch::Sender<Arc<Published>>,
+    proxies: Mutex<HashMap<String, ProxyRecord>>,
+    /// Bumped whenever a proxy acks, connects or leaves, to wake waiters.
+    acks: watch::Sender<u64>,
+    pub metrics: ControlMetrics,
+}
+
+#[derive(Debug)]
+pub enum ChangeFailure {
+    Refused(ChangeError),
+    Store(StoreError),
+}
+
+impl ControlPlane {
+    pub fn new(store: Box<dyn Store>) -> Result<Arc<ControlPlane>, StoreError> {
+        let state = store.load()?;
+        let published = Published::build(&state, &Published::default());
+        let metrics = ControlMetrics::default();
+        metrics.set_version(state.version);
+        Ok(Arc::new(ControlPlane {
+            store,
+            state: tokio::sync::Mutex::new(state),
+            published: watch::channel(Arc::new(published)).0,
+            proxies: Mutex::new(HashMap::new()),
+            acks: watch::channel(0).0,
+            metrics,
+        }))
+    }
+
+    /// Validates, persists and publishes one change; returns the version
+    /// that contains it. A refused change touches neither store nor proxies.
+    pub async fn change(&self, change: Change) -> Result<u64, ChangeFailure> {
+        let mut state = self.state.lock().await;
+        let next = state.apply(&change).map_err(ChangeFailure::Refused)?;
+        if next.version == state.version {
+            return Ok(state.version);
+        }
+        let name = match &change {
+            Change::Register { service, .. }
+            | Change::Deregister { service, .. }
+            | Change::SetSplit { service, .. }
+            | Change::ClearSplit { service }
+            | Change::SetPolicy { service, .. } => service,
+        };
+        self.store.save_service(name, next.services.get(name), next.version).map_err(ChangeFailure::Store)?;
+        let published = Published::build(&next, &self.published.borrow());
+        *state = next;
+        self.metrics.set_version(state.version);
+        self.published.send_replace(Arc::new(published));
+        Ok(state.version)
+    }
+
+    pub async fn state(&self) -> MeshState {
+        self.state.lock().await.clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Published>> {
+        self.published.subscribe()
+    }
+
+    pub fn current_version(&self) -> u64 {
+        self.published.borrow().version
+    }
+
+    pub fn proxies(&self) -> Vec<(String, ProxyRecord)> {
+        let mut list: Vec<(String, ProxyRecord)> =
+            self.proxies.lock().expect("proxies lock").iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        list.sort_by(|a, b| a.0.cmp(&b.0));
+        list
+    }
+
+    pub fn update_proxy(&self, id: &str, update: impl FnOnce(&mut ProxyRecord)) {
+        {
+            let mut proxies = self.proxies.lock().expect("proxies lock");
+            let record = proxies.entry(id.to_owned()).or_default();
+            update(record);
+            let connected = proxies.values().filter(|p| p.connected).count();
+            self.metrics.set_connected(connected as u64);
+        }
+        self.acks.send_modify(|n| *n += 1);
+    }
+
+    /// Waits until every connected proxy has applied `version` or newer, or
+    /// `timeout` passes. Returns whether it converged and the proxies.
+    pub async fn wait_converged(
+        &self,
+        version: u64,
+        timeout: Duration,
+    ) -> (bool, Vec<(String, ProxyRecord)>) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut changes = self.acks.subscribe();
+        loop {
+            let proxies = self.proxies();
+            let converged =
+                proxies.iter().filter(|(_, p)| p.connected).all(|(_, p)| p.acked_version >= version);
+            if converged {
+                return (true, proxies);
+            }
+            if tokio::time::timeout_at(deadline, changes.changed()).await.is_err() {
+                return (false, proxies);
+            }
+        }
+    }
+}

@@ -1,0 +1,52 @@
+//! The Registry API: endpoints in and out.
+
+use std::sync::Arc;
+
+use mesh_proto::mesh::v1 as pb;
+use mesh_proto::mesh::v1::registry_server::Registry;
+use tonic::{Request, Response, Status};
+
+use crate::server::{ChangeFailure, ControlPlane};
+use crate::state::Change;
+
+pub struct RegistryService {
+    pub control: Arc<ControlPlane>,
+}
+
+/// Maps a failed change to the status a client sees.
+pub fn status_of(failure: ChangeFailure) -> Status {
+    match failure {
+        ChangeFailure::Refused(error) => Status::invalid_argument(error.0),
+        ChangeFailure::Store(error) => Status::unavailable(error.to_string()),
+    }
+}
+
+#[tonic::async_trait]
+impl Registry for RegistryService {
+    async fn register(
+        &self,
+        request: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::ChangeReply>, Status> {
+        let Some(endpoint) = request.into_inner().endpoint else {
+            return Err(Status::invalid_argument("RegisterRequest.endpoint is missing"));
+        };
+        let change = Change::Register {
+            service: endpoint.service,
+            version: endpoint.version,
+            addr: endpoint.addr,
+            ready: endpoint.ready,
+        };
+        let version = self.control.change(change).await.map_err(status_of)?;
+        Ok(Response::new(pb::ChangeReply { version }))
+    }
+
+    async fn deregister(
+        &self,
+        request: Request<pb::DeregisterRequest>,
+    ) -> Result<Response<pb::ChangeReply>, Status> {
+        let request = request.into_inner();
+        let change = Change::Deregister { service: request.service, addr: request.addr };
+        let version = self.control.change(change).await.map_err(status_of)?;
+        Ok(Response::new(pb::ChangeReply { version }))
+    }
+}

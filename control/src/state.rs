@@ -1,0 +1,364 @@
+//! The mesh's routing state and the changes that can be made to it, as
+//! pure data and pure functions: a change is validated and applied here,
+//! with no I/O, so every rule is pinned by a table test. The server
+//! persists a change and publishes the new state only after `apply`
+//! accepted it, so a bad request changes nothing.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// A service's policy as the admin API sets it; `None` keeps the proxy's default.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Policy {
+    pub protocol: Option<String>,
+    pub timeout_ms: Option<u64>,
+    pub connect_timeout_ms: Option<u64>,
+    pub retry_attempts: Option<u32>,
+    pub retry_on: Option<Vec<String>>,
+    pub retry_non_idempotent: Option<bool>,
+    pub retry_budget_ratio: Option<f64>,
+    pub retry_budget_min_per_second: Option<u32>,
+    pub breaker_consecutive_failures: Option<u32>,
+    pub breaker_base_ejection_ms: Option<u64>,
+    pub breaker_max_ejection_ms: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointRecord {
+    pub version: String,
+    pub ready: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ServiceState {
+    pub policy: Policy,
+    pub split: BTreeMap<String, u32>,
+    /// Endpoint address to its record.
+    pub endpoints: BTreeMap<SocketAddr, EndpointRecord>,
+    /// The state version in which this service last changed; proxies are
+    /// sent a service again only when its stamp moves.
+    pub stamp: u64,
+}
+
+impl ServiceState {
+    fn is_empty(&self) -> bool {
+        self.endpoints.is_empty() && self.split.is_empty() && self.policy == Policy::default()
+    }
+
+    pub fn versions(&self) -> Vec<&str> {
+        let mut versions: Vec<&str> = self.endpoints.values().map(|e| e.version.as_str()).collect();
+        versions.sort_unstable();
+        versions.dedup();
+        versions
+    }
+}
+
+/// Everything proxies route on, with a version that grows with every change.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MeshState {
+    pub version: u64,
+    pub services: BTreeMap<String, ServiceState>,
+}
+
+/// A change requested through the registry or admin API.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Change {
+    Register { service: String, version: String, addr: String, ready: bool },
+    Deregister { service: String, addr: String },
+    SetSplit { service: String, weights: BTreeMap<String, u32> },
+    ClearSplit { service: String },
+    SetPolicy { service: String, policy: Policy },
+}
+
+/// Why a change was refused. The message names the field or value at fault.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChangeError(pub String);
+
+impl fmt::Display for ChangeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ChangeError {}
+
+fn refuse<T>(message: impl Into<String>) -> Result<T, ChangeError> {
+    Err(ChangeError(message.into()))
+}
+
+/// Service and version names: what a DNS label allows, so they can appear
+/// in hostnames (`web.mesh`) and metric labels.
+pub fn check_name(what: &str, name: &str) -> Result<(), ChangeError> {
+    let valid = !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && !name.starts_with('-');
+    if valid {
+        Ok(())
+    } else {
+        refuse(format!(
+            "{what} {name:?} is not a valid name: use 1 to 63 lowercase letters, digits, '-' or '_'"
+        ))
+    }
+}
+
+const PROTOCOLS: [&str; 4] = ["http", "h2", "grpc", "tcp"];
+const RETRY_CONDITIONS: [&str; 4] = ["connect-failure", "5xx", "gateway-error", "unavailable"];
+
+fn check_policy(policy: &Policy) -> Result<(), ChangeError> {
+    if let Some(protocol) = &policy.protocol {
+        if !PROTOCOLS.contains(&protocol.as_str()) {
+            return refuse(format!("protocol {protocol:?} is not one of {PROTOCOLS:?}"));
+        }
+    }
+    for (field, value) in [("timeout", policy.timeout_ms), ("connect-timeout", policy.connect_timeout_ms)] {
+        if value == Some(0) {
+            return refuse(format!("{field} must be longer than zero"));
+        }
+    }
+    if let Some(attempts) = policy.retry_attempts {
+        if !(1..=10).contains(&attempts) {
+            return refuse(format!("retry-attempts must be from 1 to 10, got {attempts}"));
+        }
+    }
+    for condition in policy.retry_on.iter().flatten() {
+        if !RETRY_CONDITIONS.contains(&condition.as_str()) {
+            return refuse(format!("retry-on {condition:?} is not one of {RETRY_CONDITIONS:?}"));
+        }
+    }
+    if let Some(ratio) = policy.retry_budget_ratio {
+        if !(0.0..=1.0).contains(&ratio) {
+            return refuse(format!("retry-budget-ratio must be from 0 to 1, got {ratio}"));
+        }
+    }
+    if policy.breaker_consecutive_failures == Some(0) {
+        return refuse("breaker-failures must be at least 1");
+    }
+    if let (Some(base), Some(max)) = (policy.breaker_base_ejection_ms, policy.breaker_max_ejection_ms) {
+        if max < base {
+            return refuse("breaker-max-ejection must not be shorter than breaker-base-ejection");
+        }
+    }
+    Ok(())
+}
+
+/// Merges a policy update into the current one: fields the update sets win.
+fn merged(current: &Policy, update: &Policy) -> Policy {
+    Policy {
+        protocol: update.protocol.clone().or_else(|| current.protocol.clone()),
+        timeout_ms: update.timeout_ms.or(current.timeout_ms),
+        connect_timeout_ms: update.connect_timeout_ms.or(current.connect_timeout_ms),
+        retry_attempts: update.retry_attempts.or(current.retry_attempts),
+        retry_on: update.retry_on.clone().or_else(|| current.retry_on.clone()),
+        retry_non_idempotent: update.retry_non_idempotent.or(current.retry_non_idempotent),
+        retry_budget_ratio: update.retry_budget_ratio.or(current.retry_budget_ratio),
+        retry_budget_min_per_second: update
+            .retry_budget_min_per_second
+            .or(current.retry_budget_min_per_second),
+        breaker_consecutive_failures: update
+            .breaker_consecutive_failures
+            .or(current.breaker_consecutive_failures),
+        breaker_base_ejection_ms: update.breaker_base_ejection_ms.or(current.breaker_base_ejection_ms),
+        breaker_max_ejection_ms: update.breaker_max_ejection_ms.or(current.breaker_max_ejection_ms),
+    }
+}
+
+impl MeshState {
+    /// Validates `change` and returns the state with it applied, one
+    /// version later, or the reason it was refused. `self` is untouched.
+    pub fn apply(&self, change: &Change) -> Result<MeshState, ChangeError> {
+        let mut next = self.clone();
+        let version = self.version + 1;
+        let name = match change {
+            Change::Register { service, version: endpoint_version, addr, ready } => {
+                check_name("service", service)?;
+                check_name("version", endpoint_version)?;
+                let Ok(addr) = addr.parse::<SocketAddr>() else {
+                    return refuse(format!("address {addr:?} is not an IP:port such as 127.0.0.1:8080"));
+                };
+                let entry = next.services.entry(service.clone()).or_default();
+                let record = EndpointRecord { version: endpoint_version.clone(), ready: *ready };
+                if let Some(existing) = entry.endpoints.get(&addr) {
+                    if *existing == record {
+                        // Registering what is already there changes nothing.
+                        return Ok(self.clone());
+                    }
+                    if existing.version != record.version && split_needs(entry, &existing.version, addr) {
+                        return refuse(format!(
+                            "endpoint {addr} is the last of version {:?}, which the split of {service:?} uses; change the split first",
+                            existing.version
+                        ));
+                    }
+                }
+                entry.endpoints.insert(addr, record);
+                service
+            }
+            Change::Deregister { service, addr } => {
+                let Some(entry) = next.services.get_mut(service) else {
+                    return refuse(format!("unknown service {service:?}"));
+                };
+                let Ok(addr) = addr.parse::<SocketAddr>() else {
+                    return refuse(format!("address {addr:?} is not an IP:port such as 127.0.0.1:8080"));
+                };
+                if entry.endpoints.remove(&addr).is_none() {
+                    return refuse(format!("service {service:?} has no endpoint {addr}"));
+                }
+                service
+            }
+            Change::SetSplit { service, weights } => {
+                let Some(entry) = next.services.get_mut(service) else {
+                    return refuse(format!("unknown service {service:?}"));
+                };
+                let versions = entry.versions();
+                if weights.is_empty() {
+                    return refuse("a split needs at least one VERSION=WEIGHT");
+                }
+                for version in weights.keys() {
+                    if !versions.contains(&version.as_str()) {
+                        return refuse(format!(
+                            "unknown version {version:?} of service {service:?}; its endpoints have versions {versions:?}"
+                        ));
+                    }
+                }
+                let total: u64 = weights.values().map(|w| u64::from(*w)).sum();
+                if total != 100 {
+                    return refuse(format!("the weights add up to {total}; they must add up to 100"));
+                }
+                entry.split = weights.clone();
+                service
+            }
+            Change::ClearSplit { service } => {
+                let Some(entry) = next.services.get_mut(service) else {
+                    return refuse(format!("unknown service {service:?}"));
+                };
+                if entry.split.is_empty() {
+                    return Ok(self.clone());
+                }
+                entry.split.clear();
+                service
+            }
+            Change::SetPolicy { service, policy } => {
+                check_name("service", service)?;
+                check_policy(policy)?;
+                let entry = next.services.entry(service.clone()).or_default();
+                let policy = merged(&entry.policy, policy);
+                check_policy(&policy)?;
+                entry.policy = policy;
+                service
+            }
+        };
+        next.version = version;
+        if let Some(entry) = next.services.get_mut(name) {
+            entry.stamp = version;
+            if entry.is_empty() {
+                next.services.remove(name);
+            }
+        }
+        Ok(next)
+    }
+}
+
+/// Whether moving the endpoint at `addr` out of `version` would leave a
+/// split weight on a version with no endpoints at all.
+fn split_needs(service: &ServiceState, version: &str, addr: SocketAddr) -> bool {
+    service.split.get(version).is_some_and(|w| *w > 0)
+        && !service.endpoints.iter().any(|(a, e)| *a != addr && e.version == version)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn register(service: &str, version: &str, addr: &str) -> Change {
+        Change::Register { service: service.into(), version: version.into(), addr: addr.into(), ready: true }
+    }
+
+    fn split(service: &str, weights: &[(&str, u32)]) -> Change {
+        Change::SetSplit {
+            service: service.into(),
+            weights: weights.iter().map(|(v, w)| (v.to_string(), *w)).collect(),
+        }
+    }
+
+    fn base() -> MeshState {
+        let mut state = MeshState::default();
+        for change in [register("web", "v1", "127.0.0.1:1"), register("web", "v2", "127.0.0.1:2")] {
+            state = state.apply(&change).unwrap();
+        }
+        state
+    }
+
+    #[test]
+    fn valid_changes_bump_the_version_and_stamp_the_service() {
+        let state = base();
+        assert_eq!(state.version, 2);
+        let next = state.apply(&split("web", &[("v1", 90), ("v2", 10)])).unwrap();
+        assert_eq!(next.version, 3);
+        assert_eq!(next.services["web"].stamp, 3);
+        assert_eq!(next.services["web"].split["v2"], 10);
+        // Registering the same endpoint again is not a change.
+        assert_eq!(next.apply(&register("web", "v1", "127.0.0.1:1")).unwrap().version, 3);
+    }
+
+    #[test]
+    fn bad_changes_are_refused_with_the_reason() {
+        let state = base();
+        // (change, words the error must contain)
+        let table: Vec<(Change, &str)> = vec![
+            (split("web", &[("v1", 90), ("v3", 10)]), "unknown version \"v3\""),
+            (split("web", &[("v1", 90), ("v2", 20)]), "add up to 110"),
+            (split("web", &[("v1", 0), ("v2", 0)]), "add up to 0"),
+            (split("web", &[]), "at least one"),
+            (split("api", &[("v1", 100)]), "unknown service \"api\""),
+            (register("Web!", "v1", "127.0.0.1:3"), "not a valid name"),
+            (register("web", "v1", "localhost"), "not an IP:port"),
+            (Change::Deregister { service: "web".into(), addr: "127.0.0.1:9".into() }, "no endpoint"),
+            (Change::ClearSplit { service: "api".into() }, "unknown service"),
+            (
+                Change::SetPolicy {
+                    service: "web".into(),
+                    policy: Policy { retry_attempts: Some(0), ..Policy::default() },
+                },
+                "retry-attempts",
+            ),
+            (
+                Change::SetPolicy {
+                    service: "web".into(),
+                    policy: Policy { protocol: Some("smtp".into()), ..Policy::default() },
+                },
+                "protocol",
+            ),
+        ];
+        for (change, words) in table {
+            let error = state.apply(&change).expect_err(&format!("{change:?} must be refused"));
+            assert!(error.0.contains(words), "{change:?}: {error}");
+        }
+    }
+
+    #[test]
+    fn a_split_version_cannot_lose_its_last_endpoint_by_re_registration() {
+        let state = base().apply(&split("web", &[("v1", 50), ("v2", 50)])).unwrap();
+        let error = state.apply(&register("web", "v1", "127.0.0.1:2")).unwrap_err();
+        assert!(error.0.contains("change the split first"), "{error}");
+    }
+
+    #[test]
+    fn policies_merge_and_empty_services_disappear() {
+        let state = base();
+        let timeout = Policy { timeout_ms: Some(2000), ..Policy::default() };
+        let retries = Policy { retry_attempts: Some(3), ..Policy::default() };
+        let state = state.apply(&Change::SetPolicy { service: "web".into(), policy: timeout }).unwrap();
+        let state = state.apply(&Change::SetPolicy { service: "web".into(), policy: retries }).unwrap();
+        assert_eq!(state.services["web"].policy.timeout_ms, Some(2000));
+        assert_eq!(state.services["web"].policy.retry_attempts, Some(3));
+
+        let mut gone = base();
+        for addr in ["127.0.0.1:1", "127.0.0.1:2"] {
+            gone = gone.apply(&Change::Deregister { service: "web".into(), addr: addr.into() }).unwrap();
+        }
+        assert!(gone.services.is_empty());
+    }
+}

@@ -1,0 +1,103 @@
+//! The embedded store: one redb file under the data dir.
+
+use std::path::Path;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use super::{Store, StoreError};
+use crate::state::{MeshState, ServiceState};
+
+const SERVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("services");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const VERSION_KEY: &str = "version";
+
+pub struct RedbStore {
+    db: Database,
+}
+
+fn error(e: impl std::fmt::Display) -> StoreError {
+    StoreError(e.to_string())
+}
+
+impl RedbStore {
+    pub fn open(data_dir: &Path) -> Result<RedbStore, StoreError> {
+        std::fs::create_dir_all(data_dir).map_err(|e| error(format!("{}: {e}", data_dir.display())))?;
+        let path = data_dir.join("meshd.redb");
+        let db = Database::create(&path).map_err(|e| error(format!("{}: {e}", path.display())))?;
+        // Create the tables so that a fresh store loads as empty.
+        let write = db.begin_write().map_err(error)?;
+        write.open_table(SERVICES).map_err(error)?;
+        write.open_table(META).map_err(error)?;
+        write.commit().map_err(error)?;
+        Ok(RedbStore { db })
+    }
+}
+
+impl Store for RedbStore {
+    fn load(&self) -> Result<MeshState, StoreError> {
+        let read = self.db.begin_read().map_err(error)?;
+        let meta = read.open_table(META).map_err(error)?;
+        let version = meta.get(VERSION_KEY).map_err(error)?.map(|v| v.value()).unwrap_or(0);
+        let table = read.open_table(SERVICES).map_err(error)?;
+        let mut state = MeshState { version, ..MeshState::default() };
+        for entry in table.iter().map_err(error)? {
+            let (name, value) = entry.map_err(error)?;
+            let service: ServiceState = serde_json::from_slice(value.value())
+                .map_err(|e| error(format!("service {:?} is unreadable: {e}", name.value())))?;
+            state.services.insert(name.value().to_owned(), service);
+        }
+        Ok(state)
+    }
+
+    fn save_service(
+        &self,
+        name: &str,
+        service: Option<&ServiceState>,
+        version: u64,
+    ) -> Result<(), StoreError> {
+        let write = self.db.begin_write().map_err(error)?;
+        {
+            let mut table = write.open_table(SERVICES).map_err(error)?;
+            match service {
+                Some(service) => {
+                    let bytes = serde_json::to_vec(service).map_err(error)?;
+                    table.insert(name, bytes.as_slice()).map_err(error)?;
+                }
+                None => {
+                    table.remove(name).map_err(error)?;
+                }
+            }
+            let mut meta = write.open_table(META).map_err(error)?;
+            meta.insert(VERSION_KEY, version).map_err(error)?;
+        }
+        // redb commits durably (fsync) by default.
+        write.commit().map_err(error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::Change;
+
+    #[test]
+    fn what_is_saved_is_loaded_after_reopening() {
+        let dir = std::env::temp_dir().join(format!("meshd-store-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let change = Change::Register {
+            service: "web".into(),
+            version: "v1".into(),
+            addr: "127.0.0.1:1".into(),
+            ready: true,
+        };
+        let state = MeshState::default().apply(&change).unwrap();
+        {
+            let store = RedbStore::open(&dir).unwrap();
+            store.save_service("web", state.services.get("web"), state.version).unwrap();
+            store.save_service("gone", None, state.version).unwrap();
+        }
+        let loaded = RedbStore::open(&dir).unwrap().load().unwrap();
+        assert_eq!(loaded, state);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
