@@ -166,3 +166,54 @@ pub async fn h2_prior_knowledge(connect_to: &str, request: Request<Full<Bytes>>)
     tokio::spawn(connection);
     answer_of(sender.send_request(request)).await
 }
+
+/// Load that runs in the background until stopped, counting every answer.
+pub struct Background {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    sent: Arc<std::sync::atomic::AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<Tally>>,
+}
+
+impl Background {
+    /// `concurrency` callers sending GETs back to back, each bounded to
+    /// five minutes so that a forgotten load cannot run forever.
+    pub fn start(proxy: &str, host: &str, concurrency: u32) -> Background {
+        let client = http1();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let tasks = (0..concurrency)
+            .map(|_| {
+                let (client, proxy, host, stop, sent) =
+                    (client.clone(), proxy.to_owned(), host.to_owned(), stop.clone(), sent.clone());
+                tokio::spawn(async move {
+                    let mut tally = Tally::default();
+                    let deadline = Instant::now() + Duration::from_secs(300);
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline {
+                        tally.add(&get(&client, &proxy, &host, "/background").await);
+                        sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    tally
+                })
+            })
+            .collect();
+        Background { stop, sent, tasks }
+    }
+
+    pub fn sent(&self) -> u64 {
+        self.sent.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Waits until at least `more` further requests have been answered.
+    pub async fn wait_for(&self, more: u64) {
+        let target = self.sent() + more;
+        crate::eventually("background load makes progress", Duration::from_secs(60), || async move {
+            (self.sent() >= target).then_some(())
+        })
+        .await;
+    }
+
+    pub async fn stop(self) -> Tally {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        merge(self.tasks).await
+    }
+}

@@ -168,3 +168,65 @@ impl Proxy {
         self.process.field(&format!("upstream.{service}"))
     }
 }
+
+/// A `meshd server` on port 0 (or a given address, to restart in place).
+pub struct Meshd {
+    pub process: Process,
+    pub listen: String,
+    pub admin: String,
+}
+
+impl Meshd {
+    pub fn start(data_dir: &Path) -> Meshd {
+        Meshd::start_on(data_dir, "127.0.0.1:0")
+    }
+
+    pub fn start_on(data_dir: &Path, listen: &str) -> Meshd {
+        let data_dir = data_dir.to_str().expect("utf-8 path");
+        let args = ["server", "--data-dir", data_dir, "--listen", listen, "--admin", "127.0.0.1:0"];
+        let process = Process::start(&crate::bin("meshd"), &args);
+        let listen = process.field("listen");
+        let admin = process.field("admin");
+        Meshd { process, listen, admin }
+    }
+
+    /// Runs meshctl against this server: (exit code, stdout, stderr).
+    pub fn ctl(&self, args: &[&str]) -> (i32, String, String) {
+        let mut all = vec!["--server", self.listen.as_str()];
+        all.extend_from_slice(args);
+        run(&crate::bin("meshctl"), &all)
+    }
+
+    /// Runs meshctl and insists that it succeeds; returns stdout.
+    pub fn ctl_ok(&self, args: &[&str]) -> String {
+        let (code, stdout, stderr) = self.ctl(args);
+        assert_eq!(code, 0, "meshctl {args:?} failed: {stdout}{stderr}");
+        stdout
+    }
+
+    /// `meshctl ... -o json`, parsed.
+    pub fn ctl_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = args.to_vec();
+        all.extend_from_slice(&["-o", "json"]);
+        serde_json::from_str(&self.ctl_ok(&all)).expect("meshctl prints JSON")
+    }
+}
+
+impl Proxy {
+    /// A mesh-proxy under the control plane, with an outbound listener and
+    /// the given extra flags (such as `--upstream echo=127.0.0.1:0`).
+    pub fn start_control(server: &str, service: &str, extra: &[&str]) -> Proxy {
+        let mut args = vec![
+            "--control",
+            server,
+            "--service",
+            service,
+            "--outbound",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+        ];
+        args.extend_from_slice(extra);
+        Proxy { process: Process::start(&crate::bin("mesh-proxy"), &args) }
+    }
+}

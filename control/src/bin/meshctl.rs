@@ -55,8 +55,12 @@ enum Command {
         service: String,
         #[command(flatten)]
         policy: PolicyArgs,
-        #[command(flatten)]
-        wait: Wait,
+        /// Return once every connected proxy has applied the change.
+        #[arg(long)]
+        wait: bool,
+        /// How long `--wait` waits before failing (`--timeout` is the policy's).
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "10s", requires = "wait")]
+        wait_timeout: Duration,
     },
     /// The current version, and per proxy its acked version, lag and last contact.
     Status,
@@ -197,7 +201,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             println!("split of {service} set (version {version})");
             wait_for(&mut admin, version, &wait).await?;
         }
-        Command::Policy { service, policy, wait } => {
+        Command::Policy { service, policy, wait, wait_timeout } => {
+            let wait = Wait { wait, timeout: wait_timeout };
             let ms = |d: Option<Duration>| d.map(|d| d.as_millis() as u64);
             let policy = pb::Policy {
                 protocol: policy.protocol,
@@ -250,12 +255,18 @@ async fn wait_for(admin: &mut AdminClient<Channel>, version: u64, wait: &Wait) -
     }
     let request = pb::WaitRequest { version, timeout_ms: wait.timeout.as_millis() as u64 };
     let convergence = admin.wait_converged(request).await?.into_inner();
-    let connected = convergence.proxies.iter().filter(|p| p.connected).count();
+    let connected = convergence.proxies.iter().filter(|p| p.connected && !p.stalled).count();
     if convergence.converged {
         println!(
             "all {connected} connected proxies applied version {version} in {} ms",
             convergence.waited_ms
         );
+        for stalled in convergence.proxies.iter().filter(|p| p.stalled) {
+            println!(
+                "not waited for: {} (service {}) is stalled at version {}",
+                stalled.proxy_id, stalled.service, stalled.acked_version
+            );
+        }
         return Ok(());
     }
     let lagging: Vec<String> = convergence
@@ -304,9 +315,33 @@ async fn services(admin: &mut AdminClient<Channel>) -> Result<Rows, Failure> {
                 ("endpoints", json!(s.endpoints)),
                 ("ready_endpoints", json!(s.ready_endpoints)),
                 ("split", weights_text(&s.split)),
+                ("policy", policy_json(s.policy.as_ref())),
             ])
         })
         .collect())
+}
+
+/// The fields of a policy that are set, by their meshctl option names.
+fn policy_json(policy: Option<&pb::Policy>) -> Value {
+    let Some(p) = policy else { return json!({}) };
+    let mut fields = serde_json::Map::new();
+    let mut set = |name: &str, value: Option<Value>| {
+        if let Some(value) = value {
+            fields.insert(name.to_owned(), value);
+        }
+    };
+    set("protocol", p.protocol.clone().map(Value::from));
+    set("timeout_ms", p.timeout_ms.map(Value::from));
+    set("connect_timeout_ms", p.connect_timeout_ms.map(Value::from));
+    set("retry_attempts", p.retry_attempts.map(Value::from));
+    set("retry_on", (!p.retry_on.is_empty()).then(|| json!(p.retry_on)));
+    set("retry_non_idempotent", p.retry_non_idempotent.map(Value::from));
+    set("retry_budget_ratio", p.retry_budget_ratio.map(Value::from));
+    set("retry_budget_min_per_second", p.retry_budget_min_per_second.map(Value::from));
+    set("breaker_failures", p.breaker_consecutive_failures.map(Value::from));
+    set("breaker_base_ejection_ms", p.breaker_base_ejection_ms.map(Value::from));
+    set("breaker_max_ejection_ms", p.breaker_max_ejection_ms.map(Value::from));
+    Value::Object(fields)
 }
 
 async fn endpoints(admin: &mut AdminClient<Channel>) -> Result<Rows, Failure> {
@@ -363,6 +398,7 @@ fn status_rows(status: &pb::Convergence) -> Rows {
                 ("proxy_id", json!(p.proxy_id)),
                 ("service", json!(p.service)),
                 ("connected", json!(p.connected)),
+                ("stalled", json!(p.stalled)),
                 ("acked_version", json!(p.acked_version)),
                 ("lag", json!(status.version.saturating_sub(p.acked_version))),
                 ("last_contact_ms_ago", ago(p.last_contact_unix_ms)),

@@ -32,6 +32,7 @@ pub fn proxy_status(id: &str, record: &ProxyRecord) -> pb::ProxyStatus {
             .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
             .map_or(0, |d| d.as_millis() as u64),
         connected: record.connected,
+        stalled: record.stalled(),
     }
 }
 
@@ -148,7 +149,7 @@ impl Admin for AdminService {
     async fn status(&self, _: Request<pb::Empty>) -> Result<Response<pb::Convergence>, Status> {
         let version = self.control.current_version();
         let proxies = self.control.proxies();
-        let converged = proxies.iter().filter(|(_, p)| p.connected).all(|(_, p)| p.acked_version >= version);
+        let converged = crate::server::converged(&proxies, version);
         Ok(Response::new(self.convergence(version, converged, &proxies, Duration::ZERO)))
     }
 }

@@ -87,7 +87,11 @@ async fn push(
                     services: changed.iter().map(|s| pb::ServiceRoute::clone(&s.route)).collect(),
                     removed_services: removed,
                 };
-                control.update_proxy(&id, |record| record.pushed = Some((current.version, Instant::now())));
+                control.update_proxy(&id, |record| {
+                    let now = Instant::now();
+                    record.pushed = Some((current.version, now));
+                    record.unacked_since.get_or_insert(now);
+                });
                 control.metrics.count_push(prost::Message::encoded_len(&update) as u64);
                 if tx.send(Ok(update)).await.is_err() {
                     return;
@@ -120,9 +124,12 @@ async fn read_acks(
                 record.rejected = Some((ack.version, ack.error.clone()));
             }
             if let Some((version, at)) = record.pushed {
-                if version == ack.version {
-                    control.metrics.observe_push_to_ack(at.elapsed());
+                if ack.version >= version {
+                    if ack.version == version {
+                        control.metrics.observe_push_to_ack(at.elapsed());
+                    }
                     record.pushed = None;
+                    record.unacked_since = None;
                 }
             }
         });

@@ -30,8 +30,25 @@ pub struct ProxyRecord {
     pub connected: bool,
     /// The version last pushed and when, for push-to-ack latency.
     pub pushed: Option<(u64, Instant)>,
+    /// Since when a pushed version has waited for its ack, if one has.
+    pub unacked_since: Option<Instant>,
     /// Distinguishes reconnections of one proxy id.
     pub stream: u64,
+}
+
+/// A connected proxy that has left an update unacknowledged this long is
+/// stalled: `--wait` stops waiting for it and reports it instead.
+pub const STALL_AFTER: Duration = Duration::from_secs(3);
+
+impl ProxyRecord {
+    pub fn stalled(&self) -> bool {
+        self.connected && self.unacked_since.is_some_and(|since| since.elapsed() > STALL_AFTER)
+    }
+
+    /// Whether convergence waits for this proxy.
+    fn counts_for_convergence(&self) -> bool {
+        self.connected && !self.stalled()
+    }
 }
 
 pub struct ControlPlane {
@@ -120,8 +137,9 @@ impl ControlPlane {
         self.acks.send_modify(|n| *n += 1);
     }
 
-    /// Waits until every connected proxy has applied `version` or newer, or
-    /// `timeout` passes. Returns whether it converged and the proxies.
+    /// Waits until every connected proxy that is not stalled has applied
+    /// `version` or newer, or `timeout` passes. Returns whether it
+    /// converged and the proxies.
     pub async fn wait_converged(
         &self,
         version: u64,
@@ -131,14 +149,21 @@ impl ControlPlane {
         let mut changes = self.acks.subscribe();
         loop {
             let proxies = self.proxies();
-            let converged =
-                proxies.iter().filter(|(_, p)| p.connected).all(|(_, p)| p.acked_version >= version);
-            if converged {
+            if converged(&proxies, version) {
                 return (true, proxies);
             }
-            if tokio::time::timeout_at(deadline, changes.changed()).await.is_err() {
+            if tokio::time::Instant::now() >= deadline {
                 return (false, proxies);
             }
+            // Wake on any ack, and now and then, since a proxy can become
+            // stalled without sending anything.
+            let tick = (tokio::time::Instant::now() + Duration::from_millis(250)).min(deadline);
+            let _ = tokio::time::timeout_at(tick, changes.changed()).await;
         }
     }
+}
+
+/// Whether every proxy that counts has applied `version`.
+pub fn converged(proxies: &[(String, ProxyRecord)], version: u64) -> bool {
+    proxies.iter().filter(|(_, p)| p.counts_for_convergence()).all(|(_, p)| p.acked_version >= version)
 }
