@@ -5,7 +5,7 @@
 
 mod contenders;
 mod load;
-mod procstat;
+
 mod report;
 mod tools;
 
@@ -18,6 +18,7 @@ use clap::Parser;
 use crate::contenders::{free_port, Kind, Mode, Setup};
 use crate::load::{open_loop, OpenLoop};
 use crate::report::{H2Row, Row};
+use mesh_bench::procstat;
 
 #[derive(Parser, Debug)]
 #[command(name = "mesh-bench", about = "Side-by-side proxy benchmark")]

@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -57,10 +58,12 @@ impl ServiceState {
 }
 
 /// Everything proxies route on, with a version that grows with every change.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+/// Services sit behind `Arc`s so that a change copies only the service it
+/// touches, not the whole table.
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct MeshState {
     pub version: u64,
-    pub services: BTreeMap<String, ServiceState>,
+    pub services: BTreeMap<String, Arc<ServiceState>>,
 }
 
 /// A change requested through the registry or admin API.
@@ -179,8 +182,8 @@ impl MeshState {
                 let Ok(addr) = addr.parse::<SocketAddr>() else {
                     return refuse(format!("address {addr:?} is not an IP:port such as 127.0.0.1:8080"));
                 };
-                let entry = next.services.entry(service.clone()).or_default();
                 let record = EndpointRecord { version: endpoint_version.clone(), ready: *ready };
+                let entry = Arc::make_mut(next.services.entry(service.clone()).or_default());
                 if let Some(existing) = entry.endpoints.get(&addr) {
                     if *existing == record {
                         // Registering what is already there changes nothing.
@@ -197,7 +200,7 @@ impl MeshState {
                 service
             }
             Change::Deregister { service, addr } => {
-                let Some(entry) = next.services.get_mut(service) else {
+                let Some(entry) = next.services.get_mut(service).map(Arc::make_mut) else {
                     return refuse(format!("unknown service {service:?}"));
                 };
                 let Ok(addr) = addr.parse::<SocketAddr>() else {
@@ -209,7 +212,7 @@ impl MeshState {
                 service
             }
             Change::SetSplit { service, weights } => {
-                let Some(entry) = next.services.get_mut(service) else {
+                let Some(entry) = next.services.get_mut(service).map(Arc::make_mut) else {
                     return refuse(format!("unknown service {service:?}"));
                 };
                 let versions = entry.versions();
@@ -231,7 +234,7 @@ impl MeshState {
                 service
             }
             Change::ClearSplit { service } => {
-                let Some(entry) = next.services.get_mut(service) else {
+                let Some(entry) = next.services.get_mut(service).map(Arc::make_mut) else {
                     return refuse(format!("unknown service {service:?}"));
                 };
                 if entry.split.is_empty() {
@@ -243,7 +246,7 @@ impl MeshState {
             Change::SetPolicy { service, policy } => {
                 check_name("service", service)?;
                 check_policy(policy)?;
-                let entry = next.services.entry(service.clone()).or_default();
+                let entry = Arc::make_mut(next.services.entry(service.clone()).or_default());
                 let policy = merged(&entry.policy, policy);
                 check_policy(&policy)?;
                 entry.policy = policy;
@@ -251,7 +254,7 @@ impl MeshState {
             }
         };
         next.version = version;
-        if let Some(entry) = next.services.get_mut(name) {
+        if let Some(entry) = next.services.get_mut(name).map(Arc::make_mut) {
             entry.stamp = version;
             if entry.is_empty() {
                 next.services.remove(name);
@@ -360,5 +363,18 @@ mod tests {
             gone = gone.apply(&Change::Deregister { service: "web".into(), addr: addr.into() }).unwrap();
         }
         assert!(gone.services.is_empty());
+    }
+}
+
+impl Change {
+    /// The service a change is about.
+    pub fn service(&self) -> &str {
+        match self {
+            Change::Register { service, .. }
+            | Change::Deregister { service, .. }
+            | Change::SetSplit { service, .. }
+            | Change::ClearSplit { service }
+            | Change::SetPolicy { service, .. } => service,
+        }
     }
 }

@@ -1,5 +1,6 @@
 //! The benchmark itself keeps working: `bench/run --quick` runs every
-//! contender and each answers without errors. The numbers are not judged
+//! contender and each answers without errors, then the control-plane
+//! benchmark with a few simulated proxies. The numbers are not judged
 //! here; they live in bench/RESULTS.md.
 
 use mesh_tests::{bin, workspace_dir};
@@ -23,6 +24,13 @@ fn the_quick_benchmark_runs_every_contender() {
             .unwrap_or_else(|| panic!("no row for {contender}:\n{stdout}"));
         let requests_per_second: f64 = row.split('|').nth(2).unwrap().trim().parse().unwrap();
         assert!(requests_per_second > 0.0, "{contender} answered nothing: {row}");
+    }
+    for measure in [
+        "split change → last ack, p99",
+        "bytes per proxy per endpoint flap",
+        "meshd memory per connected proxy",
+    ] {
+        assert!(stdout.contains(measure), "the control-plane benchmark reports {measure:?}:\n{stdout}");
     }
     let svg = std::fs::read_to_string(workspace_dir().join("bench/results/http1-quick.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("mesh-proxy"), "the chart is written");

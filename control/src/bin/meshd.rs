@@ -15,7 +15,6 @@ use mesh_proto::mesh::v1::admin_server::AdminServer;
 use mesh_proto::mesh::v1::discovery_server::DiscoveryServer;
 use mesh_proto::mesh::v1::registry_server::RegistryServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 #[derive(Parser, Debug)]
 #[command(name = "meshd", version, about = "The mesh's control plane")]
@@ -78,11 +77,13 @@ async fn serve(data_dir: PathBuf, listen: SocketAddr, admin: SocketAddr) -> Resu
             _ = tokio::signal::ctrl_c() => {},
         }
     };
+    // Updates and acks are small messages that must not wait for Nagle.
+    let incoming = tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
     tonic::transport::Server::builder()
         .add_service(RegistryServer::new(RegistryService { control: control.clone() }))
         .add_service(DiscoveryServer::new(DiscoveryService { control: control.clone() }))
         .add_service(AdminServer::new(AdminService { control }))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .map_err(|e| e.to_string())
 }

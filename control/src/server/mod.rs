@@ -13,11 +13,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::watch;
+use std::collections::BTreeSet;
+
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::metrics::ControlMetrics;
 use crate::publish::Published;
-use crate::state::{Change, ChangeError, MeshState};
+use crate::state::{Change, ChangeError, MeshState, ServiceState};
 use crate::store::{Store, StoreError};
 
 /// What the control plane knows about one proxy.
@@ -59,6 +61,8 @@ pub struct ControlPlane {
     proxies: Mutex<HashMap<String, ProxyRecord>>,
     /// Bumped whenever a proxy acks, connects or leaves, to wake waiters.
     acks: watch::Sender<u64>,
+    /// Changes go to the single writer task through here.
+    writes: mpsc::Sender<PendingChange>,
     pub metrics: ControlMetrics,
 }
 
@@ -68,43 +72,87 @@ pub enum ChangeFailure {
     Store(StoreError),
 }
 
+/// A change waiting for the writer, and where its answer goes.
+struct PendingChange {
+    change: Change,
+    reply: oneshot::Sender<Result<u64, ChangeFailure>>,
+}
+
+/// Changes committed together in one store transaction at most.
+const MAX_BATCH: usize = 256;
+
 impl ControlPlane {
+    /// Loads the stored state and starts the writer task.
     pub fn new(store: Box<dyn Store>) -> Result<Arc<ControlPlane>, StoreError> {
         let state = store.load()?;
         let published = Published::build(&state, &Published::default());
         let metrics = ControlMetrics::default();
         metrics.set_version(state.version);
-        Ok(Arc::new(ControlPlane {
+        let (writes, pending) = mpsc::channel(MAX_BATCH * 4);
+        let control = Arc::new(ControlPlane {
             store,
             state: tokio::sync::Mutex::new(state),
             published: watch::channel(Arc::new(published)).0,
             proxies: Mutex::new(HashMap::new()),
             acks: watch::channel(0).0,
+            writes,
             metrics,
-        }))
+        });
+        tokio::spawn(write_loop(control.clone(), pending));
+        Ok(control)
     }
 
     /// Validates, persists and publishes one change; returns the version
-    /// that contains it. A refused change touches neither store nor proxies.
+    /// that contains it. A refused change touches neither store nor
+    /// proxies. Changes that arrive together are committed together (group
+    /// commit): one durable write for the batch, each change still
+    /// validated and answered on its own.
     pub async fn change(&self, change: Change) -> Result<u64, ChangeFailure> {
+        let (reply, answer) = oneshot::channel();
+        let stopped = || ChangeFailure::Store(StoreError("the control plane's writer has stopped".into()));
+        self.writes.send(PendingChange { change, reply }).await.map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+
+    async fn commit(&self, batch: Vec<PendingChange>) {
         let mut state = self.state.lock().await;
-        let next = state.apply(&change).map_err(ChangeFailure::Refused)?;
-        if next.version == state.version {
-            return Ok(state.version);
+        let mut next = state.clone();
+        let mut touched = BTreeSet::new();
+        let mut results = Vec::with_capacity(batch.len());
+        for pending in &batch {
+            match next.apply(&pending.change) {
+                Ok(applied) => {
+                    if applied.version != next.version {
+                        touched.insert(pending.change.service().to_owned());
+                    }
+                    next = applied;
+                    results.push(Ok(next.version));
+                }
+                Err(refused) => results.push(Err(ChangeFailure::Refused(refused))),
+            }
         }
-        let name = match &change {
-            Change::Register { service, .. }
-            | Change::Deregister { service, .. }
-            | Change::SetSplit { service, .. }
-            | Change::ClearSplit { service }
-            | Change::SetPolicy { service, .. } => service,
-        };
-        self.store.save_service(name, next.services.get(name), next.version).map_err(ChangeFailure::Store)?;
-        let published = Published::build(&next, &self.published.borrow());
-        *state = next;
-        self.metrics.set_version(state.version);
-        self.published.send_replace(Arc::new(published));
-        Ok(state.version)
+        if !touched.is_empty() {
+            let services: Vec<(&str, Option<&ServiceState>)> =
+                touched.iter().map(|name| (name.as_str(), next.services.get(name).map(|s| &**s))).collect();
+            if let Err(error) = self.store.save_services(&services, next.version) {
+                // Nothing was applied: every accepted change fails with the store's error.
+                tracing::error!(%error, "store write failed; the batch is not applied");
+                for result in &mut results {
+                    if result.is_ok() {
+                        *result = Err(ChangeFailure::Store(StoreError(error.0.clone())));
+                    }
+                }
+            } else {
+                let published = Published::build(&next, &self.published.borrow());
+                *state = next;
+                self.metrics.set_version(state.version);
+                self.published.send_replace(Arc::new(published));
+            }
+        }
+        drop(state);
+        for (pending, result) in batch.into_iter().zip(results) {
+            let _ = pending.reply.send(result);
+        }
     }
 
     pub async fn state(&self) -> MeshState {
@@ -166,4 +214,18 @@ impl ControlPlane {
 /// Whether every proxy that counts has applied `version`.
 pub fn converged(proxies: &[(String, ProxyRecord)], version: u64) -> bool {
     proxies.iter().filter(|(_, p)| p.counts_for_convergence()).all(|(_, p)| p.acked_version >= version)
+}
+
+/// The single writer: takes what is waiting, up to a batch, and commits it.
+async fn write_loop(control: Arc<ControlPlane>, mut pending: mpsc::Receiver<PendingChange>) {
+    while let Some(first) = pending.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match pending.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        control.commit(batch).await;
+    }
 }

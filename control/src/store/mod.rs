@@ -26,12 +26,11 @@ pub trait Store: Send + Sync + 'static {
     /// Everything stored, as the state to serve.
     fn load(&self) -> Result<MeshState, StoreError>;
 
-    /// Writes one service's new state (`None`: it is gone) and the state's
-    /// version, durably, before returning.
-    fn save_service(
+    /// Writes the new state of some services (`None`: gone) and the state's
+    /// version in one transaction, durably, before returning.
+    fn save_services(
         &self,
-        name: &str,
-        service: Option<&ServiceState>,
+        services: &[(&str, Option<&ServiceState>)],
         version: u64,
     ) -> Result<(), StoreError>;
 }

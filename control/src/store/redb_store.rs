@@ -44,27 +44,28 @@ impl Store for RedbStore {
             let (name, value) = entry.map_err(error)?;
             let service: ServiceState = serde_json::from_slice(value.value())
                 .map_err(|e| error(format!("service {:?} is unreadable: {e}", name.value())))?;
-            state.services.insert(name.value().to_owned(), service);
+            state.services.insert(name.value().to_owned(), std::sync::Arc::new(service));
         }
         Ok(state)
     }
 
-    fn save_service(
+    fn save_services(
         &self,
-        name: &str,
-        service: Option<&ServiceState>,
+        services: &[(&str, Option<&ServiceState>)],
         version: u64,
     ) -> Result<(), StoreError> {
         let write = self.db.begin_write().map_err(error)?;
         {
             let mut table = write.open_table(SERVICES).map_err(error)?;
-            match service {
-                Some(service) => {
-                    let bytes = serde_json::to_vec(service).map_err(error)?;
-                    table.insert(name, bytes.as_slice()).map_err(error)?;
-                }
-                None => {
-                    table.remove(name).map_err(error)?;
+            for (name, service) in services {
+                match service {
+                    Some(service) => {
+                        let bytes = serde_json::to_vec(service).map_err(error)?;
+                        table.insert(*name, bytes.as_slice()).map_err(error)?;
+                    }
+                    None => {
+                        table.remove(*name).map_err(error)?;
+                    }
                 }
             }
             let mut meta = write.open_table(META).map_err(error)?;
@@ -93,8 +94,8 @@ mod tests {
         let state = MeshState::default().apply(&change).unwrap();
         {
             let store = RedbStore::open(&dir).unwrap();
-            store.save_service("web", state.services.get("web"), state.version).unwrap();
-            store.save_service("gone", None, state.version).unwrap();
+            let services = [("web", state.services.get("web").map(|s| &**s)), ("gone", None)];
+            store.save_services(&services, state.version).unwrap();
         }
         let loaded = RedbStore::open(&dir).unwrap().load().unwrap();
         assert_eq!(loaded, state);

@@ -1,0 +1,272 @@
+//! The control plane's benchmark: many proxy subscriptions (simulated in
+//! this process, each a real gRPC stream on its own connection) against a
+//! real `meshd server`, measuring how fast a change reaches the last proxy,
+//! how many bytes an endpoint flap costs per proxy, and memory per proxy.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use mesh_bench::procstat;
+use mesh_proto::mesh::v1 as pb;
+use pb::admin_client::AdminClient;
+use pb::discovery_client::DiscoveryClient;
+use pb::registry_client::RegistryClient;
+use pb::subscribe_request::Message;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+#[derive(Parser, Debug)]
+#[command(name = "mesh-control-bench", about = "Control-plane convergence, churn and memory")]
+struct Args {
+    /// Where meshd is.
+    #[arg(long)]
+    bin_dir: std::path::PathBuf,
+    /// Small numbers: checks that the benchmark works.
+    #[arg(long)]
+    quick: bool,
+    /// Simulated proxies.
+    #[arg(long, default_value_t = 1000)]
+    proxies: u32,
+    /// Split changes timed from the API call to the last ack.
+    #[arg(long, default_value_t = 50)]
+    changes: u32,
+    /// Services and endpoints per service for the churn test.
+    #[arg(long, default_value_t = 100)]
+    services: u32,
+    #[arg(long, default_value_t = 100)]
+    endpoints_per_service: u32,
+    /// The core meshd is pinned to.
+    #[arg(long, default_value = "0")]
+    server_core: String,
+}
+
+/// meshd in its own process group, killed on drop.
+struct Meshd {
+    child: std::process::Child,
+    listen: String,
+    data_dir: std::path::PathBuf,
+}
+
+impl Drop for Meshd {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child's process group.
+        unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.data_dir);
+    }
+}
+
+fn start_meshd(args: &Args) -> Meshd {
+    use std::io::BufRead;
+    let data_dir = std::env::temp_dir().join(format!("mesh-control-bench-{}", std::process::id()));
+    let mut command = std::process::Command::new("taskset");
+    command
+        .args(["-c", &args.server_core])
+        .arg(args.bin_dir.join("meshd"))
+        .args([
+            "server",
+            "--data-dir",
+            data_dir.to_str().expect("utf-8"),
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped());
+    std::os::unix::process::CommandExt::process_group(&mut command, 0);
+    let mut child = command.spawn().expect("start meshd");
+    let stdout = child.stdout.take().expect("piped");
+    let mut line = String::new();
+    std::io::BufReader::new(stdout).read_line(&mut line).expect("meshd ready line");
+    let field = |key: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("meshd printed no {key}: {line}"))
+            .to_owned()
+    };
+    let listen = field("listen");
+    Meshd { child, listen, data_dir }
+}
+
+/// Lets this process and meshd hold a connection per simulated proxy.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
+/// One simulated proxy: subscribes and acks every update at once.
+async fn simulated_proxy(server: String, id: u32, received_bytes: Arc<AtomicU64>) -> Result<(), String> {
+    let channel = Channel::from_shared(format!("http://{server}")).map_err(|e| e.to_string())?;
+    let channel = channel.connect().await.map_err(|e| e.to_string())?;
+    let (tx, rx) = mpsc::channel(4);
+    let hello = pb::Hello { proxy_id: format!("sim-{id}"), service: "sim".into(), have_version: 0 };
+    let _ = tx.send(pb::SubscribeRequest { message: Some(Message::Hello(hello)) }).await;
+    let mut updates = DiscoveryClient::new(channel)
+        .subscribe(ReceiverStream::new(rx))
+        .await
+        .map_err(|e| e.to_string())?
+        .into_inner();
+    while let Some(update) = updates.message().await.map_err(|e| e.to_string())? {
+        received_bytes.fetch_add(prost::Message::encoded_len(&update) as u64, Ordering::Relaxed);
+        let ack = pb::Ack { version: update.version, applied: true, error: String::new() };
+        if tx.send(pb::SubscribeRequest { message: Some(Message::Ack(ack)) }).await.is_err() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+fn rss_mb(pid: i32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0.0);
+    kib / 1024.0
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+async fn register(
+    registry: &mut RegistryClient<Channel>,
+    service: &str,
+    version: &str,
+    addr: &str,
+    ready: bool,
+) {
+    let endpoint =
+        pb::Endpoint { service: service.into(), version: version.into(), addr: addr.into(), ready };
+    registry.register(pb::RegisterRequest { endpoint: Some(endpoint) }).await.expect("register");
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let mut args = Args::parse();
+    if args.quick {
+        (args.proxies, args.changes, args.services, args.endpoints_per_service) = (20, 5, 5, 10);
+    }
+    raise_fd_limit();
+    let meshd = start_meshd(&args);
+    let pid = meshd.child.id() as i32;
+    let channel = Channel::from_shared(format!("http://{}", meshd.listen))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let mut registry = RegistryClient::new(channel.clone());
+    let mut admin = AdminClient::new(channel);
+    for (version, addr) in [("v1", "127.0.0.8:1"), ("v2", "127.0.0.8:2")] {
+        register(&mut registry, "echo", version, addr, true).await;
+    }
+    // The churn table goes in first, so that proxies subscribe to a large
+    // table. Services register in parallel, as many agents would; the
+    // server commits them in groups.
+    let setup_started = Instant::now();
+    let mut registering = tokio::task::JoinSet::new();
+    for s in 0..args.services {
+        let mut registry = registry.clone();
+        let per_service = args.endpoints_per_service;
+        registering.spawn(async move {
+            for e in 0..per_service {
+                let addr = format!("127.1.{}.{}:{}", s % 250, e % 250, 10_000 + e);
+                register(&mut registry, &format!("svc-{s}"), "v1", &addr, true).await;
+            }
+        });
+    }
+    while registering.join_next().await.is_some() {}
+    let setup_seconds = setup_started.elapsed().as_secs_f64();
+    let rss_before = rss_mb(pid);
+
+    let received = Arc::new(AtomicU64::new(0));
+    for id in 0..args.proxies {
+        tokio::spawn(simulated_proxy(meshd.listen.clone(), id, received.clone()));
+    }
+    let all_connected = Instant::now() + Duration::from_secs(120);
+    loop {
+        let status = admin.status(pb::Empty {}).await.expect("status").into_inner();
+        let current =
+            status.proxies.iter().filter(|p| p.connected && p.acked_version == status.version).count();
+        if current as u32 == args.proxies {
+            break;
+        }
+        assert!(Instant::now() < all_connected, "only {current} of {} proxies connected", args.proxies);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rss_connected = rss_mb(pid);
+
+    // Convergence: API call to the last ack, on the large table.
+    let mut latencies = Vec::new();
+    for i in 0..args.changes {
+        let v2 = if i % 2 == 0 { 10 } else { 20 };
+        let weights = [("v1".to_owned(), 100 - v2), ("v2".to_owned(), v2)].into_iter().collect();
+        let started = Instant::now();
+        let version = admin
+            .set_split(pb::SetSplitRequest { service: "echo".into(), weights })
+            .await
+            .expect("split")
+            .into_inner()
+            .version;
+        let wait = pb::WaitRequest { version, timeout_ms: 30_000 };
+        let convergence = admin.wait_converged(wait).await.expect("wait").into_inner();
+        assert!(convergence.converged, "change {i} did not converge");
+        latencies.push(started.elapsed().as_secs_f64() * 1e3);
+    }
+    latencies.sort_by(|a, b| a.total_cmp(b));
+
+    let table = admin.list_endpoints(pb::Empty {}).await.expect("endpoints").into_inner();
+    let table_bytes = prost::Message::encoded_len(&table) as f64;
+    let flaps = args.changes;
+    let bytes_before = received.load(Ordering::Relaxed);
+    let cpu_before = procstat::cpu_seconds(pid);
+    let mut version = 0;
+    for i in 0..flaps {
+        let addr = format!("127.1.0.0:{}", 10_000);
+        register(&mut registry, "svc-0", "v1", &addr, i % 2 == 1).await;
+        version = admin.status(pb::Empty {}).await.expect("status").into_inner().version;
+    }
+    admin.wait_converged(pb::WaitRequest { version, timeout_ms: 60_000 }).await.expect("wait");
+    let cpu_per_change_ms = (procstat::cpu_seconds(pid) - cpu_before) * 1e3 / f64::from(flaps);
+    let bytes_per_proxy_per_change =
+        (received.load(Ordering::Relaxed) - bytes_before) as f64 / f64::from(args.proxies * flaps);
+
+    println!("| measure | value |");
+    println!("|---|---:|");
+    println!("| simulated proxies (one gRPC stream and connection each) | {} |", args.proxies);
+    println!("| split change → last ack, p50 | {:.1} ms |", percentile(&latencies, 0.5));
+    println!("| split change → last ack, p99 | {:.1} ms |", percentile(&latencies, 0.99));
+    println!("| changes timed | {} |", latencies.len());
+    println!(
+        "| table: services × endpoints | {} × {} ({:.0} KB as a full listing) |",
+        args.services,
+        args.endpoints_per_service,
+        table_bytes / 1e3
+    );
+    println!(
+        "| registering the churn table ({} endpoints, {} clients in parallel) | {setup_seconds:.1} s |",
+        args.services * args.endpoints_per_service,
+        args.services
+    );
+    println!("| bytes per proxy per endpoint flap | {bytes_per_proxy_per_change:.0} B |");
+    println!("| meshd CPU per endpoint flap (pushing to every proxy) | {cpu_per_change_ms:.1} ms |");
+    println!(
+        "| meshd memory per connected proxy | {:.1} KB |",
+        (rss_connected - rss_before) * 1024.0 / f64::from(args.proxies)
+    );
+    drop(meshd);
+}

@@ -1,0 +1,3 @@
+//! Pieces shared by the benchmarks.
+
+pub mod procstat;
