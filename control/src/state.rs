@@ -271,6 +271,19 @@ fn split_needs(service: &ServiceState, version: &str, addr: SocketAddr) -> bool 
         && !service.endpoints.iter().any(|(a, e)| *a != addr && e.version == version)
 }
 
+impl Change {
+    /// The service a change is about.
+    pub fn service(&self) -> &str {
+        match self {
+            Change::Register { service, .. }
+            | Change::Deregister { service, .. }
+            | Change::SetSplit { service, .. }
+            | Change::ClearSplit { service }
+            | Change::SetPolicy { service, .. } => service,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -363,18 +376,5 @@ mod tests {
             gone = gone.apply(&Change::Deregister { service: "web".into(), addr: addr.into() }).unwrap();
         }
         assert!(gone.services.is_empty());
-    }
-}
-
-impl Change {
-    /// The service a change is about.
-    pub fn service(&self) -> &str {
-        match self {
-            Change::Register { service, .. }
-            | Change::Deregister { service, .. }
-            | Change::SetSplit { service, .. }
-            | Change::ClearSplit { service }
-            | Change::SetPolicy { service, .. } => service,
-        }
     }
 }

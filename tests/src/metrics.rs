@@ -38,3 +38,24 @@ pub async fn text(admin: &str) -> String {
     let answer = get(&http1(), admin, admin, "/metrics").await.expect("scrape /metrics");
     String::from_utf8_lossy(&answer.body).into_owned()
 }
+
+/// Runs `promtool check metrics` on a scrape and fails with its complaints.
+pub fn promtool_check(metrics: &str) {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool is installed by the test command");
+    promtool.stdin.take().expect("piped stdin").write_all(metrics.as_bytes()).expect("write to promtool");
+    let checked = promtool.wait_with_output().expect("promtool ran");
+    assert!(
+        checked.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+}

@@ -92,6 +92,7 @@ async fn a_killed_server_loses_no_request_and_no_state() {
     .await;
     let splits = meshd.ctl_json(&["get", "splits"]);
     assert_eq!(splits[0]["weights"], serde_json::json!({"v1": 30, "v2": 70}), "{splits}");
+    assert_control_metrics(&meshd, version).await;
     let services = meshd.ctl_json(&["get", "services"]);
     assert_eq!(services[0]["policy"]["timeout_ms"], 3000, "{services}");
     assert_eq!(services[0]["policy"]["retry_attempts"], 2, "{services}");
@@ -165,6 +166,14 @@ async fn register(
 ) {
     let endpoint = pb::Endpoint { service: "bulk".into(), version: "v1".into(), addr: addr.into(), ready };
     registry.register(pb::RegisterRequest { endpoint: Some(endpoint) }).await.unwrap();
+}
+
+/// meshd's /metrics passes promtool and reports the proxy and the version.
+async fn assert_control_metrics(meshd: &Meshd, version: u64) {
+    mesh_tests::metrics::promtool_check(&mesh_tests::metrics::text(&meshd.admin).await);
+    let scrape = mesh_tests::metrics::scrape(&meshd.admin).await;
+    assert_eq!(scrape.sum("meshd_connected_proxies", &[]), 1.0);
+    assert_eq!(scrape.sum("meshd_config_version", &[]), version as f64);
 }
 
 fn rss_kib(pid: i32) -> u64 {

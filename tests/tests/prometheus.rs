@@ -1,8 +1,7 @@
 //! The proxy's metrics as Prometheus sees them: `promtool check metrics`
 //! passes, and a real Prometheus scraping the proxy counts the requests.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use mesh_tests::client::{closed_loop, get, http1};
@@ -29,21 +28,7 @@ async fn promtool_accepts_the_metrics_and_prometheus_counts_requests() {
     let _ = get(&http1(), &proxy.outbound(), "nope", "/").await;
 
     let metrics = text(&proxy.admin()).await;
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool is installed by the test command");
-    promtool.stdin.take().unwrap().write_all(metrics.as_bytes()).unwrap();
-    let checked = promtool.wait_with_output().unwrap();
-    assert!(
-        checked.status.success(),
-        "promtool check metrics: {}{}",
-        String::from_utf8_lossy(&checked.stdout),
-        String::from_utf8_lossy(&checked.stderr)
-    );
+    mesh_tests::metrics::promtool_check(&metrics);
 
     let port = free_port();
     let config = dir.path("prometheus.yml");

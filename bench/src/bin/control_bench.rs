@@ -174,28 +174,20 @@ async fn main() {
     for (version, addr) in [("v1", "127.0.0.8:1"), ("v2", "127.0.0.8:2")] {
         register(&mut registry, "echo", version, addr, true).await;
     }
-    // The churn table goes in first, so that proxies subscribe to a large
-    // table. Services register in parallel, as many agents would; the
-    // server commits them in groups.
-    let setup_started = Instant::now();
-    let mut registering = tokio::task::JoinSet::new();
-    for s in 0..args.services {
-        let mut registry = registry.clone();
-        let per_service = args.endpoints_per_service;
-        registering.spawn(async move {
-            for e in 0..per_service {
-                let addr = format!("127.1.{}.{}:{}", s % 250, e % 250, 10_000 + e);
-                register(&mut registry, &format!("svc-{s}"), "v1", &addr, true).await;
-            }
-        });
-    }
-    while registering.join_next().await.is_some() {}
-    let setup_seconds = setup_started.elapsed().as_secs_f64();
     let rss_before = rss_mb(pid);
 
     let received = Arc::new(AtomicU64::new(0));
     for id in 0..args.proxies {
-        tokio::spawn(simulated_proxy(meshd.listen.clone(), id, received.clone()));
+        let (server, received) = (meshd.listen.clone(), received.clone());
+        // A real proxy reconnects when its stream fails; so does this one (bounded).
+        tokio::spawn(async move {
+            for _ in 0..50 {
+                if let Err(error) = simulated_proxy(server.clone(), id, received.clone()).await {
+                    eprintln!("simulated proxy {id}: {error}; reconnecting");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
     }
     let all_connected = Instant::now() + Duration::from_secs(120);
     loop {
@@ -210,7 +202,7 @@ async fn main() {
     }
     let rss_connected = rss_mb(pid);
 
-    // Convergence: API call to the last ack, on the large table.
+    // Convergence: API call to the last ack.
     let mut latencies = Vec::new();
     for i in 0..args.changes {
         let v2 = if i % 2 == 0 { 10 } else { 20 };
@@ -229,8 +221,27 @@ async fn main() {
     }
     latencies.sort_by(|a, b| a.total_cmp(b));
 
+    // Churn: a large table, then one endpoint flapping. Services register
+    // in parallel, as many agents would; the server commits them in groups,
+    // and every registration reaches every proxy.
+    let setup_started = Instant::now();
+    let mut registering = tokio::task::JoinSet::new();
+    for s in 0..args.services {
+        let mut registry = registry.clone();
+        let per_service = args.endpoints_per_service;
+        registering.spawn(async move {
+            for e in 0..per_service {
+                let addr = format!("127.1.{}.{}:{}", s % 250, e % 250, 10_000 + e);
+                register(&mut registry, &format!("svc-{s}"), "v1", &addr, true).await;
+            }
+        });
+    }
+    while registering.join_next().await.is_some() {}
+    let setup_seconds = setup_started.elapsed().as_secs_f64();
     let table = admin.list_endpoints(pb::Empty {}).await.expect("endpoints").into_inner();
     let table_bytes = prost::Message::encoded_len(&table) as f64;
+    let settle = admin.status(pb::Empty {}).await.expect("status").into_inner().version;
+    admin.wait_converged(pb::WaitRequest { version: settle, timeout_ms: 120_000 }).await.expect("wait");
     let flaps = args.changes;
     let bytes_before = received.load(Ordering::Relaxed);
     let cpu_before = procstat::cpu_seconds(pid);
@@ -258,7 +269,7 @@ async fn main() {
         table_bytes / 1e3
     );
     println!(
-        "| registering the churn table ({} endpoints, {} clients in parallel) | {setup_seconds:.1} s |",
+        "| registering the churn table ({} endpoints, {} clients in parallel, each pushed to every proxy) | {setup_seconds:.1} s |",
         args.services * args.endpoints_per_service,
         args.services
     );
