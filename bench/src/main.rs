@@ -177,18 +177,8 @@ fn wait_ready_h2(port: u16, authority: &str, grpc_body: Option<&std::path::Path>
     let deadline = Instant::now() + Duration::from_secs(20);
     let url = format!("http://127.0.0.1:{port}{}", if grpc_body.is_some() { GRPC_PATH } else { "/" });
     loop {
-        let mut command = Command::new("h2load");
-        command.args(["-n1", "-c1", "-H", &format!(":authority: {authority}")]);
-        if let Some(body) = grpc_body {
-            command.args([
-                "-d",
-                body.to_str().unwrap_or_default(),
-                "-H",
-                "content-type: application/grpc",
-                "-H",
-                "te: trailers",
-            ]);
-        }
+        let mut command = tools::h2load_command(authority, grpc_body);
+        command.args(["-n1", "-c1"]);
         let output = command.arg(&url).output().map_err(|e| format!("cannot run h2load: {e}"))?;
         if String::from_utf8_lossy(&output.stdout).contains("1 succeeded")
             && tools::parse_h2load(&String::from_utf8_lossy(&output.stdout)).is_some_and(|r| r.failed == 0)

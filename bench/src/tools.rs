@@ -94,27 +94,27 @@ pub fn h2load(
     duration: Duration,
     grpc_body: Option<&std::path::Path>,
 ) -> Result<H2loadResult, String> {
-    let mut command = Command::new("h2load");
+    let mut command = h2load_command(authority, grpc_body);
     command
         .args(["-t1", &format!("-c{connections}"), &format!("-m{streams}")])
-        .args([&format!("--duration={}", duration.as_secs().max(1)), "--warm-up-time=1"])
-        .args(["-H", &format!(":authority: {authority}")]);
-    if let Some(body) = grpc_body {
-        command.args([
-            "-d",
-            body.to_str().unwrap_or_default(),
-            "-H",
-            "content-type: application/grpc",
-            "-H",
-            "te: trailers",
-        ]);
-    }
+        .args([&format!("--duration={}", duration.as_secs().max(1)), "--warm-up-time=1"]);
     let output = command.arg(url).output().map_err(|e| format!("cannot run h2load: {e}"))?;
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
     if !output.status.success() {
         return Err(format!("h2load failed: {text}{}", String::from_utf8_lossy(&output.stderr)));
     }
     parse_h2load(&text).ok_or_else(|| format!("cannot read h2load's report:\n{text}"))
+}
+
+/// h2load with the authority set and, for gRPC, the body and headers of a unary call.
+pub fn h2load_command(authority: &str, grpc_body: Option<&std::path::Path>) -> Command {
+    let mut command = Command::new("h2load");
+    command.args(["-H", &format!(":authority: {authority}")]);
+    if let Some(body) = grpc_body {
+        let body = body.to_str().unwrap_or_default();
+        command.args(["-d", body, "-H", "content-type: application/grpc", "-H", "te: trailers"]);
+    }
+    command
 }
 
 pub fn parse_h2load(text: &str) -> Option<H2loadResult> {
