@@ -4,6 +4,7 @@
 pub mod convert;
 pub mod metrics;
 pub mod publish;
+pub mod scheduler;
 pub mod server;
 pub mod state;
 pub mod store;
