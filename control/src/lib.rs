@@ -2,6 +2,7 @@
 //! serve proxies, agents and meshctl, and the CLI's client side.
 
 pub mod convert;
+pub mod job;
 pub mod metrics;
 pub mod publish;
 pub mod scheduler;

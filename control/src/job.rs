@@ -1,0 +1,470 @@
+//! Job files: TOML, one job per file, as DESIGN.md sketches them. Parsing
+//! and validation are pure and complete, so `meshctl job run` can refuse a
+//! bad file before anything changes; errors name the line and the field.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::scheduler::{Constraint, JobSpec, Resources, Strategy};
+use crate::state::check_name;
+
+/// A validated job.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Job {
+    pub name: String,
+    pub service: String,
+    pub version: String,
+    pub replicas: u32,
+    pub kind: JobKind,
+    pub command: String,
+    pub args: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub resources: Resources,
+    pub protocol: String,
+    pub readiness: Option<Check>,
+    pub liveness: Option<Check>,
+    pub update: UpdatePolicy,
+    pub upstreams: Vec<String>,
+    pub constraints: Vec<Constraint>,
+    pub strategy: Strategy,
+    pub anti_affinity: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JobKind {
+    Service,
+    Batch,
+}
+
+/// A health check the agent runs against an instance.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Check {
+    pub probe: Probe,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub failures: u32,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Probe {
+    Http(String),
+    Tcp,
+    Grpc,
+    Exec(Vec<String>),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct UpdatePolicy {
+    pub max_parallel: u32,
+    pub min_healthy: Duration,
+    pub canary: u32,
+    pub auto_revert: bool,
+}
+
+/// A job file that cannot be used, with where and why.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobError {
+    pub line: Option<usize>,
+    pub field: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for JobError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "line {line}, field `{}`: {}", self.field, self.message),
+            None => write!(f, "field `{}`: {}", self.field, self.message),
+        }
+    }
+}
+
+impl std::error::Error for JobError {}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJob {
+    name: Spanned<String>,
+    service: Option<Spanned<String>>,
+    version: Spanned<String>,
+    replicas: Option<Spanned<u32>>,
+    kind: Option<RawKind>,
+    task: RawTask,
+    resources: Option<RawResources>,
+    #[serde(default)]
+    ports: Vec<RawPort>,
+    health: Option<RawHealth>,
+    update: Option<RawUpdate>,
+    #[serde(default)]
+    upstreams: Vec<RawUpstream>,
+    #[serde(default)]
+    constraints: Vec<RawConstraint>,
+    placement: Option<RawPlacement>,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum RawKind {
+    Service,
+    Batch,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTask {
+    command: Spanned<String>,
+    #[serde(default)]
+    args: Vec<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawResources {
+    cpu_millis: Option<Spanned<u64>>,
+    memory_mb: Option<Spanned<u64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPort {
+    /// Read so that a misspelt key is refused; one port per job today.
+    #[allow(dead_code)]
+    name: String,
+    protocol: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    readiness: Option<Spanned<RawCheck>>,
+    liveness: Option<Spanned<RawCheck>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCheck {
+    http: Option<String>,
+    tcp: Option<bool>,
+    grpc: Option<bool>,
+    exec: Option<Vec<String>>,
+    interval: Option<Dur>,
+    timeout: Option<Dur>,
+    failures: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpdate {
+    max_parallel: Option<Spanned<u32>>,
+    min_healthy: Option<Dur>,
+    canary: Option<u32>,
+    auto_revert: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    service: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConstraint {
+    attribute: String,
+    value: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlacement {
+    strategy: Option<RawStrategy>,
+    anti_affinity: Option<bool>,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "kebab-case")]
+enum RawStrategy {
+    BinPack,
+    Spread,
+}
+
+/// A duration such as `2s`; a bad one fails inside serde, so the error
+/// carries the field's path and line.
+struct Dur(Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        humantime::parse_duration(&text).map(Dur).map_err(|e| {
+            serde::de::Error::custom(format!("unparsable duration {text:?} ({e}); write e.g. \"2s\""))
+        })
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].bytes().filter(|b| *b == b'\n').count() + 1
+}
+
+/// Parses and validates a job file's text; nothing is applied here.
+pub fn parse_job(text: &str) -> Result<Job, JobError> {
+    let error = |span: Option<std::ops::Range<usize>>, field: &str, message: String| JobError {
+        line: span.map(|s| line_of(text, s.start)),
+        field: field.to_owned(),
+        message,
+    };
+    let deserializer = toml::Deserializer::parse(text)
+        .map_err(|e| error(e.span(), "(file)", e.message().trim().to_owned()))?;
+    let raw: RawJob = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+        let field = e.path().to_string().replace(".$__serde_spanned_private_value", "");
+        let inner = e.into_inner();
+        let field = if field.is_empty() || field == "." { "(file)".to_owned() } else { field };
+        error(inner.span(), &field, inner.message().trim().to_owned())
+    })?;
+    let named = |field: &str, value: &Spanned<String>| {
+        check_name(field, value.get_ref()).map_err(|e| error(Some(value.span()), field, e.0))
+    };
+    named("name", &raw.name)?;
+    named("version", &raw.version)?;
+    if let Some(service) = &raw.service {
+        named("service", service)?;
+    }
+    let replicas = match &raw.replicas {
+        Some(r) if *r.get_ref() == 0 || *r.get_ref() > 1000 => {
+            return Err(error(
+                Some(r.span()),
+                "replicas",
+                format!("must be from 1 to 1000, got {}", r.get_ref()),
+            ))
+        }
+        Some(r) => *r.get_ref(),
+        None => 1,
+    };
+    if raw.task.command.get_ref().trim().is_empty() {
+        return Err(error(Some(raw.task.command.span()), "task.command", "must name a program".into()));
+    }
+    let mut resources = Resources { cpu_millis: 100, memory_mb: 64 };
+    if let Some(r) = &raw.resources {
+        for (field, value, slot) in [
+            ("resources.cpu_millis", &r.cpu_millis, &mut resources.cpu_millis),
+            ("resources.memory_mb", &r.memory_mb, &mut resources.memory_mb),
+        ] {
+            if let Some(value) = value {
+                if *value.get_ref() == 0 {
+                    return Err(error(Some(value.span()), field, "must be more than 0".into()));
+                }
+                *slot = *value.get_ref();
+            }
+        }
+    }
+    let mut protocol = "http".to_owned();
+    if let Some(port) = raw.ports.first() {
+        if let Some(p) = &port.protocol {
+            if !["http", "h2", "grpc", "tcp"].contains(&p.get_ref().as_str()) {
+                return Err(error(
+                    Some(p.span()),
+                    "ports[0].protocol",
+                    format!("{:?} is not one of http, h2, grpc, tcp", p.get_ref()),
+                ));
+            }
+            protocol = p.get_ref().clone();
+        }
+    }
+    let check = |field: &str, raw: &Option<Spanned<RawCheck>>| -> Result<Option<Check>, JobError> {
+        let Some(raw) = raw else { return Ok(None) };
+        let span = Some(raw.span());
+        let c = raw.get_ref();
+        let mut probes = Vec::new();
+        if let Some(path) = &c.http {
+            if !path.starts_with('/') {
+                return Err(error(
+                    span,
+                    &format!("{field}.http"),
+                    format!("{path:?} must be a path starting with /"),
+                ));
+            }
+            probes.push(Probe::Http(path.clone()));
+        }
+        if c.tcp == Some(true) {
+            probes.push(Probe::Tcp);
+        }
+        if c.grpc == Some(true) {
+            probes.push(Probe::Grpc);
+        }
+        if let Some(command) = &c.exec {
+            if command.is_empty() {
+                return Err(error(span, &format!("{field}.exec"), "needs a command".into()));
+            }
+            probes.push(Probe::Exec(command.clone()));
+        }
+        if probes.len() != 1 {
+            return Err(error(
+                span,
+                field,
+                "needs exactly one of http, tcp = true, grpc = true, exec".into(),
+            ));
+        }
+        let interval = c.interval.as_ref().map_or(Duration::from_secs(1), |d| d.0);
+        let timeout = c.timeout.as_ref().map_or(Duration::from_secs(1), |d| d.0);
+        if interval.is_zero() || timeout.is_zero() {
+            return Err(error(span, field, "interval and timeout must be longer than zero".into()));
+        }
+        Ok(Some(Check {
+            probe: probes.remove(0),
+            interval,
+            timeout,
+            failures: c.failures.unwrap_or(1).max(1),
+        }))
+    };
+    let (readiness, liveness) = match &raw.health {
+        Some(h) => (check("health.readiness", &h.readiness)?, check("health.liveness", &h.liveness)?),
+        None => (None, None),
+    };
+    let mut update =
+        UpdatePolicy { max_parallel: 1, min_healthy: Duration::from_secs(2), canary: 0, auto_revert: true };
+    if let Some(u) = &raw.update {
+        if let Some(max_parallel) = &u.max_parallel {
+            if *max_parallel.get_ref() == 0 {
+                return Err(error(
+                    Some(max_parallel.span()),
+                    "update.max_parallel",
+                    "must be at least 1".into(),
+                ));
+            }
+            update.max_parallel = *max_parallel.get_ref();
+        }
+        update.min_healthy = u.min_healthy.as_ref().map_or(update.min_healthy, |d| d.0);
+        update.canary = u.canary.unwrap_or(0);
+        update.auto_revert = u.auto_revert.unwrap_or(true);
+    }
+    let mut upstreams = Vec::new();
+    for (index, upstream) in raw.upstreams.iter().enumerate() {
+        named(&format!("upstreams[{index}].service"), &upstream.service)?;
+        upstreams.push(upstream.service.get_ref().clone());
+    }
+    let name = raw.name.into_inner();
+    Ok(Job {
+        service: raw.service.map_or_else(|| name.clone(), Spanned::into_inner),
+        name,
+        version: raw.version.into_inner(),
+        replicas,
+        kind: match raw.kind.unwrap_or(RawKind::Service) {
+            RawKind::Service => JobKind::Service,
+            RawKind::Batch => JobKind::Batch,
+        },
+        command: raw.task.command.into_inner(),
+        args: raw.task.args,
+        env: raw.task.env,
+        resources,
+        protocol,
+        readiness,
+        liveness,
+        update,
+        upstreams,
+        constraints: raw
+            .constraints
+            .into_iter()
+            .map(|c| Constraint { attribute: c.attribute, value: c.value })
+            .collect(),
+        strategy: match raw.placement.as_ref().and_then(|p| p.strategy) {
+            Some(RawStrategy::Spread) => Strategy::Spread,
+            _ => Strategy::BinPack,
+        },
+        anti_affinity: raw.placement.as_ref().and_then(|p| p.anti_affinity).unwrap_or(false),
+    })
+}
+
+impl Job {
+    /// What the scheduler needs of this job.
+    pub fn spec(&self) -> JobSpec {
+        JobSpec {
+            name: self.name.clone(),
+            version: self.version.clone(),
+            replicas: self.replicas,
+            resources: self.resources,
+            constraints: self.constraints.clone(),
+            strategy: self.strategy,
+            anti_affinity: self.anti_affinity,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WEB: &str = r#"
+name = "web"
+service = "web"
+version = "v1"
+replicas = 3
+kind = "service"
+
+[task]
+command = "mesh-echo"
+args = ["--message", "hello from v1"]
+env = { RUST_LOG = "info" }
+
+[resources]
+cpu_millis = 100
+memory_mb = 64
+
+[[ports]]
+name = "http"
+protocol = "http"
+
+[health]
+readiness = { http = "/ready", interval = "1s", timeout = "500ms", failures = 1 }
+liveness = { http = "/live", interval = "2s", failures = 3 }
+
+[update]
+max_parallel = 1
+min_healthy = "2s"
+canary = 0
+auto_revert = true
+
+[[upstreams]]
+service = "api"
+"#;
+
+    #[test]
+    fn the_design_sketch_parses() {
+        let job = parse_job(WEB).unwrap();
+        assert_eq!((job.name.as_str(), job.replicas, job.kind), ("web", 3, JobKind::Service));
+        assert_eq!(job.readiness.as_ref().unwrap().probe, Probe::Http("/ready".into()));
+        assert_eq!(job.liveness.as_ref().unwrap().failures, 3);
+        assert_eq!(job.upstreams, vec!["api".to_owned()]);
+        assert_eq!(job.spec().resources.cpu_millis, 100);
+    }
+
+    #[test]
+    fn bad_job_files_name_line_and_field() {
+        // (what, replace, with, field); the error must point at the changed line.
+        let cases = [
+            ("syntax error", "replicas = 3", "replicas = ", "(file)"),
+            ("unknown field", "replicas = 3", "replicaz = 3", "replicaz"),
+            ("zero replicas", "replicas = 3", "replicas = 0", "replicas"),
+            ("negative memory", "memory_mb = 64", "memory_mb = -64", "resources.memory_mb"),
+            ("bad duration", "min_healthy = \"2s\"", "min_healthy = \"soon\"", "update.min_healthy"),
+            ("bad protocol", "protocol = \"http\"", "protocol = \"smtp\"", "ports[0].protocol"),
+            ("bad name", "name = \"web\"", "name = \"Web App\"", "name"),
+            ("two probes", "http = \"/ready\",", "http = \"/ready\", tcp = true,", "health.readiness"),
+            ("bad kind", "kind = \"service\"", "kind = \"daemon\"", "kind"),
+        ];
+        for (what, from, to, field) in cases {
+            let text = WEB.replacen(from, to, 1);
+            assert_ne!(text, WEB, "{what}");
+            let line = text.lines().position(|l| l.contains(to)).unwrap() + 1;
+            let error = parse_job(&text).expect_err(what);
+            assert!(
+                error.field.starts_with(field),
+                "{what}: field {:?} should be {field:?} ({error})",
+                error.field
+            );
+            assert_eq!(error.line, Some(line), "{what}: {error}");
+        }
+    }
+}
