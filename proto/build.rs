@@ -6,7 +6,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // SAFETY: the build script is single-threaded; nothing else reads the
     // environment while it is set.
     unsafe { std::env::set_var("PROTOC", protoc) };
-    tonic_prost_build::configure()
-        .compile_protos(&["mesh/echo/v1/echo.proto", "mesh/v1/mesh.proto"], &["."])?;
+    tonic_prost_build::configure().compile_protos(
+        &["mesh/echo/v1/echo.proto", "mesh/v1/mesh.proto", "grpc/health/v1/health.proto"],
+        &["."],
+    )?;
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! The mesh's control plane: routing state, its store, the gRPC APIs that
 //! serve proxies, agents and meshctl, and the CLI's client side.
 
+pub mod agent;
 pub mod convert;
 pub mod job;
 pub mod metrics;

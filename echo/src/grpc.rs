@@ -9,6 +9,9 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use mesh_proto::echo::v1::echo_server::{Echo, EchoServer};
 use mesh_proto::echo::v1::{EchoReply, EchoRequest};
+use mesh_proto::health::v1::health_check_response::ServingStatus;
+use mesh_proto::health::v1::health_server::{Health, HealthServer};
+use mesh_proto::health::v1::{HealthCheckRequest, HealthCheckResponse};
 use rand::Rng;
 use tokio_stream::Stream;
 use tonic::{Response, Status};
@@ -22,7 +25,28 @@ struct EchoService {
 }
 
 pub fn routes(shared: Arc<Shared>) -> tonic::service::Routes {
-    tonic::service::Routes::new(EchoServer::new(EchoService { shared }))
+    tonic::service::Routes::new(EchoServer::new(EchoService { shared: shared.clone() }))
+        .add_service(HealthServer::new(HealthService { shared }))
+}
+
+/// `grpc.health.v1`: SERVING unless the echo is set not ready.
+struct HealthService {
+    shared: Arc<Shared>,
+}
+
+#[tonic::async_trait]
+impl Health for HealthService {
+    async fn check(
+        &self,
+        _: tonic::Request<HealthCheckRequest>,
+    ) -> Result<Response<HealthCheckResponse>, Status> {
+        let status = if self.shared.knobs.load().not_ready {
+            ServingStatus::NotServing
+        } else {
+            ServingStatus::Serving
+        };
+        Ok(Response::new(HealthCheckResponse { status: status.into() }))
+    }
 }
 
 /// Hands a gRPC request to tonic and boxes its answer like the HTTP ones.

@@ -13,3 +13,10 @@ pub mod mesh {
         tonic::include_proto!("mesh.v1");
     }
 }
+
+/// The standard gRPC health-checking API (`grpc.health.v1`).
+pub mod health {
+    pub mod v1 {
+        tonic::include_proto!("grpc.health.v1");
+    }
+}

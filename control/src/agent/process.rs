@@ -1,0 +1,170 @@
+//! Running an instance: a child process in its own process group, with its
+//! environment, its output appended to per-instance log files, and a stop
+//! that reaches every process it started.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+
+/// What to run for one instance.
+#[derive(Clone, Debug)]
+pub struct Launch {
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    /// `<log_dir>/<name>.stdout.log` and `.stderr.log` receive the output.
+    pub log_dir: PathBuf,
+    pub name: String,
+}
+
+pub struct Running {
+    child: Child,
+    pid: i32,
+}
+
+/// Finds a job's command: a path with a slash is taken relative to the job
+/// file's folder, a bare name is looked up on PATH.
+pub fn resolve_command(command: &str, job_dir: &Path, path_var: Option<&str>) -> Option<PathBuf> {
+    if command.contains('/') {
+        let candidate = job_dir.join(command);
+        return candidate.is_file().then_some(candidate);
+    }
+    path_var?.split(':').map(|dir| Path::new(dir).join(command)).find(|p| p.is_file())
+}
+
+impl Running {
+    pub fn start(launch: &Launch) -> io::Result<Running> {
+        std::fs::create_dir_all(&launch.log_dir)?;
+        let log = |suffix: &str| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(launch.log_dir.join(format!("{}.{suffix}.log", launch.name)))
+        };
+        let mut command = Command::new(&launch.program);
+        command
+            .args(&launch.args)
+            .envs(launch.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(log("stdout")?)
+            .stderr(log("stderr")?)
+            // Its own group, so that a stop reaches whatever it started.
+            .process_group(0)
+            .kill_on_drop(false);
+        let child = command.spawn()?;
+        let pid = child.id().map(|p| p as i32).ok_or_else(|| io::Error::other("the child exited at once"))?;
+        Ok(Running { child, pid })
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Waits for the instance to exit on its own.
+    pub async fn wait(&mut self) -> io::Result<ExitStatus> {
+        self.child.wait().await
+    }
+
+    /// SIGTERM to the whole group, then SIGKILL after `grace`.
+    pub async fn stop(&mut self, grace: Duration) -> io::Result<ExitStatus> {
+        signal_group(self.pid, libc::SIGTERM);
+        match tokio::time::timeout(grace, self.child.wait()).await {
+            Ok(status) => {
+                // Children that outlived the leader go too.
+                signal_group(self.pid, libc::SIGKILL);
+                status
+            }
+            Err(_) => {
+                signal_group(self.pid, libc::SIGKILL);
+                self.child.wait().await
+            }
+        }
+    }
+}
+
+fn signal_group(pgid: i32, signal: i32) {
+    // SAFETY: kill(2) on a process group this agent created.
+    unsafe { libc::kill(-pgid, signal) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("mesh-agent-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[tokio::test]
+    async fn output_goes_to_log_files_and_env_reaches_the_app() {
+        let dir = temp("logs");
+        let launch = Launch {
+            program: "/bin/sh".into(),
+            args: vec!["-c".into(), "echo out $MESH_INSTANCE; echo err >&2".into()],
+            env: vec![("MESH_INSTANCE".into(), "web-0".into())],
+            log_dir: dir.clone(),
+            name: "web-0".into(),
+        };
+        let mut running = Running::start(&launch).unwrap();
+        assert!(running.wait().await.unwrap().success());
+        assert_eq!(std::fs::read_to_string(dir.join("web-0.stdout.log")).unwrap(), "out web-0\n");
+        assert_eq!(std::fs::read_to_string(dir.join("web-0.stderr.log")).unwrap(), "err\n");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn stop_reaches_the_whole_group_even_when_term_is_ignored() {
+        let dir = temp("group");
+        // The leader ignores SIGTERM and starts a grandchild that sleeps.
+        let pid_file = dir.join("child.pid");
+        let script = format!("trap '' TERM; sleep 300 & echo $! > {}; wait", pid_file.display());
+        let launch = Launch {
+            program: "/bin/sh".into(),
+            args: vec!["-c".into(), script],
+            env: vec![],
+            log_dir: dir.clone(),
+            name: "stubborn".into(),
+        };
+        let mut running = Running::start(&launch).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !pid_file.exists() || std::fs::read_to_string(&pid_file).unwrap().trim().is_empty() {
+            assert!(std::time::Instant::now() < deadline, "the grandchild did not start");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let grandchild: i32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+        let status = running.stop(Duration::from_millis(300)).await.unwrap();
+        assert!(!status.success());
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while alive(grandchild) {
+            assert!(std::time::Instant::now() < deadline, "the grandchild {grandchild} survived the stop");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Running, and not a zombie waiting to be reaped.
+    fn alive(pid: i32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| {
+                stat.rsplit(')').next().map(|rest| rest.trim_start().chars().next() != Some('Z'))
+            })
+            .unwrap_or(false)
+    }
+
+    #[test]
+    fn commands_resolve_on_path_or_next_to_the_job_file() {
+        let dir = temp("resolve");
+        std::fs::create_dir_all(dir.join("bin")).unwrap();
+        std::fs::write(dir.join("bin/app"), "").unwrap();
+        assert_eq!(resolve_command("./bin/app", &dir, None), Some(dir.join("./bin/app")));
+        assert_eq!(resolve_command("sh", &dir, Some("/nonexistent:/bin")), Some(PathBuf::from("/bin/sh")));
+        assert_eq!(resolve_command("no-such-program", &dir, Some("/bin")), None);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
