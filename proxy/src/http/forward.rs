@@ -71,10 +71,10 @@ enum SendError {
 }
 
 /// The answer of a forwarded request and what to record about it.
-struct Outcome {
+struct Outcome<'s> {
     response: Response<ResponseBody>,
     error: Option<ProxyError>,
-    metrics: Arc<HttpMetrics>,
+    metrics: &'s HttpMetrics,
 }
 
 /// Forwards an outbound request to `service` and records its metrics.
@@ -95,7 +95,7 @@ pub async fn forward(service: Arc<Service>, request: Request<Incoming>) -> Respo
             Outcome {
                 response: error_response(ProxyError::Timeout, grpc, &detail),
                 error: Some(ProxyError::Timeout),
-                metrics: waiting_on.map_or_else(|| service.unrouted_metrics.clone(), |e| e.metrics.clone()),
+                metrics: waiting_on.map_or(&*service.unrouted_metrics, |e| &*e.metrics),
             }
         }
     };
@@ -118,7 +118,7 @@ async fn attempts<'s>(
     request: Request<Incoming>,
     grpc: bool,
     waiting_on: &mut Option<&'s Endpoint>,
-) -> Outcome {
+) -> Outcome<'s> {
     let (mut parts, body) = request.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     let policy = &service.config.retry;
@@ -130,7 +130,7 @@ async fn attempts<'s>(
         Err(e) => {
             let response =
                 error_response(ProxyError::BadRequest, grpc, &format!("reading the request body: {e}"));
-            let metrics = service.unrouted_metrics.clone();
+            let metrics = &service.unrouted_metrics;
             return Outcome { response, error: Some(ProxyError::BadRequest), metrics };
         }
     };
@@ -142,7 +142,7 @@ async fn attempts<'s>(
     let mut template = if retries_responses { Template::Keep(parts) } else { Template::Move(Some(parts)) };
     let mut returned: Option<Request<RequestBody>> = None;
     let mut tried = [SocketAddr::from(([0, 0, 0, 0], 0)); 10];
-    let mut last_failure: Option<Outcome> = None;
+    let mut last_failure: Option<Outcome<'s>> = None;
     for attempt in 1..=policy.attempts {
         let now_ms = clock::millis_of(now_nanos);
         let tried_so_far = &tried[..(attempt - 1) as usize];
@@ -153,7 +153,7 @@ async fn attempts<'s>(
                 return last_failure.unwrap_or_else(|| Outcome {
                     response: error_response(error, grpc, &format!("service {:?}", service.config.name)),
                     error: Some(error),
-                    metrics: service.unrouted_metrics.clone(),
+                    metrics: &service.unrouted_metrics,
                 })
             }
         };
@@ -190,7 +190,7 @@ async fn attempts<'s>(
                 return Outcome {
                     response: error_response(ProxyError::ConnectFailed, grpc, &detail),
                     error: Some(ProxyError::ConnectFailed),
-                    metrics: endpoint.metrics.clone(),
+                    metrics: &endpoint.metrics,
                 };
             }
             Err(SendError::Broken(error)) => {
@@ -199,7 +199,7 @@ async fn attempts<'s>(
                 let outcome = Outcome {
                     response: error_response(ProxyError::ConnectFailed, grpc, &detail),
                     error: Some(ProxyError::ConnectFailed),
-                    metrics: endpoint.metrics.clone(),
+                    metrics: &endpoint.metrics,
                 };
                 let retryable = retries_responses
                     && policy.on.iter().any(|on| matches!(on, RetryOn::ServerError | RetryOn::GatewayError));
@@ -219,7 +219,7 @@ async fn attempts<'s>(
                 }
                 let reason = retry_reason(&policy.on, status.as_u16(), grpc_unavailable);
                 let response = finish_response(response, release, &endpoint.state.pool);
-                let mut outcome = Outcome { response, error: None, metrics: endpoint.metrics.clone() };
+                let mut outcome = Outcome { response, error: None, metrics: &endpoint.metrics };
                 let Some(reason) = reason.filter(|_| retries_responses && may_retry) else {
                     return outcome;
                 };
@@ -240,7 +240,7 @@ async fn attempts<'s>(
     last_failure.unwrap_or_else(|| Outcome {
         response: error_response(ProxyError::NoEndpoints, grpc, "no try could be made"),
         error: Some(ProxyError::NoEndpoints),
-        metrics: service.unrouted_metrics.clone(),
+        metrics: &service.unrouted_metrics,
     })
 }
 

@@ -7,37 +7,52 @@ pub mod pool;
 pub mod route;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Response, StatusCode};
+use http::Response;
 
 use crate::errors::ProxyError;
 use body::ResponseBody;
 
 /// Headers that describe one connection, not the message, and so must not
 /// be forwarded (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [HeaderName; 6] = [
+const HOP_BY_HOP: [HeaderName; 5] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     header::TRANSFER_ENCODING,
     header::UPGRADE,
-    header::TRAILER,
 ];
 
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Headers named in `Connection` are hop-by-hop too.
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+    if headers.contains_key(header::CONNECTION) {
+        remove_connection_options(headers);
+    }
+    for name in &HOP_BY_HOP {
         headers.remove(name);
     }
     // `te: trailers` is the one TE value HTTP/2 allows, and gRPC needs it.
     if headers.get(header::TE).is_some_and(|v| v != "trailers") {
         headers.remove(header::TE);
+    }
+}
+
+/// Removes the headers that `Connection` names as hop-by-hop. The common
+/// tokens (`keep-alive`, `close`, `upgrade`) need no lookup, so the usual
+/// `Connection: keep-alive` costs no allocation.
+fn remove_connection_options(headers: &mut HeaderMap) {
+    let mut named = Vec::new();
+    for value in headers.get_all(header::CONNECTION) {
+        let Ok(value) = value.to_str() else { continue };
+        for token in value.split(',').map(str::trim) {
+            let common = ["keep-alive", "close", "upgrade"].iter().any(|t| token.eq_ignore_ascii_case(t));
+            if !common && !token.is_empty() {
+                if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                    named.push(name);
+                }
+            }
+        }
+    }
+    for name in named {
+        headers.remove(name);
     }
 }
 
@@ -76,6 +91,31 @@ pub fn mark_error(response: &mut Response<ResponseBody>, error: ProxyError) {
     response.headers_mut().insert(MESH_ERROR, HeaderValue::from_static(error.reason()));
 }
 
-pub fn status_of(response: &Response<ResponseBody>) -> StatusCode {
-    response.status()
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_removed_and_the_rest_kept() {
+        // (headers in, headers that must remain)
+        type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str]);
+        let table: &[Case] = &[
+            (&[("connection", "keep-alive"), ("keep-alive", "timeout=5"), ("x-a", "1")], &["x-a"]),
+            (&[("connection", "close, x-secret"), ("x-secret", "s"), ("x-b", "2")], &["x-b"]),
+            (&[("transfer-encoding", "chunked"), ("upgrade", "h2c"), ("te", "gzip")], &[]),
+            (&[("te", "trailers"), ("content-type", "application/grpc")], &["te", "content-type"]),
+        ];
+        for (input, kept) in table {
+            let mut headers = HeaderMap::new();
+            for (name, value) in *input {
+                headers.append(HeaderName::from_static(name), HeaderValue::from_static(value));
+            }
+            strip_hop_by_hop(&mut headers);
+            let mut left: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
+            left.sort_unstable();
+            let mut want = kept.to_vec();
+            want.sort_unstable();
+            assert_eq!(left, want, "{input:?}");
+        }
+    }
 }
