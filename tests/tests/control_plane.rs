@@ -51,10 +51,28 @@ async fn shifting_in_ten_point_steps_under_load_fails_nothing() {
         let observed = tally.share("v2");
         assert!((observed - f64::from(v2)).abs() <= 3.0, "step {v2}%: v2 got {observed:.1}%");
     }
+    // Clearing the split lets every ready endpoint share; deregistering one
+    // takes it out of every table.
+    mesh.meshd.ctl_ok(&["split", "echo", "--clear", "--wait"]);
+    assert_eq!(mesh.meshd.ctl_json(&["get", "splits"]), serde_json::json!([]));
+    let shared = closed_loop(&mesh.proxy.outbound(), "echo", 2_000, 8).await;
+    assert!(shared.share("v1") > 35.0 && shared.share("v2") > 35.0, "{:?}", shared.by_version);
+    mesh.meshd.ctl_ok(&["deregister", "echo", "--addr", &mesh.v2.addr]);
+    let endpoints = mesh.meshd.ctl_json(&["get", "endpoints"]);
+    assert_eq!(endpoints.as_array().unwrap().len(), 1, "{endpoints}");
+    assert_eq!(endpoints[0]["addr"], mesh.v1.addr.as_str());
+    mesh_tests::eventually(
+        "the deregistered endpoint leaves the proxy's table",
+        Duration::from_secs(10),
+        || {
+            let outbound = mesh.proxy.outbound();
+            async move { (closed_loop(&outbound, "echo", 200, 4).await.share("v1") == 100.0).then_some(()) }
+        },
+    )
+    .await;
     let background = background.stop().await;
     assert_eq!(background.failed(), 0, "the constant load saw failures: {:?}", background.failures);
     assert!(background.ok > 100, "the constant load ran: {}", background.ok);
-    drop((mesh.v1, mesh.v2));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
