@@ -81,6 +81,17 @@ enum Command {
         #[arg(long)]
         addr: String,
     },
+    /// Jobs for the scheduler.
+    Job {
+        #[command(subcommand)]
+        command: JobCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum JobCommand {
+    /// Check a job file without sending it anywhere: every error, with its line and field.
+    Validate { file: std::path::PathBuf },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -175,6 +186,10 @@ async fn connect(server: &str) -> Result<Channel, Failure> {
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
+    // Local commands need no server.
+    if let Command::Job { command: JobCommand::Validate { file } } = &cli.command {
+        return validate_job(file);
+    }
     let channel = connect(&cli.server).await?;
     let mut admin = AdminClient::new(channel.clone());
     match cli.command {
@@ -245,7 +260,25 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let reply = registry.deregister(request).await?.into_inner();
             println!("deregistered {addr} from {service} (version {})", reply.version);
         }
+        Command::Job { .. } => unreachable!("handled before connecting"),
     }
+    Ok(())
+}
+
+fn validate_job(file: &std::path::Path) -> Result<(), Failure> {
+    let text = std::fs::read_to_string(file).map_err(|e| Failure(format!("{}: {e}", file.display()), 2))?;
+    let job =
+        mesh_control::job::parse_job(&text).map_err(|e| Failure(format!("{}: {e}", file.display()), 2))?;
+    println!(
+        "job {} is valid: {} × {} {} of service {} ({} CPU millis, {} MB each)",
+        job.name,
+        job.replicas,
+        job.command,
+        job.version,
+        job.service,
+        job.resources.cpu_millis,
+        job.resources.memory_mb
+    );
     Ok(())
 }
 
