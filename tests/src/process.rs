@@ -182,8 +182,13 @@ impl Meshd {
     }
 
     pub fn start_on(data_dir: &Path, listen: &str) -> Meshd {
+        Meshd::start_with(data_dir, listen, &[])
+    }
+
+    pub fn start_with(data_dir: &Path, listen: &str, extra: &[&str]) -> Meshd {
         let data_dir = data_dir.to_str().expect("utf-8 path");
-        let args = ["server", "--data-dir", data_dir, "--listen", listen, "--admin", "127.0.0.1:0"];
+        let mut args = vec!["server", "--data-dir", data_dir, "--listen", listen, "--admin", "127.0.0.1:0"];
+        args.extend_from_slice(extra);
         let process = Process::start(&crate::bin("meshd"), &args);
         let listen = process.field("listen");
         let admin = process.field("admin");

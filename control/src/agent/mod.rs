@@ -3,5 +3,6 @@
 //! scheduler comes with the rest of the scheduler issue.
 
 pub mod health;
+pub mod node;
 pub mod process;
 pub mod restart;

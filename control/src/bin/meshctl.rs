@@ -100,6 +100,7 @@ enum Listing {
     Endpoints,
     Proxies,
     Splits,
+    Nodes,
 }
 
 #[derive(Args, Debug)]
@@ -199,6 +200,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 Listing::Endpoints => endpoints(&mut admin).await?,
                 Listing::Proxies => proxies(&admin.list_proxies(pb::Empty {}).await?.into_inner().proxies),
                 Listing::Splits => splits(&mut admin).await?,
+                Listing::Nodes => nodes(&mut admin).await?,
             };
             print_rows(cli.output, &rows);
         }
@@ -388,6 +390,27 @@ async fn endpoints(admin: &mut AdminClient<Channel>) -> Result<Rows, Failure> {
                 ("version", json!(e.version)),
                 ("addr", json!(e.addr)),
                 ("ready", json!(e.ready)),
+            ])
+        })
+        .collect())
+}
+
+async fn nodes(admin: &mut AdminClient<Channel>) -> Result<Rows, Failure> {
+    let list = admin.list_nodes(pb::Empty {}).await?.into_inner();
+    Ok(list
+        .nodes
+        .iter()
+        .map(|n| {
+            let info = n.info.clone().unwrap_or_default();
+            let attributes: BTreeMap<String, String> = info.attributes.into_iter().collect();
+            row(vec![
+                ("name", json!(info.name)),
+                ("advertise_ip", json!(info.advertise_ip)),
+                ("up", json!(n.up)),
+                ("cpu_millis", json!(info.cpu_millis)),
+                ("memory_mb", json!(info.memory_mb)),
+                ("last_heartbeat_ms_ago", json!(n.last_heartbeat_ms_ago)),
+                ("attributes", json!(attributes)),
             ])
         })
         .collect())

@@ -14,6 +14,7 @@ use crate::state::Change;
 
 pub struct AdminService {
     pub control: Arc<ControlPlane>,
+    pub nodes: Arc<crate::server::nodes::NodeRegistry>,
 }
 
 /// The longest `--wait` the server accepts.
@@ -151,5 +152,9 @@ impl Admin for AdminService {
         let proxies = self.control.proxies();
         let converged = crate::server::converged(&proxies, version);
         Ok(Response::new(self.convergence(version, converged, &proxies, Duration::ZERO)))
+    }
+
+    async fn list_nodes(&self, _: Request<pb::Empty>) -> Result<Response<pb::NodeList>, Status> {
+        Ok(Response::new(pb::NodeList { nodes: self.nodes.list() }))
     }
 }

@@ -1,0 +1,69 @@
+//! The agent's node loop: join the control plane, heartbeat at the interval
+//! it asks for, join again when it forgets the node (a restart), and
+//! reconnect with backoff when it is unreachable.
+
+use std::time::Duration;
+
+use mesh_proto::mesh::v1 as pb;
+use mesh_proto::mesh::v1::nodes_client::NodesClient;
+use rand::Rng;
+use tonic::transport::Channel;
+
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Runs until the process is stopped; returns only on a bad node description.
+pub async fn run(server: String, info: pb::NodeInfo) -> Result<(), String> {
+    let mut announced = false;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match session(&server, &info, &mut announced).await {
+            Err(Failure::Refused(reason)) => {
+                return Err(format!("the control plane refused node {}: {reason}", info.name))
+            }
+            Err(Failure::Lost(reason)) => {
+                tracing::warn!(server = %server, %reason, "control plane unreachable; retrying");
+            }
+            Ok(()) => backoff = Duration::from_millis(100),
+        }
+        tokio::time::sleep(rand::rng().random_range(Duration::ZERO..=backoff)).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+enum Failure {
+    /// The node description itself is wrong: retrying cannot help.
+    Refused(String),
+    Lost(String),
+}
+
+/// Joins, then heartbeats until the server forgets the node (Ok) or fails.
+async fn session(server: &str, info: &pb::NodeInfo, announced: &mut bool) -> Result<(), Failure> {
+    let channel = Channel::from_shared(format!("http://{server}"))
+        .map_err(|e| Failure::Refused(e.to_string()))?
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .map_err(|e| Failure::Lost(e.to_string()))?;
+    let mut client = NodesClient::new(channel);
+    let reply = client.join(info.clone()).await.map_err(|status| match status.code() {
+        tonic::Code::InvalidArgument => Failure::Refused(status.message().to_owned()),
+        _ => Failure::Lost(status.message().to_owned()),
+    })?;
+    let interval = Duration::from_millis(reply.into_inner().heartbeat_interval_ms.max(50));
+    if !*announced {
+        // Tests and scripts read this line.
+        println!("meshd agent ready name={} advertise_ip={} server={server}", info.name, info.advertise_ip);
+        *announced = true;
+    }
+    tracing::info!(node = %info.name, ?interval, "joined the control plane");
+    let mut ticker = tokio::time::interval(interval);
+    loop {
+        ticker.tick().await;
+        let heartbeat = pb::HeartbeatRequest { name: info.name.clone() };
+        let reply = client.heartbeat(heartbeat).await.map_err(|e| Failure::Lost(e.message().to_owned()))?;
+        if !reply.into_inner().known {
+            tracing::info!(node = %info.name, "the control plane forgot this node; joining again");
+            return Ok(());
+        }
+    }
+}

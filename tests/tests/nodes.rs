@@ -1,0 +1,87 @@
+//! Nodes: agents join and heartbeat; a killed agent's node goes down within
+//! the heartbeat TTL; after a server restart the agents join again.
+
+use std::time::Duration;
+
+use mesh_tests::process::{run, Meshd, Process};
+use mesh_tests::{bin, eventually, TempDir};
+
+fn agent(server: &str, name: &str, ip: &str) -> Process {
+    let args = [
+        "agent",
+        "--server",
+        server,
+        "--name",
+        name,
+        "--advertise-ip",
+        ip,
+        "--cpu-millis",
+        "1000",
+        "--memory-mb",
+        "1024",
+        "--attribute",
+        &format!("zone={name}"),
+    ];
+    Process::start(&bin("meshd"), &args)
+}
+
+/// (name, up) of every node meshctl lists.
+fn nodes(meshd: &Meshd) -> Vec<(String, bool)> {
+    let list = meshd.ctl_json(&["get", "nodes"]);
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|n| (n["name"].as_str().unwrap().to_owned(), n["up"].as_bool().unwrap()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_join_go_down_within_the_ttl_and_rejoin_after_a_restart() {
+    let dir = TempDir::new("nodes");
+    let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", &["--heartbeat-ttl", "1s"]);
+    let _a = agent(&meshd.listen, "node-a", "127.0.0.2");
+    let b = agent(&meshd.listen, "node-b", "127.0.0.3");
+    let _c = agent(&meshd.listen, "node-c", "127.0.0.4");
+    let all_up = vec![("node-a".to_owned(), true), ("node-b".to_owned(), true), ("node-c".to_owned(), true)];
+    assert_eq!(nodes(&meshd), all_up);
+    let listed = meshd.ctl_json(&["get", "nodes"]);
+    assert_eq!(listed[1]["advertise_ip"], "127.0.0.3");
+    assert_eq!(listed[1]["attributes"]["zone"], "node-b");
+
+    b.signal(libc::SIGKILL);
+    drop(b);
+    eventually("node-b is down within its TTL", Duration::from_secs(5), || {
+        let down = nodes(&meshd)
+            == vec![("node-a".to_owned(), true), ("node-b".to_owned(), false), ("node-c".to_owned(), true)];
+        async move { down.then_some(()) }
+    })
+    .await;
+
+    // Nodes are soft state: after a restart the agents join again.
+    let listen = meshd.listen.clone();
+    meshd.process.signal(libc::SIGKILL);
+    drop(meshd);
+    let meshd = Meshd::start_with(&dir.path("data"), &listen, &["--heartbeat-ttl", "1s"]);
+    eventually("the live agents join the restarted server", Duration::from_secs(20), || {
+        let back = nodes(&meshd) == vec![("node-a".to_owned(), true), ("node-c".to_owned(), true)];
+        async move { back.then_some(()) }
+    })
+    .await;
+}
+
+#[test]
+fn a_bad_node_description_is_refused_with_the_reason() {
+    let dir = TempDir::new("bad-node");
+    let meshd = Meshd::start(&dir.path("data"));
+    let args = ["agent", "--server", &meshd.listen, "--name", "Bad Name", "--advertise-ip", "127.0.0.2"];
+    let (code, _, stderr) =
+        run(&bin("meshd"), &[&args[..], &["--cpu-millis", "100", "--memory-mb", "64"]].concat());
+    assert_ne!(code, 0);
+    assert!(stderr.contains("not a valid name"), "{stderr}");
+    let (code, _, stderr) = run(
+        &bin("meshd"),
+        &["agent", "--name", "n", "--advertise-ip", "not-an-ip", "--cpu-millis", "1", "--memory-mb", "1"],
+    );
+    assert_ne!(code, 0);
+    assert!(stderr.contains("not-an-ip"), "{stderr}");
+}
