@@ -233,39 +233,40 @@ fn median(mut values: Vec<f64>) -> f64 {
     values.get(values.len() / 2).copied().unwrap_or(0.0)
 }
 
+/// The median of one metric over repetitions.
+fn median_of<T>(runs: &[T], metric: impl Fn(&T) -> f64) -> f64 {
+    median(runs.iter().map(metric).collect())
+}
+
+/// The median of a metric some repetitions lack (the direct baseline has no proxy CPU).
+fn median_of_some<T>(runs: &[T], metric: impl Fn(&T) -> Option<f64>) -> Option<f64> {
+    let values: Vec<f64> = runs.iter().filter_map(metric).collect();
+    (!values.is_empty()).then(|| median(values))
+}
+
 /// The per-metric median over repetitions.
 fn median_row(runs: &[Row]) -> Row {
-    let of = |f: &dyn Fn(&Row) -> f64| median(runs.iter().map(f).collect());
-    let of_opt = |f: &dyn Fn(&Row) -> Option<f64>| {
-        let values: Vec<f64> = runs.iter().filter_map(f).collect();
-        (!values.is_empty()).then(|| median(values))
-    };
     Row {
         name: runs[0].name.clone(),
-        saturation_rps: of(&|r| r.saturation_rps),
-        cpu_us_per_request: of_opt(&|r| r.cpu_us_per_request),
-        cpu_us_per_request_at_rate: of_opt(&|r| r.cpu_us_per_request_at_rate),
-        rate_p50_us: of(&|r| r.rate_p50_us),
-        rate_p99_us: of(&|r| r.rate_p99_us),
-        rate_p999_us: of(&|r| r.rate_p999_us),
-        sequential_p50_us: of(&|r| r.sequential_p50_us),
-        sequential_p99_us: of(&|r| r.sequential_p99_us),
-        peak_rss_mb: of_opt(&|r| r.peak_rss_mb),
+        saturation_rps: median_of(runs, |r| r.saturation_rps),
+        cpu_us_per_request: median_of_some(runs, |r| r.cpu_us_per_request),
+        cpu_us_per_request_at_rate: median_of_some(runs, |r| r.cpu_us_per_request_at_rate),
+        rate_p50_us: median_of(runs, |r| r.rate_p50_us),
+        rate_p99_us: median_of(runs, |r| r.rate_p99_us),
+        rate_p999_us: median_of(runs, |r| r.rate_p999_us),
+        sequential_p50_us: median_of(runs, |r| r.sequential_p50_us),
+        sequential_p99_us: median_of(runs, |r| r.sequential_p99_us),
+        peak_rss_mb: median_of_some(runs, |r| r.peak_rss_mb),
     }
 }
 
 fn median_h2_row(runs: &[H2Row]) -> H2Row {
-    let of = |f: &dyn Fn(&H2Row) -> f64| median(runs.iter().map(f).collect());
-    let of_opt = |f: &dyn Fn(&H2Row) -> Option<f64>| {
-        let values: Vec<f64> = runs.iter().filter_map(f).collect();
-        (!values.is_empty()).then(|| median(values))
-    };
     H2Row {
         name: runs[0].name.clone(),
-        h2_rps: of(&|r| r.h2_rps),
-        h2_cpu_us_per_request: of_opt(&|r| r.h2_cpu_us_per_request),
-        grpc_rps: of(&|r| r.grpc_rps),
-        grpc_cpu_us_per_request: of_opt(&|r| r.grpc_cpu_us_per_request),
+        h2_rps: median_of(runs, |r| r.h2_rps),
+        h2_cpu_us_per_request: median_of_some(runs, |r| r.h2_cpu_us_per_request),
+        grpc_rps: median_of(runs, |r| r.grpc_rps),
+        grpc_cpu_us_per_request: median_of_some(runs, |r| r.grpc_cpu_us_per_request),
     }
 }
 

@@ -7,7 +7,7 @@
 //! by consecutive snapshots, so a reload never resets a breaker or drops a
 //! pooled connection to an endpoint that stays.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -160,11 +160,13 @@ impl LongLived {
             None => self.next_version.fetch_add(1, Ordering::Relaxed) + 1,
         };
         let mut services = HashMap::with_capacity(config.services.len());
-        let mut live_keys = Vec::new();
+        // A set, not a list: tables with thousands of endpoints are rebuilt
+        // on every control-plane update.
+        let mut live_keys = HashSet::new();
         for service in &config.services {
             let name = service.name.as_str();
             let endpoint = |e: &crate::config::EndpointConfig| {
-                live_keys.push((name.to_owned(), e.addr));
+                live_keys.insert((name.to_owned(), e.addr));
                 Endpoint {
                     addr: e.addr,
                     version: Arc::from(e.version.as_str()),
@@ -214,7 +216,7 @@ impl LongLived {
             tcp_metrics: self.metrics.tcp(Direction::Inbound, &config.local_service),
         };
         if let Some(app) = app {
-            live_keys.push((String::new(), app));
+            live_keys.insert((String::new(), app));
         }
         self.endpoints.lock().expect("long-lived lock").retain(|key, _| live_keys.contains(key));
         Snapshot {

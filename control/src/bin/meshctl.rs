@@ -330,10 +330,6 @@ async fn wait_for(admin: &mut AdminClient<Channel>, version: u64, wait: &Wait) -
 /// Rows of a listing; each keeps its columns in the order shown.
 type Rows = Vec<Vec<(&'static str, Value)>>;
 
-fn row(fields: Vec<(&'static str, Value)>) -> Vec<(&'static str, Value)> {
-    fields
-}
-
 fn weights_text(weights: &std::collections::HashMap<String, u32>) -> Value {
     let sorted: BTreeMap<&String, &u32> = weights.iter().collect();
     json!(sorted)
@@ -345,13 +341,13 @@ async fn services(admin: &mut AdminClient<Channel>) -> Result<Rows, Failure> {
         .services
         .iter()
         .map(|s| {
-            row(vec![
+            vec![
                 ("name", json!(s.name)),
                 ("endpoints", json!(s.endpoints)),
                 ("ready_endpoints", json!(s.ready_endpoints)),
                 ("split", weights_text(&s.split)),
                 ("policy", policy_json(s.policy.as_ref())),
-            ])
+            ]
         })
         .collect())
 }
@@ -385,12 +381,12 @@ async fn endpoints(admin: &mut AdminClient<Channel>) -> Result<Rows, Failure> {
         .endpoints
         .iter()
         .map(|e| {
-            row(vec![
+            vec![
                 ("service", json!(e.service)),
                 ("version", json!(e.version)),
                 ("addr", json!(e.addr)),
                 ("ready", json!(e.ready)),
-            ])
+            ]
         })
         .collect())
 }
@@ -403,7 +399,7 @@ async fn nodes(admin: &mut AdminClient<Channel>) -> Result<Rows, Failure> {
         .map(|n| {
             let info = n.info.clone().unwrap_or_default();
             let attributes: BTreeMap<String, String> = info.attributes.into_iter().collect();
-            row(vec![
+            vec![
                 ("name", json!(info.name)),
                 ("advertise_ip", json!(info.advertise_ip)),
                 ("up", json!(n.up)),
@@ -411,7 +407,7 @@ async fn nodes(admin: &mut AdminClient<Channel>) -> Result<Rows, Failure> {
                 ("memory_mb", json!(info.memory_mb)),
                 ("last_heartbeat_ms_ago", json!(n.last_heartbeat_ms_ago)),
                 ("attributes", json!(attributes)),
-            ])
+            ]
         })
         .collect())
 }
@@ -421,7 +417,7 @@ async fn splits(admin: &mut AdminClient<Channel>) -> Result<Rows, Failure> {
     Ok(list
         .splits
         .iter()
-        .map(|s| row(vec![("service", json!(s.service)), ("weights", weights_text(&s.weights))]))
+        .map(|s| vec![("service", json!(s.service)), ("weights", weights_text(&s.weights))])
         .collect())
 }
 
@@ -433,14 +429,14 @@ fn ago(unix_ms: u64) -> Value {
 fn proxies(list: &[pb::ProxyStatus]) -> Rows {
     list.iter()
         .map(|p| {
-            row(vec![
+            vec![
                 ("proxy_id", json!(p.proxy_id)),
                 ("service", json!(p.service)),
                 ("connected", json!(p.connected)),
                 ("acked_version", json!(p.acked_version)),
                 ("last_contact_ms_ago", ago(p.last_contact_unix_ms)),
                 ("rejected_reason", json!(p.rejected_reason)),
-            ])
+            ]
         })
         .collect()
 }
@@ -450,7 +446,7 @@ fn status_rows(status: &pb::Convergence) -> Rows {
         .proxies
         .iter()
         .map(|p| {
-            row(vec![
+            vec![
                 ("proxy_id", json!(p.proxy_id)),
                 ("service", json!(p.service)),
                 ("connected", json!(p.connected)),
@@ -460,7 +456,7 @@ fn status_rows(status: &pb::Convergence) -> Rows {
                 ("last_contact_ms_ago", ago(p.last_contact_unix_ms)),
                 ("rejected_version", json!(p.rejected_version)),
                 ("rejected_reason", json!(p.rejected_reason)),
-            ])
+            ]
         })
         .collect()
 }
