@@ -116,8 +116,7 @@ pub fn grpc_backend_command(setup: &Setup) -> Command {
 /// The command that starts a contender on `port`, pinned to the proxy core;
 /// `None` for the direct baseline.
 pub fn command(kind: Kind, mode: Mode, setup: &Setup, port: u16) -> Option<Command> {
-    let name = kind.name().split_whitespace().next().unwrap_or("x");
-    let dir = setup.work.join(format!("{name}-{mode:?}"));
+    let dir = contender_dir(kind, mode, setup);
     std::fs::create_dir_all(&dir).expect("contender dir");
     // HTTP goes to nginx's two ports; gRPC to the one mesh-echo.
     let backends: Vec<u16> = match mode {
@@ -165,6 +164,21 @@ pub fn command(kind: Kind, mode: Mode, setup: &Setup, port: u16) -> Option<Comma
     Some(command)
 }
 
+fn contender_dir(kind: Kind, mode: Mode, setup: &Setup) -> PathBuf {
+    let name = kind.name().split_whitespace().next().unwrap_or("x");
+    setup.work.join(format!("{name}-{mode:?}"))
+}
+
+/// The last lines of a contender's own error log (nginx keeps one), to
+/// explain failed requests.
+pub fn error_log(kind: Kind, mode: Mode, setup: &Setup) -> String {
+    let path = contender_dir(kind, mode, setup).join("error.log");
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = &lines[lines.len().saturating_sub(20)..];
+    tail.iter().map(|line| format!("{line}\n")).collect()
+}
+
 /// mesh-proxy as users run it: split, retries, breaker, EWMA and metrics on.
 fn mesh_proxy_config(mode: Mode, port: u16, backends: &[u16]) -> String {
     let protocol = if mode == Mode::Grpc { "grpc" } else { "http" };
@@ -206,7 +220,7 @@ fn nginx_config(mode: Mode, port: u16, backends: &[u16], dir: &Path) -> String {
     let mut config = nginx_main(dir);
     let _ = write!(
         config,
-        "http {{\n  access_log off;\n  {}\n  upstream back {{ {servers}keepalive 128; }}\n  server {{\n    listen 127.0.0.1:{port}{listen} backlog=4096;\n    keepalive_requests 1000000;\n    location / {{\n      {location}\n    }}\n  }}\n}}\n",
+        "http {{\n  access_log off;\n  {}\n  upstream back {{ {servers}keepalive 512; keepalive_requests 1000000; }}\n  server {{\n    listen 127.0.0.1:{port}{listen} backlog=4096;\n    keepalive_requests 1000000;\n    location / {{\n      {location}\n    }}\n  }}\n}}\n",
         nginx_temp_paths(dir)
     );
     config

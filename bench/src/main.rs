@@ -217,7 +217,21 @@ fn measure_h2(kind: Kind, setup: &Setup, args: &Args) -> Result<H2Row, String> {
                 / (result.requests_per_second * (measured + 1.0)).max(1.0)
         });
         if result.failed > 0 {
-            return Err(format!("{} {mode:?}: {} failed requests", kind.name(), result.failed));
+            let log = contenders::error_log(kind, mode, setup);
+            let report = format!(
+                "{} {mode:?}: {} failed requests\n{}{log}",
+                kind.name(),
+                result.failed,
+                result.summary
+            );
+            // The quick run only checks that every contender answers; a
+            // third-party proxy's rare failure on a loaded CI machine is
+            // reported but not fatal there. mesh-proxy gets no such slack.
+            let tolerated = args.quick && kind != Kind::MeshProxy && result.failed * 100 <= result.succeeded;
+            if !tolerated {
+                return Err(report);
+            }
+            eprintln!("mesh-bench: warning (under 1 %, tolerated in --quick): {report}");
         }
         match mode {
             Mode::H2 => (row.h2_rps, row.h2_cpu_us_per_request) = (result.requests_per_second, cpu),

@@ -81,6 +81,8 @@ pub struct H2loadResult {
     pub succeeded: u64,
     pub requests_per_second: f64,
     pub failed: u64,
+    /// h2load's request and status-code lines, for the error message.
+    pub summary: String,
 }
 
 /// Runs h2load (HTTP/2 prior knowledge) with one thread: `connections`
@@ -124,6 +126,8 @@ pub fn parse_h2load(text: &str) -> Option<H2loadResult> {
             let rate = rest.split(", ").nth(1)?.strip_suffix(" req/s")?;
             result.requests_per_second = rate.parse().ok()?;
         } else if let Some(rest) = line.strip_prefix("requests: ") {
+            result.summary.push_str(line);
+            result.summary.push('\n');
             for part in rest.split(", ") {
                 let (count, what) = part.split_once(' ')?;
                 let count: u64 = count.parse().ok()?;
@@ -134,6 +138,8 @@ pub fn parse_h2load(text: &str) -> Option<H2loadResult> {
                 }
             }
         } else if let Some(rest) = line.strip_prefix("status codes: ") {
+            result.summary.push_str(line);
+            result.summary.push('\n');
             // A non-2xx answer counts as a failure even though h2load calls it done.
             for part in rest.split(", ").skip(1) {
                 result.failed += part.split_once(' ')?.0.parse::<u64>().ok()?;
