@@ -10,22 +10,31 @@ use std::process::Command;
 pub enum Kind {
     Direct,
     MeshProxy,
+    /// The cheapest hyper forwarder (bench/src/bin/bare_hyper.rs): the floor under mesh-proxy.
+    BareHyper,
     Haproxy,
     Nginx,
     Envoy,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [Kind::Direct, Kind::MeshProxy, Kind::Haproxy, Kind::Nginx, Kind::Envoy];
+    pub const ALL: [Kind; 6] =
+        [Kind::Direct, Kind::MeshProxy, Kind::BareHyper, Kind::Haproxy, Kind::Nginx, Kind::Envoy];
 
     pub fn name(self) -> &'static str {
         match self {
             Kind::Direct => "direct (no proxy)",
             Kind::MeshProxy => "mesh-proxy",
+            Kind::BareHyper => "bare hyper",
             Kind::Haproxy => "HAProxy",
             Kind::Nginx => "nginx",
             Kind::Envoy => "Envoy",
         }
+    }
+
+    /// Whether the contender takes part in the HTTP/2 and gRPC table.
+    pub fn speaks_h2(self) -> bool {
+        self != Kind::BareHyper
     }
 }
 
@@ -130,6 +139,13 @@ pub fn command(kind: Kind, mode: Mode, setup: &Setup, port: u16) -> Option<Comma
             std::fs::write(&path, mesh_proxy_config(mode, port, &backends)).expect("write mesh-proxy config");
             let program = setup.bin_dir.join("mesh-proxy");
             (program, vec!["--config".into(), path.display().to_string(), "--threads".into(), "1".into()])
+        }
+        Kind::BareHyper => {
+            let mut args = vec!["--listen".to_owned(), format!("127.0.0.1:{port}")];
+            for backend in &backends {
+                args.extend(["--backend".to_owned(), format!("127.0.0.1:{backend}")]);
+            }
+            (setup.bin_dir.join("bare-hyper-forwarder"), args)
         }
         Kind::Haproxy => {
             let path = dir.join("haproxy.cfg");

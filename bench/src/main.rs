@@ -338,6 +338,9 @@ fn main() {
                     failed.push(kind.name());
                 }
             }
+            if !kind.speaks_h2() {
+                continue;
+            }
             match measure_h2(*kind, &setup, &args) {
                 Ok(row) => h2_runs[index].push(row),
                 Err(e) => {

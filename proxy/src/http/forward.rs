@@ -137,8 +137,14 @@ async fn attempts<'s>(
     let retries_responses = retries_responses && body.is_replayable();
     let mut now_nanos = clock::now_nanos();
     service.budget.record_request(clock::millis_of(now_nanos) / 1000);
-    let authority = authority_for_upstream(&parts);
     let protocol = service.config.protocol;
+    // An HTTP/1.1 upstream reuses the caller's Host as is; only HTTP/2 (or
+    // a request without Host) needs the authority parsed out.
+    let authority = if protocol.is_h2() || !parts.headers.contains_key(header::HOST) {
+        authority_for_upstream(&parts)
+    } else {
+        None
+    };
     let mut template = if retries_responses { Template::Keep(parts) } else { Template::Move(Some(parts)) };
     let mut returned: Option<Request<RequestBody>> = None;
     let mut tried = [SocketAddr::from(([0, 0, 0, 0], 0)); 10];

@@ -14,6 +14,8 @@ use body::ResponseBody;
 
 /// Headers that describe one connection, not the message, and so must not
 /// be forwarded (RFC 9110 §7.6.1).
+///
+/// `Connection` comes first: its value may name more.
 const HOP_BY_HOP: [HeaderName; 5] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
@@ -23,14 +25,24 @@ const HOP_BY_HOP: [HeaderName; 5] = [
 ];
 
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(header::CONNECTION) {
+    // One pass over the names (a handful) finds what to drop; a removal by
+    // name hashes, so only the names present are removed.
+    let mut present = [false; 5];
+    let mut te_present = false;
+    for name in headers.keys() {
+        if let Some(index) = HOP_BY_HOP.iter().position(|hop| hop == name) {
+            present[index] = true;
+        }
+        te_present |= name == header::TE;
+    }
+    if present[0] {
         remove_connection_options(headers);
     }
-    for name in &HOP_BY_HOP {
+    for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, present)| *present) {
         headers.remove(name);
     }
     // `te: trailers` is the one TE value HTTP/2 allows, and gRPC needs it.
-    if headers.get(header::TE).is_some_and(|v| v != "trailers") {
+    if te_present && headers.get(header::TE).is_some_and(|v| v != "trailers") {
         headers.remove(header::TE);
     }
 }

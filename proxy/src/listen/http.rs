@@ -38,10 +38,14 @@ pub enum Role {
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, role: Role, mut shutdown: ShutdownSignal) {
     let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(std::time::Duration::from_secs(30));
+    // Peers get 30 s to send a request's headers (slow-loris). The local
+    // app on the loopback-only outbound side is trusted, and a header timer
+    // costs a timer-wheel entry and an allocation on every request.
+    let header_read_timeout = match role {
+        Role::Inbound => Some(std::time::Duration::from_secs(30)),
+        Role::Outbound | Role::Upstream(_) => None,
+    };
+    builder.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(header_read_timeout);
     builder.http2().timer(hyper_util::rt::TokioTimer::new());
     loop {
         let stream = tokio::select! {
