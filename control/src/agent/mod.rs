@@ -1,8 +1,11 @@
-//! The node agent's building blocks: running instances as process groups,
-//! restart backoff, and health checks. The agent loop that ties them to the
-//! scheduler comes with the rest of the scheduler issue.
+//! The node agent: joins the control plane and heartbeats (`node.rs`),
+//! runs the instances the scheduler assigns (`supervisor.rs`, one task per
+//! instance in `instance.rs`) as process groups with a sidecar each, with
+//! restart backoff and health checks.
 
 pub mod health;
+pub mod instance;
 pub mod node;
 pub mod process;
 pub mod restart;
+pub mod supervisor;

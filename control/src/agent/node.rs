@@ -2,6 +2,7 @@
 //! it asks for, join again when it forgets the node (a restart), and
 //! reconnect with backoff when it is unreachable.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_proto::mesh::v1 as pb;
@@ -9,14 +10,16 @@ use mesh_proto::mesh::v1::nodes_client::NodesClient;
 use rand::Rng;
 use tonic::transport::Channel;
 
+use super::supervisor::Supervisor;
+
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Runs until the process is stopped; returns only on a bad node description.
-pub async fn run(server: String, info: pb::NodeInfo) -> Result<(), String> {
+pub async fn run(server: String, info: pb::NodeInfo, supervisor: Arc<Supervisor>) -> Result<(), String> {
     let mut announced = false;
     let mut backoff = Duration::from_millis(100);
     loop {
-        match session(&server, &info, &mut announced).await {
+        match session(&server, &info, &supervisor, &mut announced).await {
             Err(Failure::Refused(reason)) => {
                 return Err(format!("the control plane refused node {}: {reason}", info.name))
             }
@@ -25,7 +28,8 @@ pub async fn run(server: String, info: pb::NodeInfo) -> Result<(), String> {
             }
             Ok(()) => backoff = Duration::from_millis(100),
         }
-        tokio::time::sleep(rand::rng().random_range(Duration::ZERO..=backoff)).await;
+        let jitter = rand::rng().random_range(Duration::ZERO..=backoff);
+        tokio::time::sleep(jitter).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
@@ -37,7 +41,12 @@ enum Failure {
 }
 
 /// Joins, then heartbeats until the server forgets the node (Ok) or fails.
-async fn session(server: &str, info: &pb::NodeInfo, announced: &mut bool) -> Result<(), Failure> {
+async fn session(
+    server: &str,
+    info: &pb::NodeInfo,
+    supervisor: &Supervisor,
+    announced: &mut bool,
+) -> Result<(), Failure> {
     let channel = Channel::from_shared(format!("http://{server}"))
         .map_err(|e| Failure::Refused(e.to_string()))?
         .connect_timeout(Duration::from_secs(2))
@@ -59,9 +68,15 @@ async fn session(server: &str, info: &pb::NodeInfo, announced: &mut bool) -> Res
     let mut ticker = tokio::time::interval(interval);
     loop {
         ticker.tick().await;
-        let heartbeat = pb::HeartbeatRequest { name: info.name.clone() };
-        let reply = client.heartbeat(heartbeat).await.map_err(|e| Failure::Lost(e.message().to_owned()))?;
-        if !reply.into_inner().known {
+        let heartbeat = pb::HeartbeatRequest { name: info.name.clone(), instances: supervisor.reports() };
+        let reply = client
+            .heartbeat(heartbeat)
+            .await
+            .map_err(|e| Failure::Lost(e.message().to_owned()))?
+            .into_inner();
+        if reply.known {
+            supervisor.apply(&reply.assignments);
+        } else {
             tracing::info!(node = %info.name, "the control plane forgot this node; joining again");
             return Ok(());
         }

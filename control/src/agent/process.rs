@@ -54,6 +54,17 @@ impl Running {
             // Its own group, so that a stop reaches whatever it started.
             .process_group(0)
             .kill_on_drop(false);
+        // SAFETY: prctl is async-signal-safe; it runs in the child between fork and exec.
+        // An agent that dies takes its instances with it, as a node that dies would:
+        // nothing is left running that no agent watches.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let child = command.spawn()?;
         let pid = child.id().map(|p| p as i32).ok_or_else(|| io::Error::other("the child exited at once"))?;
         Ok(Running { child, pid })
@@ -61,6 +72,11 @@ impl Running {
 
     pub fn pid(&self) -> i32 {
         self.pid
+    }
+
+    /// The exit status, if it has exited.
+    pub fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
+        self.child.try_wait()
     }
 
     /// Waits for the instance to exit on its own.

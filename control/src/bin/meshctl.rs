@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use mesh_proto::mesh::v1 as pb;
 use mesh_proto::mesh::v1::admin_client::AdminClient;
+use mesh_proto::mesh::v1::jobs_client::JobsClient;
 use mesh_proto::mesh::v1::registry_client::RegistryClient;
 use serde_json::{json, Value};
 use tonic::transport::Channel;
@@ -92,6 +93,12 @@ enum Command {
 enum JobCommand {
     /// Check a job file without sending it anywhere: every error, with its line and field.
     Validate { file: std::path::PathBuf },
+    /// Submit a job file (checked fully first: a bad file changes nothing).
+    Run { file: std::path::PathBuf },
+    /// A job and its instances.
+    Status { name: String },
+    /// Stop a job: its instances drain and stop.
+    Stop { name: String },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -101,6 +108,8 @@ enum Listing {
     Proxies,
     Splits,
     Nodes,
+    Jobs,
+    Instances,
 }
 
 #[derive(Args, Debug)]
@@ -201,6 +210,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 Listing::Proxies => proxies(&admin.list_proxies(pb::Empty {}).await?.into_inner().proxies),
                 Listing::Splits => splits(&mut admin).await?,
                 Listing::Nodes => nodes(&mut admin).await?,
+                Listing::Jobs => {
+                    let list = JobsClient::new(channel).list(pb::Empty {}).await?.into_inner();
+                    list.jobs.iter().map(job_row).collect()
+                }
+                Listing::Instances => {
+                    let list = JobsClient::new(channel).list_instances(pb::Empty {}).await?.into_inner();
+                    list.instances.iter().map(instance_row).collect()
+                }
             };
             print_rows(cli.output, &rows);
         }
@@ -262,9 +279,92 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let reply = registry.deregister(request).await?.into_inner();
             println!("deregistered {addr} from {service} (version {})", reply.version);
         }
-        Command::Job { .. } => unreachable!("handled before connecting"),
+        Command::Job { command } => job_command(JobsClient::new(channel), command, cli.output).await?,
     }
     Ok(())
+}
+
+async fn job_command(
+    mut jobs: JobsClient<Channel>,
+    command: JobCommand,
+    output: Output,
+) -> Result<(), Failure> {
+    match command {
+        JobCommand::Validate { file } => validate_job(&file)?,
+        JobCommand::Run { file } => {
+            let text =
+                std::fs::read_to_string(&file).map_err(|e| Failure(format!("{}: {e}", file.display()), 2))?;
+            // Checked here too, so the error names the file.
+            mesh_control::job::parse_job(&text)
+                .map_err(|e| Failure(format!("{}: {e}", file.display()), 2))?;
+            let dir = std::path::absolute(&file)
+                .ok()
+                .and_then(|path| path.parent().map(|p| p.display().to_string()))
+                .unwrap_or_default();
+            let reply = jobs.run(pb::RunJobRequest { text, dir }).await?.into_inner();
+            if reply.changed {
+                println!("job {} submitted", reply.name);
+            } else {
+                println!("job {} unchanged", reply.name);
+            }
+        }
+        JobCommand::Status { name } => {
+            let status = jobs.status(pb::JobName { name }).await?.into_inner();
+            if output == Output::Table {
+                println!(
+                    "job {} ({} {}): service {}, {} of {} running, {} ready",
+                    status.name,
+                    status.kind,
+                    status.version,
+                    status.service,
+                    status.running,
+                    status.replicas,
+                    status.ready
+                );
+                if !status.pending_reason.is_empty() {
+                    println!("pending: {}", status.pending_reason);
+                }
+                let rows: Rows = status.instances.iter().map(instance_row).collect();
+                print_rows(output, &rows);
+            } else {
+                print_rows(output, &vec![job_row(&status)]);
+            }
+        }
+        JobCommand::Stop { name } => {
+            let reply = jobs.stop(pb::JobName { name }).await?.into_inner();
+            println!("job {} stopped", reply.name);
+        }
+    }
+    Ok(())
+}
+
+fn job_row(status: &pb::JobStatus) -> Vec<(&'static str, Value)> {
+    vec![
+        ("name", json!(status.name)),
+        ("service", json!(status.service)),
+        ("version", json!(status.version)),
+        ("kind", json!(status.kind)),
+        ("replicas", json!(status.replicas)),
+        ("running", json!(status.running)),
+        ("ready", json!(status.ready)),
+        ("pending", json!(status.pending_reason)),
+    ]
+}
+
+fn instance_row(instance: &pb::Instance) -> Vec<(&'static str, Value)> {
+    vec![
+        ("id", json!(instance.id)),
+        ("job", json!(instance.job)),
+        ("version", json!(instance.version)),
+        ("node", json!(instance.node)),
+        ("state", json!(instance.state)),
+        ("ready", json!(instance.ready)),
+        ("pid", json!(instance.pid)),
+        ("proxy_pid", json!(instance.proxy_pid)),
+        ("addr", json!(instance.addr)),
+        ("restarts", json!(instance.restarts)),
+        ("message", json!(instance.message)),
+    ]
 }
 
 fn validate_job(file: &std::path::Path) -> Result<(), Failure> {

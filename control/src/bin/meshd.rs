@@ -1,6 +1,7 @@
 //! meshd: the mesh's control plane. `meshd server` holds the routing state
-//! in an embedded store and streams routing tables to proxies; `meshd
-//! agent` joins a node to it.
+//! and the jobs in an embedded store, schedules instances and streams
+//! routing tables to proxies; `meshd agent` joins a node and runs what is
+//! placed on it; `meshd dev` is both in one process.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,16 +10,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use mesh_control::agent::instance::{reap_leftovers, Context};
+use mesh_control::agent::supervisor::Supervisor;
 use mesh_control::server::admin::AdminService;
 use mesh_control::server::discovery::DiscoveryService;
+use mesh_control::server::jobs::{JobsService, Scheduler};
 use mesh_control::server::nodes::{NodeRegistry, NodesService};
 use mesh_control::server::registry::RegistryService;
 use mesh_control::server::{http, ControlPlane};
 use mesh_control::store::RedbStore;
 use mesh_proto::mesh::v1::admin_server::AdminServer;
 use mesh_proto::mesh::v1::discovery_server::DiscoveryServer;
+use mesh_proto::mesh::v1::jobs_server::JobsServer;
 use mesh_proto::mesh::v1::nodes_server::NodesServer;
 use mesh_proto::mesh::v1::registry_server::RegistryServer;
+use mesh_proto::mesh::v1::NodeInfo;
 use tokio::net::TcpListener;
 
 #[derive(Parser, Debug)]
@@ -31,22 +37,21 @@ struct Args {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the control plane.
-    Server {
-        /// Where the embedded store lives.
+    Server(ServerArgs),
+    /// The control plane and one agent in one process, for development;
+    /// `--demo` also deploys the demo jobs.
+    Dev {
+        #[command(flatten)]
+        server: ServerArgs,
+        /// Deploy the demo: service `echo`, v1 (2 instances) and v2 (1), split 90/10.
         #[arg(long)]
-        data_dir: PathBuf,
-        /// gRPC for proxies, agents and meshctl.
-        #[arg(long, default_value = "127.0.0.1:7400")]
-        listen: SocketAddr,
-        /// HTTP admin: /metrics and /ready.
-        #[arg(long, default_value = "127.0.0.1:7401")]
-        admin: SocketAddr,
-        /// A node that sends no heartbeat for this long is down.
-        #[arg(long, value_parser = humantime::parse_duration, default_value = "3s")]
-        heartbeat_ttl: Duration,
+        demo: bool,
     },
-    /// Run a node agent: join the control plane and heartbeat.
+    /// Run a node agent: join the control plane, heartbeat, run instances.
     Agent {
+        /// Instance logs and pid files (default: a folder named after the node under the temp dir).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
         /// The control plane's gRPC address.
         #[arg(long, default_value = "127.0.0.1:7400")]
         server: String,
@@ -66,6 +71,22 @@ enum Command {
     },
 }
 
+#[derive(clap::Args, Debug, Clone)]
+struct ServerArgs {
+    /// Where the embedded store lives.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// gRPC for proxies, agents and meshctl.
+    #[arg(long, default_value = "127.0.0.1:7400")]
+    listen: SocketAddr,
+    /// HTTP admin: /metrics and /ready.
+    #[arg(long, default_value = "127.0.0.1:7401")]
+    admin: SocketAddr,
+    /// A node that sends no heartbeat for this long is down.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "3s")]
+    heartbeat_ttl: Duration,
+}
+
 fn parse_attribute(text: &str) -> Result<(String, String), String> {
     let (key, value) = text.split_once('=').ok_or_else(|| format!("{text:?} is not KEY=VALUE"))?;
     Ok((key.to_owned(), value.to_owned()))
@@ -81,10 +102,9 @@ async fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match Args::parse().command {
-        Command::Server { data_dir, listen, admin, heartbeat_ttl } => {
-            serve(data_dir, listen, admin, heartbeat_ttl).await
-        }
-        Command::Agent { server, name, advertise_ip, cpu_millis, memory_mb, attributes } => {
+        Command::Server(args) => serve(args, tokio::sync::oneshot::channel().0).await,
+        Command::Dev { server, demo } => dev(server, demo).await,
+        Command::Agent { data_dir, server, name, advertise_ip, cpu_millis, memory_mb, attributes } => {
             let info = mesh_proto::mesh::v1::NodeInfo {
                 name,
                 advertise_ip: advertise_ip.to_string(),
@@ -92,7 +112,7 @@ async fn main() -> ExitCode {
                 memory_mb,
                 attributes: attributes.into_iter().collect(),
             };
-            mesh_control::agent::node::run(server, info).await
+            agent(server, info, data_dir, shutdown_signal()).await
         }
     };
     match result {
@@ -104,16 +124,13 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn serve(
-    data_dir: PathBuf,
-    listen: SocketAddr,
-    admin: SocketAddr,
-    heartbeat_ttl: Duration,
-) -> Result<(), String> {
+async fn serve(args: ServerArgs, bound: tokio::sync::oneshot::Sender<SocketAddr>) -> Result<(), String> {
+    let ServerArgs { data_dir, listen, admin, heartbeat_ttl } = args;
     let heartbeat_interval = (heartbeat_ttl / 3).max(Duration::from_millis(100));
     let nodes = Arc::new(NodeRegistry::new(heartbeat_interval, heartbeat_ttl));
     let store = RedbStore::open(&data_dir).map_err(|e| e.to_string())?;
     let control = ControlPlane::new(Box::new(store)).map_err(|e| e.to_string())?;
+    let scheduler = Scheduler::start(control.clone(), nodes.clone())?;
     let grpc = TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let http = TcpListener::bind(admin).await.map_err(|e| format!("cannot listen on {admin}: {e}"))?;
     let grpc_addr = grpc.local_addr().map_err(|e| e.to_string())?;
@@ -122,22 +139,153 @@ async fn serve(
     // Tests and scripts read this line to learn the bound ports.
     println!("meshd ready listen={grpc_addr} admin={http_addr} version={}", control.current_version());
     tracing::info!(%grpc_addr, %http_addr, data_dir = %data_dir.display(), "meshd server ready");
-    let shutdown = async {
-        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("can watch SIGTERM");
-        tokio::select! {
-            _ = terminate.recv() => {},
-            _ = tokio::signal::ctrl_c() => {},
-        }
-    };
+    let _ = bound.send(grpc_addr);
     // Updates and acks are small messages that must not wait for Nagle.
     let incoming = tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
     tonic::transport::Server::builder()
         .add_service(RegistryServer::new(RegistryService { control: control.clone() }))
         .add_service(DiscoveryServer::new(DiscoveryService { control: control.clone() }))
-        .add_service(NodesServer::new(NodesService { registry: nodes.clone() }))
+        .add_service(NodesServer::new(NodesService { registry: nodes.clone(), scheduler: scheduler.clone() }))
+        .add_service(JobsServer::new(JobsService { scheduler }))
         .add_service(AdminServer::new(AdminService { control, nodes }))
-        .serve_with_incoming_shutdown(incoming, shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown_signal())
         .await
         .map_err(|e| e.to_string())
+}
+
+async fn shutdown_signal() {
+    let mut terminate =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("can watch SIGTERM");
+    tokio::select! {
+        _ = terminate.recv() => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+}
+
+/// Runs an agent until `shutdown` completes, then stops its instances.
+async fn agent(
+    server: String,
+    info: NodeInfo,
+    data_dir: Option<PathBuf>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), String> {
+    let data_dir =
+        data_dir.unwrap_or_else(|| std::env::temp_dir().join(format!("meshd-agent-{}", info.name)));
+    let reaped = reap_leftovers(&data_dir);
+    if reaped > 0 {
+        tracing::info!(reaped, "stopped what a previous run of this agent left behind");
+    }
+    let bin_dir = std::env::current_exe().ok().and_then(|exe| exe.parent().map(PathBuf::from));
+    let proxy_program = bin_dir
+        .as_ref()
+        .map(|dir| dir.join("mesh-proxy"))
+        .filter(|path| path.is_file())
+        .unwrap_or_else(|| PathBuf::from("mesh-proxy"));
+    let advertise_ip = info.advertise_ip.parse().map_err(|e| format!("advertise ip: {e}"))?;
+    let context = Context { server: server.clone(), advertise_ip, data_dir, proxy_program, bin_dir };
+    let supervisor = Arc::new(Supervisor::new(context));
+    let result = tokio::select! {
+        result = mesh_control::agent::node::run(server, info, supervisor.clone()) => result,
+        _ = shutdown => Ok(()),
+    };
+    supervisor.stop_all().await;
+    result
+}
+
+/// The demo jobs: one service in two versions.
+const DEMO_JOBS: [(&str, &str); 2] = [
+    (
+        "echo-v1",
+        "name = \"echo-v1\"\nservice = \"echo\"\nversion = \"v1\"\nreplicas = 2\n\n[task]\ncommand = \"mesh-echo\"\nargs = [\"--version\", \"v1\"]\n\n[resources]\ncpu_millis = 100\nmemory_mb = 64\n\n[health]\nreadiness = { http = \"/ready\", interval = \"500ms\", timeout = \"500ms\", failures = 1 }\n",
+    ),
+    (
+        "echo-v2",
+        "name = \"echo-v2\"\nservice = \"echo\"\nversion = \"v2\"\nreplicas = 1\n\n[task]\ncommand = \"mesh-echo\"\nargs = [\"--version\", \"v2\"]\n\n[resources]\ncpu_millis = 100\nmemory_mb = 64\n\n[health]\nreadiness = { http = \"/ready\", interval = \"500ms\", timeout = \"500ms\", failures = 1 }\n",
+    ),
+];
+
+/// The control plane and one agent (node `dev` on 127.0.0.1) in one process.
+async fn dev(server: ServerArgs, demo: bool) -> Result<(), String> {
+    let data_dir = server.data_dir.clone();
+    let (bound, address) = tokio::sync::oneshot::channel();
+    let mut control = tokio::spawn(serve(server, bound));
+    let address = match address.await {
+        Ok(address) => address,
+        Err(_) => return control.await.map_err(|e| e.to_string())?,
+    };
+    let info = NodeInfo {
+        name: "dev".into(),
+        advertise_ip: "127.0.0.1".into(),
+        cpu_millis: 8000,
+        memory_mb: 8192,
+        attributes: Default::default(),
+    };
+    // The agent stops its instances when the signal comes or the control plane ends.
+    let (stop_agent, agent_stopped) = tokio::sync::oneshot::channel::<()>();
+    let agent_shutdown = async move {
+        tokio::select! {
+            _ = shutdown_signal() => {}
+            _ = agent_stopped => {}
+        }
+    };
+    let mut agent =
+        tokio::spawn(agent(address.to_string(), info, Some(data_dir.join("agent")), agent_shutdown));
+    if demo {
+        if let Err(error) = deploy_demo(address, &data_dir).await {
+            tracing::error!(%error, "the demo could not be deployed");
+        }
+    }
+    tokio::select! {
+        result = &mut control => {
+            let _ = stop_agent.send(());
+            let _ = agent.await;
+            result.map_err(|e| e.to_string())?
+        }
+        result = &mut agent => {
+            result.map_err(|e| e.to_string())??;
+            control.await.map_err(|e| e.to_string())?
+        }
+    }
+}
+
+async fn deploy_demo(address: SocketAddr, data_dir: &std::path::Path) -> Result<(), String> {
+    use mesh_proto::mesh::v1 as pb;
+    let endpoint = format!("http://{address}");
+    let mut jobs = mesh_proto::mesh::v1::jobs_client::JobsClient::connect(endpoint.clone())
+        .await
+        .map_err(|e| format!("demo: {e}"))?;
+    let dir = data_dir.join("demo");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    for (name, text) in DEMO_JOBS {
+        // The job files are written out so users can read and edit them.
+        let path = dir.join(format!("{name}.toml"));
+        std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+        let request = pb::RunJobRequest { text: text.into(), dir: dir.display().to_string() };
+        jobs.run(request).await.map_err(|e| format!("demo job {name}: {}", e.message()))?;
+    }
+    let mut admin = mesh_proto::mesh::v1::admin_client::AdminClient::connect(endpoint)
+        .await
+        .map_err(|e| format!("demo: {e}"))?;
+    // A split names versions the registry knows: wait (bounded) until both have endpoints.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let endpoints = admin.list_endpoints(pb::Empty {}).await.map_err(|e| e.message().to_owned())?;
+        let has = |version: &str| {
+            endpoints.get_ref().endpoints.iter().any(|e| e.service == "echo" && e.version == version)
+        };
+        if has("v1") && has("v2") {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err("the demo instances did not register within 60 s; see `meshctl get instances`".into());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let split = pb::SetSplitRequest {
+        service: "echo".into(),
+        weights: [("v1".to_owned(), 90), ("v2".to_owned(), 10)].into_iter().collect(),
+    };
+    admin.set_split(split).await.map_err(|e| format!("demo split: {}", e.message()))?;
+    println!("meshd demo deployed: jobs echo-v1 (2 instances), echo-v2 (1), split echo v1=90 v2=10; job files in {}", dir.display());
+    Ok(())
 }

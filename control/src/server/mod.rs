@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod discovery;
 pub mod http;
+pub mod jobs;
 pub mod nodes;
 pub mod registry;
 
@@ -162,6 +163,11 @@ impl ControlPlane {
 
     pub fn subscribe(&self) -> watch::Receiver<Arc<Published>> {
         self.published.subscribe()
+    }
+
+    /// The store, for what lives beside the routing state (jobs).
+    pub fn store(&self) -> &dyn Store {
+        &*self.store
     }
 
     pub fn current_version(&self) -> u64 {

@@ -54,6 +54,7 @@ impl NodeRegistry {
 
 pub struct NodesService {
     pub registry: std::sync::Arc<NodeRegistry>,
+    pub scheduler: std::sync::Arc<super::jobs::Scheduler>,
 }
 
 fn check_node(info: &pb::NodeInfo) -> Result<(), Status> {
@@ -92,16 +93,21 @@ impl Nodes for NodesService {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatReply>, Status> {
-        let name = request.into_inner().name;
-        let mut nodes = self.registry.nodes.lock().expect("nodes lock");
-        let known = match nodes.get_mut(&name) {
-            Some(record) => {
-                record.last_heartbeat = Instant::now();
-                true
+        let request = request.into_inner();
+        let known = {
+            let mut nodes = self.registry.nodes.lock().expect("nodes lock");
+            match nodes.get_mut(&request.name) {
+                Some(record) => {
+                    record.last_heartbeat = Instant::now();
+                    true
+                }
+                None => false,
             }
-            None => false,
         };
-        Ok(Response::new(pb::HeartbeatReply { known }))
+        // An unknown node joins again first; until then it gets no work.
+        let assignments =
+            if known { self.scheduler.heartbeat(&request.name, request.instances) } else { Vec::new() };
+        Ok(Response::new(pb::HeartbeatReply { known, assignments }))
     }
 }
 

@@ -11,6 +11,15 @@ pub use redb_store::RedbStore;
 
 use crate::state::{MeshState, ServiceState};
 
+/// A job as submitted: the file's text and the directory it came from
+/// (commands resolve relative to it). Parsed again on load, so the file
+/// stays the one source of truth.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StoredJob {
+    pub text: String,
+    pub dir: String,
+}
+
 #[derive(Debug)]
 pub struct StoreError(pub String);
 
@@ -33,4 +42,10 @@ pub trait Store: Send + Sync + 'static {
         services: &[(&str, Option<&ServiceState>)],
         version: u64,
     ) -> Result<(), StoreError>;
+
+    /// Every stored job, by name.
+    fn load_jobs(&self) -> Result<Vec<(String, StoredJob)>, StoreError>;
+
+    /// Writes (or with `None` deletes) one job durably before returning.
+    fn save_job(&self, name: &str, job: Option<&StoredJob>) -> Result<(), StoreError>;
 }

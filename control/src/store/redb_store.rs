@@ -4,10 +4,11 @@ use std::path::Path;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::{Store, StoreError};
+use super::{Store, StoreError, StoredJob};
 use crate::state::{MeshState, ServiceState};
 
 const SERVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("services");
+const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const VERSION_KEY: &str = "version";
 
@@ -28,6 +29,7 @@ impl RedbStore {
         let write = db.begin_write().map_err(error)?;
         write.open_table(SERVICES).map_err(error)?;
         write.open_table(META).map_err(error)?;
+        write.open_table(JOBS).map_err(error)?;
         write.commit().map_err(error)?;
         Ok(RedbStore { db })
     }
@@ -74,6 +76,36 @@ impl Store for RedbStore {
         // redb commits durably (fsync) by default.
         write.commit().map_err(error)
     }
+
+    fn load_jobs(&self) -> Result<Vec<(String, StoredJob)>, StoreError> {
+        let read = self.db.begin_read().map_err(error)?;
+        let table = read.open_table(JOBS).map_err(error)?;
+        let mut jobs = Vec::new();
+        for entry in table.iter().map_err(error)? {
+            let (name, value) = entry.map_err(error)?;
+            let job: StoredJob = serde_json::from_slice(value.value())
+                .map_err(|e| error(format!("job {:?} is unreadable: {e}", name.value())))?;
+            jobs.push((name.value().to_owned(), job));
+        }
+        Ok(jobs)
+    }
+
+    fn save_job(&self, name: &str, job: Option<&StoredJob>) -> Result<(), StoreError> {
+        let write = self.db.begin_write().map_err(error)?;
+        {
+            let mut table = write.open_table(JOBS).map_err(error)?;
+            match job {
+                Some(job) => {
+                    let bytes = serde_json::to_vec(job).map_err(error)?;
+                    table.insert(name, bytes.as_slice()).map_err(error)?;
+                }
+                None => {
+                    table.remove(name).map_err(error)?;
+                }
+            }
+        }
+        write.commit().map_err(error)
+    }
 }
 
 #[cfg(test)]
@@ -97,8 +129,13 @@ mod tests {
             let services = [("web", state.services.get("web").map(|s| &**s)), ("gone", None)];
             store.save_services(&services, state.version).unwrap();
         }
-        let loaded = RedbStore::open(&dir).unwrap().load().unwrap();
-        assert_eq!(loaded, state);
+        let job = StoredJob { text: "name = \"web\"".into(), dir: "/srv".into() };
+        RedbStore::open(&dir).unwrap().save_job("web", Some(&job)).unwrap();
+        let reopened = RedbStore::open(&dir).unwrap();
+        assert_eq!(reopened.load().unwrap(), state);
+        assert_eq!(reopened.load_jobs().unwrap(), vec![("web".to_owned(), job)]);
+        reopened.save_job("web", None).unwrap();
+        assert!(reopened.load_jobs().unwrap().is_empty());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

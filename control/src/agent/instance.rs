@@ -1,0 +1,421 @@
+//! One instance's life on its node: start its sidecar and wait until the
+//! proxy is ready, start the app with the mesh environment, run its health
+//! checks, restart it with backoff when it exits or fails liveness, and on
+//! stop drain it (endpoint gone and acked by the proxies, bounded), then
+//! stop the app and the proxy.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mesh_proto::mesh::v1 as pb;
+use mesh_proto::mesh::v1::admin_client::AdminClient;
+use tokio::sync::watch;
+
+use super::health::{probe, Verdict};
+use super::process::{resolve_command, Launch, Running};
+use super::restart::{resets_backoff, restart_delay};
+use crate::job::{parse_job, Check, Job, JobKind};
+
+/// What every instance on this node shares.
+pub struct Context {
+    /// The control plane's gRPC address, for the sidecars and for draining.
+    pub server: String,
+    pub advertise_ip: IpAddr,
+    pub data_dir: PathBuf,
+    /// The mesh-proxy binary.
+    pub proxy_program: PathBuf,
+    /// Where the agent's own binaries are: a job's bare command is looked
+    /// up there after PATH (so `mesh-echo` works beside `meshd`).
+    pub bin_dir: Option<PathBuf>,
+}
+
+pub type SharedReport = Arc<Mutex<pb::InstanceReport>>;
+
+const PROXY_READY_WITHIN: Duration = Duration::from_secs(15);
+const STOP_GRACE: Duration = Duration::from_secs(5);
+const DRAIN_WAIT: Duration = Duration::from_secs(5);
+const RESTART_BASE: Duration = Duration::from_millis(250);
+const RESTART_MAX: Duration = Duration::from_secs(30);
+/// An app that ran this long before exiting starts its backoff over.
+const STABLE_AFTER: Duration = Duration::from_secs(10);
+
+fn update(report: &SharedReport, change: impl FnOnce(&mut pb::InstanceReport)) {
+    change(&mut report.lock().expect("report lock"));
+}
+
+/// The instance's folder under the agent's data dir: logs and pid files.
+pub fn instance_dir(data_dir: &Path, id: &str) -> PathBuf {
+    data_dir.join("instances").join(id)
+}
+
+/// Runs one instance until `stop` turns true (or, for a batch job, until it completes).
+pub async fn run(
+    context: Arc<Context>,
+    assignment: pb::Assignment,
+    report: SharedReport,
+    mut stop: watch::Receiver<bool>,
+) {
+    let result = run_inner(&context, &assignment, &report, &mut stop).await;
+    if let Err(message) = result {
+        tracing::warn!(instance = %assignment.id, %message, "instance failed");
+        update(&report, |r| {
+            r.state = "failed".into();
+            r.ready = false;
+            r.message = message;
+        });
+        stopped(&mut stop).await;
+    }
+}
+
+async fn run_inner(
+    context: &Context,
+    assignment: &pb::Assignment,
+    report: &SharedReport,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<(), String> {
+    let job = parse_job(&assignment.job_text).map_err(|e| format!("job file: {e}"))?;
+    let program = find_program(context, &job, Path::new(&assignment.job_dir))?;
+    let dir = instance_dir(&context.data_dir, &assignment.id);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let ports = Ports::choose(context.advertise_ip, job.upstreams.len())?;
+    let mut proxy = start_proxy(context, assignment, &job, &ports, &dir)?;
+    update(report, |r| {
+        r.proxy_pid = proxy.pid();
+        r.addr = ports.inbound.to_string();
+        r.message = "waiting for the sidecar".into();
+    });
+    if let Err(message) = wait_proxy_ready(&mut proxy, ports.admin).await {
+        let _ = proxy.stop(STOP_GRACE).await;
+        return Err(message);
+    }
+    let mut restarts_in_a_row = 0u32;
+    loop {
+        let launch = app_launch(&program, assignment, &job, &ports, &dir);
+        let mut app =
+            Running::start(&launch).map_err(|e| format!("cannot start {}: {e}", program.display()))?;
+        record_pid(&dir, app.pid());
+        let started = Instant::now();
+        update(report, |r| {
+            r.state = "running".into();
+            r.pid = app.pid();
+            r.ready = job.readiness.is_none();
+            r.message.clear();
+        });
+        let ended = supervise(&job, &mut app, ports.app, report, stop).await;
+        update(report, |r| r.ready = false);
+        let why = match ended {
+            Ended::Stopped => {
+                drain(context, report).await;
+                let _ = app.stop(STOP_GRACE).await;
+                let _ = proxy.stop(STOP_GRACE).await;
+                let _ = std::fs::remove_file(dir.join("pids"));
+                return Ok(());
+            }
+            Ended::Exited(status) if job.kind == JobKind::Batch && status.success() => {
+                let _ = proxy.stop(STOP_GRACE).await;
+                let _ = std::fs::remove_file(dir.join("pids"));
+                update(report, |r| {
+                    r.state = "complete".into();
+                    r.pid = 0;
+                    r.proxy_pid = 0;
+                    r.message = "exited 0".into();
+                });
+                return Ok(());
+            }
+            Ended::Exited(status) => format!("exited: {status}"),
+            Ended::Unlive(reason) => {
+                let _ = app.stop(STOP_GRACE).await;
+                format!("liveness failed: {reason}")
+            }
+        };
+        if resets_backoff(started.elapsed(), STABLE_AFTER) {
+            restarts_in_a_row = 0;
+        }
+        let delay = restart_delay(restarts_in_a_row, RESTART_BASE, RESTART_MAX);
+        restarts_in_a_row += 1;
+        tracing::info!(instance = %assignment.id, %why, ?delay, "restarting the app");
+        update(report, |r| {
+            r.state = "starting".into();
+            r.pid = 0;
+            r.restarts += 1;
+            r.message = format!("{why}; restarting in {}", humantime::format_duration(delay));
+        });
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stopped(stop) => {
+                let _ = proxy.stop(STOP_GRACE).await;
+                let _ = std::fs::remove_file(dir.join("pids"));
+                return Ok(());
+            }
+        }
+    }
+}
+
+fn find_program(context: &Context, job: &Job, job_dir: &Path) -> Result<PathBuf, String> {
+    let path = std::env::var("PATH").ok();
+    resolve_command(&job.command, job_dir, path.as_deref())
+        .or_else(|| {
+            let bin_dir = context.bin_dir.as_ref()?;
+            resolve_command(&job.command, job_dir, bin_dir.to_str())
+        })
+        .ok_or_else(|| format!("command {:?} is not on PATH nor next to the job file", job.command))
+}
+
+/// The ports of one instance: the app's and the sidecar's.
+struct Ports {
+    app: SocketAddr,
+    outbound: SocketAddr,
+    inbound: SocketAddr,
+    admin: SocketAddr,
+    upstreams: Vec<SocketAddr>,
+}
+
+impl Ports {
+    fn choose(advertise_ip: IpAddr, upstreams: usize) -> Result<Ports, String> {
+        let local: IpAddr = [127, 0, 0, 1].into();
+        Ok(Ports {
+            app: free_addr(local)?,
+            outbound: free_addr(local)?,
+            inbound: free_addr(advertise_ip)?,
+            admin: free_addr(local)?,
+            upstreams: (0..upstreams).map(|_| free_addr(local)).collect::<Result<_, _>>()?,
+        })
+    }
+}
+
+/// A port the kernel says is free now on `ip`.
+fn free_addr(ip: IpAddr) -> Result<SocketAddr, String> {
+    std::net::TcpListener::bind((ip, 0))
+        .and_then(|listener| listener.local_addr())
+        .map_err(|e| format!("no free port on {ip}: {e}"))
+}
+
+fn start_proxy(
+    context: &Context,
+    assignment: &pb::Assignment,
+    job: &Job,
+    ports: &Ports,
+    dir: &Path,
+) -> Result<Running, String> {
+    let mut args = vec![
+        "--control".to_owned(),
+        context.server.clone(),
+        "--service".to_owned(),
+        assignment.service.clone(),
+        "--app-version".to_owned(),
+        assignment.version.clone(),
+        "--proxy-id".to_owned(),
+        assignment.id.clone(),
+        "--outbound".to_owned(),
+        ports.outbound.to_string(),
+        "--inbound".to_owned(),
+        ports.inbound.to_string(),
+        "--admin".to_owned(),
+        ports.admin.to_string(),
+        "--app".to_owned(),
+        ports.app.to_string(),
+    ];
+    for (service, addr) in job.upstreams.iter().zip(&ports.upstreams) {
+        args.push("--upstream".to_owned());
+        args.push(format!("{service}={addr}"));
+    }
+    let launch = Launch {
+        program: context.proxy_program.clone(),
+        args,
+        env: vec![("RUST_LOG".into(), "info".into())],
+        log_dir: dir.to_owned(),
+        name: "proxy".into(),
+    };
+    let proxy = Running::start(&launch)
+        .map_err(|e| format!("cannot start the sidecar {}: {e}", context.proxy_program.display()))?;
+    record_pid(dir, proxy.pid());
+    Ok(proxy)
+}
+
+/// Waits until the sidecar's `/ready` answers 200 (it has its routing table).
+async fn wait_proxy_ready(proxy: &mut Running, admin: SocketAddr) -> Result<(), String> {
+    let deadline = Instant::now() + PROXY_READY_WITHIN;
+    let ready = crate::job::Probe::Http("/ready".into());
+    loop {
+        if probe(&ready, admin, Duration::from_millis(500)).await.is_ok() {
+            return Ok(());
+        }
+        if let Ok(Some(status)) = proxy.try_wait() {
+            return Err(format!("the sidecar exited before it was ready: {status}"));
+        }
+        if Instant::now() > deadline {
+            return Err(format!("the sidecar was not ready within {}s", PROXY_READY_WITHIN.as_secs()));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The app's command with the mesh environment of DESIGN.md.
+fn app_launch(program: &Path, assignment: &pb::Assignment, job: &Job, ports: &Ports, dir: &Path) -> Launch {
+    let mut env: Vec<(String, String)> = job.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let proxy_url = format!("http://{}", ports.outbound);
+    env.extend([
+        ("PORT".to_owned(), ports.app.port().to_string()),
+        ("MESH_OUTBOUND".to_owned(), ports.outbound.to_string()),
+        ("HTTP_PROXY".to_owned(), proxy_url.clone()),
+        ("http_proxy".to_owned(), proxy_url),
+        ("MESH_JOB".to_owned(), assignment.job.clone()),
+        ("MESH_INSTANCE".to_owned(), assignment.id.clone()),
+        ("MESH_VERSION".to_owned(), assignment.version.clone()),
+    ]);
+    for (service, addr) in job.upstreams.iter().zip(&ports.upstreams) {
+        env.push((upstream_variable(service), addr.to_string()));
+    }
+    Launch {
+        program: program.to_owned(),
+        args: job.args.clone(),
+        env,
+        log_dir: dir.to_owned(),
+        name: "app".into(),
+    }
+}
+
+/// `MESH_UPSTREAM_<NAME>`: the service name upper-cased, `-` as `_`.
+pub fn upstream_variable(service: &str) -> String {
+    format!("MESH_UPSTREAM_{}", service.to_ascii_uppercase().replace('-', "_"))
+}
+
+/// Remembers a process group this agent started, so that an agent that
+/// restarts can stop what the previous run left behind.
+fn record_pid(dir: &Path, pid: i32) {
+    use std::io::Write;
+    let file = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("pids"));
+    if let Ok(mut file) = file {
+        let _ = writeln!(file, "{pid}");
+    }
+}
+
+/// Kills the process groups a previous run of the agent left behind
+/// (their instances are placed again by the scheduler), so nothing is
+/// orphaned or duplicated. Returns how many groups were signalled.
+pub fn reap_leftovers(data_dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(data_dir.join("instances")) else { return 0 };
+    let mut reaped = 0;
+    for entry in entries.flatten() {
+        let pids = entry.path().join("pids");
+        let Ok(text) = std::fs::read_to_string(&pids) else { continue };
+        for pid in text.lines().filter_map(|line| line.trim().parse::<i32>().ok()).filter(|p| *p > 1) {
+            // SAFETY: kill(2) on a process group an earlier run of this agent created.
+            if unsafe { libc::kill(-pid, libc::SIGKILL) } == 0 {
+                reaped += 1;
+            }
+        }
+        let _ = std::fs::remove_file(pids);
+    }
+    reaped
+}
+
+enum Ended {
+    Stopped,
+    Exited(std::process::ExitStatus),
+    Unlive(String),
+}
+
+/// Watches the running app: its exit, its health checks, and the stop signal.
+async fn supervise(
+    job: &Job,
+    app: &mut Running,
+    addr: SocketAddr,
+    report: &SharedReport,
+    stop: &mut watch::Receiver<bool>,
+) -> Ended {
+    let mut readiness = job.readiness.as_ref().map(|check| (check, ticker(check), Verdict::initial()));
+    // Liveness starts good: a slow start is readiness's business.
+    let live_verdict = Verdict { healthy: true, failures_in_a_row: 0 };
+    let mut liveness = job.liveness.as_ref().map(|check| (check, ticker(check), live_verdict));
+    loop {
+        tokio::select! {
+            status = app.wait() => {
+                return match status {
+                    Ok(status) => Ended::Exited(status),
+                    Err(e) => Ended::Unlive(format!("wait: {e}")),
+                };
+            }
+            _ = stopped(stop) => return Ended::Stopped,
+            result = next_probe(&mut readiness, addr) => {
+                if let (Some((check, _, verdict)), Some(result)) = (readiness.as_mut(), result) {
+                    *verdict = verdict.observe(result.is_ok(), check.failures);
+                    let ready = verdict.healthy;
+                    let message = result.err().unwrap_or_default();
+                    update(report, |r| {
+                        r.ready = ready;
+                        r.message = if ready { String::new() } else { format!("not ready: {message}") };
+                    });
+                }
+            }
+            result = next_probe(&mut liveness, addr) => {
+                if let (Some((check, _, verdict)), Some(result)) = (liveness.as_mut(), result) {
+                    let reason = result.as_ref().err().cloned().unwrap_or_default();
+                    *verdict = verdict.observe(result.is_ok(), check.failures);
+                    if !verdict.healthy {
+                        return Ended::Unlive(reason);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Returns once the agent asked the instance to stop.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    // The guard wait_for returns must not live across an await.
+    let _ = stop.wait_for(|stopped| *stopped).await.map(|_| ());
+}
+
+fn ticker(check: &Check) -> tokio::time::Interval {
+    let mut interval = tokio::time::interval(check.interval);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    interval
+}
+
+/// The next probe's result, or never when there is no such check.
+async fn next_probe(
+    check: &mut Option<(&Check, tokio::time::Interval, Verdict)>,
+    addr: SocketAddr,
+) -> Option<Result<(), String>> {
+    match check {
+        Some((check, interval, _)) => {
+            interval.tick().await;
+            Some(probe(&check.probe, addr, check.timeout).await)
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Waits (bounded) until every proxy has applied the table without this
+/// instance's endpoint, which the control plane removed when it stopped
+/// the instance.
+async fn drain(context: &Context, report: &SharedReport) {
+    update(report, |r| {
+        r.state = "draining".into();
+        r.ready = false;
+    });
+    let wait = async {
+        let mut admin = AdminClient::connect(format!("http://{}", context.server)).await.ok()?;
+        let version = admin.status(pb::Empty {}).await.ok()?.into_inner().version;
+        let request = pb::WaitRequest { version, timeout_ms: DRAIN_WAIT.as_millis() as u64 };
+        admin.wait_converged(request).await.ok()
+    };
+    let _ = tokio::time::timeout(DRAIN_WAIT + Duration::from_secs(1), wait).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_variables_are_shell_names() {
+        for (service, variable) in
+            [("api", "MESH_UPSTREAM_API"), ("user-db", "MESH_UPSTREAM_USER_DB"), ("a_b", "MESH_UPSTREAM_A_B")]
+        {
+            assert_eq!(upstream_variable(service), variable);
+        }
+    }
+}

@@ -1,0 +1,441 @@
+//! The scheduler's I/O side: jobs (durable, in the store), allocations and
+//! instance reports (soft state, rebuilt from agents' heartbeats), the loop
+//! that runs the pure reconciler, and the endpoints it registers for the
+//! instances agents report.
+//!
+//! Allocations are soft state: after a server restart an agent's heartbeat
+//! reports what it runs, and instances of known jobs are adopted back
+//! instead of started twice.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mesh_proto::mesh::v1 as pb;
+use mesh_proto::mesh::v1::jobs_server::Jobs;
+use tokio::sync::Notify;
+use tonic::{Request, Response, Status};
+
+use super::nodes::NodeRegistry;
+use super::ControlPlane;
+use crate::job::{parse_job, Job, JobKind};
+use crate::scheduler::reconcile::reconcile;
+use crate::scheduler::{Allocation, Node};
+use crate::state::Change;
+use crate::store::StoredJob;
+
+/// How often the loop looks again when nothing woke it.
+const TICK: Duration = Duration::from_millis(250);
+
+#[derive(Default)]
+struct SchedulerState {
+    jobs: BTreeMap<String, (StoredJob, Job)>,
+    allocations: Vec<Allocation>,
+    /// Per allocation id: the node that reported it and what it said.
+    reports: HashMap<String, (String, pb::InstanceReport)>,
+    /// Per job: why instances wait unplaced.
+    pending: BTreeMap<String, String>,
+    /// Endpoints this scheduler registered: (service, addr) → (version, ready).
+    registered: BTreeMap<(String, String), (String, bool)>,
+    /// Batch instances that ran to completion are not placed again.
+    completed: BTreeMap<String, u32>,
+    /// Every instance id this server has handed out or adopted. Ids never
+    /// repeat, and a stopped instance an agent still reports is not adopted.
+    used_ids: std::collections::HashSet<String>,
+    rounds: u64,
+}
+
+pub struct Scheduler {
+    control: Arc<ControlPlane>,
+    nodes: Arc<NodeRegistry>,
+    state: Mutex<SchedulerState>,
+    wake: Notify,
+}
+
+impl Scheduler {
+    /// Loads the stored jobs and starts the reconciliation loop.
+    pub fn start(control: Arc<ControlPlane>, nodes: Arc<NodeRegistry>) -> Result<Arc<Scheduler>, String> {
+        let mut state = SchedulerState::default();
+        for (name, stored) in control.store().load_jobs().map_err(|e| e.to_string())? {
+            let job = parse_job(&stored.text).map_err(|e| format!("stored job {name:?}: {e}"))?;
+            state.jobs.insert(name, (stored, job));
+        }
+        let scheduler = Arc::new(Scheduler { control, nodes, state: Mutex::new(state), wake: Notify::new() });
+        tokio::spawn(run_loop(scheduler.clone()));
+        Ok(scheduler)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SchedulerState> {
+        self.state.lock().expect("scheduler lock")
+    }
+
+    /// Records a node's heartbeat report and answers with what it should run.
+    pub fn heartbeat(&self, node: &str, reports: Vec<pb::InstanceReport>) -> Vec<pb::Assignment> {
+        let mut state = self.lock();
+        let mut woke = false;
+        for report in reports {
+            let known = state.allocations.iter().any(|a| a.id == report.id);
+            let retired = !known && state.used_ids.contains(&report.id);
+            if !known && !retired && state.jobs.contains_key(&report.job) && report.state != "complete" {
+                // Running before a server restart: adopt it rather than start another.
+                let (_, job) = &state.jobs[&report.job];
+                let allocation = Allocation {
+                    id: report.id.clone(),
+                    job: report.job.clone(),
+                    version: report.version.clone(),
+                    node: node.to_owned(),
+                    resources: job.resources,
+                };
+                state.used_ids.insert(allocation.id.clone());
+                state.allocations.push(allocation);
+                woke = true;
+            }
+            if report.state == "complete" && known {
+                *state.completed.entry(report.job.clone()).or_default() += 1;
+                state.allocations.retain(|a| a.id != report.id);
+                woke = true;
+            }
+            let previous = state.reports.insert(report.id.clone(), (node.to_owned(), report.clone()));
+            woke |= previous.is_none_or(|(_, old)| old != report);
+        }
+        let assignments = state
+            .allocations
+            .iter()
+            .filter(|a| a.node == node)
+            .filter_map(|a| {
+                let (stored, job) = state.jobs.get(&a.job)?;
+                Some(pb::Assignment {
+                    id: a.id.clone(),
+                    job: a.job.clone(),
+                    version: a.version.clone(),
+                    service: job.service.clone(),
+                    job_text: stored.text.clone(),
+                    job_dir: stored.dir.clone(),
+                })
+            })
+            .collect();
+        drop(state);
+        if woke {
+            self.wake.notify_one();
+        }
+        assignments
+    }
+
+    /// One round: place and stop, then bring the registry in line with what
+    /// agents report.
+    async fn round(&self) {
+        let node_status = self.nodes.list();
+        let nodes: Vec<Node> = node_status
+            .iter()
+            .filter_map(|status| {
+                let info = status.info.as_ref()?;
+                Some(Node {
+                    name: info.name.clone(),
+                    cpu_millis: info.cpu_millis,
+                    memory_mb: info.memory_mb,
+                    attributes: info.attributes.clone().into_iter().collect(),
+                    up: status.up,
+                })
+            })
+            .collect();
+        let changes = {
+            let mut state = self.lock();
+            state.rounds += 1;
+            let specs: Vec<_> = state
+                .jobs
+                .values()
+                .map(|(_, job)| {
+                    let mut spec = job.spec();
+                    if job.kind == JobKind::Batch {
+                        let done = state.completed.get(&job.name).copied().unwrap_or(0);
+                        spec.replicas = spec.replicas.saturating_sub(done);
+                    }
+                    spec
+                })
+                .collect();
+            let plan = reconcile(&specs, &nodes, &state.allocations, state.rounds);
+            for id in &plan.stop {
+                tracing::info!(instance = %id, "stopping instance");
+            }
+            for placed in &plan.place {
+                tracing::info!(instance = %placed.id, node = %placed.node, "placed instance");
+            }
+            state.allocations.retain(|a| !plan.stop.contains(&a.id));
+            for mut placed in plan.place {
+                if state.used_ids.contains(&placed.id) {
+                    placed.id = fresh_id(&placed.job, &state.used_ids);
+                }
+                state.used_ids.insert(placed.id.clone());
+                state.allocations.push(placed);
+            }
+            state.pending = plan
+                .pending
+                .into_iter()
+                .map(|(job, count, why)| (job, format!("{count} unplaced: {why}")))
+                .collect();
+            let live: Vec<String> = state.allocations.iter().map(|a| a.id.clone()).collect();
+            state.reports.retain(|id, (_, report)| live.contains(id) || report.state == "complete");
+            endpoint_changes(&mut state, &nodes)
+        };
+        for change in changes {
+            if let Err(error) = self.control.change(change).await {
+                tracing::warn!(?error, "the scheduler could not update an endpoint");
+            }
+        }
+    }
+
+    fn job_status(&self, state: &SchedulerState, name: &str) -> Option<pb::JobStatus> {
+        let (_, job) = state.jobs.get(name)?;
+        let instances: Vec<pb::Instance> =
+            self.instances(state).into_iter().filter(|i| i.job == name).collect();
+        Some(pb::JobStatus {
+            name: job.name.clone(),
+            service: job.service.clone(),
+            version: job.version.clone(),
+            replicas: job.replicas,
+            kind: match job.kind {
+                JobKind::Service => "service".into(),
+                JobKind::Batch => "batch".into(),
+            },
+            running: instances.iter().filter(|i| i.state == "running").count() as u32,
+            ready: instances.iter().filter(|i| i.ready).count() as u32,
+            pending_reason: state.pending.get(name).cloned().unwrap_or_default(),
+            instances,
+        })
+    }
+
+    /// Every allocation with its latest report, plus completed batch instances.
+    fn instances(&self, state: &SchedulerState) -> Vec<pb::Instance> {
+        let from_report = |node: &str, report: &pb::InstanceReport| pb::Instance {
+            id: report.id.clone(),
+            job: report.job.clone(),
+            version: report.version.clone(),
+            node: node.to_owned(),
+            state: report.state.clone(),
+            pid: report.pid,
+            proxy_pid: report.proxy_pid,
+            addr: report.addr.clone(),
+            restarts: report.restarts,
+            ready: report.ready,
+            message: report.message.clone(),
+        };
+        let mut instances: Vec<pb::Instance> = state
+            .allocations
+            .iter()
+            .map(|a| match state.reports.get(&a.id) {
+                Some((node, report)) if *node == a.node => from_report(node, report),
+                _ => pb::Instance {
+                    id: a.id.clone(),
+                    job: a.job.clone(),
+                    version: a.version.clone(),
+                    node: a.node.clone(),
+                    state: "pending".into(),
+                    ..Default::default()
+                },
+            })
+            .collect();
+        for (id, (node, report)) in &state.reports {
+            if report.state == "complete" && !state.allocations.iter().any(|a| &a.id == id) {
+                instances.push(from_report(node, report));
+            }
+        }
+        instances.sort_by(|a, b| a.id.cmp(&b.id));
+        instances
+    }
+}
+
+/// The registry changes that make endpoints match reports: an instance's
+/// endpoint is ready only while its agent says so, it is running, and its
+/// node is up; an instance that is gone takes its endpoint with it.
+fn endpoint_changes(state: &mut SchedulerState, nodes: &[Node]) -> Vec<Change> {
+    let node_up = |name: &str| nodes.iter().any(|n| n.name == name && n.up);
+    let mut wanted: BTreeMap<(String, String), (String, bool)> = BTreeMap::new();
+    for allocation in &state.allocations {
+        let Some((node, report)) = state.reports.get(&allocation.id) else { continue };
+        let Some((_, job)) = state.jobs.get(&allocation.job) else { continue };
+        if report.addr.is_empty() || *node != allocation.node || job.kind == JobKind::Batch {
+            continue;
+        }
+        let ready = report.ready && report.state == "running" && node_up(node);
+        wanted.insert((job.service.clone(), report.addr.clone()), (allocation.version.clone(), ready));
+    }
+    let mut changes = Vec::new();
+    for ((service, addr), (version, ready)) in &wanted {
+        if state.registered.get(&(service.clone(), addr.clone())) != Some(&(version.clone(), *ready)) {
+            changes.push(Change::Register {
+                service: service.clone(),
+                version: version.clone(),
+                addr: addr.clone(),
+                ready: *ready,
+            });
+        }
+    }
+    for (service, addr) in state.registered.keys() {
+        if !wanted.contains_key(&(service.clone(), addr.clone())) {
+            changes.push(Change::Deregister { service: service.clone(), addr: addr.clone() });
+        }
+    }
+    state.registered = wanted;
+    changes
+}
+
+/// The lowest `<job>-<n>` not handed out before.
+fn fresh_id(job: &str, used: &std::collections::HashSet<String>) -> String {
+    (0u64..).map(|n| format!("{job}-{n}")).find(|id| !used.contains(id)).expect("an unused id")
+}
+
+async fn run_loop(scheduler: Arc<Scheduler>) {
+    loop {
+        scheduler.round().await;
+        let _ = tokio::time::timeout(TICK, scheduler.wake.notified()).await;
+    }
+}
+
+pub struct JobsService {
+    pub scheduler: Arc<Scheduler>,
+}
+
+#[tonic::async_trait]
+impl Jobs for JobsService {
+    async fn run(&self, request: Request<pb::RunJobRequest>) -> Result<Response<pb::RunJobReply>, Status> {
+        let request = request.into_inner();
+        let job = parse_job(&request.text).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let stored = StoredJob { text: request.text, dir: request.dir };
+        let name = job.name.clone();
+        let changed = {
+            let state = self.scheduler.lock();
+            state.jobs.get(&name).is_none_or(|(old, _)| *old != stored)
+        };
+        if changed {
+            // Durable before it is acted on or answered.
+            self.scheduler
+                .control
+                .store()
+                .save_job(&name, Some(&stored))
+                .map_err(|e| Status::unavailable(e.to_string()))?;
+            let mut state = self.scheduler.lock();
+            if let Some((_, old)) = state.jobs.get(&name) {
+                if old.version != job.version {
+                    // Without rolling updates yet, a new version replaces the old instances.
+                    state.allocations.retain(|a| a.job != name);
+                }
+            }
+            state.completed.remove(&name);
+            state.jobs.insert(name.clone(), (stored, job));
+            drop(state);
+            tracing::info!(job = %name, "job submitted");
+            self.scheduler.wake.notify_one();
+        }
+        Ok(Response::new(pb::RunJobReply { name, changed }))
+    }
+
+    async fn stop(&self, request: Request<pb::JobName>) -> Result<Response<pb::JobName>, Status> {
+        let name = request.into_inner().name;
+        if !self.scheduler.lock().jobs.contains_key(&name) {
+            return Err(Status::not_found(format!("no job {name:?}")));
+        }
+        self.scheduler
+            .control
+            .store()
+            .save_job(&name, None)
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let mut state = self.scheduler.lock();
+        state.jobs.remove(&name);
+        state.completed.remove(&name);
+        state.pending.remove(&name);
+        drop(state);
+        tracing::info!(job = %name, "job stopped");
+        self.scheduler.wake.notify_one();
+        Ok(Response::new(pb::JobName { name }))
+    }
+
+    async fn status(&self, request: Request<pb::JobName>) -> Result<Response<pb::JobStatus>, Status> {
+        let name = request.into_inner().name;
+        let state = self.scheduler.lock();
+        self.scheduler
+            .job_status(&state, &name)
+            .map(Response::new)
+            .ok_or_else(|| Status::not_found(format!("no job {name:?}")))
+    }
+
+    async fn list(&self, _: Request<pb::Empty>) -> Result<Response<pb::JobList>, Status> {
+        let state = self.scheduler.lock();
+        let jobs = state.jobs.keys().filter_map(|name| self.scheduler.job_status(&state, name)).collect();
+        Ok(Response::new(pb::JobList { jobs }))
+    }
+
+    async fn list_instances(&self, _: Request<pb::Empty>) -> Result<Response<pb::InstanceList>, Status> {
+        let state = self.scheduler.lock();
+        Ok(Response::new(pb::InstanceList { instances: self.scheduler.instances(&state) }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(kind: &str) -> Job {
+        let text = format!(
+            "name = \"web\"\nversion = \"v1\"\nreplicas = 1\nkind = \"{kind}\"\n[task]\ncommand = \"x\"\n"
+        );
+        parse_job(&text).expect("job")
+    }
+
+    fn report(id: &str, state: &str, ready: bool) -> pb::InstanceReport {
+        pb::InstanceReport {
+            id: id.into(),
+            job: "web".into(),
+            version: "v1".into(),
+            state: state.into(),
+            addr: format!("127.0.0.2:{}", 1000 + id.len()),
+            ready,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn endpoints_follow_reports_and_node_health() {
+        let node = |up| Node {
+            name: "a".into(),
+            cpu_millis: 1000,
+            memory_mb: 1000,
+            attributes: BTreeMap::new(),
+            up,
+        };
+        let allocation = Allocation {
+            id: "web-0".into(),
+            job: "web".into(),
+            version: "v1".into(),
+            node: "a".into(),
+            resources: Default::default(),
+        };
+        // (report state, ready, node up, kind) → registered ready?
+        let cases = [
+            ("running", true, true, "service", Some(true)),
+            ("running", false, true, "service", Some(false)),
+            ("running", true, false, "service", Some(false)),
+            ("draining", true, true, "service", Some(false)),
+            ("running", true, true, "batch", None),
+        ];
+        for (report_state, ready, up, kind, expected) in cases {
+            let mut state = SchedulerState::default();
+            state
+                .jobs
+                .insert("web".into(), (StoredJob { text: String::new(), dir: String::new() }, job(kind)));
+            state.allocations.push(allocation.clone());
+            state.reports.insert("web-0".into(), ("a".into(), report("web-0", report_state, ready)));
+            let changes = endpoint_changes(&mut state, &[node(up)]);
+            let registered = changes.iter().find_map(|c| match c {
+                Change::Register { ready, .. } => Some(*ready),
+                _ => None,
+            });
+            assert_eq!(registered, expected, "{report_state} ready={ready} up={up} {kind}");
+            // Nothing changed: nothing to send again.
+            assert!(endpoint_changes(&mut state, &[node(up)]).is_empty());
+            // The instance goes: its endpoint goes.
+            state.allocations.clear();
+            let gone = endpoint_changes(&mut state, &[node(up)]);
+            assert_eq!(gone.len(), usize::from(expected.is_some()), "{gone:?}");
+        }
+    }
+}
