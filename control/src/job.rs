@@ -62,6 +62,8 @@ pub struct UpdatePolicy {
     pub min_healthy: Duration,
     pub canary: u32,
     pub auto_revert: bool,
+    /// A new version not healthy within this long has failed its update.
+    pub healthy_deadline: Duration,
 }
 
 /// A job file that cannot be used, with where and why.
@@ -163,6 +165,7 @@ struct RawUpdate {
     min_healthy: Option<Dur>,
     canary: Option<u32>,
     auto_revert: Option<bool>,
+    healthy_deadline: Option<Dur>,
 }
 
 #[derive(Deserialize)]
@@ -323,8 +326,13 @@ pub fn parse_job(text: &str) -> Result<Job, JobError> {
         Some(h) => (check("health.readiness", &h.readiness)?, check("health.liveness", &h.liveness)?),
         None => (None, None),
     };
-    let mut update =
-        UpdatePolicy { max_parallel: 1, min_healthy: Duration::from_secs(2), canary: 0, auto_revert: true };
+    let mut update = UpdatePolicy {
+        max_parallel: 1,
+        min_healthy: Duration::from_secs(2),
+        canary: 0,
+        auto_revert: true,
+        healthy_deadline: Duration::from_secs(60),
+    };
     if let Some(u) = &raw.update {
         if let Some(max_parallel) = &u.max_parallel {
             if *max_parallel.get_ref() == 0 {
@@ -339,6 +347,7 @@ pub fn parse_job(text: &str) -> Result<Job, JobError> {
         update.min_healthy = u.min_healthy.as_ref().map_or(update.min_healthy, |d| d.0);
         update.canary = u.canary.unwrap_or(0);
         update.auto_revert = u.auto_revert.unwrap_or(true);
+        update.healthy_deadline = u.healthy_deadline.as_ref().map_or(update.healthy_deadline, |d| d.0);
     }
     let mut upstreams = Vec::new();
     for (index, upstream) in raw.upstreams.iter().enumerate() {

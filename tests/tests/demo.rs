@@ -27,11 +27,16 @@ fn the_demo_serves_traffic_and_cleans_up() {
         .find_map(|l| l.strip_prefix("mesh demo running (work dir ")?.strip_suffix("):"))
         .expect("the demo names its work dir");
     assert!(!std::path::Path::new(work_dir).exists(), "the work dir {work_dir} is removed");
+    let server = stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("meshd dev at ")?.split_whitespace().next())
+        .expect("the demo names meshd's address");
     let leftovers: Vec<String> = std::fs::read_dir("/proc")
         .unwrap()
         .filter_map(|entry| std::fs::read(entry.ok()?.path().join("cmdline")).ok())
         .map(|cmdline| String::from_utf8_lossy(&cmdline).replace('\0', " "))
-        .filter(|cmdline| cmdline.contains(work_dir) || cmdline.contains("echo-v1-a"))
+        // meshd names the work dir; the sidecars name meshd's address.
+        .filter(|cmdline| cmdline.contains(work_dir) || cmdline.contains(&format!("--control {server}")))
         .collect();
     assert!(leftovers.is_empty(), "the demo left processes behind: {leftovers:?}");
 }

@@ -31,7 +31,33 @@ pub struct Context {
     pub bin_dir: Option<PathBuf>,
 }
 
-pub type SharedReport = Arc<Mutex<pb::InstanceReport>>;
+/// An instance's report, shared with the heartbeat loop, which it wakes
+/// when something changed (so a readiness change travels at once, not at
+/// the next heartbeat).
+#[derive(Clone)]
+pub struct SharedReport {
+    report: Arc<Mutex<pb::InstanceReport>>,
+    changed: Arc<tokio::sync::Notify>,
+}
+
+impl SharedReport {
+    pub fn new(report: pb::InstanceReport, changed: Arc<tokio::sync::Notify>) -> SharedReport {
+        SharedReport { report: Arc::new(Mutex::new(report)), changed }
+    }
+
+    pub fn get(&self) -> pb::InstanceReport {
+        self.report.lock().expect("report lock").clone()
+    }
+
+    fn update(&self, change: impl FnOnce(&mut pb::InstanceReport)) {
+        let mut report = self.report.lock().expect("report lock");
+        let before = report.clone();
+        change(&mut report);
+        if *report != before {
+            self.changed.notify_one();
+        }
+    }
+}
 
 const PROXY_READY_WITHIN: Duration = Duration::from_secs(15);
 const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -41,31 +67,38 @@ const RESTART_MAX: Duration = Duration::from_secs(30);
 /// An app that ran this long before exiting starts its backoff over.
 const STABLE_AFTER: Duration = Duration::from_secs(10);
 
-fn update(report: &SharedReport, change: impl FnOnce(&mut pb::InstanceReport)) {
-    change(&mut report.lock().expect("report lock"));
-}
-
 /// The instance's folder under the agent's data dir: logs and pid files.
 pub fn instance_dir(data_dir: &Path, id: &str) -> PathBuf {
     data_dir.join("instances").join(id)
 }
 
-/// Runs one instance until `stop` turns true (or, for a batch job, until it completes).
+/// Runs one instance until `stop` turns true (or, for a batch job, until
+/// it completes). A start that fails (its sidecar could not bind, say) is
+/// reported as `failed` with the reason and tried again with backoff.
 pub async fn run(
     context: Arc<Context>,
     assignment: pb::Assignment,
     report: SharedReport,
     mut stop: watch::Receiver<bool>,
 ) {
-    let result = run_inner(&context, &assignment, &report, &mut stop).await;
-    if let Err(message) = result {
-        tracing::warn!(instance = %assignment.id, %message, "instance failed");
-        update(&report, |r| {
+    let mut failures = 0u32;
+    loop {
+        let Err(message) = run_inner(&context, &assignment, &report, &mut stop).await else { return };
+        let delay = restart_delay(failures, RESTART_BASE, RESTART_MAX);
+        failures += 1;
+        tracing::warn!(instance = %assignment.id, %message, ?delay, "instance failed to start");
+        report.update(|r| {
             r.state = "failed".into();
             r.ready = false;
-            r.message = message;
+            r.pid = 0;
+            r.proxy_pid = 0;
+            r.restarts += 1;
+            r.message = format!("{message}; trying again in {}", humantime::format_duration(delay));
         });
-        stopped(&mut stop).await;
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stopped(&mut stop) => return,
+        }
     }
 }
 
@@ -81,7 +114,7 @@ async fn run_inner(
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let ports = Ports::choose(context.advertise_ip, job.upstreams.len())?;
     let mut proxy = start_proxy(context, assignment, &job, &ports, &dir)?;
-    update(report, |r| {
+    report.update(|r| {
         r.proxy_pid = proxy.pid();
         r.addr = ports.inbound.to_string();
         r.message = "waiting for the sidecar".into();
@@ -97,14 +130,14 @@ async fn run_inner(
             Running::start(&launch).map_err(|e| format!("cannot start {}: {e}", program.display()))?;
         record_pid(&dir, app.pid());
         let started = Instant::now();
-        update(report, |r| {
+        report.update(|r| {
             r.state = "running".into();
             r.pid = app.pid();
             r.ready = job.readiness.is_none();
             r.message.clear();
         });
         let ended = supervise(&job, &mut app, ports.app, report, stop).await;
-        update(report, |r| r.ready = false);
+        report.update(|r| r.ready = false);
         let why = match ended {
             Ended::Stopped => {
                 drain(context, report).await;
@@ -116,7 +149,7 @@ async fn run_inner(
             Ended::Exited(status) if job.kind == JobKind::Batch && status.success() => {
                 let _ = proxy.stop(STOP_GRACE).await;
                 let _ = std::fs::remove_file(dir.join("pids"));
-                update(report, |r| {
+                report.update(|r| {
                     r.state = "complete".into();
                     r.pid = 0;
                     r.proxy_pid = 0;
@@ -136,7 +169,7 @@ async fn run_inner(
         let delay = restart_delay(restarts_in_a_row, RESTART_BASE, RESTART_MAX);
         restarts_in_a_row += 1;
         tracing::info!(instance = %assignment.id, %why, ?delay, "restarting the app");
-        update(report, |r| {
+        report.update(|r| {
             r.state = "starting".into();
             r.pid = 0;
             r.restarts += 1;
@@ -344,7 +377,7 @@ async fn supervise(
                     *verdict = verdict.observe(result.is_ok(), check.failures);
                     let ready = verdict.healthy;
                     let message = result.err().unwrap_or_default();
-                    update(report, |r| {
+                    report.update(|r| {
                         r.ready = ready;
                         r.message = if ready { String::new() } else { format!("not ready: {message}") };
                     });
@@ -393,7 +426,7 @@ async fn next_probe(
 /// instance's endpoint, which the control plane removed when it stopped
 /// the instance.
 async fn drain(context: &Context, report: &SharedReport) {
-    update(report, |r| {
+    report.update(|r| {
         r.state = "draining".into();
         r.ready = false;
     });

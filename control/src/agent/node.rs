@@ -67,7 +67,11 @@ async fn session(
     tracing::info!(node = %info.name, ?interval, "joined the control plane");
     let mut ticker = tokio::time::interval(interval);
     loop {
-        ticker.tick().await;
+        // At the interval, or at once when an instance's report changed.
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = supervisor.changed.notified() => {}
+        }
         let heartbeat = pb::HeartbeatRequest { name: info.name.clone(), instances: supervisor.reports() };
         let reply = client
             .heartbeat(heartbeat)

@@ -20,11 +20,17 @@ struct Handle {
 pub struct Supervisor {
     context: Arc<Context>,
     instances: Mutex<HashMap<String, Handle>>,
+    /// Woken when any instance's report changes.
+    pub changed: Arc<tokio::sync::Notify>,
 }
 
 impl Supervisor {
     pub fn new(context: Context) -> Supervisor {
-        Supervisor { context: Arc::new(context), instances: Mutex::new(HashMap::new()) }
+        Supervisor {
+            context: Arc::new(context),
+            instances: Mutex::new(HashMap::new()),
+            changed: Arc::new(tokio::sync::Notify::new()),
+        }
     }
 
     /// Brings the instances in line with the scheduler's assignments.
@@ -35,13 +41,16 @@ impl Supervisor {
                 continue;
             }
             tracing::info!(instance = %assignment.id, job = %assignment.job, "starting instance");
-            let report = Arc::new(Mutex::new(pb::InstanceReport {
-                id: assignment.id.clone(),
-                job: assignment.job.clone(),
-                version: assignment.version.clone(),
-                state: "starting".into(),
-                ..Default::default()
-            }));
+            let report = SharedReport::new(
+                pb::InstanceReport {
+                    id: assignment.id.clone(),
+                    job: assignment.job.clone(),
+                    version: assignment.version.clone(),
+                    state: "starting".into(),
+                    ..Default::default()
+                },
+                self.changed.clone(),
+            );
             let (stop, stopped) = watch::channel(false);
             let task = tokio::spawn(instance::run(
                 self.context.clone(),
@@ -64,7 +73,7 @@ impl Supervisor {
     pub fn reports(&self) -> Vec<pb::InstanceReport> {
         let mut instances = self.instances.lock().expect("instances lock");
         instances.retain(|_, handle| !(*handle.stop.borrow() && handle.task.is_finished()));
-        instances.values().map(|handle| handle.report.lock().expect("report lock").clone()).collect()
+        instances.values().map(|handle| handle.report.get()).collect()
     }
 
     /// Stops every instance (the agent is shutting down) and waits for them.

@@ -99,6 +99,8 @@ enum JobCommand {
     Status { name: String },
     /// Stop a job: its instances drain and stop.
     Stop { name: String },
+    /// Let an update's canaries be followed by the rest of the new version.
+    Promote { name: String },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -312,10 +314,11 @@ async fn job_command(
             let status = jobs.status(pb::JobName { name }).await?.into_inner();
             if output == Output::Table {
                 println!(
-                    "job {} ({} {}): service {}, {} of {} running, {} ready",
+                    "job {} ({} {}, {}): service {}, {} of {} running, {} ready",
                     status.name,
                     status.kind,
                     status.version,
+                    status.state,
                     status.service,
                     status.running,
                     status.replicas,
@@ -324,11 +327,18 @@ async fn job_command(
                 if !status.pending_reason.is_empty() {
                     println!("pending: {}", status.pending_reason);
                 }
+                if !status.deployment.is_empty() {
+                    println!("update: {}", status.deployment);
+                }
                 let rows: Rows = status.instances.iter().map(instance_row).collect();
                 print_rows(output, &rows);
             } else {
                 print_rows(output, &vec![job_row(&status)]);
             }
+        }
+        JobCommand::Promote { name } => {
+            let reply = jobs.promote(pb::JobName { name }).await?.into_inner();
+            println!("job {} promoted: the update continues", reply.name);
         }
         JobCommand::Stop { name } => {
             let reply = jobs.stop(pb::JobName { name }).await?.into_inner();
@@ -344,10 +354,12 @@ fn job_row(status: &pb::JobStatus) -> Vec<(&'static str, Value)> {
         ("service", json!(status.service)),
         ("version", json!(status.version)),
         ("kind", json!(status.kind)),
+        ("state", json!(status.state)),
         ("replicas", json!(status.replicas)),
         ("running", json!(status.running)),
         ("ready", json!(status.ready)),
         ("pending", json!(status.pending_reason)),
+        ("deployment", json!(status.deployment)),
     ]
 }
 

@@ -266,18 +266,20 @@ async fn deploy_demo(address: SocketAddr, data_dir: &std::path::Path) -> Result<
     let mut admin = mesh_proto::mesh::v1::admin_client::AdminClient::connect(endpoint)
         .await
         .map_err(|e| format!("demo: {e}"))?;
-    // A split names versions the registry knows: wait (bounded) until both have endpoints.
+    // A split names versions the registry knows, and the demo starts once
+    // every instance is ready: wait (bounded) for all three endpoints.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let endpoints = admin.list_endpoints(pb::Empty {}).await.map_err(|e| e.message().to_owned())?;
-        let has = |version: &str| {
-            endpoints.get_ref().endpoints.iter().any(|e| e.service == "echo" && e.version == version)
+        let ready = |version: &str| {
+            let endpoints = &endpoints.get_ref().endpoints;
+            endpoints.iter().filter(|e| e.service == "echo" && e.version == version && e.ready).count()
         };
-        if has("v1") && has("v2") {
+        if ready("v1") == 2 && ready("v2") == 1 {
             break;
         }
         if tokio::time::Instant::now() > deadline {
-            return Err("the demo instances did not register within 60 s; see `meshctl get instances`".into());
+            return Err("the demo instances were not ready within 60 s; see `meshctl get instances`".into());
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

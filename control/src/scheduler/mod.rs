@@ -7,6 +7,7 @@
 
 pub mod placement;
 pub mod reconcile;
+pub mod rollout;
 
 use std::collections::BTreeMap;
 

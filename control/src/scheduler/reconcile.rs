@@ -24,6 +24,12 @@ fn next_id(job: &str, taken: &[Allocation]) -> String {
     format!("{prefix}{}", highest.map_or(0, |n| n + 1))
 }
 
+/// Whether an allocation is an instance of this spec: a job's versions
+/// are separate specs while it is being updated.
+fn belongs(allocation: &Allocation, job: &JobSpec) -> bool {
+    allocation.job == job.name && allocation.version == job.version
+}
+
 /// The plan for `jobs` on `nodes` given `allocations`. The same inputs and
 /// seed always give the same plan.
 pub fn reconcile(jobs: &[JobSpec], nodes: &[Node], allocations: &[Allocation], seed: u64) -> Plan {
@@ -33,7 +39,7 @@ pub fn reconcile(jobs: &[JobSpec], nodes: &[Node], allocations: &[Allocation], s
     // What keeps running, and so keeps its resources.
     let mut kept: Vec<Allocation> = Vec::new();
     for allocation in allocations {
-        let declared = jobs.iter().any(|j| j.name == allocation.job);
+        let declared = jobs.iter().any(|j| belongs(allocation, j));
         if declared && node_up(&allocation.node) {
             kept.push(allocation.clone());
         } else {
@@ -41,7 +47,7 @@ pub fn reconcile(jobs: &[JobSpec], nodes: &[Node], allocations: &[Allocation], s
         }
     }
     for job in jobs {
-        let mut live: Vec<&Allocation> = kept.iter().filter(|a| a.job == job.name).collect();
+        let mut live: Vec<&Allocation> = kept.iter().filter(|a| belongs(a, job)).collect();
         // Newest instances (highest ids) go first when scaling down.
         live.sort_by_key(|a| std::cmp::Reverse(a.id.clone()));
         let wanted = job.replicas as usize;
@@ -53,7 +59,7 @@ pub fn reconcile(jobs: &[JobSpec], nodes: &[Node], allocations: &[Allocation], s
     // Ids must not be reused while the old instance may still be stopping.
     let mut taken: Vec<Allocation> = allocations.to_vec();
     for job in jobs {
-        let live = kept.iter().filter(|a| a.job == job.name).count();
+        let live = kept.iter().filter(|a| belongs(a, job)).count();
         let missing = (job.replicas as usize).saturating_sub(live);
         for placed in 0..missing {
             match choose_node(job, nodes, &kept, &mut rng) {

@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mesh_proto::mesh::v1 as pb;
 use mesh_proto::mesh::v1::jobs_server::Jobs;
@@ -20,7 +20,8 @@ use super::nodes::NodeRegistry;
 use super::ControlPlane;
 use crate::job::{parse_job, Job, JobKind};
 use crate::scheduler::reconcile::reconcile;
-use crate::scheduler::{Allocation, Node};
+use crate::scheduler::rollout::{self, NewInstance, Progress};
+use crate::scheduler::{Allocation, JobSpec, Node};
 use crate::state::Change;
 use crate::store::StoredJob;
 
@@ -42,7 +43,20 @@ struct SchedulerState {
     /// Every instance id this server has handed out or adopted. Ids never
     /// repeat, and a stopped instance an agent still reports is not adopted.
     used_ids: std::collections::HashSet<String>,
+    /// Updates in progress, per job.
+    rollouts: BTreeMap<String, Rollout>,
+    /// Per job: where its latest update stands or how it ended.
+    deployments: BTreeMap<String, String>,
+    /// Per instance id: since when it has been ready without a break.
+    ready_since: HashMap<String, Instant>,
     rounds: u64,
+}
+
+/// A job moving from one version to another.
+struct Rollout {
+    old: (StoredJob, Job),
+    started: Instant,
+    promoted: bool,
 }
 
 pub struct Scheduler {
@@ -95,6 +109,11 @@ impl Scheduler {
                 state.allocations.retain(|a| a.id != report.id);
                 woke = true;
             }
+            if report.ready && report.state == "running" {
+                state.ready_since.entry(report.id.clone()).or_insert_with(Instant::now);
+            } else {
+                state.ready_since.remove(&report.id);
+            }
             let previous = state.reports.insert(report.id.clone(), (node.to_owned(), report.clone()));
             woke |= previous.is_none_or(|(_, old)| old != report);
         }
@@ -141,18 +160,7 @@ impl Scheduler {
         let changes = {
             let mut state = self.lock();
             state.rounds += 1;
-            let specs: Vec<_> = state
-                .jobs
-                .values()
-                .map(|(_, job)| {
-                    let mut spec = job.spec();
-                    if job.kind == JobKind::Batch {
-                        let done = state.completed.get(&job.name).copied().unwrap_or(0);
-                        spec.replicas = spec.replicas.saturating_sub(done);
-                    }
-                    spec
-                })
-                .collect();
+            let specs = self.specs(&mut state);
             let plan = reconcile(&specs, &nodes, &state.allocations, state.rounds);
             for id in &plan.stop {
                 tracing::info!(instance = %id, "stopping instance");
@@ -175,6 +183,7 @@ impl Scheduler {
                 .collect();
             let live: Vec<String> = state.allocations.iter().map(|a| a.id.clone()).collect();
             state.reports.retain(|id, (_, report)| live.contains(id) || report.state == "complete");
+            state.ready_since.retain(|id, _| live.contains(id));
             endpoint_changes(&mut state, &nodes)
         };
         for change in changes {
@@ -184,11 +193,107 @@ impl Scheduler {
         }
     }
 
+    /// What to reconcile this round: every job's spec, and for a job being
+    /// updated its two versions with the counts the rollout allows.
+    fn specs(&self, state: &mut SchedulerState) -> Vec<JobSpec> {
+        let mut specs = Vec::new();
+        let names: Vec<String> = state.jobs.keys().cloned().collect();
+        for name in names {
+            let job = state.jobs[&name].1.clone();
+            let Some(update) = state.rollouts.get(&name) else {
+                let mut spec = job.spec();
+                if job.kind == JobKind::Batch {
+                    let done = state.completed.get(&job.name).copied().unwrap_or(0);
+                    spec.replicas = spec.replicas.saturating_sub(done);
+                }
+                specs.push(spec);
+                continue;
+            };
+            let old_job = update.old.1.clone();
+            let new_instances: Vec<NewInstance> = state
+                .allocations
+                .iter()
+                .filter(|a| a.job == name && a.version == job.version)
+                .map(|a| {
+                    let report = state.reports.get(&a.id).map(|(_, r)| r);
+                    let troubled = report.filter(|r| !r.ready && (r.restarts > 0 || !r.message.is_empty()));
+                    NewInstance {
+                        ready_for: state.ready_since.get(&a.id).map(Instant::elapsed),
+                        trouble: troubled.map(|r| format!("instance {}: {}", r.id, r.message)),
+                    }
+                })
+                .collect();
+            let old_count =
+                state.allocations.iter().filter(|a| a.job == name && a.version == old_job.version).count();
+            let (old_spec, new_spec, progress) = rollout::step(
+                &old_job.spec(),
+                &job.spec(),
+                &job.update,
+                update.promoted,
+                &new_instances,
+                old_count,
+                update.started.elapsed(),
+            );
+            let healthy = new_instances.iter().filter(|i| i.ready_for.is_some()).count();
+            let (from, to) = (&old_job.version, &job.version);
+            match progress {
+                Progress::Done => {
+                    tracing::info!(job = %name, version = %to, "update complete");
+                    state.rollouts.remove(&name);
+                    state.deployments.insert(name.clone(), format!("updated from {from} to {to}"));
+                    specs.push(job.spec());
+                }
+                Progress::Failed(why) if job.update.auto_revert => {
+                    tracing::warn!(job = %name, %why, "update failed; rolling back");
+                    let old = state.rollouts.remove(&name).expect("the rollout").old;
+                    if let Err(error) = self.control.store().save_job(&name, Some(&old.0)) {
+                        tracing::error!(%error, "could not store the rolled-back job");
+                    }
+                    specs.push(old.1.spec());
+                    state.jobs.insert(name.clone(), old);
+                    state.deployments.insert(name.clone(), format!("rolled back to {from}: {why}"));
+                }
+                Progress::Failed(why) => {
+                    state.deployments.insert(name.clone(), format!("stuck updating {from} → {to}: {why}"));
+                    specs.extend([old_spec, new_spec]);
+                }
+                Progress::AwaitingPromotion => {
+                    let message = format!(
+                        "canary {to} ({healthy} healthy) beside {from}: waiting for `meshctl job promote {name}`"
+                    );
+                    state.deployments.insert(name.clone(), message);
+                    specs.extend([old_spec, new_spec]);
+                }
+                Progress::Rolling => {
+                    let message = format!("updating {from} → {to}: {healthy} of {} ready", job.replicas);
+                    state.deployments.insert(name.clone(), message);
+                    specs.extend([old_spec, new_spec]);
+                }
+            }
+        }
+        specs
+    }
+
     fn job_status(&self, state: &SchedulerState, name: &str) -> Option<pb::JobStatus> {
         let (_, job) = state.jobs.get(name)?;
         let instances: Vec<pb::Instance> =
             self.instances(state).into_iter().filter(|i| i.job == name).collect();
+        let pending_reason = state.pending.get(name).cloned().unwrap_or_default();
+        let complete = instances.iter().filter(|i| i.state == "complete").count() as u32;
+        let running = instances.iter().filter(|i| i.state == "running").count() as u32;
+        let ready = instances.iter().filter(|i| i.ready).count() as u32;
+        let job_state = if job.kind == JobKind::Batch && complete >= job.replicas {
+            "complete"
+        } else if !pending_reason.is_empty() {
+            "pending"
+        } else if running >= job.replicas && (ready >= job.replicas || job.kind == JobKind::Batch) {
+            "running"
+        } else {
+            "starting"
+        };
         Some(pb::JobStatus {
+            deployment: state.deployments.get(name).cloned().unwrap_or_default(),
+            state: job_state.into(),
             name: job.name.clone(),
             service: job.service.clone(),
             version: job.version.clone(),
@@ -197,9 +302,9 @@ impl Scheduler {
                 JobKind::Service => "service".into(),
                 JobKind::Batch => "batch".into(),
             },
-            running: instances.iter().filter(|i| i.state == "running").count() as u32,
-            ready: instances.iter().filter(|i| i.ready).count() as u32,
-            pending_reason: state.pending.get(name).cloned().unwrap_or_default(),
+            running,
+            ready,
+            pending_reason,
             instances,
         })
     }
@@ -314,11 +419,15 @@ impl Jobs for JobsService {
                 .save_job(&name, Some(&stored))
                 .map_err(|e| Status::unavailable(e.to_string()))?;
             let mut state = self.scheduler.lock();
-            if let Some((_, old)) = state.jobs.get(&name) {
-                if old.version != job.version {
-                    // Without rolling updates yet, a new version replaces the old instances.
-                    state.allocations.retain(|a| a.job != name);
-                }
+            let version_changed = state.jobs.get(&name).is_some_and(|(_, old)| old.version != job.version);
+            if version_changed && job.kind == JobKind::Service {
+                // The version being replaced: the one still running if an update was under way.
+                let old = match state.rollouts.remove(&name) {
+                    Some(rollout) => rollout.old,
+                    None => state.jobs[&name].clone(),
+                };
+                let update = Rollout { old, started: Instant::now(), promoted: false };
+                state.rollouts.insert(name.clone(), update);
             }
             state.completed.remove(&name);
             state.jobs.insert(name.clone(), (stored, job));
@@ -341,10 +450,28 @@ impl Jobs for JobsService {
             .map_err(|e| Status::unavailable(e.to_string()))?;
         let mut state = self.scheduler.lock();
         state.jobs.remove(&name);
+        state.rollouts.remove(&name);
+        state.deployments.remove(&name);
         state.completed.remove(&name);
         state.pending.remove(&name);
         drop(state);
         tracing::info!(job = %name, "job stopped");
+        self.scheduler.wake.notify_one();
+        Ok(Response::new(pb::JobName { name }))
+    }
+
+    async fn promote(&self, request: Request<pb::JobName>) -> Result<Response<pb::JobName>, Status> {
+        let name = request.into_inner().name;
+        let mut state = self.scheduler.lock();
+        if !state.jobs.contains_key(&name) {
+            return Err(Status::not_found(format!("no job {name:?}")));
+        }
+        let Some(rollout) = state.rollouts.get_mut(&name) else {
+            return Err(Status::failed_precondition(format!("job {name:?} has no update in progress")));
+        };
+        rollout.promoted = true;
+        drop(state);
+        tracing::info!(job = %name, "canaries promoted");
         self.scheduler.wake.notify_one();
         Ok(Response::new(pb::JobName { name }))
     }

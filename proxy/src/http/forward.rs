@@ -30,7 +30,7 @@ use crate::config::{Protocol, RetryOn};
 use crate::errors::ProxyError;
 use crate::http::body::{RequestBody, ResponseBody};
 use crate::http::pool::{ConnPool, ConnectError, Http1Sender};
-use crate::http::{error_response, is_grpc, mark_error, strip_hop_by_hop};
+use crate::http::{error_response, is_grpc, mark_error, strip_hop_by_hop, MESH_ERROR};
 use crate::metrics::HttpMetrics;
 use crate::snapshot::{Endpoint, EndpointState, Service};
 
@@ -123,8 +123,9 @@ async fn attempts<'s>(
     strip_hop_by_hop(&mut parts.headers);
     let policy = &service.config.retry;
     let idempotent = policy.non_idempotent || is_idempotent(&parts.method);
-    let retries_responses =
-        idempotent && policy.attempts > 1 && policy.on.iter().any(|on| *on != RetryOn::ConnectFailure);
+    // Any condition can come back as a response: even a connect failure,
+    // when the peer's inbound proxy could not reach its app.
+    let retries_responses = idempotent && policy.attempts > 1;
     let mut body = match prepare_body(body, &parts, retries_responses).await {
         Ok(body) => body,
         Err(e) => {
@@ -207,9 +208,10 @@ async fn attempts<'s>(
                     error: Some(ProxyError::ConnectFailed),
                     metrics: &endpoint.metrics,
                 };
-                let retryable = retries_responses
-                    && policy.on.iter().any(|on| matches!(on, RetryOn::ServerError | RetryOn::GatewayError));
-                if retryable && may_retry && spend_retry(service, &service.retry_metrics.server_error) {
+                // The connection broke before an answer (the peer died): an
+                // idempotent request may go again, under any retry condition.
+                let retryable = retries_responses && !policy.on.is_empty();
+                if retryable && may_retry && spend_retry(service, &service.retry_metrics.connect_failure) {
                     last_failure = Some(outcome);
                     continue;
                 }
@@ -218,12 +220,18 @@ async fn attempts<'s>(
             Ok((response, release)) => {
                 let status = response.status();
                 let grpc_unavailable = response.headers().get("grpc-status").is_some_and(|s| s == "14");
+                // The peer's inbound proxy could not reach its app: the app never saw the request.
+                let peer_connect_failed = status == http::StatusCode::BAD_GATEWAY
+                    && response
+                        .headers()
+                        .get(MESH_ERROR)
+                        .is_some_and(|v| v.as_bytes() == ProxyError::ConnectFailed.reason().as_bytes());
                 if status.is_server_error() {
                     record_failure(endpoint, service);
                 } else {
                     endpoint.state.breaker.record_success();
                 }
-                let reason = retry_reason(&policy.on, status.as_u16(), grpc_unavailable);
+                let reason = retry_reason(&policy.on, status.as_u16(), grpc_unavailable, peer_connect_failed);
                 let response = finish_response(response, release, &endpoint.state.pool);
                 let mut outcome = Outcome { response, error: None, metrics: &endpoint.metrics };
                 let Some(reason) = reason.filter(|_| retries_responses && may_retry) else {
@@ -231,6 +239,7 @@ async fn attempts<'s>(
                 };
                 let counter = match reason {
                     RetryOn::Unavailable => &service.retry_metrics.unavailable,
+                    RetryOn::ConnectFailure => &service.retry_metrics.connect_failure,
                     _ => &service.retry_metrics.server_error,
                 };
                 if spend_retry(service, counter) {
@@ -270,10 +279,16 @@ fn record_failure(endpoint: &Endpoint, service: &Service) {
     }
 }
 
-/// Which retry condition, if any, this response meets.
-pub fn retry_reason(on: &[RetryOn], status: u16, grpc_unavailable: bool) -> Option<RetryOn> {
+/// Which retry condition, if any, this response meets. A connect failure
+/// arrives as a response when the peer's inbound proxy reports one.
+pub fn retry_reason(
+    on: &[RetryOn],
+    status: u16,
+    grpc_unavailable: bool,
+    peer_connect_failed: bool,
+) -> Option<RetryOn> {
     on.iter().copied().find(|condition| match condition {
-        RetryOn::ConnectFailure => false,
+        RetryOn::ConnectFailure => peer_connect_failed,
         RetryOn::ServerError => (500..600).contains(&status),
         RetryOn::GatewayError => matches!(status, 502..=504),
         RetryOn::Unavailable => grpc_unavailable,
@@ -561,18 +576,21 @@ mod tests {
     #[test]
     fn retry_conditions_match_statuses() {
         use RetryOn::*;
-        // (conditions, status, grpc UNAVAILABLE, expected reason)
-        let table: &[(&[RetryOn], u16, bool, Option<RetryOn>)] = &[
-            (&[ConnectFailure], 503, false, None),
-            (&[ConnectFailure, ServerError], 500, false, Some(ServerError)),
-            (&[ServerError], 200, false, None),
-            (&[GatewayError], 500, false, None),
-            (&[GatewayError], 503, false, Some(GatewayError)),
-            (&[Unavailable], 200, true, Some(Unavailable)),
-            (&[Unavailable], 200, false, None),
+        // (conditions, status, grpc UNAVAILABLE, peer connect failure, expected reason)
+        type Case<'a> = (&'a [RetryOn], u16, bool, bool, Option<RetryOn>);
+        let table: &[Case] = &[
+            (&[ConnectFailure], 503, false, false, None),
+            (&[ConnectFailure], 502, false, true, Some(ConnectFailure)),
+            (&[ServerError], 502, false, true, Some(ServerError)),
+            (&[ConnectFailure, ServerError], 500, false, false, Some(ServerError)),
+            (&[ServerError], 200, false, false, None),
+            (&[GatewayError], 500, false, false, None),
+            (&[GatewayError], 503, false, false, Some(GatewayError)),
+            (&[Unavailable], 200, true, false, Some(Unavailable)),
+            (&[Unavailable], 200, false, false, None),
         ];
-        for (on, status, unavailable, want) in table {
-            assert_eq!(retry_reason(on, *status, *unavailable), *want, "{on:?} {status}");
+        for (on, status, unavailable, peer, want) in table {
+            assert_eq!(retry_reason(on, *status, *unavailable, *peer), *want, "{on:?} {status} {peer}");
         }
     }
 

@@ -72,7 +72,7 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
     headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
-const MESH_ERROR: HeaderName = HeaderName::from_static("x-mesh-error");
+pub(crate) const MESH_ERROR: HeaderName = HeaderName::from_static("x-mesh-error");
 
 /// The proxy's own answer for an error: an HTTP status with a short text,
 /// or for gRPC callers a trailers-only response carrying `grpc-status`.

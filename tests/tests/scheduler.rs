@@ -1,0 +1,375 @@
+//! The scheduler end to end: real meshd server and agents (one per
+//! loopback address), jobs submitted with meshctl, instances running as
+//! processes beside their own mesh-proxy, traffic through the mesh.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::Duration;
+
+use mesh_tests::client::Background;
+use mesh_tests::process::{Meshd, Process, Proxy};
+use mesh_tests::{bin, eventually, TempDir};
+use serde_json::Value;
+
+fn agent(server: &str, name: &str, ip: &str, data: &Path, cpu_millis: u32) -> Process {
+    let cpu = cpu_millis.to_string();
+    let data = data.display().to_string();
+    let args = [
+        "agent",
+        "--server",
+        server,
+        "--name",
+        name,
+        "--advertise-ip",
+        ip,
+        "--cpu-millis",
+        &cpu,
+        "--memory-mb",
+        "1024",
+        "--data-dir",
+        &data,
+    ];
+    Process::start(&bin("meshd"), &args)
+}
+
+/// A service job of `replicas` mesh-echo instances, with a readiness check.
+fn echo_job(name: &str, version: &str, replicas: u32, extra: &str) -> String {
+    format!(
+        "name = \"{name}\"\nservice = \"web\"\nversion = \"{version}\"\nreplicas = {replicas}\n\n[task]\ncommand = \"mesh-echo\"\nargs = [\"--version\", \"{version}\"]\n\n[resources]\ncpu_millis = 100\nmemory_mb = 32\n\n[health]\nreadiness = {{ http = \"/ready\", interval = \"200ms\", timeout = \"500ms\", failures = 1 }}\n{extra}"
+    )
+}
+
+fn instances(meshd: &Meshd) -> Vec<Value> {
+    meshd.ctl_json(&["get", "instances"]).as_array().cloned().unwrap_or_default()
+}
+
+fn alive(pid: i64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| stat.rsplit(')').next().map(|rest| !rest.trim_start().starts_with('Z')))
+        .unwrap_or(false)
+}
+
+/// Waits until `count` instances of `job` run and are ready; returns them.
+/// On timeout the failure lists every instance, with its message.
+async fn running(meshd: &Meshd, job: &str, count: usize, within: Duration) -> Vec<Value> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let all = instances(meshd);
+        let list: Vec<Value> = all
+            .iter()
+            .filter(|i| i["job"] == job && i["state"] == "running" && i["ready"] == true)
+            .cloned()
+            .collect();
+        if list.len() == count {
+            return list;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{count} ready instances of {job} within {within:?}; instances: {all:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_runs_beside_sidecars_heals_and_moves_off_a_dead_node() {
+    let dir = TempDir::new("scheduler");
+    let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", &["--heartbeat-ttl", "1s"]);
+    let node_a = agent(&meshd.listen, "node-a", "127.0.0.2", &dir.path("a"), 1000);
+    let _node_b = agent(&meshd.listen, "node-b", "127.0.0.3", &dir.path("b"), 1000);
+    let job_file = dir.path("web.toml");
+    std::fs::write(&job_file, echo_job("web", "v1", 3, "\n[placement]\nstrategy = \"spread\"\n")).unwrap();
+    let out = meshd.ctl_ok(&["job", "run", job_file.to_str().unwrap()]);
+    assert!(out.contains("job web submitted"), "{out}");
+
+    // Placed, started beside a sidecar, ready, with the fields users read.
+    let list = running(&meshd, "web", 3, Duration::from_secs(30)).await;
+    let nodes: BTreeSet<&str> = list.iter().map(|i| i["node"].as_str().unwrap()).collect();
+    assert_eq!(nodes, BTreeSet::from(["node-a", "node-b"]), "spread uses both nodes: {list:?}");
+    for instance in &list {
+        assert_eq!(instance["version"], "v1");
+        assert!(alive(instance["pid"].as_i64().unwrap()), "{instance}");
+        assert!(alive(instance["proxy_pid"].as_i64().unwrap()), "{instance}");
+        let ip = if instance["node"] == "node-a" { "127.0.0.2:" } else { "127.0.0.3:" };
+        assert!(instance["addr"].as_str().unwrap().starts_with(ip), "{instance}");
+    }
+    // The app's environment is the contract's.
+    let first = &list[0];
+    let environ = std::fs::read(format!("/proc/{}/environ", first["pid"])).unwrap();
+    let environ: Vec<String> =
+        environ.split(|b| *b == 0).map(|v| String::from_utf8_lossy(v).into_owned()).collect();
+    let var = |name: &str| {
+        environ
+            .iter()
+            .find_map(|v| v.strip_prefix(&format!("{name}=")))
+            .unwrap_or_else(|| panic!("no {name} in {environ:?}"))
+            .to_owned()
+    };
+    assert_eq!(var("MESH_JOB"), "web");
+    assert_eq!(var("MESH_INSTANCE"), first["id"].as_str().unwrap());
+    assert_eq!(var("MESH_VERSION"), "v1");
+    assert!(var("PORT").parse::<u16>().is_ok());
+    assert_eq!(var("HTTP_PROXY"), format!("http://{}", var("MESH_OUTBOUND")));
+    // Its endpoint is its sidecar's inbound listener, and it is ready.
+    let endpoints = meshd.ctl_json(&["get", "endpoints"]);
+    let addrs: BTreeSet<&str> = endpoints
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["service"] == "web" && e["ready"] == true)
+        .map(|e| e["addr"].as_str().unwrap())
+        .collect();
+    let expected: BTreeSet<&str> = list.iter().map(|i| i["addr"].as_str().unwrap()).collect();
+    assert_eq!(addrs, expected);
+
+    // Traffic through a client's sidecar reaches every instance.
+    let client = Proxy::start_control(&meshd.listen, "client", &[]);
+    let load = Background::start(&client.outbound(), "web", 4);
+    load.wait_for(300).await;
+
+    // An app killed with SIGKILL comes back (with backoff), same instance.
+    let victim = list.iter().find(|i| i["node"] == "node-b").unwrap().clone();
+    let victim_id = victim["id"].as_str().unwrap().to_owned();
+    unsafe { libc::kill(victim["pid"].as_i64().unwrap() as i32, libc::SIGKILL) };
+    let restarted = eventually("the killed app restarts", Duration::from_secs(15), || {
+        let back = instances(&meshd).into_iter().find(|i| {
+            i["id"] == victim_id.as_str()
+                && i["restarts"].as_u64() >= Some(1)
+                && i["state"] == "running"
+                && i["ready"] == true
+                && i["pid"] != victim["pid"]
+        });
+        async move { back }
+    })
+    .await;
+    assert_eq!(restarted["node"], victim["node"]);
+    load.wait_for(300).await;
+    let tally = load.stop().await;
+    assert_eq!(tally.failed(), 0, "failed requests around the app's restart: {:?}", tally.failures);
+    let answering: BTreeSet<&String> = tally.by_instance.keys().collect();
+    assert!(answering.len() >= 3, "every instance answered some requests: {answering:?}");
+    let load = Background::start(&client.outbound(), "web", 4);
+    load.wait_for(300).await;
+
+    // Node A dies (its agent and, with it, its instances): everything runs on B.
+    node_a.signal(libc::SIGKILL);
+    drop(node_a);
+    let moved = eventually("the instances move to node-b", Duration::from_secs(20), || {
+        let list: Vec<Value> = instances(&meshd)
+            .into_iter()
+            .filter(|i| i["job"] == "web" && i["state"] == "running" && i["ready"] == true)
+            .collect();
+        let all_on_b = list.len() == 3 && list.iter().all(|i| i["node"] == "node-b");
+        async move { all_on_b.then_some(list) }
+    })
+    .await;
+    load.wait_for(300).await;
+    let tally = load.stop().await;
+    assert_eq!(tally.failed(), 0, "failed requests while node-a died: {:?}", tally.failures);
+
+    // Stopping the job stops every process and removes its endpoints.
+    let pids: Vec<i64> =
+        moved.iter().flat_map(|i| [i["pid"].as_i64().unwrap(), i["proxy_pid"].as_i64().unwrap()]).collect();
+    meshd.ctl_ok(&["job", "stop", "web"]);
+    eventually("the job's processes exit", Duration::from_secs(20), || {
+        let gone = pids.iter().all(|pid| !alive(*pid));
+        async move { gone.then_some(()) }
+    })
+    .await;
+    eventually("the job's endpoints leave the registry", Duration::from_secs(5), || {
+        let endpoints = meshd.ctl_json(&["get", "endpoints"]);
+        let none = endpoints.as_array().unwrap().iter().all(|e| e["service"] != "web");
+        async move { none.then_some(()) }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_job_completes_and_its_sidecar_exits_with_it() {
+    let dir = TempDir::new("batch");
+    let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", &["--heartbeat-ttl", "1s"]);
+    let _node = agent(&meshd.listen, "node-a", "127.0.0.2", &dir.path("a"), 1000);
+    let job = "name = \"report\"\nversion = \"v1\"\nkind = \"batch\"\nreplicas = 1\n\n[task]\ncommand = \"/bin/sh\"\nargs = [\"-c\", \"echo finished $MESH_INSTANCE\"]\n";
+    let job_file = dir.path("report.toml");
+    std::fs::write(&job_file, job).unwrap();
+    meshd.ctl_ok(&["job", "run", job_file.to_str().unwrap()]);
+    let status = eventually("the batch job completes", Duration::from_secs(30), || {
+        let status = meshd.ctl_json(&["job", "status", "report"]);
+        async move { (status[0]["state"] == "complete").then_some(status) }
+    })
+    .await;
+    assert_eq!(status[0]["kind"], "batch");
+    let list = instances(&meshd);
+    let instance = list.iter().find(|i| i["job"] == "report").expect("the instance is listed");
+    assert_eq!(instance["state"], "complete");
+    assert_eq!(instance["proxy_pid"], 0, "the sidecar has exited: {instance}");
+    let log = std::fs::read_to_string(dir.path("a").join("instances/report-0/app.stdout.log")).unwrap();
+    assert_eq!(log, "finished report-0\n");
+    // Still complete a while later: a finished batch instance is not run again.
+    let sidecars = || {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                std::fs::read(e.path().join("cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains("--proxy-id\0report-"))
+            })
+            .count()
+    };
+    assert_eq!(sidecars(), 0);
+    assert_eq!(meshd.ctl_json(&["job", "status", "report"])[0]["state"], "complete");
+}
+
+#[test]
+fn a_bad_job_file_changes_nothing_and_names_the_field() {
+    let dir = TempDir::new("bad-job");
+    let meshd = Meshd::start(&dir.path("data"));
+    let cases = [
+        ("name = \"web\"\nversion = \"v1\"\nreplicas = -1\n[task]\ncommand = \"x\"\n", "replicas"),
+        (
+            "name = \"web\"\nversion = \"v1\"\n[task]\ncommand = \"x\"\n[resources]\ncpu_millis = \"lots\"\n",
+            "cpu_millis",
+        ),
+        ("name = \"Web Server\"\nversion = \"v1\"\n[task]\ncommand = \"x\"\n", "name"),
+        ("name = \"web\"\nversion = \"v1\"\n[task]\ncommand = \"x\"\ncolour = \"blue\"\n", "colour"),
+        ("name = \"web\"\n[task]\ncommand = \"x\"\n", "version"),
+    ];
+    for (text, field) in cases {
+        let file = dir.path("bad.toml");
+        std::fs::write(&file, text).unwrap();
+        let (code, _, stderr) = meshd.ctl(&["job", "run", file.to_str().unwrap()]);
+        assert_eq!(code, 2, "{text}: {stderr}");
+        assert!(stderr.contains(field), "{text}: the error names `{field}`: {stderr}");
+    }
+    assert_eq!(meshd.ctl_json(&["get", "jobs"]), serde_json::json!([]));
+    assert_eq!(meshd.ctl_json(&["get", "instances"]), serde_json::json!([]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overcommitted_job_waits_with_the_reason() {
+    let dir = TempDir::new("overcommit");
+    let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", &["--heartbeat-ttl", "1s"]);
+    let _node = agent(&meshd.listen, "node-a", "127.0.0.2", &dir.path("a"), 250);
+    let job_file = dir.path("big.toml");
+    // 3 × 100 CPU millis on a node with 250: two fit, one waits.
+    std::fs::write(&job_file, echo_job("big", "v1", 3, "")).unwrap();
+    meshd.ctl_ok(&["job", "run", job_file.to_str().unwrap()]);
+    running(&meshd, "big", 2, Duration::from_secs(30)).await;
+    let status = eventually("the job reports why one instance waits", Duration::from_secs(10), || {
+        let status = meshd.ctl_json(&["job", "status", "big"]);
+        async move { (status[0]["state"] == "pending").then_some(status) }
+    })
+    .await;
+    let reason = status[0]["pending"].as_str().unwrap();
+    assert!(reason.contains("1 unplaced") && reason.to_lowercase().contains("cpu"), "{reason}");
+}
+
+/// (version, state, ready) of every instance of `job`, sorted.
+fn versions(meshd: &Meshd, job: &str) -> Vec<(String, String, bool)> {
+    let mut list: Vec<(String, String, bool)> = instances(meshd)
+        .into_iter()
+        .filter(|i| i["job"] == job)
+        .map(|i| {
+            (
+                i["version"].as_str().unwrap().to_owned(),
+                i["state"].as_str().unwrap().to_owned(),
+                i["ready"] == true,
+            )
+        })
+        .collect();
+    list.sort();
+    list
+}
+
+fn all_running(version: &str, count: usize) -> Vec<(String, String, bool)> {
+    vec![(version.to_owned(), "running".to_owned(), true); count]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_updates_fail_no_request_and_a_bad_version_rolls_back() {
+    let dir = TempDir::new("rolling");
+    let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", &["--heartbeat-ttl", "1s"]);
+    let _a = agent(&meshd.listen, "node-a", "127.0.0.2", &dir.path("a"), 2000);
+    let _b = agent(&meshd.listen, "node-b", "127.0.0.3", &dir.path("b"), 2000);
+    let update = |canary: u32| {
+        format!("\n[update]\nmax_parallel = 1\nmin_healthy = \"500ms\"\nhealthy_deadline = \"4s\"\ncanary = {canary}\nauto_revert = true\n")
+    };
+    let job_file = dir.path("web.toml");
+    let submit = |text: String| {
+        std::fs::write(&job_file, text).unwrap();
+        meshd.ctl_ok(&["job", "run", job_file.to_str().unwrap()])
+    };
+    submit(echo_job("web", "v1", 3, &update(0)));
+    running(&meshd, "web", 3, Duration::from_secs(30)).await;
+    let client = Proxy::start_control(&meshd.listen, "client", &[]);
+    let load = Background::start(&client.outbound(), "web", 4);
+    load.wait_for(200).await;
+
+    // v1 → v2 under load: new instances come up one at a time, old ones go.
+    submit(echo_job("web", "v2", 3, &update(0)));
+    eventually("every instance runs v2", Duration::from_secs(60), || {
+        let done = versions(&meshd, "web") == all_running("v2", 3);
+        async move { done.then_some(()) }
+    })
+    .await;
+    let status = meshd.ctl_json(&["job", "status", "web"]);
+    assert_eq!(status[0]["version"], "v2");
+    eventually("the update reports completion", Duration::from_secs(5), || {
+        let status = meshd.ctl_json(&["job", "status", "web"]);
+        async move { (status[0]["deployment"] == "updated from v1 to v2").then_some(()) }
+    })
+    .await;
+    load.wait_for(200).await;
+
+    // v3 never becomes ready: rolled back to v2, and the status says why.
+    let not_ready = echo_job("web", "v3", 3, &update(0)).replace("\"v3\"]", "\"v3\", \"--not-ready\"]");
+    submit(not_ready);
+    let status = eventually("the update to v3 is rolled back", Duration::from_secs(30), || {
+        let status = meshd.ctl_json(&["job", "status", "web"]);
+        let rolled_back =
+            status[0]["deployment"].as_str().is_some_and(|d| d.starts_with("rolled back to v2"));
+        async move { rolled_back.then_some(status) }
+    })
+    .await;
+    let why = status[0]["deployment"].as_str().unwrap();
+    assert!(why.contains("v3 not healthy within 4s") && why.contains("/ready"), "{why}");
+    assert_eq!(status[0]["version"], "v2");
+    eventually("only v2 runs again", Duration::from_secs(20), || {
+        let done = versions(&meshd, "web") == all_running("v2", 3);
+        async move { done.then_some(()) }
+    })
+    .await;
+
+    // A canary runs beside v2 until promoted.
+    submit(echo_job("web", "v4", 3, &update(1)));
+    eventually("the canary waits for promotion", Duration::from_secs(30), || {
+        let status = meshd.ctl_json(&["job", "status", "web"]);
+        let waiting = status[0]["deployment"]
+            .as_str()
+            .is_some_and(|d| d.contains("waiting for `meshctl job promote web`"));
+        async move { waiting.then_some(()) }
+    })
+    .await;
+    let mut expected = all_running("v2", 3);
+    expected.push(("v4".to_owned(), "running".to_owned(), true));
+    assert_eq!(versions(&meshd, "web"), expected);
+    meshd.ctl_ok(&["job", "promote", "web"]);
+    eventually("every instance runs v4", Duration::from_secs(60), || {
+        let done = versions(&meshd, "web") == all_running("v4", 3);
+        async move { done.then_some(()) }
+    })
+    .await;
+    load.wait_for(200).await;
+
+    let tally = load.stop().await;
+    assert_eq!(tally.failed(), 0, "failed requests during the updates: {:?}", tally.failures);
+    for version in ["v1", "v2", "v4"] {
+        assert!(tally.by_version.contains_key(version), "{version} answered: {:?}", tally.by_version);
+    }
+    assert!(
+        !tally.by_version.contains_key("v3"),
+        "the never-ready v3 got no traffic: {:?}",
+        tally.by_version
+    );
+}
