@@ -8,6 +8,7 @@
 mod grpc;
 mod http_echo;
 mod knobs;
+mod traffic;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -55,6 +56,15 @@ struct Args {
     /// `/live` answers 503.
     #[arg(long)]
     not_live: bool,
+    /// Also call this service through the sidecar (`$MESH_OUTBOUND`), as a traffic generator.
+    #[arg(long, value_name = "SERVICE")]
+    traffic: Option<String>,
+    /// Requests per second for `--traffic`.
+    #[arg(long, default_value_t = 20)]
+    traffic_rate: u32,
+    /// The sidecar's outbound listener, for `--traffic`.
+    #[arg(long, env = "MESH_OUTBOUND", default_value = "127.0.0.1:4140")]
+    outbound: String,
 }
 
 fn parse_fail_rate(text: &str) -> Result<f64, String> {
@@ -107,6 +117,9 @@ async fn main() {
     println!("mesh-echo listening on {local} version={}", shared.version);
     let _ = std::io::Write::flush(&mut std::io::stdout());
 
+    if let Some(service) = args.traffic {
+        tokio::spawn(traffic::run(args.outbound, service, args.traffic_rate));
+    }
     let grpc = grpc::routes(shared.clone());
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("can install a SIGTERM handler");

@@ -35,6 +35,8 @@ pub struct ControlOptions {
     /// The protocol each upstream port was started with, once they are:
     /// they start after the first table says which protocol each serves.
     pub upstream_protocols: Arc<OnceLock<BTreeMap<String, Protocol>>>,
+    /// The admin listener as bound, told to the control plane for `meshctl top`.
+    pub admin_addr: String,
 }
 
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
@@ -86,8 +88,12 @@ async fn session(
         .map_err(|e| format!("connect: {e}"))?;
     let (acks, outgoing) = mpsc::channel(8);
     let have_version = proxy.control_version();
-    let hello =
-        pb::Hello { proxy_id: options.proxy_id.clone(), service: options.service.clone(), have_version };
+    let hello = pb::Hello {
+        proxy_id: options.proxy_id.clone(),
+        service: options.service.clone(),
+        have_version,
+        admin_addr: options.admin_addr.clone(),
+    };
     let _ = acks.send(pb::SubscribeRequest { message: Some(Message::Hello(hello)) }).await;
     let mut updates = DiscoveryClient::new(channel)
         .subscribe(ReceiverStream::new(outgoing))

@@ -228,7 +228,7 @@ async fn start_under_control(
 ) -> Result<Arc<Proxy>, (u8, String)> {
     let service = args.service.clone().unwrap_or_default();
     let listen = Listen { outbound: args.outbound, inbound: args.inbound, admin: args.admin, app: args.app };
-    let options = ControlOptions {
+    let mut options = ControlOptions {
         control: control_addr.to_owned(),
         proxy_id: args.proxy_id.clone().unwrap_or_else(|| format!("{service}-{}", std::process::id())),
         service: service.clone(),
@@ -236,6 +236,7 @@ async fn start_under_control(
         listen: listen.clone(),
         upstreams: args.upstreams.clone(),
         upstream_protocols: Arc::new(OnceLock::new()),
+        admin_addr: String::new(),
     };
     let empty = ProxyConfig {
         listen: listen.clone(),
@@ -246,6 +247,8 @@ async fn start_under_control(
     };
     let proxy = Proxy::waiting(empty);
     listeners.start_main(&listen, &proxy, shutdown).await.map_err(|e| (1, e))?;
+    options.admin_addr =
+        listeners.bound.iter().find_map(|b| b.strip_prefix("admin=")).unwrap_or_default().to_owned();
     tokio::spawn(control::run(options.clone(), proxy.clone(), shutdown.clone()));
     // Upstream ports need to know their service's protocol: wait for the
     // first table (the admin listener already answers /ready with 503).

@@ -1,5 +1,6 @@
-//! The README's first command: the demo starts, routes requests to both
-//! versions, and cleans up after itself.
+//! The README's first command: the demo deploys its jobs, live traffic
+//! reaches both versions as `meshctl top` shows, and it cleans up after
+//! itself.
 
 use mesh_tests::{bin, workspace_dir};
 
@@ -7,21 +8,28 @@ use mesh_tests::{bin, workspace_dir};
 fn the_demo_serves_traffic_and_cleans_up() {
     let bin_dir = bin("mesh-proxy").parent().unwrap().to_path_buf();
     let output = std::process::Command::new(workspace_dir().join("scripts/demo"))
-        .args(["--seconds", "4"])
+        .args(["--seconds", "6"])
         .env("MESH_BIN_DIR", &bin_dir)
         .output()
         .expect("run scripts/demo");
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "demo failed: {stdout}{}", String::from_utf8_lossy(&output.stderr));
-    let last = stdout.lines().rfind(|l| l.starts_with("requests=")).expect("the demo reports progress");
-    let numbers: Vec<u64> =
-        last.split_whitespace().map(|field| field.split('=').nth(1).unwrap().parse().unwrap()).collect();
-    let (requests, v1, v2, errors) = (numbers[0], numbers[1], numbers[2], numbers[3]);
-    assert!(requests >= 20, "{last}");
-    assert_eq!(errors, 0, "{last}");
-    assert_eq!(v1 + v2, requests, "{last}");
-    assert!(v1 > v2, "the 90/10 split favours v1: {last}");
-
+    // The last `meshctl top` table: echo v1 and v2 both serve, v1 the most
+    // (split 90/10), all requests succeed.
+    let last_table = stdout.rsplit("--- meshctl top").next().expect("the demo shows meshctl top");
+    let row = |version: &str| -> Vec<String> {
+        last_table
+            .lines()
+            .map(|l| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+            .find(|cols| cols.len() >= 6 && cols[0] == "echo" && cols[1] == version)
+            .unwrap_or_else(|| panic!("no echo {version} row in: {last_table}"))
+    };
+    let (v1, v2) = (row("v1"), row("v2"));
+    let rate = |cols: &[String]| cols[2].parse::<f64>().unwrap();
+    assert!(rate(&v1) > rate(&v2) && rate(&v2) > 0.0, "the 90/10 split favours v1: {last_table}");
+    assert!(rate(&v1) + rate(&v2) > 20.0, "the traffic job's 50/s reach echo: {last_table}");
+    let success = |cols: &[String]| cols[3].parse::<f64>().unwrap();
+    assert_eq!((success(&v1), success(&v2)), (100.0, 100.0), "success rates: {last_table}");
     let work_dir = stdout
         .lines()
         .find_map(|l| l.strip_prefix("mesh demo running (work dir ")?.strip_suffix("):"))

@@ -109,7 +109,7 @@ async fn simulated_proxy(server: String, id: u32, received_bytes: Arc<AtomicU64>
     let channel = Channel::from_shared(format!("http://{server}")).map_err(|e| e.to_string())?;
     let channel = channel.connect().await.map_err(|e| e.to_string())?;
     let (tx, rx) = mpsc::channel(4);
-    let hello = pb::Hello { proxy_id: format!("sim-{id}"), service: "sim".into(), have_version: 0 };
+    let hello = pb::Hello { proxy_id: format!("sim-{id}"), service: "sim".into(), ..Default::default() };
     let _ = tx.send(pb::SubscribeRequest { message: Some(Message::Hello(hello)) }).await;
     let mut updates = DiscoveryClient::new(channel)
         .subscribe(ReceiverStream::new(rx))

@@ -65,6 +65,12 @@ enum Command {
     },
     /// The current version, and per proxy its acked version, lag and last contact.
     Status,
+    /// Per service and version: request rate, success rate, p50/p99 latency, from every proxy's metrics.
+    Top {
+        /// How long to measure.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+        interval: Duration,
+    },
     /// Register an endpoint that runs outside the scheduler.
     Register {
         service: String,
@@ -258,6 +264,21 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             println!("policy of {service} set (version {version})");
             wait_for(&mut admin, version, &wait).await?;
         }
+        Command::Top { interval } => {
+            let proxies = admin.list_proxies(pb::Empty {}).await?.into_inner().proxies;
+            let addrs: Vec<String> = proxies
+                .into_iter()
+                .filter(|p| p.connected && !p.admin_addr.is_empty())
+                .map(|p| p.admin_addr)
+                .collect();
+            let before = scrape_all(&addrs).await;
+            let started = std::time::Instant::now();
+            tokio::time::sleep(interval).await;
+            let after = scrape_all(&addrs).await;
+            let rows = mesh_control::top::rows(&before, &after, started.elapsed().as_secs_f64());
+            let rows: Rows = rows.iter().map(top_row).collect();
+            print_rows(cli.output, &rows);
+        }
         Command::Status => {
             let status = admin.status(pb::Empty {}).await?.into_inner();
             if cli.output == Output::Table {
@@ -376,6 +397,47 @@ fn instance_row(instance: &pb::Instance) -> Vec<(&'static str, Value)> {
         ("addr", json!(instance.addr)),
         ("restarts", json!(instance.restarts)),
         ("message", json!(instance.message)),
+    ]
+}
+
+/// Every proxy's metrics, summed; a proxy that does not answer within two
+/// seconds is skipped. One after another: scrapes are small and local.
+async fn scrape_all(addrs: &[String]) -> BTreeMap<mesh_control::top::Key, mesh_control::top::Counts> {
+    let mut counts = BTreeMap::new();
+    for addr in addrs {
+        if let Ok(Ok(text)) = tokio::time::timeout(Duration::from_secs(2), scrape(addr)).await {
+            mesh_control::top::add_scrape(&mut counts, &text);
+        }
+    }
+    counts
+}
+
+async fn scrape(addr: &str) -> Result<String, String> {
+    use http_body_util::BodyExt;
+    let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+    tokio::spawn(connection);
+    let request = http::Request::get("/metrics")
+        .header(http::header::HOST, addr)
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let response = sender.send_request(request).await.map_err(|e| e.to_string())?;
+    let body = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+fn top_row(row: &mesh_control::top::Row) -> Vec<(&'static str, Value)> {
+    let round = |v: f64, places: i32| (v * 10f64.powi(places)).round() / 10f64.powi(places);
+    vec![
+        ("service", json!(row.service)),
+        ("version", json!(row.version)),
+        ("requests_per_second", json!(round(row.requests_per_second, 1))),
+        ("success_rate", json!(row.success.map(|s| round(s * 100.0, 2)))),
+        ("p50_ms", json!(row.p50_ms.map(|v| round(v, 2)))),
+        ("p99_ms", json!(row.p99_ms.map(|v| round(v, 2)))),
     ]
 }
 
@@ -574,20 +636,24 @@ fn status_rows(status: &pb::Convergence) -> Rows {
 }
 
 fn print_rows(output: Output, rows: &Rows) {
+    // A closed pipe (`meshctl get instances | head`) ends the output quietly.
+    let _ = write_rows(&mut std::io::stdout().lock(), output, rows);
+}
+
+fn write_rows(out: &mut impl std::io::Write, output: Output, rows: &Rows) -> std::io::Result<()> {
     if output == Output::Json {
         let objects: Vec<serde_json::Map<String, Value>> =
             rows.iter().map(|r| r.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()).collect();
-        println!("{}", serde_json::to_string_pretty(&objects).unwrap_or_else(|_| "[]".into()));
-        return;
+        return writeln!(out, "{}", serde_json::to_string_pretty(&objects).unwrap_or_else(|_| "[]".into()));
     }
     let Some(first) = rows.first() else {
-        println!("(none)");
-        return;
+        return writeln!(out, "(none)");
     };
     let columns: Vec<&str> = first.iter().map(|(k, _)| *k).collect();
     let cell = |value: &Value| match value {
         Value::String(s) if s.is_empty() => "-".to_owned(),
         Value::String(s) => s.clone(),
+        Value::Null => "-".to_owned(),
         other => other.to_string(),
     };
     let widths: Vec<usize> = columns
@@ -605,8 +671,9 @@ fn print_rows(output: Output, rows: &Rows) {
             .trim_end()
             .to_owned()
     };
-    println!("{}", line(columns.iter().map(|c| c.to_uppercase()).collect()));
+    writeln!(out, "{}", line(columns.iter().map(|c| c.to_uppercase()).collect()))?;
     for r in rows {
-        println!("{}", line(r.iter().map(|(_, v)| cell(v)).collect()));
+        writeln!(out, "{}", line(r.iter().map(|(_, v)| cell(v)).collect()))?;
     }
+    Ok(())
 }

@@ -43,7 +43,7 @@ enum Command {
     Dev {
         #[command(flatten)]
         server: ServerArgs,
-        /// Deploy the demo: service `echo`, v1 (2 instances) and v2 (1), split 90/10.
+        /// Deploy the demo: service `echo`, v1 (3 instances) and v2 (1), split 90/10, and a job calling it.
         #[arg(long)]
         demo: bool,
     },
@@ -192,17 +192,60 @@ async fn agent(
     result
 }
 
-/// The demo jobs: one service in two versions.
-const DEMO_JOBS: [(&str, &str); 2] = [
-    (
-        "echo-v1",
-        "name = \"echo-v1\"\nservice = \"echo\"\nversion = \"v1\"\nreplicas = 2\n\n[task]\ncommand = \"mesh-echo\"\nargs = [\"--version\", \"v1\"]\n\n[resources]\ncpu_millis = 100\nmemory_mb = 64\n\n[health]\nreadiness = { http = \"/ready\", interval = \"500ms\", timeout = \"500ms\", failures = 1 }\n",
-    ),
-    (
-        "echo-v2",
-        "name = \"echo-v2\"\nservice = \"echo\"\nversion = \"v2\"\nreplicas = 1\n\n[task]\ncommand = \"mesh-echo\"\nargs = [\"--version\", \"v2\"]\n\n[resources]\ncpu_millis = 100\nmemory_mb = 64\n\n[health]\nreadiness = { http = \"/ready\", interval = \"500ms\", timeout = \"500ms\", failures = 1 }\n",
-    ),
-];
+/// The demo jobs: service `echo` in two versions, and a traffic generator
+/// calling it through its own sidecar.
+const DEMO_JOBS: [(&str, &str); 3] = [("echo-v1", ECHO_V1), ("echo-v2", ECHO_V2), ("traffic", TRAFFIC)];
+
+const ECHO_V1: &str = r#"name = "echo-v1"
+service = "echo"
+version = "v1"
+replicas = 3
+
+[task]
+command = "mesh-echo"
+args = ["--version", "v1"]
+
+[resources]
+cpu_millis = 100
+memory_mb = 64
+
+[health]
+readiness = { http = "/ready", interval = "500ms", timeout = "500ms", failures = 1 }
+liveness = { http = "/live", interval = "2s", failures = 3 }
+"#;
+
+const ECHO_V2: &str = r#"name = "echo-v2"
+service = "echo"
+version = "v2"
+replicas = 1
+
+[task]
+command = "mesh-echo"
+args = ["--version", "v2"]
+
+[resources]
+cpu_millis = 100
+memory_mb = 64
+
+[health]
+readiness = { http = "/ready", interval = "500ms", timeout = "500ms", failures = 1 }
+"#;
+
+const TRAFFIC: &str = r#"name = "traffic"
+version = "v1"
+replicas = 1
+
+[task]
+command = "mesh-echo"
+args = ["--traffic", "echo", "--traffic-rate", "50"]
+
+[resources]
+cpu_millis = 100
+memory_mb = 64
+
+[[upstreams]]
+service = "echo"
+"#;
 
 /// The control plane and one agent (node `dev` on 127.0.0.1) in one process.
 async fn dev(server: ServerArgs, demo: bool) -> Result<(), String> {
@@ -275,7 +318,7 @@ async fn deploy_demo(address: SocketAddr, data_dir: &std::path::Path) -> Result<
             let endpoints = &endpoints.get_ref().endpoints;
             endpoints.iter().filter(|e| e.service == "echo" && e.version == version && e.ready).count()
         };
-        if ready("v1") == 2 && ready("v2") == 1 {
+        if ready("v1") == 3 && ready("v2") == 1 {
             break;
         }
         if tokio::time::Instant::now() > deadline {
@@ -288,6 +331,10 @@ async fn deploy_demo(address: SocketAddr, data_dir: &std::path::Path) -> Result<
         weights: [("v1".to_owned(), 90), ("v2".to_owned(), 10)].into_iter().collect(),
     };
     admin.set_split(split).await.map_err(|e| format!("demo split: {}", e.message()))?;
-    println!("meshd demo deployed: jobs echo-v1 (2 instances), echo-v2 (1), split echo v1=90 v2=10; job files in {}", dir.display());
+    println!(
+        "meshd demo deployed: jobs echo-v1 (3 instances), echo-v2 (1), traffic (calls echo); split echo v1=90 v2=10; job files in {}",
+        dir.display()
+    );
+    println!("try: meshctl --server {address} top    then: meshctl --server {address} split echo v1=50 v2=50 --wait");
     Ok(())
 }

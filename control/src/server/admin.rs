@@ -33,6 +33,7 @@ pub fn proxy_status(id: &str, record: &ProxyRecord) -> pb::ProxyStatus {
             .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
             .map_or(0, |d| d.as_millis() as u64),
         connected: record.connected,
+        admin_addr: record.admin_addr.clone(),
         stalled: record.stalled(),
     }
 }

@@ -50,6 +50,7 @@ impl Discovery for DiscoveryService {
         let id = hello.proxy_id.clone();
         self.control.update_proxy(&id, |record| {
             record.service = hello.service.clone();
+            record.admin_addr = hello.admin_addr.clone();
             record.connected = true;
             record.stream = stream;
             record.last_contact = Some(SystemTime::now());

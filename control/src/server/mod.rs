@@ -28,6 +28,8 @@ use crate::store::{Store, StoreError};
 #[derive(Clone, Debug, Default)]
 pub struct ProxyRecord {
     pub service: String,
+    /// Where the proxy serves /metrics, as it said in its Hello.
+    pub admin_addr: String,
     pub acked_version: u64,
     pub rejected: Option<(u64, String)>,
     pub last_contact: Option<SystemTime>,
