@@ -137,7 +137,7 @@ async fn a_stuck_subscriber_delays_no_one_and_costs_bounded_memory() {
         .await
         .unwrap();
     let (tx, rx) = tokio::sync::mpsc::channel(1);
-    let hello = pb::Hello { proxy_id: "stuck-proxy".into(), service: "stuck".into(), have_version: 0 };
+    let hello = pb::Hello { proxy_id: "stuck-proxy".into(), service: "stuck".into(), ..Default::default() };
     tx.send(pb::SubscribeRequest { message: Some(pb::subscribe_request::Message::Hello(hello)) })
         .await
         .unwrap();
