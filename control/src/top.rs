@@ -192,7 +192,8 @@ mod tests {
     #[test]
     fn quantiles_interpolate_within_their_bucket() {
         // (cumulative buckets, q, expected)
-        let table: &[(&[(f64, f64)], f64, Option<f64>)] = &[
+        type Case<'a> = (&'a [(f64, f64)], f64, Option<f64>);
+        let table: &[Case] = &[
             (&[(0.01, 50.0), (0.1, 100.0), (f64::INFINITY, 100.0)], 0.5, Some(0.01)),
             (&[(0.01, 0.0), (0.1, 100.0), (f64::INFINITY, 100.0)], 0.5, Some(0.055)),
             (&[(0.01, 0.0), (0.1, 90.0), (f64::INFINITY, 100.0)], 0.99, Some(0.1)),
