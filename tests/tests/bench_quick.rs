@@ -1,6 +1,7 @@
 //! The benchmark itself keeps working: `bench/run --quick` runs every
 //! contender and each answers without errors, then the control-plane
-//! benchmark with a few simulated proxies. The numbers are not judged
+//! benchmark with a few simulated proxies, then the scheduler's at a tenth
+//! of its scale. The numbers are not judged
 //! here; they live in bench/RESULTS.md.
 
 use mesh_tests::{bin, workspace_dir};
@@ -29,6 +30,8 @@ fn the_quick_benchmark_runs_every_contender() {
         "split change → last ack, p99",
         "bytes per proxy per endpoint flap",
         "meshd memory per connected proxy",
+        "bin-pack: place 1000 instances on 100 nodes",
+        "spread: reconcile 100 nodes, 1000 instances, after losing its busiest node",
     ] {
         assert!(stdout.contains(measure), "the control-plane benchmark reports {measure:?}:\n{stdout}");
     }

@@ -373,3 +373,129 @@ async fn rolling_updates_fail_no_request_and_a_bad_version_rolls_back() {
         tally.by_version
     );
 }
+
+/// A job of `replicas` light instances (a sleeping shell, no health
+/// check: ready once started), placed as `placement` says.
+fn sleeper_job(name: &str, replicas: u32, cpu_millis: u32, placement: &str) -> String {
+    format!(
+        "name = \"{name}\"\nversion = \"v1\"\nreplicas = {replicas}\n\n[task]\ncommand = \"/bin/sleep\"\nargs = [\"600\"]\n\n[resources]\ncpu_millis = {cpu_millis}\nmemory_mb = 64\n\n[placement]\n{placement}\n"
+    )
+}
+
+/// Instances per node of `job`, sorted, once `count` are running.
+async fn spread_of(meshd: &Meshd, job: &str, count: usize) -> Vec<usize> {
+    let list = running(meshd, job, count, Duration::from_secs(60)).await;
+    let mut per_node: std::collections::BTreeMap<String, usize> = Default::default();
+    for instance in &list {
+        *per_node.entry(instance["node"].as_str().unwrap().to_owned()).or_default() += 1;
+    }
+    let mut counts: Vec<usize> = per_node.into_values().collect();
+    counts.sort_unstable();
+    counts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn six_replicas_on_three_nodes_go_where_the_policy_says() {
+    let dir = TempDir::new("placement");
+    let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", &["--heartbeat-ttl", "1s"]);
+    let _agents: Vec<Process> = ["a", "b", "c"]
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            agent(
+                &meshd.listen,
+                &format!("node-{name}"),
+                &format!("127.0.0.{}", i + 2),
+                &dir.path(name),
+                1000,
+            )
+        })
+        .collect();
+    eventually("three nodes up", Duration::from_secs(10), || {
+        let up =
+            meshd.ctl_json(&["get", "nodes"]).as_array().unwrap().iter().filter(|n| n["up"] == true).count();
+        async move { (up == 3).then_some(()) }
+    })
+    .await;
+    let file = dir.path("job.toml");
+    let run = |text: String| {
+        std::fs::write(&file, text).unwrap();
+        meshd.ctl_ok(&["job", "run", file.to_str().unwrap()]);
+    };
+    // (job, cpu per instance, placement, instances per used node)
+    let cases = [
+        ("packed", 300, "strategy = \"bin-pack\"", vec![3, 3]),
+        ("spread", 100, "strategy = \"spread\"", vec![2, 2, 2]),
+    ];
+    for (job, cpu, placement, expected) in cases {
+        run(sleeper_job(job, 6, cpu, placement));
+        assert_eq!(spread_of(&meshd, job, 6).await, expected, "{job}");
+        meshd.ctl_ok(&["job", "stop", job]);
+        eventually("the job's instances are gone", Duration::from_secs(30), || {
+            let none = instances(&meshd).iter().all(|i| i["job"] != job);
+            async move { none.then_some(()) }
+        })
+        .await;
+    }
+    // Anti-affinity: one per node; the other three wait, and say why.
+    run(sleeper_job("apart", 6, 100, "anti_affinity = true"));
+    assert_eq!(spread_of(&meshd, "apart", 3).await, vec![1, 1, 1]);
+    let status = eventually("the rest waits with a reason", Duration::from_secs(10), || {
+        let status = meshd.ctl_json(&["job", "status", "apart"]);
+        async move { (status[0]["state"] == "pending").then_some(status) }
+    })
+    .await;
+    let reason = status[0]["pending"].as_str().unwrap();
+    assert!(reason.contains("3 unplaced") && reason.contains("anti-affinity"), "{reason}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_restarts_neither_orphans_nor_duplicates_instances() {
+    let dir = TempDir::new("agent-restart");
+    let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", &["--heartbeat-ttl", "2s"]);
+    let node = agent(&meshd.listen, "node-a", "127.0.0.2", &dir.path("a"), 1000);
+    let file = dir.path("job.toml");
+    std::fs::write(&file, echo_job("web", "v1", 2, "")).unwrap();
+    meshd.ctl_ok(&["job", "run", file.to_str().unwrap()]);
+    let before = running(&meshd, "web", 2, Duration::from_secs(30)).await;
+    let old_pids: Vec<i64> =
+        before.iter().flat_map(|i| [i["pid"].as_i64().unwrap(), i["proxy_pid"].as_i64().unwrap()]).collect();
+
+    // The agent dies and comes back at once, before its node is declared down.
+    node.signal(libc::SIGKILL);
+    drop(node);
+    let _node = agent(&meshd.listen, "node-a", "127.0.0.2", &dir.path("a"), 1000);
+    eventually("the old processes are gone", Duration::from_secs(10), || {
+        let gone = old_pids.iter().all(|pid| !alive(*pid));
+        async move { gone.then_some(()) }
+    })
+    .await;
+    let after = eventually("the same instances run again, once each", Duration::from_secs(30), || {
+        let list: Vec<Value> = instances(&meshd).into_iter().filter(|i| i["job"] == "web").collect();
+        let fresh = list.len() == 2
+            && list.iter().all(|i| {
+                i["state"] == "running"
+                    && i["ready"] == true
+                    && !old_pids.contains(&i["pid"].as_i64().unwrap())
+            });
+        async move { fresh.then_some(list) }
+    })
+    .await;
+    let ids =
+        |list: &[Value]| list.iter().map(|i| i["id"].as_str().unwrap().to_owned()).collect::<BTreeSet<_>>();
+    assert_eq!(ids(&after), ids(&before), "the scheduler's instances, not new ones");
+    // Exactly one app and one sidecar per instance on the machine.
+    for instance in &after {
+        let id = instance["id"].as_str().unwrap();
+        let sidecars = std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                std::fs::read(e.path().join("cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&format!("--proxy-id\0{id}\0")))
+            })
+            .filter(|e| e.file_name().to_str().and_then(|p| p.parse::<i64>().ok()).is_some_and(alive))
+            .count();
+        assert_eq!(sidecars, 1, "one sidecar for {id}");
+    }
+}

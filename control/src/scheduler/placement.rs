@@ -1,6 +1,7 @@
 //! Feasibility and ranking: which node takes the next instance of a job,
 //! or why none can.
 
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 
 use rand::rngs::StdRng;
@@ -18,16 +19,43 @@ impl fmt::Display for Unplaceable {
     }
 }
 
-/// What a node has left after the allocations on it.
-fn free(node: &Node, allocations: &[Allocation]) -> Resources {
-    let used =
-        allocations.iter().filter(|a| a.node == node.name).fold(Resources::default(), |sum, a| Resources {
-            cpu_millis: sum.cpu_millis + a.resources.cpu_millis,
-            memory_mb: sum.memory_mb + a.resources.memory_mb,
-        });
-    Resources {
-        cpu_millis: node.cpu_millis.saturating_sub(used.cpu_millis),
-        memory_mb: node.memory_mb.saturating_sub(used.memory_mb),
+/// What is already placed, indexed for placement: resources in use per
+/// node, and which nodes run an instance of which job. Built once per plan
+/// and updated as instances are placed, so choosing a node costs the
+/// number of nodes, not of allocations.
+#[derive(Clone, Debug, Default)]
+pub struct Usage {
+    used: HashMap<String, Resources>,
+    job_nodes: HashSet<(String, String)>,
+}
+
+impl Usage {
+    pub fn of(allocations: &[Allocation]) -> Usage {
+        let mut usage = Usage::default();
+        for allocation in allocations {
+            usage.add(allocation);
+        }
+        usage
+    }
+
+    pub fn add(&mut self, allocation: &Allocation) {
+        let used = self.used.entry(allocation.node.clone()).or_default();
+        used.cpu_millis += allocation.resources.cpu_millis;
+        used.memory_mb += allocation.resources.memory_mb;
+        self.job_nodes.insert((allocation.job.clone(), allocation.node.clone()));
+    }
+
+    /// What a node has left.
+    fn free(&self, node: &Node) -> Resources {
+        let used = self.used.get(&node.name).copied().unwrap_or_default();
+        Resources {
+            cpu_millis: node.cpu_millis.saturating_sub(used.cpu_millis),
+            memory_mb: node.memory_mb.saturating_sub(used.memory_mb),
+        }
+    }
+
+    fn runs(&self, job: &str, node: &str) -> bool {
+        self.job_nodes.contains(&(job.to_owned(), node.to_owned()))
     }
 }
 
@@ -38,7 +66,7 @@ fn free(node: &Node, allocations: &[Allocation]) -> Resources {
 pub fn choose_node<'n>(
     job: &JobSpec,
     nodes: &'n [Node],
-    allocations: &[Allocation],
+    usage: &Usage,
     rng: &mut StdRng,
 ) -> Result<&'n Node, Unplaceable> {
     let up: Vec<&Node> = nodes.iter().filter(|n| n.up).collect();
@@ -54,10 +82,8 @@ pub fn choose_node<'n>(
             job.constraints.iter().map(|c| format!("{} = {:?}", c.attribute, c.value)).collect();
         return Err(Unplaceable(format!("no node that is up has {}", wanted.join(" and "))));
     }
-    let allowed: Vec<&Node> = matching
-        .into_iter()
-        .filter(|n| !job.anti_affinity || !allocations.iter().any(|a| a.job == job.name && a.node == n.name))
-        .collect();
+    let allowed: Vec<&Node> =
+        matching.into_iter().filter(|n| !job.anti_affinity || !usage.runs(&job.name, &n.name)).collect();
     if allowed.is_empty() {
         return Err(Unplaceable(
             "every eligible node already runs an instance of this job (anti-affinity)".into(),
@@ -66,14 +92,12 @@ pub fn choose_node<'n>(
     let need = job.resources;
     let fitting: Vec<(&Node, Resources)> = allowed
         .iter()
-        .map(|n| (*n, free(n, allocations)))
+        .map(|n| (*n, usage.free(n)))
         .filter(|(_, f)| f.cpu_millis >= need.cpu_millis && f.memory_mb >= need.memory_mb)
         .collect();
     if fitting.is_empty() {
-        let best = allowed
-            .iter()
-            .map(|n| (n, free(n, allocations)))
-            .max_by_key(|(_, f)| (f.cpu_millis, f.memory_mb));
+        let best =
+            allowed.iter().map(|n| (n, usage.free(n))).max_by_key(|(_, f)| (f.cpu_millis, f.memory_mb));
         let detail = best.map_or(String::new(), |(n, f)| {
             format!("; the most free is {} with {} CPU millis and {} MB", n.name, f.cpu_millis, f.memory_mb)
         });
@@ -127,18 +151,20 @@ mod tests {
     /// Places `count` instances one after another, as a plan does.
     fn place_all(job: &JobSpec, nodes: &[Node], count: usize, seed: u64) -> Result<Vec<String>, Unplaceable> {
         let mut rng = StdRng::seed_from_u64(seed);
-        let mut allocations = Vec::new();
+        let mut usage = Usage::default();
+        let mut placed = Vec::new();
         for i in 0..count {
-            let chosen = choose_node(job, nodes, &allocations, &mut rng)?;
-            allocations.push(Allocation {
+            let chosen = choose_node(job, nodes, &usage, &mut rng)?;
+            usage.add(&Allocation {
                 id: format!("web-{i}"),
                 job: job.name.clone(),
                 version: job.version.clone(),
                 node: chosen.name.clone(),
                 resources: job.resources,
             });
+            placed.push(chosen.name.clone());
         }
-        Ok(allocations.into_iter().map(|a| a.node).collect())
+        Ok(placed)
     }
 
     fn per_node(placed: &[String]) -> BTreeMap<String, usize> {
@@ -184,9 +210,12 @@ mod tests {
             resources: Resources { cpu_millis: 500, memory_mb: 512 },
         }];
         let mut rng = StdRng::seed_from_u64(3);
-        let binpack = choose_node(&job(Strategy::BinPack, false, 100), &nodes, &existing, &mut rng).unwrap();
+        let binpack =
+            choose_node(&job(Strategy::BinPack, false, 100), &nodes, &Usage::of(&existing), &mut rng)
+                .unwrap();
         assert_eq!(binpack.name, "b");
-        let spread = choose_node(&job(Strategy::Spread, false, 100), &nodes, &existing, &mut rng).unwrap();
+        let spread =
+            choose_node(&job(Strategy::Spread, false, 100), &nodes, &Usage::of(&existing), &mut rng).unwrap();
         assert_eq!(spread.name, "a");
     }
 

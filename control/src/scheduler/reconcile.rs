@@ -1,10 +1,12 @@
 //! Reconciliation: compare the jobs as declared with the instances as
 //! allocated and produce the plan that closes the gap.
 
+use std::collections::HashMap;
+
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
-use super::placement::{choose_node, Unplaceable};
+use super::placement::{choose_node, Unplaceable, Usage};
 use super::{Allocation, JobSpec, Node};
 
 /// What to do to reach the declared state.
@@ -17,11 +19,28 @@ pub struct Plan {
     pub pending: Vec<(String, u32, Unplaceable)>,
 }
 
-/// The next free instance id of a job: `<job>-<n>`.
-fn next_id(job: &str, taken: &[Allocation]) -> String {
-    let prefix = format!("{job}-");
-    let highest = taken.iter().filter_map(|a| a.id.strip_prefix(&prefix)?.parse::<u64>().ok()).max();
-    format!("{prefix}{}", highest.map_or(0, |n| n + 1))
+/// The highest instance number of each job among `allocations` (ids are `<job>-<n>`).
+fn highest_ids(allocations: &[Allocation]) -> HashMap<String, u64> {
+    let mut highest: HashMap<String, u64> = HashMap::new();
+    for allocation in allocations {
+        let number = allocation
+            .id
+            .strip_prefix(allocation.job.as_str())
+            .and_then(|rest| rest.strip_prefix('-'))
+            .and_then(|n| n.parse::<u64>().ok());
+        if let Some(number) = number {
+            let entry = highest.entry(allocation.job.clone()).or_insert(number);
+            *entry = (*entry).max(number);
+        }
+    }
+    highest
+}
+
+/// The next free instance id of a job: `<job>-<n>`, above every id taken.
+fn next_id(job: &str, highest: &mut HashMap<String, u64>) -> String {
+    let next = highest.get(job).map_or(0, |n| n + 1);
+    highest.insert(job.to_owned(), next);
+    format!("{job}-{next}")
 }
 
 /// Whether an allocation is an instance of this spec: a job's versions
@@ -57,22 +76,22 @@ pub fn reconcile(jobs: &[JobSpec], nodes: &[Node], allocations: &[Allocation], s
     }
     kept.retain(|a| !plan.stop.contains(&a.id));
     // Ids must not be reused while the old instance may still be stopping.
-    let mut taken: Vec<Allocation> = allocations.to_vec();
+    let mut highest = highest_ids(allocations);
+    let mut usage = Usage::of(&kept);
     for job in jobs {
         let live = kept.iter().filter(|a| belongs(a, job)).count();
         let missing = (job.replicas as usize).saturating_sub(live);
         for placed in 0..missing {
-            match choose_node(job, nodes, &kept, &mut rng) {
+            match choose_node(job, nodes, &usage, &mut rng) {
                 Ok(node) => {
                     let allocation = Allocation {
-                        id: next_id(&job.name, &taken),
+                        id: next_id(&job.name, &mut highest),
                         job: job.name.clone(),
                         version: job.version.clone(),
                         node: node.name.clone(),
                         resources: job.resources,
                     };
-                    taken.push(allocation.clone());
-                    kept.push(allocation.clone());
+                    usage.add(&allocation);
                     plan.place.push(allocation);
                 }
                 Err(reason) => {
