@@ -18,12 +18,12 @@ ensure_apt_packages() {
 # A virtualenv with grpcio for the gRPC interoperability tests.
 ensure_test_python() {
   local venv="$1"
-  if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c 'import grpc' 2>/dev/null; then
+  if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c 'import grpc, grpc_health.v1.health' 2>/dev/null; then
     return 0
   fi
-  echo "creating $venv with grpcio" >&2
+  echo "creating $venv with grpcio and grpcio-health-checking" >&2
   python3 -m venv "$venv"
-  "$venv/bin/pip" install -q --disable-pip-version-check 'grpcio==1.85.1'
+  "$venv/bin/pip" install -q --disable-pip-version-check 'grpcio==1.85.1' 'grpcio-health-checking==1.85.1'
 }
 
 # The benchmark's contenders: HAProxy, nginx, wrk from Debian, and Envoy

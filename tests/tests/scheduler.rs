@@ -212,8 +212,10 @@ async fn a_batch_job_completes_and_its_sidecar_exits_with_it() {
             .unwrap()
             .flatten()
             .filter(|e| {
-                std::fs::read(e.path().join("cmdline"))
-                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains("--proxy-id\0report-"))
+                std::fs::read(e.path().join("cmdline")).is_ok_and(|c| {
+                    let c = String::from_utf8_lossy(&c);
+                    c.contains("--proxy-id\0report-") && c.contains(&format!("--control\0{}\0", meshd.listen))
+                })
             })
             .count()
     };
@@ -491,11 +493,65 @@ async fn an_agent_that_restarts_neither_orphans_nor_duplicates_instances() {
             .unwrap()
             .flatten()
             .filter(|e| {
-                std::fs::read(e.path().join("cmdline"))
-                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&format!("--proxy-id\0{id}\0")))
+                // This test's sidecars: other tests run instances with the same ids.
+                std::fs::read(e.path().join("cmdline")).is_ok_and(|c| {
+                    let c = String::from_utf8_lossy(&c);
+                    c.contains(&format!("--proxy-id\0{id}\0"))
+                        && c.contains(&format!("--control\0{}\0", meshd.listen))
+                })
             })
             .filter(|e| e.file_name().to_str().and_then(|p| p.parse::<i64>().ok()).is_some_and(alive))
             .count();
         assert_eq!(sidecars, 1, "one sidecar for {id}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_server_is_ready_only_once_its_health_service_says_serving() {
+    let dir = TempDir::new("grpc-health");
+    let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", &["--heartbeat-ttl", "1s"]);
+    let _node = agent(&meshd.listen, "node-a", "127.0.0.2", &dir.path("a"), 1000);
+    let flag = dir.path("serving");
+    let script = mesh_tests::workspace_dir().join("tests/python/grpc_health_server.py");
+    let job = format!(
+        "name = \"greeter\"\nversion = \"v1\"\nreplicas = 1\n\n[task]\ncommand = \"{}\"\nargs = [\"{}\", \"{}\"]\n\n[[ports]]\nname = \"grpc\"\nprotocol = \"grpc\"\n\n[health]\nreadiness = {{ grpc = true, interval = \"200ms\", timeout = \"2s\", failures = 1 }}\n",
+        mesh_tests::python().display(),
+        script.display(),
+        flag.display()
+    );
+    let file = dir.path("greeter.toml");
+    std::fs::write(&file, job).unwrap();
+    meshd.ctl_ok(&["job", "run", file.to_str().unwrap()]);
+
+    // Running, answering its health checks with NOT_SERVING: not ready, no traffic.
+    let instance = eventually("the agent sees NOT_SERVING", Duration::from_secs(60), || {
+        let found = instances(&meshd).into_iter().find(|i| {
+            i["state"] == "running" && i["message"].as_str().is_some_and(|m| m.contains("NOT_SERVING"))
+        });
+        async move { found }
+    })
+    .await;
+    assert_eq!(instance["ready"], false, "{instance}");
+    let endpoint_ready = |meshd: &Meshd| {
+        meshd
+            .ctl_json(&["get", "endpoints"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["service"] == "greeter" && e["ready"] == true)
+    };
+    assert!(!endpoint_ready(&meshd), "no ready endpoint while NOT_SERVING");
+    // The job's declared port protocol is its service's, for every proxy.
+    let services = meshd.ctl_json(&["get", "services"]);
+    let greeter = services.as_array().unwrap().iter().find(|s| s["name"] == "greeter").expect("the service");
+    assert_eq!(greeter["policy"]["protocol"], "grpc", "{greeter}");
+
+    // It reports SERVING: ready, and its endpoint with it.
+    std::fs::write(&flag, "").unwrap();
+    running(&meshd, "greeter", 1, Duration::from_secs(10)).await;
+    eventually("the endpoint turns ready", Duration::from_secs(5), || {
+        let ready = endpoint_ready(&meshd);
+        async move { ready.then_some(()) }
+    })
+    .await;
 }

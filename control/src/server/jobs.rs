@@ -22,7 +22,7 @@ use crate::job::{parse_job, Job, JobKind};
 use crate::scheduler::reconcile::reconcile;
 use crate::scheduler::rollout::{self, NewInstance, Progress};
 use crate::scheduler::{Allocation, JobSpec, Node};
-use crate::state::Change;
+use crate::state::{Change, Policy};
 use crate::store::StoredJob;
 
 /// How often the loop looks again when nothing woke it.
@@ -412,6 +412,12 @@ impl Jobs for JobsService {
             state.jobs.get(&name).is_none_or(|(old, _)| *old != stored)
         };
         if changed {
+            // The job's port protocol is its service's: proxies on both hops need it.
+            let protocol = Policy { protocol: Some(job.protocol.clone()), ..Policy::default() };
+            let change = Change::SetPolicy { service: job.service.clone(), policy: protocol };
+            if let Err(failure) = self.scheduler.control.change(change).await {
+                return Err(Status::unavailable(format!("setting the service's protocol: {failure:?}")));
+            }
             // Durable before it is acted on or answered.
             self.scheduler
                 .control
