@@ -11,7 +11,24 @@ use mesh_tests::process::{Meshd, Process, Proxy};
 use mesh_tests::{bin, eventually, TempDir};
 use serde_json::Value;
 
-fn agent(server: &str, name: &str, ip: &str, data: &Path, cpu_millis: u32) -> Process {
+/// A node agent that stops gracefully when dropped (its instances drain and
+/// their cgroups go), and is killed if that takes too long.
+struct Agent(Process);
+
+impl Agent {
+    fn kill(self) {
+        self.0.signal(libc::SIGKILL);
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.0.signal(libc::SIGTERM);
+        let _ = self.0.wait_exit(Duration::from_secs(15));
+    }
+}
+
+fn agent(server: &str, name: &str, ip: &str, data: &Path, cpu_millis: u32) -> Agent {
     let cpu = cpu_millis.to_string();
     let data = data.display().to_string();
     let args = [
@@ -29,7 +46,7 @@ fn agent(server: &str, name: &str, ip: &str, data: &Path, cpu_millis: u32) -> Pr
         "--data-dir",
         &data,
     ];
-    Process::start(&bin("meshd"), &args)
+    Agent(Process::start(&bin("meshd"), &args))
 }
 
 /// A service job of `replicas` mesh-echo instances, with a readiness check.
@@ -41,6 +58,33 @@ fn echo_job(name: &str, version: &str, replicas: u32, extra: &str) -> String {
 
 fn instances(meshd: &Meshd) -> Vec<Value> {
     meshd.ctl_json(&["get", "instances"]).as_array().cloned().unwrap_or_default()
+}
+
+/// The memory limit (bytes) and CPU quota (µs per 100 ms) of the cgroups
+/// a process is in, on cgroup v1 or v2.
+fn cgroup_limits(pid: i64) -> (u64, u64) {
+    let membership = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let path_of = |controller: &str| {
+        membership
+            .lines()
+            .find_map(|line| {
+                let mut parts = line.splitn(3, ':');
+                let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+                (controllers.split(',').any(|c| c == controller)).then(|| path.to_owned())
+            })
+            .unwrap_or_else(|| panic!("{pid} has no {controller} cgroup: {membership}"))
+    };
+    let read = |path: String| std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        let dir = format!("/sys/fs/cgroup{}", path_of(""));
+        let memory = read(format!("{dir}/memory.max")).trim().parse().unwrap();
+        let cpu = read(format!("{dir}/cpu.max")).split_whitespace().next().unwrap().parse().unwrap();
+        (memory, cpu)
+    } else {
+        let memory = read(format!("/sys/fs/cgroup/memory{}/memory.limit_in_bytes", path_of("memory")));
+        let cpu = read(format!("/sys/fs/cgroup/cpu{}/cpu.cfs_quota_us", path_of("cpu")));
+        (memory.trim().parse().unwrap(), cpu.trim().parse().unwrap())
+    }
 }
 
 fn alive(pid: i64) -> bool {
@@ -111,6 +155,10 @@ async fn a_job_runs_beside_sidecars_heals_and_moves_off_a_dead_node() {
     assert_eq!(var("MESH_VERSION"), "v1");
     assert!(var("PORT").parse::<u16>().is_ok());
     assert_eq!(var("HTTP_PROXY"), format!("http://{}", var("MESH_OUTBOUND")));
+    // The app runs inside a cgroup holding the job's limits (32 MB, 100 CPU millis).
+    let (memory_limit, cpu_quota) = cgroup_limits(first["pid"].as_i64().unwrap());
+    assert_eq!(memory_limit, 32 * 1024 * 1024);
+    assert_eq!(cpu_quota, 10_000, "100 CPU millis: 10 ms per 100 ms period");
     // Its endpoint is its sidecar's inbound listener, and it is ready.
     let endpoints = meshd.ctl_json(&["get", "endpoints"]);
     let addrs: BTreeSet<&str> = endpoints
@@ -153,8 +201,7 @@ async fn a_job_runs_beside_sidecars_heals_and_moves_off_a_dead_node() {
     load.wait_for(300).await;
 
     // Node A dies (its agent and, with it, its instances): everything runs on B.
-    node_a.signal(libc::SIGKILL);
-    drop(node_a);
+    node_a.kill();
     let moved = eventually("the instances move to node-b", Duration::from_secs(20), || {
         let list: Vec<Value> = instances(&meshd)
             .into_iter()
@@ -400,7 +447,7 @@ async fn spread_of(meshd: &Meshd, job: &str, count: usize) -> Vec<usize> {
 async fn six_replicas_on_three_nodes_go_where_the_policy_says() {
     let dir = TempDir::new("placement");
     let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", &["--heartbeat-ttl", "1s"]);
-    let _agents: Vec<Process> = ["a", "b", "c"]
+    let _agents: Vec<Agent> = ["a", "b", "c"]
         .iter()
         .enumerate()
         .map(|(i, name)| {
@@ -464,8 +511,7 @@ async fn an_agent_that_restarts_neither_orphans_nor_duplicates_instances() {
         before.iter().flat_map(|i| [i["pid"].as_i64().unwrap(), i["proxy_pid"].as_i64().unwrap()]).collect();
 
     // The agent dies and comes back at once, before its node is declared down.
-    node.signal(libc::SIGKILL);
-    drop(node);
+    node.kill();
     let _node = agent(&meshd.listen, "node-a", "127.0.0.2", &dir.path("a"), 1000);
     eventually("the old processes are gone", Duration::from_secs(10), || {
         let gone = old_pids.iter().all(|pid| !alive(*pid));
@@ -554,4 +600,34 @@ async fn a_grpc_server_is_ready_only_once_its_health_service_says_serving() {
         async move { ready.then_some(()) }
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_that_keeps_exiting_backs_off_and_shows_a_crash_loop() {
+    let dir = TempDir::new("crash-loop");
+    let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", &["--heartbeat-ttl", "1s"]);
+    let _node = agent(&meshd.listen, "node-a", "127.0.0.2", &dir.path("a"), 1000);
+    let job = "name = \"flaky\"\nversion = \"v1\"\nreplicas = 1\n\n[task]\ncommand = \"/bin/sh\"\nargs = [\"-c\", \"echo starting; exit 3\"]\n";
+    let file = dir.path("flaky.toml");
+    std::fs::write(&file, job).unwrap();
+    meshd.ctl_ok(&["job", "run", file.to_str().unwrap()]);
+    let started = std::time::Instant::now();
+    let instance = eventually("the status shows a crash loop", Duration::from_secs(30), || {
+        let found = instances(&meshd).into_iter().find(|i| {
+            i["job"] == "flaky" && i["message"].as_str().is_some_and(|m| m.starts_with("crash loop"))
+        });
+        async move { found }
+    })
+    .await;
+    let message = instance["message"].as_str().unwrap();
+    assert!(message.contains("exit status: 3"), "{message}");
+    // Backoff: 250 ms, 500 ms, 1 s, ... — not a restart storm.
+    let restarts = instance["restarts"].as_u64().unwrap();
+    let elapsed = started.elapsed().as_secs_f64();
+    assert!(
+        (3..=3 + (elapsed / 0.25) as u64 / 2).contains(&restarts),
+        "{restarts} restarts in {elapsed:.1}s"
+    );
+    let log = std::fs::read_to_string(dir.path("a").join("instances/flaky-0/app.stdout.log")).unwrap();
+    assert!(log.lines().count() >= 3 && log.lines().all(|l| l == "starting"), "{log}");
 }

@@ -13,9 +13,10 @@ use mesh_proto::mesh::v1 as pb;
 use mesh_proto::mesh::v1::admin_client::AdminClient;
 use tokio::sync::watch;
 
+use super::cgroup::{Cgroup, Hierarchy};
 use super::health::{probe, Verdict};
 use super::process::{resolve_command, Launch, Running};
-use super::restart::{resets_backoff, restart_delay};
+use super::restart::{crash_looping, resets_backoff, restart_delay};
 use crate::job::{parse_job, Check, Job, JobKind};
 
 /// What every instance on this node shares.
@@ -29,6 +30,11 @@ pub struct Context {
     /// Where the agent's own binaries are: a job's bare command is looked
     /// up there after PATH (so `mesh-echo` works beside `meshd`).
     pub bin_dir: Option<PathBuf>,
+    /// This agent's folder in each cgroup hierarchy, `meshd/<node>-<hash of
+    /// data dir>`: two agents on one host never share one.
+    pub cgroup_parent: String,
+    /// The host's cgroup hierarchy; `None` runs apps without limits.
+    pub cgroups: Option<Hierarchy>,
 }
 
 /// An instance's report, shared with the heartbeat loop, which it wakes
@@ -64,6 +70,9 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 const DRAIN_WAIT: Duration = Duration::from_secs(5);
 const RESTART_BASE: Duration = Duration::from_millis(250);
 const RESTART_MAX: Duration = Duration::from_secs(30);
+/// This many exits within the window is a crash loop, and status says so.
+const CRASH_LOOP_EXITS: usize = 3;
+const CRASH_LOOP_WINDOW: Duration = Duration::from_secs(60);
 /// An app that ran this long before exiting starts its backoff over.
 const STABLE_AFTER: Duration = Duration::from_secs(10);
 
@@ -123,9 +132,14 @@ async fn run_inner(
         let _ = proxy.stop(STOP_GRACE).await;
         return Err(message);
     }
+    let cgroup = limits(context, assignment, &job);
+    let cgroup_procs = cgroup.as_ref().map(Cgroup::procs_files).unwrap_or_default();
     let mut restarts_in_a_row = 0u32;
+    let mut exits_ms: Vec<u64> = Vec::new();
+    let born = Instant::now();
     loop {
-        let launch = app_launch(&program, assignment, &job, &ports, &dir);
+        let mut launch = app_launch(&program, assignment, &job, &ports, &dir);
+        launch.cgroup_procs = cgroup_procs.clone();
         let mut app =
             Running::start(&launch).map_err(|e| format!("cannot start {}: {e}", program.display()))?;
         record_pid(&dir, app.pid());
@@ -168,12 +182,21 @@ async fn run_inner(
         }
         let delay = restart_delay(restarts_in_a_row, RESTART_BASE, RESTART_MAX);
         restarts_in_a_row += 1;
-        tracing::info!(instance = %assignment.id, %why, ?delay, "restarting the app");
+        let now_ms = born.elapsed().as_millis() as u64;
+        exits_ms.push(now_ms);
+        exits_ms.retain(|t| now_ms - t <= CRASH_LOOP_WINDOW.as_millis() as u64);
+        let looping = crash_looping(&exits_ms, now_ms, CRASH_LOOP_WINDOW, CRASH_LOOP_EXITS);
+        tracing::info!(instance = %assignment.id, %why, ?delay, looping, "restarting the app");
         report.update(|r| {
             r.state = "starting".into();
             r.pid = 0;
             r.restarts += 1;
-            r.message = format!("{why}; restarting in {}", humantime::format_duration(delay));
+            let prefix = if looping {
+                format!("crash loop ({} exits in {}s): ", exits_ms.len(), CRASH_LOOP_WINDOW.as_secs())
+            } else {
+                String::new()
+            };
+            r.message = format!("{prefix}{why}; restarting in {}", humantime::format_duration(delay));
         });
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
@@ -182,6 +205,25 @@ async fn run_inner(
                 let _ = std::fs::remove_file(dir.join("pids"));
                 return Ok(());
             }
+        }
+    }
+}
+
+/// The app's cgroup with the job's CPU and memory as limits. Without a
+/// usable hierarchy (or the right to write it) the app runs unlimited,
+/// and the agent says so in its log.
+fn limits(context: &Context, assignment: &pb::Assignment, job: &Job) -> Option<Cgroup> {
+    let hierarchy = context.cgroups.as_ref()?;
+    let resources = job.resources;
+    if resources.cpu_millis == 0 || resources.memory_mb == 0 {
+        return None;
+    }
+    let name = format!("{}/{}", context.cgroup_parent, assignment.id);
+    match Cgroup::create(hierarchy, &name, resources.memory_mb, resources.cpu_millis) {
+        Ok(cgroup) => Some(cgroup),
+        Err(error) => {
+            tracing::warn!(instance = %assignment.id, %error, "no cgroup: the app runs without limits");
+            None
         }
     }
 }
@@ -260,6 +302,7 @@ fn start_proxy(
         env: vec![("RUST_LOG".into(), "info".into())],
         log_dir: dir.to_owned(),
         name: "proxy".into(),
+        cgroup_procs: Vec::new(),
     };
     let proxy = Running::start(&launch)
         .map_err(|e| format!("cannot start the sidecar {}: {e}", context.proxy_program.display()))?;
@@ -307,6 +350,7 @@ fn app_launch(program: &Path, assignment: &pb::Assignment, job: &Job, ports: &Po
         env,
         log_dir: dir.to_owned(),
         name: "app".into(),
+        cgroup_procs: Vec::new(),
     }
 }
 
@@ -322,6 +366,21 @@ fn record_pid(dir: &Path, pid: i32) {
     let file = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("pids"));
     if let Ok(mut file) = file {
         let _ = writeln!(file, "{pid}");
+    }
+}
+
+/// Removes the cgroups a previous run of the agent left behind (empty once
+/// their processes are gone; the kernel refuses the others).
+pub fn remove_stale_cgroups(hierarchy: &Hierarchy, parent: &str) {
+    let roots = match hierarchy {
+        Hierarchy::V1 { memory, cpu } => vec![memory.clone(), cpu.clone()],
+        Hierarchy::V2 { root } => vec![root.clone()],
+    };
+    for root in roots {
+        let Ok(entries) = std::fs::read_dir(root.join(parent)) else { continue };
+        for entry in entries.flatten().filter(|e| e.path().is_dir()) {
+            let _ = std::fs::remove_dir(entry.path());
+        }
     }
 }
 

@@ -3,6 +3,7 @@
 //! instance in `instance.rs`) as process groups with a sidecar each, with
 //! restart backoff and health checks.
 
+pub mod cgroup;
 pub mod health;
 pub mod instance;
 pub mod node;

@@ -18,6 +18,8 @@ pub struct Launch {
     /// `<log_dir>/<name>.stdout.log` and `.stderr.log` receive the output.
     pub log_dir: PathBuf,
     pub name: String,
+    /// `cgroup.procs` files the process joins before it runs (limits).
+    pub cgroup_procs: Vec<PathBuf>,
 }
 
 pub struct Running {
@@ -54,13 +56,33 @@ impl Running {
             // Its own group, so that a stop reaches whatever it started.
             .process_group(0)
             .kill_on_drop(false);
-        // SAFETY: prctl is async-signal-safe; it runs in the child between fork and exec.
+        let cgroup_procs: Vec<std::ffi::CString> = launch
+            .cgroup_procs
+            .iter()
+            .map(|path| std::ffi::CString::new(path.as_os_str().as_encoded_bytes()))
+            .collect::<Result<_, _>>()
+            .map_err(io::Error::other)?;
+        // SAFETY: only async-signal-safe calls (prctl, open, write, close) run in
+        // the child between fork and exec, on memory prepared before the fork.
         // An agent that dies takes its instances with it, as a node that dies would:
-        // nothing is left running that no agent watches.
+        // nothing is left running that no agent watches. Joining the cgroups
+        // here means nothing the app starts escapes its limits.
         unsafe {
-            command.pre_exec(|| {
+            command.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(io::Error::last_os_error());
+                }
+                for procs in &cgroup_procs {
+                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                    if fd < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    // "0" is the writing process itself.
+                    let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+                    libc::close(fd);
+                    if written != 1 {
+                        return Err(io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });
@@ -125,6 +147,7 @@ mod tests {
             env: vec![("MESH_INSTANCE".into(), "web-0".into())],
             log_dir: dir.clone(),
             name: "web-0".into(),
+            cgroup_procs: vec![],
         };
         let mut running = Running::start(&launch).unwrap();
         assert!(running.wait().await.unwrap().success());
@@ -145,6 +168,7 @@ mod tests {
             env: vec![],
             log_dir: dir.clone(),
             name: "stubborn".into(),
+            cgroup_procs: vec![],
         };
         let mut running = Running::start(&launch).unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);

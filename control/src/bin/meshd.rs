@@ -182,7 +182,26 @@ async fn agent(
         .filter(|path| path.is_file())
         .unwrap_or_else(|| PathBuf::from("mesh-proxy"));
     let advertise_ip = info.advertise_ip.parse().map_err(|e| format!("advertise ip: {e}"))?;
-    let context = Context { server: server.clone(), advertise_ip, data_dir, proxy_program, bin_dir };
+    let cgroups = mesh_control::agent::cgroup::detect(std::path::Path::new("/sys/fs/cgroup"));
+    tracing::info!(?cgroups, "cgroup hierarchy for instance limits");
+    let cgroup_parent = {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        data_dir.hash(&mut hasher);
+        format!("meshd/{}-{:08x}", info.name, hasher.finish() as u32)
+    };
+    if let Some(hierarchy) = &cgroups {
+        mesh_control::agent::instance::remove_stale_cgroups(hierarchy, &cgroup_parent);
+    }
+    let context = Context {
+        server: server.clone(),
+        advertise_ip,
+        data_dir,
+        proxy_program,
+        bin_dir,
+        cgroup_parent,
+        cgroups,
+    };
     let supervisor = Arc::new(Supervisor::new(context));
     let result = tokio::select! {
         result = mesh_control::agent::node::run(server, info, supervisor.clone()) => result,
