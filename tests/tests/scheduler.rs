@@ -631,3 +631,58 @@ async fn an_app_that_keeps_exiting_backs_off_and_shows_a_crash_loop() {
     let log = std::fs::read_to_string(dir.path("a").join("instances/flaky-0/app.stdout.log")).unwrap();
     assert!(log.lines().count() >= 3 && log.lines().all(|l| l == "starting"), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_come_from_the_node_that_ran_the_instance_and_follow_new_output() {
+    let dir = TempDir::new("logs");
+    let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", &["--heartbeat-ttl", "1s"]);
+    let _node = agent(&meshd.listen, "node-a", "127.0.0.2", &dir.path("a"), 1000);
+    // Prints a line, then one more for each line appended to a file the test writes.
+    let feed = dir.path("feed");
+    std::fs::write(&feed, "").unwrap();
+    let script = format!("echo hello from $MESH_INSTANCE; echo oops >&2; tail -n +1 -f {}", feed.display());
+    let job = format!(
+        "name = \"talker\"\nversion = \"v1\"\nreplicas = 1\n\n[task]\ncommand = \"/bin/sh\"\nargs = [\"-c\", \"{script}\"]\n"
+    );
+    let file = dir.path("talker.toml");
+    std::fs::write(&file, job).unwrap();
+    meshd.ctl_ok(&["job", "run", file.to_str().unwrap()]);
+    running(&meshd, "talker", 1, Duration::from_secs(30)).await;
+    let out = eventually("the first line is logged", Duration::from_secs(10), || {
+        let out = meshd.ctl_ok(&["logs", "talker"]);
+        async move { out.contains("hello").then_some(out) }
+    })
+    .await;
+    assert_eq!(out, "hello from talker-0\n");
+    assert_eq!(meshd.ctl_ok(&["logs", "talker", "--stderr"]), "oops\n");
+    let (code, _, stderr) = meshd.ctl(&["logs", "nothing"]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("no job \"nothing\""), "{stderr}");
+
+    // --follow prints what comes later.
+    let mut follow = std::process::Command::new(bin("meshctl"))
+        .args(["--server", &meshd.listen, "logs", "talker", "--follow"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = follow.stdout.take().unwrap();
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let next = |what: &str| {
+        lines_rx
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("no line {what} within 10 s"))
+    };
+    assert_eq!(next("from before"), "hello from talker-0");
+    std::fs::write(&feed, "appended later\n").unwrap();
+    assert_eq!(next("appended"), "appended later");
+    let _ = follow.kill();
+    let _ = follow.wait();
+}

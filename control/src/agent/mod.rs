@@ -6,6 +6,7 @@
 pub mod cgroup;
 pub mod health;
 pub mod instance;
+pub mod logs;
 pub mod node;
 pub mod process;
 pub mod restart;

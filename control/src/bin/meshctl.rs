@@ -65,6 +65,18 @@ enum Command {
     },
     /// The current version, and per proxy its acked version, lag and last contact.
     Status,
+    /// An instance's output (every instance of the job unless --instance), from its node's agent.
+    Logs {
+        job: String,
+        #[arg(long)]
+        instance: Option<String>,
+        /// Keep printing what the instances write.
+        #[arg(long, short)]
+        follow: bool,
+        /// stderr instead of stdout.
+        #[arg(long)]
+        stderr: bool,
+    },
     /// Per service and version: request rate, success rate, p50/p99 latency, from every proxy's metrics.
     Top {
         /// How long to measure.
@@ -264,6 +276,44 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             println!("policy of {service} set (version {version})");
             wait_for(&mut admin, version, &wait).await?;
         }
+        Command::Logs { job, instance, follow, stderr } => {
+            let instances =
+                JobsClient::new(channel).list_instances(pb::Empty {}).await?.into_inner().instances;
+            let chosen: Vec<pb::Instance> = instances
+                .into_iter()
+                .filter(|i| i.job == job && instance.as_ref().is_none_or(|id| &i.id == id))
+                .collect();
+            if chosen.is_empty() {
+                let what = instance
+                    .map_or_else(|| format!("job {job:?}"), |id| format!("instance {id:?} of job {job:?}"));
+                return Err(Failure(format!("no {what}"), 2));
+            }
+            let nodes = admin.list_nodes(pb::Empty {}).await?.into_inner().nodes;
+            let logs_addr = |node: &str| {
+                nodes
+                    .iter()
+                    .filter_map(|n| n.info.as_ref())
+                    .find(|n| n.name == node)
+                    .map(|n| n.logs_addr.clone())
+            };
+            let stream = if stderr { "stderr" } else { "stdout" };
+            let prefix = chosen.len() > 1;
+            let mut readers = Vec::new();
+            for instance in &chosen {
+                let Some(addr) = logs_addr(&instance.node).filter(|a| !a.is_empty()) else {
+                    eprintln!("meshctl: node {} of {} serves no logs", instance.node, instance.id);
+                    continue;
+                };
+                let path = format!("/logs/{}?stream={stream}&follow={follow}", instance.id);
+                let label = prefix.then(|| format!("[{}] ", instance.id));
+                readers.push(tokio::spawn(print_log(addr, path, label)));
+            }
+            for reader in readers {
+                if let Ok(Err(message)) = reader.await {
+                    eprintln!("meshctl: {message}");
+                }
+            }
+        }
         Command::Top { interval } => {
             let proxies = admin.list_proxies(pb::Empty {}).await?.into_inner().proxies;
             let addrs: Vec<String> = proxies
@@ -410,6 +460,50 @@ async fn scrape_all(addrs: &[String]) -> BTreeMap<mesh_control::top::Key, mesh_c
         }
     }
     counts
+}
+
+/// Prints one instance's log as it arrives, each line after `label`.
+async fn print_log(addr: String, path: String, label: Option<String>) -> Result<(), String> {
+    use http_body_util::BodyExt;
+    use std::io::Write;
+    let stream = tokio::net::TcpStream::connect(&addr).await.map_err(|e| format!("logs at {addr}: {e}"))?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+    tokio::spawn(connection);
+    let request = http::Request::get(path.as_str())
+        .header(http::header::HOST, addr.as_str())
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let response = sender.send_request(request).await.map_err(|e| e.to_string())?;
+    let status = response.status();
+    let mut body = response.into_body();
+    if !status.is_success() {
+        let text = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        return Err(format!("logs at {addr}: {status}: {}", String::from_utf8_lossy(&text).trim()));
+    }
+    let mut pending = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| e.to_string())?;
+        let Some(data) = frame.data_ref() else { continue };
+        pending.extend_from_slice(data);
+        // Whole lines only, so that several instances' lines do not mix.
+        while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(label.as_deref().unwrap_or("").as_bytes());
+            let _ = out.write_all(&line);
+            let _ = out.flush();
+        }
+    }
+    if !pending.is_empty() {
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(label.as_deref().unwrap_or("").as_bytes());
+        let _ = out.write_all(&pending);
+        let _ = out.write_all(b"\n");
+    }
+    Ok(())
 }
 
 async fn scrape(addr: &str) -> Result<String, String> {

@@ -111,6 +111,7 @@ async fn main() -> ExitCode {
                 cpu_millis,
                 memory_mb,
                 attributes: attributes.into_iter().collect(),
+                logs_addr: String::new(),
             };
             agent(server, info, data_dir, shutdown_signal()).await
         }
@@ -181,7 +182,13 @@ async fn agent(
         .map(|dir| dir.join("mesh-proxy"))
         .filter(|path| path.is_file())
         .unwrap_or_else(|| PathBuf::from("mesh-proxy"));
-    let advertise_ip = info.advertise_ip.parse().map_err(|e| format!("advertise ip: {e}"))?;
+    let advertise_ip: std::net::IpAddr =
+        info.advertise_ip.parse().map_err(|e| format!("advertise ip: {e}"))?;
+    // Instance logs, for `meshctl logs`, on the node's address.
+    let logs = TcpListener::bind((advertise_ip, 0)).await.map_err(|e| format!("logs listener: {e}"))?;
+    let mut info = info;
+    info.logs_addr = logs.local_addr().map_err(|e| e.to_string())?.to_string();
+    tokio::spawn(mesh_control::agent::logs::serve(logs, data_dir.clone()));
     let cgroups = mesh_control::agent::cgroup::detect(std::path::Path::new("/sys/fs/cgroup"));
     tracing::info!(?cgroups, "cgroup hierarchy for instance limits");
     let cgroup_parent = {
@@ -281,6 +288,7 @@ async fn dev(server: ServerArgs, demo: bool) -> Result<(), String> {
         cpu_millis: 8000,
         memory_mb: 8192,
         attributes: Default::default(),
+        logs_addr: String::new(),
     };
     // The agent stops its instances when the signal comes or the control plane ends.
     let (stop_agent, agent_stopped) = tokio::sync::oneshot::channel::<()>();

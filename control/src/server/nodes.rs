@@ -132,6 +132,7 @@ mod tests {
             cpu_millis: 1000,
             memory_mb: 1024,
             attributes: Default::default(),
+            logs_addr: String::new(),
         };
         assert!(check_node(&good).is_ok());
         let cases = [

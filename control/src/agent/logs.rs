@@ -1,0 +1,147 @@
+//! The agent's log endpoint, read by `meshctl logs`: instance output lives
+//! on the node that ran it, so the agent serves it over HTTP (the address
+//! is in the node's registration).
+//!
+//! `GET /logs/<instance>?stream=stdout|stderr[&follow=true]`: the file as it
+//! is, then (with follow) what is appended, until the caller hangs up.
+
+use std::convert::Infallible;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::net::TcpListener;
+
+use super::instance::instance_dir;
+
+/// How long a follow may last, so no loop runs unbounded.
+const FOLLOW_AT_MOST: Duration = Duration::from_secs(3600);
+
+/// Serves the logs under `data_dir` on `listener` until the process ends.
+pub async fn serve(listener: TcpListener, data_dir: PathBuf) {
+    let data_dir = Arc::new(data_dir);
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let data_dir = data_dir.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| handle(data_dir.clone(), request));
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+type Body = BoxBody<Bytes, std::io::Error>;
+
+fn text(status: StatusCode, message: String) -> Response<Body> {
+    let body = Full::new(Bytes::from(message + "\n")).map_err(|never| match never {}).boxed();
+    Response::builder().status(status).body(body).expect("a valid response")
+}
+
+/// Which log a request asks for: (instance, stream, follow), or why it is bad.
+pub fn parse_request(path: &str, query: Option<&str>) -> Result<(String, String, bool), String> {
+    let instance = path.strip_prefix("/logs/").ok_or("the path is /logs/<instance>")?;
+    let valid = !instance.is_empty()
+        && instance.len() <= 128
+        && instance.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if !valid {
+        return Err(format!("{instance:?} is not an instance id"));
+    }
+    let (mut stream, mut follow) = ("stdout".to_owned(), false);
+    for pair in query.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("stream", value @ ("stdout" | "stderr"))) => stream = value.to_owned(),
+            Some(("follow", value @ ("true" | "false"))) => follow = value == "true",
+            _ => return Err(format!("unknown parameter {pair:?} (stream=stdout|stderr, follow=true|false)")),
+        }
+    }
+    Ok((instance.to_owned(), stream, follow))
+}
+
+async fn handle(data_dir: Arc<PathBuf>, request: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let (instance, stream, follow) = match parse_request(request.uri().path(), request.uri().query()) {
+        Ok(parsed) => parsed,
+        Err(message) => return Ok(text(StatusCode::BAD_REQUEST, message)),
+    };
+    let path = instance_dir(&data_dir, &instance).join(format!("app.{stream}.log"));
+    let mut file = match tokio::fs::File::open(&path).await {
+        Ok(file) => file,
+        Err(_) => {
+            return Ok(text(StatusCode::NOT_FOUND, format!("no {stream} log for instance {instance} here")))
+        }
+    };
+    if !follow {
+        let mut content = Vec::new();
+        if let Err(e) = file.read_to_end(&mut content).await {
+            return Ok(text(StatusCode::INTERNAL_SERVER_ERROR, format!("reading {}: {e}", path.display())));
+        }
+        let body = Full::new(Bytes::from(content)).map_err(|never| match never {}).boxed();
+        return Ok(Response::new(body));
+    }
+    // Follow: send what there is, then poll for more until the caller leaves.
+    let (sender, receiver) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(8);
+    tokio::spawn(async move {
+        let deadline = tokio::time::Instant::now() + FOLLOW_AT_MOST;
+        let mut buffer = vec![0u8; 16 * 1024];
+        while tokio::time::Instant::now() < deadline {
+            match file.read(&mut buffer).await {
+                Ok(0) => {
+                    if sender.is_closed() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    // A truncated file starts over.
+                    if let (Ok(position), Ok(meta)) = (file.stream_position().await, file.metadata().await) {
+                        if meta.len() < position {
+                            let _ = file.seek(std::io::SeekFrom::Start(0)).await;
+                        }
+                    }
+                }
+                Ok(n) => {
+                    if sender.send(Ok(Frame::data(Bytes::copy_from_slice(&buffer[..n])))).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = sender.send(Err(e)).await;
+                    return;
+                }
+            }
+        }
+    });
+    let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(receiver)).boxed();
+    Ok(Response::new(body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_name_an_instance_and_a_stream() {
+        // (path, query, expected)
+        let cases: &[(&str, Option<&str>, Result<(&str, &str, bool), &str>)] = &[
+            ("/logs/web-0", None, Ok(("web-0", "stdout", false))),
+            ("/logs/web-0", Some("stream=stderr&follow=true"), Ok(("web-0", "stderr", true))),
+            ("/logs/../etc", None, Err("not an instance id")),
+            ("/logs/", None, Err("not an instance id")),
+            ("/other", None, Err("/logs/<instance>")),
+            ("/logs/web-0", Some("stream=syslog"), Err("unknown parameter")),
+        ];
+        for (path, query, expected) in cases {
+            let got = parse_request(path, *query);
+            match (got, expected) {
+                (Ok((i, s, f)), Ok((ei, es, ef))) => assert_eq!((i.as_str(), s.as_str(), f), (*ei, *es, *ef)),
+                (Err(message), Err(part)) => assert!(message.contains(part), "{path}: {message}"),
+                (got, _) => panic!("{path} {query:?}: {got:?}"),
+            }
+        }
+    }
+}
