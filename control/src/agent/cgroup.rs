@@ -116,7 +116,8 @@ mod tests {
         let v1 = Hierarchy::V1 { memory: "/cg/memory".into(), cpu: "/cg/cpu".into() };
         let v2 = Hierarchy::V2 { root: "/cg".into() };
         // (hierarchy, MB, CPU millis, expected files)
-        let cases: Vec<(Hierarchy, u64, u64, Vec<(&str, &str, &str)>)> = vec![
+        type Case<'a> = (Hierarchy, u64, u64, Vec<(&'a str, &'a str, &'a str)>);
+        let cases: Vec<Case> = vec![
             (
                 v1.clone(),
                 64,

@@ -127,7 +127,8 @@ mod tests {
     #[test]
     fn requests_name_an_instance_and_a_stream() {
         // (path, query, expected)
-        let cases: &[(&str, Option<&str>, Result<(&str, &str, bool), &str>)] = &[
+        type Case<'a> = (&'a str, Option<&'a str>, Result<(&'a str, &'a str, bool), &'a str>);
+        let cases: &[Case] = &[
             ("/logs/web-0", None, Ok(("web-0", "stdout", false))),
             ("/logs/web-0", Some("stream=stderr&follow=true"), Ok(("web-0", "stderr", true))),
             ("/logs/../etc", None, Err("not an instance id")),
