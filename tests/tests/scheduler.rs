@@ -202,7 +202,8 @@ async fn a_job_runs_beside_sidecars_heals_and_moves_off_a_dead_node() {
 
     // Node A dies (its agent and, with it, its instances): everything runs on B.
     node_a.kill();
-    let moved = eventually("the instances move to node-b", Duration::from_secs(20), || {
+    // Within the TTL (1 s) and a few seconds to start sidecars and apps.
+    let moved = eventually("the instances move to node-b", Duration::from_secs(8), || {
         let list: Vec<Value> = instances(&meshd)
             .into_iter()
             .filter(|i| i["job"] == "web" && i["state"] == "running" && i["ready"] == true)
@@ -685,4 +686,62 @@ async fn logs_come_from_the_node_that_ran_the_instance_and_follow_new_output() {
     assert_eq!(next("appended"), "appended later");
     let _ = follow.kill();
     let _ = follow.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_liveness_check_restarts_the_app() {
+    let dir = TempDir::new("liveness");
+    let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", &["--heartbeat-ttl", "1s"]);
+    let _node = agent(&meshd.listen, "node-a", "127.0.0.2", &dir.path("a"), 1000);
+    let liveness =
+        "liveness = { http = \"/live\", interval = \"200ms\", timeout = \"500ms\", failures = 2 }\n";
+    let file = dir.path("web.toml");
+    std::fs::write(&file, echo_job("web", "v1", 1, "") + liveness).unwrap();
+    meshd.ctl_ok(&["job", "run", file.to_str().unwrap()]);
+    let before = running(&meshd, "web", 1, Duration::from_secs(30)).await.remove(0);
+    // The app stops answering /live (mesh-echo's runtime knob, on its own port).
+    let environ = std::fs::read(format!("/proc/{}/environ", before["pid"])).unwrap();
+    let port = String::from_utf8_lossy(&environ)
+        .split('\0')
+        .find_map(|v| v.strip_prefix("PORT=").map(str::to_owned))
+        .expect("PORT in the app's environment");
+    let (code, _, stderr) = mesh_tests::process::run(
+        Path::new("/usr/bin/curl"),
+        &["-sf", "-X", "POST", "-d", "{\"not_live\":true}", &format!("http://127.0.0.1:{port}/_echo/config")],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let after = eventually("the app is restarted", Duration::from_secs(15), || {
+        let found = instances(&meshd).into_iter().find(|i| {
+            i["id"] == before["id"]
+                && i["restarts"].as_u64() >= Some(1)
+                && i["pid"] != before["pid"]
+                && i["ready"] == true
+        });
+        async move { found }
+    })
+    .await;
+    assert!(!alive(before["pid"].as_i64().unwrap()), "the unlive app was stopped");
+    assert_eq!(after["state"], "running");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_survive_a_server_restart_and_running_instances_are_kept() {
+    let dir = TempDir::new("server-restart");
+    let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", &["--heartbeat-ttl", "1s"]);
+    let _node = agent(&meshd.listen, "node-a", "127.0.0.2", &dir.path("a"), 1000);
+    let file = dir.path("web.toml");
+    std::fs::write(&file, echo_job("web", "v1", 2, "")).unwrap();
+    meshd.ctl_ok(&["job", "run", file.to_str().unwrap()]);
+    let before = running(&meshd, "web", 2, Duration::from_secs(30)).await;
+
+    let listen = meshd.listen.clone();
+    meshd.process.signal(libc::SIGKILL);
+    drop(meshd);
+    let meshd = Meshd::start_with(&dir.path("data"), &listen, &["--heartbeat-ttl", "1s"]);
+    assert_eq!(meshd.ctl_json(&["get", "jobs"])[0]["name"], "web", "the job is stored");
+    // The agent joins again and its running instances are adopted, not restarted.
+    let after = running(&meshd, "web", 2, Duration::from_secs(30)).await;
+    let pids = |list: &[Value]| list.iter().map(|i| i["pid"].as_i64().unwrap()).collect::<BTreeSet<_>>();
+    assert_eq!(pids(&after), pids(&before));
+    assert_eq!(instances(&meshd).len(), 2, "nothing started twice");
 }
