@@ -169,6 +169,54 @@ impl Proxy {
     }
 }
 
+/// A node agent (`meshd agent`) with 1 GB of memory and the given CPU. It
+/// stops gracefully when dropped (its instances drain and their cgroups
+/// go), and is killed if that takes too long.
+pub struct Agent(pub Process);
+
+impl Agent {
+    pub fn start(
+        server: &str,
+        name: &str,
+        ip: &str,
+        cpu_millis: u32,
+        data_dir: &Path,
+        extra: &[&str],
+    ) -> Agent {
+        let cpu = cpu_millis.to_string();
+        let data_dir = data_dir.to_str().expect("utf-8 path");
+        let mut args = vec![
+            "agent",
+            "--server",
+            server,
+            "--name",
+            name,
+            "--advertise-ip",
+            ip,
+            "--cpu-millis",
+            &cpu,
+            "--memory-mb",
+            "1024",
+            "--data-dir",
+            data_dir,
+        ];
+        args.extend_from_slice(extra);
+        Agent(Process::start(&crate::bin("meshd"), &args))
+    }
+
+    /// SIGKILL, as a node that dies.
+    pub fn kill(self) {
+        self.0.signal(libc::SIGKILL);
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.0.signal(libc::SIGTERM);
+        let _ = self.0.wait_exit(Duration::from_secs(15));
+    }
+}
+
 /// A `meshd server` on port 0 (or a given address, to restart in place).
 pub struct Meshd {
     pub process: Process,

@@ -7,46 +7,12 @@ use std::path::Path;
 use std::time::Duration;
 
 use mesh_tests::client::Background;
-use mesh_tests::process::{Meshd, Process, Proxy};
+use mesh_tests::process::{Agent, Meshd, Proxy};
 use mesh_tests::{bin, eventually, TempDir};
 use serde_json::Value;
 
-/// A node agent that stops gracefully when dropped (its instances drain and
-/// their cgroups go), and is killed if that takes too long.
-struct Agent(Process);
-
-impl Agent {
-    fn kill(self) {
-        self.0.signal(libc::SIGKILL);
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        self.0.signal(libc::SIGTERM);
-        let _ = self.0.wait_exit(Duration::from_secs(15));
-    }
-}
-
 fn agent(server: &str, name: &str, ip: &str, data: &Path, cpu_millis: u32) -> Agent {
-    let cpu = cpu_millis.to_string();
-    let data = data.display().to_string();
-    let args = [
-        "agent",
-        "--server",
-        server,
-        "--name",
-        name,
-        "--advertise-ip",
-        ip,
-        "--cpu-millis",
-        &cpu,
-        "--memory-mb",
-        "1024",
-        "--data-dir",
-        &data,
-    ];
-    Agent(Process::start(&bin("meshd"), &args))
+    Agent::start(server, name, ip, cpu_millis, data, &[])
 }
 
 /// A service job of `replicas` mesh-echo instances, with a readiness check.

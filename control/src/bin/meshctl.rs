@@ -466,17 +466,7 @@ async fn scrape_all(addrs: &[String]) -> BTreeMap<mesh_control::top::Key, mesh_c
 async fn print_log(addr: String, path: String, label: Option<String>) -> Result<(), String> {
     use http_body_util::BodyExt;
     use std::io::Write;
-    let stream = tokio::net::TcpStream::connect(&addr).await.map_err(|e| format!("logs at {addr}: {e}"))?;
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .map_err(|e| e.to_string())?;
-    tokio::spawn(connection);
-    let request = http::Request::get(path.as_str())
-        .header(http::header::HOST, addr.as_str())
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .map_err(|e| e.to_string())?;
-    let response = sender.send_request(request).await.map_err(|e| e.to_string())?;
+    let response = http_get(&addr, &path).await.map_err(|e| format!("logs at {addr}: {e}"))?;
     let status = response.status();
     let mut body = response.into_body();
     if !status.is_success() {
@@ -506,19 +496,24 @@ async fn print_log(addr: String, path: String, label: Option<String>) -> Result<
     Ok(())
 }
 
-async fn scrape(addr: &str) -> Result<String, String> {
-    use http_body_util::BodyExt;
+/// One GET over a fresh HTTP/1.1 connection (proxy admin, agent logs).
+async fn http_get(addr: &str, path: &str) -> Result<http::Response<hyper::body::Incoming>, String> {
     let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
             .await
             .map_err(|e| e.to_string())?;
     tokio::spawn(connection);
-    let request = http::Request::get("/metrics")
+    let request = http::Request::get(path)
         .header(http::header::HOST, addr)
         .body(http_body_util::Empty::<bytes::Bytes>::new())
         .map_err(|e| e.to_string())?;
-    let response = sender.send_request(request).await.map_err(|e| e.to_string())?;
+    sender.send_request(request).await.map_err(|e| e.to_string())
+}
+
+async fn scrape(addr: &str) -> Result<String, String> {
+    use http_body_util::BodyExt;
+    let response = http_get(addr, "/metrics").await?;
     let body = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
     Ok(String::from_utf8_lossy(&body).into_owned())
 }
