@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod convert;
+pub mod identity;
 pub mod job;
 pub mod metrics;
 pub mod publish;

@@ -7,6 +7,7 @@ pub mod config;
 pub mod control;
 pub mod errors;
 pub mod http;
+pub mod identity;
 pub mod listen;
 pub mod metrics;
 pub mod proxy;

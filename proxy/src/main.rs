@@ -220,6 +220,38 @@ async fn start_from_file(
     Ok(proxy)
 }
 
+/// The variable through which an agent hands the proxy its bootstrap token.
+const IDENTITY_TOKEN_ENV: &str = "MESH_IDENTITY_TOKEN";
+
+/// Gets the proxy's certificate, retrying with backoff while the control
+/// plane is unreachable; a refused token is final (the agent starts the
+/// instance again with a new one).
+async fn acquire_identity(control: String, token: String, proxy: Arc<Proxy>) {
+    let mut backoff = Duration::from_millis(100);
+    for _ in 0..20 {
+        match mesh_proxy::identity::obtain(&control, &token).await {
+            Ok(identity) => {
+                tracing::info!(spiffe_id = %identity.spiffe_id, expires_unix_ms = identity.expires_unix_ms, "certificate obtained");
+                proxy
+                    .long_lived
+                    .metrics
+                    .identity_expiry_unix_secs
+                    .store(identity.expires_unix_ms / 1000, Ordering::Relaxed);
+                proxy.identity.store(Some(Arc::new(identity)));
+                return;
+            }
+            Err(error) if error.contains("refused") => {
+                tracing::error!(%error, "no certificate: the token was refused");
+                return;
+            }
+            Err(error) => tracing::warn!(%error, "no certificate yet; retrying"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+    tracing::error!("no certificate after 20 attempts");
+}
+
 async fn start_under_control(
     control_addr: &str,
     args: &Args,
@@ -246,6 +278,12 @@ async fn start_under_control(
         upstreams: args.upstreams.clone(),
     };
     let proxy = Proxy::waiting(empty);
+    // The agent hands a one-time bootstrap token over in the environment
+    // (never on the command line, which `ps` shows).
+    if let Ok(token) = std::env::var(IDENTITY_TOKEN_ENV) {
+        proxy.needs_identity.store(true, Ordering::Release);
+        tokio::spawn(acquire_identity(control_addr.to_owned(), token, proxy.clone()));
+    }
     listeners.start_main(&listen, &proxy, shutdown).await.map_err(|e| (1, e))?;
     options.admin_addr =
         listeners.bound.iter().find_map(|b| b.strip_prefix("admin=")).unwrap_or_default().to_owned();

@@ -93,6 +93,8 @@ pub struct Metrics {
     tcp: Mutex<BTreeMap<(Direction, String), Arc<TcpMetrics>>>,
     pub reloads_ok: AtomicU64,
     pub reloads_failed: AtomicU64,
+    /// When the proxy's certificate expires (Unix seconds), 0 without one.
+    pub identity_expiry_unix_secs: AtomicU64,
 }
 
 impl Metrics {
@@ -136,6 +138,16 @@ impl Metrics {
                 escape(row.version),
                 row.ejections_total
             );
+        }
+        let expiry = self.identity_expiry_unix_secs.load(Ordering::Relaxed);
+        if expiry > 0 {
+            header(
+                &mut out,
+                "mesh_identity_cert_expiry_timestamp_seconds",
+                "gauge",
+                "When the proxy's workload certificate expires.",
+            );
+            let _ = writeln!(out, "mesh_identity_cert_expiry_timestamp_seconds {expiry}");
         }
         header(&mut out, "mesh_config_version", "gauge", "Version of the routing table in use.");
         let _ = writeln!(out, "mesh_config_version {config_version}");

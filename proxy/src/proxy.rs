@@ -20,6 +20,10 @@ pub struct Proxy {
     pub has_table: AtomicBool,
     /// The control plane's version of the table in force, 0 for none.
     control_version: AtomicU64,
+    /// True when the proxy was given a bootstrap token: it is not ready
+    /// until it holds a certificate.
+    pub needs_identity: AtomicBool,
+    pub identity: arc_swap::ArcSwapOption<crate::identity::Identity>,
 }
 
 impl Proxy {
@@ -41,6 +45,8 @@ impl Proxy {
             draining: AtomicBool::new(false),
             has_table: AtomicBool::new(false),
             control_version: AtomicU64::new(0),
+            needs_identity: AtomicBool::new(false),
+            identity: arc_swap::ArcSwapOption::empty(),
         })
     }
 

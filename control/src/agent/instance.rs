@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use mesh_proto::mesh::v1 as pb;
 use mesh_proto::mesh::v1::admin_client::AdminClient;
+use mesh_proto::mesh::v1::identity_client::IdentityClient;
 use tokio::sync::watch;
 
 use super::cgroup::{Cgroup, Hierarchy};
@@ -30,6 +31,8 @@ pub struct Context {
     /// Where the agent's own binaries are: a job's bare command is looked
     /// up there after PATH (so `mesh-echo` works beside `meshd`).
     pub bin_dir: Option<PathBuf>,
+    /// The node's name, as the scheduler knows it (for identity tokens).
+    pub node: String,
     /// This agent's folder in each cgroup hierarchy, `meshd/<node>-<hash of
     /// data dir>`: two agents on one host never share one.
     pub cgroup_parent: String,
@@ -122,7 +125,8 @@ async fn run_inner(
     let dir = instance_dir(&context.data_dir, &assignment.id);
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let ports = Ports::choose(context.advertise_ip, job.upstreams.len())?;
-    let mut proxy = start_proxy(context, assignment, &job, &ports, &dir)?;
+    let token = identity_token(context, assignment).await?;
+    let mut proxy = start_proxy(context, assignment, &job, &ports, &dir, token)?;
     report.update(|r| {
         r.proxy_pid = proxy.pid();
         r.addr = ports.inbound.to_string();
@@ -267,12 +271,24 @@ fn free_addr(ip: IpAddr) -> Result<SocketAddr, String> {
         .map_err(|e| format!("no free port on {ip}: {e}"))
 }
 
+/// A one-time token for this instance's identity, from the control plane,
+/// which checks that it placed this instance on this node.
+async fn identity_token(context: &Context, assignment: &pb::Assignment) -> Result<String, String> {
+    let mut client = IdentityClient::connect(format!("http://{}", context.server))
+        .await
+        .map_err(|e| format!("identity: cannot reach the control plane: {e}"))?;
+    let request = pb::TokenRequest { node: context.node.clone(), instance: assignment.id.clone() };
+    let reply = client.issue_token(request).await.map_err(|e| format!("identity: {}", e.message()))?;
+    Ok(reply.into_inner().token)
+}
+
 fn start_proxy(
     context: &Context,
     assignment: &pb::Assignment,
     job: &Job,
     ports: &Ports,
     dir: &Path,
+    token: String,
 ) -> Result<Running, String> {
     let mut args = vec![
         "--control".to_owned(),
@@ -299,7 +315,8 @@ fn start_proxy(
     let launch = Launch {
         program: context.proxy_program.clone(),
         args,
-        env: vec![("RUST_LOG".into(), "info".into())],
+        // The token goes in the environment, not on the command line `ps` shows.
+        env: vec![("RUST_LOG".into(), "info".into()), ("MESH_IDENTITY_TOKEN".into(), token)],
         log_dir: dir.to_owned(),
         name: "proxy".into(),
         cgroup_procs: Vec::new(),

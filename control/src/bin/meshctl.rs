@@ -699,6 +699,7 @@ fn proxies(list: &[pb::ProxyStatus]) -> Rows {
                 ("acked_version", json!(p.acked_version)),
                 ("last_contact_ms_ago", ago(p.last_contact_unix_ms)),
                 ("rejected_reason", json!(p.rejected_reason)),
+                ("admin_addr", json!(p.admin_addr)),
             ]
         })
         .collect()

@@ -12,8 +12,10 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use mesh_control::agent::instance::{reap_leftovers, Context};
 use mesh_control::agent::supervisor::Supervisor;
+use mesh_control::identity::ca::Authority;
 use mesh_control::server::admin::AdminService;
 use mesh_control::server::discovery::DiscoveryService;
+use mesh_control::server::identity::IdentityService;
 use mesh_control::server::jobs::{JobsService, Scheduler};
 use mesh_control::server::nodes::{NodeRegistry, NodesService};
 use mesh_control::server::registry::RegistryService;
@@ -21,6 +23,7 @@ use mesh_control::server::{http, ControlPlane};
 use mesh_control::store::RedbStore;
 use mesh_proto::mesh::v1::admin_server::AdminServer;
 use mesh_proto::mesh::v1::discovery_server::DiscoveryServer;
+use mesh_proto::mesh::v1::identity_server::IdentityServer;
 use mesh_proto::mesh::v1::jobs_server::JobsServer;
 use mesh_proto::mesh::v1::nodes_server::NodesServer;
 use mesh_proto::mesh::v1::registry_server::RegistryServer;
@@ -85,6 +88,18 @@ struct ServerArgs {
     /// A node that sends no heartbeat for this long is down.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "3s")]
     heartbeat_ttl: Duration,
+    /// The trust domain of workload identities (spiffe://DOMAIN/service/NAME).
+    #[arg(long, default_value = "mesh.local")]
+    trust_domain: String,
+    /// An operator's CA certificate (root or intermediate, PEM) instead of a generated root.
+    #[arg(long, requires = "ca_key")]
+    ca_cert: Option<PathBuf>,
+    /// The key of --ca-cert (PEM).
+    #[arg(long, requires = "ca_cert")]
+    ca_key: Option<PathBuf>,
+    /// How long workload certificates live.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "24h")]
+    cert_ttl: Duration,
 }
 
 fn parse_attribute(text: &str) -> Result<(String, String), String> {
@@ -126,12 +141,13 @@ async fn main() -> ExitCode {
 }
 
 async fn serve(args: ServerArgs, bound: tokio::sync::oneshot::Sender<SocketAddr>) -> Result<(), String> {
-    let ServerArgs { data_dir, listen, admin, heartbeat_ttl } = args;
+    let ServerArgs { data_dir, listen, admin, heartbeat_ttl, trust_domain, ca_cert, ca_key, cert_ttl } = args;
     let heartbeat_interval = (heartbeat_ttl / 3).max(Duration::from_millis(100));
     let nodes = Arc::new(NodeRegistry::new(heartbeat_interval, heartbeat_ttl));
     let store = RedbStore::open(&data_dir).map_err(|e| e.to_string())?;
     let control = ControlPlane::new(Box::new(store)).map_err(|e| e.to_string())?;
     let scheduler = Scheduler::start(control.clone(), nodes.clone())?;
+    let authority = Arc::new(certificate_authority(control.store(), &trust_domain, ca_cert, ca_key)?);
     let grpc = TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let http = TcpListener::bind(admin).await.map_err(|e| format!("cannot listen on {admin}: {e}"))?;
     let grpc_addr = grpc.local_addr().map_err(|e| e.to_string())?;
@@ -147,11 +163,42 @@ async fn serve(args: ServerArgs, bound: tokio::sync::oneshot::Sender<SocketAddr>
         .add_service(RegistryServer::new(RegistryService { control: control.clone() }))
         .add_service(DiscoveryServer::new(DiscoveryService { control: control.clone() }))
         .add_service(NodesServer::new(NodesService { registry: nodes.clone(), scheduler: scheduler.clone() }))
+        .add_service(IdentityServer::new(IdentityService {
+            authority,
+            scheduler: scheduler.clone(),
+            tokens: Default::default(),
+            cert_ttl,
+        }))
         .add_service(JobsServer::new(JobsService { scheduler }))
         .add_service(AdminServer::new(AdminService { control, nodes }))
         .serve_with_incoming_shutdown(incoming, shutdown_signal())
         .await
         .map_err(|e| e.to_string())
+}
+
+/// The CA: the operator's from files, else the one in the store, else a
+/// new root saved to the store. Its key is never logged.
+fn certificate_authority(
+    store: &dyn mesh_control::store::Store,
+    trust_domain: &str,
+    ca_cert: Option<PathBuf>,
+    ca_key: Option<PathBuf>,
+) -> Result<Authority, String> {
+    if let (Some(cert), Some(key)) = (ca_cert, ca_key) {
+        let read =
+            |path: &PathBuf| std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()));
+        let authority = Authority::from_pem(&read(&cert)?, &read(&key)?, trust_domain)
+            .map_err(|e| format!("--ca-cert/--ca-key: {e}"))?;
+        tracing::info!(cert = %cert.display(), %trust_domain, "using the operator's CA");
+        return Ok(authority);
+    }
+    if let Some((cert, key)) = store.load_ca().map_err(|e| e.to_string())? {
+        return Authority::from_pem(&cert, &key, trust_domain).map_err(|e| format!("the stored CA: {e}"));
+    }
+    let authority = Authority::generate(trust_domain)?;
+    store.save_ca(authority.cert_pem(), &authority.key_pem()).map_err(|e| e.to_string())?;
+    tracing::info!(%trust_domain, "generated a root CA and stored it");
+    Ok(authority)
 }
 
 async fn shutdown_signal() {
@@ -206,6 +253,7 @@ async fn agent(
         data_dir,
         proxy_program,
         bin_dir,
+        node: info.name.clone(),
         cgroup_parent,
         cgroups,
     };

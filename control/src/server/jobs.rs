@@ -83,6 +83,14 @@ impl Scheduler {
         self.state.lock().expect("scheduler lock")
     }
 
+    /// The service of `instance` if the scheduler placed it on `node`: what
+    /// an identity token for it may grant.
+    pub fn service_of(&self, node: &str, instance: &str) -> Option<String> {
+        let state = self.lock();
+        let allocation = state.allocations.iter().find(|a| a.id == instance && a.node == node)?;
+        state.jobs.get(&allocation.job).map(|(_, job)| job.service.clone())
+    }
+
     /// Records a node's heartbeat report and answers with what it should run.
     pub fn heartbeat(&self, node: &str, reports: Vec<pb::InstanceReport>) -> Vec<pb::Assignment> {
         let mut state = self.lock();

@@ -48,4 +48,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// Writes (or with `None` deletes) one job durably before returning.
     fn save_job(&self, name: &str, job: Option<&StoredJob>) -> Result<(), StoreError>;
+
+    /// The certificate authority (certificate PEM, key PEM), if one was saved.
+    fn load_ca(&self) -> Result<Option<(String, String)>, StoreError>;
+
+    /// Saves the certificate authority durably. Its key lives only here.
+    fn save_ca(&self, cert_pem: &str, key_pem: &str) -> Result<(), StoreError>;
 }

@@ -9,6 +9,7 @@ use crate::state::{MeshState, ServiceState};
 
 const SERVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("services");
 const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
+const CA: TableDefinition<&str, &str> = TableDefinition::new("ca");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const VERSION_KEY: &str = "version";
 
@@ -30,6 +31,7 @@ impl RedbStore {
         write.open_table(SERVICES).map_err(error)?;
         write.open_table(META).map_err(error)?;
         write.open_table(JOBS).map_err(error)?;
+        write.open_table(CA).map_err(error)?;
         write.commit().map_err(error)?;
         Ok(RedbStore { db })
     }
@@ -88,6 +90,24 @@ impl Store for RedbStore {
             jobs.push((name.value().to_owned(), job));
         }
         Ok(jobs)
+    }
+
+    fn load_ca(&self) -> Result<Option<(String, String)>, StoreError> {
+        let read = self.db.begin_read().map_err(error)?;
+        let table = read.open_table(CA).map_err(error)?;
+        let cert = table.get("cert").map_err(error)?.map(|v| v.value().to_owned());
+        let key = table.get("key").map_err(error)?.map(|v| v.value().to_owned());
+        Ok(cert.zip(key))
+    }
+
+    fn save_ca(&self, cert_pem: &str, key_pem: &str) -> Result<(), StoreError> {
+        let write = self.db.begin_write().map_err(error)?;
+        {
+            let mut table = write.open_table(CA).map_err(error)?;
+            table.insert("cert", cert_pem).map_err(error)?;
+            table.insert("key", key_pem).map_err(error)?;
+        }
+        write.commit().map_err(error)
     }
 
     fn save_job(&self, name: &str, job: Option<&StoredJob>) -> Result<(), StoreError> {

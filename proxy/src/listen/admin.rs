@@ -56,6 +56,9 @@ fn handle(proxy: &Proxy, request: Request<Incoming>) -> Response<Full<Bytes>> {
         "/ready" if proxy.draining.load(Ordering::Relaxed) => {
             text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
         }
+        "/ready" if proxy.needs_identity.load(Ordering::Acquire) && proxy.identity.load().is_none() => {
+            text(StatusCode::SERVICE_UNAVAILABLE, "waiting for a certificate\n")
+        }
         "/ready" if !proxy.has_table.load(Ordering::Acquire) => {
             text(StatusCode::SERVICE_UNAVAILABLE, "waiting for a routing table from the control plane\n")
         }

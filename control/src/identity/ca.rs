@@ -1,0 +1,161 @@
+//! The certificate authority in `meshd server`: a root generated on first
+//! start (kept in the store) or an operator's CA from files, signing
+//! certificate requests with the one identity a token grants. The request's
+//! own names are ignored: a proxy cannot ask for another identity.
+
+use std::time::Duration;
+
+use rcgen::string::Ia5String;
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+};
+use time::OffsetDateTime;
+
+/// How long a generated root lives.
+const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// Certificates start a little in the past, for clocks that lag.
+const BACKDATE: Duration = Duration::from_secs(60);
+
+pub struct Authority {
+    cert_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+    trust_domain: String,
+}
+
+impl std::fmt::Debug for Authority {
+    // The key never reaches a log line, not even through Debug.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authority").field("trust_domain", &self.trust_domain).finish_non_exhaustive()
+    }
+}
+
+fn err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+impl Authority {
+    /// A new self-signed root for `trust_domain`.
+    pub fn generate(trust_domain: &str) -> Result<Authority, String> {
+        let key = KeyPair::generate().map_err(err)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, format!("mesh root CA for {trust_domain}"));
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - BACKDATE;
+        params.not_after = now + ROOT_LIFETIME;
+        params.serial_number = Some(random_serial());
+        let cert_pem = params.self_signed(&key).map_err(err)?.pem();
+        let issuer = Issuer::new(params, key);
+        Ok(Authority { cert_pem, issuer, trust_domain: trust_domain.to_owned() })
+    }
+
+    /// An existing CA (root or intermediate) from PEM.
+    pub fn from_pem(cert_pem: &str, key_pem: &str, trust_domain: &str) -> Result<Authority, String> {
+        let key = KeyPair::from_pem(key_pem).map_err(|e| format!("the CA key: {e}"))?;
+        let issuer =
+            Issuer::from_ca_cert_pem(cert_pem, key).map_err(|e| format!("the CA certificate: {e}"))?;
+        Ok(Authority { cert_pem: cert_pem.to_owned(), issuer, trust_domain: trust_domain.to_owned() })
+    }
+
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// The key as PEM, for the store only.
+    pub fn key_pem(&self) -> String {
+        self.issuer.key().serialize_pem()
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// Whether `csr_pem` is a certificate request this CA can sign.
+    pub fn check_request(csr_pem: &str) -> Result<(), String> {
+        CertificateSigningRequestParams::from_pem(csr_pem)
+            .map(drop)
+            .map_err(|e| format!("the certificate request: {e}"))
+    }
+
+    /// Signs a PEM certificate request for `service`, valid for `ttl`. The
+    /// certificate's only name is the service's SPIFFE ID.
+    pub fn sign(&self, csr_pem: &str, service: &str, ttl: Duration) -> Result<String, String> {
+        let mut request = CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| format!("the certificate request: {e}"))?;
+        let id = super::spiffe_id(&self.trust_domain, service);
+        let uri = Ia5String::try_from(id.as_str()).map_err(err)?;
+        let params = &mut request.params;
+        params.subject_alt_names = vec![SanType::URI(uri)];
+        params.distinguished_name = DistinguishedName::new();
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages =
+            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - BACKDATE;
+        params.not_after = now + ttl;
+        params.serial_number = Some(random_serial());
+        params.use_authority_key_identifier_extension = true;
+        Ok(request.signed_by(&self.issuer).map_err(err)?.pem())
+    }
+}
+
+fn random_serial() -> SerialNumber {
+    let mut bytes: [u8; 16] = rand::random();
+    // Positive, as DER integers in certificates must be.
+    bytes[0] &= 0x7f;
+    SerialNumber::from_slice(&bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(names: Vec<String>) -> (KeyPair, String) {
+        let key = KeyPair::generate().unwrap();
+        let params = CertificateParams::new(names).unwrap();
+        let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+        (key, csr)
+    }
+
+    #[test]
+    fn a_signed_certificate_names_only_the_granted_service() {
+        let ca = Authority::generate("mesh.local").unwrap();
+        // The request asks for another identity: it is ignored.
+        let (_, csr) = request(vec!["spiffe://mesh.local/service/admin".into(), "evil.example".into()]);
+        let pem = ca.sign(&csr, "web", Duration::from_secs(3600)).unwrap();
+        let (_, der) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+        let cert = der.parse_x509().unwrap();
+        let names: Vec<String> = cert
+            .subject_alternative_name()
+            .unwrap()
+            .unwrap()
+            .value
+            .general_names
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(names, vec!["URI(spiffe://mesh.local/service/web)".to_owned()]);
+        let lifetime = cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
+        assert_eq!(lifetime, 3600 + 60);
+        // Issued by the root.
+        let (_, root) = x509_parser::pem::parse_x509_pem(ca.cert_pem().as_bytes()).unwrap();
+        let root = root.parse_x509().unwrap();
+        assert_eq!(cert.issuer(), root.subject());
+        assert!(cert.verify_signature(Some(root.public_key())).is_ok());
+    }
+
+    #[test]
+    fn a_stored_authority_signs_as_before_and_garbage_is_refused() {
+        let ca = Authority::generate("mesh.local").unwrap();
+        let again = Authority::from_pem(ca.cert_pem(), &ca.key_pem(), "mesh.local").unwrap();
+        let (_, csr) = request(vec![]);
+        assert!(again.sign(&csr, "web", Duration::from_secs(60)).is_ok());
+        assert!(again.sign("not a request", "web", Duration::from_secs(60)).unwrap_err().contains("request"));
+        assert!(Authority::from_pem("junk", &ca.key_pem(), "mesh.local").is_err());
+        assert!(!format!("{ca:?}").contains("PRIVATE"));
+    }
+}
