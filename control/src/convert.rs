@@ -17,6 +17,7 @@ pub fn route(name: &str, service: &ServiceState) -> pb::ServiceRoute {
                 version: e.version.clone(),
                 addr: addr.to_string(),
                 ready: e.ready,
+                meshed: e.meshed,
             })
             .collect(),
     }
@@ -35,6 +36,7 @@ pub fn policy_to_pb(policy: &Policy) -> pb::Policy {
         breaker_consecutive_failures: policy.breaker_consecutive_failures,
         breaker_base_ejection_ms: policy.breaker_base_ejection_ms,
         breaker_max_ejection_ms: policy.breaker_max_ejection_ms,
+        permissive: policy.permissive,
     }
 }
 
@@ -51,6 +53,7 @@ pub fn policy_from_pb(policy: &pb::Policy) -> Policy {
         breaker_consecutive_failures: policy.breaker_consecutive_failures,
         breaker_base_ejection_ms: policy.breaker_base_ejection_ms,
         breaker_max_ejection_ms: policy.breaker_max_ejection_ms,
+        permissive: policy.permissive,
     }
 }
 
@@ -69,6 +72,7 @@ mod tests {
                 retry_budget_min_per_second: Some(0),
                 breaker_consecutive_failures: Some(5),
                 breaker_max_ejection_ms: Some(10_000),
+                permissive: Some(true),
                 ..Policy::default()
             },
         ];

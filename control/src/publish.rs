@@ -67,7 +67,13 @@ mod tests {
     use crate::state::Change;
 
     fn register(service: &str, addr: &str) -> Change {
-        Change::Register { service: service.into(), version: "v1".into(), addr: addr.into(), ready: true }
+        Change::Register {
+            service: service.into(),
+            version: "v1".into(),
+            addr: addr.into(),
+            ready: true,
+            meshed: false,
+        }
     }
 
     #[test]

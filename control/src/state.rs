@@ -25,12 +25,17 @@ pub struct Policy {
     pub breaker_consecutive_failures: Option<u32>,
     pub breaker_base_ejection_ms: Option<u64>,
     pub breaker_max_ejection_ms: Option<u64>,
+    #[serde(default)]
+    pub permissive: Option<bool>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EndpointRecord {
     pub version: String,
     pub ready: bool,
+    /// Served by a mesh sidecar (the scheduler's instances): mTLS.
+    #[serde(default)]
+    pub meshed: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -69,7 +74,7 @@ pub struct MeshState {
 /// A change requested through the registry or admin API.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Change {
-    Register { service: String, version: String, addr: String, ready: bool },
+    Register { service: String, version: String, addr: String, ready: bool, meshed: bool },
     Deregister { service: String, addr: String },
     SetSplit { service: String, weights: BTreeMap<String, u32> },
     ClearSplit { service: String },
@@ -166,6 +171,7 @@ fn merged(current: &Policy, update: &Policy) -> Policy {
             .or(current.breaker_consecutive_failures),
         breaker_base_ejection_ms: update.breaker_base_ejection_ms.or(current.breaker_base_ejection_ms),
         breaker_max_ejection_ms: update.breaker_max_ejection_ms.or(current.breaker_max_ejection_ms),
+        permissive: update.permissive.or(current.permissive),
     }
 }
 
@@ -176,13 +182,14 @@ impl MeshState {
         let mut next = self.clone();
         let version = self.version + 1;
         let name = match change {
-            Change::Register { service, version: endpoint_version, addr, ready } => {
+            Change::Register { service, version: endpoint_version, addr, ready, meshed } => {
                 check_name("service", service)?;
                 check_name("version", endpoint_version)?;
                 let Ok(addr) = addr.parse::<SocketAddr>() else {
                     return refuse(format!("address {addr:?} is not an IP:port such as 127.0.0.1:8080"));
                 };
-                let record = EndpointRecord { version: endpoint_version.clone(), ready: *ready };
+                let record =
+                    EndpointRecord { version: endpoint_version.clone(), ready: *ready, meshed: *meshed };
                 let entry = Arc::make_mut(next.services.entry(service.clone()).or_default());
                 if let Some(existing) = entry.endpoints.get(&addr) {
                     if *existing == record {
@@ -289,7 +296,13 @@ mod tests {
     use super::*;
 
     fn register(service: &str, version: &str, addr: &str) -> Change {
-        Change::Register { service: service.into(), version: version.into(), addr: addr.into(), ready: true }
+        Change::Register {
+            service: service.into(),
+            version: version.into(),
+            addr: addr.into(),
+            ready: true,
+            meshed: false,
+        }
     }
 
     fn split(service: &str, weights: &[(&str, u32)]) -> Change {

@@ -207,7 +207,7 @@ fn service_config(route: &pb::ServiceRoute) -> Result<ServiceConfig, String> {
                 .addr
                 .parse()
                 .map_err(|_| format!("service {name:?}: endpoint address {:?} is not IP:port", e.addr))?;
-            Ok(EndpointConfig { addr, version: e.version.clone(), ready: e.ready })
+            Ok(EndpointConfig { addr, version: e.version.clone(), ready: e.ready, meshed: e.meshed })
         })
         .collect::<Result<Vec<_>, String>>()?;
     Ok(ServiceConfig {
@@ -219,5 +219,6 @@ fn service_config(route: &pb::ServiceRoute) -> Result<ServiceConfig, String> {
         retry,
         breaker,
         endpoints,
+        permissive: policy.permissive.unwrap_or(false),
     })
 }

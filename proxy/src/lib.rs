@@ -14,4 +14,5 @@ pub mod proxy;
 pub mod reload;
 pub mod retry_budget;
 pub mod snapshot;
+pub mod tls;
 pub mod transport;

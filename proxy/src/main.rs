@@ -231,6 +231,15 @@ async fn acquire_identity(control: String, token: String, proxy: Arc<Proxy>) {
     for _ in 0..20 {
         match mesh_proxy::identity::obtain(&control, &token).await {
             Ok(identity) => {
+                let counters = proxy.long_lived.metrics.tls_handshakes.clone();
+                let tls = match mesh_proxy::tls::MeshTls::new(&identity, counters) {
+                    Ok(tls) => tls,
+                    Err(error) => {
+                        tracing::error!(%error, "the certificate cannot be used for mTLS");
+                        return;
+                    }
+                };
+                proxy.long_lived.tls.store(Some(Arc::new(tls)));
                 tracing::info!(spiffe_id = %identity.spiffe_id, expires_unix_ms = identity.expires_unix_ms, "certificate obtained");
                 proxy
                     .long_lived

@@ -95,6 +95,7 @@ pub struct Metrics {
     pub reloads_failed: AtomicU64,
     /// When the proxy's certificate expires (Unix seconds), 0 without one.
     pub identity_expiry_unix_secs: AtomicU64,
+    pub tls_handshakes: Arc<crate::tls::HandshakeCounters>,
 }
 
 impl Metrics {
@@ -137,6 +138,20 @@ impl Metrics {
                 escape(row.service),
                 escape(row.version),
                 row.ejections_total
+            );
+        }
+        header(&mut out, "mesh_tls_handshakes_total", "counter", "mTLS handshakes with peer proxies.");
+        let handshakes = &self.tls_handshakes;
+        for (direction, result, counter) in [
+            ("inbound", "ok", &handshakes.inbound_ok),
+            ("inbound", "failed", &handshakes.inbound_failed),
+            ("outbound", "ok", &handshakes.outbound_ok),
+            ("outbound", "failed", &handshakes.outbound_failed),
+        ] {
+            let count = counter.load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "mesh_tls_handshakes_total{{direction=\"{direction}\",result=\"{result}\"}} {count}"
             );
         }
         let expiry = self.identity_expiry_unix_secs.load(Ordering::Relaxed);

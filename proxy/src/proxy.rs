@@ -61,6 +61,12 @@ impl Proxy {
         self.control_version.store(version, Ordering::Release);
     }
 
+    /// Whether the local app's service takes plaintext from outside the mesh.
+    pub fn local_service_permissive(&self) -> bool {
+        let table = self.table.load();
+        table.services.get(&table.config.local_service).is_some_and(|s| s.config.permissive)
+    }
+
     pub fn control_version(&self) -> u64 {
         self.control_version.load(Ordering::Acquire)
     }

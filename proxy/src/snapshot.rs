@@ -17,9 +17,9 @@ use rand::Rng;
 use crate::balance::breaker::{Availability, BreakerCell};
 use crate::balance::ewma::PeakEwma;
 use crate::balance::{pick_p2c, pick_weighted};
-use crate::config::{ProxyConfig, ServiceConfig};
+use crate::config::{Protocol, ProxyConfig, ServiceConfig};
 use crate::errors::ProxyError;
-use crate::http::pool::ConnPool;
+use crate::http::pool::{ConnPool, MeshPeer};
 use crate::metrics::{Direction, EndpointCount, HttpMetrics, Metrics, RetryMetrics, TcpMetrics};
 use crate::retry_budget::RetryBudget;
 
@@ -58,6 +58,9 @@ pub struct Service {
 /// The local app behind the inbound listener.
 pub struct Inbound {
     pub app: Option<SocketAddr>,
+    /// What the local app speaks, when the table names its service; peers
+    /// may call over HTTP/2 (always, over mTLS) whatever the app speaks.
+    pub app_protocol: Option<Protocol>,
     pub state: Arc<EndpointState>,
     pub metrics: Arc<HttpMetrics>,
     pub tcp_metrics: Arc<TcpMetrics>,
@@ -124,24 +127,33 @@ impl Service {
 }
 
 /// State that outlives routing tables, keyed by what identifies it.
+/// An endpoint's long-lived state is keyed by service, address, and
+/// whether it is a mesh sidecar (reached over mTLS).
+type EndpointKey = (String, SocketAddr, bool);
+
 #[derive(Default)]
+
 pub struct LongLived {
-    endpoints: Mutex<HashMap<(String, SocketAddr), Arc<EndpointState>>>,
+    endpoints: Mutex<HashMap<EndpointKey, Arc<EndpointState>>>,
+    /// The proxy's mTLS configuration once it holds a certificate; pools
+    /// of mesh endpoints read it when they connect.
+    pub tls: Arc<arc_swap::ArcSwapOption<crate::tls::MeshTls>>,
     budgets: Mutex<HashMap<String, Arc<RetryBudget>>>,
     pub metrics: Metrics,
     next_version: AtomicU64,
 }
 
 impl LongLived {
-    fn endpoint(&self, service: &str, addr: SocketAddr) -> Arc<EndpointState> {
+    fn endpoint(&self, service: &str, addr: SocketAddr, meshed: bool) -> Arc<EndpointState> {
         let mut map = self.endpoints.lock().expect("long-lived lock");
-        map.entry((service.to_owned(), addr))
+        map.entry((service.to_owned(), addr, meshed))
             .or_insert_with(|| {
+                let mesh = meshed.then(|| MeshPeer { service: service.to_owned(), tls: self.tls.clone() });
                 Arc::new(EndpointState {
                     ewma: PeakEwma::default(),
                     breaker: BreakerCell::default(),
                     ejections: AtomicU64::new(0),
-                    pool: Arc::new(ConnPool::new(addr)),
+                    pool: Arc::new(ConnPool::new(addr, mesh)),
                 })
             })
             .clone()
@@ -166,12 +178,12 @@ impl LongLived {
         for service in &config.services {
             let name = service.name.as_str();
             let endpoint = |e: &crate::config::EndpointConfig| {
-                live_keys.insert((name.to_owned(), e.addr));
+                live_keys.insert((name.to_owned(), e.addr, e.meshed));
                 Endpoint {
                     addr: e.addr,
                     version: Arc::from(e.version.as_str()),
                     ready: e.ready,
-                    state: self.endpoint(name, e.addr),
+                    state: self.endpoint(name, e.addr, e.meshed),
                     metrics: self.metrics.http(Direction::Outbound, name, &e.version),
                 }
             };
@@ -209,14 +221,17 @@ impl LongLived {
             );
         }
         let app = config.listen.app;
+        let app_protocol =
+            config.services.iter().find(|s| s.name == config.local_service).map(|s| s.protocol);
         let inbound = Inbound {
             app,
-            state: self.endpoint("", app.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)))),
+            app_protocol,
+            state: self.endpoint("", app.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))), false),
             metrics: self.metrics.http(Direction::Inbound, &config.local_service, &config.local_version),
             tcp_metrics: self.metrics.tcp(Direction::Inbound, &config.local_service),
         };
         if let Some(app) = app {
-            live_keys.insert((String::new(), app));
+            live_keys.insert((String::new(), app, false));
         }
         self.endpoints.lock().expect("long-lived lock").retain(|key, _| live_keys.contains(key));
         Snapshot {

@@ -1,12 +1,14 @@
-//! How the proxy reaches an endpoint: a plain TCP connection today. This is
-//! the one place a later mTLS transport plugs in, so the pool and the
-//! request path do not change when the hop between proxies gets encrypted.
+//! How the proxy reaches an endpoint: a TCP connection, and over it mTLS
+//! when the endpoint is a peer sidecar. The pool and the request path do
+//! not change with the hop's encryption.
 
 use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
+
+use crate::tls::MeshTls;
 
 /// Opens a connection to an endpoint, bounded by the connect timeout.
 pub async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
@@ -15,4 +17,25 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStrea
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("connect to {addr} timed out")))??;
     stream.set_nodelay(true)?;
     Ok(stream)
+}
+
+/// The TLS handshake with a peer sidecar of `service`, which must present
+/// that service's identity; bounded by `timeout`.
+pub async fn connect_tls(
+    stream: TcpStream,
+    tls: &MeshTls,
+    service: &str,
+    timeout: Duration,
+) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let name = crate::tls::server_name(service).ok_or_else(|| {
+        io::Error::new(io::ErrorKind::InvalidInput, format!("{service:?} is not a service name"))
+    })?;
+    let connector = tokio_rustls::TlsConnector::from(tls.client.clone());
+    let handshake = tokio::time::timeout(timeout, connector.connect(name, stream)).await;
+    let result = match handshake {
+        Ok(result) => result,
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out")),
+    };
+    tls.record_handshake(crate::tls::Side::Outbound, result.is_ok());
+    result.map_err(|e| io::Error::new(e.kind(), format!("mTLS with {service}: {e}")))
 }

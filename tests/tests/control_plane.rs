@@ -182,7 +182,13 @@ async fn register(
     addr: &str,
     ready: bool,
 ) {
-    let endpoint = pb::Endpoint { service: "bulk".into(), version: "v1".into(), addr: addr.into(), ready };
+    let endpoint = pb::Endpoint {
+        service: "bulk".into(),
+        version: "v1".into(),
+        addr: addr.into(),
+        ready,
+        meshed: false,
+    };
     registry.register(pb::RegisterRequest { endpoint: Some(endpoint) }).await.unwrap();
 }
 

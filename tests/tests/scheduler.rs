@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use mesh_tests::client::Background;
-use mesh_tests::process::{Agent, Meshd, Proxy};
+use mesh_tests::process::{Agent, Meshd};
 use mesh_tests::{bin, eventually, TempDir};
 use serde_json::Value;
 
@@ -60,6 +60,24 @@ fn alive(pid: i64) -> bool {
         .unwrap_or(false)
 }
 
+/// A meshed client: a scheduled job whose app only sleeps, so that the test
+/// can call services through its sidecar, with its identity and over mTLS.
+/// Returns the sidecar's outbound address (the app's `MESH_OUTBOUND`).
+async fn mesh_client(meshd: &Meshd, dir: &TempDir, placement: &str) -> String {
+    let file = dir.path("client.toml");
+    let job = format!(
+        "name = \"client\"\nversion = \"v1\"\nreplicas = 1\n\n[task]\ncommand = \"/bin/sleep\"\nargs = [\"600\"]\n\n[resources]\ncpu_millis = 10\nmemory_mb = 16\n\n{placement}"
+    );
+    std::fs::write(&file, job).unwrap();
+    meshd.ctl_ok(&["job", "run", file.to_str().unwrap()]);
+    let client = running(meshd, "client", 1, Duration::from_secs(30)).await.remove(0);
+    let environ = std::fs::read(format!("/proc/{}/environ", client["pid"])).unwrap();
+    String::from_utf8_lossy(&environ)
+        .split('\0')
+        .find_map(|v| v.strip_prefix("MESH_OUTBOUND=").map(str::to_owned))
+        .expect("MESH_OUTBOUND in the client's environment")
+}
+
 /// Waits until `count` instances of `job` run and are ready; returns them.
 /// On timeout the failure lists every instance, with its message.
 async fn running(meshd: &Meshd, job: &str, count: usize, within: Duration) -> Vec<Value> {
@@ -87,7 +105,8 @@ async fn a_job_runs_beside_sidecars_heals_and_moves_off_a_dead_node() {
     let dir = TempDir::new("scheduler");
     let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", &["--heartbeat-ttl", "1s"]);
     let node_a = agent(&meshd.listen, "node-a", "127.0.0.2", &dir.path("a"), 1000);
-    let _node_b = agent(&meshd.listen, "node-b", "127.0.0.3", &dir.path("b"), 1000);
+    let _node_b =
+        Agent::start(&meshd.listen, "node-b", "127.0.0.3", 1000, &dir.path("b"), &["--attribute", "zone=b"]);
     let job_file = dir.path("web.toml");
     std::fs::write(&job_file, echo_job("web", "v1", 3, "\n[placement]\nstrategy = \"spread\"\n")).unwrap();
     let out = meshd.ctl_ok(&["job", "run", job_file.to_str().unwrap()]);
@@ -137,9 +156,9 @@ async fn a_job_runs_beside_sidecars_heals_and_moves_off_a_dead_node() {
     let expected: BTreeSet<&str> = list.iter().map(|i| i["addr"].as_str().unwrap()).collect();
     assert_eq!(addrs, expected);
 
-    // Traffic through a client's sidecar reaches every instance.
-    let client = Proxy::start_control(&meshd.listen, "client", &[]);
-    let load = Background::start(&client.outbound(), "web", 4);
+    // Traffic through a meshed client's sidecar (mTLS to web's, kept off node-a) reaches every instance.
+    let client = mesh_client(&meshd, &dir, "[[constraints]]\nattribute = \"zone\"\nvalue = \"b\"\n").await;
+    let load = Background::start(&client, "web", 4);
     load.wait_for(300).await;
 
     // An app killed with SIGKILL comes back (with backoff), same instance.
@@ -163,7 +182,7 @@ async fn a_job_runs_beside_sidecars_heals_and_moves_off_a_dead_node() {
     assert_eq!(tally.failed(), 0, "failed requests around the app's restart: {:?}", tally.failures);
     let answering: BTreeSet<&String> = tally.by_instance.keys().collect();
     assert!(answering.len() >= 3, "every instance answered some requests: {answering:?}");
-    let load = Background::start(&client.outbound(), "web", 4);
+    let load = Background::start(&client, "web", 4);
     load.wait_for(300).await;
 
     // Node A dies (its agent and, with it, its instances): everything runs on B.
@@ -318,8 +337,8 @@ async fn rolling_updates_fail_no_request_and_a_bad_version_rolls_back() {
     };
     submit(echo_job("web", "v1", 3, &update(0)));
     running(&meshd, "web", 3, Duration::from_secs(30)).await;
-    let client = Proxy::start_control(&meshd.listen, "client", &[]);
-    let load = Background::start(&client.outbound(), "web", 4);
+    let client = mesh_client(&meshd, &dir, "").await;
+    let load = Background::start(&client, "web", 4);
     load.wait_for(200).await;
 
     // v1 → v2 under load: new instances come up one at a time, old ones go.

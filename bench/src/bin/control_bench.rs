@@ -150,8 +150,13 @@ async fn register(
     addr: &str,
     ready: bool,
 ) {
-    let endpoint =
-        pb::Endpoint { service: service.into(), version: version.into(), addr: addr.into(), ready };
+    let endpoint = pb::Endpoint {
+        service: service.into(),
+        version: version.into(),
+        addr: addr.into(),
+        ready,
+        meshed: false,
+    };
     registry.register(pb::RegisterRequest { endpoint: Some(endpoint) }).await.expect("register");
 }
 

@@ -169,6 +169,9 @@ struct PolicyArgs {
     breaker_base_ejection: Option<Duration>,
     #[arg(long, value_parser = humantime::parse_duration)]
     breaker_max_ejection: Option<Duration>,
+    /// Let the service's sidecars also take plaintext callers (migration into the mesh); `false` for mTLS only.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    permissive: Option<bool>,
 }
 
 fn parse_weight(text: &str) -> Result<(String, u32), String> {
@@ -270,6 +273,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 breaker_consecutive_failures: policy.breaker_failures,
                 breaker_base_ejection_ms: ms(policy.breaker_base_ejection),
                 breaker_max_ejection_ms: ms(policy.breaker_max_ejection),
+                permissive: policy.permissive,
             };
             let request = pb::SetPolicyRequest { service: service.clone(), policy: Some(policy) };
             let version = admin.set_policy(request).await?.into_inner().version;
@@ -339,8 +343,13 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             print_rows(cli.output, &rows);
         }
         Command::Register { service, version, addr, not_ready } => {
-            let endpoint =
-                pb::Endpoint { service: service.clone(), version, addr: addr.clone(), ready: !not_ready };
+            let endpoint = pb::Endpoint {
+                service: service.clone(),
+                version,
+                addr: addr.clone(),
+                ready: !not_ready,
+                meshed: false,
+            };
             let mut registry = RegistryClient::new(channel);
             let reply =
                 registry.register(pb::RegisterRequest { endpoint: Some(endpoint) }).await?.into_inner();
@@ -635,6 +644,7 @@ fn policy_json(policy: Option<&pb::Policy>) -> Value {
     set("breaker_failures", p.breaker_consecutive_failures.map(Value::from));
     set("breaker_base_ejection_ms", p.breaker_base_ejection_ms.map(Value::from));
     set("breaker_max_ejection_ms", p.breaker_max_ejection_ms.map(Value::from));
+    set("permissive", p.permissive.map(Value::from));
     Value::Object(fields)
 }
 

@@ -380,6 +380,7 @@ fn endpoint_changes(state: &mut SchedulerState, nodes: &[Node]) -> Vec<Change> {
                 version: version.clone(),
                 addr: addr.clone(),
                 ready: *ready,
+                meshed: true,
             });
         }
     }

@@ -35,6 +35,7 @@ impl Registry for RegistryService {
             version: endpoint.version,
             addr: endpoint.addr,
             ready: endpoint.ready,
+            meshed: endpoint.meshed,
         };
         let version = self.control.change(change).await.map_err(status_of)?;
         Ok(Response::new(pb::ChangeReply { version }))

@@ -142,6 +142,7 @@ mod tests {
             version: "v1".into(),
             addr: "127.0.0.1:1".into(),
             ready: true,
+            meshed: false,
         };
         let state = MeshState::default().apply(&change).unwrap();
         {

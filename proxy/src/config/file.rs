@@ -225,6 +225,8 @@ impl Validator<'_> {
                 addr: e.addr,
                 version: e.version.unwrap_or_else(|| DEFAULT_VERSION.to_owned()),
                 ready: e.ready.unwrap_or(true),
+                // A static table has no identity to speak mTLS with.
+                meshed: false,
             })
             .collect();
         let versions: HashSet<&str> = endpoints.iter().map(|e| e.version.as_str()).collect();
@@ -276,6 +278,8 @@ impl Validator<'_> {
             retry,
             breaker,
             endpoints,
+            // A static table has no identity: its inbound is plaintext anyway.
+            permissive: true,
         })
     }
 

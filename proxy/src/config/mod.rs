@@ -66,6 +66,8 @@ pub struct ServiceConfig {
     pub retry: RetryPolicy,
     pub breaker: BreakerPolicy,
     pub endpoints: Vec<EndpointConfig>,
+    /// Its sidecars' inbound also takes plaintext (migration); otherwise mTLS only.
+    pub permissive: bool,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -108,6 +110,8 @@ pub struct EndpointConfig {
     pub addr: SocketAddr,
     pub version: String,
     pub ready: bool,
+    /// A mesh sidecar's inbound: reached over mTLS when this proxy has an identity.
+    pub meshed: bool,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]

@@ -141,7 +141,7 @@ async fn attempts<'s>(
     let protocol = service.config.protocol;
     // An HTTP/1.1 upstream reuses the caller's Host as is; only HTTP/2 (or
     // a request without Host) needs the authority parsed out.
-    let authority = if protocol.is_h2() || !parts.headers.contains_key(header::HOST) {
+    let mut authority = if protocol.is_h2() || !parts.headers.contains_key(header::HOST) {
         authority_for_upstream(&parts)
     } else {
         None
@@ -165,15 +165,23 @@ async fn attempts<'s>(
             }
         };
         tried[(attempt - 1) as usize] = endpoint.addr;
+        // What goes on the wire: HTTP/2 to a peer sidecar over mTLS, whatever the app speaks.
+        let wire = endpoint.state.pool.wire_protocol(protocol);
+        if wire.is_h2() && authority.is_none() {
+            if let Template::Keep(parts) | Template::Move(Some(parts)) = &template {
+                authority = authority_for_upstream(parts);
+            }
+        }
         let upstream_request = match (returned.take(), &mut template) {
-            (Some(request), _) => request,
+            // A request handed back may go to an endpoint of another kind.
+            (Some(request), _) => retarget(request, wire, &authority),
             (None, Template::Keep(parts)) => match body.for_attempt() {
-                Some(attempt_body) => build_upstream_request(parts, attempt_body, protocol, &authority),
+                Some(attempt_body) => build_upstream_request(parts, attempt_body, wire, &authority),
                 None => break,
             },
             (None, Template::Move(parts)) => match (parts.take(), body.for_attempt()) {
                 (Some(parts), Some(attempt_body)) => {
-                    build_upstream_request_owned(parts, attempt_body, protocol, &authority)
+                    build_upstream_request_owned(parts, attempt_body, wire, &authority)
                 }
                 _ => break,
             },
@@ -181,8 +189,7 @@ async fn attempts<'s>(
         let may_retry = attempt < policy.attempts;
         *waiting_on = Some(endpoint);
         let pending = endpoint.state.ewma.start(now_nanos);
-        let sent =
-            send(&endpoint.state.pool, protocol, service.config.connect_timeout, upstream_request).await;
+        let sent = send(&endpoint.state.pool, wire, service.config.connect_timeout, upstream_request).await;
         now_nanos = clock::now_nanos();
         pending.finish(now_nanos);
         *waiting_on = None;
@@ -545,7 +552,11 @@ pub async fn forward_inbound(
         inbound.metrics.record(response.status().as_u16(), error, started.elapsed());
         return response;
     }
-    let protocol = if version == Version::HTTP_2 { Protocol::H2 } else { Protocol::Http };
+    let protocol = match inbound.app_protocol {
+        Some(protocol) if protocol != Protocol::Tcp => protocol,
+        _ if version == Version::HTTP_2 => Protocol::H2,
+        _ => Protocol::Http,
+    };
     let (mut parts, body) = request.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     let authority = authority_for_upstream(&parts);

@@ -1,5 +1,7 @@
 //! Reused connections to one endpoint: idle HTTP/1 connections in a
-//! lock-free queue, and one shared multiplexed HTTP/2 connection.
+//! lock-free queue, and one shared multiplexed HTTP/2 connection. A mesh
+//! endpoint (a peer's sidecar) is reached over mTLS and HTTP/2 whatever the
+//! app speaks, once this proxy holds a certificate.
 
 use std::io;
 use std::net::SocketAddr;
@@ -11,7 +13,9 @@ use crossbeam_queue::ArrayQueue;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
+use crate::config::Protocol;
 use crate::http::body::RequestBody;
+use crate::tls::MeshTls;
 use crate::transport;
 
 pub type Http1Sender = http1::SendRequest<RequestBody>;
@@ -24,6 +28,14 @@ pub struct ConnPool {
     addr: SocketAddr,
     idle_http1: ArrayQueue<Http1Sender>,
     http2: ArcSwapOption<Http2Sender>,
+    mesh: Option<MeshPeer>,
+}
+
+/// A peer sidecar: the service whose identity it must hold, and where this
+/// proxy's mTLS configuration appears.
+pub struct MeshPeer {
+    pub service: String,
+    pub tls: Arc<ArcSwapOption<MeshTls>>,
 }
 
 /// Why no connection could be had.
@@ -31,8 +43,24 @@ pub struct ConnPool {
 pub struct ConnectError(pub io::Error);
 
 impl ConnPool {
-    pub fn new(addr: SocketAddr) -> Self {
-        ConnPool { addr, idle_http1: ArrayQueue::new(MAX_IDLE_HTTP1), http2: ArcSwapOption::empty() }
+    pub fn new(addr: SocketAddr, mesh: Option<MeshPeer>) -> Self {
+        ConnPool { addr, idle_http1: ArrayQueue::new(MAX_IDLE_HTTP1), http2: ArcSwapOption::empty(), mesh }
+    }
+
+    /// The mTLS configuration to reach this endpoint with, when it is a
+    /// mesh sidecar and this proxy has a certificate.
+    fn mtls(&self) -> Option<Arc<MeshTls>> {
+        self.mesh.as_ref()?.tls.load_full()
+    }
+
+    /// What requests to this endpoint go out as: the service's protocol, or
+    /// HTTP/2 to a peer sidecar reached over mTLS.
+    pub fn wire_protocol(&self, protocol: Protocol) -> Protocol {
+        if !protocol.is_h2() && self.mtls().is_some() {
+            Protocol::H2
+        } else {
+            protocol
+        }
     }
 
     /// An idle HTTP/1 connection ready for a request, if one is pooled.
@@ -71,14 +99,33 @@ impl ConnPool {
             }
         }
         let stream = transport::connect(self.addr, timeout).await.map_err(ConnectError)?;
-        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
-            .timer(hyper_util::rt::TokioTimer::new())
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| ConnectError(io::Error::other(e)))?;
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
+        let mut builder = http2::Builder::new(TokioExecutor::new());
+        builder.timer(hyper_util::rt::TokioTimer::new());
+        let sender = match (self.mtls(), &self.mesh) {
+            (Some(tls), Some(peer)) => {
+                let stream = transport::connect_tls(stream, &tls, &peer.service, timeout)
+                    .await
+                    .map_err(ConnectError)?;
+                let (sender, connection) = builder
+                    .handshake(TokioIo::new(stream))
+                    .await
+                    .map_err(|e| ConnectError(io::Error::other(e)))?;
+                tokio::spawn(async move {
+                    let _ = connection.await;
+                });
+                sender
+            }
+            _ => {
+                let (sender, connection) = builder
+                    .handshake(TokioIo::new(stream))
+                    .await
+                    .map_err(|e| ConnectError(io::Error::other(e)))?;
+                tokio::spawn(async move {
+                    let _ = connection.await;
+                });
+                sender
+            }
+        };
         self.http2.store(Some(Arc::new(sender.clone())));
         Ok(sender)
     }

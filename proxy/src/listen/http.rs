@@ -35,6 +35,71 @@ pub enum Role {
     Inbound,
 }
 
+/// The first byte of a TLS ClientHello record.
+const TLS_HANDSHAKE: u8 = 0x16;
+const TLS_HANDSHAKE_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// One connection to a meshed inbound listener: a TLS hello goes through
+/// the mTLS handshake (peer certificate from the trust bundle required);
+/// anything else is plaintext, served only if the local service is set
+/// permissive and otherwise answered 403 `authz-denied`.
+async fn serve_meshed_inbound(
+    stream: tokio::net::TcpStream,
+    proxy: Arc<Proxy>,
+    builder: auto::Builder<TokioExecutor>,
+    watcher: hyper_util::server::graceful::Watcher,
+) {
+    let mut first = [0u8; 1];
+    let peeked = tokio::time::timeout(TLS_HANDSHAKE_WITHIN, stream.peek(&mut first)).await;
+    if !matches!(peeked, Ok(Ok(1))) {
+        return;
+    }
+    let service = |proxy: Arc<Proxy>, plaintext_refused: bool| {
+        hyper::service::service_fn(move |request| {
+            let proxy = proxy.clone();
+            async move {
+                if plaintext_refused {
+                    let error = crate::errors::ProxyError::AuthzDenied;
+                    let detail = "this inbound port takes mTLS from mesh proxies only";
+                    return Ok::<_, Infallible>(crate::http::error_response(
+                        error,
+                        crate::http::is_grpc(request.headers()),
+                        detail,
+                    ));
+                }
+                Ok(handle(&proxy, &Role::Inbound, request).await)
+            }
+        })
+    };
+    if first[0] != TLS_HANDSHAKE {
+        let permissive = proxy.local_service_permissive();
+        let connection =
+            builder.serve_connection_with_upgrades(TokioIo::new(stream), service(proxy, !permissive));
+        let _ = watcher.watch(connection.into_owned()).await;
+        return;
+    }
+    let Some(tls) = proxy.long_lived.tls.load_full() else { return };
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls.server.clone());
+    let accepted = tokio::time::timeout(TLS_HANDSHAKE_WITHIN, acceptor.accept(stream)).await;
+    let stream = match accepted {
+        Ok(Ok(stream)) => {
+            tls.record_handshake(crate::tls::Side::Inbound, true);
+            stream
+        }
+        Ok(Err(error)) => {
+            tls.record_handshake(crate::tls::Side::Inbound, false);
+            tracing::info!(%error, "refused a TLS peer");
+            return;
+        }
+        Err(_) => {
+            tls.record_handshake(crate::tls::Side::Inbound, false);
+            return;
+        }
+    };
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service(proxy, false));
+    let _ = watcher.watch(connection.into_owned()).await;
+}
+
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, role: Role, mut shutdown: ShutdownSignal) {
     let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -61,6 +126,11 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, role: Role, mut shu
             _ = shutdown_started(&mut shutdown) => break,
         };
         let _ = stream.set_nodelay(true);
+        if matches!(role, Role::Inbound) && proxy.needs_identity.load(std::sync::atomic::Ordering::Acquire) {
+            // A meshed inbound: mTLS from peers, plaintext only when permissive.
+            tokio::spawn(serve_meshed_inbound(stream, proxy.clone(), builder.clone(), graceful.watcher()));
+            continue;
+        }
         let proxy = proxy.clone();
         let role = role.clone();
         let service = hyper::service::service_fn(move |request| {

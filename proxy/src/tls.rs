@@ -1,0 +1,206 @@
+//! mTLS between proxies (rustls, TLS 1.3 only, the ring provider). Both
+//! sides present their workload certificate and check the other's chain
+//! against the trust bundle. The caller also checks that the peer holds the
+//! identity the control plane says the endpoint serves: the name it
+//! connects to is `<service>.mesh`, and the peer's certificate must carry
+//! `spiffe://<trust domain>/service/<service>`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::server::danger::ClientCertVerifier;
+use rustls::server::WebPkiClientVerifier;
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, Error, RootCertStore, ServerConfig,
+    SignatureScheme,
+};
+
+use crate::identity::Identity;
+
+/// What the proxy needs to speak mTLS, built once per certificate.
+pub struct MeshTls {
+    pub client: Arc<ClientConfig>,
+    pub server: Arc<ServerConfig>,
+    pub trust_domain: String,
+    counters: Arc<HandshakeCounters>,
+}
+
+/// TLS handshakes by side and result, for `mesh_tls_handshakes_total`;
+/// they outlive certificates.
+#[derive(Debug, Default)]
+pub struct HandshakeCounters {
+    pub inbound_ok: AtomicU64,
+    pub inbound_failed: AtomicU64,
+    pub outbound_ok: AtomicU64,
+    pub outbound_failed: AtomicU64,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum Side {
+    Inbound,
+    Outbound,
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn certificates(pem: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let mut found = Vec::new();
+    for entry in x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes()) {
+        let entry = entry.map_err(|e| format!("PEM: {e}"))?;
+        found.push(CertificateDer::from(entry.contents));
+    }
+    if found.is_empty() {
+        return Err("no certificate in the PEM".into());
+    }
+    Ok(found)
+}
+
+/// The trust domain of a SPIFFE ID such as `spiffe://mesh.local/service/web`.
+pub fn trust_domain_of(spiffe_id: &str) -> Option<&str> {
+    spiffe_id.strip_prefix("spiffe://")?.split('/').next()
+}
+
+/// The URI names of a DER certificate.
+pub fn uri_names(der: &[u8]) -> Vec<String> {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else { return Vec::new() };
+    let Ok(Some(san)) = cert.subject_alternative_name() else { return Vec::new() };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|name| match name {
+            x509_parser::extensions::GeneralName::URI(uri) => Some((*uri).to_owned()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The name a proxy connects to for `service`'s endpoints.
+pub fn server_name(service: &str) -> Option<ServerName<'static>> {
+    ServerName::try_from(format!("{service}.mesh")).ok()
+}
+
+impl MeshTls {
+    pub fn record_handshake(&self, side: Side, ok: bool) {
+        let counter = match (side, ok) {
+            (Side::Inbound, true) => &self.counters.inbound_ok,
+            (Side::Inbound, false) => &self.counters.inbound_failed,
+            (Side::Outbound, true) => &self.counters.outbound_ok,
+            (Side::Outbound, false) => &self.counters.outbound_failed,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn new(identity: &Identity, counters: Arc<HandshakeCounters>) -> Result<MeshTls, String> {
+        let provider = provider();
+        let mut roots = RootCertStore::empty();
+        for root in certificates(&identity.roots_pem)? {
+            roots.add(root).map_err(|e| format!("trust bundle: {e}"))?;
+        }
+        let roots = Arc::new(roots);
+        let chain = certificates(&identity.certificate_pem)?;
+        let key = || PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(identity.key_der().to_vec()));
+        let peers: Arc<dyn ClientCertVerifier> =
+            WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
+                .build()
+                .map_err(|e| format!("client verifier: {e}"))?;
+        let trust_domain =
+            trust_domain_of(&identity.spiffe_id).ok_or("identity without a trust domain")?.to_owned();
+
+        let verifier = PeerVerifier {
+            chain: peers.clone(),
+            trust_domain: trust_domain.clone(),
+            provider: provider.clone(),
+        };
+        let mut client = ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| e.to_string())?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_client_auth_cert(chain.clone(), key())
+            .map_err(|e| format!("client certificate: {e}"))?;
+        client.alpn_protocols = vec![b"h2".to_vec()];
+
+        let mut server = ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| e.to_string())?
+            .with_client_cert_verifier(peers)
+            .with_single_cert(chain, key())
+            .map_err(|e| format!("server certificate: {e}"))?;
+        server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(MeshTls { client: Arc::new(client), server: Arc::new(server), trust_domain, counters })
+    }
+}
+
+/// Checks a peer proxy's certificate: chained to the bundle, and naming
+/// the identity of the service the caller meant to reach.
+#[derive(Debug)]
+struct PeerVerifier {
+    chain: Arc<dyn ClientCertVerifier>,
+    trust_domain: String,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PeerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, Error> {
+        // Proxies' certificates serve both ends, so the client-side chain check applies.
+        self.chain.verify_client_cert(end_entity, intermediates, now)?;
+        let service = match server_name {
+            ServerName::DnsName(name) => name.as_ref().strip_suffix(".mesh").unwrap_or_default().to_owned(),
+            _ => String::new(),
+        };
+        let expected = format!("spiffe://{}/service/{service}", self.trust_domain);
+        if uri_names(end_entity).contains(&expected) {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(Error::InvalidCertificate(CertificateError::NotValidForName))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_domains() {
+        assert_eq!(trust_domain_of("spiffe://mesh.local/service/web"), Some("mesh.local"));
+        assert_eq!(trust_domain_of("https://mesh.local"), None);
+        assert!(server_name("web").is_some());
+        assert!(server_name("not a name").is_none());
+        assert!(uri_names(b"garbage").is_empty());
+    }
+}
