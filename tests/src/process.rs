@@ -243,6 +243,53 @@ impl Meshd {
         Meshd { process, listen, admin }
     }
 
+    /// Every instance, as `meshctl get instances -o json` lists them.
+    pub fn instances(&self) -> Vec<serde_json::Value> {
+        self.ctl_json(&["get", "instances"]).as_array().cloned().unwrap_or_default()
+    }
+
+    /// Waits until `count` instances of `job` run and are ready; returns
+    /// them. On timeout the failure lists every instance, with its message.
+    pub async fn running(&self, job: &str, count: usize, within: Duration) -> Vec<serde_json::Value> {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let all = self.instances();
+            let list: Vec<serde_json::Value> = all
+                .iter()
+                .filter(|i| i["job"] == job && i["state"] == "running" && i["ready"] == true)
+                .cloned()
+                .collect();
+            if list.len() == count {
+                return list;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{count} ready instances of {job} within {within:?}; instances: {all:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A meshed client: a scheduled job (`client`) whose app only sleeps,
+    /// so that a test can call services through its sidecar, with its
+    /// identity and over mTLS. `placement` is extra job-file text (e.g. a
+    /// constraint). Returns the sidecar's outbound address (the app's
+    /// `MESH_OUTBOUND`).
+    pub async fn mesh_client(&self, job_file: &Path, placement: &str) -> String {
+        let job = format!(
+            "name = \"client\"\nversion = \"v1\"\nreplicas = 1\n\n[task]\ncommand = \"/bin/sleep\"\nargs = [\"600\"]\n\n[resources]\ncpu_millis = 10\nmemory_mb = 16\n\n{placement}"
+        );
+        std::fs::write(job_file, job).expect("write the client's job file");
+        self.ctl_ok(&["job", "run", job_file.to_str().expect("utf-8 path")]);
+        let client = self.running("client", 1, Duration::from_secs(30)).await.remove(0);
+        let environ =
+            std::fs::read(format!("/proc/{}/environ", client["pid"])).expect("the client's environment");
+        String::from_utf8_lossy(&environ)
+            .split('\0')
+            .find_map(|v| v.strip_prefix("MESH_OUTBOUND=").map(str::to_owned))
+            .expect("MESH_OUTBOUND in the client's environment")
+    }
+
     /// Runs meshctl against this server: (exit code, stdout, stderr).
     pub fn ctl(&self, args: &[&str]) -> (i32, String, String) {
         let mut all = vec!["--server", self.listen.as_str()];

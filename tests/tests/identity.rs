@@ -22,17 +22,7 @@ async fn cluster(dir: &TempDir) -> (Meshd, Agent, Value) {
     let file = dir.path("web.toml");
     std::fs::write(&file, JOB).unwrap();
     meshd.ctl_ok(&["job", "run", file.to_str().unwrap()]);
-    let instance = eventually("the instance runs", Duration::from_secs(30), || {
-        let found = meshd
-            .ctl_json(&["get", "instances"])
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|i| i["state"] == "running" && i["ready"] == true)
-            .cloned();
-        async move { found }
-    })
-    .await;
+    let instance = meshd.running("web", 1, Duration::from_secs(30)).await.remove(0);
     (meshd, agent, instance)
 }
 
@@ -134,4 +124,140 @@ async fn private_keys_are_never_written_or_logged() {
         }
         assert!(!text.contains("PRIVATE KEY"), "{} holds a private key", file.display());
     }
+}
+
+/// The sidecar of the first running instance of `job`: (inbound address, admin address).
+fn sidecar(meshd: &Meshd, job: &str) -> (String, String) {
+    let instances = meshd.ctl_json(&["get", "instances"]);
+    let instance =
+        instances.as_array().unwrap().iter().find(|i| i["job"] == job).expect("the instance").clone();
+    let proxies = meshd.ctl_json(&["get", "proxies"]);
+    let proxy =
+        proxies.as_array().unwrap().iter().find(|p| p["proxy_id"] == instance["id"]).expect("its sidecar");
+    (instance["addr"].as_str().unwrap().to_owned(), proxy["admin_addr"].as_str().unwrap().to_owned())
+}
+
+async fn inbound_handshakes(admin: &str, result: &str) -> f64 {
+    scrape(admin).await.sum("mesh_tls_handshakes_total", &[("direction", "inbound"), ("result", result)])
+}
+
+/// A certificate and key from a CA that is not the mesh's, as files for openssl.
+fn stranger(dir: &TempDir) -> (String, String) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.subject_alt_names = vec![rcgen::SanType::URI(
+        rcgen::string::Ia5String::try_from("spiffe://mesh.local/service/client").unwrap(),
+    )];
+    let cert = params.signed_by(&key, &ca).unwrap();
+    let (cert_path, key_path) = (dir.path("stranger.pem"), dir.path("stranger.key"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    (cert_path.display().to_string(), key_path.display().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inbound_port_takes_only_mesh_peers_unless_permissive() {
+    let dir = TempDir::new("identity-inbound");
+    let (meshd, _agent, _instance) = cluster(&dir).await;
+    let (inbound, admin) = sidecar(&meshd, "web");
+
+    // Plaintext: refused with the reason.
+    let (code, out, _) = mesh_tests::process::run(
+        Path::new("/usr/bin/curl"),
+        &["-s", "-i", "-H", "Host: web", &format!("http://{inbound}/")],
+    );
+    assert_eq!(code, 0);
+    assert!(out.starts_with("HTTP/1.1 403"), "{out}");
+    assert!(out.to_lowercase().contains("x-mesh-error: authz-denied") && out.contains("mTLS"), "{out}");
+
+    // TLS with a certificate from another CA, or with none: the handshake fails.
+    let failed_before = inbound_handshakes(&admin, "failed").await;
+    let (cert, key) = stranger(&dir);
+    let attempts: [&[&str]; 2] = [&["-cert", &cert, "-key", &key], &[]];
+    for extra in attempts {
+        // -ign_eof: wait for the server's answer (in TLS 1.3 the client
+        // certificate is judged after the client thinks it is done); bounded by `timeout`.
+        let mut args = vec!["10", "openssl", "s_client", "-connect", &inbound, "-tls1_3", "-ign_eof"];
+        args.extend_from_slice(extra);
+        let mut openssl = std::process::Command::new("timeout")
+            .args(&args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run openssl");
+        {
+            use std::io::Write;
+            let mut stdin = openssl.stdin.take().unwrap();
+            let _ = stdin.write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n");
+        }
+        let output = openssl.wait_with_output().unwrap();
+        let text =
+            format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        assert!(text.contains("alert") && !text.contains("HTTP/1.1 200"), "openssl {extra:?}: {text}");
+    }
+    eventually("the refused handshakes are counted", Duration::from_secs(5), || {
+        let admin = admin.clone();
+        async move { (inbound_handshakes(&admin, "failed").await >= failed_before + 2.0).then_some(()) }
+    })
+    .await;
+
+    // Permissive (migration): plaintext is served.
+    meshd.ctl_ok(&["policy", "web", "--permissive", "--wait"]);
+    let (_, out, _) = mesh_tests::process::run(
+        Path::new("/usr/bin/curl"),
+        &["-s", "-i", "-H", "Host: web", &format!("http://{inbound}/")],
+    );
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_cannot_pass_for_another_service() {
+    let dir = TempDir::new("identity-impostor");
+    let (meshd, _agent, _web) = cluster(&dir).await;
+    let client = meshd.mesh_client(&dir.path("client.toml"), "").await;
+    let (web_inbound, _) = sidecar(&meshd, "web");
+
+    // web's own endpoint answers over mTLS.
+    let http = mesh_tests::client::http1();
+    let answer = mesh_tests::client::get(&http, &client, "web", "/").await.unwrap();
+    assert_eq!(answer.status, 200);
+
+    // Someone registers web's sidecar as an endpoint of service `payments`.
+    let mut registry =
+        mesh_proto::mesh::v1::registry_client::RegistryClient::connect(format!("http://{}", meshd.listen))
+            .await
+            .unwrap();
+    let endpoint = pb::Endpoint {
+        service: "payments".into(),
+        version: "v1".into(),
+        addr: web_inbound,
+        ready: true,
+        meshed: true,
+    };
+    let version = registry
+        .register(pb::RegisterRequest { endpoint: Some(endpoint) })
+        .await
+        .unwrap()
+        .into_inner()
+        .version;
+    meshd.ctl_ok(&["status"]);
+    let _ = version;
+    // The caller's sidecar wants payments' identity and sees web's: no request reaches it.
+    let answer = eventually("calls to payments are refused", Duration::from_secs(10), || {
+        let (http, client) = (http.clone(), client.clone());
+        async move {
+            let answer = mesh_tests::client::get(&http, &client, "payments", "/").await.ok()?;
+            (answer.status != 404).then_some(answer)
+        }
+    })
+    .await;
+    assert_eq!(answer.status, 502, "{:?}", answer.body);
+    assert_eq!(answer.header("x-mesh-error"), Some("connect-failed"));
+    let why = String::from_utf8_lossy(&answer.body);
+    assert!(why.contains("mTLS with payments"), "{why}");
 }

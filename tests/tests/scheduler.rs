@@ -22,10 +22,6 @@ fn echo_job(name: &str, version: &str, replicas: u32, extra: &str) -> String {
     )
 }
 
-fn instances(meshd: &Meshd) -> Vec<Value> {
-    meshd.ctl_json(&["get", "instances"]).as_array().cloned().unwrap_or_default()
-}
-
 /// The memory limit (bytes) and CPU quota (µs per 100 ms) of the cgroups
 /// a process is in, on cgroup v1 or v2.
 fn cgroup_limits(pid: i64) -> (u64, u64) {
@@ -60,46 +56,6 @@ fn alive(pid: i64) -> bool {
         .unwrap_or(false)
 }
 
-/// A meshed client: a scheduled job whose app only sleeps, so that the test
-/// can call services through its sidecar, with its identity and over mTLS.
-/// Returns the sidecar's outbound address (the app's `MESH_OUTBOUND`).
-async fn mesh_client(meshd: &Meshd, dir: &TempDir, placement: &str) -> String {
-    let file = dir.path("client.toml");
-    let job = format!(
-        "name = \"client\"\nversion = \"v1\"\nreplicas = 1\n\n[task]\ncommand = \"/bin/sleep\"\nargs = [\"600\"]\n\n[resources]\ncpu_millis = 10\nmemory_mb = 16\n\n{placement}"
-    );
-    std::fs::write(&file, job).unwrap();
-    meshd.ctl_ok(&["job", "run", file.to_str().unwrap()]);
-    let client = running(meshd, "client", 1, Duration::from_secs(30)).await.remove(0);
-    let environ = std::fs::read(format!("/proc/{}/environ", client["pid"])).unwrap();
-    String::from_utf8_lossy(&environ)
-        .split('\0')
-        .find_map(|v| v.strip_prefix("MESH_OUTBOUND=").map(str::to_owned))
-        .expect("MESH_OUTBOUND in the client's environment")
-}
-
-/// Waits until `count` instances of `job` run and are ready; returns them.
-/// On timeout the failure lists every instance, with its message.
-async fn running(meshd: &Meshd, job: &str, count: usize, within: Duration) -> Vec<Value> {
-    let deadline = std::time::Instant::now() + within;
-    loop {
-        let all = instances(meshd);
-        let list: Vec<Value> = all
-            .iter()
-            .filter(|i| i["job"] == job && i["state"] == "running" && i["ready"] == true)
-            .cloned()
-            .collect();
-        if list.len() == count {
-            return list;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{count} ready instances of {job} within {within:?}; instances: {all:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_runs_beside_sidecars_heals_and_moves_off_a_dead_node() {
     let dir = TempDir::new("scheduler");
@@ -113,7 +69,7 @@ async fn a_job_runs_beside_sidecars_heals_and_moves_off_a_dead_node() {
     assert!(out.contains("job web submitted"), "{out}");
 
     // Placed, started beside a sidecar, ready, with the fields users read.
-    let list = running(&meshd, "web", 3, Duration::from_secs(30)).await;
+    let list = meshd.running("web", 3, Duration::from_secs(30)).await;
     let nodes: BTreeSet<&str> = list.iter().map(|i| i["node"].as_str().unwrap()).collect();
     assert_eq!(nodes, BTreeSet::from(["node-a", "node-b"]), "spread uses both nodes: {list:?}");
     for instance in &list {
@@ -157,7 +113,9 @@ async fn a_job_runs_beside_sidecars_heals_and_moves_off_a_dead_node() {
     assert_eq!(addrs, expected);
 
     // Traffic through a meshed client's sidecar (mTLS to web's, kept off node-a) reaches every instance.
-    let client = mesh_client(&meshd, &dir, "[[constraints]]\nattribute = \"zone\"\nvalue = \"b\"\n").await;
+    let client = meshd
+        .mesh_client(&dir.path("client.toml"), "[[constraints]]\nattribute = \"zone\"\nvalue = \"b\"\n")
+        .await;
     let load = Background::start(&client, "web", 4);
     load.wait_for(300).await;
 
@@ -166,7 +124,7 @@ async fn a_job_runs_beside_sidecars_heals_and_moves_off_a_dead_node() {
     let victim_id = victim["id"].as_str().unwrap().to_owned();
     unsafe { libc::kill(victim["pid"].as_i64().unwrap() as i32, libc::SIGKILL) };
     let restarted = eventually("the killed app restarts", Duration::from_secs(15), || {
-        let back = instances(&meshd).into_iter().find(|i| {
+        let back = meshd.instances().into_iter().find(|i| {
             i["id"] == victim_id.as_str()
                 && i["restarts"].as_u64() >= Some(1)
                 && i["state"] == "running"
@@ -189,7 +147,8 @@ async fn a_job_runs_beside_sidecars_heals_and_moves_off_a_dead_node() {
     node_a.kill();
     // Within the TTL (1 s) and a few seconds to start sidecars and apps.
     let moved = eventually("the instances move to node-b", Duration::from_secs(8), || {
-        let list: Vec<Value> = instances(&meshd)
+        let list: Vec<Value> = meshd
+            .instances()
             .into_iter()
             .filter(|i| i["job"] == "web" && i["state"] == "running" && i["ready"] == true)
             .collect();
@@ -233,7 +192,7 @@ async fn a_batch_job_completes_and_its_sidecar_exits_with_it() {
     })
     .await;
     assert_eq!(status[0]["kind"], "batch");
-    let list = instances(&meshd);
+    let list = meshd.instances();
     let instance = list.iter().find(|i| i["job"] == "report").expect("the instance is listed");
     assert_eq!(instance["state"], "complete");
     assert_eq!(instance["proxy_pid"], 0, "the sidecar has exited: {instance}");
@@ -290,7 +249,7 @@ async fn an_overcommitted_job_waits_with_the_reason() {
     // 3 × 100 CPU millis on a node with 250: two fit, one waits.
     std::fs::write(&job_file, echo_job("big", "v1", 3, "")).unwrap();
     meshd.ctl_ok(&["job", "run", job_file.to_str().unwrap()]);
-    running(&meshd, "big", 2, Duration::from_secs(30)).await;
+    meshd.running("big", 2, Duration::from_secs(30)).await;
     let status = eventually("the job reports why one instance waits", Duration::from_secs(10), || {
         let status = meshd.ctl_json(&["job", "status", "big"]);
         async move { (status[0]["state"] == "pending").then_some(status) }
@@ -302,7 +261,8 @@ async fn an_overcommitted_job_waits_with_the_reason() {
 
 /// (version, state, ready) of every instance of `job`, sorted.
 fn versions(meshd: &Meshd, job: &str) -> Vec<(String, String, bool)> {
-    let mut list: Vec<(String, String, bool)> = instances(meshd)
+    let mut list: Vec<(String, String, bool)> = meshd
+        .instances()
         .into_iter()
         .filter(|i| i["job"] == job)
         .map(|i| {
@@ -336,8 +296,8 @@ async fn rolling_updates_fail_no_request_and_a_bad_version_rolls_back() {
         meshd.ctl_ok(&["job", "run", job_file.to_str().unwrap()])
     };
     submit(echo_job("web", "v1", 3, &update(0)));
-    running(&meshd, "web", 3, Duration::from_secs(30)).await;
-    let client = mesh_client(&meshd, &dir, "").await;
+    meshd.running("web", 3, Duration::from_secs(30)).await;
+    let client = meshd.mesh_client(&dir.path("client.toml"), "").await;
     let load = Background::start(&client, "web", 4);
     load.wait_for(200).await;
 
@@ -419,7 +379,7 @@ fn sleeper_job(name: &str, replicas: u32, cpu_millis: u32, placement: &str) -> S
 
 /// Instances per node of `job`, sorted, once `count` are running.
 async fn spread_of(meshd: &Meshd, job: &str, count: usize) -> Vec<usize> {
-    let list = running(meshd, job, count, Duration::from_secs(60)).await;
+    let list = meshd.running(job, count, Duration::from_secs(60)).await;
     let mut per_node: std::collections::BTreeMap<String, usize> = Default::default();
     for instance in &list {
         *per_node.entry(instance["node"].as_str().unwrap().to_owned()).or_default() += 1;
@@ -467,7 +427,7 @@ async fn six_replicas_on_three_nodes_go_where_the_policy_says() {
         assert_eq!(spread_of(&meshd, job, 6).await, expected, "{job}");
         meshd.ctl_ok(&["job", "stop", job]);
         eventually("the job's instances are gone", Duration::from_secs(30), || {
-            let none = instances(&meshd).iter().all(|i| i["job"] != job);
+            let none = meshd.instances().iter().all(|i| i["job"] != job);
             async move { none.then_some(()) }
         })
         .await;
@@ -492,7 +452,7 @@ async fn an_agent_that_restarts_neither_orphans_nor_duplicates_instances() {
     let file = dir.path("job.toml");
     std::fs::write(&file, echo_job("web", "v1", 2, "")).unwrap();
     meshd.ctl_ok(&["job", "run", file.to_str().unwrap()]);
-    let before = running(&meshd, "web", 2, Duration::from_secs(30)).await;
+    let before = meshd.running("web", 2, Duration::from_secs(30)).await;
     let old_pids: Vec<i64> =
         before.iter().flat_map(|i| [i["pid"].as_i64().unwrap(), i["proxy_pid"].as_i64().unwrap()]).collect();
 
@@ -505,7 +465,7 @@ async fn an_agent_that_restarts_neither_orphans_nor_duplicates_instances() {
     })
     .await;
     let after = eventually("the same instances run again, once each", Duration::from_secs(30), || {
-        let list: Vec<Value> = instances(&meshd).into_iter().filter(|i| i["job"] == "web").collect();
+        let list: Vec<Value> = meshd.instances().into_iter().filter(|i| i["job"] == "web").collect();
         let fresh = list.len() == 2
             && list.iter().all(|i| {
                 i["state"] == "running"
@@ -557,7 +517,7 @@ async fn a_grpc_server_is_ready_only_once_its_health_service_says_serving() {
 
     // Running, answering its health checks with NOT_SERVING: not ready, no traffic.
     let instance = eventually("the agent sees NOT_SERVING", Duration::from_secs(60), || {
-        let found = instances(&meshd).into_iter().find(|i| {
+        let found = meshd.instances().into_iter().find(|i| {
             i["state"] == "running" && i["message"].as_str().is_some_and(|m| m.contains("NOT_SERVING"))
         });
         async move { found }
@@ -580,7 +540,7 @@ async fn a_grpc_server_is_ready_only_once_its_health_service_says_serving() {
 
     // It reports SERVING: ready, and its endpoint with it.
     std::fs::write(&flag, "").unwrap();
-    running(&meshd, "greeter", 1, Duration::from_secs(10)).await;
+    meshd.running("greeter", 1, Duration::from_secs(10)).await;
     eventually("the endpoint turns ready", Duration::from_secs(5), || {
         let ready = endpoint_ready(&meshd);
         async move { ready.then_some(()) }
@@ -599,7 +559,7 @@ async fn an_app_that_keeps_exiting_backs_off_and_shows_a_crash_loop() {
     meshd.ctl_ok(&["job", "run", file.to_str().unwrap()]);
     let started = std::time::Instant::now();
     let instance = eventually("the status shows a crash loop", Duration::from_secs(30), || {
-        let found = instances(&meshd).into_iter().find(|i| {
+        let found = meshd.instances().into_iter().find(|i| {
             i["job"] == "flaky" && i["message"].as_str().is_some_and(|m| m.starts_with("crash loop"))
         });
         async move { found }
@@ -633,7 +593,7 @@ async fn logs_come_from_the_node_that_ran_the_instance_and_follow_new_output() {
     let file = dir.path("talker.toml");
     std::fs::write(&file, job).unwrap();
     meshd.ctl_ok(&["job", "run", file.to_str().unwrap()]);
-    running(&meshd, "talker", 1, Duration::from_secs(30)).await;
+    meshd.running("talker", 1, Duration::from_secs(30)).await;
     let out = eventually("the first line is logged", Duration::from_secs(10), || {
         let out = meshd.ctl_ok(&["logs", "talker"]);
         async move { out.contains("hello").then_some(out) }
@@ -683,7 +643,7 @@ async fn a_failing_liveness_check_restarts_the_app() {
     let file = dir.path("web.toml");
     std::fs::write(&file, echo_job("web", "v1", 1, "") + liveness).unwrap();
     meshd.ctl_ok(&["job", "run", file.to_str().unwrap()]);
-    let before = running(&meshd, "web", 1, Duration::from_secs(30)).await.remove(0);
+    let before = meshd.running("web", 1, Duration::from_secs(30)).await.remove(0);
     // The app stops answering /live (mesh-echo's runtime knob, on its own port).
     let environ = std::fs::read(format!("/proc/{}/environ", before["pid"])).unwrap();
     let port = String::from_utf8_lossy(&environ)
@@ -696,7 +656,7 @@ async fn a_failing_liveness_check_restarts_the_app() {
     );
     assert_eq!(code, 0, "{stderr}");
     let after = eventually("the app is restarted", Duration::from_secs(15), || {
-        let found = instances(&meshd).into_iter().find(|i| {
+        let found = meshd.instances().into_iter().find(|i| {
             i["id"] == before["id"]
                 && i["restarts"].as_u64() >= Some(1)
                 && i["pid"] != before["pid"]
@@ -717,7 +677,7 @@ async fn jobs_survive_a_server_restart_and_running_instances_are_kept() {
     let file = dir.path("web.toml");
     std::fs::write(&file, echo_job("web", "v1", 2, "")).unwrap();
     meshd.ctl_ok(&["job", "run", file.to_str().unwrap()]);
-    let before = running(&meshd, "web", 2, Duration::from_secs(30)).await;
+    let before = meshd.running("web", 2, Duration::from_secs(30)).await;
 
     let listen = meshd.listen.clone();
     meshd.process.signal(libc::SIGKILL);
@@ -725,8 +685,8 @@ async fn jobs_survive_a_server_restart_and_running_instances_are_kept() {
     let meshd = Meshd::start_with(&dir.path("data"), &listen, &["--heartbeat-ttl", "1s"]);
     assert_eq!(meshd.ctl_json(&["get", "jobs"])[0]["name"], "web", "the job is stored");
     // The agent joins again and its running instances are adopted, not restarted.
-    let after = running(&meshd, "web", 2, Duration::from_secs(30)).await;
+    let after = meshd.running("web", 2, Duration::from_secs(30)).await;
     let pids = |list: &[Value]| list.iter().map(|i| i["pid"].as_i64().unwrap()).collect::<BTreeSet<_>>();
     assert_eq!(pids(&after), pids(&before));
-    assert_eq!(instances(&meshd).len(), 2, "nothing started twice");
+    assert_eq!(meshd.instances().len(), 2, "nothing started twice");
 }
