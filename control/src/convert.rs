@@ -37,6 +37,7 @@ pub fn policy_to_pb(policy: &Policy) -> pb::Policy {
         breaker_base_ejection_ms: policy.breaker_base_ejection_ms,
         breaker_max_ejection_ms: policy.breaker_max_ejection_ms,
         permissive: policy.permissive,
+        allow_from: policy.allow_from.as_ref().map(|names| names.join(",")),
     }
 }
 
@@ -54,6 +55,10 @@ pub fn policy_from_pb(policy: &pb::Policy) -> Policy {
         breaker_base_ejection_ms: policy.breaker_base_ejection_ms,
         breaker_max_ejection_ms: policy.breaker_max_ejection_ms,
         permissive: policy.permissive,
+        allow_from: policy
+            .allow_from
+            .as_ref()
+            .map(|names| names.split(',').filter(|n| !n.is_empty()).map(str::to_owned).collect()),
     }
 }
 
@@ -65,6 +70,7 @@ mod tests {
     fn policies_survive_the_round_trip() {
         let policies = [
             Policy::default(),
+            Policy { allow_from: Some(vec![]), ..Policy::default() },
             Policy { timeout_ms: Some(2000), retry_attempts: Some(3), ..Policy::default() },
             Policy {
                 retry_on: Some(vec!["5xx".into()]),
@@ -73,6 +79,7 @@ mod tests {
                 breaker_consecutive_failures: Some(5),
                 breaker_max_ejection_ms: Some(10_000),
                 permissive: Some(true),
+                allow_from: Some(vec!["frontend".into(), "admin".into()]),
                 ..Policy::default()
             },
         ];

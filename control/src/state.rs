@@ -27,6 +27,9 @@ pub struct Policy {
     pub breaker_max_ejection_ms: Option<u64>,
     #[serde(default)]
     pub permissive: Option<bool>,
+    /// Callers allowed by service name; empty: every mesh identity.
+    #[serde(default)]
+    pub allow_from: Option<Vec<String>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -132,6 +135,9 @@ fn check_policy(policy: &Policy) -> Result<(), ChangeError> {
             return refuse(format!("retry-attempts must be from 1 to 10, got {attempts}"));
         }
     }
+    for caller in policy.allow_from.iter().flatten() {
+        check_name("allow-from service", caller)?;
+    }
     for condition in policy.retry_on.iter().flatten() {
         if !RETRY_CONDITIONS.contains(&condition.as_str()) {
             return refuse(format!("retry-on {condition:?} is not one of {RETRY_CONDITIONS:?}"));
@@ -172,6 +178,7 @@ fn merged(current: &Policy, update: &Policy) -> Policy {
         breaker_base_ejection_ms: update.breaker_base_ejection_ms.or(current.breaker_base_ejection_ms),
         breaker_max_ejection_ms: update.breaker_max_ejection_ms.or(current.breaker_max_ejection_ms),
         permissive: update.permissive.or(current.permissive),
+        allow_from: update.allow_from.clone().or_else(|| current.allow_from.clone()),
     }
 }
 

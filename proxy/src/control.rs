@@ -220,5 +220,13 @@ fn service_config(route: &pb::ServiceRoute) -> Result<ServiceConfig, String> {
         breaker,
         endpoints,
         permissive: policy.permissive.unwrap_or(false),
+        allow_from: policy
+            .allow_from
+            .as_deref()
+            .unwrap_or_default()
+            .split(',')
+            .filter(|name| !name.is_empty())
+            .map(str::to_owned)
+            .collect(),
     })
 }

@@ -1,6 +1,7 @@
 //! mesh-proxy: the sidecar of the mesh. See ARCHITECTURE.md for the life of
 //! a request through these modules.
 
+pub mod authz;
 pub mod balance;
 pub mod clock;
 pub mod config;

@@ -96,6 +96,8 @@ pub struct Metrics {
     /// When the proxy's certificate expires (Unix seconds), 0 without one.
     pub identity_expiry_unix_secs: AtomicU64,
     pub tls_handshakes: Arc<crate::tls::HandshakeCounters>,
+    /// Refused callers by identity; touched only when a call is refused.
+    authz_denied: Mutex<BTreeMap<String, u64>>,
 }
 
 impl Metrics {
@@ -110,6 +112,10 @@ impl Metrics {
 
     pub fn tcp(&self, direction: Direction, service: &str) -> Arc<TcpMetrics> {
         self.tcp.lock().expect("metrics lock").entry((direction, service.to_owned())).or_default().clone()
+    }
+
+    pub fn record_authz_denied(&self, caller: &str) {
+        *self.authz_denied.lock().expect("metrics lock").entry(caller.to_owned()).or_default() += 1;
     }
 
     /// Renders the Prometheus text format. `endpoints` and `config_version`
@@ -139,6 +145,16 @@ impl Metrics {
                 escape(row.version),
                 row.ejections_total
             );
+        }
+        header(
+            &mut out,
+            "mesh_authz_denied_total",
+            "counter",
+            "Calls the local service's policy refused, by caller.",
+        );
+        for (caller, count) in self.authz_denied.lock().expect("metrics lock").iter() {
+            // Callers are SPIFFE IDs or `plaintext`: no quotes or backslashes to escape.
+            let _ = writeln!(out, "mesh_authz_denied_total{{caller=\"{caller}\"}} {count}");
         }
         header(&mut out, "mesh_tls_handshakes_total", "counter", "mTLS handshakes with peer proxies.");
         let handshakes = &self.tls_handshakes;

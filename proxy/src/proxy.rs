@@ -67,6 +67,24 @@ impl Proxy {
         table.services.get(&table.config.local_service).is_some_and(|s| s.config.permissive)
     }
 
+    /// Why `caller` (its SPIFFE ID; `None` for plaintext) may not call the
+    /// local app under the policy in force, or `None` when it may.
+    pub fn refuse_caller(&self, caller: Option<&str>) -> Option<String> {
+        let table = self.table.load();
+        let service = table.services.get(&table.config.local_service)?;
+        let tls = self.long_lived.tls.load();
+        let trust_domain = tls.as_ref().map_or("", |tls| tls.trust_domain.as_str());
+        if crate::authz::allowed(&service.config.allow_from, caller, trust_domain) {
+            return None;
+        }
+        Some(format!(
+            "{} may not call {} (allowed: {})",
+            caller.unwrap_or("a plaintext caller"),
+            service.config.name,
+            service.config.allow_from.join(", ")
+        ))
+    }
+
     pub fn control_version(&self) -> u64 {
         self.control_version.load(Ordering::Acquire)
     }

@@ -261,3 +261,38 @@ async fn a_sidecar_cannot_pass_for_another_service() {
     let why = String::from_utf8_lossy(&answer.body);
     assert!(why.contains("mTLS with payments"), "{why}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_allowed_identities_may_call_a_service() {
+    let dir = TempDir::new("identity-authz");
+    let (meshd, _agent, _web) = cluster(&dir).await;
+    let client = meshd.mesh_client(&dir.path("client.toml"), "").await;
+    let (_, web_admin) = sidecar(&meshd, "web");
+    let http = mesh_tests::client::http1();
+    let call = || mesh_tests::client::get(&http, &client, "web", "/");
+    assert_eq!(call().await.unwrap().status, 200, "every mesh identity may call by default");
+
+    // Only frontend and admin: the client (identity `client`) is refused, with the reason.
+    meshd.ctl_ok(&["policy", "web", "--allow-from", "frontend,admin", "--wait"]);
+    let refused = call().await.unwrap();
+    assert_eq!(refused.status, 403);
+    assert_eq!(refused.header("x-mesh-error"), Some("authz-denied"));
+    let why = String::from_utf8_lossy(&refused.body);
+    assert!(why.contains("spiffe://mesh.local/service/client may not call web"), "{why}");
+    let denied = scrape(&web_admin)
+        .await
+        .sum("mesh_authz_denied_total", &[("caller", "spiffe://mesh.local/service/client")]);
+    assert!(denied >= 1.0, "the refusal is counted with the caller's identity");
+
+    // Allowed by name, then every mesh identity again.
+    meshd.ctl_ok(&["policy", "web", "--allow-from", "client", "--wait"]);
+    assert_eq!(call().await.unwrap().status, 200);
+    meshd.ctl_ok(&["policy", "web", "--allow-from", "frontend", "--wait"]);
+    assert_eq!(call().await.unwrap().status, 403);
+    meshd.ctl_ok(&["policy", "web", "--allow-all-mesh", "--wait"]);
+    assert_eq!(call().await.unwrap().status, 200);
+    // A bad name is refused and changes nothing.
+    let (code, _, stderr) = meshd.ctl(&["policy", "web", "--allow-from", "Not A Name"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert_eq!(call().await.unwrap().status, 200);
+}

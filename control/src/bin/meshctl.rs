@@ -172,6 +172,12 @@ struct PolicyArgs {
     /// Let the service's sidecars also take plaintext callers (migration into the mesh); `false` for mTLS only.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     permissive: Option<bool>,
+    /// Only these services' sidecars may call this one (comma-separated).
+    #[arg(long, value_delimiter = ',', conflicts_with = "allow_all_mesh")]
+    allow_from: Option<Vec<String>>,
+    /// Every mesh identity may call this service (the default).
+    #[arg(long)]
+    allow_all_mesh: bool,
 }
 
 fn parse_weight(text: &str) -> Result<(String, u32), String> {
@@ -274,6 +280,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 breaker_base_ejection_ms: ms(policy.breaker_base_ejection),
                 breaker_max_ejection_ms: ms(policy.breaker_max_ejection),
                 permissive: policy.permissive,
+                allow_from: if policy.allow_all_mesh {
+                    Some(String::new())
+                } else {
+                    policy.allow_from.map(|names| names.join(","))
+                },
             };
             let request = pb::SetPolicyRequest { service: service.clone(), policy: Some(policy) };
             let version = admin.set_policy(request).await?.into_inner().version;
@@ -645,6 +656,7 @@ fn policy_json(policy: Option<&pb::Policy>) -> Value {
     set("breaker_base_ejection_ms", p.breaker_base_ejection_ms.map(Value::from));
     set("breaker_max_ejection_ms", p.breaker_max_ejection_ms.map(Value::from));
     set("permissive", p.permissive.map(Value::from));
+    set("allow_from", p.allow_from.clone().map(Value::from));
     Value::Object(fields)
 }
 

@@ -280,6 +280,7 @@ impl Validator<'_> {
             endpoints,
             // A static table has no identity: its inbound is plaintext anyway.
             permissive: true,
+            allow_from: Vec::new(),
         })
     }
 

@@ -68,6 +68,8 @@ pub struct ServiceConfig {
     pub endpoints: Vec<EndpointConfig>,
     /// Its sidecars' inbound also takes plaintext (migration); otherwise mTLS only.
     pub permissive: bool,
+    /// Services whose sidecars may call it; empty: every mesh identity.
+    pub allow_from: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]

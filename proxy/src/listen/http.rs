@@ -54,18 +54,22 @@ async fn serve_meshed_inbound(
     if !matches!(peeked, Ok(Ok(1))) {
         return;
     }
-    let service = |proxy: Arc<Proxy>, plaintext_refused: bool| {
+    // Each request is checked against the local service's policy in force,
+    // so a change of allow-from applies to open connections too.
+    let service = |proxy: Arc<Proxy>, plaintext_refused: bool, caller: Option<Arc<str>>| {
         hyper::service::service_fn(move |request| {
-            let proxy = proxy.clone();
+            let (proxy, caller) = (proxy.clone(), caller.clone());
             async move {
-                if plaintext_refused {
+                let refusal = if plaintext_refused {
+                    Some("this inbound port takes mTLS from mesh proxies only".to_owned())
+                } else {
+                    proxy.refuse_caller(caller.as_deref())
+                };
+                if let Some(detail) = refusal {
+                    proxy.long_lived.metrics.record_authz_denied(caller.as_deref().unwrap_or("plaintext"));
                     let error = crate::errors::ProxyError::AuthzDenied;
-                    let detail = "this inbound port takes mTLS from mesh proxies only";
-                    return Ok::<_, Infallible>(crate::http::error_response(
-                        error,
-                        crate::http::is_grpc(request.headers()),
-                        detail,
-                    ));
+                    let grpc = crate::http::is_grpc(request.headers());
+                    return Ok::<_, Infallible>(crate::http::error_response(error, grpc, &detail));
                 }
                 Ok(handle(&proxy, &Role::Inbound, request).await)
             }
@@ -74,7 +78,7 @@ async fn serve_meshed_inbound(
     if first[0] != TLS_HANDSHAKE {
         let permissive = proxy.local_service_permissive();
         let connection =
-            builder.serve_connection_with_upgrades(TokioIo::new(stream), service(proxy, !permissive));
+            builder.serve_connection_with_upgrades(TokioIo::new(stream), service(proxy, !permissive, None));
         let _ = watcher.watch(connection.into_owned()).await;
         return;
     }
@@ -96,7 +100,16 @@ async fn serve_meshed_inbound(
             return;
         }
     };
-    let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service(proxy, false));
+    // The caller is who its certificate names.
+    let caller = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(|cert| crate::tls::uri_names(cert).into_iter().next())
+        .map(Arc::<str>::from);
+    let connection =
+        builder.serve_connection_with_upgrades(TokioIo::new(stream), service(proxy, false, caller));
     let _ = watcher.watch(connection.into_owned()).await;
 }
 
