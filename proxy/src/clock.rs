@@ -25,3 +25,9 @@ pub fn now_millis() -> u64 {
 pub fn millis_of(nanos: u64) -> u64 {
     nanos / 1_000_000 + 1
 }
+
+/// Wall-clock milliseconds since the Unix epoch, for certificate lifetimes
+/// (which the control plane states in wall-clock time).
+pub fn unix_millis() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}

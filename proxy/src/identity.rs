@@ -14,6 +14,7 @@ pub struct Identity {
     pub spiffe_id: String,
     pub certificate_pem: String,
     pub roots_pem: String,
+    pub issued_unix_ms: u64,
     pub expires_unix_ms: u64,
     /// PKCS#8 DER; deliberately not in `Debug`.
     key_der: Vec<u8>,
@@ -37,27 +38,87 @@ impl std::fmt::Debug for Identity {
 /// Generates a key and gets it certified for `token` by the control plane at `control`.
 pub async fn obtain(control: &str, token: &str) -> Result<Identity, String> {
     let key = KeyPair::generate().map_err(|e| format!("generating a key: {e}"))?;
-    // The request names nothing: the token decides the identity.
-    let request = CertificateParams::new(Vec::<String>::new())
-        .and_then(|params| params.serialize_request(&key))
+    let request = pb::SignRequest { token: token.to_owned(), csr_pem: certificate_request(&key)? };
+    let reply = client(control)
+        .await?
+        .sign(request)
+        .await
+        .map_err(|status| format!("the control plane refused a certificate: {}", status.message()))?;
+    Ok(Identity::from_reply(reply.into_inner(), key.serialize_der()))
+}
+
+/// A new certificate for the same identity and key, before this one expires.
+pub async fn renew(control: &str, current: &Identity) -> Result<Identity, String> {
+    let key = KeyPair::try_from(current.key_der()).map_err(|e| format!("the key: {e}"))?;
+    let request = pb::RenewRequest {
+        certificate_pem: current.certificate_pem.clone(),
+        csr_pem: certificate_request(&key)?,
+    };
+    let reply = client(control)
+        .await?
+        .renew(request)
+        .await
+        .map_err(|status| format!("the control plane refused a renewal: {}", status.message()))?;
+    Ok(Identity::from_reply(reply.into_inner(), current.key_der.clone()))
+}
+
+/// A request naming nothing: the token (or the certificate renewed) decides the identity.
+fn certificate_request(key: &KeyPair) -> Result<String, String> {
+    CertificateParams::new(Vec::<String>::new())
+        .and_then(|params| params.serialize_request(key))
         .and_then(|csr| csr.pem())
-        .map_err(|e| format!("the certificate request: {e}"))?;
+        .map_err(|e| format!("the certificate request: {e}"))
+}
+
+async fn client(control: &str) -> Result<IdentityClient<tonic::transport::Channel>, String> {
     let channel = tonic::transport::Channel::from_shared(format!("http://{control}"))
         .map_err(|e| e.to_string())?
         .connect_timeout(Duration::from_secs(2))
         .connect()
         .await
         .map_err(|e| format!("connect: {e}"))?;
-    let reply = IdentityClient::new(channel)
-        .sign(pb::SignRequest { token: token.to_owned(), csr_pem: request })
-        .await
-        .map_err(|status| format!("the control plane refused a certificate: {}", status.message()))?
-        .into_inner();
-    Ok(Identity {
-        spiffe_id: reply.spiffe_id,
-        certificate_pem: reply.certificate_pem,
-        roots_pem: reply.bundle.map(|b| b.roots_pem).unwrap_or_default(),
-        expires_unix_ms: reply.expires_unix_ms,
-        key_der: key.serialize_der(),
-    })
+    Ok(IdentityClient::new(channel))
+}
+
+impl Identity {
+    fn from_reply(reply: pb::SignReply, key_der: Vec<u8>) -> Identity {
+        Identity {
+            spiffe_id: reply.spiffe_id,
+            certificate_pem: reply.certificate_pem,
+            roots_pem: reply.bundle.map(|b| b.roots_pem).unwrap_or_default(),
+            issued_unix_ms: crate::clock::unix_millis(),
+            expires_unix_ms: reply.expires_unix_ms,
+            key_der,
+        }
+    }
+
+    /// When to renew: at 70 % of the lifetime, moved by up to ±5 % of it
+    /// (`jitter` in -1..=1) so that proxies certified together do not all
+    /// renew at once.
+    pub fn renew_at_unix_ms(&self, jitter: f64) -> u64 {
+        let lifetime = self.expires_unix_ms.saturating_sub(self.issued_unix_ms) as f64;
+        let at = lifetime * (0.70 + 0.05 * jitter.clamp(-1.0, 1.0));
+        self.issued_unix_ms + at.round() as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewal_comes_at_seventy_percent_of_the_life_give_or_take_five() {
+        let identity = Identity {
+            spiffe_id: String::new(),
+            certificate_pem: String::new(),
+            roots_pem: String::new(),
+            issued_unix_ms: 1_000_000,
+            expires_unix_ms: 1_000_000 + 60_000,
+            key_der: Vec::new(),
+        };
+        // (jitter, renew at)
+        for (jitter, at) in [(0.0, 1_042_000), (1.0, 1_045_000), (-1.0, 1_039_000), (7.0, 1_045_000)] {
+            assert_eq!(identity.renew_at_unix_ms(jitter), at, "jitter {jitter}");
+        }
+    }
 }

@@ -224,30 +224,17 @@ async fn start_from_file(
 const IDENTITY_TOKEN_ENV: &str = "MESH_IDENTITY_TOKEN";
 
 /// Gets the proxy's certificate, retrying with backoff while the control
-/// plane is unreachable; a refused token is final (the agent starts the
-/// instance again with a new one).
+/// plane is unreachable (a refused token is final: the agent starts the
+/// instance again with a new one), then renews it at about 70 % of its
+/// life for as long as the proxy runs.
 async fn acquire_identity(control: String, token: String, proxy: Arc<Proxy>) {
     let mut backoff = Duration::from_millis(100);
+    let mut identity = None;
     for _ in 0..20 {
         match mesh_proxy::identity::obtain(&control, &token).await {
-            Ok(identity) => {
-                let counters = proxy.long_lived.metrics.tls_handshakes.clone();
-                let tls = match mesh_proxy::tls::MeshTls::new(&identity, counters) {
-                    Ok(tls) => tls,
-                    Err(error) => {
-                        tracing::error!(%error, "the certificate cannot be used for mTLS");
-                        return;
-                    }
-                };
-                proxy.long_lived.tls.store(Some(Arc::new(tls)));
-                tracing::info!(spiffe_id = %identity.spiffe_id, expires_unix_ms = identity.expires_unix_ms, "certificate obtained");
-                proxy
-                    .long_lived
-                    .metrics
-                    .identity_expiry_unix_secs
-                    .store(identity.expires_unix_ms / 1000, Ordering::Relaxed);
-                proxy.identity.store(Some(Arc::new(identity)));
-                return;
+            Ok(obtained) => {
+                identity = Some(obtained);
+                break;
             }
             Err(error) if error.contains("refused") => {
                 tracing::error!(%error, "no certificate: the token was refused");
@@ -258,7 +245,55 @@ async fn acquire_identity(control: String, token: String, proxy: Arc<Proxy>) {
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
-    tracing::error!("no certificate after 20 attempts");
+    let Some(mut identity) = identity else {
+        tracing::error!("no certificate after 20 attempts");
+        return;
+    };
+    loop {
+        if let Err(error) = install_identity(&proxy, identity) {
+            tracing::error!(%error, "the certificate cannot be used for mTLS");
+            return;
+        }
+        let current = proxy.identity.load_full().expect("installed above");
+        identity = renew_when_due(&control, &current).await;
+    }
+}
+
+/// Makes `identity` the one new connections use; open connections keep theirs.
+fn install_identity(proxy: &Proxy, identity: mesh_proxy::identity::Identity) -> Result<(), String> {
+    let counters = proxy.long_lived.metrics.tls_handshakes.clone();
+    let tls = mesh_proxy::tls::MeshTls::new(&identity, counters)?;
+    tracing::info!(spiffe_id = %identity.spiffe_id, expires_unix_ms = identity.expires_unix_ms, "certificate obtained");
+    proxy
+        .long_lived
+        .metrics
+        .identity_expiry_unix_secs
+        .store(identity.expires_unix_ms / 1000, Ordering::Relaxed);
+    proxy.long_lived.tls.store(Some(Arc::new(tls)));
+    proxy.identity.store(Some(Arc::new(identity)));
+    Ok(())
+}
+
+/// Waits until `current` is due for renewal, then renews it, retrying with
+/// backoff (bounded by its expiry: after that only a new token helps, and
+/// the proxy keeps retrying in case the control plane comes back).
+async fn renew_when_due(
+    control: &str,
+    current: &mesh_proxy::identity::Identity,
+) -> mesh_proxy::identity::Identity {
+    let jitter = rand::random_range(-1.0..=1.0);
+    let due = current.renew_at_unix_ms(jitter);
+    let wait = due.saturating_sub(mesh_proxy::clock::unix_millis());
+    tokio::time::sleep(Duration::from_millis(wait)).await;
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match mesh_proxy::identity::renew(control, current).await {
+            Ok(renewed) => return renewed,
+            Err(error) => tracing::warn!(%error, ?backoff, "renewal failed; retrying"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
 }
 
 async fn start_under_control(

@@ -296,3 +296,64 @@ async fn only_allowed_identities_may_call_a_service() {
     assert_eq!(code, 2, "{stderr}");
     assert_eq!(call().await.unwrap().status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_minute_certificates_renew_under_load_without_a_failed_request() {
+    let dir = TempDir::new("identity-renewal");
+    let meshd =
+        Meshd::start_with(&dir.path("data"), "127.0.0.1:0", &["--heartbeat-ttl", "1s", "--cert-ttl", "1m"]);
+    let _agent = Agent::start(&meshd.listen, "node-a", "127.0.0.2", 1000, &dir.path("agent"), &[]);
+    let file = dir.path("web.toml");
+    std::fs::write(&file, JOB.replace("replicas = 1", "replicas = 2")).unwrap();
+    meshd.ctl_ok(&["job", "run", file.to_str().unwrap()]);
+    meshd.running("web", 2, Duration::from_secs(30)).await;
+    let client = meshd.mesh_client(&dir.path("client.toml"), "").await;
+    let (_, web_admin) = sidecar(&meshd, "web");
+    let expiry =
+        || async { scrape(&web_admin).await.sum("mesh_identity_cert_expiry_timestamp_seconds", &[]) };
+    let first_expiry = expiry().await;
+
+    // Five minutes of traffic: about seven renewals of every sidecar's certificate.
+    let load = mesh_tests::client::Background::start(&client, "web", 2);
+    let started = std::time::Instant::now();
+    let mut renewals = 0;
+    let mut last_expiry = first_expiry;
+    while started.elapsed() < Duration::from_secs(300) {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let now = expiry().await;
+        if now > last_expiry {
+            renewals += 1;
+            last_expiry = now;
+        }
+    }
+    let tally = load.stop().await;
+    assert_eq!(tally.failed(), 0, "failed requests across renewals: {:?}", tally.failures);
+    assert!(tally.ok > 1000, "traffic flowed: {}", tally.ok);
+    assert!(renewals >= 4, "the certificate was renewed {renewals} times in five minutes");
+    let handshakes = scrape(&web_admin)
+        .await
+        .sum("mesh_tls_handshakes_total", &[("direction", "inbound"), ("result", "failed")]);
+    assert_eq!(handshakes, 0.0, "no handshake failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meshctl_check_reports_expiries_and_warns_before_them() {
+    let dir = TempDir::new("identity-check");
+    let (meshd, _agent, instance) = cluster(&dir).await;
+    let rows = meshd.ctl_json(&["check"]);
+    let rows = rows.as_array().unwrap();
+    let ca = rows.iter().find(|r| r["what"] == "ca").expect("the CA is listed");
+    assert_eq!(ca["status"], "ok");
+    assert!(ca["name"].as_str().unwrap().contains("mesh root CA for mesh.local"), "{ca}");
+    let proxy =
+        rows.iter().find(|r| r["what"] == "proxy" && r["name"] == instance["id"]).expect("the sidecar");
+    assert_eq!(proxy["status"], "ok", "{proxy}");
+    assert_eq!(proxy["bundle_version"], 1);
+    let in_a_day =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 24 * 3600;
+    assert!(proxy["expires_unix"].as_u64().unwrap().abs_diff(in_a_day) < 120, "{proxy}");
+    // Certificates of 24 h expire within two days: warned, exit code 4.
+    let (code, out, stderr) = meshd.ctl(&["check", "--warn-within", "48h"]);
+    assert_eq!(code, 4, "{stderr}");
+    assert!(out.contains("WARN: expires soon") && stderr.contains("need attention"), "{out}{stderr}");
+}

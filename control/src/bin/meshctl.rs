@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use mesh_proto::mesh::v1 as pb;
 use mesh_proto::mesh::v1::admin_client::AdminClient;
+use mesh_proto::mesh::v1::identity_client::IdentityClient;
 use mesh_proto::mesh::v1::jobs_client::JobsClient;
 use mesh_proto::mesh::v1::registry_client::RegistryClient;
 use serde_json::{json, Value};
@@ -65,6 +66,13 @@ enum Command {
     },
     /// The current version, and per proxy its acked version, lag and last contact.
     Status,
+    /// Identity health: the CA's and every proxy's certificate expiry, the
+    /// trust bundle's version; exits 4 when something expires too soon.
+    Check {
+        /// Warn about a proxy certificate expiring within this long (the CA: ten times as long).
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "6h")]
+        warn_within: Duration,
+    },
     /// An instance's output (every instance of the job unless --instance), from its node's agent.
     Logs {
         job: String,
@@ -327,6 +335,51 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 if let Ok(Err(message)) = reader.await {
                     eprintln!("meshctl: {message}");
                 }
+            }
+        }
+        Command::Check { warn_within } => {
+            let bundle = IdentityClient::new(channel).trust_bundle(pb::Empty {}).await?.into_inner();
+            let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            let mut rows: Rows = Vec::new();
+            let mut warnings = 0;
+            let mut row = |what: &str, name: String, expires: Option<u64>, within: Duration| {
+                let left = expires.map(|e| e.saturating_sub(now));
+                let status = match left {
+                    None => "no certificate",
+                    Some(left) if left <= within.as_secs() => "WARN: expires soon",
+                    Some(_) => "ok",
+                };
+                warnings += usize::from(status != "ok");
+                rows.push(vec![
+                    ("what", json!(what)),
+                    ("name", json!(name)),
+                    ("bundle_version", json!(bundle.version)),
+                    ("expires_unix", json!(expires)),
+                    (
+                        "expires_in",
+                        json!(left.map(|l| humantime::format_duration(Duration::from_secs(l)).to_string())),
+                    ),
+                    ("status", json!(status)),
+                ]);
+            };
+            for (subject, expires) in mesh_control::identity::ca::certificate_expiries(&bundle.roots_pem) {
+                row("ca", subject, Some(expires), warn_within * 10);
+            }
+            let proxies = admin.list_proxies(pb::Empty {}).await?.into_inner().proxies;
+            for proxy in proxies.iter().filter(|p| p.connected && !p.admin_addr.is_empty()) {
+                let expires =
+                    match tokio::time::timeout(Duration::from_secs(2), scrape(&proxy.admin_addr)).await {
+                        Ok(Ok(text)) => text.lines().find_map(|line| {
+                            let value = line.strip_prefix("mesh_identity_cert_expiry_timestamp_seconds ")?;
+                            value.trim().parse::<f64>().ok().map(|v| v as u64)
+                        }),
+                        _ => None,
+                    };
+                row("proxy", proxy.proxy_id.clone(), expires, warn_within);
+            }
+            print_rows(cli.output, &rows);
+            if warnings > 0 {
+                return Err(Failure(format!("{warnings} certificate(s) need attention"), 4));
             }
         }
         Command::Top { interval } => {

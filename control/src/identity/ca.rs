@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use rcgen::string::Ia5String;
+use rcgen::PublicKeyData;
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
@@ -80,6 +81,32 @@ impl Authority {
             .map_err(|e| format!("the certificate request: {e}"))
     }
 
+    /// The service a still-valid certificate from this CA names, for a
+    /// renewal: the request must be signed by the same key (which proves the
+    /// caller holds it), and the certificate must not have expired.
+    pub fn renewal_service(&self, certificate_pem: &str, csr_pem: &str) -> Result<String, String> {
+        let (_, ca) = x509_parser::pem::parse_x509_pem(self.cert_pem.as_bytes()).map_err(err)?;
+        let ca = ca.parse_x509().map_err(err)?;
+        let (_, pem) = x509_parser::pem::parse_x509_pem(certificate_pem.as_bytes())
+            .map_err(|e| format!("the certificate to renew: {e}"))?;
+        let cert = pem.parse_x509().map_err(|e| format!("the certificate to renew: {e}"))?;
+        cert.verify_signature(Some(ca.public_key()))
+            .map_err(|_| "the certificate is not from this CA".to_owned())?;
+        if !cert.validity().is_valid() {
+            return Err("the certificate has expired: a new token is needed".into());
+        }
+        let request = CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| format!("the certificate request: {e}"))?;
+        if request.public_key.der_bytes() != &*cert.public_key().subject_public_key.data {
+            return Err("the request is not signed by the certificate's key".into());
+        }
+        let prefix = format!("spiffe://{}/service/", self.trust_domain);
+        uri_names(&cert)
+            .iter()
+            .find_map(|name| name.strip_prefix(&prefix).map(str::to_owned))
+            .ok_or_else(|| "the certificate names no service of this trust domain".to_owned())
+    }
+
     /// Signs a PEM certificate request for `service`, valid for `ttl`. The
     /// certificate's only name is the service's SPIFFE ID.
     pub fn sign(&self, csr_pem: &str, service: &str, ttl: Duration) -> Result<String, String> {
@@ -101,6 +128,30 @@ impl Authority {
         params.use_authority_key_identifier_extension = true;
         Ok(request.signed_by(&self.issuer).map_err(err)?.pem())
     }
+}
+
+/// Every certificate in a PEM bundle: (subject, expiry in Unix seconds).
+pub fn certificate_expiries(pem: &str) -> Vec<(String, u64)> {
+    x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes())
+        .filter_map(|entry| {
+            let entry = entry.ok()?;
+            let cert = entry.parse_x509().ok()?;
+            let expires = cert.validity().not_after.timestamp().max(0) as u64;
+            Some((cert.subject().to_string(), expires))
+        })
+        .collect()
+}
+
+fn uri_names(cert: &x509_parser::certificate::X509Certificate<'_>) -> Vec<String> {
+    let Ok(Some(san)) = cert.subject_alternative_name() else { return Vec::new() };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|name| match name {
+            x509_parser::extensions::GeneralName::URI(uri) => Some((*uri).to_owned()),
+            _ => None,
+        })
+        .collect()
 }
 
 fn random_serial() -> SerialNumber {
@@ -157,5 +208,32 @@ mod tests {
         assert!(again.sign("not a request", "web", Duration::from_secs(60)).unwrap_err().contains("request"));
         assert!(Authority::from_pem("junk", &ca.key_pem(), "mesh.local").is_err());
         assert!(!format!("{ca:?}").contains("PRIVATE"));
+    }
+
+    #[test]
+    fn renewals_need_a_live_certificate_and_its_own_key() {
+        let ca = Authority::generate("mesh.local").unwrap();
+        let (key, csr) = request(vec![]);
+        let cert = ca.sign(&csr, "web", Duration::from_secs(3600)).unwrap();
+        let again = CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .serialize_request(&key)
+            .unwrap()
+            .pem()
+            .unwrap();
+        assert_eq!(ca.renewal_service(&cert, &again).unwrap(), "web");
+        // Another key: refused.
+        let (_, other) = request(vec![]);
+        assert!(ca
+            .renewal_service(&cert, &other)
+            .unwrap_err()
+            .contains("not signed by the certificate's key"));
+        // Another CA's certificate: refused.
+        let stranger = Authority::generate("mesh.local").unwrap();
+        let foreign = stranger.sign(&csr, "web", Duration::from_secs(3600)).unwrap();
+        assert!(ca.renewal_service(&foreign, &again).unwrap_err().contains("not from this CA"));
+        // Expired (a lifetime shorter than the backdating): refused.
+        let expired = ca.sign(&csr, "web", Duration::ZERO).unwrap();
+        assert!(ca.renewal_service(&expired, &again).unwrap_err().contains("expired"));
     }
 }

@@ -31,6 +31,15 @@ impl IdentityService {
     fn bundle(&self) -> pb::Bundle {
         pb::Bundle { roots_pem: self.authority.cert_pem().to_owned(), version: 1 }
     }
+
+    fn reply(&self, certificate_pem: String, service: &str) -> pb::SignReply {
+        pb::SignReply {
+            certificate_pem,
+            bundle: Some(self.bundle()),
+            spiffe_id: crate::identity::spiffe_id(self.authority.trust_domain(), service),
+            expires_unix_ms: now_ms() + self.cert_ttl.as_millis() as u64,
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -64,13 +73,21 @@ impl Identity for IdentityService {
             .sign(&request.csr_pem, &grant.service, self.cert_ttl)
             .map_err(Status::invalid_argument)?;
         tracing::info!(instance = %grant.instance, service = %grant.service, "certificate issued");
-        let spiffe_id = crate::identity::spiffe_id(self.authority.trust_domain(), &grant.service);
-        Ok(Response::new(pb::SignReply {
-            certificate_pem,
-            bundle: Some(self.bundle()),
-            spiffe_id,
-            expires_unix_ms: now_ms() + self.cert_ttl.as_millis() as u64,
-        }))
+        Ok(Response::new(self.reply(certificate_pem, &grant.service)))
+    }
+
+    async fn renew(&self, request: Request<pb::RenewRequest>) -> Result<Response<pb::SignReply>, Status> {
+        let request = request.into_inner();
+        let service = self
+            .authority
+            .renewal_service(&request.certificate_pem, &request.csr_pem)
+            .map_err(Status::permission_denied)?;
+        let certificate_pem = self
+            .authority
+            .sign(&request.csr_pem, &service, self.cert_ttl)
+            .map_err(Status::invalid_argument)?;
+        tracing::debug!(%service, "certificate renewed");
+        Ok(Response::new(self.reply(certificate_pem, &service)))
     }
 
     async fn trust_bundle(&self, _: Request<pb::Empty>) -> Result<Response<pb::Bundle>, Status> {
