@@ -146,7 +146,7 @@ async fn a_job_runs_beside_sidecars_heals_and_moves_off_a_dead_node() {
     // Node A dies (its agent and, with it, its instances): everything runs on B.
     node_a.kill();
     // Within the TTL (1 s) and a few seconds to start sidecars and apps.
-    let moved = eventually("the instances move to node-b", Duration::from_secs(8), || {
+    let moved = eventually("the instances move to node-b", Duration::from_secs(12), || {
         let list: Vec<Value> = meshd
             .instances()
             .into_iter()
