@@ -431,7 +431,8 @@ async fn send(
             },
         }
     }
-    let mut sender = match pool.connect_http1(connect_timeout).await {
+    // Boxed: a new connection is rare, and its future is large.
+    let mut sender = match Box::pin(pool.connect_http1(connect_timeout)).await {
         Ok(sender) => sender,
         Err(error) => return Err(SendError::Connect(error, Box::new(request))),
     };

@@ -98,33 +98,21 @@ impl ConnPool {
                 return Ok(Http2Sender::clone(sender));
             }
         }
+        // Boxed: the connect and TLS handshake futures are large, and every
+        // request's future would carry (and move) them inline otherwise.
+        Box::pin(self.open_http2(timeout)).await
+    }
+
+    async fn open_http2(&self, timeout: Duration) -> Result<Http2Sender, ConnectError> {
         let stream = transport::connect(self.addr, timeout).await.map_err(ConnectError)?;
-        let mut builder = http2::Builder::new(TokioExecutor::new());
-        builder.timer(hyper_util::rt::TokioTimer::new());
         let sender = match (self.mtls(), &self.mesh) {
             (Some(tls), Some(peer)) => {
                 let stream = transport::connect_tls(stream, &tls, &peer.service, timeout)
                     .await
                     .map_err(ConnectError)?;
-                let (sender, connection) = builder
-                    .handshake(TokioIo::new(stream))
-                    .await
-                    .map_err(|e| ConnectError(io::Error::other(e)))?;
-                tokio::spawn(async move {
-                    let _ = connection.await;
-                });
-                sender
+                handshake_http2(stream).await?
             }
-            _ => {
-                let (sender, connection) = builder
-                    .handshake(TokioIo::new(stream))
-                    .await
-                    .map_err(|e| ConnectError(io::Error::other(e)))?;
-                tokio::spawn(async move {
-                    let _ = connection.await;
-                });
-                sender
-            }
+            _ => handshake_http2(stream).await?,
         };
         self.http2.store(Some(Arc::new(sender.clone())));
         Ok(sender)
@@ -133,4 +121,20 @@ impl ConnPool {
     pub fn forget_http2(&self) {
         self.http2.store(None);
     }
+}
+
+/// An HTTP/2 client connection over `stream` (plain or TLS), driven by its own task.
+async fn handshake_http2<S>(stream: S) -> Result<Http2Sender, ConnectError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+        .timer(hyper_util::rt::TokioTimer::new())
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| ConnectError(io::Error::other(e)))?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(sender)
 }
