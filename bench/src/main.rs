@@ -126,11 +126,15 @@ fn measure(kind: Kind, setup: &Setup, args: &Args) -> Result<Row, String> {
     let rss_run = run_open_loop(rss_load)?;
     let peak_rss_mb = pgid.map(|g| procstat::peak_rss_bytes(g) as f64 / 1e6);
 
-    let cpu_before = pgid.map(procstat::cpu_seconds);
+    let cpu_before = pgid.map(procstat::cpu_times);
     let saturation = tools::wrk(&format!("http://{target}/"), host, 32, seconds)?;
-    let cpu_us_per_request = pgid
-        .zip(cpu_before)
-        .map(|(g, before)| (procstat::cpu_seconds(g) - before) * 1e6 / saturation.requests as f64);
+    let cpu_used = pgid.zip(cpu_before).map(|(g, before)| {
+        let after = procstat::cpu_times(g);
+        procstat::CpuTimes { user: after.user - before.user, system: after.system - before.system }
+    });
+    let per_request = |seconds: f64| seconds * 1e6 / saturation.requests as f64;
+    let cpu_us_per_request = cpu_used.map(|used| per_request(used.total()));
+    let user_cpu_us_per_request = cpu_used.map(|used| per_request(used.user));
 
     let cpu_before = pgid.map(procstat::cpu_seconds);
     let at_rate = run_open_loop(OpenLoop {
@@ -154,6 +158,7 @@ fn measure(kind: Kind, setup: &Setup, args: &Args) -> Result<Row, String> {
         name: kind.name().to_owned(),
         saturation_rps: saturation.requests_per_second,
         cpu_us_per_request,
+        user_cpu_us_per_request,
         cpu_us_per_request_at_rate,
         rate_p50_us: at_rate.p50_us as f64,
         rate_p99_us: at_rate.p99_us as f64,
@@ -264,6 +269,7 @@ fn median_row(runs: &[Row]) -> Row {
         name: runs[0].name.clone(),
         saturation_rps: median_of(runs, |r| r.saturation_rps),
         cpu_us_per_request: median_of_some(runs, |r| r.cpu_us_per_request),
+        user_cpu_us_per_request: median_of_some(runs, |r| r.user_cpu_us_per_request),
         cpu_us_per_request_at_rate: median_of_some(runs, |r| r.cpu_us_per_request_at_rate),
         rate_p50_us: median_of(runs, |r| r.rate_p50_us),
         rate_p99_us: median_of(runs, |r| r.rate_p99_us),

@@ -31,17 +31,34 @@ fn stat_fields(pid: i32) -> Option<Vec<String>> {
     Some(after_name.split_whitespace().map(str::to_owned).collect())
 }
 
-/// User + system CPU seconds used so far by every process in the group.
-pub fn cpu_seconds(pgid: i32) -> f64 {
-    let ticks: u64 = group_pids(pgid)
+/// CPU seconds used so far by every process in a group.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuTimes {
+    pub user: f64,
+    pub system: f64,
+}
+
+impl CpuTimes {
+    pub fn total(self) -> f64 {
+        self.user + self.system
+    }
+}
+
+pub fn cpu_times(pgid: i32) -> CpuTimes {
+    let (user, system) = group_pids(pgid)
         .into_iter()
         .filter_map(|pid| {
             let fields = stat_fields(pid)?;
             // utime and stime are fields 14 and 15 of stat, 11 and 12 here.
-            Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+            Some((fields.get(11)?.parse::<u64>().ok()?, fields.get(12)?.parse::<u64>().ok()?))
         })
-        .sum();
-    ticks as f64 / ticks_per_second()
+        .fold((0, 0), |(u, s), (user, system)| (u + user, s + system));
+    CpuTimes { user: user as f64 / ticks_per_second(), system: system as f64 / ticks_per_second() }
+}
+
+/// User + system CPU seconds used so far by every process in the group.
+pub fn cpu_seconds(pgid: i32) -> f64 {
+    cpu_times(pgid).total()
 }
 
 /// Peak resident memory (VmHWM) summed over the group, in bytes.

@@ -9,6 +9,9 @@ pub struct Row {
     pub saturation_rps: f64,
     /// Proxy CPU per request at saturation; `None` for the direct baseline.
     pub cpu_us_per_request: Option<f64>,
+    /// The user-space part of it: the kernel's part (the same syscalls
+    /// for every contender) dominates, and this is where proxies differ.
+    pub user_cpu_us_per_request: Option<f64>,
     pub cpu_us_per_request_at_rate: Option<f64>,
     pub rate_p50_us: f64,
     pub rate_p99_us: f64,
@@ -36,18 +39,19 @@ pub fn markdown(rows: &[Row], rate: u32) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "| contender | req/s (32 conns) | CPU µs/req | ×HAProxy | ×Envoy | CPU µs/req @{rate}/s | p50 @{rate}/s µs | p99 @{rate}/s µs | p99 ×HAProxy | p99.9 @{rate}/s µs | 1-conn p50 µs | 1-conn p99 µs | peak RSS MB (1k/s, 100 conns) |"
+        "| contender | req/s (32 conns) | CPU µs/req | ×HAProxy | ×Envoy | of it user µs/req | CPU µs/req @{rate}/s | p50 @{rate}/s µs | p99 @{rate}/s µs | p99 ×HAProxy | p99.9 @{rate}/s µs | 1-conn p50 µs | 1-conn p99 µs | peak RSS MB (1k/s, 100 conns) |"
     );
-    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for row in rows {
         let _ = writeln!(
             out,
-            "| {} | {:.0} | {} | {} | {} | {} | {:.0} | {:.0} | {} | {:.0} | {:.0} | {:.0} | {} |",
+            "| {} | {:.0} | {} | {} | {} | {} | {} | {:.0} | {:.0} | {} | {:.0} | {:.0} | {:.0} | {} |",
             row.name,
             row.saturation_rps,
             opt(row.cpu_us_per_request, 1),
             ratio(row.cpu_us_per_request, haproxy.and_then(|h| h.cpu_us_per_request)),
             ratio(row.cpu_us_per_request, envoy.and_then(|e| e.cpu_us_per_request)),
+            opt(row.user_cpu_us_per_request, 1),
             opt(row.cpu_us_per_request_at_rate, 1),
             row.rate_p50_us,
             row.rate_p99_us,

@@ -14,6 +14,11 @@ pub fn now_nanos() -> u64 {
     base().elapsed().as_nanos() as u64
 }
 
+/// The instant of a `now_nanos` reading.
+pub fn instant_of(nanos: u64) -> Instant {
+    base() + std::time::Duration::from_nanos(nanos)
+}
+
 /// Milliseconds since the first call in this process, never 0 so that 0
 /// can mean "no time set" in packed state.
 pub fn now_millis() -> u64 {

@@ -69,7 +69,9 @@ pub struct Inbound {
 pub struct Snapshot {
     pub version: u64,
     pub config: Arc<ProxyConfig>,
-    pub services: HashMap<String, Arc<Service>>,
+    /// By name. FNV rather than SipHash: every request looks its service
+    /// up, and the keys come from the control plane, not from callers.
+    pub services: fnv::FnvHashMap<String, Arc<Service>>,
     pub inbound: Inbound,
     /// For requests naming a service the table does not have.
     pub unknown_service_metrics: Arc<HttpMetrics>,
@@ -171,7 +173,8 @@ impl LongLived {
             }
             None => self.next_version.fetch_add(1, Ordering::Relaxed) + 1,
         };
-        let mut services = HashMap::with_capacity(config.services.len());
+        let mut services =
+            fnv::FnvHashMap::with_capacity_and_hasher(config.services.len(), Default::default());
         // A set, not a list: tables with thousands of endpoints are rebuilt
         // on every control-plane update.
         let mut live_keys = HashSet::new();

@@ -8,9 +8,11 @@
 //! an upstream failure that cannot be retried is passed through as is.
 
 use std::cell::RefCell;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -29,6 +31,7 @@ use crate::clock;
 use crate::config::{Protocol, RetryOn};
 use crate::errors::ProxyError;
 use crate::http::body::{RequestBody, ResponseBody};
+use crate::http::deadline::ConnectionTimers;
 use crate::http::pool::{ConnPool, ConnectError, Http1Sender};
 use crate::http::{error_response, is_grpc, mark_error, strip_hop_by_hop, MESH_ERROR};
 use crate::metrics::HttpMetrics;
@@ -77,32 +80,60 @@ struct Outcome<'s> {
     metrics: &'s HttpMetrics,
 }
 
-/// Forwards an outbound request to `service` and records its metrics.
-pub async fn forward(service: Arc<Service>, request: Request<Incoming>) -> Response<ResponseBody> {
-    let started = Instant::now();
+/// Forwards an outbound request to `service` and records its metrics,
+/// under the service's timeout (timed by one of the connection's timers).
+pub async fn forward(
+    service: Arc<Service>,
+    request: Request<Incoming>,
+    timers: Arc<ConnectionTimers>,
+) -> Response<ResponseBody> {
+    let started = clock::now_nanos();
     let grpc = is_grpc(request.headers());
     let version = request.version();
-    // The endpoint a try is waiting on, so a timeout can be held against it.
-    let mut waiting_on: Option<&Endpoint> = None;
-    let tries = attempts(&service, request, grpc, &mut waiting_on);
-    let outcome = match tokio::time::timeout(service.config.timeout, tries).await {
-        Ok(outcome) => outcome,
-        Err(_) => {
+    let mut progress = Progress { waiting_on: None, clock_nanos: started };
+    let answered = {
+        // Pinned here rather than moved into a timeout wrapper: the tries'
+        // future is large, and each move copies it.
+        let mut tries = std::pin::pin!(attempts(&service, request, grpc, &mut progress));
+        let deadline = tokio::time::Instant::from_std(clock::instant_of(started)) + service.config.timeout;
+        let mut timer = timers.arm(deadline);
+        let answered = std::future::poll_fn(|cx| match tries.as_mut().poll(cx) {
+            Poll::Ready(outcome) => Poll::Ready(Some(outcome)),
+            Poll::Pending => timer.as_mut().poll(cx).map(|()| None),
+        })
+        .await;
+        timers.disarm(timer);
+        answered
+    };
+    let waiting_on = progress.waiting_on;
+    let (outcome, finished) = match answered {
+        Some(outcome) => (outcome, progress.clock_nanos),
+        None => {
             if let Some(endpoint) = waiting_on {
                 record_failure(endpoint, &service);
             }
             let detail = format!("no answer within {}", humantime::format_duration(service.config.timeout));
-            Outcome {
+            let outcome = Outcome {
                 response: error_response(ProxyError::Timeout, grpc, &detail),
                 error: Some(ProxyError::Timeout),
                 metrics: waiting_on.map_or(&*service.unrouted_metrics, |e| &*e.metrics),
-            }
+            };
+            (outcome, clock::now_nanos())
         }
     };
     let Outcome { mut response, error, metrics } = outcome;
-    metrics.record(response.status().as_u16(), error, started.elapsed());
+    let elapsed = std::time::Duration::from_nanos(finished.saturating_sub(started));
+    metrics.record(response.status().as_u16(), error, elapsed);
     *response.version_mut() = version;
     response
+}
+
+/// Where the tries stand, shared with the timeout around them.
+struct Progress<'s> {
+    /// The endpoint a try is waiting on, so a timeout can be held against it.
+    waiting_on: Option<&'s Endpoint>,
+    /// The last clock reading, so that one reading serves several uses.
+    clock_nanos: u64,
 }
 
 /// The request as each try needs it: kept whole when a response may be
@@ -117,9 +148,10 @@ async fn attempts<'s>(
     service: &'s Service,
     request: Request<Incoming>,
     grpc: bool,
-    waiting_on: &mut Option<&'s Endpoint>,
+    progress: &mut Progress<'s>,
 ) -> Outcome<'s> {
     let (mut parts, body) = request.into_parts();
+    let body_to_read = !body.is_end_stream();
     strip_hop_by_hop(&mut parts.headers);
     let policy = &service.config.retry;
     let idempotent = policy.non_idempotent || is_idempotent(&parts.method);
@@ -136,7 +168,8 @@ async fn attempts<'s>(
         }
     };
     let retries_responses = retries_responses && body.is_replayable();
-    let mut now_nanos = clock::now_nanos();
+    // A body read took time; otherwise the forward's start reading holds.
+    let mut now_nanos = if body_to_read { clock::now_nanos() } else { progress.clock_nanos };
     service.budget.record_request(clock::millis_of(now_nanos) / 1000);
     let protocol = service.config.protocol;
     // An HTTP/1.1 upstream reuses the caller's Host as is; only HTTP/2 (or
@@ -147,24 +180,24 @@ async fn attempts<'s>(
         None
     };
     let mut template = if retries_responses { Template::Keep(parts) } else { Template::Move(Some(parts)) };
-    let mut returned: Option<Request<RequestBody>> = None;
-    let mut tried = [SocketAddr::from(([0, 0, 0, 0], 0)); 10];
-    let mut last_failure: Option<Outcome<'s>> = None;
+    // What only a retry needs lives on the heap, so the future every
+    // request carries (and moves) stays small.
+    let mut returned: Option<Box<Request<RequestBody>>> = None;
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    let mut last_failure: Option<Box<Outcome<'s>>> = None;
     for attempt in 1..=policy.attempts {
         let now_ms = clock::millis_of(now_nanos);
-        let tried_so_far = &tried[..(attempt - 1) as usize];
-        let chosen = RNG.with(|rng| service.choose(tried_so_far, now_ms, now_nanos, &mut *rng.borrow_mut()));
+        let chosen = RNG.with(|rng| service.choose(&tried, now_ms, now_nanos, &mut *rng.borrow_mut()));
         let endpoint = match chosen {
             Ok(chosen) => chosen.endpoint,
             Err(error) => {
-                return last_failure.unwrap_or_else(|| Outcome {
+                return last_failure.map(|o| *o).unwrap_or_else(|| Outcome {
                     response: error_response(error, grpc, &format!("service {:?}", service.config.name)),
                     error: Some(error),
                     metrics: &service.unrouted_metrics,
                 })
             }
         };
-        tried[(attempt - 1) as usize] = endpoint.addr;
         // What goes on the wire: HTTP/2 to a peer sidecar over mTLS, whatever the app speaks.
         let wire = endpoint.state.pool.wire_protocol(protocol);
         if wire.is_h2() && authority.is_none() {
@@ -174,7 +207,7 @@ async fn attempts<'s>(
         }
         let upstream_request = match (returned.take(), &mut template) {
             // A request handed back may go to an endpoint of another kind.
-            (Some(request), _) => retarget(request, wire, &authority),
+            (Some(request), _) => retarget(*request, wire, &authority),
             (None, Template::Keep(parts)) => match body.for_attempt() {
                 Some(attempt_body) => build_upstream_request(parts, attempt_body, wire, &authority),
                 None => break,
@@ -187,17 +220,26 @@ async fn attempts<'s>(
             },
         };
         let may_retry = attempt < policy.attempts;
-        *waiting_on = Some(endpoint);
+        progress.waiting_on = Some(endpoint);
         let pending = endpoint.state.ewma.start(now_nanos);
-        let sent = send(&endpoint.state.pool, wire, service.config.connect_timeout, upstream_request).await;
+        let (pool, connect_timeout) = (&endpoint.state.pool, service.config.connect_timeout);
+        // Two await points rather than one nested future: the two sends
+        // then share their space in this future.
+        let sent = if wire.is_h2() {
+            send_http2(pool, connect_timeout, upstream_request).await.map(|response| (response, None))
+        } else {
+            send_http1(pool, connect_timeout, upstream_request).await
+        };
         now_nanos = clock::now_nanos();
         pending.finish(now_nanos);
-        *waiting_on = None;
+        progress.waiting_on = None;
+        progress.clock_nanos = now_nanos;
         match sent {
             Err(SendError::Connect(error, request)) => {
                 record_failure(endpoint, service);
-                returned = Some(*request);
+                returned = Some(request);
                 if may_retry && spend_retry(service, &service.retry_metrics.connect_failure) {
+                    tried.push(endpoint.addr);
                     continue;
                 }
                 let detail = format!("{}: {}", endpoint.addr, error.0);
@@ -219,7 +261,8 @@ async fn attempts<'s>(
                 // idempotent request may go again, under any retry condition.
                 let retryable = retries_responses && !policy.on.is_empty();
                 if retryable && may_retry && spend_retry(service, &service.retry_metrics.connect_failure) {
-                    last_failure = Some(outcome);
+                    last_failure = Some(Box::new(outcome));
+                    tried.push(endpoint.addr);
                     continue;
                 }
                 return outcome;
@@ -250,7 +293,8 @@ async fn attempts<'s>(
                     _ => &service.retry_metrics.server_error,
                 };
                 if spend_retry(service, counter) {
-                    last_failure = Some(outcome);
+                    last_failure = Some(Box::new(outcome));
+                    tried.push(endpoint.addr);
                     continue;
                 }
                 mark_error(&mut outcome.response, ProxyError::RetryBudgetExhausted);
@@ -259,7 +303,7 @@ async fn attempts<'s>(
             }
         }
     }
-    last_failure.unwrap_or_else(|| Outcome {
+    last_failure.map(|o| *o).unwrap_or_else(|| Outcome {
         response: error_response(ProxyError::NoEndpoints, grpc, "no try could be made"),
         error: Some(ProxyError::NoEndpoints),
         metrics: &service.unrouted_metrics,
@@ -335,16 +379,20 @@ fn authority_for_upstream(parts: &Parts) -> Option<Authority> {
     parts.headers.get(header::HOST).and_then(|h| Authority::try_from(h.as_bytes()).ok())
 }
 
-/// Builds a try's request from kept parts (copies the headers).
+/// Builds a try's request from kept parts. The headers parsed from the
+/// caller go out and a copy stays behind: hyper reuses the sent map to
+/// parse the answer, and a copy has no spare capacity (it would grow twice
+/// per response).
 fn build_upstream_request(
-    parts: &Parts,
+    parts: &mut Parts,
     body: RequestBody,
     protocol: Protocol,
     authority: &Option<Authority>,
 ) -> Request<RequestBody> {
     let mut request = Request::new(body);
     *request.method_mut() = parts.method.clone();
-    *request.headers_mut() = parts.headers.clone();
+    let copy = parts.headers.clone();
+    *request.headers_mut() = std::mem::replace(&mut parts.headers, copy);
     *request.uri_mut() = parts.uri.clone();
     retarget(request, protocol, authority)
 }
@@ -388,51 +436,65 @@ fn retarget(
     request
 }
 
-/// Sends a request on a pooled or new connection. A pooled HTTP/1
-/// connection that the server closed meanwhile hands the request back, and
-/// it goes out on a fresh connection without counting as a retry.
-async fn send(
+/// Sends on the endpoint's shared HTTP/2 connection; one that closed
+/// meanwhile hands the request back, and it goes out on a new connection.
+async fn send_http2(
     pool: &ConnPool,
-    protocol: Protocol,
     connect_timeout: std::time::Duration,
     mut request: Request<RequestBody>,
-) -> Result<(Response<Incoming>, Option<Http1Sender>), SendError> {
-    if protocol.is_h2() {
-        for _ in 0..2 {
-            let mut sender = match pool.http2(connect_timeout).await {
-                Ok(sender) => sender,
-                Err(error) => return Err(SendError::Connect(error, Box::new(request))),
-            };
-            if sender.ready().await.is_err() {
-                pool.forget_http2();
-                continue;
-            }
-            match sender.try_send_request(request).await {
-                Ok(response) => return Ok((response, None)),
-                Err(mut error) => match error.take_message() {
-                    Some(unsent) => {
-                        pool.forget_http2();
-                        request = unsent;
-                    }
-                    None => return Err(SendError::Broken(error.into_error())),
-                },
-            }
+) -> Result<Response<Incoming>, SendError> {
+    for _ in 0..2 {
+        let mut sender = match pool.http2(connect_timeout).await {
+            Ok(sender) => sender,
+            Err(error) => return Err(SendError::Connect(error, Box::new(request))),
+        };
+        if sender.ready().await.is_err() {
+            pool.forget_http2();
+            continue;
         }
-        let error =
-            std::io::Error::other("the HTTP/2 connection closed twice before the request could be sent");
-        return Err(SendError::Connect(ConnectError(error), Box::new(request)));
-    }
-    if let Some(mut sender) = pool.take_http1() {
         match sender.try_send_request(request).await {
-            Ok(response) => return Ok((response, Some(sender))),
+            Ok(response) => return Ok(response),
             Err(mut error) => match error.take_message() {
-                Some(unsent) => request = unsent,
+                Some(unsent) => {
+                    pool.forget_http2();
+                    request = unsent;
+                }
                 None => return Err(SendError::Broken(error.into_error())),
             },
         }
     }
+    let error = std::io::Error::other("the HTTP/2 connection closed twice before the request could be sent");
+    Err(SendError::Connect(ConnectError(error), Box::new(request)))
+}
+
+/// Sends on a pooled HTTP/1 connection. One that the server closed
+/// meanwhile hands the request back, and it goes out on a fresh
+/// connection without counting as a retry.
+async fn send_http1(
+    pool: &ConnPool,
+    connect_timeout: std::time::Duration,
+    request: Request<RequestBody>,
+) -> Result<(Response<Incoming>, Option<Http1Sender>), SendError> {
+    let request = match pool.take_http1() {
+        Some(mut sender) => match sender.try_send_request(request).await {
+            Ok(response) => return Ok((response, Some(sender))),
+            Err(mut error) => match error.take_message() {
+                Some(unsent) => unsent,
+                None => return Err(SendError::Broken(error.into_error())),
+            },
+        },
+        None => request,
+    };
     // Boxed: a new connection is rare, and its future is large.
-    let mut sender = match Box::pin(pool.connect_http1(connect_timeout)).await {
+    Box::pin(send_http1_on_new_connection(pool, connect_timeout, request)).await
+}
+
+async fn send_http1_on_new_connection(
+    pool: &ConnPool,
+    connect_timeout: std::time::Duration,
+    request: Request<RequestBody>,
+) -> Result<(Response<Incoming>, Option<Http1Sender>), SendError> {
+    let mut sender = match pool.connect_http1(connect_timeout).await {
         Ok(sender) => sender,
         Err(error) => return Err(SendError::Connect(error, Box::new(request))),
     };
@@ -536,9 +598,10 @@ pub async fn upgrade_on(
 /// Forwards an inbound request to the local app: one try, no balancing,
 /// keeping the caller's protocol (HTTP/2 stays HTTP/2).
 pub async fn forward_inbound(
-    inbound: &crate::snapshot::Inbound,
+    snapshot: Arc<crate::snapshot::Snapshot>,
     request: Request<Incoming>,
 ) -> Response<ResponseBody> {
+    let inbound = &snapshot.inbound;
     let started = Instant::now();
     let grpc = is_grpc(request.headers());
     let version = request.version();
@@ -548,8 +611,9 @@ pub async fn forward_inbound(
         return error_response(error, grpc, "no local app is configured (listen.app)");
     };
     if is_upgrade(&request) {
+        // Boxed: upgrades are rare, and their future would enlarge every request's.
         let (response, error) =
-            upgrade_on(&inbound.state, crate::config::DEFAULT_CONNECT_TIMEOUT, request).await;
+            Box::pin(upgrade_on(&inbound.state, crate::config::DEFAULT_CONNECT_TIMEOUT, request)).await;
         inbound.metrics.record(response.status().as_u16(), error, started.elapsed());
         return response;
     }
@@ -563,8 +627,12 @@ pub async fn forward_inbound(
     let authority = authority_for_upstream(&parts);
     let upstream_request =
         build_upstream_request_owned(parts, RequestBody::Streaming(body), protocol, &authority);
-    let sent =
-        send(&inbound.state.pool, protocol, crate::config::DEFAULT_CONNECT_TIMEOUT, upstream_request).await;
+    let (pool, connect_timeout) = (&inbound.state.pool, crate::config::DEFAULT_CONNECT_TIMEOUT);
+    let sent = if protocol.is_h2() {
+        send_http2(pool, connect_timeout, upstream_request).await.map(|response| (response, None))
+    } else {
+        send_http1(pool, connect_timeout, upstream_request).await
+    };
     let (mut response, error) = match sent {
         Ok((response, release)) => (finish_response(response, release, &inbound.state.pool), None),
         Err(SendError::Connect(error, _)) => {
@@ -613,5 +681,23 @@ mod tests {
         {
             assert_eq!(is_idempotent(&method), want, "{method}");
         }
+    }
+}
+#[cfg(test)]
+mod future_sizes {
+    //! Every request's future is moved a few times (into hyper, into its
+    //! task); each move copies it whole. Rare paths (new connections,
+    //! upgrades, retries' state) are boxed to keep it small.
+
+    fn size_of_future<A, B, C, F>(_f: impl Fn(A, B, C) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    #[test]
+    fn the_request_futures_stay_small() {
+        let outbound = size_of_future(super::forward);
+        assert!(outbound <= 2560, "an outbound request's future takes {outbound} bytes");
+        let inbound = size_of_future(|s, r, ()| super::forward_inbound(s, r));
+        assert!(inbound <= 2048, "an inbound request's future takes {inbound} bytes");
     }
 }

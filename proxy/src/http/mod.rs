@@ -2,6 +2,7 @@
 //! timeouts, and the proxy's own error answers.
 
 pub mod body;
+pub mod deadline;
 pub mod forward;
 pub mod pool;
 pub mod route;
@@ -13,46 +14,70 @@ use crate::errors::ProxyError;
 use body::ResponseBody;
 
 /// Headers that describe one connection, not the message, and so must not
-/// be forwarded (RFC 9110 §7.6.1).
-///
-/// `Connection` comes first: its value may name more.
-const HOP_BY_HOP: [HeaderName; 5] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
+/// be forwarded (RFC 9110 §7.6.1), as bits of a mask. `TE` is one too,
+/// except `te: trailers`, which HTTP/2 allows and gRPC needs.
+const CONNECTION: u8 = 1;
+const KEEP_ALIVE: u8 = 2;
+const PROXY_CONNECTION: u8 = 4;
+const TRANSFER_ENCODING: u8 = 8;
+const UPGRADE: u8 = 16;
+const TE: u8 = 32;
+
+/// Which hop-by-hop header `name` is, if any. Standard names compare as
+/// enum values; only other names compare as text (and by length first).
+fn hop_by_hop_bit(name: &HeaderName) -> u8 {
+    if name == header::CONNECTION {
+        CONNECTION
+    } else if name == header::TRANSFER_ENCODING {
+        TRANSFER_ENCODING
+    } else if name == header::UPGRADE {
+        UPGRADE
+    } else if name == header::TE {
+        TE
+    } else {
+        match name.as_str() {
+            "keep-alive" => KEEP_ALIVE,
+            "proxy-connection" => PROXY_CONNECTION,
+            _ => 0,
+        }
+    }
+}
 
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // One pass over the names (a handful) finds what to drop; a removal by
     // name hashes, so only the names present are removed.
-    let mut present = [false; 5];
-    let mut te_present = false;
-    for name in headers.keys() {
-        if let Some(index) = HOP_BY_HOP.iter().position(|hop| hop == name) {
-            present[index] = true;
-        }
-        te_present |= name == header::TE;
+    let present = headers.keys().fold(0, |present, name| present | hop_by_hop_bit(name));
+    if present == 0 {
+        return;
     }
-    if present[0] {
-        remove_connection_options(headers);
+    if present & CONNECTION != 0 {
+        remove_connection(headers);
     }
-    for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, present)| *present) {
-        headers.remove(name);
+    if present & KEEP_ALIVE != 0 {
+        headers.remove("keep-alive");
     }
-    // `te: trailers` is the one TE value HTTP/2 allows, and gRPC needs it.
-    if te_present && headers.get(header::TE).is_some_and(|v| v != "trailers") {
+    if present & PROXY_CONNECTION != 0 {
+        headers.remove("proxy-connection");
+    }
+    if present & TRANSFER_ENCODING != 0 {
+        headers.remove(header::TRANSFER_ENCODING);
+    }
+    if present & UPGRADE != 0 {
+        headers.remove(header::UPGRADE);
+    }
+    if present & TE != 0 && headers.get(header::TE).is_some_and(|v| v != "trailers") {
         headers.remove(header::TE);
     }
 }
 
-/// Removes the headers that `Connection` names as hop-by-hop. The common
-/// tokens (`keep-alive`, `close`, `upgrade`) need no lookup, so the usual
-/// `Connection: keep-alive` costs no allocation.
-fn remove_connection_options(headers: &mut HeaderMap) {
+/// Removes `Connection` and the headers it names as hop-by-hop, with one
+/// lookup. The common tokens (`keep-alive`, `close`, `upgrade`) name no
+/// header, so the usual `Connection: keep-alive` costs no allocation.
+fn remove_connection(headers: &mut HeaderMap) {
+    let header::Entry::Occupied(entry) = headers.entry(header::CONNECTION) else { return };
+    let (_, values) = entry.remove_entry_mult();
     let mut named = Vec::new();
-    for value in headers.get_all(header::CONNECTION) {
+    for value in values {
         let Ok(value) = value.to_str() else { continue };
         for token in value.split(',').map(str::trim) {
             let common = ["keep-alive", "close", "upgrade"].iter().any(|t| token.eq_ignore_ascii_case(t));

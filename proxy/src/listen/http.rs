@@ -7,20 +7,24 @@
 //! and returns once every connection has finished.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
 use crate::errors::ProxyError;
 use crate::http::body::ResponseBody;
+use crate::http::deadline::ConnectionTimers;
 use crate::http::forward::{forward, forward_inbound, forward_upgrade, is_upgrade};
 use crate::http::route::{authority_of, service_name};
 use crate::http::{error_response, is_grpc};
+use crate::listen::drain::Drain;
 use crate::listen::{shutdown_started, ShutdownSignal};
 use crate::proxy::Proxy;
 
@@ -47,7 +51,7 @@ async fn serve_meshed_inbound(
     stream: tokio::net::TcpStream,
     proxy: Arc<Proxy>,
     builder: auto::Builder<TokioExecutor>,
-    watcher: hyper_util::server::graceful::Watcher,
+    drain: Arc<Drain>,
 ) {
     let mut first = [0u8; 1];
     let peeked = tokio::time::timeout(TLS_HANDSHAKE_WITHIN, stream.peek(&mut first)).await;
@@ -57,21 +61,19 @@ async fn serve_meshed_inbound(
     // Each request is checked against the local service's policy in force,
     // so a change of allow-from applies to open connections too.
     let service = |proxy: Arc<Proxy>, plaintext_refused: bool, caller: Option<Arc<str>>| {
-        hyper::service::service_fn(move |request| {
-            let (proxy, caller) = (proxy.clone(), caller.clone());
-            async move {
-                let refusal = if plaintext_refused {
-                    Some("this inbound port takes mTLS from mesh proxies only".to_owned())
-                } else {
-                    proxy.refuse_caller(caller.as_deref())
-                };
-                if let Some(detail) = refusal {
+        hyper::service::service_fn(move |request: Request<Incoming>| {
+            let refusal = if plaintext_refused {
+                Some("this inbound port takes mTLS from mesh proxies only".to_owned())
+            } else {
+                proxy.refuse_caller(caller.as_deref())
+            };
+            match refusal {
+                Some(detail) => {
                     proxy.long_lived.metrics.record_authz_denied(caller.as_deref().unwrap_or("plaintext"));
-                    let error = crate::errors::ProxyError::AuthzDenied;
-                    let grpc = crate::http::is_grpc(request.headers());
-                    return Ok::<_, Infallible>(crate::http::error_response(error, grpc, &detail));
+                    let grpc = is_grpc(request.headers());
+                    Handled::answer(error_response(ProxyError::AuthzDenied, grpc, &detail))
                 }
-                Ok(handle(&proxy, &Role::Inbound, request).await)
+                None => handle_inbound(&proxy, request),
             }
         })
     };
@@ -79,7 +81,7 @@ async fn serve_meshed_inbound(
         let permissive = proxy.local_service_permissive();
         let connection =
             builder.serve_connection_with_upgrades(TokioIo::new(stream), service(proxy, !permissive, None));
-        let _ = watcher.watch(connection.into_owned()).await;
+        let _ = drain.watch(connection.into_owned()).await;
         return;
     }
     let Some(tls) = proxy.long_lived.tls.load_full() else { return };
@@ -110,11 +112,11 @@ async fn serve_meshed_inbound(
         .map(Arc::<str>::from);
     let connection =
         builder.serve_connection_with_upgrades(TokioIo::new(stream), service(proxy, false, caller));
-    let _ = watcher.watch(connection.into_owned()).await;
+    let _ = drain.watch(connection.into_owned()).await;
 }
 
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, role: Role, mut shutdown: ShutdownSignal) {
-    let graceful = GracefulShutdown::new();
+    let drain = Arc::new(Drain::default());
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // Peers get 30 s to send a request's headers (slow-loris). The local
     // app on the loopback-only outbound side is trusted, and a header timer
@@ -141,37 +143,109 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, role: Role, mut shu
         let _ = stream.set_nodelay(true);
         if matches!(role, Role::Inbound) && proxy.needs_identity.load(std::sync::atomic::Ordering::Acquire) {
             // A meshed inbound: mTLS from peers, plaintext only when permissive.
-            tokio::spawn(serve_meshed_inbound(stream, proxy.clone(), builder.clone(), graceful.watcher()));
+            tokio::spawn(serve_meshed_inbound(stream, proxy.clone(), builder.clone(), drain.clone()));
             continue;
         }
         let proxy = proxy.clone();
-        let role = role.clone();
-        let service = hyper::service::service_fn(move |request| {
-            let proxy = proxy.clone();
-            let role = role.clone();
-            async move { Ok::<_, Infallible>(handle(&proxy, &role, request).await) }
-        });
-        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
-        let connection = graceful.watch(connection);
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "connection ended with an error");
+        match &role {
+            Role::Inbound => {
+                let service = hyper::service::service_fn(move |request| handle_inbound(&proxy, request));
+                spawn_connection(&builder, &drain, stream, service);
             }
-        });
+            Role::Outbound => {
+                let timers = Arc::new(ConnectionTimers::default());
+                let service = hyper::service::service_fn(move |request| {
+                    handle_outbound(&proxy, None, &timers, request)
+                });
+                spawn_connection(&builder, &drain, stream, service);
+            }
+            Role::Upstream(name) => {
+                let (name, timers) = (name.clone(), Arc::new(ConnectionTimers::default()));
+                let service = hyper::service::service_fn(move |request| {
+                    handle_outbound(&proxy, Some(&name), &timers, request)
+                });
+                spawn_connection(&builder, &drain, stream, service);
+            }
+        }
     }
     drop(listener);
-    graceful.shutdown().await;
+    drain.start().await;
 }
 
-async fn handle(proxy: &Proxy, role: &Role, request: Request<Incoming>) -> Response<ResponseBody> {
-    let snapshot = proxy.table.load();
-    let name = match role {
-        Role::Inbound => {
-            let snapshot = arc_swap::Guard::into_inner(snapshot);
-            return forward_inbound(&snapshot.inbound, request).await;
+fn spawn_connection<S>(
+    builder: &auto::Builder<TokioExecutor>,
+    drain: &Arc<Drain>,
+    stream: tokio::net::TcpStream,
+    service: S,
+) where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<ResponseBody>, Error = Infallible>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+    let connection = drain.watch(connection);
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, "connection ended with an error");
         }
-        Role::Upstream(name) => name.as_ref(),
-        Role::Outbound => match authority_of(&request) {
+    });
+}
+
+pin_project_lite::pin_project! {
+    /// A request's answer: made at once, or the forwarding future held
+    /// inline. Routing is done before any future exists, so the future
+    /// hyper keeps per request is the forwarding one and nothing wraps it
+    /// (a wrapping async block would copy it once more per request).
+    #[project = HandledProjection]
+    pub enum Handled<F> {
+        Answered { response: Option<Response<ResponseBody>> },
+        Forwarding { #[pin] future: F },
+        // Rare paths (protocol upgrades) keep their own future on the heap.
+        Boxed { future: Pin<Box<dyn Future<Output = Response<ResponseBody>> + Send>> },
+    }
+}
+
+impl<F> Handled<F> {
+    fn answer(response: Response<ResponseBody>) -> Self {
+        Handled::Answered { response: Some(response) }
+    }
+}
+
+impl<F: Future<Output = Response<ResponseBody>>> Future for Handled<F> {
+    type Output = Result<Response<ResponseBody>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let response = match self.project() {
+            HandledProjection::Answered { response } => response.take().expect("polled after completion"),
+            HandledProjection::Forwarding { future } => std::task::ready!(future.poll(cx)),
+            HandledProjection::Boxed { future } => std::task::ready!(future.as_mut().poll(cx)),
+        };
+        Poll::Ready(Ok(response))
+    }
+}
+
+/// Peers' calls to the local app.
+fn handle_inbound(
+    proxy: &Proxy,
+    request: Request<Incoming>,
+) -> Handled<impl Future<Output = Response<ResponseBody>>> {
+    let snapshot = arc_swap::Guard::into_inner(proxy.table.load());
+    Handled::Forwarding { future: forward_inbound(snapshot, request) }
+}
+
+/// The app's calls: to the service its authority names, or to `fixed` (a
+/// per-upstream port).
+fn handle_outbound(
+    proxy: &Proxy,
+    fixed: Option<&str>,
+    timers: &Arc<ConnectionTimers>,
+    request: Request<Incoming>,
+) -> Handled<impl Future<Output = Response<ResponseBody>>> {
+    let snapshot = proxy.table.load();
+    let name = match fixed {
+        Some(name) => name,
+        None => match authority_of(&request) {
             Some(authority) => service_name(authority),
             None => {
                 let error = ProxyError::UnknownService;
@@ -180,11 +254,12 @@ async fn handle(proxy: &Proxy, role: &Role, request: Request<Incoming>) -> Respo
                     Some(error),
                     Default::default(),
                 );
-                return error_response(
+                let grpc = is_grpc(request.headers());
+                return Handled::answer(error_response(
                     error,
-                    is_grpc(request.headers()),
+                    grpc,
                     "the request names no service (no Host)",
-                );
+                ));
             }
         },
     };
@@ -192,12 +267,12 @@ async fn handle(proxy: &Proxy, role: &Role, request: Request<Incoming>) -> Respo
         let error = ProxyError::UnknownService;
         snapshot.unknown_service_metrics.record(error.status().as_u16(), Some(error), Default::default());
         let detail = format!("no service {name:?} in routing table version {}", snapshot.version);
-        return error_response(error, is_grpc(request.headers()), &detail);
+        return Handled::answer(error_response(error, is_grpc(request.headers()), &detail));
     };
     drop(snapshot);
     if is_upgrade(&request) {
-        forward_upgrade(service, request).await
+        Handled::Boxed { future: Box::pin(forward_upgrade(service, request)) }
     } else {
-        forward(service, request).await
+        Handled::Forwarding { future: forward(service, request, timers.clone()) }
     }
 }

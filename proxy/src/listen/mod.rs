@@ -2,6 +2,7 @@
 //! the request path, and stops accepting when shutdown begins.
 
 pub mod admin;
+pub mod drain;
 pub mod http;
 pub mod tcp;
 
