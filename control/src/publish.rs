@@ -22,6 +22,8 @@ pub struct PublishedService {
 pub struct Published {
     pub version: u64,
     pub services: BTreeMap<String, PublishedService>,
+    /// The roots proxies trust; a new bundle comes in a new version.
+    pub bundle: Option<Arc<pb::Bundle>>,
 }
 
 impl Published {
@@ -40,7 +42,7 @@ impl Published {
                 (name.clone(), published)
             })
             .collect();
-        Published { version: state.version, services }
+        Published { version: state.version, services, bundle: previous.bundle.clone() }
     }
 }
 

@@ -93,6 +93,7 @@ async fn session(
         service: options.service.clone(),
         have_version,
         admin_addr: options.admin_addr.clone(),
+        bundle_version: proxy.bundle_version(),
     };
     let _ = acks.send(pb::SubscribeRequest { message: Some(Message::Hello(hello)) }).await;
     let mut updates = DiscoveryClient::new(channel)
@@ -101,7 +102,29 @@ async fn session(
         .map_err(|e| format!("subscribe: {}", e.message()))?
         .into_inner();
     let mut received = false;
-    while let Some(update) = updates.message().await.map_err(|e| format!("stream: {}", e.message()))? {
+    let mut identity_changes = proxy.identity_changes.subscribe();
+    loop {
+        let update = tokio::select! {
+            update = updates.message() => update.map_err(|e| format!("stream: {}", e.message()))?,
+            // A new certificate (a renewal under a new root, say) is reported
+            // as a repeated ack, so the control plane knows which root it is from.
+            changed = identity_changes.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let ack = pb::Ack {
+                    version: proxy.control_version(),
+                    applied: true,
+                    error: String::new(),
+                    certificate_root: proxy.certificate_root(),
+                };
+                if acks.send(pb::SubscribeRequest { message: Some(Message::Ack(ack)) }).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+        };
+        let Some(update) = update else { break };
         received = true;
         if update.full {
             routes.clear();
@@ -112,17 +135,33 @@ async fn session(
         for name in &update.removed_services {
             routes.remove(name);
         }
-        let ack = match to_config(routes, options) {
+        let bundle = match update.bundle.map(crate::identity::TrustBundle::from_pb) {
+            Some(bundle) => proxy.apply_bundle(bundle).map_err(|e| format!("trust bundle: {e}")),
+            None => Ok(()),
+        };
+        let ack = match bundle.and_then(|()| to_config(routes, options)) {
             Ok(config) => {
                 proxy.apply_control(config, update.version);
                 tracing::info!(version = update.version, "routing table from the control plane applied");
-                pb::Ack { version: update.version, applied: true, error: String::new() }
+                pb::Ack {
+                    version: update.version,
+                    applied: true,
+                    error: String::new(),
+                    certificate_root: proxy.certificate_root(),
+                }
             }
             Err(error) => {
                 tracing::warn!(version = update.version, %error, "routing update refused; the table in force stays");
-                pb::Ack { version: update.version, applied: false, error }
+                pb::Ack {
+                    version: update.version,
+                    applied: false,
+                    error,
+                    certificate_root: proxy.certificate_root(),
+                }
             }
         };
+        // This ack reports the certificate in force; no repeat is needed.
+        identity_changes.borrow_and_update();
         if acks.send(pb::SubscribeRequest { message: Some(Message::Ack(ack)) }).await.is_err() {
             break;
         }

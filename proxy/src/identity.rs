@@ -13,17 +13,71 @@ use rcgen::{CertificateParams, KeyPair};
 pub struct Identity {
     pub spiffe_id: String,
     pub certificate_pem: String,
+    /// The roots trusted with this certificate, and their bundle's version.
     pub roots_pem: String,
+    pub bundle_version: u64,
+    /// The serial (hex) of the root among `roots_pem` that signed the
+    /// certificate, "" if none did.
+    pub certificate_root: String,
     pub issued_unix_ms: u64,
     pub expires_unix_ms: u64,
     /// PKCS#8 DER; deliberately not in `Debug`.
     key_der: Vec<u8>,
 }
 
+/// The roots the control plane says to trust, and which of them signs.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TrustBundle {
+    pub roots_pem: String,
+    pub version: u64,
+    pub signer_serial: String,
+}
+
+impl TrustBundle {
+    pub fn from_pb(bundle: pb::Bundle) -> TrustBundle {
+        TrustBundle {
+            roots_pem: bundle.roots_pem,
+            version: bundle.version,
+            signer_serial: bundle.signer_serial,
+        }
+    }
+}
+
 impl Identity {
     pub fn key_der(&self) -> &[u8] {
         &self.key_der
     }
+
+    /// The same certificate and key, trusting `bundle`'s roots.
+    pub fn with_bundle(&self, bundle: &TrustBundle) -> Identity {
+        Identity {
+            spiffe_id: self.spiffe_id.clone(),
+            certificate_pem: self.certificate_pem.clone(),
+            roots_pem: bundle.roots_pem.clone(),
+            bundle_version: bundle.version,
+            certificate_root: root_of(&self.certificate_pem, &bundle.roots_pem),
+            issued_unix_ms: self.issued_unix_ms,
+            expires_unix_ms: self.expires_unix_ms,
+            key_der: self.key_der.clone(),
+        }
+    }
+}
+
+/// The serial (hex) of the root in `roots_pem` whose key signed
+/// `certificate_pem`, or "" if none did.
+pub fn root_of(certificate_pem: &str, roots_pem: &str) -> String {
+    let Ok((_, pem)) = x509_parser::pem::parse_x509_pem(certificate_pem.as_bytes()) else {
+        return String::new();
+    };
+    let Ok(cert) = pem.parse_x509() else { return String::new() };
+    x509_parser::pem::Pem::iter_from_buffer(roots_pem.as_bytes())
+        .filter_map(|root| root.ok())
+        .find_map(|root| {
+            let root = root.parse_x509().ok()?;
+            cert.verify_signature(Some(root.public_key())).ok()?;
+            Some(root.raw_serial().iter().map(|b| format!("{b:02x}")).collect())
+        })
+        .unwrap_or_default()
 }
 
 impl std::fmt::Debug for Identity {
@@ -82,10 +136,13 @@ async fn client(control: &str) -> Result<IdentityClient<tonic::transport::Channe
 
 impl Identity {
     fn from_reply(reply: pb::SignReply, key_der: Vec<u8>) -> Identity {
+        let bundle = reply.bundle.unwrap_or_default();
         Identity {
             spiffe_id: reply.spiffe_id,
+            certificate_root: root_of(&reply.certificate_pem, &bundle.roots_pem),
             certificate_pem: reply.certificate_pem,
-            roots_pem: reply.bundle.map(|b| b.roots_pem).unwrap_or_default(),
+            roots_pem: bundle.roots_pem,
+            bundle_version: bundle.version,
             issued_unix_ms: crate::clock::unix_millis(),
             expires_unix_ms: reply.expires_unix_ms,
             key_der,
@@ -112,6 +169,8 @@ mod tests {
             spiffe_id: String::new(),
             certificate_pem: String::new(),
             roots_pem: String::new(),
+            bundle_version: 1,
+            certificate_root: String::new(),
             issued_unix_ms: 1_000_000,
             expires_unix_ms: 1_000_000 + 60_000,
             key_der: Vec::new(),

@@ -250,41 +250,33 @@ async fn acquire_identity(control: String, token: String, proxy: Arc<Proxy>) {
         return;
     };
     loop {
-        if let Err(error) = install_identity(&proxy, identity) {
+        let (spiffe_id, expires_unix_ms) = (identity.spiffe_id.clone(), identity.expires_unix_ms);
+        if let Err(error) = proxy.install_identity(identity) {
             tracing::error!(%error, "the certificate cannot be used for mTLS");
             return;
         }
+        tracing::info!(%spiffe_id, expires_unix_ms, "certificate obtained");
         let current = proxy.identity.load_full().expect("installed above");
-        identity = renew_when_due(&control, &current).await;
+        identity = renew_when_due(&control, &current, &proxy.renew_now).await;
     }
 }
 
-/// Makes `identity` the one new connections use; open connections keep theirs.
-fn install_identity(proxy: &Proxy, identity: mesh_proxy::identity::Identity) -> Result<(), String> {
-    let counters = proxy.long_lived.metrics.tls_handshakes.clone();
-    let tls = mesh_proxy::tls::MeshTls::new(&identity, counters)?;
-    tracing::info!(spiffe_id = %identity.spiffe_id, expires_unix_ms = identity.expires_unix_ms, "certificate obtained");
-    proxy
-        .long_lived
-        .metrics
-        .identity_expiry_unix_secs
-        .store(identity.expires_unix_ms / 1000, Ordering::Relaxed);
-    proxy.long_lived.tls.store(Some(Arc::new(tls)));
-    proxy.identity.store(Some(Arc::new(identity)));
-    Ok(())
-}
-
-/// Waits until `current` is due for renewal, then renews it, retrying with
-/// backoff (bounded by its expiry: after that only a new token helps, and
-/// the proxy keeps retrying in case the control plane comes back).
+/// Waits until `current` is due for renewal (or `now` says the signing
+/// root changed), then renews it, retrying with backoff (bounded by its
+/// expiry: after that only a new token helps, and the proxy keeps retrying
+/// in case the control plane comes back).
 async fn renew_when_due(
     control: &str,
     current: &mesh_proxy::identity::Identity,
+    now: &tokio::sync::Notify,
 ) -> mesh_proxy::identity::Identity {
     let jitter = rand::random_range(-1.0..=1.0);
     let due = current.renew_at_unix_ms(jitter);
     let wait = due.saturating_sub(mesh_proxy::clock::unix_millis());
-    tokio::time::sleep(Duration::from_millis(wait)).await;
+    tokio::select! {
+        _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
+        _ = now.notified() => tracing::info!("the signing root changed: renewing the certificate now"),
+    }
     let mut backoff = Duration::from_millis(200);
     loop {
         match mesh_proxy::identity::renew(control, current).await {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::config::ProxyConfig;
+use crate::identity::{Identity, TrustBundle};
 use crate::snapshot::{LongLived, Snapshot};
 
 pub struct Proxy {
@@ -23,7 +24,13 @@ pub struct Proxy {
     /// True when the proxy was given a bootstrap token: it is not ready
     /// until it holds a certificate.
     pub needs_identity: AtomicBool,
-    pub identity: arc_swap::ArcSwapOption<crate::identity::Identity>,
+    pub identity: arc_swap::ArcSwapOption<Identity>,
+    /// The newest trust bundle from the control plane's stream.
+    bundle: arc_swap::ArcSwapOption<TrustBundle>,
+    /// Wakes the renewal loop before its time: the signing root changed.
+    pub renew_now: tokio::sync::Notify,
+    /// Counts certificate changes, so the control stream can report them.
+    pub identity_changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl Proxy {
@@ -47,6 +54,9 @@ impl Proxy {
             control_version: AtomicU64::new(0),
             needs_identity: AtomicBool::new(false),
             identity: arc_swap::ArcSwapOption::empty(),
+            bundle: arc_swap::ArcSwapOption::empty(),
+            renew_now: tokio::sync::Notify::new(),
+            identity_changes: tokio::sync::watch::channel(0).0,
         })
     }
 
@@ -83,6 +93,58 @@ impl Proxy {
             service.config.name,
             service.config.allow_from.join(", ")
         ))
+    }
+
+    /// Makes `identity` the one new connections use (open connections keep
+    /// theirs), trusting the newest bundle known. A certificate from a root
+    /// that no longer signs is renewed at once.
+    pub fn install_identity(&self, identity: Identity) -> Result<(), String> {
+        let bundle = self.bundle.load_full();
+        let identity = match bundle.as_deref() {
+            Some(bundle) if bundle.version > identity.bundle_version => identity.with_bundle(bundle),
+            _ => identity,
+        };
+        let counters = self.long_lived.metrics.tls_handshakes.clone();
+        let tls = crate::tls::MeshTls::new(&identity, counters)?;
+        self.long_lived
+            .metrics
+            .identity_expiry_unix_secs
+            .store(identity.expires_unix_ms / 1000, Ordering::Relaxed);
+        let stale = bundle
+            .is_some_and(|b| !b.signer_serial.is_empty() && b.signer_serial != identity.certificate_root);
+        self.long_lived.tls.store(Some(Arc::new(tls)));
+        self.identity.store(Some(Arc::new(identity)));
+        self.identity_changes.send_modify(|n| *n += 1);
+        if stale {
+            self.renew_now.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Takes a trust bundle from the control plane: new connections trust
+    /// its roots from now on.
+    pub fn apply_bundle(&self, bundle: TrustBundle) -> Result<(), String> {
+        if bundle.version <= self.bundle_version() {
+            return Ok(());
+        }
+        let bundle = Arc::new(bundle);
+        let previous = self.bundle.swap(Some(bundle.clone()));
+        let Some(identity) = self.identity.load_full() else { return Ok(()) };
+        let result = self.install_identity(identity.with_bundle(&bundle));
+        if result.is_err() {
+            // The bundle in force stays; the control plane hears why.
+            self.bundle.store(previous);
+        }
+        result
+    }
+
+    pub fn bundle_version(&self) -> u64 {
+        self.bundle.load().as_ref().map_or(0, |b| b.version)
+    }
+
+    /// The root that signed this proxy's certificate (serial), "" for none.
+    pub fn certificate_root(&self) -> String {
+        self.identity.load().as_ref().map(|i| i.certificate_root.clone()).unwrap_or_default()
     }
 
     pub fn control_version(&self) -> u64 {

@@ -276,12 +276,17 @@ impl Meshd {
     /// constraint). Returns the sidecar's outbound address (the app's
     /// `MESH_OUTBOUND`).
     pub async fn mesh_client(&self, job_file: &Path, placement: &str) -> String {
+        self.mesh_client_named("client", job_file, placement).await
+    }
+
+    /// `mesh_client` with another job name, for a second client.
+    pub async fn mesh_client_named(&self, name: &str, job_file: &Path, placement: &str) -> String {
         let job = format!(
-            "name = \"client\"\nversion = \"v1\"\nreplicas = 1\n\n[task]\ncommand = \"/bin/sleep\"\nargs = [\"600\"]\n\n[resources]\ncpu_millis = 10\nmemory_mb = 16\n\n{placement}"
+            "name = \"{name}\"\nversion = \"v1\"\nreplicas = 1\n\n[task]\ncommand = \"/bin/sleep\"\nargs = [\"600\"]\n\n[resources]\ncpu_millis = 10\nmemory_mb = 16\n\n{placement}"
         );
         std::fs::write(job_file, job).expect("write the client's job file");
         self.ctl_ok(&["job", "run", job_file.to_str().expect("utf-8 path")]);
-        let client = self.running("client", 1, Duration::from_secs(30)).await.remove(0);
+        let client = self.running(name, 1, Duration::from_secs(30)).await.remove(0);
         let environ =
             std::fs::read(format!("/proc/{}/environ", client["pid"])).expect("the client's environment");
         String::from_utf8_lossy(&environ)

@@ -357,3 +357,63 @@ async fn meshctl_check_reports_expiries_and_warns_before_them() {
     assert_eq!(code, 4, "{stderr}");
     assert!(out.contains("WARN: expires soon") && stderr.contains("need attention"), "{out}{stderr}");
 }
+
+/// The CA rows of `meshctl check` and the root each connected proxy's certificate is from.
+fn roots_in_use(meshd: &Meshd) -> (Vec<String>, Vec<String>) {
+    let rows = meshd.ctl_json(&["check"]);
+    let rows = rows.as_array().unwrap();
+    let of = |what: &str| -> Vec<String> {
+        rows.iter().filter(|r| r["what"] == what).map(|r| r["root"].as_str().unwrap().to_owned()).collect()
+    };
+    (of("ca"), of("proxy"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_root_rotates_in_stages_under_load_without_a_failed_request() {
+    let dir = TempDir::new("identity-rotation");
+    let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", &["--heartbeat-ttl", "1s"]);
+    let _agent = Agent::start(&meshd.listen, "node-a", "127.0.0.2", 1000, &dir.path("agent"), &[]);
+    let file = dir.path("web.toml");
+    std::fs::write(&file, JOB.replace("replicas = 1", "replicas = 2")).unwrap();
+    meshd.ctl_ok(&["job", "run", file.to_str().unwrap()]);
+    meshd.running("web", 2, Duration::from_secs(30)).await;
+    let client = meshd.mesh_client(&dir.path("client.toml"), "").await;
+    let (cas, _) = roots_in_use(&meshd);
+    assert_eq!(cas.len(), 1, "{cas:?}");
+    let old_root = cas[0].trim_end_matches(" (signs)").to_owned();
+
+    let load = mesh_tests::client::Background::start(&client, "web", 2);
+    load.wait_for(100).await;
+    let out = meshd.ctl_ok(&["identity", "rotate-root", "--stage-timeout", "60s"]);
+    load.wait_for(100).await;
+    let tally = load.stop().await;
+    assert_eq!(tally.failed(), 0, "failed requests around the rotation: {:?}\n{out}", tally.failures);
+    eprintln!("{out}");
+
+    // Each stage is reported in order, each finished by every proxy.
+    let stages: Vec<&str> = out.lines().filter_map(|l| l.strip_prefix('[')?.split(']').next()).collect();
+    let mut order = stages.clone();
+    order.dedup();
+    assert_eq!(order, ["add-root", "reissue", "remove-old-root", "done"], "{out}");
+    assert_eq!(out.matches("proxies caught up").count(), 3, "{out}");
+
+    // One root now, a new one, and every proxy's certificate is from it.
+    let (cas, proxies) = roots_in_use(&meshd);
+    assert_eq!(cas.len(), 1, "the old root left the bundle: {cas:?}");
+    let new_root = cas[0].trim_end_matches(" (signs)").to_owned();
+    assert_ne!(new_root, old_root);
+    assert!(proxies.len() >= 3, "{proxies:?}");
+    assert!(proxies.iter().all(|root| *root == new_root), "{proxies:?} vs {new_root}");
+
+    // A proxy that starts now gets a certificate from the new root and its
+    // new connections are accepted by sidecars that trust only that root.
+    let late = meshd.mesh_client_named("late", &dir.path("late.toml"), "").await;
+    let late_load = mesh_tests::client::Background::start(&late, "web", 1);
+    late_load.wait_for(20).await;
+    let tally = late_load.stop().await;
+    assert_eq!(tally.failed(), 0, "{:?}", tally.failures);
+
+    // Nothing to resume: a second run rotates again from the start.
+    let again = meshd.ctl_ok(&["identity", "rotate-root", "--stage-timeout", "60s"]);
+    assert!(again.contains("[done]"), "{again}");
+}

@@ -118,7 +118,7 @@ async fn simulated_proxy(server: String, id: u32, received_bytes: Arc<AtomicU64>
         .into_inner();
     while let Some(update) = updates.message().await.map_err(|e| e.to_string())? {
         received_bytes.fetch_add(prost::Message::encoded_len(&update) as u64, Ordering::Relaxed);
-        let ack = pb::Ack { version: update.version, applied: true, error: String::new() };
+        let ack = pb::Ack { version: update.version, applied: true, ..Default::default() };
         if tx.send(pb::SubscribeRequest { message: Some(Message::Ack(ack)) }).await.is_err() {
             break;
         }

@@ -113,6 +113,25 @@ enum Command {
         #[command(subcommand)]
         command: JobCommand,
     },
+    /// Workload identity: the root CA.
+    Identity {
+        #[command(subcommand)]
+        command: IdentityCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum IdentityCommand {
+    /// Replace the root CA without failing traffic, reporting each stage: the
+    /// new root joins the trust bundle (every proxy acks), certificates are
+    /// reissued under it, the old root leaves the bundle (every proxy acks).
+    /// A stage that times out stops with both roots trusted; running this
+    /// again resumes.
+    RotateRoot {
+        /// How long each stage waits for the proxies.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "2m")]
+        stage_timeout: Duration,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -337,12 +356,38 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 }
             }
         }
+        Command::Identity { command: IdentityCommand::RotateRoot { stage_timeout } } => {
+            let request = pb::RotateRootRequest { stage_timeout_ms: stage_timeout.as_millis() as u64 };
+            let mut progress = IdentityClient::new(channel).rotate_root(request).await?.into_inner();
+            while let Some(step) = progress.message().await? {
+                match cli.output {
+                    Output::Table => println!("[{}] {}", step.stage, step.message),
+                    Output::Json => println!(
+                        "{}",
+                        json!({"stage": step.stage, "message": step.message, "done": step.done, "failed": step.failed})
+                    ),
+                }
+                if step.done {
+                    if step.failed {
+                        return Err(Failure(
+                            format!("root rotation stopped at {}: {}", step.stage, step.message),
+                            1,
+                        ));
+                    }
+                    return Ok(());
+                }
+            }
+            return Err(Failure(
+                "the control plane ended the rotation's report early; run again to resume".into(),
+                1,
+            ));
+        }
         Command::Check { warn_within } => {
             let bundle = IdentityClient::new(channel).trust_bundle(pb::Empty {}).await?.into_inner();
             let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
             let mut rows: Rows = Vec::new();
             let mut warnings = 0;
-            let mut row = |what: &str, name: String, expires: Option<u64>, within: Duration| {
+            let mut row = |what: &str, name: String, root: String, expires: Option<u64>, within: Duration| {
                 let left = expires.map(|e| e.saturating_sub(now));
                 let status = match left {
                     None => "no certificate",
@@ -353,6 +398,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 rows.push(vec![
                     ("what", json!(what)),
                     ("name", json!(name)),
+                    ("root", json!(root)),
                     ("bundle_version", json!(bundle.version)),
                     ("expires_unix", json!(expires)),
                     (
@@ -362,8 +408,16 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     ("status", json!(status)),
                 ]);
             };
-            for (subject, expires) in mesh_control::identity::ca::certificate_expiries(&bundle.roots_pem) {
-                row("ca", subject, Some(expires), warn_within * 10);
+            for root in mesh_control::identity::ca::certificates(&bundle.roots_pem) {
+                // The root that signs; another is only trusted (a rotation is under way).
+                let signs = if root.serial == bundle.signer_serial { " (signs)" } else { " (trusted)" };
+                row(
+                    "ca",
+                    root.subject,
+                    format!("{}{signs}", root.serial),
+                    Some(root.expires_unix),
+                    warn_within * 10,
+                );
             }
             let proxies = admin.list_proxies(pb::Empty {}).await?.into_inner().proxies;
             for proxy in proxies.iter().filter(|p| p.connected && !p.admin_addr.is_empty()) {
@@ -375,7 +429,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                         }),
                         _ => None,
                     };
-                row("proxy", proxy.proxy_id.clone(), expires, warn_within);
+                row("proxy", proxy.proxy_id.clone(), proxy.certificate_root.clone(), expires, warn_within);
             }
             print_rows(cli.output, &rows);
             if warnings > 0 {

@@ -13,9 +13,10 @@ use clap::{Parser, Subcommand};
 use mesh_control::agent::instance::{reap_leftovers, Context};
 use mesh_control::agent::supervisor::Supervisor;
 use mesh_control::identity::ca::Authority;
+use mesh_control::identity::rotation::Trust;
 use mesh_control::server::admin::AdminService;
 use mesh_control::server::discovery::DiscoveryService;
-use mesh_control::server::identity::IdentityService;
+use mesh_control::server::identity::{IdentityService, TrustKeeper};
 use mesh_control::server::jobs::{JobsService, Scheduler};
 use mesh_control::server::nodes::{NodeRegistry, NodesService};
 use mesh_control::server::registry::RegistryService;
@@ -147,7 +148,9 @@ async fn serve(args: ServerArgs, bound: tokio::sync::oneshot::Sender<SocketAddr>
     let store = RedbStore::open(&data_dir).map_err(|e| e.to_string())?;
     let control = ControlPlane::new(Box::new(store)).map_err(|e| e.to_string())?;
     let scheduler = Scheduler::start(control.clone(), nodes.clone())?;
-    let authority = Arc::new(certificate_authority(control.store(), &trust_domain, ca_cert, ca_key)?);
+    let operator_ca = ca_cert.is_some();
+    let trust = trust_state(control.store(), &trust_domain, ca_cert, ca_key)?;
+    let trust = TrustKeeper::new(trust, control.clone(), operator_ca);
     let grpc = TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let http = TcpListener::bind(admin).await.map_err(|e| format!("cannot listen on {admin}: {e}"))?;
     let grpc_addr = grpc.local_addr().map_err(|e| e.to_string())?;
@@ -164,7 +167,7 @@ async fn serve(args: ServerArgs, bound: tokio::sync::oneshot::Sender<SocketAddr>
         .add_service(DiscoveryServer::new(DiscoveryService { control: control.clone() }))
         .add_service(NodesServer::new(NodesService { registry: nodes.clone(), scheduler: scheduler.clone() }))
         .add_service(IdentityServer::new(IdentityService {
-            authority,
+            trust,
             scheduler: scheduler.clone(),
             tokens: Default::default(),
             cert_ttl,
@@ -176,29 +179,30 @@ async fn serve(args: ServerArgs, bound: tokio::sync::oneshot::Sender<SocketAddr>
         .map_err(|e| e.to_string())
 }
 
-/// The CA: the operator's from files, else the one in the store, else a
-/// new root saved to the store. Its key is never logged.
-fn certificate_authority(
+/// The trust state: the operator's CA from files, else the one in the
+/// store (with a rotation in progress, if one was), else a new root saved
+/// to the store. Keys are never logged.
+fn trust_state(
     store: &dyn mesh_control::store::Store,
     trust_domain: &str,
     ca_cert: Option<PathBuf>,
     ca_key: Option<PathBuf>,
-) -> Result<Authority, String> {
+) -> Result<Trust, String> {
     if let (Some(cert), Some(key)) = (ca_cert, ca_key) {
         let read =
             |path: &PathBuf| std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()));
         let authority = Authority::from_pem(&read(&cert)?, &read(&key)?, trust_domain)
             .map_err(|e| format!("--ca-cert/--ca-key: {e}"))?;
         tracing::info!(cert = %cert.display(), %trust_domain, "using the operator's CA");
-        return Ok(authority);
+        return Ok(Trust::steady(authority));
     }
-    if let Some((cert, key)) = store.load_ca().map_err(|e| e.to_string())? {
-        return Authority::from_pem(&cert, &key, trust_domain).map_err(|e| format!("the stored CA: {e}"));
+    if let Some(stored) = store.load_trust().map_err(|e| e.to_string())? {
+        return Trust::from_stored(stored, trust_domain).map_err(|e| format!("the stored CA: {e}"));
     }
-    let authority = Authority::generate(trust_domain)?;
-    store.save_ca(authority.cert_pem(), &authority.key_pem()).map_err(|e| e.to_string())?;
+    let trust = Trust::steady(Authority::generate(trust_domain)?);
+    store.save_trust(&trust.to_stored()).map_err(|e| e.to_string())?;
     tracing::info!(%trust_domain, "generated a root CA and stored it");
-    Ok(authority)
+    Ok(trust)
 }
 
 async fn shutdown_signal() {

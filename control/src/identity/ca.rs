@@ -85,26 +85,12 @@ impl Authority {
     /// renewal: the request must be signed by the same key (which proves the
     /// caller holds it), and the certificate must not have expired.
     pub fn renewal_service(&self, certificate_pem: &str, csr_pem: &str) -> Result<String, String> {
-        let (_, ca) = x509_parser::pem::parse_x509_pem(self.cert_pem.as_bytes()).map_err(err)?;
-        let ca = ca.parse_x509().map_err(err)?;
-        let (_, pem) = x509_parser::pem::parse_x509_pem(certificate_pem.as_bytes())
-            .map_err(|e| format!("the certificate to renew: {e}"))?;
-        let cert = pem.parse_x509().map_err(|e| format!("the certificate to renew: {e}"))?;
-        cert.verify_signature(Some(ca.public_key()))
-            .map_err(|_| "the certificate is not from this CA".to_owned())?;
-        if !cert.validity().is_valid() {
-            return Err("the certificate has expired: a new token is needed".into());
-        }
-        let request = CertificateSigningRequestParams::from_pem(csr_pem)
-            .map_err(|e| format!("the certificate request: {e}"))?;
-        if request.public_key.der_bytes() != &*cert.public_key().subject_public_key.data {
-            return Err("the request is not signed by the certificate's key".into());
-        }
-        let prefix = format!("spiffe://{}/service/", self.trust_domain);
-        uri_names(&cert)
-            .iter()
-            .find_map(|name| name.strip_prefix(&prefix).map(str::to_owned))
-            .ok_or_else(|| "the certificate names no service of this trust domain".to_owned())
+        renewal_service(&[self.cert_pem()], &self.trust_domain, certificate_pem, csr_pem)
+    }
+
+    /// The serial number of this CA's certificate, in hex.
+    pub fn serial(&self) -> String {
+        serial_hex(&self.cert_pem).unwrap_or_default()
     }
 
     /// Signs a PEM certificate request for `service`, valid for `ttl`. The
@@ -130,14 +116,67 @@ impl Authority {
     }
 }
 
-/// Every certificate in a PEM bundle: (subject, expiry in Unix seconds).
-pub fn certificate_expiries(pem: &str) -> Vec<(String, u64)> {
+/// The service a still-valid certificate from one of `roots_pem` names, for
+/// a renewal: the request must be signed by the certificate's key (which
+/// proves the caller holds it), and the certificate must not have expired.
+pub fn renewal_service(
+    roots_pem: &[&str],
+    trust_domain: &str,
+    certificate_pem: &str,
+    csr_pem: &str,
+) -> Result<String, String> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(certificate_pem.as_bytes())
+        .map_err(|e| format!("the certificate to renew: {e}"))?;
+    let cert = pem.parse_x509().map_err(|e| format!("the certificate to renew: {e}"))?;
+    let from_a_root = roots_pem.iter().any(|root| {
+        x509_parser::pem::parse_x509_pem(root.as_bytes()).ok().is_some_and(|(_, root)| {
+            root.parse_x509().is_ok_and(|root| cert.verify_signature(Some(root.public_key())).is_ok())
+        })
+    });
+    if !from_a_root {
+        return Err("the certificate is not from this CA".to_owned());
+    }
+    if !cert.validity().is_valid() {
+        return Err("the certificate has expired: a new token is needed".into());
+    }
+    let request = CertificateSigningRequestParams::from_pem(csr_pem)
+        .map_err(|e| format!("the certificate request: {e}"))?;
+    if request.public_key.der_bytes() != &*cert.public_key().subject_public_key.data {
+        return Err("the request is not signed by the certificate's key".into());
+    }
+    let prefix = format!("spiffe://{trust_domain}/service/");
+    uri_names(&cert)
+        .iter()
+        .find_map(|name| name.strip_prefix(&prefix).map(str::to_owned))
+        .ok_or_else(|| "the certificate names no service of this trust domain".to_owned())
+}
+
+/// The serial number of the first certificate in `pem`, in hex.
+pub fn serial_hex(pem: &str) -> Result<String, String> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(err)?;
+    let cert = pem.parse_x509().map_err(err)?;
+    Ok(cert.raw_serial().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// One certificate of a PEM bundle, as `meshctl check` shows it.
+pub struct CertificateSummary {
+    pub subject: String,
+    /// Hex, as proxies report the root of their certificate.
+    pub serial: String,
+    pub expires_unix: u64,
+}
+
+/// Every certificate in a PEM bundle.
+pub fn certificates(pem: &str) -> Vec<CertificateSummary> {
     x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes())
         .filter_map(|entry| {
             let entry = entry.ok()?;
             let cert = entry.parse_x509().ok()?;
-            let expires = cert.validity().not_after.timestamp().max(0) as u64;
-            Some((cert.subject().to_string(), expires))
+            Some(CertificateSummary {
+                subject: cert.subject().to_string(),
+                serial: cert.raw_serial().iter().map(|b| format!("{b:02x}")).collect(),
+                expires_unix: cert.validity().not_after.timestamp().max(0) as u64,
+            })
         })
         .collect()
 }

@@ -3,6 +3,7 @@
 //! (`tokens.rs`). An identity is `spiffe://<trust domain>/service/<service>`.
 
 pub mod ca;
+pub mod rotation;
 pub mod tokens;
 
 /// The SPIFFE ID of a service in a trust domain.

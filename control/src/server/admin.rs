@@ -35,6 +35,7 @@ pub fn proxy_status(id: &str, record: &ProxyRecord) -> pb::ProxyStatus {
         connected: record.connected,
         admin_addr: record.admin_addr.clone(),
         stalled: record.stalled(),
+        certificate_root: record.certificate_root.clone(),
     }
 }
 

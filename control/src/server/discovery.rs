@@ -58,36 +58,49 @@ impl Discovery for DiscoveryService {
             record.acked_version = hello.have_version;
         });
         let (tx, rx) = mpsc::channel(1);
-        tokio::spawn(push(self.control.clone(), id.clone(), hello.have_version, tx));
+        let have = Have { version: hello.have_version, bundle: hello.bundle_version };
+        tokio::spawn(push(self.control.clone(), id.clone(), have, tx));
         tokio::spawn(read_acks(self.control.clone(), id, stream, inbound));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+}
+
+/// What a proxy said it holds in its Hello.
+struct Have {
+    version: u64,
+    bundle: u64,
 }
 
 /// Sends the proxy what it lacks, each time the state changes.
 async fn push(
     control: Arc<ControlPlane>,
     id: String,
-    have_version: u64,
+    have: Have,
     tx: mpsc::Sender<Result<pb::RoutingUpdate, Status>>,
 ) {
     let mut publications = control.subscribe();
     let mut sent: BTreeMap<String, u64> = BTreeMap::new();
+    let mut sent_bundle = have.bundle;
     let mut first = true;
     loop {
         let current: Arc<Published> = publications.borrow_and_update().clone();
-        if first && have_version == current.version && have_version != 0 {
+        let bundle = current.bundle.as_ref().filter(|b| b.version != sent_bundle);
+        if first && have.version == current.version && have.version != 0 && bundle.is_none() {
             // The proxy resumes on the current table: nothing to send.
             sent = current.services.iter().map(|(n, s)| (n.clone(), s.stamp)).collect();
         } else {
             let (changed, removed) = diff(&sent, &current);
-            if first || !changed.is_empty() || !removed.is_empty() {
+            if first || !changed.is_empty() || !removed.is_empty() || bundle.is_some() {
                 let update = pb::RoutingUpdate {
                     version: current.version,
                     full: first,
                     services: changed.iter().map(|s| pb::ServiceRoute::clone(&s.route)).collect(),
                     removed_services: removed,
+                    bundle: bundle.map(|b| pb::Bundle::clone(b)),
                 };
+                if let Some(bundle) = bundle {
+                    sent_bundle = bundle.version;
+                }
                 control.update_proxy(&id, |record| {
                     let now = Instant::now();
                     record.pushed = Some((current.version, now));
@@ -118,8 +131,9 @@ async fn read_acks(
         let Some(Message::Ack(ack)) = message.message else { continue };
         control.update_proxy(&id, |record| {
             record.last_contact = Some(SystemTime::now());
+            record.certificate_root = ack.certificate_root.clone();
             if ack.applied {
-                record.acked_version = ack.version;
+                record.acked_version = ack.version.max(record.acked_version);
                 record.rejected = None;
             } else {
                 record.rejected = Some((ack.version, ack.error.clone()));

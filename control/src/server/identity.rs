@@ -1,23 +1,215 @@
 //! The Identity API: bootstrap tokens for agents, certificates for
-//! proxies, the trust bundle. Tokens are held in memory only: a server
-//! restart invalidates the unredeemed ones, and agents ask again.
+//! proxies, the trust bundle, and root rotation. Tokens are held in memory
+//! only: a server restart invalidates the unredeemed ones, and agents ask
+//! again.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use mesh_proto::mesh::v1 as pb;
 use mesh_proto::mesh::v1::identity_server::Identity;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::jobs::Scheduler;
-use crate::identity::ca::Authority;
+use super::ControlPlane;
+use crate::identity::ca::{self, Authority};
+use crate::identity::rotation::{lagging, ProxyView, Stage, Trust};
 use crate::identity::tokens::{new_token, Grant, Tokens};
 
 /// How long a token waits to be redeemed: the sidecar's start.
 const TOKEN_TTL: Duration = Duration::from_secs(120);
+/// How long a rotation stage waits for the proxies unless told otherwise.
+const DEFAULT_STAGE_TIMEOUT: Duration = Duration::from_secs(120);
+/// How often a waiting stage says who it waits for.
+const PROGRESS_EVERY: Duration = Duration::from_secs(2);
+
+/// The trust state in force and the one rotation that may change it.
+pub struct TrustKeeper {
+    trust: RwLock<Arc<Trust>>,
+    control: Arc<ControlPlane>,
+    /// Rotations replace roots one at a time.
+    rotating: tokio::sync::Mutex<()>,
+    /// An operator's CA (from files) is rotated by the operator.
+    operator_ca: bool,
+}
+
+impl TrustKeeper {
+    /// Keeps `trust` and has the control plane hand its bundle to proxies.
+    pub fn new(trust: Trust, control: Arc<ControlPlane>, operator_ca: bool) -> Arc<TrustKeeper> {
+        let keeper = TrustKeeper {
+            trust: RwLock::new(Arc::new(trust)),
+            control,
+            rotating: Default::default(),
+            operator_ca,
+        };
+        keeper.control.set_bundle(keeper.bundle());
+        Arc::new(keeper)
+    }
+
+    pub fn current(&self) -> Arc<Trust> {
+        self.trust.read().expect("trust lock").clone()
+    }
+
+    pub fn bundle(&self) -> pb::Bundle {
+        bundle_of(&self.current())
+    }
+
+    /// Moves to the next stage: stored first, then in force, then published.
+    /// Returns the new trust and the routing version that carries its bundle.
+    async fn advance(&self) -> Result<(Arc<Trust>, u64), String> {
+        let current = self.current();
+        let trust_domain = current.signer.trust_domain().to_owned();
+        // The stored form round-trips the keys, so the current state can be rebuilt owned.
+        let owned = Trust::from_stored(current.to_stored(), &trust_domain)?;
+        let next = Arc::new(owned.advance(|| Authority::generate(&trust_domain))?);
+        self.control.store().save_trust(&next.to_stored()).map_err(|e| e.to_string())?;
+        *self.trust.write().expect("trust lock") = next.clone();
+        let version = self.control.publish_bundle(bundle_of(&next)).await.map_err(|e| e.to_string())?;
+        Ok((next, version))
+    }
+
+    /// Runs (or resumes) a rotation, reporting each step to `report`.
+    pub async fn rotate(
+        &self,
+        stage_timeout: Duration,
+        report: &mpsc::Sender<Result<pb::RotationProgress, Status>>,
+    ) {
+        let say = |stage: &str, message: String, done: bool, failed: bool| {
+            let progress = pb::RotationProgress { stage: stage.to_owned(), message, done, failed };
+            // A caller that went away does not stop the rotation.
+            let _ = report.try_send(Ok(progress));
+        };
+        if self.operator_ca {
+            let message =
+                "the CA comes from --ca-cert/--ca-key: rotate it by restarting meshd with the new files";
+            say("add-root", message.to_owned(), true, true);
+            return;
+        }
+        let Ok(_only_one) = self.rotating.try_lock() else {
+            say("add-root", "a rotation is already running".to_owned(), true, true);
+            return;
+        };
+        let mut trust = self.current();
+        // A rotation that stopped part way resumes by waiting on its stage again.
+        let mut advance = trust.stage == Stage::Steady;
+        let mut finished_any = false;
+        loop {
+            let version = if advance {
+                match self.advance().await {
+                    Ok((next, version)) => {
+                        trust = next;
+                        version
+                    }
+                    Err(error) => return say(trust.stage.step_name(), error, true, true),
+                }
+            } else {
+                self.control.current_version()
+            };
+            let stage = trust.stage.step_name();
+            say(stage, stage_started(&trust, version), false, false);
+            if let Err(waiting_for) = self.wait_stage(&trust, version, stage_timeout, &say).await {
+                let message = format!(
+                    "stopped: after {} these proxies still lag: {}; both roots stay trusted and traffic is unaffected; run `meshctl identity rotate-root` again to resume",
+                    humantime::format_duration(stage_timeout),
+                    waiting_for.join(", ")
+                );
+                return say(stage, message, true, true);
+            }
+            finished_any |= advance;
+            if trust.stage == Stage::Steady && finished_any {
+                let message = format!(
+                    "the root is now {} (bundle version {})",
+                    trust.signer.serial(),
+                    trust.bundle_version
+                );
+                return say("done", message, true, false);
+            }
+            advance = true;
+        }
+    }
+
+    /// Waits until no proxy lags behind `trust`'s stage published in
+    /// `version`; on timeout, the proxies that lag.
+    async fn wait_stage(
+        &self,
+        trust: &Trust,
+        version: u64,
+        timeout: Duration,
+        say: &impl Fn(&str, String, bool, bool),
+    ) -> Result<(), Vec<String>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let signer = trust.signer.serial();
+        let stage = trust.stage.step_name();
+        loop {
+            let next_report = (tokio::time::Instant::now() + PROGRESS_EVERY).min(deadline);
+            let (done, proxies) = self
+                .control
+                .wait_for_proxies(next_report, |proxies| {
+                    lagging(trust.stage, version, &signer, &views(proxies)).is_empty()
+                })
+                .await;
+            let counted = proxies.iter().filter(|(_, p)| p.counts_for_convergence()).count();
+            let behind = lagging(trust.stage, version, &signer, &views(&proxies));
+            if done {
+                say(stage, format!("{counted} of {counted} proxies caught up"), false, false);
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(behind);
+            }
+            say(
+                stage,
+                format!("waiting for {} of {counted} proxies: {}", behind.len(), behind.join(", ")),
+                false,
+                false,
+            );
+        }
+    }
+}
+
+fn views(proxies: &[(String, super::ProxyRecord)]) -> Vec<ProxyView> {
+    proxies
+        .iter()
+        .map(|(id, p)| ProxyView {
+            id: id.clone(),
+            counts: p.counts_for_convergence(),
+            acked_version: p.acked_version,
+            certificate_root: p.certificate_root.clone(),
+        })
+        .collect()
+}
+
+fn stage_started(trust: &Trust, version: u64) -> String {
+    let new = trust.signer.serial();
+    match trust.stage {
+        Stage::Staged => {
+            let next =
+                trust.other.as_ref().and_then(|o| ca::serial_hex(&o.cert_pem).ok()).unwrap_or_default();
+            format!("new root {next} joins the trust bundle (bundle version {}, routing version {version}); waiting for every proxy to trust it", trust.bundle_version)
+        }
+        Stage::Switched => format!(
+            "root {new} signs now (bundle version {}); waiting for every proxy to hold a certificate from it",
+            trust.bundle_version
+        ),
+        Stage::Steady => format!(
+            "the old root leaves the trust bundle (bundle version {}); waiting for every proxy to ack",
+            trust.bundle_version
+        ),
+    }
+}
+
+fn bundle_of(trust: &Trust) -> pb::Bundle {
+    pb::Bundle {
+        roots_pem: trust.roots_pem(),
+        version: trust.bundle_version,
+        signer_serial: trust.signer.serial(),
+    }
+}
 
 pub struct IdentityService {
-    pub authority: Arc<Authority>,
+    pub trust: Arc<TrustKeeper>,
     pub scheduler: Arc<Scheduler>,
     pub tokens: Mutex<Tokens>,
     pub cert_ttl: Duration,
@@ -28,22 +220,22 @@ fn now_ms() -> u64 {
 }
 
 impl IdentityService {
-    fn bundle(&self) -> pb::Bundle {
-        pb::Bundle { roots_pem: self.authority.cert_pem().to_owned(), version: 1 }
-    }
-
-    fn reply(&self, certificate_pem: String, service: &str) -> pb::SignReply {
+    fn reply(&self, trust: &Trust, certificate_pem: String, service: &str) -> pb::SignReply {
         pb::SignReply {
             certificate_pem,
-            bundle: Some(self.bundle()),
-            spiffe_id: crate::identity::spiffe_id(self.authority.trust_domain(), service),
+            bundle: Some(bundle_of(trust)),
+            spiffe_id: crate::identity::spiffe_id(trust.signer.trust_domain(), service),
             expires_unix_ms: now_ms() + self.cert_ttl.as_millis() as u64,
         }
     }
 }
 
+type ProgressStream = ReceiverStream<Result<pb::RotationProgress, Status>>;
+
 #[tonic::async_trait]
 impl Identity for IdentityService {
+    type RotateRootStream = ProgressStream;
+
     async fn issue_token(&self, request: Request<pb::TokenRequest>) -> Result<Response<pb::Token>, Status> {
         let request = request.into_inner();
         let Some(service) = self.scheduler.service_of(&request.node, &request.instance) else {
@@ -68,29 +260,49 @@ impl Identity for IdentityService {
             .expect("tokens lock")
             .redeem(&request.token, now_ms())
             .map_err(|refusal| Status::permission_denied(refusal.to_string()))?;
-        let certificate_pem = self
-            .authority
+        let trust = self.trust.current();
+        let certificate_pem = trust
+            .signer
             .sign(&request.csr_pem, &grant.service, self.cert_ttl)
             .map_err(Status::invalid_argument)?;
         tracing::info!(instance = %grant.instance, service = %grant.service, "certificate issued");
-        Ok(Response::new(self.reply(certificate_pem, &grant.service)))
+        Ok(Response::new(self.reply(&trust, certificate_pem, &grant.service)))
     }
 
     async fn renew(&self, request: Request<pb::RenewRequest>) -> Result<Response<pb::SignReply>, Status> {
         let request = request.into_inner();
-        let service = self
-            .authority
-            .renewal_service(&request.certificate_pem, &request.csr_pem)
-            .map_err(Status::permission_denied)?;
-        let certificate_pem = self
-            .authority
-            .sign(&request.csr_pem, &service, self.cert_ttl)
-            .map_err(Status::invalid_argument)?;
+        let trust = self.trust.current();
+        // A certificate from any trusted root renews: during a rotation, the
+        // old root's certificates are renewed under the new one.
+        let service = ca::renewal_service(
+            &trust.roots(),
+            trust.signer.trust_domain(),
+            &request.certificate_pem,
+            &request.csr_pem,
+        )
+        .map_err(Status::permission_denied)?;
+        let certificate_pem =
+            trust.signer.sign(&request.csr_pem, &service, self.cert_ttl).map_err(Status::invalid_argument)?;
         tracing::debug!(%service, "certificate renewed");
-        Ok(Response::new(self.reply(certificate_pem, &service)))
+        Ok(Response::new(self.reply(&trust, certificate_pem, &service)))
     }
 
     async fn trust_bundle(&self, _: Request<pb::Empty>) -> Result<Response<pb::Bundle>, Status> {
-        Ok(Response::new(self.bundle()))
+        Ok(Response::new(self.trust.bundle()))
+    }
+
+    async fn rotate_root(
+        &self,
+        request: Request<pb::RotateRootRequest>,
+    ) -> Result<Response<ProgressStream>, Status> {
+        let timeout = match request.into_inner().stage_timeout_ms {
+            0 => DEFAULT_STAGE_TIMEOUT,
+            ms => Duration::from_millis(ms),
+        };
+        let (report, progress) = mpsc::channel(64);
+        let trust = self.trust.clone();
+        // The rotation runs to its end even if the caller leaves.
+        tokio::spawn(async move { trust.rotate(timeout, &report).await });
+        Ok(Response::new(ReceiverStream::new(progress)))
     }
 }

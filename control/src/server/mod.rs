@@ -20,6 +20,8 @@ use std::collections::BTreeSet;
 
 use tokio::sync::{mpsc, oneshot, watch};
 
+use mesh_proto::mesh::v1 as pb;
+
 use crate::metrics::ControlMetrics;
 use crate::publish::Published;
 use crate::state::{Change, ChangeError, MeshState, ServiceState};
@@ -41,6 +43,8 @@ pub struct ProxyRecord {
     pub unacked_since: Option<Instant>,
     /// Distinguishes reconnections of one proxy id.
     pub stream: u64,
+    /// The root that signed the proxy's certificate (serial), "" for none.
+    pub certificate_root: String,
 }
 
 /// A connected proxy that has left an update unacknowledged this long is
@@ -53,7 +57,7 @@ impl ProxyRecord {
     }
 
     /// Whether convergence waits for this proxy.
-    fn counts_for_convergence(&self) -> bool {
+    pub fn counts_for_convergence(&self) -> bool {
         self.connected && !self.stalled()
     }
 }
@@ -160,6 +164,28 @@ impl ControlPlane {
         }
     }
 
+    /// Publishes a new trust bundle in a version of its own, so that a
+    /// proxy's ack of that version proves it holds the bundle. Returns the
+    /// version.
+    pub async fn publish_bundle(&self, bundle: pb::Bundle) -> Result<u64, StoreError> {
+        let mut state = self.state.lock().await;
+        let mut next = state.clone();
+        next.version += 1;
+        // Versions only grow, across restarts too.
+        self.store.save_services(&[], next.version)?;
+        let mut published = Published::build(&next, &self.published.borrow());
+        published.bundle = Some(Arc::new(bundle));
+        *state = next;
+        self.metrics.set_version(state.version);
+        self.published.send_replace(Arc::new(published));
+        Ok(state.version)
+    }
+
+    /// The bundle proxies get from the start, in the current version.
+    pub fn set_bundle(&self, bundle: pb::Bundle) {
+        self.published.send_modify(|published| Arc::make_mut(published).bundle = Some(Arc::new(bundle)));
+    }
+
     pub async fn state(&self) -> MeshState {
         self.state.lock().await.clone()
     }
@@ -204,10 +230,20 @@ impl ControlPlane {
         timeout: Duration,
     ) -> (bool, Vec<(String, ProxyRecord)>) {
         let deadline = tokio::time::Instant::now() + timeout;
+        self.wait_for_proxies(deadline, |proxies| converged(proxies, version)).await
+    }
+
+    /// Waits until `done` holds for the proxies or `deadline` passes;
+    /// returns whether it held and the proxies as last seen.
+    pub async fn wait_for_proxies(
+        &self,
+        deadline: tokio::time::Instant,
+        mut done: impl FnMut(&[(String, ProxyRecord)]) -> bool,
+    ) -> (bool, Vec<(String, ProxyRecord)>) {
         let mut changes = self.acks.subscribe();
         loop {
             let proxies = self.proxies();
-            if converged(&proxies, version) {
+            if done(&proxies) {
                 return (true, proxies);
             }
             if tokio::time::Instant::now() >= deadline {

@@ -9,6 +9,7 @@ use std::fmt;
 
 pub use redb_store::RedbStore;
 
+use crate::identity::rotation::StoredTrust;
 use crate::state::{MeshState, ServiceState};
 
 /// A job as submitted: the file's text and the directory it came from
@@ -49,9 +50,10 @@ pub trait Store: Send + Sync + 'static {
     /// Writes (or with `None` deletes) one job durably before returning.
     fn save_job(&self, name: &str, job: Option<&StoredJob>) -> Result<(), StoreError>;
 
-    /// The certificate authority (certificate PEM, key PEM), if one was saved.
-    fn load_ca(&self) -> Result<Option<(String, String)>, StoreError>;
+    /// The trust state (the signing CA and, during a root rotation, the
+    /// other root), if one was saved.
+    fn load_trust(&self) -> Result<Option<StoredTrust>, StoreError>;
 
-    /// Saves the certificate authority durably. Its key lives only here.
-    fn save_ca(&self, cert_pem: &str, key_pem: &str) -> Result<(), StoreError>;
+    /// Saves the trust state durably. CA keys live only here.
+    fn save_trust(&self, trust: &StoredTrust) -> Result<(), StoreError>;
 }

@@ -5,6 +5,7 @@ use std::path::Path;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::{Store, StoreError, StoredJob};
+use crate::identity::rotation::{Stage, StoredTrust};
 use crate::state::{MeshState, ServiceState};
 
 const SERVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("services");
@@ -92,20 +93,35 @@ impl Store for RedbStore {
         Ok(jobs)
     }
 
-    fn load_ca(&self) -> Result<Option<(String, String)>, StoreError> {
+    fn load_trust(&self) -> Result<Option<StoredTrust>, StoreError> {
         let read = self.db.begin_read().map_err(error)?;
         let table = read.open_table(CA).map_err(error)?;
+        if let Some(stored) = table.get("trust").map_err(error)? {
+            let trust = serde_json::from_str(stored.value())
+                .map_err(|e| error(format!("the stored trust state is unreadable: {e}")))?;
+            return Ok(Some(trust));
+        }
+        // Written before rotations existed: the signing CA alone.
         let cert = table.get("cert").map_err(error)?.map(|v| v.value().to_owned());
         let key = table.get("key").map_err(error)?.map(|v| v.value().to_owned());
-        Ok(cert.zip(key))
+        Ok(cert.zip(key).map(|(cert_pem, key_pem)| StoredTrust {
+            cert_pem,
+            key_pem,
+            stage: Stage::Steady,
+            other_cert_pem: None,
+            other_key_pem: None,
+            bundle_version: 1,
+        }))
     }
 
-    fn save_ca(&self, cert_pem: &str, key_pem: &str) -> Result<(), StoreError> {
+    fn save_trust(&self, trust: &StoredTrust) -> Result<(), StoreError> {
+        let json = serde_json::to_string(trust).map_err(error)?;
         let write = self.db.begin_write().map_err(error)?;
         {
             let mut table = write.open_table(CA).map_err(error)?;
-            table.insert("cert", cert_pem).map_err(error)?;
-            table.insert("key", key_pem).map_err(error)?;
+            table.insert("trust", json.as_str()).map_err(error)?;
+            table.remove("cert").map_err(error)?;
+            table.remove("key").map_err(error)?;
         }
         write.commit().map_err(error)
     }
