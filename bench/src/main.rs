@@ -4,20 +4,24 @@
 //! pins this process (load generator and backend) to the second core.
 
 mod contenders;
+mod handshakes;
 mod load;
+mod mesh_path;
 
 mod report;
 mod tools;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 
 use crate::contenders::{free_port, Kind, Mode, Setup};
 use crate::load::{open_loop, OpenLoop};
-use crate::report::{H2Row, Row};
+use crate::mesh_path::{Certs, PathKind};
+use crate::report::{H2Row, PathRow, Row};
 use mesh_bench::procstat;
 
 #[derive(Parser, Debug)]
@@ -247,6 +251,65 @@ fn measure_h2(kind: Kind, setup: &Setup, args: &Args) -> Result<H2Row, String> {
     Ok(row)
 }
 
+/// One round of the full-path points for one path: CPU of all its
+/// proxies per request at saturation, latency at the fixed rate, and the
+/// second hop's new-connection handshake rate per core.
+fn measure_path(kind: PathKind, setup: &Setup, args: &Args, certs: &Certs) -> Result<PathRow, String> {
+    let seconds = Duration::from_secs(if args.quick { 1 } else { args.seconds });
+    let started = mesh_path::commands(kind, setup, certs);
+    let running: Vec<Running> = started.commands.into_iter().map(Running::start).collect();
+    wait_ready(started.entry_port, mesh_path::SERVICE)?;
+    let target = format!("127.0.0.1:{}", started.entry_port);
+    let pgids: Vec<i32> = running.iter().map(Running::pgid).collect();
+    let cpu = || pgids.iter().map(|g| procstat::cpu_seconds(*g)).sum::<f64>();
+
+    let before = cpu();
+    let saturation = tools::wrk(&format!("http://{target}/"), mesh_path::SERVICE, 32, seconds)?;
+    let cpu_us_per_request = (cpu() - before) * 1e6 / saturation.requests.max(1) as f64;
+    let at_rate = run_open_loop(OpenLoop {
+        target: target.clone(),
+        host: mesh_path::SERVICE.into(),
+        rate: args.rate,
+        connections: 32,
+        duration: seconds,
+    })?;
+    let errors = saturation.errors + at_rate.errors;
+    if errors > 0 || at_rate.requests == 0 {
+        return Err(format!("{}: {errors} failed requests", kind.name()));
+    }
+    let handshakes_per_core_second = match started.inbound_port.filter(|_| kind.has_mtls()) {
+        Some(port) => {
+            // The callee's proxy takes the handshakes; it started first.
+            let callee = pgids[0];
+            let files = mesh_proxy::config::IdentityFiles {
+                certificate: certs.client_cert.clone(),
+                key: certs.client_key.clone(),
+                roots: certs.ca.clone(),
+            };
+            let identity = mesh_proxy::identity::from_files(&files)?;
+            let tls = Arc::new(mesh_proxy::tls::MeshTls::new(&identity, Default::default())?);
+            let before = procstat::cpu_seconds(callee);
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            let count = runtime.block_on(handshakes::run(port, tls, mesh_path::SERVICE, seconds, 4))?;
+            let used = procstat::cpu_seconds(callee) - before;
+            Some(count as f64 / used.max(0.01))
+        }
+        None => None,
+    };
+    drop(running);
+    Ok(PathRow {
+        name: kind.name().to_owned(),
+        saturation_rps: saturation.requests_per_second,
+        cpu_us_per_request,
+        rate_p50_us: at_rate.p50_us as f64,
+        rate_p99_us: at_rate.p99_us as f64,
+        handshakes_per_core_second,
+    })
+}
+
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(|a, b| a.total_cmp(b));
     values.get(values.len() / 2).copied().unwrap_or(0.0)
@@ -261,6 +324,17 @@ fn median_of<T>(runs: &[T], metric: impl Fn(&T) -> f64) -> f64 {
 fn median_of_some<T>(runs: &[T], metric: impl Fn(&T) -> Option<f64>) -> Option<f64> {
     let values: Vec<f64> = runs.iter().filter_map(metric).collect();
     (!values.is_empty()).then(|| median(values))
+}
+
+fn median_path_row(runs: &[PathRow]) -> PathRow {
+    PathRow {
+        name: runs[0].name.clone(),
+        saturation_rps: median_of(runs, |r| r.saturation_rps),
+        cpu_us_per_request: median_of(runs, |r| r.cpu_us_per_request),
+        rate_p50_us: median_of(runs, |r| r.rate_p50_us),
+        rate_p99_us: median_of(runs, |r| r.rate_p99_us),
+        handshakes_per_core_second: median_of_some(runs, |r| r.handshakes_per_core_second),
+    }
 }
 
 /// The per-metric median over repetitions.
@@ -356,6 +430,25 @@ fn main() {
             }
         }
     }
+    // The full mesh path, two proxies on the proxy core.
+    let certs = mesh_path::write_certs(&work.join("certs")).expect("bench certificates");
+    let paths: Vec<PathKind> = PathKind::ALL
+        .into_iter()
+        .filter(|k| args.only.as_ref().is_none_or(|only| only.split(',').any(|o| o.trim() == k.name())))
+        .collect();
+    let mut path_runs: Vec<Vec<PathRow>> = vec![Vec::new(); paths.len()];
+    for round in 0..repeat {
+        for (index, kind) in paths.iter().enumerate() {
+            eprintln!("mesh-bench: round {}/{repeat}: {}", round + 1, kind.name());
+            match measure_path(*kind, &setup, &args, &certs) {
+                Ok(row) => path_runs[index].push(row),
+                Err(e) => {
+                    eprintln!("mesh-bench: {e}");
+                    failed.push(kind.name());
+                }
+            }
+        }
+    }
     drop(backend);
     drop(grpc_backend);
     let h2_rows: Vec<H2Row> = h2_runs.iter().filter(|r| !r.is_empty()).map(|r| median_h2_row(r)).collect();
@@ -372,6 +465,14 @@ fn main() {
     std::fs::write(args.out.join(format!("h2-grpc-{mode}.md")), &h2_table).expect("write table");
     println!("## HTTP/2 and gRPC (h2load, 32 connections × 10 streams), one hop, one proxy core\n");
     println!("{h2_table}");
+    let path_rows: Vec<PathRow> =
+        path_runs.iter().filter(|r| !r.is_empty()).map(|r| median_path_row(r)).collect();
+    if !path_rows.is_empty() {
+        let path_table = report::markdown_paths(&path_rows, args.rate);
+        std::fs::write(args.out.join(format!("mesh-path-{mode}.md")), &path_table).expect("write table");
+        println!("## The full mesh path: app → proxy → proxy → app, both proxies on one core\n");
+        println!("{path_table}");
+    }
     let _ = std::fs::remove_dir_all(&work);
     if !failed.is_empty() {
         eprintln!("mesh-bench: these contenders failed: {failed:?}");

@@ -65,6 +65,46 @@ pub fn markdown(rows: &[Row], rate: u32) -> String {
     out
 }
 
+/// Medians for one full mesh path (or the one-hop yardstick).
+#[derive(Debug, Clone, Default)]
+pub struct PathRow {
+    pub name: String,
+    pub saturation_rps: f64,
+    /// CPU of all the path's proxies per request at saturation.
+    pub cpu_us_per_request: f64,
+    pub rate_p50_us: f64,
+    pub rate_p99_us: f64,
+    /// New mTLS connections the second hop's proxy takes per CPU-second.
+    pub handshakes_per_core_second: Option<f64>,
+}
+
+pub fn markdown_paths(rows: &[PathRow], rate: u32) -> String {
+    let hop = rows.iter().find(|r| r.name == "HAProxy 1 hop");
+    let envoy = rows.iter().find(|r| r.name == "Envoy path (mTLS)");
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| path | req/s (32 conns) | CPU µs/req (all proxies) | ×HAProxy hop | ×Envoy path | p50 @{rate}/s µs | p99 @{rate}/s µs | p99 ×HAProxy hop | mTLS handshakes per core-second |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for row in rows {
+        let _ = writeln!(
+            out,
+            "| {} | {:.0} | {:.1} | {} | {} | {:.0} | {:.0} | {} | {} |",
+            row.name,
+            row.saturation_rps,
+            row.cpu_us_per_request,
+            ratio(Some(row.cpu_us_per_request), hop.map(|h| h.cpu_us_per_request)),
+            ratio(Some(row.cpu_us_per_request), envoy.map(|e| e.cpu_us_per_request)),
+            row.rate_p50_us,
+            row.rate_p99_us,
+            ratio(Some(row.rate_p99_us), hop.map(|h| h.rate_p99_us)),
+            opt(row.handshakes_per_core_second, 0),
+        );
+    }
+    out
+}
+
 /// HTTP/2 and gRPC medians for one contender.
 #[derive(Debug, Clone, Default)]
 pub struct H2Row {

@@ -191,6 +191,7 @@ pub fn to_config(
         local_version: options.version.clone(),
         services,
         upstreams: options.upstreams.clone(),
+        identity: None,
     })
 }
 

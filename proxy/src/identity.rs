@@ -116,6 +116,36 @@ pub async fn renew(control: &str, current: &Identity) -> Result<Identity, String
     Ok(Identity::from_reply(reply.into_inner(), current.key_der.clone()))
 }
 
+/// An identity from files (a standalone proxy's): certificate chain, PKCS#8
+/// key and roots, PEM. The SPIFFE ID is the leaf's URI name.
+pub fn from_files(files: &crate::config::IdentityFiles) -> Result<Identity, String> {
+    let read = |what: &str, path: &std::path::Path| {
+        std::fs::read_to_string(path).map_err(|e| format!("{what} {}: {e}", path.display()))
+    };
+    let certificate_pem = read("certificate", &files.certificate)?;
+    let roots_pem = read("roots", &files.roots)?;
+    let key = KeyPair::from_pem(&read("key", &files.key)?)
+        .map_err(|e| format!("key {}: {e}", files.key.display()))?;
+    let (_, leaf) = x509_parser::pem::parse_x509_pem(certificate_pem.as_bytes())
+        .map_err(|e| format!("certificate {}: {e}", files.certificate.display()))?;
+    let spiffe_id = crate::tls::uri_names(&leaf.contents)
+        .into_iter()
+        .find(|name| name.starts_with("spiffe://"))
+        .ok_or_else(|| format!("certificate {}: no spiffe:// URI name", files.certificate.display()))?;
+    let expires =
+        leaf.parse_x509().map_err(|e| e.to_string())?.validity().not_after.timestamp().max(0) as u64;
+    Ok(Identity {
+        spiffe_id,
+        certificate_root: root_of(&certificate_pem, &roots_pem),
+        certificate_pem,
+        roots_pem,
+        bundle_version: 0,
+        issued_unix_ms: crate::clock::unix_millis(),
+        expires_unix_ms: expires * 1000,
+        key_der: key.serialize_der(),
+    })
+}
+
 /// A request naming nothing: the token (or the certificate renewed) decides the identity.
 fn certificate_request(key: &KeyPair) -> Result<String, String> {
     CertificateParams::new(Vec::<String>::new())

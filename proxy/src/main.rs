@@ -213,7 +213,18 @@ async fn start_from_file(
     let (text, config) = reload::read_config(path).await.map_err(|e| (2, format!("config rejected: {e}")))?;
     let listen = config.listen.clone();
     let upstreams = config.upstreams.clone();
+    let identity = match &config.identity {
+        Some(files) => {
+            Some(mesh_proxy::identity::from_files(files).map_err(|e| (2, format!("[identity]: {e}")))?)
+        }
+        None => None,
+    };
     let proxy = Proxy::new(config);
+    if let Some(identity) = identity {
+        tracing::info!(spiffe_id = %identity.spiffe_id, "identity from files; peers are reached and taken over mTLS");
+        proxy.install_identity(identity).map_err(|e| (2, format!("[identity]: {e}")))?;
+        proxy.needs_identity.store(true, Ordering::Release);
+    }
     listeners.start_main(&listen, &proxy, shutdown).await.map_err(|e| (1, e))?;
     listeners.start_upstreams(&upstreams, &proxy, shutdown).await.map_err(|e| (1, e))?;
     tokio::spawn(reload::watch(path.clone(), proxy.clone(), text, shutdown.clone()));
@@ -312,6 +323,7 @@ async fn start_under_control(
         local_version: args.app_version.clone(),
         services: Vec::new(),
         upstreams: args.upstreams.clone(),
+        identity: None,
     };
     let proxy = Proxy::waiting(empty);
     // The agent hands a one-time bootstrap token over in the environment

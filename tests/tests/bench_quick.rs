@@ -1,5 +1,6 @@
 //! The benchmark itself keeps working: `bench/run --quick` runs every
-//! contender and each answers without errors, then the control-plane
+//! contender and each answers without errors, the full mesh path (two
+//! proxies, plaintext and mTLS, and Envoy's) likewise, then the control-plane
 //! benchmark with a few simulated proxies, then the scheduler's at a tenth
 //! of its scale. The numbers are not judged
 //! here; they live in bench/RESULTS.md.
@@ -18,13 +19,21 @@ fn the_quick_benchmark_runs_every_contender() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "bench/run --quick failed:\n{stdout}\n{stderr}");
-    for contender in ["direct (no proxy)", "mesh-proxy", "HAProxy", "nginx", "Envoy"] {
+    let contenders = ["direct (no proxy)", "mesh-proxy", "HAProxy", "nginx", "Envoy"];
+    let paths = ["mesh path (plaintext)", "mesh path (mTLS)", "Envoy path (mTLS)", "HAProxy 1 hop"];
+    for contender in contenders.into_iter().chain(paths) {
         let row = stdout
             .lines()
             .find(|line| line.starts_with(&format!("| {contender} |")))
             .unwrap_or_else(|| panic!("no row for {contender}:\n{stdout}"));
         let requests_per_second: f64 = row.split('|').nth(2).unwrap().trim().parse().unwrap();
         assert!(requests_per_second > 0.0, "{contender} answered nothing: {row}");
+    }
+    // The two mTLS paths report a handshake rate (the last column).
+    for path in ["mesh path (mTLS)", "Envoy path (mTLS)"] {
+        let row = stdout.lines().find(|line| line.starts_with(&format!("| {path} |"))).unwrap();
+        let rate: f64 = row.trim_end_matches('|').rsplit('|').next().unwrap().trim().parse().unwrap_or(0.0);
+        assert!(rate > 0.0, "{path} has no handshake rate: {row}");
     }
     for measure in [
         "split change → last ack, p99",

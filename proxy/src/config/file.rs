@@ -12,8 +12,8 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::{
-    BreakerPolicy, EndpointConfig, HumanDuration, Listen, Protocol, ProxyConfig, RetryOn, RetryPolicy,
-    ServiceConfig, UpstreamConfig, DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, DEFAULT_VERSION,
+    BreakerPolicy, EndpointConfig, HumanDuration, IdentityFiles, Listen, Protocol, ProxyConfig, RetryOn,
+    RetryPolicy, ServiceConfig, UpstreamConfig, DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, DEFAULT_VERSION,
 };
 
 /// A config file that cannot be used, with where and why.
@@ -45,6 +45,15 @@ struct RawFile {
     services: Vec<RawService>,
     #[serde(default)]
     upstreams: Vec<RawUpstream>,
+    identity: Option<RawIdentity>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIdentity {
+    certificate: std::path::PathBuf,
+    key: std::path::PathBuf,
+    roots: std::path::PathBuf,
 }
 
 #[derive(Deserialize)]
@@ -116,6 +125,8 @@ struct RawEndpoint {
     addr: SocketAddr,
     version: Option<String>,
     ready: Option<bool>,
+    /// A peer sidecar's inbound, reached over mTLS; needs `[identity]`.
+    meshed: Option<Spanned<bool>>,
 }
 
 #[derive(Deserialize)]
@@ -172,7 +183,7 @@ impl Validator<'_> {
                     format!("duplicate service {:?}", service.name.get_ref()),
                 ));
             }
-            services.push(self.service(&field, service)?);
+            services.push(self.service(&field, service, raw.identity.is_some())?);
         }
         let mut upstream_addrs = HashSet::new();
         let mut upstreams = Vec::with_capacity(raw.upstreams.len());
@@ -211,24 +222,42 @@ impl Validator<'_> {
             local_version: raw.version.unwrap_or_else(|| DEFAULT_VERSION.to_owned()),
             services,
             upstreams,
+            identity: raw.identity.map(|i| IdentityFiles {
+                certificate: i.certificate,
+                key: i.key,
+                roots: i.roots,
+            }),
         })
     }
 
-    fn service(&self, field: &str, raw: RawService) -> Result<ServiceConfig, ConfigError> {
+    fn service(
+        &self,
+        field: &str,
+        raw: RawService,
+        has_identity: bool,
+    ) -> Result<ServiceConfig, ConfigError> {
         if raw.name.get_ref().is_empty() {
             return Err(self.error(raw.name.span(), format!("{field}.name"), "a service needs a name"));
         }
-        let endpoints: Vec<EndpointConfig> = raw
-            .endpoints
-            .into_iter()
-            .map(|e| EndpointConfig {
+        let mut endpoints = Vec::with_capacity(raw.endpoints.len());
+        for (index, e) in raw.endpoints.into_iter().enumerate() {
+            let meshed =
+                match e.meshed {
+                    Some(meshed) if *meshed.get_ref() && !has_identity => return Err(self.error(
+                        meshed.span(),
+                        format!("{field}.endpoints[{index}].meshed"),
+                        "mTLS to a peer sidecar needs this proxy's certificate: add an [identity] section",
+                    )),
+                    Some(meshed) => meshed.into_inner(),
+                    None => false,
+                };
+            endpoints.push(EndpointConfig {
                 addr: e.addr,
                 version: e.version.unwrap_or_else(|| DEFAULT_VERSION.to_owned()),
                 ready: e.ready.unwrap_or(true),
-                // A static table has no identity to speak mTLS with.
-                meshed: false,
-            })
-            .collect();
+                meshed,
+            });
+        }
         let versions: HashSet<&str> = endpoints.iter().map(|e| e.version.as_str()).collect();
         let mut split = BTreeMap::new();
         if let Some(raw_split) = raw.split {
@@ -278,8 +307,9 @@ impl Validator<'_> {
             retry,
             breaker,
             endpoints,
-            // A static table has no identity: its inbound is plaintext anyway.
-            permissive: true,
+            // A static table sets no policy for peers: with an [identity],
+            // the inbound takes mTLS from any holder of a trusted certificate.
+            permissive: !has_identity,
             allow_from: Vec::new(),
         })
     }
@@ -430,6 +460,13 @@ listen = "127.0.0.1:9191"
                 "upstreams[0].service",
             ),
             ("unknown retry condition", "\"5xx\"]", "\"6xx\"]", 11, "services[0].retry.on"),
+            (
+                "mTLS without a certificate",
+                "version = \"v2\", ready = false }",
+                "version = \"v2\", ready = false, meshed = true }",
+                15,
+                "services[0].endpoints[1].meshed",
+            ),
         ];
         for (what, from, to, line, field) in cases {
             let text = GOOD.replacen(from, to, 1);
@@ -438,6 +475,20 @@ listen = "127.0.0.1:9191"
             assert!(err.field.contains(field), "{what}: field {:?} should name {field:?} ({err})", err.field);
             assert_eq!(err.line, Some(*line), "{what}: {err}");
         }
+    }
+
+    #[test]
+    fn an_identity_section_makes_meshed_endpoints_and_a_strict_inbound() {
+        let text = GOOD.replacen(
+            "version = \"v2\", ready = false }",
+            "version = \"v2\", ready = false, meshed = true }",
+            1,
+        ) + "\n[identity]\ncertificate = \"/c.pem\"\nkey = \"/k.pem\"\nroots = \"/r.pem\"\n";
+        let config = parse_config(&text).unwrap();
+        let identity = config.identity.expect("the identity files");
+        assert_eq!(identity.key, std::path::PathBuf::from("/k.pem"));
+        assert!(config.services[0].endpoints[1].meshed && !config.services[0].endpoints[0].meshed);
+        assert!(!config.services[0].permissive, "with an identity, plaintext is refused");
     }
 
     #[test]

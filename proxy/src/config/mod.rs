@@ -26,6 +26,18 @@ pub struct ProxyConfig {
     pub local_version: String,
     pub services: Vec<ServiceConfig>,
     pub upstreams: Vec<UpstreamConfig>,
+    /// A standalone proxy's workload identity from files (under the control
+    /// plane, the CA issues it instead). Read once, at start.
+    pub identity: Option<IdentityFiles>,
+}
+
+/// Certificate (chain, leaf first; its URI SAN is the SPIFFE ID), PKCS#8
+/// key and trusted roots, all PEM.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct IdentityFiles {
+    pub certificate: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    pub roots: std::path::PathBuf,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
