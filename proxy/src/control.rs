@@ -117,6 +117,7 @@ async fn session(
                     applied: true,
                     error: String::new(),
                     certificate_root: proxy.certificate_root(),
+                    bundle_version: proxy.bundle_version(),
                 };
                 if acks.send(pb::SubscribeRequest { message: Some(Message::Ack(ack)) }).await.is_err() {
                     break;
@@ -148,6 +149,7 @@ async fn session(
                     applied: true,
                     error: String::new(),
                     certificate_root: proxy.certificate_root(),
+                    bundle_version: proxy.bundle_version(),
                 }
             }
             Err(error) => {
@@ -157,6 +159,7 @@ async fn session(
                     applied: false,
                     error,
                     certificate_root: proxy.certificate_root(),
+                    bundle_version: proxy.bundle_version(),
                 }
             }
         };

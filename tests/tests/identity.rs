@@ -404,6 +404,11 @@ async fn the_root_rotates_in_stages_under_load_without_a_failed_request() {
     assert_ne!(new_root, old_root);
     assert!(proxies.len() >= 3, "{proxies:?}");
     assert!(proxies.iter().all(|root| *root == new_root), "{proxies:?} vs {new_root}");
+    // Every proxy holds the final bundle (versions 2, 3, 4: one per stage).
+    let rows = meshd.ctl_json(&["check"]);
+    for row in rows.as_array().unwrap() {
+        assert_eq!(row["bundle_version"], 4, "{row}");
+    }
 
     // A proxy that starts now gets a certificate from the new root and its
     // new connections are accepted by sidecars that trust only that root.

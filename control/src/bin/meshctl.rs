@@ -387,7 +387,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
             let mut rows: Rows = Vec::new();
             let mut warnings = 0;
-            let mut row = |what: &str, name: String, root: String, expires: Option<u64>, within: Duration| {
+            let mut row = |what: &str,
+                           name: String,
+                           root: String,
+                           bundle_version: u64,
+                           expires: Option<u64>,
+                           within: Duration| {
                 let left = expires.map(|e| e.saturating_sub(now));
                 let status = match left {
                     None => "no certificate",
@@ -399,7 +404,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     ("what", json!(what)),
                     ("name", json!(name)),
                     ("root", json!(root)),
-                    ("bundle_version", json!(bundle.version)),
+                    ("bundle_version", json!(bundle_version)),
                     ("expires_unix", json!(expires)),
                     (
                         "expires_in",
@@ -415,6 +420,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     "ca",
                     root.subject,
                     format!("{}{signs}", root.serial),
+                    bundle.version,
                     Some(root.expires_unix),
                     warn_within * 10,
                 );
@@ -429,7 +435,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                         }),
                         _ => None,
                     };
-                row("proxy", proxy.proxy_id.clone(), proxy.certificate_root.clone(), expires, warn_within);
+                let (id, root) = (proxy.proxy_id.clone(), proxy.certificate_root.clone());
+                row("proxy", id, root, proxy.bundle_version, expires, warn_within);
             }
             print_rows(cli.output, &rows);
             if warnings > 0 {

@@ -36,6 +36,7 @@ pub fn proxy_status(id: &str, record: &ProxyRecord) -> pb::ProxyStatus {
         admin_addr: record.admin_addr.clone(),
         stalled: record.stalled(),
         certificate_root: record.certificate_root.clone(),
+        bundle_version: record.bundle_version,
     }
 }
 

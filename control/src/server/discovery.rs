@@ -132,6 +132,7 @@ async fn read_acks(
         control.update_proxy(&id, |record| {
             record.last_contact = Some(SystemTime::now());
             record.certificate_root = ack.certificate_root.clone();
+            record.bundle_version = ack.bundle_version;
             if ack.applied {
                 record.acked_version = ack.version.max(record.acked_version);
                 record.rejected = None;

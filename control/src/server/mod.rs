@@ -45,6 +45,8 @@ pub struct ProxyRecord {
     pub stream: u64,
     /// The root that signed the proxy's certificate (serial), "" for none.
     pub certificate_root: String,
+    /// The trust bundle version the proxy holds.
+    pub bundle_version: u64,
 }
 
 /// A connected proxy that has left an update unacknowledged this long is
