@@ -242,19 +242,11 @@ fn nginx_config(mode: Mode, port: u16, backends: &[u16], dir: &Path) -> String {
     config
 }
 
-fn envoy_config(mode: Mode, port: u16, backends: &[u16]) -> String {
-    let endpoints: String = backends
-        .iter()
-        .map(|b| format!("        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {b} }} }} }}\n"))
-        .collect();
-    let upstream_h2 = if mode == Mode::Grpc {
-        "    typed_extension_protocol_options:\n      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n        \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n        explicit_http_config:\n          http2_protocol_options: {}\n"
-    } else {
-        ""
-    };
+/// Envoy's listener: every request on `port` to `cluster`, with a
+/// `transport` (TLS settings, or "" for plaintext).
+pub fn envoy_listener(port: u16, cluster: &str, transport: &str) -> String {
     format!(
-        r#"static_resources:
-  listeners:
+        r#"  listeners:
   - name: front
     address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
     filter_chains:
@@ -270,12 +262,28 @@ fn envoy_config(mode: Mode, port: u16, backends: &[u16]) -> String {
               domains: ["*"]
               routes:
               - match: {{ prefix: "/" }}
-                route: {{ cluster: back }}
+                route: {{ cluster: {cluster} }}
           http_filters:
           - name: envoy.filters.http.router
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-  clusters:
+{transport}"#
+    )
+}
+
+fn envoy_config(mode: Mode, port: u16, backends: &[u16]) -> String {
+    let endpoints: String = backends
+        .iter()
+        .map(|b| format!("        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {b} }} }} }}\n"))
+        .collect();
+    let upstream_h2 = if mode == Mode::Grpc {
+        "    typed_extension_protocol_options:\n      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n        \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n        explicit_http_config:\n          http2_protocol_options: {}\n"
+    } else {
+        ""
+    };
+    format!(
+        r#"static_resources:
+{}  clusters:
   - name: back
     type: STATIC
     lb_policy: ROUND_ROBIN
@@ -283,6 +291,7 @@ fn envoy_config(mode: Mode, port: u16, backends: &[u16]) -> String {
       cluster_name: back
       endpoints:
       - lb_endpoints:
-{endpoints}"#
+{endpoints}"#,
+        envoy_listener(port, "back", "")
     )
 }

@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::contenders::{free_port, Setup};
+use crate::contenders::{envoy_listener, free_port, Setup};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PathKind {
@@ -175,55 +175,30 @@ pub fn commands(kind: PathKind, setup: &Setup, certs: &Certs) -> PathCommands {
     }
 }
 
-const ROUTER: &str = r#"          http_filters:
-          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"#;
-
-fn envoy_listener(port: u16, cluster: &str, transport: &str) -> String {
-    format!(
-        r#"  listeners:
-  - name: front
-    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: front
-          codec_type: AUTO
-          route_config:
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes:
-              - match: {{ prefix: "/" }}
-                route: {{ cluster: {cluster} }}
-{ROUTER}
-{transport}"#
-    )
+/// Envoy's TLS settings on either side, indented by `indent`: TLS 1.3,
+/// ALPN h2, this side's certificate, the CA, and `validation_extra`
+/// (lines under `validation_context`).
+fn envoy_tls(indent: &str, cert: &Path, key: &Path, ca: &Path, validation_extra: &[String]) -> String {
+    let mut lines = vec![
+        "common_tls_context:".to_owned(),
+        "  alpn_protocols: [\"h2\"]".to_owned(),
+        "  tls_params: { tls_minimum_protocol_version: TLSv1_3, tls_maximum_protocol_version: TLSv1_3 }"
+            .to_owned(),
+        "  tls_certificates:".to_owned(),
+        format!("  - certificate_chain: {{ filename: \"{}\" }}", cert.display()),
+        format!("    private_key: {{ filename: \"{}\" }}", key.display()),
+        "  validation_context:".to_owned(),
+        format!("    trusted_ca: {{ filename: \"{}\" }}", ca.display()),
+    ];
+    lines.extend(validation_extra.iter().map(|line| format!("    {line}")));
+    lines.iter().map(|line| format!("{indent}{line}\n")).collect()
 }
 
 /// The callee's Envoy: mTLS in (client certificate from the CA required), HTTP/1.1 to the app.
 fn envoy_callee(port: u16, backend: u16, certs: &Certs) -> String {
     let transport = format!(
-        r#"      transport_socket:
-        name: envoy.transport_sockets.tls
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
-          require_client_certificate: true
-          common_tls_context:
-            alpn_protocols: ["h2"]
-            tls_params: {{ tls_minimum_protocol_version: TLSv1_3, tls_maximum_protocol_version: TLSv1_3 }}
-            tls_certificates:
-            - certificate_chain: {{ filename: "{}" }}
-              private_key: {{ filename: "{}" }}
-            validation_context:
-              trusted_ca: {{ filename: "{}" }}
-"#,
-        certs.server_cert.display(),
-        certs.server_key.display(),
-        certs.ca.display()
+        "      transport_socket:\n        name: envoy.transport_sockets.tls\n        typed_config:\n          \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext\n          require_client_certificate: true\n{}",
+        envoy_tls("          ", &certs.server_cert, &certs.server_key, &certs.ca, &[])
     );
     format!(
         "static_resources:\n{}  clusters:\n  - name: app\n    type: STATIC\n    load_assignment:\n      cluster_name: app\n      endpoints:\n      - lb_endpoints:\n        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {backend} }} }} }}\n",
@@ -234,6 +209,11 @@ fn envoy_callee(port: u16, backend: u16, certs: &Certs) -> String {
 /// The caller's Envoy: HTTP/1.1 in, HTTP/2 over mTLS to the callee's
 /// Envoy, whose certificate must name the callee's SPIFFE ID.
 fn envoy_caller(port: u16, peer: u16, certs: &Certs) -> String {
+    let san = [
+        "match_typed_subject_alt_names:".to_owned(),
+        "- san_type: URI".to_owned(),
+        format!("  matcher: {{ exact: \"spiffe://{TRUST_DOMAIN}/service/{SERVICE}\" }}"),
+    ];
     format!(
         r#"static_resources:
 {}  clusters:
@@ -248,26 +228,13 @@ fn envoy_caller(port: u16, peer: u16, certs: &Certs) -> String {
       name: envoy.transport_sockets.tls
       typed_config:
         "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
-        common_tls_context:
-          alpn_protocols: ["h2"]
-          tls_params: {{ tls_minimum_protocol_version: TLSv1_3, tls_maximum_protocol_version: TLSv1_3 }}
-          tls_certificates:
-          - certificate_chain: {{ filename: "{}" }}
-            private_key: {{ filename: "{}" }}
-          validation_context:
-            trusted_ca: {{ filename: "{}" }}
-            match_typed_subject_alt_names:
-            - san_type: URI
-              matcher: {{ exact: "spiffe://{TRUST_DOMAIN}/service/{SERVICE}" }}
-    load_assignment:
+{}    load_assignment:
       cluster_name: peer
       endpoints:
       - lb_endpoints:
         - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {peer} }} }} }}
 "#,
         envoy_listener(port, "peer", ""),
-        certs.client_cert.display(),
-        certs.client_key.display(),
-        certs.ca.display()
+        envoy_tls("        ", &certs.client_cert, &certs.client_key, &certs.ca, &san)
     )
 }

@@ -26,6 +26,21 @@ async fn cluster(dir: &TempDir) -> (Meshd, Agent, Value) {
     (meshd, agent, instance)
 }
 
+/// Two `web` instances and a meshed client, every sidecar certified;
+/// returns the client sidecar's outbound address.
+async fn two_webs_and_a_client(dir: &TempDir, meshd_args: &[&str]) -> (Meshd, Agent, String) {
+    let mut args = vec!["--heartbeat-ttl", "1s"];
+    args.extend_from_slice(meshd_args);
+    let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", &args);
+    let agent = Agent::start(&meshd.listen, "node-a", "127.0.0.2", 1000, &dir.path("agent"), &[]);
+    let file = dir.path("web.toml");
+    std::fs::write(&file, JOB.replace("replicas = 1", "replicas = 2")).unwrap();
+    meshd.ctl_ok(&["job", "run", file.to_str().unwrap()]);
+    meshd.running("web", 2, Duration::from_secs(30)).await;
+    let client = meshd.mesh_client(&dir.path("client.toml"), "").await;
+    (meshd, agent, client)
+}
+
 fn request(names: Vec<String>) -> String {
     let key = rcgen::KeyPair::generate().unwrap();
     rcgen::CertificateParams::new(names).unwrap().serialize_request(&key).unwrap().pem().unwrap()
@@ -300,14 +315,7 @@ async fn only_allowed_identities_may_call_a_service() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_minute_certificates_renew_under_load_without_a_failed_request() {
     let dir = TempDir::new("identity-renewal");
-    let meshd =
-        Meshd::start_with(&dir.path("data"), "127.0.0.1:0", &["--heartbeat-ttl", "1s", "--cert-ttl", "1m"]);
-    let _agent = Agent::start(&meshd.listen, "node-a", "127.0.0.2", 1000, &dir.path("agent"), &[]);
-    let file = dir.path("web.toml");
-    std::fs::write(&file, JOB.replace("replicas = 1", "replicas = 2")).unwrap();
-    meshd.ctl_ok(&["job", "run", file.to_str().unwrap()]);
-    meshd.running("web", 2, Duration::from_secs(30)).await;
-    let client = meshd.mesh_client(&dir.path("client.toml"), "").await;
+    let (meshd, _agent, client) = two_webs_and_a_client(&dir, &["--cert-ttl", "1m"]).await;
     let (_, web_admin) = sidecar(&meshd, "web");
     let expiry =
         || async { scrape(&web_admin).await.sum("mesh_identity_cert_expiry_timestamp_seconds", &[]) };
@@ -371,13 +379,7 @@ fn roots_in_use(meshd: &Meshd) -> (Vec<String>, Vec<String>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_root_rotates_in_stages_under_load_without_a_failed_request() {
     let dir = TempDir::new("identity-rotation");
-    let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", &["--heartbeat-ttl", "1s"]);
-    let _agent = Agent::start(&meshd.listen, "node-a", "127.0.0.2", 1000, &dir.path("agent"), &[]);
-    let file = dir.path("web.toml");
-    std::fs::write(&file, JOB.replace("replicas = 1", "replicas = 2")).unwrap();
-    meshd.ctl_ok(&["job", "run", file.to_str().unwrap()]);
-    meshd.running("web", 2, Duration::from_secs(30)).await;
-    let client = meshd.mesh_client(&dir.path("client.toml"), "").await;
+    let (meshd, _agent, client) = two_webs_and_a_client(&dir, &[]).await;
     let (cas, _) = roots_in_use(&meshd);
     assert_eq!(cas.len(), 1, "{cas:?}");
     let old_root = cas[0].trim_end_matches(" (signs)").to_owned();
