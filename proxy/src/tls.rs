@@ -22,7 +22,10 @@ use crate::identity::Identity;
 
 /// What the proxy needs to speak mTLS, built once per certificate.
 pub struct MeshTls {
+    /// For the shared HTTP/2 connection to a peer (ALPN h2).
     pub client: Arc<ClientConfig>,
+    /// For a connection that carries one HTTP/1.1 upgrade (ALPN http/1.1).
+    pub client_http1: Arc<ClientConfig>,
     pub server: Arc<ServerConfig>,
     pub trust_domain: String,
     counters: Arc<HandshakeCounters>,
@@ -123,6 +126,8 @@ impl MeshTls {
             .with_custom_certificate_verifier(Arc::new(verifier))
             .with_client_auth_cert(chain.clone(), key())
             .map_err(|e| format!("client certificate: {e}"))?;
+        let mut client_http1 = client.clone();
+        client_http1.alpn_protocols = vec![b"http/1.1".to_vec()];
         client.alpn_protocols = vec![b"h2".to_vec()];
 
         let mut server = ServerConfig::builder_with_provider(provider)
@@ -132,7 +137,13 @@ impl MeshTls {
             .with_single_cert(chain, key())
             .map_err(|e| format!("server certificate: {e}"))?;
         server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        Ok(MeshTls { client: Arc::new(client), server: Arc::new(server), trust_domain, counters })
+        Ok(MeshTls {
+            client: Arc::new(client),
+            client_http1: Arc::new(client_http1),
+            server: Arc::new(server),
+            trust_domain,
+            counters,
+        })
     }
 }
 

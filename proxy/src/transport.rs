@@ -19,18 +19,32 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStrea
     Ok(stream)
 }
 
+/// What a TLS connection to a peer will carry, announced with ALPN.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Carries {
+    /// The shared, multiplexed HTTP/2 connection.
+    Http2,
+    /// One HTTP/1.1 request that upgrades (WebSocket and the like).
+    Http1Upgrade,
+}
+
 /// The TLS handshake with a peer sidecar of `service`, which must present
 /// that service's identity; bounded by `timeout`.
 pub async fn connect_tls(
     stream: TcpStream,
     tls: &MeshTls,
     service: &str,
+    carries: Carries,
     timeout: Duration,
 ) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
     let name = crate::tls::server_name(service).ok_or_else(|| {
         io::Error::new(io::ErrorKind::InvalidInput, format!("{service:?} is not a service name"))
     })?;
-    let connector = tokio_rustls::TlsConnector::from(tls.client.clone());
+    let config = match carries {
+        Carries::Http2 => tls.client.clone(),
+        Carries::Http1Upgrade => tls.client_http1.clone(),
+    };
+    let connector = tokio_rustls::TlsConnector::from(config);
     let handshake = tokio::time::timeout(timeout, connector.connect(name, stream)).await;
     let result = match handshake {
         Ok(result) => result,

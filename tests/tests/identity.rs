@@ -424,3 +424,40 @@ async fn the_root_rotates_in_stages_under_load_without_a_failed_request() {
     let again = meshd.ctl_ok(&["identity", "rotate-root", "--stage-timeout", "60s"]);
     assert!(again.contains("[done]"), "{again}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrades_between_sidecars_go_over_mtls_too() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = TempDir::new("identity-upgrade");
+    let (meshd, _agent, _) = cluster(&dir).await;
+    let client = meshd.mesh_client(&dir.path("client.toml"), "").await;
+    let (_, web_admin) = sidecar(&meshd, "web");
+    let handshakes_before = inbound_handshakes(&web_admin, "ok").await;
+
+    let mut stream = tokio::net::TcpStream::connect(&client).await.unwrap();
+    stream
+        .write_all(b"GET /chat HTTP/1.1\r\nHost: web\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") && head.len() < 16 * 1024 {
+        let mut byte = [0u8; 1];
+        let read =
+            tokio::time::timeout(Duration::from_secs(5), stream.read(&mut byte)).await.unwrap().unwrap();
+        assert_eq!(read, 1, "closed early: {}", String::from_utf8_lossy(&head));
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    // After the switch, bytes flow both ways through both sidecars.
+    for message in ["ping", "some more bytes"] {
+        stream.write_all(message.as_bytes()).await.unwrap();
+        let mut echoed = vec![0u8; message.len()];
+        tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut echoed)).await.unwrap().unwrap();
+        assert_eq!(echoed, message.as_bytes());
+    }
+    // The upgrade took a connection of its own, and it was an mTLS one (the
+    // inbound refuses plaintext).
+    let handshakes_after = inbound_handshakes(&web_admin, "ok").await;
+    assert!(handshakes_after > handshakes_before, "{handshakes_before} → {handshakes_after}");
+}

@@ -82,12 +82,18 @@ impl ConnPool {
 
     pub async fn connect_http1(&self, timeout: Duration) -> Result<Http1Sender, ConnectError> {
         let stream = transport::connect(self.addr, timeout).await.map_err(ConnectError)?;
-        let (sender, connection) =
-            http1::handshake(TokioIo::new(stream)).await.map_err(|e| ConnectError(io::Error::other(e)))?;
-        tokio::spawn(async move {
-            let _ = connection.with_upgrades().await;
-        });
-        Ok(sender)
+        match (self.mtls(), &self.mesh) {
+            // A peer sidecar: only upgrades come here (requests share its
+            // HTTP/2 connection), and they go over mTLS like the rest.
+            (Some(tls), Some(peer)) => {
+                let carries = transport::Carries::Http1Upgrade;
+                let stream = transport::connect_tls(stream, &tls, &peer.service, carries, timeout)
+                    .await
+                    .map_err(ConnectError)?;
+                handshake_http1(stream).await
+            }
+            _ => handshake_http1(stream).await,
+        }
     }
 
     /// The shared HTTP/2 connection, opened on first use and again after it
@@ -107,7 +113,8 @@ impl ConnPool {
         let stream = transport::connect(self.addr, timeout).await.map_err(ConnectError)?;
         let sender = match (self.mtls(), &self.mesh) {
             (Some(tls), Some(peer)) => {
-                let stream = transport::connect_tls(stream, &tls, &peer.service, timeout)
+                let carries = transport::Carries::Http2;
+                let stream = transport::connect_tls(stream, &tls, &peer.service, carries, timeout)
                     .await
                     .map_err(ConnectError)?;
                 handshake_http2(stream).await?
@@ -121,6 +128,20 @@ impl ConnPool {
     pub fn forget_http2(&self) {
         self.http2.store(None);
     }
+}
+
+/// An HTTP/1.1 client connection over `stream` (plain or TLS), driven by
+/// its own task, which hands the connection over if an upgrade succeeds.
+async fn handshake_http1<S>(stream: S) -> Result<Http1Sender, ConnectError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) =
+        http1::handshake(TokioIo::new(stream)).await.map_err(|e| ConnectError(io::Error::other(e)))?;
+    tokio::spawn(async move {
+        let _ = connection.with_upgrades().await;
+    });
+    Ok(sender)
 }
 
 /// An HTTP/2 client connection over `stream` (plain or TLS), driven by its own task.
