@@ -56,6 +56,13 @@ struct Args {
     only: Option<String>,
 }
 
+impl Args {
+    /// Whether `--only` (if given) names this contender or path.
+    fn includes(&self, name: &str) -> bool {
+        self.only.as_ref().is_none_or(|only| only.split(',').any(|o| o.trim() == name))
+    }
+}
+
 /// A running program in its own process group, killed with it on drop.
 struct Running {
     child: Child,
@@ -398,10 +405,7 @@ fn main() {
             std::process::exit(1);
         }
     }
-    let chosen: Vec<Kind> = Kind::ALL
-        .into_iter()
-        .filter(|k| args.only.as_ref().is_none_or(|only| only.split(',').any(|o| o.trim() == k.name())))
-        .collect();
+    let chosen: Vec<Kind> = Kind::ALL.into_iter().filter(|k| args.includes(k.name())).collect();
     let repeat = if args.quick { 1 } else { args.repeat.max(1) };
     let mut runs: Vec<Vec<Row>> = vec![Vec::new(); chosen.len()];
     let mut h2_runs: Vec<Vec<H2Row>> = vec![Vec::new(); chosen.len()];
@@ -432,10 +436,7 @@ fn main() {
     }
     // The full mesh path, two proxies on the proxy core.
     let certs = mesh_path::write_certs(&work.join("certs")).expect("bench certificates");
-    let paths: Vec<PathKind> = PathKind::ALL
-        .into_iter()
-        .filter(|k| args.only.as_ref().is_none_or(|only| only.split(',').any(|o| o.trim() == k.name())))
-        .collect();
+    let paths: Vec<PathKind> = PathKind::ALL.into_iter().filter(|k| args.includes(k.name())).collect();
     let mut path_runs: Vec<Vec<PathRow>> = vec![Vec::new(); paths.len()];
     for round in 0..repeat {
         for (index, kind) in paths.iter().enumerate() {

@@ -155,7 +155,12 @@ pub fn renewal_service(
 pub fn serial_hex(pem: &str) -> Result<String, String> {
     let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(err)?;
     let cert = pem.parse_x509().map_err(err)?;
-    Ok(cert.raw_serial().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(serial_of(&cert))
+}
+
+/// A certificate's serial number in hex, as proxies report their roots.
+fn serial_of(cert: &x509_parser::certificate::X509Certificate<'_>) -> String {
+    cert.raw_serial().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// One certificate of a PEM bundle, as `meshctl check` shows it.
@@ -174,7 +179,7 @@ pub fn certificates(pem: &str) -> Vec<CertificateSummary> {
             let cert = entry.parse_x509().ok()?;
             Some(CertificateSummary {
                 subject: cert.subject().to_string(),
-                serial: cert.raw_serial().iter().map(|b| format!("{b:02x}")).collect(),
+                serial: serial_of(&cert),
                 expires_unix: cert.validity().not_after.timestamp().max(0) as u64,
             })
         })
