@@ -49,6 +49,10 @@ struct SchedulerState {
     deployments: BTreeMap<String, String>,
     /// Per instance id: since when it has been ready without a break.
     ready_since: HashMap<String, Instant>,
+    /// Jobs loaded from the store at start that nothing is placed for
+    /// until their instances are adopted or the start grace is over: their
+    /// nodes may still be on their way back.
+    held: std::collections::BTreeSet<String>,
     rounds: u64,
 }
 
@@ -72,6 +76,7 @@ impl Scheduler {
         let mut state = SchedulerState::default();
         for (name, stored) in control.store().load_jobs().map_err(|e| e.to_string())? {
             let job = parse_job(&stored.text).map_err(|e| format!("stored job {name:?}: {e}"))?;
+            state.held.insert(name.clone());
             state.jobs.insert(name, (stored, job));
         }
         let scheduler = Arc::new(Scheduler { control, nodes, state: Mutex::new(state), wake: Notify::new() });
@@ -169,7 +174,8 @@ impl Scheduler {
             let mut state = self.lock();
             state.rounds += 1;
             let specs = self.specs(&mut state);
-            let plan = reconcile(&specs, &nodes, &state.allocations, state.rounds);
+            let mut plan = reconcile(&specs, &nodes, &state.allocations, state.rounds);
+            let held = self.hold_after_start(&mut state, &specs, &mut plan);
             for id in &plan.stop {
                 tracing::info!(instance = %id, "stopping instance");
             }
@@ -188,6 +194,7 @@ impl Scheduler {
                 .pending
                 .into_iter()
                 .map(|(job, count, why)| (job, format!("{count} unplaced: {why}")))
+                .chain(held)
                 .collect();
             let live: Vec<String> = state.allocations.iter().map(|a| a.id.clone()).collect();
             state.reports.retain(|id, (_, report)| live.contains(id) || report.state == "complete");
@@ -199,6 +206,34 @@ impl Scheduler {
                 tracing::warn!(?error, "the scheduler could not update an endpoint");
             }
         }
+    }
+
+    /// Inside the start grace, keeps the plan from placing instances of
+    /// stored jobs that are not all back: their nodes may still report
+    /// them. Returns why each held job waits.
+    fn hold_after_start(
+        &self,
+        state: &mut SchedulerState,
+        specs: &[JobSpec],
+        plan: &mut crate::scheduler::reconcile::Plan,
+    ) -> Vec<(String, String)> {
+        if !self.nodes.settling() {
+            state.held.clear();
+        }
+        let allocations = &state.allocations;
+        let back = |job: &str| {
+            let wanted: u32 = specs.iter().filter(|s| s.name == job).map(|s| s.replicas).sum();
+            allocations.iter().filter(|a| a.job == job).count() >= wanted as usize
+        };
+        state.held.retain(|job| !back(job));
+        if state.held.is_empty() {
+            return Vec::new();
+        }
+        plan.place.retain(|placed| !state.held.contains(&placed.job));
+        plan.pending.retain(|(job, _, _)| !state.held.contains(job));
+        let grace = self.nodes.start_grace();
+        let why = format!("waiting up to {grace:?} after a server start for nodes to report their instances");
+        state.held.iter().map(|job| (job.clone(), why.clone())).collect()
     }
 
     /// What to reconcile this round: every job's spec, and for a job being
@@ -465,6 +500,7 @@ impl Jobs for JobsService {
             .map_err(|e| Status::unavailable(e.to_string()))?;
         let mut state = self.scheduler.lock();
         state.jobs.remove(&name);
+        state.held.remove(&name);
         state.rollouts.remove(&name);
         state.deployments.remove(&name);
         state.completed.remove(&name);

@@ -2,6 +2,11 @@
 //! misses heartbeats for the TTL is down. Nodes are soft state: after a
 //! server restart the first heartbeat answers "unknown" and the agent
 //! joins again, so nothing about nodes needs the store.
+//!
+//! Liveness is judged on the monotonic clock, and only for time meshd
+//! itself was running: a gap in meshd's own loop (a SIGSTOP, a stalled
+//! host) is credited to every node, since heartbeats sent meanwhile could
+//! not be read.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -21,14 +26,28 @@ pub struct NodeRecord {
 
 /// Every node that joined since the server started.
 pub struct NodeRegistry {
-    nodes: Mutex<BTreeMap<String, NodeRecord>>,
+    nodes: Mutex<Liveness>,
     pub interval: Duration,
     pub ttl: Duration,
+    started: Instant,
 }
+
+struct Liveness {
+    records: BTreeMap<String, NodeRecord>,
+    /// When liveness was last looked at: the scheduler looks every round,
+    /// so a longer gap means meshd itself was not running.
+    last_look: Instant,
+}
+
+/// A gap between two looks at liveness longer than this is meshd's stall.
+/// The scheduler looks at least every 250 ms.
+const STALL: Duration = Duration::from_secs(1);
 
 impl NodeRegistry {
     pub fn new(interval: Duration, ttl: Duration) -> NodeRegistry {
-        NodeRegistry { nodes: Mutex::new(BTreeMap::new()), interval, ttl }
+        let now = Instant::now();
+        let nodes = Liveness { records: BTreeMap::new(), last_look: now };
+        NodeRegistry { nodes: Mutex::new(nodes), interval, ttl, started: now }
     }
 
     /// Whether a node last heard of `since` ago is up: a pure rule.
@@ -36,9 +55,41 @@ impl NodeRegistry {
         since < ttl
     }
 
+    /// How much of `gap` (time since liveness was last looked at) meshd
+    /// was stalled for, to be forgiven to every node: a pure rule.
+    pub fn stalled_for(gap: Duration) -> Duration {
+        if gap > STALL {
+            gap
+        } else {
+            Duration::ZERO
+        }
+    }
+
+    /// How long after a start nodes have to report before their instances
+    /// count as lost: a TTL for a node that was up to notice the restart,
+    /// and another to join again and report what it runs.
+    pub fn start_grace(&self) -> Duration {
+        self.ttl * 2
+    }
+
+    /// Whether the server is still inside its start grace.
+    pub fn settling(&self) -> bool {
+        self.started.elapsed() < self.start_grace()
+    }
+
     pub fn list(&self) -> Vec<pb::NodeStatus> {
-        let nodes = self.nodes.lock().expect("nodes lock");
+        let mut nodes = self.nodes.lock().expect("nodes lock");
+        let now = Instant::now();
+        let stalled = NodeRegistry::stalled_for(now.saturating_duration_since(nodes.last_look));
+        nodes.last_look = now;
+        if !stalled.is_zero() {
+            tracing::warn!(?stalled, "meshd did not run for a while; nodes get a fresh TTL");
+            for record in nodes.records.values_mut() {
+                record.last_heartbeat = (record.last_heartbeat + stalled).min(now);
+            }
+        }
         nodes
+            .records
             .values()
             .map(|record| {
                 let since = record.last_heartbeat.elapsed();
@@ -82,6 +133,7 @@ impl Nodes for NodesService {
             .nodes
             .lock()
             .expect("nodes lock")
+            .records
             .insert(name, NodeRecord { info, last_heartbeat: Instant::now() });
         Ok(Response::new(pb::JoinReply {
             heartbeat_interval_ms: self.registry.interval.as_millis() as u64,
@@ -96,7 +148,7 @@ impl Nodes for NodesService {
         let request = request.into_inner();
         let known = {
             let mut nodes = self.registry.nodes.lock().expect("nodes lock");
-            match nodes.get_mut(&request.name) {
+            match nodes.records.get_mut(&request.name) {
                 Some(record) => {
                     record.last_heartbeat = Instant::now();
                     true
@@ -121,6 +173,15 @@ mod tests {
         // (time since the last heartbeat in ms, up?)
         for (since, up) in [(0, true), (2_999, true), (3_000, false), (60_000, false)] {
             assert_eq!(NodeRegistry::is_up(Duration::from_millis(since), ttl), up, "{since} ms");
+        }
+    }
+
+    #[test]
+    fn a_stall_of_meshd_is_forgiven_to_the_nodes() {
+        // (gap between two looks in ms, forgiven ms)
+        for (gap, forgiven) in [(0, 0), (250, 0), (1_000, 0), (1_001, 1_001), (10_000, 10_000)] {
+            let forgiven_for = NodeRegistry::stalled_for(Duration::from_millis(gap));
+            assert_eq!(forgiven_for, Duration::from_millis(forgiven), "{gap} ms");
         }
     }
 

@@ -1,0 +1,119 @@
+//! Faults the control plane must survive, injected as an operator's bad
+//! day would: a restart that nodes rejoin late, a stalled meshd. Real
+//! processes; the faults are real signals.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use mesh_tests::process::{Agent, Meshd};
+use mesh_tests::{eventually, TempDir};
+
+fn agent(server: &str, name: &str, ip: &str, data: &Path) -> Agent {
+    Agent::start(server, name, ip, 1000, data, &[])
+}
+
+fn spread_job(name: &str, replicas: u32) -> String {
+    format!(
+        "name = \"{name}\"\nversion = \"v1\"\nreplicas = {replicas}\n\n[task]\ncommand = \"/bin/sleep\"\nargs = [\"600\"]\n\n[resources]\ncpu_millis = 100\nmemory_mb = 32\n\n[placement]\nstrategy = \"spread\"\n"
+    )
+}
+
+/// Instance id → (node, app pid) of the running instances of `job`.
+fn placed(meshd: &Meshd, job: &str) -> BTreeMap<String, (String, i64)> {
+    meshd
+        .instances()
+        .into_iter()
+        .filter(|i| i["job"] == job && i["state"] == "running")
+        .map(|i| {
+            let node = i["node"].as_str().unwrap_or_default().to_owned();
+            (i["id"].as_str().unwrap_or_default().to_owned(), (node, i["pid"].as_i64().unwrap_or(0)))
+        })
+        .collect()
+}
+
+async fn nodes_up(meshd: &Meshd, count: usize) {
+    eventually(&format!("{count} nodes up"), Duration::from_secs(20), || {
+        let list = meshd.ctl_json(&["get", "nodes"]);
+        let up = list.as_array().unwrap().iter().filter(|n| n["up"] == true).count();
+        async move { (up == count).then_some(()) }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_server_waits_for_late_nodes_and_keeps_their_instances() {
+    let dir = TempDir::new("late-node");
+    let ttl = ["--heartbeat-ttl", "3s"];
+    let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", &ttl);
+    let _a = agent(&meshd.listen, "node-a", "127.0.0.2", &dir.path("a"));
+    let b = agent(&meshd.listen, "node-b", "127.0.0.3", &dir.path("b"));
+    nodes_up(&meshd, 2).await;
+    let file = dir.path("web.toml");
+    std::fs::write(&file, spread_job("web", 2)).unwrap();
+    meshd.ctl_ok(&["job", "run", file.to_str().unwrap()]);
+    meshd.running("web", 2, Duration::from_secs(30)).await;
+    let before = placed(&meshd, "web");
+    let nodes: Vec<&str> = before.values().map(|(node, _)| node.as_str()).collect();
+    assert!(nodes.contains(&"node-a") && nodes.contains(&"node-b"), "spread over both nodes: {before:?}");
+
+    // meshd restarts while node-b is paused: node-b comes back after node-a
+    // has rejoined, still well inside its TTL.
+    b.0.signal(libc::SIGSTOP);
+    let listen = meshd.listen.clone();
+    meshd.process.signal(libc::SIGKILL);
+    drop(meshd);
+    let meshd = Meshd::start_with(&dir.path("data"), &listen, &ttl);
+    let paused_at = Instant::now();
+    eventually("node-a's instance is adopted", Duration::from_secs(10), || {
+        let adopted = placed(&meshd, "web").values().any(|(node, _)| node == "node-a");
+        async move { adopted.then_some(()) }
+    })
+    .await;
+    // The scheduler has run with only node-a back, and says what it waits for.
+    eventually("the job waits for its nodes", Duration::from_secs(5), || {
+        let status = meshd.ctl_json(&["job", "status", "web"]);
+        let reason = status[0]["pending"].as_str().unwrap_or_default().to_owned();
+        async move { reason.contains("after a server start").then_some(()) }
+    })
+    .await;
+    assert!(paused_at.elapsed() < Duration::from_secs(3), "node-b is late, but inside its TTL");
+    b.0.signal(libc::SIGCONT);
+
+    eventually("both instances are back where they ran", Duration::from_secs(20), || {
+        let now = placed(&meshd, "web");
+        async move { (now.len() == 2 && now.values().all(|(_, pid)| *pid > 0)).then_some(()) }
+    })
+    .await;
+    assert_eq!(placed(&meshd, "web"), before, "the same instances on the same nodes, same processes");
+    assert_eq!(meshd.instances().len(), 2, "nothing placed twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_server_restarts_nothing() {
+    let dir = TempDir::new("stalled-server");
+    let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", &["--heartbeat-ttl", "1s"]);
+    let _a = agent(&meshd.listen, "node-a", "127.0.0.2", &dir.path("a"));
+    let _b = agent(&meshd.listen, "node-b", "127.0.0.3", &dir.path("b"));
+    nodes_up(&meshd, 2).await;
+    let file = dir.path("web.toml");
+    std::fs::write(&file, spread_job("web", 2)).unwrap();
+    meshd.ctl_ok(&["job", "run", file.to_str().unwrap()]);
+    meshd.running("web", 2, Duration::from_secs(30)).await;
+    let before = placed(&meshd, "web");
+
+    // meshd stops for three TTLs: every node's last heartbeat is old when it resumes.
+    meshd.process.signal(libc::SIGSTOP);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    meshd.process.signal(libc::SIGCONT);
+
+    // For three TTLs after, the nodes stay up and no instance moves.
+    let watch_until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < watch_until {
+        let nodes = meshd.ctl_json(&["get", "nodes"]);
+        let down: Vec<_> = nodes.as_array().unwrap().iter().filter(|n| n["up"] != true).collect();
+        assert!(down.is_empty(), "nodes down after meshd's own stall: {down:?}");
+        assert_eq!(placed(&meshd, "web"), before, "the instances keep running where they were");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
