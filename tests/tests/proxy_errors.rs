@@ -125,3 +125,61 @@ async fn garbage_on_the_wire_gets_a_400_and_harms_nothing() {
     // And the proxy still serves.
     assert_eq!(get(&http1(), &proxy.outbound(), "echo", "/").await.unwrap().status, 200);
 }
+
+/// Sends `bytes` on a new connection to `addr`, closing at once if
+/// `abort`, and returns whatever answer comes (bounded in time).
+async fn raw_exchange(addr: &str, bytes: &[u8], abort: bool) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    if abort {
+        return String::new();
+    }
+    let mut answer = vec![0; 4096];
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut answer)).await;
+    let n = read.expect("the proxy answers or closes, and does not hang").unwrap_or(0);
+    String::from_utf8_lossy(&answer[..n]).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_request_body_is_the_callers_fault_and_ejects_no_endpoint() {
+    let dir = TempDir::new("bad-bodies");
+    let echoes = [Echo::start("v1", &[]), Echo::start("v1", &[])];
+    let breaker = "breaker = { consecutive_failures = 3, base_ejection = \"60s\", max_ejection = \"60s\" }";
+    let service =
+        ServiceSpec::new("web").line(breaker).endpoint(&echoes[0].addr, "v1").endpoint(&echoes[1].addr, "v1");
+    let path = dir.path("proxy.toml");
+    std::fs::write(&path, render(&[service], &[], None)).unwrap();
+    let proxy = Proxy::start(&path);
+    let head = "POST /upload HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let long_extension = format!("{head}5;{}\r\nhello\r\n0\r\n\r\n", "x".repeat(64 * 1024));
+    // (what, bytes, the caller hangs up mid-upload)
+    let table: [(&str, String, bool); 3] = [
+        ("a bad chunk size", format!("{head}5\r\nhello\r\nZZZ\r\nmore\r\n0\r\n\r\n"), false),
+        ("an oversized chunk extension", long_extension, false),
+        (
+            "a caller that closes mid-upload",
+            "POST /upload HTTP/1.1\r\nHost: web\r\nContent-Length: 100000\r\n\r\npartial".to_owned(),
+            true,
+        ),
+    ];
+    for (what, bytes, abort) in &table {
+        for _ in 0..10 {
+            let answer = raw_exchange(&proxy.outbound(), bytes.as_bytes(), *abort).await;
+            if !abort {
+                assert!(answer.starts_with("HTTP/1.1 400"), "{what}: {answer}");
+                assert!(answer.contains("x-mesh-error: bad-request"), "{what}: {answer}");
+            }
+        }
+    }
+    // Every endpoint still serves: nothing was held against them.
+    let client = http1();
+    for _ in 0..20 {
+        let answer = get(&client, &proxy.outbound(), "web", "/").await.unwrap();
+        assert_eq!(answer.status, 200, "{:?}", answer.header("x-mesh-error"));
+    }
+    let metrics = scrape(&proxy.admin()).await;
+    assert_eq!(metrics.sum("mesh_endpoint_ejections_total", &[("service", "web")]), 0.0, "no ejection");
+    assert!(metrics.sum("mesh_http_requests_total", &[("error", "bad-request")]) >= 20.0);
+    assert_eq!(metrics.sum("mesh_http_requests_total", &[("error", "connect-failed")]), 0.0);
+}

@@ -2,6 +2,7 @@
 //! path does not allocate for them.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -17,7 +18,39 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// (so the request can be retried) or the caller's stream (which cannot).
 pub enum RequestBody {
     Buffered(Option<Bytes>),
-    Streaming(Incoming),
+    Streaming(CallerBody),
+}
+
+/// The caller's body streaming to an endpoint. A failure to read it (bad
+/// chunk framing, a caller gone mid-upload) is the caller's fault; it is
+/// noted here so that the sender does not hold it against the endpoint.
+pub struct CallerBody {
+    incoming: Incoming,
+    /// None for a body that is empty from the start (most requests): it
+    /// cannot break, and the request allocates nothing for it.
+    broken: Option<Arc<AtomicBool>>,
+}
+
+impl CallerBody {
+    pub fn new(incoming: Incoming) -> CallerBody {
+        let broken = (!incoming.is_end_stream()).then(|| Arc::new(AtomicBool::new(false)));
+        CallerBody { incoming, broken }
+    }
+
+    /// A flag that turns true once reading the caller's body failed.
+    pub fn broken_flag(&self) -> CallerBroken {
+        CallerBroken(self.broken.clone())
+    }
+}
+
+/// Whether the caller's body broke off, seen after the body was sent away.
+#[derive(Clone)]
+pub struct CallerBroken(Option<Arc<AtomicBool>>);
+
+impl CallerBroken {
+    pub fn get(&self) -> bool {
+        self.0.as_ref().is_some_and(|broken| broken.load(Ordering::Relaxed))
+    }
 }
 
 impl Body for RequestBody {
@@ -30,14 +63,20 @@ impl Body for RequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             RequestBody::Buffered(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            RequestBody::Streaming(incoming) => Pin::new(incoming).poll_frame(cx),
+            RequestBody::Streaming(caller) => {
+                let polled = Pin::new(&mut caller.incoming).poll_frame(cx);
+                if let (Poll::Ready(Some(Err(_))), Some(broken)) = (&polled, &caller.broken) {
+                    broken.store(true, Ordering::Relaxed);
+                }
+                polled
+            }
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             RequestBody::Buffered(bytes) => bytes.is_none(),
-            RequestBody::Streaming(incoming) => incoming.is_end_stream(),
+            RequestBody::Streaming(caller) => caller.incoming.is_end_stream(),
         }
     }
 
@@ -45,7 +84,7 @@ impl Body for RequestBody {
         match self {
             RequestBody::Buffered(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
             RequestBody::Buffered(None) => SizeHint::with_exact(0),
-            RequestBody::Streaming(incoming) => incoming.size_hint(),
+            RequestBody::Streaming(caller) => caller.incoming.size_hint(),
         }
     }
 }

@@ -30,7 +30,7 @@ use rand::SeedableRng;
 use crate::clock;
 use crate::config::{Protocol, RetryOn};
 use crate::errors::ProxyError;
-use crate::http::body::{RequestBody, ResponseBody};
+use crate::http::body::{CallerBody, CallerBroken, RequestBody, ResponseBody};
 use crate::http::deadline::ConnectionTimers;
 use crate::http::pool::{ConnPool, ConnectError, Http1Sender};
 use crate::http::{error_response, is_grpc, mark_error, strip_hop_by_hop, MESH_ERROR};
@@ -49,12 +49,20 @@ enum PreparedBody {
     /// Kept in memory: every try gets a copy.
     Replayable(Option<Bytes>),
     /// The caller's stream: only one try can send it.
-    Streaming(Option<Incoming>),
+    Streaming(Option<CallerBody>),
 }
 
 impl PreparedBody {
     fn is_replayable(&self) -> bool {
         matches!(self, PreparedBody::Replayable(_))
+    }
+
+    /// What tells, after a send failed, whether the caller's stream broke.
+    fn caller_broken(&self) -> Option<CallerBroken> {
+        match self {
+            PreparedBody::Streaming(Some(body)) => Some(body.broken_flag()),
+            _ => None,
+        }
     }
 
     fn for_attempt(&mut self) -> Option<RequestBody> {
@@ -168,6 +176,7 @@ async fn attempts<'s>(
         }
     };
     let retries_responses = retries_responses && body.is_replayable();
+    let caller_broken = body.caller_broken();
     // A body read took time; otherwise the forward's start reading holds.
     let mut now_nanos = if body_to_read { clock::now_nanos() } else { progress.clock_nanos };
     service.budget.record_request(clock::millis_of(now_nanos) / 1000);
@@ -246,6 +255,15 @@ async fn attempts<'s>(
                 return Outcome {
                     response: error_response(ProxyError::ConnectFailed, grpc, &detail),
                     error: Some(ProxyError::ConnectFailed),
+                    metrics: &endpoint.metrics,
+                };
+            }
+            Err(SendError::Broken(error)) if caller_broken.as_ref().is_some_and(CallerBroken::get) => {
+                // The caller's body broke off: the caller's fault, not the endpoint's.
+                let detail = format!("reading the request body: {error}");
+                return Outcome {
+                    response: error_response(ProxyError::BadRequest, grpc, &detail),
+                    error: Some(ProxyError::BadRequest),
                     metrics: &endpoint.metrics,
                 };
             }
@@ -367,7 +385,7 @@ async fn prepare_body(
             let bytes = body.collect().await?.to_bytes();
             Ok(PreparedBody::Replayable(if bytes.is_empty() { None } else { Some(bytes) }))
         }
-        _ => Ok(PreparedBody::Streaming(Some(body))),
+        _ => Ok(PreparedBody::Streaming(Some(CallerBody::new(body)))),
     }
 }
 
@@ -556,7 +574,7 @@ pub async fn upgrade_on(
     let mut headers = parts.headers.clone();
     let upgrade = headers.remove(header::UPGRADE);
     strip_hop_by_hop(&mut headers);
-    let mut upstream_request = Request::new(RequestBody::Streaming(body));
+    let mut upstream_request = Request::new(RequestBody::Streaming(CallerBody::new(body)));
     *upstream_request.method_mut() = parts.method;
     *upstream_request.uri_mut() =
         Uri::from(parts.uri.path_and_query().cloned().unwrap_or(PathAndQuery::from_static("/")));
@@ -625,6 +643,8 @@ pub async fn forward_inbound(
     let (mut parts, body) = request.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     let authority = authority_for_upstream(&parts);
+    let body = CallerBody::new(body);
+    let caller_broken = body.broken_flag();
     let upstream_request =
         build_upstream_request_owned(parts, RequestBody::Streaming(body), protocol, &authority);
     let (pool, connect_timeout) = (&inbound.state.pool, crate::config::DEFAULT_CONNECT_TIMEOUT);
@@ -638,6 +658,10 @@ pub async fn forward_inbound(
         Err(SendError::Connect(error, _)) => {
             let detail = format!("local app at {app}: {}", error.0);
             (error_response(ProxyError::ConnectFailed, grpc, &detail), Some(ProxyError::ConnectFailed))
+        }
+        Err(SendError::Broken(error)) if caller_broken.get() => {
+            let detail = format!("reading the request body: {error}");
+            (error_response(ProxyError::BadRequest, grpc, &detail), Some(ProxyError::BadRequest))
         }
         Err(SendError::Broken(error)) => {
             let detail = format!("local app at {app}: {error}");
