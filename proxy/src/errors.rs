@@ -17,10 +17,13 @@ pub enum ProxyError {
     /// The request itself could not be read or forwarded (bad framing, a
     /// body that broke off); not in the contract's table, answered with 400.
     BadRequest,
+    /// The request went round proxies without reaching an app (an
+    /// endpoint that points back at a proxy); answered with 508.
+    LoopDetected,
 }
 
 impl ProxyError {
-    pub const ALL: [ProxyError; 8] = [
+    pub const ALL: [ProxyError; 9] = [
         ProxyError::UnknownService,
         ProxyError::NoEndpoints,
         ProxyError::BreakerOpen,
@@ -29,6 +32,7 @@ impl ProxyError {
         ProxyError::RetryBudgetExhausted,
         ProxyError::AuthzDenied,
         ProxyError::BadRequest,
+        ProxyError::LoopDetected,
     ];
 
     pub fn reason(self) -> &'static str {
@@ -41,6 +45,7 @@ impl ProxyError {
             ProxyError::RetryBudgetExhausted => "retry-budget-exhausted",
             ProxyError::AuthzDenied => "authz-denied",
             ProxyError::BadRequest => "bad-request",
+            ProxyError::LoopDetected => "loop-detected",
         }
     }
 
@@ -54,6 +59,7 @@ impl ProxyError {
             ProxyError::RetryBudgetExhausted => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::AuthzDenied => StatusCode::FORBIDDEN,
             ProxyError::BadRequest => StatusCode::BAD_REQUEST,
+            ProxyError::LoopDetected => StatusCode::LOOP_DETECTED,
         }
     }
 
@@ -68,6 +74,7 @@ impl ProxyError {
             ProxyError::Timeout => 4,         // DEADLINE_EXCEEDED
             ProxyError::AuthzDenied => 7,     // PERMISSION_DENIED
             ProxyError::BadRequest => 3,      // INVALID_ARGUMENT
+            ProxyError::LoopDetected => 9,    // FAILED_PRECONDITION: a misconfigured mesh
         }
     }
 

@@ -107,6 +107,7 @@ impl Listeners {
         if let Some(addr) = listen.outbound {
             let listener = bind("outbound", addr).await?;
             self.bound.push(format!("outbound={}", local(&listener)?));
+            proxy.long_lived.add_own_listener(local(&listener)?);
             self.serving.spawn(listen::http::serve(
                 listener,
                 proxy.clone(),
@@ -117,11 +118,13 @@ impl Listeners {
         if let Some(addr) = listen.inbound {
             let listener = bind("inbound", addr).await?;
             self.bound.push(format!("inbound={}", local(&listener)?));
+            proxy.long_lived.add_own_listener(local(&listener)?);
             self.serving.spawn(listen::http::serve(listener, proxy.clone(), Role::Inbound, shutdown.clone()));
         }
         if let Some(addr) = listen.admin {
             let listener = bind("admin", addr).await?;
             self.bound.push(format!("admin={}", local(&listener)?));
+            proxy.long_lived.add_own_listener(local(&listener)?);
             tokio::spawn(listen::admin::serve(listener, proxy.clone()));
         }
         Ok(())
@@ -146,6 +149,7 @@ impl Listeners {
             protocols.insert(upstream.service.clone(), protocol);
             let listener = bind(&format!("upstream {}", upstream.service), upstream.listen).await?;
             self.bound.push(format!("upstream.{}={}", upstream.service, local(&listener)?));
+            proxy.long_lived.add_own_listener(local(&listener)?);
             let name: Arc<str> = Arc::from(upstream.service.as_str());
             if protocol == Protocol::Tcp {
                 self.serving.spawn(listen::tcp::serve(listener, proxy.clone(), name, shutdown.clone()));

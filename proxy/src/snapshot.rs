@@ -143,9 +143,29 @@ pub struct LongLived {
     budgets: Mutex<HashMap<String, Arc<RetryBudget>>>,
     pub metrics: Metrics,
     next_version: AtomicU64,
+    /// The proxy's own listening addresses: an endpoint at one of them
+    /// would send requests round in a loop, so it never gets traffic.
+    own_listeners: Mutex<Vec<SocketAddr>>,
+}
+
+/// Whether `endpoint` is one of the proxy's own listeners: the same port on
+/// the same address, or on any local address when the listener is bound
+/// to all of them.
+pub fn is_own_listener(own: &[SocketAddr], endpoint: SocketAddr) -> bool {
+    own.iter().any(|listener| {
+        listener.port() == endpoint.port()
+            && (listener.ip() == endpoint.ip()
+                || (listener.ip().is_unspecified()
+                    && (endpoint.ip().is_loopback() || endpoint.ip().is_unspecified())))
+    })
 }
 
 impl LongLived {
+    /// Records a listener the proxy bound, for tables built from now on.
+    pub fn add_own_listener(&self, addr: SocketAddr) {
+        self.own_listeners.lock().expect("long-lived lock").push(addr);
+    }
+
     fn endpoint(&self, service: &str, addr: SocketAddr, meshed: bool) -> Arc<EndpointState> {
         let mut map = self.endpoints.lock().expect("long-lived lock");
         map.entry((service.to_owned(), addr, meshed))
@@ -178,14 +198,23 @@ impl LongLived {
         // A set, not a list: tables with thousands of endpoints are rebuilt
         // on every control-plane update.
         let mut live_keys = HashSet::new();
+        let mut own = self.own_listeners.lock().expect("long-lived lock").clone();
+        let listen = &config.listen;
+        let configured = [listen.outbound, listen.inbound, listen.admin].into_iter().flatten();
+        let upstreams = config.upstreams.iter().map(|u| u.listen);
+        own.extend(configured.chain(upstreams).filter(|addr| addr.port() != 0));
         for service in &config.services {
             let name = service.name.as_str();
             let endpoint = |e: &crate::config::EndpointConfig| {
                 live_keys.insert((name.to_owned(), e.addr, e.meshed));
+                let loops = is_own_listener(&own, e.addr);
+                if loops {
+                    tracing::warn!(service = name, endpoint = %e.addr, "an endpoint is this proxy's own listener; it gets no traffic");
+                }
                 Endpoint {
                     addr: e.addr,
                     version: Arc::from(e.version.as_str()),
-                    ready: e.ready,
+                    ready: e.ready && !loops,
                     state: self.endpoint(name, e.addr, e.meshed),
                     metrics: self.metrics.http(Direction::Outbound, name, &e.version),
                 }
@@ -376,5 +405,23 @@ mod tests {
         );
         assert_eq!(second.version, first.version + 1);
         assert_eq!(long_lived.endpoints.lock().unwrap().len(), 1, "the removed endpoint's state is dropped");
+    }
+
+    #[test]
+    fn endpoints_at_the_proxys_own_listeners_are_recognised() {
+        let addr = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let own = [addr("127.0.0.1:4140"), addr("0.0.0.0:4143")];
+        // (endpoint, one of ours?)
+        let table = [
+            ("127.0.0.1:4140", true),
+            ("127.0.0.2:4140", false),
+            ("127.0.0.1:4141", false),
+            ("127.0.0.5:4143", true),
+            ("0.0.0.0:4143", true),
+            ("10.0.0.7:4143", false),
+        ];
+        for (endpoint, expected) in table {
+            assert_eq!(is_own_listener(&own, addr(endpoint)), expected, "{endpoint}");
+        }
     }
 }

@@ -183,3 +183,64 @@ async fn a_broken_request_body_is_the_callers_fault_and_ejects_no_endpoint() {
     assert!(metrics.sum("mesh_http_requests_total", &[("error", "bad-request")]) >= 20.0);
     assert_eq!(metrics.sum("mesh_http_requests_total", &[("error", "connect-failed")]), 0.0);
 }
+
+/// Resident memory of a process, in kB.
+fn rss_kb(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_routing_loop_is_cut_and_memory_comes_back() {
+    use mesh_tests::free_port;
+    let dir = TempDir::new("loops");
+    let (a_port, b_port) = (free_port(), free_port());
+    let config = |own: u16, peer: u16| {
+        let text = render(
+            &[
+                // Each proxy's "loop" points at the other's outbound; "self" at its own.
+                ServiceSpec::new("loop").endpoint(&format!("127.0.0.1:{peer}"), "v1"),
+                ServiceSpec::new("self").endpoint(&format!("127.0.0.1:{own}"), "v1"),
+            ],
+            &[],
+            None,
+        );
+        text.replacen("outbound = \"127.0.0.1:0\"", &format!("outbound = \"127.0.0.1:{own}\""), 1)
+    };
+    std::fs::write(dir.path("a.toml"), config(a_port, b_port)).unwrap();
+    std::fs::write(dir.path("b.toml"), config(b_port, a_port)).unwrap();
+    let a = Proxy::start(&dir.path("a.toml"));
+    let b = Proxy::start(&dir.path("b.toml"));
+    let before = [rss_kb(a.process.pid()), rss_kb(b.process.pid())];
+
+    let client = http1();
+    let answer = get(&client, &a.outbound(), "loop", "/").await.unwrap();
+    assert_eq!(answer.status, 508, "a loop between two proxies is cut");
+    assert_eq!(answer.header("x-mesh-error"), Some("loop-detected"));
+    // An endpoint that is the proxy's own listener never gets a request.
+    let answer = get(&client, &a.outbound(), "self", "/").await.unwrap();
+    assert_eq!(answer.header("x-mesh-error"), Some("no-endpoints"), "{}", answer.status);
+
+    // Bursts of looping requests cost bounded memory, and leave none behind.
+    for _ in 0..20 {
+        let burst: Vec<_> = (0..10)
+            .map(|_| {
+                let (client, outbound) = (client.clone(), a.outbound());
+                tokio::spawn(async move {
+                    let answer = get(&client, &outbound, "loop", "/").await;
+                    answer.map(|a| (a.status.as_u16(), a.header("x-mesh-error").map(str::to_owned)))
+                })
+            })
+            .collect();
+        for request in burst {
+            assert_eq!(request.await.unwrap(), Ok((508, Some("loop-detected".to_owned()))));
+        }
+    }
+    for (proxy, before) in [(&a, before[0]), (&b, before[1])] {
+        let after = rss_kb(proxy.process.pid());
+        assert!(after < before + 32 * 1024, "RSS grew from {before} kB to {after} kB");
+    }
+    let metrics = scrape(&a.admin()).await;
+    assert!(metrics.sum("mesh_http_requests_total", &[("error", "loop-detected"), ("code", "508")]) >= 1.0);
+}

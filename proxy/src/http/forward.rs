@@ -32,6 +32,7 @@ use crate::config::{Protocol, RetryOn};
 use crate::errors::ProxyError;
 use crate::http::body::{CallerBody, CallerBroken, RequestBody, ResponseBody};
 use crate::http::deadline::ConnectionTimers;
+use crate::http::hops::{next_hop, MAX_HOPS, MESH_HOPS};
 use crate::http::pool::{ConnPool, ConnectError, Http1Sender};
 use crate::http::{error_response, is_grpc, mark_error, strip_hop_by_hop, MESH_ERROR};
 use crate::metrics::HttpMetrics;
@@ -161,6 +162,16 @@ async fn attempts<'s>(
     let (mut parts, body) = request.into_parts();
     let body_to_read = !body.is_end_stream();
     strip_hop_by_hop(&mut parts.headers);
+    let Some(hops) = next_hop(&parts.headers) else {
+        let detail = format!("the request made {MAX_HOPS} proxy hops without reaching an app");
+        let response = error_response(ProxyError::LoopDetected, grpc, &detail);
+        return Outcome {
+            response,
+            error: Some(ProxyError::LoopDetected),
+            metrics: &service.unrouted_metrics,
+        };
+    };
+    parts.headers.insert(MESH_HOPS, hops);
     let policy = &service.config.retry;
     let idempotent = policy.non_idempotent || is_idempotent(&parts.method);
     // Any condition can come back as a response: even a connect failure,
@@ -294,6 +305,17 @@ async fn attempts<'s>(
                         .headers()
                         .get(MESH_ERROR)
                         .is_some_and(|v| v.as_bytes() == ProxyError::ConnectFailed.reason().as_bytes());
+                // A loop is the mesh's configuration, not the endpoint's health.
+                let peer_loop = status == http::StatusCode::LOOP_DETECTED
+                    && response
+                        .headers()
+                        .get(MESH_ERROR)
+                        .is_some_and(|v| v.as_bytes() == ProxyError::LoopDetected.reason().as_bytes());
+                if peer_loop {
+                    let response = finish_response(response, release, &endpoint.state.pool);
+                    let error = Some(ProxyError::LoopDetected);
+                    return Outcome { response, error, metrics: &endpoint.metrics };
+                }
                 if status.is_server_error() {
                     record_failure(endpoint, service);
                 } else {
@@ -642,6 +664,8 @@ pub async fn forward_inbound(
     };
     let (mut parts, body) = request.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    // The app's own calls start counting afresh.
+    parts.headers.remove(MESH_HOPS);
     let authority = authority_for_upstream(&parts);
     let body = CallerBody::new(body);
     let caller_broken = body.broken_flag();

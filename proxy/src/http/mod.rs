@@ -4,6 +4,7 @@
 pub mod body;
 pub mod deadline;
 pub mod forward;
+pub mod hops;
 pub mod pool;
 pub mod route;
 
