@@ -117,3 +117,60 @@ async fn a_stalled_server_restarts_nothing() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+fn echo_job(service: &str, version: &str) -> String {
+    format!(
+        "name = \"shop\"\nservice = \"{service}\"\nversion = \"{version}\"\nreplicas = 1\n\n[task]\ncommand = \"mesh-echo\"\nargs = [\"--version\", \"{version}\"]\n\n[resources]\ncpu_millis = 100\nmemory_mb = 32\n\n[health]\nreadiness = {{ http = \"/ready\", interval = \"200ms\", timeout = \"500ms\", failures = 1 }}\n"
+    )
+}
+
+/// (service, version, ready) of every registered endpoint.
+fn endpoints(meshd: &Meshd) -> Vec<(String, String, bool)> {
+    let list = meshd.ctl_json(&["get", "endpoints"]);
+    let mut all: Vec<_> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let text = |key: &str| e[key].as_str().unwrap_or_default().to_owned();
+            (text("service"), text("version"), e["ready"] == true)
+        })
+        .collect();
+    all.sort();
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_changes_service_only_with_a_new_version() {
+    let dir = TempDir::new("service-change");
+    let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", &["--heartbeat-ttl", "1s"]);
+    let _a = agent(&meshd.listen, "node-a", "127.0.0.2", &dir.path("a"));
+    let file = dir.path("shop.toml");
+    let path = file.to_str().unwrap();
+    std::fs::write(&file, echo_job("web", "v1")).unwrap();
+    meshd.ctl_ok(&["job", "run", path]);
+    meshd.running("shop", 1, Duration::from_secs(30)).await;
+    let before = endpoints(&meshd);
+    assert_eq!(before, vec![("web".to_owned(), "v1".to_owned(), true)]);
+
+    // Same version, another service: refused with the reason, nothing changes.
+    std::fs::write(&file, echo_job("api", "v1")).unwrap();
+    let (code, _, stderr) = meshd.ctl(&["job", "run", path]);
+    assert_ne!(code, 0, "{stderr}");
+    assert!(stderr.contains("same version") && stderr.contains("\"api\""), "{stderr}");
+    assert_eq!(meshd.ctl_json(&["job", "status", "shop"])[0]["service"], "web");
+    assert_eq!(endpoints(&meshd), before);
+
+    // A new version rolls over: the new instance serves "api", the old one
+    // keeps "web" until it is stopped.
+    std::fs::write(&file, echo_job("api", "v2")).unwrap();
+    meshd.ctl_ok(&["job", "run", path]);
+    eventually("the job runs v2 under api, and web is gone", Duration::from_secs(30), || {
+        let now = endpoints(&meshd);
+        let moved = now == vec![("api".to_owned(), "v2".to_owned(), true)];
+        let mixed = now.iter().any(|(service, version, _)| (service == "api") != (version == "v2"));
+        assert!(!mixed, "an endpoint under the other version's service: {now:?}");
+        async move { moved.then_some(()) }
+    })
+    .await;
+}

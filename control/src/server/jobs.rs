@@ -93,7 +93,7 @@ impl Scheduler {
     pub fn service_of(&self, node: &str, instance: &str) -> Option<String> {
         let state = self.lock();
         let allocation = state.allocations.iter().find(|a| a.id == instance && a.node == node)?;
-        state.jobs.get(&allocation.job).map(|(_, job)| job.service.clone())
+        job_of(&state, allocation).map(|job| job.service.clone())
     }
 
     /// Records a node's heartbeat report and answers with what it should run.
@@ -135,7 +135,7 @@ impl Scheduler {
             .iter()
             .filter(|a| a.node == node)
             .filter_map(|a| {
-                let (stored, job) = state.jobs.get(&a.job)?;
+                let (stored, job) = stored_job_of(&state, a)?;
                 Some(pb::Assignment {
                     id: a.id.clone(),
                     job: a.job.clone(),
@@ -400,7 +400,7 @@ fn endpoint_changes(state: &mut SchedulerState, nodes: &[Node]) -> Vec<Change> {
     let mut wanted: BTreeMap<(String, String), (String, bool)> = BTreeMap::new();
     for allocation in &state.allocations {
         let Some((node, report)) = state.reports.get(&allocation.id) else { continue };
-        let Some((_, job)) = state.jobs.get(&allocation.job) else { continue };
+        let Some(job) = job_of(state, allocation) else { continue };
         if report.addr.is_empty() || *node != allocation.node || job.kind == JobKind::Batch {
             continue;
         }
@@ -428,6 +428,35 @@ fn endpoint_changes(state: &mut SchedulerState, nodes: &[Node]) -> Vec<Change> {
     changes
 }
 
+/// A job may move to another service only with a new version: its
+/// instances then roll over to sidecars holding the new service's identity.
+/// At the same version, running sidecars would keep the old identity while
+/// their endpoints moved, and no call would reach the job.
+fn check_service_change(old: &Job, new: &Job) -> Result<(), String> {
+    if old.service != new.service && old.version == new.version {
+        return Err(format!(
+            "job {:?} would move from service {:?} to {:?} at the same version {:?}: give it a new version to roll it out, or stop the job first",
+            new.name, old.service, new.service, new.version
+        ));
+    }
+    Ok(())
+}
+
+/// The job an allocation was placed from: during an update, instances of
+/// the version being replaced keep their old service and identity.
+fn job_of<'s>(state: &'s SchedulerState, allocation: &Allocation) -> Option<&'s Job> {
+    stored_job_of(state, allocation).map(|(_, job)| job)
+}
+
+fn stored_job_of<'s>(state: &'s SchedulerState, allocation: &Allocation) -> Option<&'s (StoredJob, Job)> {
+    if let Some(rollout) = state.rollouts.get(&allocation.job) {
+        if rollout.old.1.version == allocation.version {
+            return Some(&rollout.old);
+        }
+    }
+    state.jobs.get(&allocation.job)
+}
+
 /// The lowest `<job>-<n>` not handed out before.
 fn fresh_id(job: &str, used: &std::collections::HashSet<String>) -> String {
     (0u64..).map(|n| format!("{job}-{n}")).find(|id| !used.contains(id)).expect("an unused id")
@@ -453,6 +482,9 @@ impl Jobs for JobsService {
         let name = job.name.clone();
         let changed = {
             let state = self.scheduler.lock();
+            if let Some((_, old)) = state.jobs.get(&name) {
+                check_service_change(old, &job).map_err(Status::failed_precondition)?;
+            }
             state.jobs.get(&name).is_none_or(|(old, _)| *old != stored)
         };
         if changed {
