@@ -195,6 +195,11 @@ impl MeshState {
                 let Ok(addr) = addr.parse::<SocketAddr>() else {
                     return refuse(format!("address {addr:?} is not an IP:port such as 127.0.0.1:8080"));
                 };
+                if addr.port() == 0 || addr.ip().is_unspecified() || addr.ip().is_multicast() {
+                    return refuse(format!(
+                        "address {addr} cannot be called: an endpoint needs a unicast IP and the port it listens on"
+                    ));
+                }
                 let record =
                     EndpointRecord { version: endpoint_version.clone(), ready: *ready, meshed: *meshed };
                 let entry = Arc::make_mut(next.services.entry(service.clone()).or_default());
@@ -351,6 +356,9 @@ mod tests {
             (split("api", &[("v1", 100)]), "unknown service \"api\""),
             (register("Web!", "v1", "127.0.0.1:3"), "not a valid name"),
             (register("web", "v1", "localhost"), "not an IP:port"),
+            (register("web", "v1", "127.0.0.1:0"), "cannot be called"),
+            (register("web", "v1", "0.0.0.0:8080"), "cannot be called"),
+            (register("web", "v1", "[::]:8080"), "cannot be called"),
             (Change::Deregister { service: "web".into(), addr: "127.0.0.1:9".into() }, "no endpoint"),
             (Change::ClearSplit { service: "api".into() }, "unknown service"),
             (

@@ -174,3 +174,23 @@ async fn a_job_changes_service_only_with_a_new_version() {
     })
     .await;
 }
+
+#[test]
+fn endpoints_nobody_can_call_and_policies_for_unknown_services_are_refused() {
+    let dir = TempDir::new("refusals");
+    let meshd = Meshd::start(&dir.path("data"));
+    meshd.ctl_ok(&["register", "web", "--version", "v1", "--addr", "127.0.0.1:8080"]);
+    // (what, meshctl arguments, words of the error)
+    let table: [(&str, &[&str], &str); 3] = [
+        ("port 0", &["register", "web", "--version", "v1", "--addr", "127.0.0.1:0"], "cannot be called"),
+        ("any address", &["register", "web", "--version", "v1", "--addr", "0.0.0.0:80"], "cannot be called"),
+        ("a typo of a service", &["policy", "wbe", "--timeout", "1s"], "unknown service \"wbe\""),
+    ];
+    let services_before = meshd.ctl_json(&["get", "services"]);
+    for (what, args, words) in table {
+        let (code, _, stderr) = meshd.ctl(args);
+        assert_ne!(code, 0, "{what}: {stderr}");
+        assert!(stderr.contains(words), "{what}: {stderr}");
+    }
+    assert_eq!(meshd.ctl_json(&["get", "services"]), services_before, "nothing was created or changed");
+}

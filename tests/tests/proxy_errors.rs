@@ -108,8 +108,9 @@ async fn garbage_on_the_wire_gets_a_400_and_harms_nothing() {
     std::fs::write(&path, render(&[ServiceSpec::new("echo").endpoint(&echo.addr, "v1")], &[], None)).unwrap();
     let proxy = Proxy::start(&path);
     // (what, bytes sent)
-    let table: [(&str, &[u8]); 3] = [
+    let table: [(&str, &[u8]); 4] = [
         ("not HTTP at all", b"\x00\x01\x02garbage garbage\r\n\r\n"),
+        ("two Host headers (RFC 9112, 3.2)", b"GET / HTTP/1.1\r\nHost: echo\r\nHost: other\r\n\r\n"),
         ("a request line with a bad version", b"GET / HTTP/9.9\r\nHost: echo\r\n\r\n"),
         ("a TLS client hello to a plaintext port", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n"),
     ];

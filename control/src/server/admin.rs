@@ -136,6 +136,14 @@ impl Admin for AdminService {
         let Some(policy) = request.policy else {
             return Err(Status::invalid_argument("SetPolicyRequest.policy is missing"));
         };
+        // A policy is for a service that exists (a job's, or one with
+        // endpoints); a typo must not create a new one.
+        if !self.control.state().await.services.contains_key(&request.service) {
+            return Err(Status::not_found(format!(
+                "unknown service {:?}: no job or endpoint has it",
+                request.service
+            )));
+        }
         self.change(Change::SetPolicy { service: request.service, policy: policy_from_pb(&policy) }).await
     }
 

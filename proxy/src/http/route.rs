@@ -1,7 +1,7 @@
 //! Naming the service a request is for, from its authority. Pure, so the
 //! accepted spellings are pinned by a table test.
 
-use http::{header, Request};
+use http::{header, HeaderMap, Request};
 
 /// `web`, `web.mesh`, `web:80`, `WEB.mesh:8080` all name service `web`.
 pub fn service_name(authority: &str) -> &str {
@@ -28,9 +28,29 @@ pub fn authority_of<B>(request: &Request<B>) -> Option<&str> {
     request.headers().get(header::HOST).and_then(|h| h.to_str().ok())
 }
 
+/// Whether a request carries more than one `Host`: which one names the
+/// service would be a guess, and RFC 9112 (3.2) asks for a 400.
+pub fn has_several_hosts(headers: &HeaderMap) -> bool {
+    let mut hosts = headers.get_all(header::HOST).iter();
+    hosts.next().is_some() && hosts.next().is_some()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn several_hosts_are_told_apart_from_one() {
+        // (Host values, several?)
+        let table: [(&[&str], bool); 3] = [(&[], false), (&["web"], false), (&["web", "api"], true)];
+        for (hosts, several) in table {
+            let mut headers = HeaderMap::new();
+            for host in hosts {
+                headers.append(header::HOST, host.parse().unwrap());
+            }
+            assert_eq!(has_several_hosts(&headers), several, "{hosts:?}");
+        }
+    }
 
     #[test]
     fn authorities_name_services() {

@@ -22,7 +22,7 @@ use crate::errors::ProxyError;
 use crate::http::body::ResponseBody;
 use crate::http::deadline::ConnectionTimers;
 use crate::http::forward::{forward, forward_inbound, forward_upgrade, is_upgrade};
-use crate::http::route::{authority_of, service_name};
+use crate::http::route::{authority_of, has_several_hosts, service_name};
 use crate::http::{error_response, is_grpc};
 use crate::listen::drain::Drain;
 use crate::listen::{shutdown_started, ShutdownSignal};
@@ -225,12 +225,26 @@ impl<F: Future<Output = Response<ResponseBody>>> Future for Handled<F> {
     }
 }
 
+/// The 400 for a request with several `Host` headers. The connection is
+/// closed after it: a peer that frames requests this way is not trusted
+/// to frame the next one right.
+fn several_hosts_answer(grpc: bool) -> Response<ResponseBody> {
+    let mut response = error_response(ProxyError::BadRequest, grpc, "more than one Host header");
+    response.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+    response
+}
+
 /// Peers' calls to the local app.
 fn handle_inbound(
     proxy: &Proxy,
     request: Request<Incoming>,
 ) -> Handled<impl Future<Output = Response<ResponseBody>>> {
     let snapshot = arc_swap::Guard::into_inner(proxy.table.load());
+    if has_several_hosts(request.headers()) {
+        let error = ProxyError::BadRequest;
+        snapshot.inbound.metrics.record(error.status().as_u16(), Some(error), Default::default());
+        return Handled::answer(several_hosts_answer(is_grpc(request.headers())));
+    }
     Handled::Forwarding { future: forward_inbound(snapshot, request) }
 }
 
@@ -243,6 +257,11 @@ fn handle_outbound(
     request: Request<Incoming>,
 ) -> Handled<impl Future<Output = Response<ResponseBody>>> {
     let snapshot = proxy.table.load();
+    if has_several_hosts(request.headers()) {
+        let error = ProxyError::BadRequest;
+        snapshot.unknown_service_metrics.record(error.status().as_u16(), Some(error), Default::default());
+        return Handled::answer(several_hosts_answer(is_grpc(request.headers())));
+    }
     let name = match fixed {
         Some(name) => name,
         None => match authority_of(&request) {
