@@ -14,7 +14,7 @@ use std::time::Duration;
 use clap::Parser;
 use mesh_proxy::config::{Listen, Protocol, ProxyConfig, UpstreamConfig};
 use mesh_proxy::control::{self, ControlOptions};
-use mesh_proxy::listen::{self, http::Role, ShutdownSignal};
+use mesh_proxy::listen::{self, http::Role, ConnectionLimits, ShutdownSignal};
 use mesh_proxy::proxy::Proxy;
 use mesh_proxy::reload;
 use tokio::net::TcpListener;
@@ -57,6 +57,12 @@ struct Args {
     /// How long requests in flight may take to finish after SIGTERM.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
     drain_timeout: Duration,
+    /// Connections one listener keeps open at once; more are closed at accept.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
+    /// A peer's connection to the inbound that sends nothing for this long is closed.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    first_byte_timeout: Duration,
 }
 
 fn parse_upstream(text: &str) -> Result<UpstreamConfig, String> {
@@ -95,6 +101,7 @@ async fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener, String> {
 struct Listeners {
     serving: JoinSet<()>,
     bound: Vec<String>,
+    limits: ConnectionLimits,
 }
 
 impl Listeners {
@@ -112,6 +119,7 @@ impl Listeners {
                 listener,
                 proxy.clone(),
                 Role::Outbound,
+                self.limits,
                 shutdown.clone(),
             ));
         }
@@ -119,7 +127,14 @@ impl Listeners {
             let listener = bind("inbound", addr).await?;
             self.bound.push(format!("inbound={}", local(&listener)?));
             proxy.long_lived.add_own_listener(local(&listener)?);
-            self.serving.spawn(listen::http::serve(listener, proxy.clone(), Role::Inbound, shutdown.clone()));
+            let limits = self.limits;
+            self.serving.spawn(listen::http::serve(
+                listener,
+                proxy.clone(),
+                Role::Inbound,
+                limits,
+                shutdown.clone(),
+            ));
         }
         if let Some(addr) = listen.admin {
             let listener = bind("admin", addr).await?;
@@ -158,6 +173,7 @@ impl Listeners {
                     listener,
                     proxy.clone(),
                     Role::Upstream(name),
+                    self.limits,
                     shutdown.clone(),
                 ));
             }
@@ -172,7 +188,11 @@ fn local(listener: &TcpListener) -> Result<SocketAddr, String> {
 
 async fn run(args: Args) -> ExitCode {
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
-    let mut listeners = Listeners { serving: JoinSet::new(), bound: Vec::new() };
+    let limits = ConnectionLimits {
+        max_connections: args.max_connections as usize,
+        first_byte_within: args.first_byte_timeout,
+    };
+    let mut listeners = Listeners { serving: JoinSet::new(), bound: Vec::new(), limits };
     let started = match (&args.config, &args.control) {
         (Some(path), _) => start_from_file(path, &mut listeners, &shutdown_rx).await,
         (None, Some(control)) => start_under_control(control, &args, &mut listeners, &shutdown_rx).await,

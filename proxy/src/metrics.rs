@@ -93,6 +93,8 @@ pub struct Metrics {
     tcp: Mutex<BTreeMap<(Direction, String), Arc<TcpMetrics>>>,
     pub reloads_ok: AtomicU64,
     pub reloads_failed: AtomicU64,
+    /// Connections closed at accept because their listener was full.
+    pub connections_refused: AtomicU64,
     /// When the proxy's certificate expires (Unix seconds), 0 without one.
     pub identity_expiry_unix_secs: AtomicU64,
     pub tls_handshakes: Arc<crate::tls::HandshakeCounters>,
@@ -192,6 +194,17 @@ impl Metrics {
             out,
             "mesh_config_reloads_total{{result=\"rejected\"}} {}",
             self.reloads_failed.load(Ordering::Relaxed)
+        );
+        header(
+            &mut out,
+            "mesh_connections_refused_total",
+            "counter",
+            "Connections closed at accept because the listener had its maximum open.",
+        );
+        let _ = writeln!(
+            out,
+            "mesh_connections_refused_total {}",
+            self.connections_refused.load(Ordering::Relaxed)
         );
         out
     }

@@ -194,3 +194,23 @@ fn endpoints_nobody_can_call_and_policies_for_unknown_services_are_refused() {
     }
     assert_eq!(meshd.ctl_json(&["get", "services"]), services_before, "nothing was created or changed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_grpc_connections_are_closed_and_meshd_keeps_serving() {
+    use tokio::io::AsyncReadExt;
+    let dir = TempDir::new("grpc-idle");
+    let limits = ["--max-connections", "30", "--first-byte-timeout", "2s"];
+    let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", &limits);
+    let mut idle = Vec::new();
+    for _ in 0..30 {
+        idle.push(tokio::net::TcpStream::connect(&meshd.listen).await.unwrap());
+    }
+    // Every connection that sent no preface is closed after the first-byte timeout.
+    for (i, stream) in idle.iter_mut().enumerate() {
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut byte)).await;
+        assert!(matches!(read, Ok(Ok(0) | Err(_))), "idle connection {i} is still open: {read:?}");
+    }
+    // And meshctl, which speaks, is served again.
+    meshd.ctl_ok(&["get", "services"]);
+}

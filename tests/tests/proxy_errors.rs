@@ -245,3 +245,40 @@ async fn a_routing_loop_is_cut_and_memory_comes_back() {
     let metrics = scrape(&a.admin()).await;
     assert!(metrics.sum("mesh_http_requests_total", &[("error", "loop-detected"), ("code", "508")]) >= 1.0);
 }
+
+/// Whether the peer has closed `stream`, waiting up to `within`.
+async fn closed_within(stream: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut byte = [0u8; 1];
+    matches!(tokio::time::timeout(within, stream.read(&mut byte)).await, Ok(Ok(0) | Err(_)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_are_closed_and_a_full_listener_refuses_more() {
+    let dir = TempDir::new("idle-conns");
+    let echo = Echo::start("v1", &[]);
+    let path = dir.path("proxy.toml");
+    std::fs::write(
+        &path,
+        render(&[ServiceSpec::new("echo").endpoint(&echo.addr, "v1")], &[], Some(&echo.addr)),
+    )
+    .unwrap();
+    let proxy = Proxy::start_args(&path, &["--max-connections", "20", "--first-byte-timeout", "3s"]);
+    let mut idle = Vec::new();
+    for _ in 0..25 {
+        idle.push(tokio::net::TcpStream::connect(proxy.inbound()).await.unwrap());
+    }
+    // The five beyond the cap are closed at once, and counted.
+    mesh_tests::eventually("five connections refused", Duration::from_secs(2), || async {
+        let refused = scrape(&proxy.admin()).await.sum("mesh_connections_refused_total", &[]);
+        (refused == 5.0).then_some(())
+    })
+    .await;
+    // The twenty that never send a byte are closed after the first-byte timeout.
+    for (i, stream) in idle.iter_mut().enumerate() {
+        assert!(closed_within(stream, Duration::from_secs(10)).await, "idle connection {i} is still open");
+    }
+    // Their slots are free again: a caller that speaks is served.
+    let answer = get(&http1(), &proxy.inbound(), "echo", "/").await.unwrap();
+    assert_eq!(answer.status, 200);
+}

@@ -20,7 +20,7 @@ use mesh_control::server::identity::{IdentityService, TrustKeeper};
 use mesh_control::server::jobs::{JobsService, Scheduler};
 use mesh_control::server::nodes::{NodeRegistry, NodesService};
 use mesh_control::server::registry::RegistryService;
-use mesh_control::server::{http, ControlPlane};
+use mesh_control::server::{http, incoming, ControlPlane};
 use mesh_control::store::RedbStore;
 use mesh_proto::mesh::v1::admin_server::AdminServer;
 use mesh_proto::mesh::v1::discovery_server::DiscoveryServer;
@@ -101,6 +101,12 @@ struct ServerArgs {
     /// How long workload certificates live.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "24h")]
     cert_ttl: Duration,
+    /// gRPC connections open at once; more are closed at accept.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
+    /// A gRPC connection that sends nothing for this long is closed.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    first_byte_timeout: Duration,
 }
 
 fn parse_attribute(text: &str) -> Result<(String, String), String> {
@@ -142,7 +148,18 @@ async fn main() -> ExitCode {
 }
 
 async fn serve(args: ServerArgs, bound: tokio::sync::oneshot::Sender<SocketAddr>) -> Result<(), String> {
-    let ServerArgs { data_dir, listen, admin, heartbeat_ttl, trust_domain, ca_cert, ca_key, cert_ttl } = args;
+    let ServerArgs {
+        data_dir,
+        listen,
+        admin,
+        heartbeat_ttl,
+        trust_domain,
+        ca_cert,
+        ca_key,
+        cert_ttl,
+        max_connections,
+        first_byte_timeout,
+    } = args;
     let heartbeat_interval = (heartbeat_ttl / 3).max(Duration::from_millis(100));
     let nodes = Arc::new(NodeRegistry::new(heartbeat_interval, heartbeat_ttl));
     let store = RedbStore::open(&data_dir).map_err(|e| e.to_string())?;
@@ -160,8 +177,9 @@ async fn serve(args: ServerArgs, bound: tokio::sync::oneshot::Sender<SocketAddr>
     println!("meshd ready listen={grpc_addr} admin={http_addr} version={}", control.current_version());
     tracing::info!(%grpc_addr, %http_addr, data_dir = %data_dir.display(), "meshd server ready");
     let _ = bound.send(grpc_addr);
-    // Updates and acks are small messages that must not wait for Nagle.
-    let incoming = tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
+    let limits =
+        incoming::Limits { max_connections: max_connections as usize, first_byte_within: first_byte_timeout };
+    let incoming = incoming::admit(grpc, limits);
     tonic::transport::Server::builder()
         .add_service(RegistryServer::new(RegistryService { control: control.clone() }))
         .add_service(DiscoveryServer::new(DiscoveryService { control: control.clone() }))

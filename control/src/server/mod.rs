@@ -8,6 +8,7 @@ pub mod admin;
 pub mod discovery;
 pub mod http;
 pub mod identity;
+pub mod incoming;
 pub mod jobs;
 pub mod nodes;
 pub mod registry;

@@ -25,7 +25,7 @@ use crate::http::forward::{forward, forward_inbound, forward_upgrade, is_upgrade
 use crate::http::route::{authority_of, has_several_hosts, service_name};
 use crate::http::{error_response, is_grpc};
 use crate::listen::drain::Drain;
-use crate::listen::{shutdown_started, ShutdownSignal};
+use crate::listen::{shutdown_started, ConnectionLimits, ShutdownSignal, Slots};
 use crate::proxy::Proxy;
 
 /// Which requests a listener serves.
@@ -52,9 +52,10 @@ async fn serve_meshed_inbound(
     proxy: Arc<Proxy>,
     builder: auto::Builder<TokioExecutor>,
     drain: Arc<Drain>,
+    first_byte_within: std::time::Duration,
 ) {
     let mut first = [0u8; 1];
-    let peeked = tokio::time::timeout(TLS_HANDSHAKE_WITHIN, stream.peek(&mut first)).await;
+    let peeked = tokio::time::timeout(first_byte_within, stream.peek(&mut first)).await;
     if !matches!(peeked, Ok(Ok(1))) {
         return;
     }
@@ -115,8 +116,15 @@ async fn serve_meshed_inbound(
     let _ = drain.watch(connection.into_owned()).await;
 }
 
-pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, role: Role, mut shutdown: ShutdownSignal) {
+pub async fn serve(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    role: Role,
+    limits: ConnectionLimits,
+    mut shutdown: ShutdownSignal,
+) {
     let drain = Arc::new(Drain::default());
+    let slots = Slots::new(&limits);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // Peers get 30 s to send a request's headers (slow-loris). The local
     // app on the loopback-only outbound side is trusted, and a header timer
@@ -140,31 +148,54 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, role: Role, mut shu
             },
             _ = shutdown_started(&mut shutdown) => break,
         };
+        let Some(slot) = slots.take(&proxy.long_lived.metrics) else {
+            tracing::debug!("listener full: a new connection is closed");
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         if matches!(role, Role::Inbound) && proxy.needs_identity.load(std::sync::atomic::Ordering::Acquire) {
             // A meshed inbound: mTLS from peers, plaintext only when permissive.
-            tokio::spawn(serve_meshed_inbound(stream, proxy.clone(), builder.clone(), drain.clone()));
+            let serving = serve_meshed_inbound(
+                stream,
+                proxy.clone(),
+                builder.clone(),
+                drain.clone(),
+                limits.first_byte_within,
+            );
+            tokio::spawn(async move {
+                serving.await;
+                drop(slot);
+            });
             continue;
         }
         let proxy = proxy.clone();
         match &role {
             Role::Inbound => {
                 let service = hyper::service::service_fn(move |request| handle_inbound(&proxy, request));
-                spawn_connection(&builder, &drain, stream, service);
+                let (builder, drain) = (builder.clone(), drain.clone());
+                tokio::spawn(async move {
+                    // A peer that connects and says nothing holds no slot for long.
+                    let mut first = [0u8; 1];
+                    let peeked =
+                        tokio::time::timeout(limits.first_byte_within, stream.peek(&mut first)).await;
+                    if matches!(peeked, Ok(Ok(1))) {
+                        spawn_connection(&builder, &drain, stream, service, slot);
+                    }
+                });
             }
             Role::Outbound => {
                 let timers = Arc::new(ConnectionTimers::default());
                 let service = hyper::service::service_fn(move |request| {
                     handle_outbound(&proxy, None, &timers, request)
                 });
-                spawn_connection(&builder, &drain, stream, service);
+                spawn_connection(&builder, &drain, stream, service, slot);
             }
             Role::Upstream(name) => {
                 let (name, timers) = (name.clone(), Arc::new(ConnectionTimers::default()));
                 let service = hyper::service::service_fn(move |request| {
                     handle_outbound(&proxy, Some(&name), &timers, request)
                 });
-                spawn_connection(&builder, &drain, stream, service);
+                spawn_connection(&builder, &drain, stream, service, slot);
             }
         }
     }
@@ -177,6 +208,7 @@ fn spawn_connection<S>(
     drain: &Arc<Drain>,
     stream: tokio::net::TcpStream,
     service: S,
+    slot: tokio::sync::OwnedSemaphorePermit,
 ) where
     S: hyper::service::Service<Request<Incoming>, Response = Response<ResponseBody>, Error = Infallible>
         + Send
@@ -189,6 +221,7 @@ fn spawn_connection<S>(
         if let Err(error) = connection.await {
             tracing::debug!(%error, "connection ended with an error");
         }
+        drop(slot);
     });
 }
 
