@@ -380,9 +380,9 @@ pub fn upstream_variable(service: &str) -> String {
 /// restarts can stop what the previous run left behind.
 fn record_pid(dir: &Path, pid: i32) {
     use std::io::Write;
-    let file = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("pids"));
-    if let Ok(mut file) = file {
-        let _ = writeln!(file, "{pid}");
+    let Some(line) = super::files::pid_record(pid) else { return };
+    if let Ok(mut file) = super::files::append_no_follow(&dir.join("pids")) {
+        let _ = writeln!(file, "{line}");
     }
 }
 
@@ -409,8 +409,14 @@ pub fn reap_leftovers(data_dir: &Path) -> usize {
     let mut reaped = 0;
     for entry in entries.flatten() {
         let pids = entry.path().join("pids");
-        let Ok(text) = std::fs::read_to_string(&pids) else { continue };
-        for pid in text.lines().filter_map(|line| line.trim().parse::<i32>().ok()).filter(|p| *p > 1) {
+        let Ok(mut file) = super::files::read_no_follow(&pids) else { continue };
+        let mut text = String::new();
+        if std::io::Read::read_to_string(&mut file, &mut text).is_err() {
+            continue;
+        }
+        // Only groups whose leader is still the process that was recorded:
+        // after a reboot the same pids belong to others.
+        for pid in super::files::still_ours(&text, super::files::start_time) {
             // SAFETY: kill(2) on a process group an earlier run of this agent created.
             if unsafe { libc::kill(-pid, libc::SIGKILL) } == 0 {
                 reaped += 1;

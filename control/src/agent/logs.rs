@@ -71,7 +71,9 @@ async fn handle(data_dir: Arc<PathBuf>, request: Request<Incoming>) -> Result<Re
         Err(message) => return Ok(text(StatusCode::BAD_REQUEST, message)),
     };
     let path = instance_dir(&data_dir, &instance).join(format!("app.{stream}.log"));
-    let mut file = match tokio::fs::File::open(&path).await {
+    // Never through a symlink: the agent runs as root, and a link planted
+    // in an instance's folder could point anywhere.
+    let mut file = match super::files::read_no_follow(&path).map(tokio::fs::File::from_std) {
         Ok(file) => file,
         Err(_) => {
             return Ok(text(StatusCode::NOT_FOUND, format!("no {stream} log for instance {instance} here")))

@@ -4,6 +4,7 @@
 //! restart backoff and health checks.
 
 pub mod cgroup;
+pub mod files;
 pub mod health;
 pub mod instance;
 pub mod logs;

@@ -41,10 +41,9 @@ impl Running {
     pub fn start(launch: &Launch) -> io::Result<Running> {
         std::fs::create_dir_all(&launch.log_dir)?;
         let log = |suffix: &str| {
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(launch.log_dir.join(format!("{}.{suffix}.log", launch.name)))
+            let path = launch.log_dir.join(format!("{}.{suffix}.log", launch.name));
+            super::files::append_no_follow(&path)
+                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
         };
         let mut command = Command::new(&launch.program);
         command

@@ -806,6 +806,7 @@ async fn nodes(admin: &mut AdminClient<Channel>) -> Result<Rows, Failure> {
                 ("memory_mb", json!(info.memory_mb)),
                 ("last_heartbeat_ms_ago", json!(n.last_heartbeat_ms_ago)),
                 ("attributes", json!(attributes)),
+                ("logs_addr", json!(info.logs_addr)),
             ]
         })
         .collect())

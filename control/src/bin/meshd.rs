@@ -239,8 +239,8 @@ async fn agent(
     data_dir: Option<PathBuf>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), String> {
-    let data_dir =
-        data_dir.unwrap_or_else(|| std::env::temp_dir().join(format!("meshd-agent-{}", info.name)));
+    let data_dir = data_dir.unwrap_or_else(|| mesh_control::agent::files::default_data_dir(&info.name));
+    mesh_control::agent::files::private_dir(&data_dir)?;
     let reaped = reap_leftovers(&data_dir);
     if reaped > 0 {
         tracing::info!(reaped, "stopped what a previous run of this agent left behind");

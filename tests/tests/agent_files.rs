@@ -1,0 +1,111 @@
+//! The agent runs as root and must not be turned against the host: a pid
+//! record it did not write kills nothing, a data dir that is not its own is
+//! refused, and symlinks planted among its files are not followed.
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+use std::time::Duration;
+
+use mesh_tests::process::{Agent, Meshd, Process};
+use mesh_tests::{bin, eventually, TempDir};
+
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| stat.rsplit(')').next().map(|rest| !rest.trim_start().starts_with('Z')))
+        .unwrap_or(false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pid_records_that_are_not_the_agents_own_processes_kill_nothing() {
+    let dir = TempDir::new("planted-pids");
+    let meshd = Meshd::start(&dir.path("data"));
+    // A process of someone else's, in a group of its own.
+    let bystander = Process::start_quiet(Command::new("/bin/sleep").arg("600"));
+    let pid = bystander.pid();
+    // Records naming it: an old-style line with no start time, and one whose
+    // start time is not its own (its pid was reused, as after a reboot).
+    let instances = dir.path("agent").join("instances");
+    for (name, record) in [("old-0", format!("{pid}\n")), ("reused-0", format!("{pid} 1\n"))] {
+        std::fs::create_dir_all(instances.join(name)).unwrap();
+        std::fs::write(instances.join(name).join("pids"), record).unwrap();
+    }
+    let _agent = Agent::start(&meshd.listen, "node-a", "127.0.0.2", 1000, &dir.path("agent"), &[]);
+    eventually("the agent joined", Duration::from_secs(10), || {
+        let nodes = meshd.ctl_json(&["get", "nodes"]);
+        async move { (nodes.as_array().map(Vec::len) == Some(1)).then_some(()) }
+    })
+    .await;
+    assert!(alive(pid), "the agent killed a process group it did not start");
+    let mode = std::fs::metadata(dir.path("agent")).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700, "the data dir is private");
+}
+
+#[test]
+fn a_data_dir_that_belongs_to_another_user_is_refused() {
+    let dir = TempDir::new("foreign-dir");
+    let data = dir.path("agent");
+    std::fs::create_dir(&data).unwrap();
+    std::os::unix::fs::chown(&data, Some(65534), Some(65534)).unwrap();
+    let args = [
+        "agent",
+        "--server",
+        "127.0.0.1:9",
+        "--name",
+        "node-a",
+        "--advertise-ip",
+        "127.0.0.2",
+        "--cpu-millis",
+        "100",
+        "--memory-mb",
+        "64",
+        "--data-dir",
+        data.to_str().unwrap(),
+    ];
+    // Bounded: an agent that took the folder would run on.
+    let mut agent = Command::new(bin("meshd"))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = agent.try_wait().unwrap() {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = agent.kill();
+            let _ = agent.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut agent.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(status.is_some_and(|s| !s.success()), "the agent must refuse the folder: {stderr}");
+    assert!(stderr.contains("belongs to uid 65534"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_are_never_read_through_a_planted_symlink() {
+    let dir = TempDir::new("planted-link");
+    let meshd = Meshd::start(&dir.path("data"));
+    let secret = dir.path("secret");
+    std::fs::write(&secret, "the host's secret").unwrap();
+    let instance = dir.path("agent").join("instances").join("web-0");
+    std::fs::create_dir_all(&instance).unwrap();
+    std::os::unix::fs::symlink(&secret, instance.join("app.stdout.log")).unwrap();
+    let _agent = Agent::start(&meshd.listen, "node-a", "127.0.0.2", 1000, &dir.path("agent"), &[]);
+    let logs_addr = eventually("the agent joined", Duration::from_secs(10), || {
+        let nodes = meshd.ctl_json(&["get", "nodes"]);
+        let addr = nodes[0]["logs_addr"].as_str().map(str::to_owned);
+        async move { addr }
+    })
+    .await;
+    let answer = mesh_tests::client::get(&mesh_tests::client::http1(), &logs_addr, "agent", "/logs/web-0")
+        .await
+        .unwrap();
+    assert_eq!(answer.status, 404);
+    assert!(!String::from_utf8_lossy(&answer.body).contains("secret"));
+}
