@@ -117,6 +117,32 @@ pub fn run(program: &Path, args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// Runs a program that should exit on its own, for at most `within`:
+/// (its exit code, or `None` if it had to be killed; its stderr).
+pub fn run_bounded(program: &Path, args: &[&str], within: Duration) -> (Option<i32>, String) {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {program:?}: {e}"));
+    let deadline = std::time::Instant::now() + within;
+    let code = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status.code();
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    let _ = std::io::Read::read_to_string(&mut child.stderr.take().expect("piped stderr"), &mut stderr);
+    (code, stderr)
+}
+
 /// A mesh-echo instance.
 pub struct Echo {
     pub process: Process,

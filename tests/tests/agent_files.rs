@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 use std::time::Duration;
 
-use mesh_tests::process::{Agent, Meshd, Process};
+use mesh_tests::process::{run_bounded, Agent, Meshd, Process};
 use mesh_tests::{bin, eventually, TempDir};
 
 fn alive(pid: i32) -> bool {
@@ -63,27 +63,8 @@ fn a_data_dir_that_belongs_to_another_user_is_refused() {
         data.to_str().unwrap(),
     ];
     // Bounded: an agent that took the folder would run on.
-    let mut agent = Command::new(bin("meshd"))
-        .args(args)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = agent.try_wait().unwrap() {
-            break Some(status);
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = agent.kill();
-            let _ = agent.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut agent.stderr.take().unwrap(), &mut stderr).unwrap();
-    assert!(status.is_some_and(|s| !s.success()), "the agent must refuse the folder: {stderr}");
+    let (code, stderr) = run_bounded(&bin("meshd"), &args, Duration::from_secs(10));
+    assert!(code.is_some_and(|c| c != 0), "the agent must refuse the folder: {stderr}");
     assert!(stderr.contains("belongs to uid 65534"), "{stderr}");
 }
 

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use mesh_tests::process::{Agent, Meshd};
-use mesh_tests::{eventually, TempDir};
+use mesh_tests::process::{run_bounded, Agent, Meshd};
+use mesh_tests::{bin, eventually, TempDir};
 
 fn agent(server: &str, name: &str, ip: &str, data: &Path) -> Agent {
     Agent::start(server, name, ip, 1000, data, &[])
@@ -213,4 +213,155 @@ async fn silent_grpc_connections_are_closed_and_meshd_keeps_serving() {
     }
     // And meshctl, which speaks, is served again.
     meshd.ctl_ok(&["get", "services"]);
+}
+
+/// `meshd server` on `data`, expected to refuse to start: its stderr.
+fn refused_start(data: &Path, extra: &[&str]) -> String {
+    let data = data.to_str().unwrap();
+    let mut args = vec!["server", "--data-dir", data, "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"];
+    args.extend_from_slice(extra);
+    let (code, stderr) = run_bounded(&bin("meshd"), &args, Duration::from_secs(20));
+    assert!(code.is_some_and(|c| c != 0), "meshd must refuse to start: {stderr}");
+    assert!(!stderr.contains("panicked"), "a clear error, not a panic: {stderr}");
+    stderr
+}
+
+fn snapshot(action: &str, data: &Path, file: &Path) -> String {
+    let args = ["snapshot", action, "--data-dir", data.to_str().unwrap(), file.to_str().unwrap()];
+    let (code, stderr) = run_bounded(&bin("meshd"), &args, Duration::from_secs(20));
+    assert_eq!(code, Some(0), "meshd snapshot {action}: {stderr}");
+    std::fs::read_to_string(file).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_store_is_refused_by_name_and_a_snapshot_brings_it_back() {
+    let dir = TempDir::new("damaged-store");
+    let data = dir.path("data");
+    let meshd = Meshd::start(&data);
+    meshd.ctl_ok(&["register", "web", "--version", "v1", "--addr", "127.0.0.1:8080"]);
+    let services = meshd.ctl_json(&["get", "services"]);
+    meshd.process.signal(libc::SIGKILL);
+    drop(meshd);
+    let saved = snapshot("save", &data, &dir.path("backup.json"));
+    assert!(saved.contains("BEGIN CERTIFICATE"), "the snapshot holds the CA");
+    let store = data.join("meshd.redb");
+    let good = std::fs::read(&store).unwrap();
+
+    // (what, the damage, words of the error)
+    let scribbled: Vec<u8> =
+        good.iter().enumerate().map(|(i, b)| if (i / 512) % 2 == 1 { !b } else { *b }).collect();
+    let cases: [(&str, Option<Vec<u8>>, &str); 4] = [
+        ("truncated", Some(good[..good.len() / 2].to_vec()), "damaged"),
+        ("bit-flipped", Some(scribbled), "damaged"),
+        ("zero bytes", Some(Vec::new()), "empty (0 bytes)"),
+        ("gone", None, "is missing"),
+    ];
+    for (what, damage, words) in cases {
+        let _ = std::fs::remove_file(&store);
+        if let Some(bytes) = damage {
+            std::fs::write(&store, bytes).unwrap();
+        }
+        let stderr = refused_start(&data, &[]);
+        assert!(stderr.contains("meshd.redb") && stderr.contains(words), "{what}: {stderr}");
+        assert!(
+            stderr.contains("--reinitialize") && stderr.contains("snapshot"),
+            "{what} says what to do: {stderr}"
+        );
+    }
+
+    // The snapshot brings everything back: routes, and the same CA.
+    snapshot("restore", &data, &dir.path("backup.json"));
+    let meshd = Meshd::start(&data);
+    assert_eq!(meshd.ctl_json(&["get", "services"]), services);
+    meshd.process.signal(libc::SIGKILL);
+    drop(meshd);
+    let again = snapshot("save", &data, &dir.path("again.json"));
+    assert_eq!(again, saved, "the restored store holds what was saved");
+
+    // --reinitialize starts a new mesh on purpose, and keeps the old file aside.
+    std::fs::write(&store, b"garbage").unwrap();
+    let meshd = Meshd::start_with(&data, "127.0.0.1:0", &["--reinitialize"]);
+    assert_eq!(meshd.ctl_json(&["get", "services"]), serde_json::json!([]));
+    let kept = std::fs::read_dir(&data)
+        .unwrap()
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().contains(".old-"));
+    assert!(kept, "the damaged file is kept aside");
+}
+
+/// A small tmpfs of the test's own, unmounted when dropped.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(path: std::path::PathBuf, size: &str) -> SmallDisk {
+        std::fs::create_dir_all(&path).unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs", path.to_str().unwrap()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "mounting a tmpfs (the suite runs as root)");
+        SmallDisk(path)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").args(["-l", self.0.to_str().unwrap()]).status();
+    }
+}
+
+/// Fills the file system under `file` until it refuses more.
+fn fill(file: &Path) {
+    use std::io::Write;
+    let mut out = std::fs::File::create(file).unwrap();
+    let block = vec![7u8; 64 * 1024];
+    for _ in 0..100_000 {
+        if out.write_all(&block).and_then(|()| out.sync_data()).is_err() {
+            return;
+        }
+    }
+    panic!("the small disk never filled");
+}
+
+async fn ready_status(admin: &str) -> u16 {
+    let client = mesh_tests::client::http1();
+    mesh_tests::client::get(&client, admin, "meshd", "/ready").await.map(|a| a.status.as_u16()).unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_fails_writes_clearly_and_meshd_recovers_when_space_is_back() {
+    let dir = TempDir::new("full-disk");
+    let disk = SmallDisk::mount(dir.path("disk"), "8m");
+    let meshd = Meshd::start(&disk.0.join("data"));
+    meshd.ctl_ok(&["register", "web", "--version", "v1", "--addr", "127.0.0.1:8080"]);
+    assert_eq!(ready_status(&meshd.admin).await, 200);
+    fill(&disk.0.join("filler"));
+
+    // Writes fail: with their own exit code and message, and meshd says it is not ready.
+    let mut failed = None;
+    for port in 8081..8581u16 {
+        let addr = format!("127.0.0.1:{port}");
+        let (code, _, stderr) = meshd.ctl(&["register", "web", "--version", "v1", "--addr", &addr]);
+        if code != 0 {
+            failed = Some((addr, code, stderr));
+            break;
+        }
+    }
+    let (addr, code, stderr) = failed.expect("a write fails on a full disk");
+    assert_eq!(code, 5, "the store-write exit code: {stderr}");
+    assert!(stderr.contains("cannot write its store"), "{stderr}");
+    assert_eq!(ready_status(&meshd.admin).await, 503, "not ready while writes fail");
+    let registered = meshd.ctl_json(&["get", "endpoints"]).to_string();
+    assert!(registered.contains("127.0.0.1:8080"), "{registered}");
+    assert!(!registered.contains(&addr), "the failed change was not applied: {registered}");
+
+    // Space comes back: meshd writes again without a restart.
+    std::fs::remove_file(disk.0.join("filler")).unwrap();
+    eventually("meshd is ready again", Duration::from_secs(10), || async {
+        (ready_status(&meshd.admin).await == 200).then_some(())
+    })
+    .await;
+    meshd.ctl_ok(&["register", "web", "--version", "v1", "--addr", &addr]);
+    assert!(meshd.ctl_json(&["get", "endpoints"]).to_string().contains(&addr));
+    drop(meshd);
 }

@@ -222,9 +222,18 @@ fn parse_weight(text: &str) -> Result<(String, u32), String> {
 /// A failure to report: the message and the exit code.
 struct Failure(String, u8);
 
+/// Exit code when the server is up but cannot write its store: nothing
+/// was applied, and retrying will not help until the server's disk does.
+const EXIT_STORE_WRITE: u8 = 5;
+
 impl From<tonic::Status> for Failure {
     fn from(status: tonic::Status) -> Failure {
-        let code = if status.code() == tonic::Code::InvalidArgument { 2 } else { 1 };
+        let store_write = status.metadata().get("mesh-failure").is_some_and(|v| v == "store-write");
+        let code = match status.code() {
+            _ if store_write => EXIT_STORE_WRITE,
+            tonic::Code::InvalidArgument => 2,
+            _ => 1,
+        };
         Failure(status.message().to_owned(), code)
     }
 }

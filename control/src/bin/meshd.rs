@@ -29,6 +29,7 @@ use mesh_proto::mesh::v1::jobs_server::JobsServer;
 use mesh_proto::mesh::v1::nodes_server::NodesServer;
 use mesh_proto::mesh::v1::registry_server::RegistryServer;
 use mesh_proto::mesh::v1::NodeInfo;
+use std::os::unix::fs::OpenOptionsExt;
 use tokio::net::TcpListener;
 
 #[derive(Parser, Debug)]
@@ -51,9 +52,15 @@ enum Command {
         #[arg(long)]
         demo: bool,
     },
+    /// Save or restore the server's store (with meshd stopped).
+    Snapshot {
+        #[command(subcommand)]
+        command: SnapshotCommand,
+    },
     /// Run a node agent: join the control plane, heartbeat, run instances.
     Agent {
-        /// Instance logs and pid files (default: a folder named after the node under the temp dir).
+        /// Instance logs and pid files, kept private (0700); default:
+        /// /var/lib/meshd/agent-NAME for root, ~/.local/state/meshd/agent-NAME otherwise.
         #[arg(long)]
         data_dir: Option<PathBuf>,
         /// The control plane's gRPC address.
@@ -72,6 +79,24 @@ enum Command {
         /// A node attribute for job constraints: KEY=VALUE (repeatable).
         #[arg(long = "attribute", value_parser = parse_attribute)]
         attributes: Vec<(String, String)>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum SnapshotCommand {
+    /// Write everything the store holds (routing state, jobs, the CA and
+    /// its key) to FILE, readable only by its owner.
+    Save {
+        #[arg(long)]
+        data_dir: PathBuf,
+        file: PathBuf,
+    },
+    /// Make the store hold what FILE holds; the store file there before is
+    /// kept aside.
+    Restore {
+        #[arg(long)]
+        data_dir: PathBuf,
+        file: PathBuf,
     },
 }
 
@@ -101,6 +126,11 @@ struct ServerArgs {
     /// How long workload certificates live.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "24h")]
     cert_ttl: Duration,
+    /// Start a new, empty mesh even though the data dir held one (its store
+    /// damaged or gone): the old store file is kept aside, and a new CA
+    /// means no existing sidecar certificate is trusted.
+    #[arg(long)]
+    reinitialize: bool,
     /// gRPC connections open at once; more are closed at accept.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
     max_connections: u32,
@@ -126,6 +156,7 @@ async fn main() -> ExitCode {
     let result = match Args::parse().command {
         Command::Server(args) => serve(args, tokio::sync::oneshot::channel().0).await,
         Command::Dev { server, demo } => dev(server, demo).await,
+        Command::Snapshot { command } => snapshot(command),
         Command::Agent { data_dir, server, name, advertise_ip, cpu_millis, memory_mb, attributes } => {
             let info = mesh_proto::mesh::v1::NodeInfo {
                 name,
@@ -159,10 +190,11 @@ async fn serve(args: ServerArgs, bound: tokio::sync::oneshot::Sender<SocketAddr>
         cert_ttl,
         max_connections,
         first_byte_timeout,
+        reinitialize,
     } = args;
     let heartbeat_interval = (heartbeat_ttl / 3).max(Duration::from_millis(100));
     let nodes = Arc::new(NodeRegistry::new(heartbeat_interval, heartbeat_ttl));
-    let store = RedbStore::open(&data_dir).map_err(|e| e.to_string())?;
+    let store = RedbStore::open(&data_dir, reinitialize).map_err(|e| e.to_string())?;
     let control = ControlPlane::new(Box::new(store)).map_err(|e| e.to_string())?;
     let scheduler = Scheduler::start(control.clone(), nodes.clone())?;
     let operator_ca = ca_cert.is_some();
@@ -195,6 +227,48 @@ async fn serve(args: ServerArgs, bound: tokio::sync::oneshot::Sender<SocketAddr>
         .serve_with_incoming_shutdown(incoming, shutdown_signal())
         .await
         .map_err(|e| e.to_string())
+}
+
+fn snapshot(command: SnapshotCommand) -> Result<(), String> {
+    use mesh_control::store::snapshot;
+    let locked = |e: mesh_control::store::StoreError| {
+        let hint = if e.0.contains("already open") { " (stop meshd first: it holds the store)" } else { "" };
+        format!("{e}{hint}")
+    };
+    match command {
+        SnapshotCommand::Save { data_dir, file } => {
+            let store = RedbStore::open(&data_dir, false).map_err(locked)?;
+            let taken = snapshot::take(&store).map_err(|e| e.to_string())?;
+            let json = serde_json::to_vec_pretty(&taken).map_err(|e| e.to_string())?;
+            use std::io::Write;
+            let mut out = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&file)
+                .map_err(|e| format!("{}: {e}", file.display()))?;
+            out.write_all(&json)
+                .and_then(|()| out.sync_all())
+                .map_err(|e| format!("{}: {e}", file.display()))?;
+            println!(
+                "saved version {} ({} services, {} jobs, CA: {}) to {}",
+                taken.version,
+                taken.services.len(),
+                taken.jobs.len(),
+                if taken.trust.is_some() { "yes" } else { "no" },
+                file.display()
+            );
+        }
+        SnapshotCommand::Restore { data_dir, file } => {
+            let text = std::fs::read(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+            let taken: snapshot::Snapshot = serde_json::from_slice(&text)
+                .map_err(|e| format!("{} is not a meshd snapshot: {e}", file.display()))?;
+            let store = RedbStore::open(&data_dir, true).map_err(locked)?;
+            snapshot::restore(&store, &taken).map_err(|e| e.to_string())?;
+            println!("restored version {} into {}", taken.version, data_dir.display());
+        }
+    }
+    Ok(())
 }
 
 /// The trust state: the operator's CA from files, else the one in the

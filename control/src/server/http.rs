@@ -22,6 +22,11 @@ pub async fn serve(listener: TcpListener, control: Arc<ControlPlane>) {
                 async move {
                     let (status, body) = match request.uri().path() {
                         "/metrics" => (StatusCode::OK, control.metrics.render()),
+                        // Not ready while the store refuses writes: every change would fail.
+                        "/ready" if !control.store().writable() => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "not ready: the store cannot be written (see meshd's log)\n".to_owned(),
+                        ),
                         "/ready" => (StatusCode::OK, "ready\n".to_owned()),
                         _ => (StatusCode::NOT_FOUND, "not found; try /metrics or /ready\n".to_owned()),
                     };

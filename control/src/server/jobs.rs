@@ -491,15 +491,9 @@ impl Jobs for JobsService {
             // The job's port protocol is its service's: proxies on both hops need it.
             let protocol = Policy { protocol: Some(job.protocol.clone()), ..Policy::default() };
             let change = Change::SetPolicy { service: job.service.clone(), policy: protocol };
-            if let Err(failure) = self.scheduler.control.change(change).await {
-                return Err(Status::unavailable(format!("setting the service's protocol: {failure:?}")));
-            }
+            self.scheduler.control.change(change).await.map_err(super::registry::status_of)?;
             // Durable before it is acted on or answered.
-            self.scheduler
-                .control
-                .store()
-                .save_job(&name, Some(&stored))
-                .map_err(|e| Status::unavailable(e.to_string()))?;
+            self.scheduler.control.store().save_job(&name, Some(&stored)).map_err(super::store_failure)?;
             let mut state = self.scheduler.lock();
             let version_changed = state.jobs.get(&name).is_some_and(|(_, old)| old.version != job.version);
             if version_changed && job.kind == JobKind::Service {
@@ -525,11 +519,7 @@ impl Jobs for JobsService {
         if !self.scheduler.lock().jobs.contains_key(&name) {
             return Err(Status::not_found(format!("no job {name:?}")));
         }
-        self.scheduler
-            .control
-            .store()
-            .save_job(&name, None)
-            .map_err(|e| Status::unavailable(e.to_string()))?;
+        self.scheduler.control.store().save_job(&name, None).map_err(super::store_failure)?;
         let mut state = self.scheduler.lock();
         state.jobs.remove(&name);
         state.held.remove(&name);

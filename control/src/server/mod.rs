@@ -28,6 +28,15 @@ use crate::publish::Published;
 use crate::state::{Change, ChangeError, MeshState, ServiceState};
 use crate::store::{Store, StoreError};
 
+/// The status of a request the store could not make durable: nothing of
+/// it was applied. meshctl tells it from an unreachable server by the
+/// `mesh-failure: store-write` metadata.
+pub fn store_failure(error: impl std::fmt::Display) -> tonic::Status {
+    let mut status = tonic::Status::unavailable(format!("meshd cannot write its store: {error}"));
+    status.metadata_mut().insert("mesh-failure", tonic::metadata::MetadataValue::from_static("store-write"));
+    status
+}
+
 /// What the control plane knows about one proxy.
 #[derive(Clone, Debug, Default)]
 pub struct ProxyRecord {

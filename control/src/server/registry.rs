@@ -17,7 +17,7 @@ pub struct RegistryService {
 pub fn status_of(failure: ChangeFailure) -> Status {
     match failure {
         ChangeFailure::Refused(error) => Status::invalid_argument(error.0),
-        ChangeFailure::Store(error) => Status::unavailable(error.to_string()),
+        ChangeFailure::Store(error) => super::store_failure(error),
     }
 }
 

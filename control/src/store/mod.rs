@@ -4,6 +4,7 @@
 //! backend for a multi-server control plane fits the same trait.
 
 mod redb_store;
+pub mod snapshot;
 
 use std::fmt;
 
@@ -56,4 +57,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// Saves the trust state durably. CA keys live only here.
     fn save_trust(&self, trust: &StoredTrust) -> Result<(), StoreError>;
+
+    /// Whether writes succeed now; after a failed one, tries again first.
+    /// meshd is not ready while this is false.
+    fn writable(&self) -> bool {
+        true
+    }
 }
