@@ -458,3 +458,45 @@ async fn upgrades_between_sidecars_go_over_mtls_too() {
     let handshakes_after = inbound_handshakes(&web_admin, "ok").await;
     assert!(handshakes_after > handshakes_before, "{handshakes_before} → {handshakes_after}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_sidecar_keeps_the_old_root_trusted_until_it_holds_a_new_certificate() {
+    let dir = TempDir::new("identity-stalled-rotation");
+    let (meshd, _agent, client) = cluster_with_client(&dir).await;
+    let web = meshd.instances().into_iter().find(|i| i["job"] == "web").unwrap();
+    let (web_proxy, web_proxy_pid) =
+        (web["id"].as_str().unwrap().to_owned(), web["proxy_pid"].as_i64().unwrap());
+    let (cas, _) = roots_in_use(&meshd);
+    let old_root = cas[0].trim_end_matches(" (signs)").to_owned();
+
+    // web's sidecar stops answering while the root rotates.
+    // SAFETY: signalling a process this test's cluster started.
+    unsafe { libc::kill(web_proxy_pid as i32, libc::SIGSTOP) };
+    let (code, out, err) = meshd.ctl(&["identity", "rotate-root", "--stage-timeout", "8s"]);
+    assert_eq!(code, 1, "the rotation stops rather than strand the stalled sidecar:\n{out}{err}");
+    assert!(out.contains("[reissue]") && out.contains(&web_proxy), "{out}{err}");
+    assert!(!out.contains("[remove-old-root]"), "the old root stays: {out}");
+    let (code, check, _) = meshd.ctl(&["check"]);
+    assert_eq!(code, 4, "check says a proxy is behind:\n{check}");
+    assert!(check.contains("BEHIND"), "{check}");
+
+    // It resumes: it renews under the new root by itself, and the rotation completes.
+    // SAFETY: as above.
+    unsafe { libc::kill(web_proxy_pid as i32, libc::SIGCONT) };
+    eventually("web's sidecar holds a certificate from the new root", Duration::from_secs(30), || {
+        let (_, out, _) = meshd.ctl(&["check", "-o", "json"]);
+        let rows: Value = serde_json::from_str(&out).unwrap_or_default();
+        let web_root = rows.as_array().and_then(|rows| {
+            rows.iter()
+                .find(|r| r["name"] == web_proxy.as_str())
+                .and_then(|r| r["root"].as_str().map(str::to_owned))
+        });
+        let renewed = web_root.is_some_and(|root| !root.is_empty() && root != old_root);
+        async move { renewed.then_some(()) }
+    })
+    .await;
+    let again = meshd.ctl_ok(&["identity", "rotate-root", "--stage-timeout", "30s"]);
+    assert!(again.contains("[done]"), "{again}");
+    let tally = mesh_tests::client::closed_loop(&client, "web", 20, 2).await;
+    assert_eq!(tally.failed(), 0, "{:?}", tally.failures);
+}

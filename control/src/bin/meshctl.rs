@@ -401,12 +401,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                            root: String,
                            bundle_version: u64,
                            expires: Option<u64>,
-                           within: Duration| {
+                           within: Duration,
+                           behind: Option<String>| {
                 let left = expires.map(|e| e.saturating_sub(now));
-                let status = match left {
-                    None => "no certificate",
-                    Some(left) if left <= within.as_secs() => "WARN: expires soon",
-                    Some(_) => "ok",
+                let status = match (behind, left) {
+                    (Some(why), _) => format!("BEHIND: {why}"),
+                    (None, None) => "no certificate".to_owned(),
+                    (None, Some(left)) if left <= within.as_secs() => "WARN: expires soon".to_owned(),
+                    (None, Some(_)) => "ok".to_owned(),
                 };
                 warnings += usize::from(status != "ok");
                 rows.push(vec![
@@ -422,7 +424,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     ("status", json!(status)),
                 ]);
             };
-            for root in mesh_control::identity::ca::certificates(&bundle.roots_pem) {
+            let roots = mesh_control::identity::ca::certificates(&bundle.roots_pem);
+            let trusted: Vec<String> = roots.iter().map(|r| r.serial.clone()).collect();
+            for root in roots {
                 // The root that signs; another is only trusted (a rotation is under way).
                 let signs = if root.serial == bundle.signer_serial { " (signs)" } else { " (trusted)" };
                 row(
@@ -432,6 +436,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     bundle.version,
                     Some(root.expires_unix),
                     warn_within * 10,
+                    None,
                 );
             }
             let proxies = admin.list_proxies(pb::Empty {}).await?.into_inner().proxies;
@@ -445,7 +450,16 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                         _ => None,
                     };
                 let (id, root) = (proxy.proxy_id.clone(), proxy.certificate_root.clone());
-                row("proxy", id, root, proxy.bundle_version, expires, warn_within);
+                // A proxy whose certificate no trusted root vouches for fails
+                // every handshake until it renews; a stalled one may be next.
+                let behind = if !root.is_empty() && !trusted.contains(&root) {
+                    Some(format!("its certificate is from root {root}, which the bundle no longer holds"))
+                } else if proxy.stalled {
+                    Some("stalled: it has not acked the latest update".to_owned())
+                } else {
+                    None
+                };
+                row("proxy", id, root, proxy.bundle_version, expires, warn_within, behind);
             }
             print_rows(cli.output, &rows);
             if warnings > 0 {

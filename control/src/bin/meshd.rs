@@ -199,7 +199,7 @@ async fn serve(args: ServerArgs, bound: tokio::sync::oneshot::Sender<SocketAddr>
     let scheduler = Scheduler::start(control.clone(), nodes.clone())?;
     let operator_ca = ca_cert.is_some();
     let trust = trust_state(control.store(), &trust_domain, ca_cert, ca_key)?;
-    let trust = TrustKeeper::new(trust, control.clone(), operator_ca);
+    let trust = TrustKeeper::new(trust, control.clone(), operator_ca, cert_ttl);
     let grpc = TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let http = TcpListener::bind(admin).await.map_err(|e| format!("cannot listen on {admin}: {e}"))?;
     let grpc_addr = grpc.local_addr().map_err(|e| e.to_string())?;

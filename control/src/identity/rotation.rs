@@ -55,6 +55,19 @@ pub struct Trust {
     pub stage: Stage,
     /// Grows with every change of the bundle.
     pub bundle_version: u64,
+    /// Roots that left the bundle, still accepted to renew a certificate
+    /// until their grace ends: a proxy that missed a rotation (stalled,
+    /// cut off from meshd) recovers by itself.
+    pub retired: Vec<RetiredRoot>,
+}
+
+/// A root no longer trusted for traffic, kept to vouch for renewals.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RetiredRoot {
+    pub cert_pem: String,
+    /// Renewals under it are accepted until then (Unix ms): a certificate
+    /// lifetime after it left, since no certificate it signed lives longer.
+    pub renews_until_unix_ms: u64,
 }
 
 /// The trust state as the store keeps it.
@@ -66,11 +79,13 @@ pub struct StoredTrust {
     pub other_cert_pem: Option<String>,
     pub other_key_pem: Option<String>,
     pub bundle_version: u64,
+    #[serde(default)]
+    pub retired: Vec<RetiredRoot>,
 }
 
 impl Trust {
     pub fn steady(signer: Authority) -> Trust {
-        Trust { signer, other: None, stage: Stage::Steady, bundle_version: 1 }
+        Trust { signer, other: None, stage: Stage::Steady, bundle_version: 1, retired: Vec::new() }
     }
 
     /// Every root proxies must trust, as one PEM bundle.
@@ -91,25 +106,45 @@ impl Trust {
             .collect()
     }
 
+    /// Every root a certificate to renew may come from at `now_ms`: the
+    /// trusted ones and the retired ones still in their grace.
+    pub fn renewal_roots(&self, now_ms: u64) -> Vec<&str> {
+        let retired = self.retired.iter().filter(|r| now_ms < r.renews_until_unix_ms);
+        self.roots().into_iter().chain(retired.map(|r| r.cert_pem.as_str())).collect()
+    }
+
     /// The state after the next stage: a new root (made by `new_root`)
-    /// joins; it starts signing; the old one leaves.
-    pub fn advance(self, new_root: impl FnOnce() -> Result<Authority, String>) -> Result<Trust, String> {
+    /// joins; it starts signing; the old one leaves, and vouches for
+    /// renewals for `grace` after `now_ms`.
+    pub fn advance(
+        self,
+        new_root: impl FnOnce() -> Result<Authority, String>,
+        now_ms: u64,
+        grace: std::time::Duration,
+    ) -> Result<Trust, String> {
         let trust_domain = self.signer.trust_domain().to_owned();
         let bundle_version = self.bundle_version + 1;
+        let mut retired: Vec<RetiredRoot> =
+            self.retired.into_iter().filter(|r| now_ms < r.renews_until_unix_ms).collect();
         match (self.stage, self.other) {
             (Stage::Steady, _) => {
                 let next = new_root()?;
                 let other = OtherRoot { cert_pem: next.cert_pem().to_owned(), key_pem: Some(next.key_pem()) };
-                Ok(Trust { signer: self.signer, other: Some(other), stage: Stage::Staged, bundle_version })
+                let stage = Stage::Staged;
+                Ok(Trust { signer: self.signer, other: Some(other), stage, bundle_version, retired })
             }
             (Stage::Staged, Some(OtherRoot { cert_pem, key_pem: Some(key_pem) })) => {
                 let signer = Authority::from_pem(&cert_pem, &key_pem, &trust_domain)?;
                 let old = OtherRoot { cert_pem: self.signer.cert_pem().to_owned(), key_pem: None };
-                Ok(Trust { signer, other: Some(old), stage: Stage::Switched, bundle_version })
+                Ok(Trust { signer, other: Some(old), stage: Stage::Switched, bundle_version, retired })
             }
             (Stage::Staged, _) => Err("the staged root has no key: the stored trust state is damaged".into()),
-            (Stage::Switched, _) => {
-                Ok(Trust { signer: self.signer, other: None, stage: Stage::Steady, bundle_version })
+            (Stage::Switched, other) => {
+                if let Some(old) = other {
+                    let renews_until_unix_ms = now_ms + grace.as_millis() as u64;
+                    retired.push(RetiredRoot { cert_pem: old.cert_pem, renews_until_unix_ms });
+                }
+                Ok(Trust { signer: self.signer, other: None, stage: Stage::Steady, bundle_version, retired })
             }
         }
     }
@@ -122,6 +157,7 @@ impl Trust {
             other_cert_pem: self.other.as_ref().map(|o| o.cert_pem.clone()),
             other_key_pem: self.other.as_ref().and_then(|o| o.key_pem.clone()),
             bundle_version: self.bundle_version,
+            retired: self.retired.clone(),
         }
     }
 
@@ -129,7 +165,8 @@ impl Trust {
         let signer = Authority::from_pem(&stored.cert_pem, &stored.key_pem, trust_domain)?;
         let other =
             stored.other_cert_pem.map(|cert_pem| OtherRoot { cert_pem, key_pem: stored.other_key_pem });
-        Ok(Trust { signer, other, stage: stored.stage, bundle_version: stored.bundle_version })
+        let (stage, bundle_version, retired) = (stored.stage, stored.bundle_version, stored.retired);
+        Ok(Trust { signer, other, stage, bundle_version, retired })
     }
 }
 
@@ -140,6 +177,9 @@ pub struct ProxyView {
     /// Connected and not stalled: a proxy that is gone does not hold up a
     /// stage (it gets the bundle when it returns).
     pub counts: bool,
+    /// Connected, stalled or not: a stalled proxy may still serve, so a
+    /// root it holds a certificate from must not leave the bundle.
+    pub connected: bool,
     pub acked_version: u64,
     /// The root of its certificate (serial), "" without a certificate.
     pub certificate_root: String,
@@ -147,8 +187,8 @@ pub struct ProxyView {
 
 /// The proxies a stage still waits for: every counting proxy must have
 /// acked `published_version` (the routing version that carried the
-/// bundle), and in `Switched` every one with a certificate must hold one
-/// from `signer_serial`.
+/// bundle), and in `Switched` every connected one with a certificate, even
+/// a stalled one, must hold one from `signer_serial`.
 pub fn lagging(
     stage: Stage,
     published_version: u64,
@@ -157,10 +197,10 @@ pub fn lagging(
 ) -> Vec<String> {
     proxies
         .iter()
-        .filter(|p| p.counts)
         .filter(|p| {
-            let behind = p.acked_version < published_version;
+            let behind = p.counts && p.acked_version < published_version;
             let old_certificate = stage == Stage::Switched
+                && p.connected
                 && !p.certificate_root.is_empty()
                 && p.certificate_root != signer_serial;
             behind || old_certificate
@@ -173,6 +213,8 @@ pub fn lagging(
 mod tests {
     use super::*;
 
+    const GRACE: std::time::Duration = std::time::Duration::from_secs(60);
+
     #[test]
     fn a_rotation_adds_switches_then_removes() {
         let first = Authority::generate("mesh.local").unwrap();
@@ -180,7 +222,7 @@ mod tests {
         let trust = Trust::steady(first);
         assert_eq!(trust.roots().len(), 1);
 
-        let staged = trust.advance(|| Authority::generate("mesh.local")).unwrap();
+        let staged = trust.advance(|| Authority::generate("mesh.local"), 0, GRACE).unwrap();
         assert_eq!((staged.stage, staged.bundle_version), (Stage::Staged, 2));
         assert_eq!(staged.signer.serial(), first_serial, "the old root still signs");
         assert_eq!(staged.roots().len(), 2);
@@ -191,16 +233,26 @@ mod tests {
         let staged = Trust::from_stored(stored.clone(), "mesh.local").unwrap();
         assert_eq!(staged.to_stored(), stored);
 
-        let switched = staged.advance(|| unreachable!("no new root while switching")).unwrap();
+        let switched = staged.advance(|| unreachable!("no new root while switching"), 0, GRACE).unwrap();
         assert_eq!((switched.stage, switched.bundle_version), (Stage::Switched, 3));
         assert_ne!(switched.signer.serial(), first_serial, "the new root signs");
         assert_eq!(switched.roots().len(), 2, "the old root is still trusted");
         assert!(switched.other.as_ref().unwrap().key_pem.is_none(), "the old key is dropped");
 
-        let steady = switched.advance(|| unreachable!()).unwrap();
+        let steady = switched.advance(|| unreachable!(), 1_000, GRACE).unwrap();
         assert_eq!((steady.stage, steady.bundle_version), (Stage::Steady, 4));
         assert_eq!(steady.roots().len(), 1);
         assert_ne!(steady.signer.serial(), first_serial);
+        // The old root no longer carries traffic but vouches for renewals
+        // for a certificate lifetime: (now, roots a renewal may come from).
+        for (now, count) in [(1_000, 2), (1_000 + 59_999, 2), (1_000 + 60_000, 1)] {
+            assert_eq!(steady.renewal_roots(now).len(), count, "at {now} ms");
+        }
+        // It survives the store, and the next rotation forgets it once its grace is over.
+        let stored = Trust::from_stored(steady.to_stored(), "mesh.local").unwrap();
+        assert_eq!(stored.retired.len(), 1);
+        let next = stored.advance(|| Authority::generate("mesh.local"), 1_000 + 60_000, GRACE).unwrap();
+        assert!(next.retired.is_empty());
     }
 
     #[test]
@@ -208,9 +260,12 @@ mod tests {
         let proxy = |id: &str, counts: bool, acked: u64, root: &str| ProxyView {
             id: id.into(),
             counts,
+            connected: counts,
             acked_version: acked,
             certificate_root: root.into(),
         };
+        let stalled =
+            |id: &str, acked: u64, root: &str| ProxyView { connected: true, ..proxy(id, false, acked, root) };
         // (stage, proxies, lagging)
         let table: Vec<(Stage, Vec<ProxyView>, Vec<&str>)> = vec![
             (Stage::Staged, vec![proxy("a", true, 10, "old"), proxy("b", true, 9, "old")], vec!["b"]),
@@ -219,6 +274,10 @@ mod tests {
             // Without a certificate a proxy only has to ack.
             (Stage::Switched, vec![proxy("plain", true, 10, "")], vec![]),
             (Stage::Steady, vec![proxy("a", true, 10, "old")], vec![]),
+            // A stalled proxy holds up no ack, but its old certificate keeps the old root.
+            (Stage::Staged, vec![stalled("s", 9, "old")], vec![]),
+            (Stage::Switched, vec![stalled("s", 9, "old")], vec!["s"]),
+            (Stage::Switched, vec![stalled("s", 9, "new")], vec![]),
         ];
         for (stage, proxies, want) in table {
             assert_eq!(lagging(stage, 10, "new", &proxies), want, "{stage:?} {proxies:?}");

@@ -33,16 +33,24 @@ pub struct TrustKeeper {
     rotating: tokio::sync::Mutex<()>,
     /// An operator's CA (from files) is rotated by the operator.
     operator_ca: bool,
+    /// How long certificates live: how long a retired root vouches for renewals.
+    cert_ttl: Duration,
 }
 
 impl TrustKeeper {
     /// Keeps `trust` and has the control plane hand its bundle to proxies.
-    pub fn new(trust: Trust, control: Arc<ControlPlane>, operator_ca: bool) -> Arc<TrustKeeper> {
+    pub fn new(
+        trust: Trust,
+        control: Arc<ControlPlane>,
+        operator_ca: bool,
+        cert_ttl: Duration,
+    ) -> Arc<TrustKeeper> {
         let keeper = TrustKeeper {
             trust: RwLock::new(Arc::new(trust)),
             control,
             rotating: Default::default(),
             operator_ca,
+            cert_ttl,
         };
         keeper.control.set_bundle(keeper.bundle());
         Arc::new(keeper)
@@ -63,7 +71,8 @@ impl TrustKeeper {
         let trust_domain = current.signer.trust_domain().to_owned();
         // The stored form round-trips the keys, so the current state can be rebuilt owned.
         let owned = Trust::from_stored(current.to_stored(), &trust_domain)?;
-        let next = Arc::new(owned.advance(|| Authority::generate(&trust_domain))?);
+        // A retired root vouches for renewals as long as a certificate lives.
+        let next = Arc::new(owned.advance(|| Authority::generate(&trust_domain), now_ms(), self.cert_ttl)?);
         self.control.store().save_trust(&next.to_stored()).map_err(|e| e.to_string())?;
         *self.trust.write().expect("trust lock") = next.clone();
         let version = self.control.publish_bundle(bundle_of(&next)).await.map_err(|e| e.to_string())?;
@@ -175,6 +184,7 @@ fn views(proxies: &[(String, super::ProxyRecord)]) -> Vec<ProxyView> {
         .map(|(id, p)| ProxyView {
             id: id.clone(),
             counts: p.counts_for_convergence(),
+            connected: p.connected,
             acked_version: p.acked_version,
             certificate_root: p.certificate_root.clone(),
         })
@@ -273,9 +283,11 @@ impl Identity for IdentityService {
         let request = request.into_inner();
         let trust = self.trust.current();
         // A certificate from any trusted root renews: during a rotation, the
-        // old root's certificates are renewed under the new one.
+        // old root's certificates are renewed under the new one; after it, a
+        // retired root's for a certificate lifetime (a proxy that missed the
+        // rotation recovers by itself).
         let service = ca::renewal_service(
-            &trust.roots(),
+            &trust.renewal_roots(now_ms()),
             trust.signer.trust_domain(),
             &request.certificate_pem,
             &request.csr_pem,

@@ -265,6 +265,7 @@ impl Store for RedbStore {
                 other_cert_pem: None,
                 other_key_pem: None,
                 bundle_version: 1,
+                retired: Vec::new(),
             }))
         })
     }
