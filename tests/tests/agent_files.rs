@@ -90,3 +90,34 @@ async fn logs_are_never_read_through_a_planted_symlink() {
     assert_eq!(answer.status, 404);
     assert!(!String::from_utf8_lossy(&answer.body).contains("secret"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_an_app_starts_outlives_an_agent_killed_with_sigkill() {
+    let dir = TempDir::new("escapees");
+    let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", &["--heartbeat-ttl", "1s"]);
+    let agent = Agent::start(&meshd.listen, "node-a", "127.0.0.2", 1000, &dir.path("agent"), &[]);
+    // The app forks a grandchild into a session and process group of its own.
+    let pid_file = dir.path("grandchild.pid");
+    let script = format!("setsid sleep 600 & echo $! > {}; exec sleep 600", pid_file.display());
+    let job = format!(
+        "name = \"forker\"\nversion = \"v1\"\nreplicas = 1\n\n[task]\ncommand = \"/bin/sh\"\nargs = [\"-c\", {script:?}]\n\n[resources]\ncpu_millis = 10\nmemory_mb = 16\n"
+    );
+    let file = dir.path("forker.toml");
+    std::fs::write(&file, job).unwrap();
+    meshd.ctl_ok(&["job", "run", file.to_str().unwrap()]);
+    let instance = meshd.running("forker", 1, Duration::from_secs(30)).await.remove(0);
+    let app = instance["pid"].as_i64().unwrap() as i32;
+    let grandchild: i32 = eventually("the grandchild is started", Duration::from_secs(10), || {
+        let pid = std::fs::read_to_string(&pid_file).ok().and_then(|t| t.trim().parse().ok());
+        async move { pid }
+    })
+    .await;
+    assert!(alive(grandchild));
+
+    agent.kill();
+    eventually("the app and everything it started are gone", Duration::from_secs(15), || {
+        let gone = !alive(app) && !alive(grandchild);
+        async move { gone.then_some(()) }
+    })
+    .await;
+}

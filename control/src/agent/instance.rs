@@ -28,6 +28,9 @@ pub struct Context {
     pub data_dir: PathBuf,
     /// The mesh-proxy binary.
     pub proxy_program: PathBuf,
+    /// The meshd binary, which apps run under (`meshd shim`); `None` runs
+    /// them directly.
+    pub shim_program: Option<PathBuf>,
     /// Where the agent's own binaries are: a job's bare command is looked
     /// up there after PATH (so `mesh-echo` works beside `meshd`).
     pub bin_dir: Option<PathBuf>,
@@ -144,6 +147,7 @@ async fn run_inner(
     loop {
         let mut launch = app_launch(&program, assignment, &job, &ports, &dir);
         launch.cgroup_procs = cgroup_procs.clone();
+        launch.shim = context.shim_program.clone();
         let mut app =
             Running::start(&launch).map_err(|e| format!("cannot start {}: {e}", program.display()))?;
         record_pid(&dir, app.pid());
@@ -320,6 +324,7 @@ fn start_proxy(
         log_dir: dir.to_owned(),
         name: "proxy".into(),
         cgroup_procs: Vec::new(),
+        shim: None,
     };
     let proxy = Running::start(&launch)
         .map_err(|e| format!("cannot start the sidecar {}: {e}", context.proxy_program.display()))?;
@@ -368,6 +373,7 @@ fn app_launch(program: &Path, assignment: &pb::Assignment, job: &Job, ports: &Po
         log_dir: dir.to_owned(),
         name: "app".into(),
         cgroup_procs: Vec::new(),
+        shim: None,
     }
 }
 
@@ -386,8 +392,9 @@ fn record_pid(dir: &Path, pid: i32) {
     }
 }
 
-/// Removes the cgroups a previous run of the agent left behind (empty once
-/// their processes are gone; the kernel refuses the others).
+/// Kills whatever is still in the cgroups a previous run of the agent left
+/// behind (anything in them is an instance's, even a process that left
+/// its group and session), then removes them.
 pub fn remove_stale_cgroups(hierarchy: &Hierarchy, parent: &str) {
     let roots = match hierarchy {
         Hierarchy::V1 { memory, cpu } => vec![memory.clone(), cpu.clone()],
@@ -396,6 +403,20 @@ pub fn remove_stale_cgroups(hierarchy: &Hierarchy, parent: &str) {
     for root in roots {
         let Ok(entries) = std::fs::read_dir(root.join(parent)) else { continue };
         for entry in entries.flatten().filter(|e| e.path().is_dir()) {
+            // Bounded: a group whose processes keep forking is given up on.
+            for _ in 0..50 {
+                let procs = std::fs::read_to_string(entry.path().join("cgroup.procs")).unwrap_or_default();
+                let pids: Vec<i32> =
+                    procs.lines().filter_map(|l| l.trim().parse().ok()).filter(|p| *p > 1).collect();
+                if pids.is_empty() {
+                    break;
+                }
+                for pid in pids {
+                    // SAFETY: kill(2) on a process inside this agent's own cgroup.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
             let _ = std::fs::remove_dir(entry.path());
         }
     }

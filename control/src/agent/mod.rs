@@ -11,4 +11,5 @@ pub mod logs;
 pub mod node;
 pub mod process;
 pub mod restart;
+pub mod shim;
 pub mod supervisor;

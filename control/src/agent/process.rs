@@ -20,6 +20,10 @@ pub struct Launch {
     pub name: String,
     /// `cgroup.procs` files the process joins before it runs (limits).
     pub cgroup_procs: Vec<PathBuf>,
+    /// The `meshd` binary, to run the program under `meshd shim` (apps:
+    /// nothing they start outlives them, see `shim.rs`); `None` runs it
+    /// directly (the sidecar).
+    pub shim: Option<PathBuf>,
 }
 
 pub struct Running {
@@ -45,7 +49,19 @@ impl Running {
             super::files::append_no_follow(&path)
                 .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
         };
-        let mut command = Command::new(&launch.program);
+        let mut command = match &launch.shim {
+            Some(meshd) => {
+                let mut command = Command::new(meshd);
+                command.arg("shim").arg("--").arg(&launch.program);
+                command
+            }
+            None => Command::new(&launch.program),
+        };
+        // A shim hears of the agent's death (SIGTERM) and cleans up; a bare
+        // process is simply killed with it.
+        let death_signal = if launch.shim.is_some() { libc::SIGTERM } else { libc::SIGKILL };
+        // SAFETY: getpid has no preconditions.
+        let agent = unsafe { libc::getpid() };
         command
             .args(&launch.args)
             .envs(launch.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
@@ -68,8 +84,12 @@ impl Running {
         // here means nothing the app starts escapes its limits.
         unsafe {
             command.pre_exec(move || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, death_signal) != 0 {
                     return Err(io::Error::last_os_error());
+                }
+                // The agent died before the signal was armed: nobody would send it.
+                if libc::getppid() != agent {
+                    libc::_exit(1);
                 }
                 for procs in &cgroup_procs {
                     let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
@@ -147,6 +167,7 @@ mod tests {
             log_dir: dir.clone(),
             name: "web-0".into(),
             cgroup_procs: vec![],
+            shim: None,
         };
         let mut running = Running::start(&launch).unwrap();
         assert!(running.wait().await.unwrap().success());
@@ -168,6 +189,7 @@ mod tests {
             log_dir: dir.clone(),
             name: "stubborn".into(),
             cgroup_procs: vec![],
+            shim: None,
         };
         let mut running = Running::start(&launch).unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);

@@ -144,8 +144,31 @@ fn parse_attribute(text: &str) -> Result<(String, String), String> {
     Ok((key.to_owned(), value.to_owned()))
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    // `meshd shim -- PROGRAM ARGS` (started by the agent for each app) is
+    // plain single-threaded code: it must run before any runtime thread
+    // exists, so that its blocked signals are blocked everywhere.
+    let mut args = std::env::args_os().skip(1);
+    if args.next().is_some_and(|first| first == "shim") {
+        let mut rest: Vec<std::ffi::OsString> = args.collect();
+        if rest.first().is_some_and(|a| a == "--") {
+            rest.remove(0);
+        }
+        if rest.is_empty() {
+            eprintln!("meshd shim: usage: meshd shim -- PROGRAM [ARGS...]");
+            return ExitCode::from(2);
+        }
+        let program = rest.remove(0);
+        mesh_control::agent::shim::run(program, rest);
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+        .block_on(async_main())
+}
+
+async fn async_main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -348,6 +371,8 @@ async fn agent(
         advertise_ip,
         data_dir,
         proxy_program,
+        // Apps run under this binary's `shim` subcommand.
+        shim_program: std::env::current_exe().ok(),
         bin_dir,
         node: info.name.clone(),
         cgroup_parent,
