@@ -53,6 +53,7 @@ impl TrustKeeper {
             cert_ttl,
         };
         keeper.control.set_bundle(keeper.bundle());
+        keeper.control.set_trusted_roots(root_serials(&keeper.current()));
         Arc::new(keeper)
     }
 
@@ -75,6 +76,7 @@ impl TrustKeeper {
         let next = Arc::new(owned.advance(|| Authority::generate(&trust_domain), now_ms(), self.cert_ttl)?);
         self.control.store().save_trust(&next.to_stored()).map_err(|e| e.to_string())?;
         *self.trust.write().expect("trust lock") = next.clone();
+        self.control.set_trusted_roots(root_serials(&next));
         let version = self.control.publish_bundle(bundle_of(&next)).await.map_err(|e| e.to_string())?;
         Ok((next, version))
     }
@@ -208,6 +210,10 @@ fn stage_started(trust: &Trust, version: u64) -> String {
             trust.bundle_version
         ),
     }
+}
+
+fn root_serials(trust: &Trust) -> Vec<String> {
+    trust.roots().into_iter().filter_map(|pem| ca::serial_hex(pem).ok()).collect()
 }
 
 fn bundle_of(trust: &Trust) -> pb::Bundle {

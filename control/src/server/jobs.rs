@@ -170,6 +170,7 @@ impl Scheduler {
                 })
             })
             .collect();
+        let behind = self.control.proxies_behind();
         let changes = {
             let mut state = self.lock();
             state.rounds += 1;
@@ -199,7 +200,7 @@ impl Scheduler {
             let live: Vec<String> = state.allocations.iter().map(|a| a.id.clone()).collect();
             state.reports.retain(|id, (_, report)| live.contains(id) || report.state == "complete");
             state.ready_since.retain(|id, _| live.contains(id));
-            endpoint_changes(&mut state, &nodes)
+            endpoint_changes(&mut state, &nodes, &behind)
         };
         for change in changes {
             if let Err(error) = self.control.change(change).await {
@@ -393,9 +394,15 @@ impl Scheduler {
 }
 
 /// The registry changes that make endpoints match reports: an instance's
-/// endpoint is ready only while its agent says so, it is running, and its
-/// node is up; an instance that is gone takes its endpoint with it.
-fn endpoint_changes(state: &mut SchedulerState, nodes: &[Node]) -> Vec<Change> {
+/// endpoint is ready only while its agent says so, it is running, its node
+/// is up, and its sidecar's certificate is from a trusted root (`behind`:
+/// the proxy ids that missed a root rotation); an instance that is gone
+/// takes its endpoint with it.
+fn endpoint_changes(
+    state: &mut SchedulerState,
+    nodes: &[Node],
+    behind: &std::collections::HashSet<String>,
+) -> Vec<Change> {
     let node_up = |name: &str| nodes.iter().any(|n| n.name == name && n.up);
     let mut wanted: BTreeMap<(String, String), (String, bool)> = BTreeMap::new();
     for allocation in &state.allocations {
@@ -404,7 +411,8 @@ fn endpoint_changes(state: &mut SchedulerState, nodes: &[Node]) -> Vec<Change> {
         if report.addr.is_empty() || *node != allocation.node || job.kind == JobKind::Batch {
             continue;
         }
-        let ready = report.ready && report.state == "running" && node_up(node);
+        let ready =
+            report.ready && report.state == "running" && node_up(node) && !behind.contains(&allocation.id);
         wanted.insert((job.service.clone(), report.addr.clone()), (allocation.version.clone(), ready));
     }
     let mut changes = Vec::new();
@@ -609,32 +617,35 @@ mod tests {
             node: "a".into(),
             resources: Default::default(),
         };
-        // (report state, ready, node up, kind) → registered ready?
+        // (report state, ready, node up, kind, sidecar behind a rotation) → registered ready?
         let cases = [
-            ("running", true, true, "service", Some(true)),
-            ("running", false, true, "service", Some(false)),
-            ("running", true, false, "service", Some(false)),
-            ("draining", true, true, "service", Some(false)),
-            ("running", true, true, "batch", None),
+            ("running", true, true, "service", false, Some(true)),
+            ("running", false, true, "service", false, Some(false)),
+            ("running", true, false, "service", false, Some(false)),
+            ("draining", true, true, "service", false, Some(false)),
+            ("running", true, true, "batch", false, None),
+            ("running", true, true, "service", true, Some(false)),
         ];
-        for (report_state, ready, up, kind, expected) in cases {
+        for (report_state, ready, up, kind, lagging, expected) in cases {
+            let behind: std::collections::HashSet<String> =
+                lagging.then(|| "web-0".to_owned()).into_iter().collect();
             let mut state = SchedulerState::default();
             state
                 .jobs
                 .insert("web".into(), (StoredJob { text: String::new(), dir: String::new() }, job(kind)));
             state.allocations.push(allocation.clone());
             state.reports.insert("web-0".into(), ("a".into(), report("web-0", report_state, ready)));
-            let changes = endpoint_changes(&mut state, &[node(up)]);
+            let changes = endpoint_changes(&mut state, &[node(up)], &behind);
             let registered = changes.iter().find_map(|c| match c {
                 Change::Register { ready, .. } => Some(*ready),
                 _ => None,
             });
-            assert_eq!(registered, expected, "{report_state} ready={ready} up={up} {kind}");
+            assert_eq!(registered, expected, "{report_state} ready={ready} up={up} {kind} behind={lagging}");
             // Nothing changed: nothing to send again.
-            assert!(endpoint_changes(&mut state, &[node(up)]).is_empty());
+            assert!(endpoint_changes(&mut state, &[node(up)], &behind).is_empty());
             // The instance goes: its endpoint goes.
             state.allocations.clear();
-            let gone = endpoint_changes(&mut state, &[node(up)]);
+            let gone = endpoint_changes(&mut state, &[node(up)], &behind);
             assert_eq!(gone.len(), usize::from(expected.is_some()), "{gone:?}");
         }
     }

@@ -85,6 +85,10 @@ pub struct ControlPlane {
     /// Changes go to the single writer task through here.
     writes: mpsc::Sender<PendingChange>,
     pub metrics: ControlMetrics,
+    /// Serials of the roots in the trust bundle: a proxy whose certificate
+    /// is from another root fails every handshake, so its endpoint is not
+    /// ready until it renews.
+    trusted_roots: std::sync::RwLock<Vec<String>>,
 }
 
 #[derive(Debug)]
@@ -118,6 +122,7 @@ impl ControlPlane {
             acks: watch::channel(0).0,
             writes,
             metrics,
+            trusted_roots: Default::default(),
         });
         tokio::spawn(write_loop(control.clone(), pending));
         Ok(control)
@@ -204,6 +209,24 @@ impl ControlPlane {
 
     pub fn subscribe(&self) -> watch::Receiver<Arc<Published>> {
         self.published.subscribe()
+    }
+
+    pub fn set_trusted_roots(&self, serials: Vec<String>) {
+        *self.trusted_roots.write().expect("roots lock") = serials;
+    }
+
+    /// Proxies (by id) whose certificate comes from a root the bundle no
+    /// longer holds: they missed a rotation and have not renewed yet.
+    pub fn proxies_behind(&self) -> std::collections::HashSet<String> {
+        let roots = self.trusted_roots.read().expect("roots lock").clone();
+        let proxies = self.proxies.lock().expect("proxies lock");
+        proxies
+            .iter()
+            .filter(|(_, p)| {
+                !roots.is_empty() && !p.certificate_root.is_empty() && !roots.contains(&p.certificate_root)
+            })
+            .map(|(id, _)| id.clone())
+            .collect()
     }
 
     /// The store, for what lives beside the routing state (jobs).
