@@ -25,6 +25,7 @@ use crate::http::forward::{forward, forward_inbound, forward_upgrade, is_upgrade
 use crate::http::route::{authority_of, has_several_hosts, service_name};
 use crate::http::{error_response, is_grpc};
 use crate::listen::drain::Drain;
+use crate::listen::request_line::FirstLineLimit;
 use crate::listen::{shutdown_started, ConnectionLimits, ShutdownSignal, Slots};
 use crate::proxy::Proxy;
 
@@ -80,6 +81,7 @@ async fn serve_meshed_inbound(
     };
     if first[0] != TLS_HANDSHAKE {
         let permissive = proxy.local_service_permissive();
+        let stream = FirstLineLimit::new(stream);
         let connection =
             builder.serve_connection_with_upgrades(TokioIo::new(stream), service(proxy, !permissive, None));
         let _ = drain.watch(connection.into_owned()).await;
@@ -215,6 +217,7 @@ fn spawn_connection<S>(
         + 'static,
     S::Future: Send + 'static,
 {
+    let stream = FirstLineLimit::new(stream);
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
     let connection = drain.watch(connection);
     tokio::spawn(async move {
