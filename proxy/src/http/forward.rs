@@ -32,7 +32,7 @@ use crate::config::{Protocol, RetryOn};
 use crate::errors::ProxyError;
 use crate::http::body::{CallerBody, CallerBroken, RequestBody, ResponseBody};
 use crate::http::deadline::ConnectionTimers;
-use crate::http::hops::{next_hop, MAX_HOPS, MESH_HOPS};
+use crate::http::hops::{count_hop, MAX_HOPS, MESH_HOPS};
 use crate::http::pool::{ConnPool, ConnectError, Http1Sender};
 use crate::http::{error_response, is_grpc, mark_error, strip_hop_by_hop, MESH_ERROR};
 use crate::metrics::HttpMetrics;
@@ -162,16 +162,12 @@ async fn attempts<'s>(
     let (mut parts, body) = request.into_parts();
     let body_to_read = !body.is_end_stream();
     strip_hop_by_hop(&mut parts.headers);
-    let Some(hops) = next_hop(&parts.headers) else {
+    if !count_hop(&mut parts.headers) {
         let detail = format!("the request made {MAX_HOPS} proxy hops without reaching an app");
         let response = error_response(ProxyError::LoopDetected, grpc, &detail);
-        return Outcome {
-            response,
-            error: Some(ProxyError::LoopDetected),
-            metrics: &service.unrouted_metrics,
-        };
-    };
-    parts.headers.insert(MESH_HOPS, hops);
+        let metrics = &service.unrouted_metrics;
+        return Outcome { response, error: Some(ProxyError::LoopDetected), metrics };
+    }
     let policy = &service.config.retry;
     let idempotent = policy.non_idempotent || is_idempotent(&parts.method);
     // Any condition can come back as a response: even a connect failure,

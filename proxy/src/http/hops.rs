@@ -4,6 +4,7 @@
 //! proxy removes the header before the app, so a call the app makes is a
 //! new request with a count of its own.
 
+use http::header::Entry;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 pub const MESH_HOPS: HeaderName = HeaderName::from_static("x-mesh-hops");
@@ -12,14 +13,30 @@ pub const MESH_HOPS: HeaderName = HeaderName::from_static("x-mesh-hops");
 /// two (an outbound, perhaps an egress); a loop takes all of them.
 pub const MAX_HOPS: usize = 16;
 
-/// The count this hop sends on, or `None` when the request has already
-/// made `MAX_HOPS` hops. A missing or unreadable count is a first hop.
-pub fn next_hop(headers: &HeaderMap) -> Option<HeaderValue> {
-    let seen = headers
-        .get(MESH_HOPS)
-        .and_then(|v| std::str::from_utf8(v.as_bytes()).ok()?.parse::<usize>().ok())
-        .unwrap_or(0);
-    COUNTS.get(seen).cloned()
+/// Counts this hop in `headers`: a missing or unreadable count is a first
+/// hop. Returns false, leaving the headers as they were, when the request
+/// has already made `MAX_HOPS` hops. One hash of the name, whatever the
+/// outcome.
+pub fn count_hop(headers: &mut HeaderMap) -> bool {
+    match headers.entry(MESH_HOPS) {
+        Entry::Vacant(vacant) => {
+            vacant.insert(COUNTS[0].clone());
+            true
+        }
+        Entry::Occupied(mut occupied) => {
+            let seen = std::str::from_utf8(occupied.get().as_bytes())
+                .ok()
+                .and_then(|text| text.parse::<usize>().ok())
+                .unwrap_or(0);
+            match COUNTS.get(seen) {
+                Some(next) => {
+                    occupied.insert(next.clone());
+                    true
+                }
+                None => false,
+            }
+        }
+    }
 }
 
 /// The counts a hop can send, made once: a request allocates none.
@@ -48,7 +65,7 @@ mod tests {
 
     #[test]
     fn a_request_may_make_max_hops_and_no_more() {
-        // (incoming header, next count; None = a loop)
+        // (incoming header, header after this hop; None = a loop, headers untouched)
         let table = [
             (None, Some("1")),
             (Some("0"), Some("1")),
@@ -63,8 +80,10 @@ mod tests {
             if let Some(value) = incoming {
                 headers.insert(MESH_HOPS, HeaderValue::from_static(value));
             }
-            let got = next_hop(&headers);
-            assert_eq!(got.as_ref().map(|v| v.to_str().unwrap()), next, "{incoming:?}");
+            let counted = count_hop(&mut headers);
+            assert_eq!(counted, next.is_some(), "{incoming:?}");
+            let now = headers.get(MESH_HOPS).map(|v| v.to_str().unwrap());
+            assert_eq!(now, next.or(incoming), "{incoming:?}");
         }
     }
 }

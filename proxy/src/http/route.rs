@@ -28,6 +28,25 @@ pub fn authority_of<B>(request: &Request<B>) -> Option<&str> {
     request.headers().get(header::HOST).and_then(|h| h.to_str().ok())
 }
 
+/// What the outbound routes by, read with one lookup of `Host`: the
+/// authority (as `authority_of`), or `Err` when the request carries several
+/// `Host` headers.
+pub fn routing_authority<B>(request: &Request<B>) -> Result<Option<&str>, SeveralHosts> {
+    let mut hosts = request.headers().get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(SeveralHosts);
+    }
+    if let Some(authority) = request.uri().authority() {
+        return Ok(Some(authority.as_str()));
+    }
+    Ok(host.and_then(|h| h.to_str().ok()))
+}
+
+/// A request with more than one `Host` header.
+#[derive(Debug, PartialEq, Eq)]
+pub struct SeveralHosts;
+
 /// Whether a request carries more than one `Host`: which one names the
 /// service would be a guess, and RFC 9112 (3.2) asks for a 400.
 pub fn has_several_hosts(headers: &HeaderMap) -> bool {
@@ -65,6 +84,18 @@ mod tests {
         for (authority, service) in table {
             assert_eq!(service_name(authority), service, "{authority}");
         }
+    }
+
+    #[test]
+    fn routing_reads_one_host_and_refuses_two() {
+        let request = Request::get("/x").header("host", "web").body(()).unwrap();
+        assert_eq!(routing_authority(&request), Ok(Some("web")));
+        let request = Request::get("http://api/x").header("host", "web").body(()).unwrap();
+        assert_eq!(routing_authority(&request), Ok(Some("api")));
+        let request = Request::get("/x").header("host", "web").header("host", "api").body(()).unwrap();
+        assert_eq!(routing_authority(&request), Err(SeveralHosts));
+        let request = Request::get("/x").body(()).unwrap();
+        assert_eq!(routing_authority(&request), Ok(None));
     }
 
     #[test]

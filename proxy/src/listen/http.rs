@@ -22,7 +22,7 @@ use crate::errors::ProxyError;
 use crate::http::body::ResponseBody;
 use crate::http::deadline::ConnectionTimers;
 use crate::http::forward::{forward, forward_inbound, forward_upgrade, is_upgrade};
-use crate::http::route::{authority_of, has_several_hosts, service_name};
+use crate::http::route::{has_several_hosts, routing_authority, service_name};
 use crate::http::{error_response, is_grpc};
 use crate::listen::drain::Drain;
 use crate::listen::request_line::FirstLineLimit;
@@ -293,14 +293,15 @@ fn handle_outbound(
     request: Request<Incoming>,
 ) -> Handled<impl Future<Output = Response<ResponseBody>>> {
     let snapshot = proxy.table.load();
-    if has_several_hosts(request.headers()) {
+    // One lookup of Host serves both the check for several and the routing.
+    let Ok(authority) = routing_authority(&request) else {
         let error = ProxyError::BadRequest;
         snapshot.unknown_service_metrics.record(error.status().as_u16(), Some(error), Default::default());
         return Handled::answer(several_hosts_answer(is_grpc(request.headers())));
-    }
+    };
     let name = match fixed {
         Some(name) => name,
-        None => match authority_of(&request) {
+        None => match authority {
             Some(authority) => service_name(authority),
             None => {
                 let error = ProxyError::UnknownService;
