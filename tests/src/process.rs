@@ -117,6 +117,14 @@ pub fn run(program: &Path, args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// Whether a process exists and is not a zombie.
+pub fn alive(pid: i64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| stat.rsplit(')').next().map(|rest| !rest.trim_start().starts_with('Z')))
+        .unwrap_or(false)
+}
+
 /// Runs a program that should exit on its own, for at most `within`:
 /// (its exit code, or `None` if it had to be killed; its stderr).
 pub fn run_bounded(program: &Path, args: &[&str], within: Duration) -> (Option<i32>, String) {

@@ -6,15 +6,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 use std::time::Duration;
 
-use mesh_tests::process::{run_bounded, Agent, Meshd, Process};
+use mesh_tests::process::{alive, run_bounded, Agent, Meshd, Process};
 use mesh_tests::{bin, eventually, TempDir};
-
-fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| stat.rsplit(')').next().map(|rest| !rest.trim_start().starts_with('Z')))
-        .unwrap_or(false)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pid_records_that_are_not_the_agents_own_processes_kill_nothing() {
@@ -36,7 +29,7 @@ async fn pid_records_that_are_not_the_agents_own_processes_kill_nothing() {
         async move { (nodes.as_array().map(Vec::len) == Some(1)).then_some(()) }
     })
     .await;
-    assert!(alive(pid), "the agent killed a process group it did not start");
+    assert!(alive(pid.into()), "the agent killed a process group it did not start");
     let mode = std::fs::metadata(dir.path("agent")).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o700, "the data dir is private");
 }
@@ -112,11 +105,11 @@ async fn nothing_an_app_starts_outlives_an_agent_killed_with_sigkill() {
         async move { pid }
     })
     .await;
-    assert!(alive(grandchild));
+    assert!(alive(grandchild.into()));
 
     agent.kill();
     eventually("the app and everything it started are gone", Duration::from_secs(15), || {
-        let gone = !alive(app) && !alive(grandchild);
+        let gone = !alive(app.into()) && !alive(grandchild.into());
         async move { gone.then_some(()) }
     })
     .await;

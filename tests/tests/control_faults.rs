@@ -41,19 +41,29 @@ async fn nodes_up(meshd: &Meshd, count: usize) {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restarted_server_waits_for_late_nodes_and_keeps_their_instances() {
-    let dir = TempDir::new("late-node");
-    let ttl = ["--heartbeat-ttl", "3s"];
-    let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", &ttl);
-    let _a = agent(&meshd.listen, "node-a", "127.0.0.2", &dir.path("a"));
+/// meshd with `meshd_args`, agents node-a and node-b, and a two-instance
+/// spread job `web` running; returns them and where `web` runs.
+async fn web_on_two_nodes(
+    dir: &TempDir,
+    meshd_args: &[&str],
+) -> (Meshd, Agent, Agent, BTreeMap<String, (String, i64)>) {
+    let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", meshd_args);
+    let a = agent(&meshd.listen, "node-a", "127.0.0.2", &dir.path("a"));
     let b = agent(&meshd.listen, "node-b", "127.0.0.3", &dir.path("b"));
     nodes_up(&meshd, 2).await;
     let file = dir.path("web.toml");
     std::fs::write(&file, spread_job("web", 2)).unwrap();
     meshd.ctl_ok(&["job", "run", file.to_str().unwrap()]);
     meshd.running("web", 2, Duration::from_secs(30)).await;
-    let before = placed(&meshd, "web");
+    let running = placed(&meshd, "web");
+    (meshd, a, b, running)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_server_waits_for_late_nodes_and_keeps_their_instances() {
+    let dir = TempDir::new("late-node");
+    let ttl = ["--heartbeat-ttl", "3s"];
+    let (meshd, _a, b, before) = web_on_two_nodes(&dir, &ttl).await;
     let nodes: Vec<&str> = before.values().map(|(node, _)| node.as_str()).collect();
     assert!(nodes.contains(&"node-a") && nodes.contains(&"node-b"), "spread over both nodes: {before:?}");
 
@@ -92,15 +102,7 @@ async fn a_restarted_server_waits_for_late_nodes_and_keeps_their_instances() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_server_restarts_nothing() {
     let dir = TempDir::new("stalled-server");
-    let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", &["--heartbeat-ttl", "1s"]);
-    let _a = agent(&meshd.listen, "node-a", "127.0.0.2", &dir.path("a"));
-    let _b = agent(&meshd.listen, "node-b", "127.0.0.3", &dir.path("b"));
-    nodes_up(&meshd, 2).await;
-    let file = dir.path("web.toml");
-    std::fs::write(&file, spread_job("web", 2)).unwrap();
-    meshd.ctl_ok(&["job", "run", file.to_str().unwrap()]);
-    meshd.running("web", 2, Duration::from_secs(30)).await;
-    let before = placed(&meshd, "web");
+    let (meshd, _a, _b, before) = web_on_two_nodes(&dir, &["--heartbeat-ttl", "1s"]).await;
 
     // meshd stops for three TTLs: every node's last heartbeat is old when it resumes.
     meshd.process.signal(libc::SIGSTOP);

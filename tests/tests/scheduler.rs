@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use mesh_tests::client::Background;
-use mesh_tests::process::{Agent, Meshd};
+use mesh_tests::process::{alive, Agent, Meshd};
 use mesh_tests::{bin, eventually, TempDir};
 use serde_json::Value;
 
@@ -47,13 +47,6 @@ fn cgroup_limits(pid: i64) -> (u64, u64) {
         let cpu = read(format!("/sys/fs/cgroup/cpu{}/cpu.cfs_quota_us", path_of("cpu")));
         (memory.trim().parse().unwrap(), cpu.trim().parse().unwrap())
     }
-}
-
-fn alive(pid: i64) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| stat.rsplit(')').next().map(|rest| !rest.trim_start().starts_with('Z')))
-        .unwrap_or(false)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
