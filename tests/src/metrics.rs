@@ -17,6 +17,17 @@ impl Scrape {
             .map(|(_, value)| value)
             .sum()
     }
+
+    /// Like `sum`, but the series must exist: a check that a counter is 0
+    /// must not pass because the series disappeared or was renamed.
+    pub fn present(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let found = self.0.iter().any(|(series, _)| {
+            series.split('{').next() == Some(name)
+                && labels.iter().all(|(k, v)| series.contains(&format!("{k}=\"{v}\"")))
+        });
+        assert!(found, "no series {name} with labels {labels:?} in the scrape");
+        self.sum(name, labels)
+    }
 }
 
 pub async fn scrape(admin: &str) -> Scrape {

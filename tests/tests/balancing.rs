@@ -109,7 +109,8 @@ async fn a_slower_endpoint_gets_little_traffic() {
     );
     let tally = steady_rate(&proxy.outbound(), "echo", 300, Duration::from_secs(10)).await;
     assert_eq!(tally.failed(), 0, "{:?}", tally.failures);
-    assert!(tally.ok >= 2_900, "sent {} requests", tally.ok);
+    // Enough answers for the share below to mean something (not a speed check).
+    assert!(tally.ok >= 500, "only {} answers to judge the shares by", tally.ok);
     let slow_share = 100.0 * *tally.by_instance.get(&slow.addr).unwrap_or(&0) as f64 / tally.ok as f64;
     assert!(slow_share < 10.0, "the slow endpoint got {slow_share:.1}% of requests: {:?}", tally.by_instance);
 }
@@ -134,6 +135,10 @@ async fn not_ready_endpoints_get_no_traffic_and_an_ejected_one_comes_back() {
     let tally = closed_loop(&proxy.outbound(), "echo", 300, 4).await;
     assert_eq!(tally.failed(), 0, "{:?}", tally.failures);
     assert_eq!(tally.by_instance.get(&not_ready.addr), None);
+    // It was ejected first: otherwise "comes back" below proves nothing.
+    let ejections =
+        scrape(&proxy.admin()).await.present("mesh_endpoint_ejections_total", &[("service", "echo")]);
+    assert!(ejections >= 1.0, "the flaky endpoint was never ejected");
 
     // The flaky endpoint heals; its next probe succeeds and it is readmitted.
     let client = mesh_tests::client::http1();
