@@ -27,8 +27,19 @@ const MAX_IDLE_HTTP1: usize = 256;
 pub struct ConnPool {
     addr: SocketAddr,
     idle_http1: ArrayQueue<Http1Sender>,
-    http2: ArcSwapOption<Http2Sender>,
+    http2: ArcSwapOption<SharedHttp2>,
     mesh: Option<MeshPeer>,
+}
+
+/// The shared HTTP/2 connection and the mTLS configuration it was opened
+/// with. Once this proxy's certificate is renewed (or its trust bundle
+/// changes) the configuration is a new one and the next request opens a
+/// new connection: a renewed certificate is presented in a handshake at
+/// once, not when a long-lived connection happens to close. Requests in
+/// flight finish on the old connection, which closes when they are done.
+struct SharedHttp2 {
+    sender: Http2Sender,
+    tls: Option<Arc<MeshTls>>,
 }
 
 /// A peer sidecar: the service whose identity it must hold, and where this
@@ -99,9 +110,9 @@ impl ConnPool {
     /// The shared HTTP/2 connection, opened on first use and again after it
     /// closes.
     pub async fn http2(&self, timeout: Duration) -> Result<Http2Sender, ConnectError> {
-        if let Some(sender) = self.http2.load().as_ref() {
-            if !sender.is_closed() {
-                return Ok(Http2Sender::clone(sender));
+        if let Some(shared) = self.http2.load().as_ref() {
+            if !shared.sender.is_closed() && self.opened_with_current_tls(shared) {
+                return Ok(shared.sender.clone());
             }
         }
         // Boxed: the connect and TLS handshake futures are large, and every
@@ -111,7 +122,8 @@ impl ConnPool {
 
     async fn open_http2(&self, timeout: Duration) -> Result<Http2Sender, ConnectError> {
         let stream = transport::connect(self.addr, timeout).await.map_err(ConnectError)?;
-        let sender = match (self.mtls(), &self.mesh) {
+        let opened_with = self.mtls();
+        let sender = match (opened_with.clone(), &self.mesh) {
             (Some(tls), Some(peer)) => {
                 let carries = transport::Carries::Http2;
                 let stream = transport::connect_tls(stream, &tls, &peer.service, carries, timeout)
@@ -121,8 +133,20 @@ impl ConnPool {
             }
             _ => handshake_http2(stream).await?,
         };
-        self.http2.store(Some(Arc::new(sender.clone())));
+        self.http2.store(Some(Arc::new(SharedHttp2 { sender: sender.clone(), tls: opened_with })));
         Ok(sender)
+    }
+
+    /// Whether a shared connection was opened with the mTLS configuration
+    /// in force (always, for endpoints that are not mesh sidecars).
+    fn opened_with_current_tls(&self, shared: &SharedHttp2) -> bool {
+        let Some(peer) = &self.mesh else { return true };
+        let current = peer.tls.load();
+        match (current.as_ref(), &shared.tls) {
+            (Some(now), Some(then)) => Arc::ptr_eq(now, then),
+            (None, None) => true,
+            _ => false,
+        }
     }
 
     pub fn forget_http2(&self) {
