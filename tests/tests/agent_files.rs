@@ -114,3 +114,51 @@ async fn nothing_an_app_starts_outlives_an_agent_killed_with_sigkill() {
     })
     .await;
 }
+
+/// The live processes of process group `pgid`.
+fn in_group(pgid: i64) -> Vec<i64> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i64>().ok())
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat")).ok().is_some_and(|stat| {
+                let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 1..].split_whitespace().collect();
+                fields.get(2) == Some(&pgid.to_string().as_str()) && fields.first() != Some(&"Z")
+            })
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_an_instances_pid_leaves_nothing_running_and_it_restarts() {
+    let dir = TempDir::new("kill-instance");
+    let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", &["--heartbeat-ttl", "1s"]);
+    let _agent = Agent::start(&meshd.listen, "node-a", "127.0.0.2", 1000, &dir.path("agent"), &[]);
+    let job = "name = \"web\"\nversion = \"v1\"\nreplicas = 1\n\n[task]\ncommand = \"mesh-echo\"\n\n[resources]\ncpu_millis = 10\nmemory_mb = 32\n";
+    let file = dir.path("web.toml");
+    std::fs::write(&file, job).unwrap();
+    meshd.ctl_ok(&["job", "run", file.to_str().unwrap()]);
+    let before = meshd.running("web", 1, Duration::from_secs(30)).await.remove(0);
+    let pid = before["pid"].as_i64().unwrap();
+    assert!(in_group(pid).len() >= 2, "the instance's group holds the shim and the app");
+
+    // kill -9 of the pid `get instances` shows: nothing of the instance is left, and it restarts.
+    // SAFETY: signalling a process of this test's cluster.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    eventually("nothing of the killed instance runs", Duration::from_secs(10), || {
+        let left = in_group(pid);
+        async move { left.is_empty().then_some(()) }
+    })
+    .await;
+    eventually("the instance runs again", Duration::from_secs(20), || {
+        let again = meshd.instances().into_iter().any(|i| {
+            i["id"] == before["id"]
+                && i["state"] == "running"
+                && i["ready"] == true
+                && i["pid"] != before["pid"]
+        });
+        async move { again.then_some(()) }
+    })
+    .await;
+}

@@ -9,11 +9,14 @@
 //!   passes SIGTERM to the app, and after a grace period kills the rest;
 //! - when the app exits it kills every descendant left, then exits with the
 //!   app's status (or dies of the app's signal), so the agent sees the app's
-//!   end as before.
+//!   end as before;
+//! - the app's own parent-death signal is SIGKILL, so a shim killed with -9
+//!   takes the app with it.
 //!
 //! Plain blocking code on one thread: signals are taken with `sigtimedwait`.
 
 use std::ffi::OsString;
+use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -27,8 +30,25 @@ pub fn run(program: OsString, args: Vec<OsString>) -> ! {
         libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1);
     }
     let signals = blocked_signals();
-    // The child starts with std's default (empty) signal mask.
-    let app = match Command::new(&program).args(&args).spawn() {
+    // The child starts with std's default (empty) signal mask. It dies with
+    // the shim: a shim killed with -9 (by hand, say) cannot clean up, and
+    // must not leave the app running without an agent to watch it.
+    let shim = std::process::id() as i32;
+    let mut command = Command::new(&program);
+    command.args(&args);
+    // SAFETY: only async-signal-safe calls (prctl, getppid, _exit) between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() != shim {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+    let app = match command.spawn() {
         Ok(app) => app.id() as i32,
         Err(error) => {
             eprintln!("meshd shim: cannot start {}: {error}", program.to_string_lossy());
