@@ -56,8 +56,11 @@ async fn shifting_in_ten_point_steps_under_load_fails_nothing() {
     mesh.meshd.ctl_ok(&["split", "echo", "--clear", "--wait"]);
     assert_eq!(mesh.meshd.ctl_json(&["get", "splits"]), serde_json::json!([]));
     let shared = closed_loop(&mesh.proxy.outbound(), "echo", 2_000, 8).await;
-    // Both share; not evenly, since P2C on latency favours the quicker one.
-    assert!(shared.share("v1") > 20.0 && shared.share("v2") > 20.0, "{:?}", shared.by_version);
+    // Both share. Not evenly: P2C on peak-EWMA sends more to whichever is
+    // quicker at the moment (seen: 85/15 on a loaded machine); what it
+    // guarantees is that in-flight requests raise a busy endpoint's cost, so
+    // neither starves under 8 concurrent callers.
+    assert!(shared.share("v1") >= 5.0 && shared.share("v2") >= 5.0, "{:?}", shared.by_version);
     mesh.meshd.ctl_ok(&["deregister", "echo", "--addr", &mesh.v2.addr]);
     let endpoints = mesh.meshd.ctl_json(&["get", "endpoints"]);
     assert_eq!(endpoints.as_array().unwrap().len(), 1, "{endpoints}");
