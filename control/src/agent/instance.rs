@@ -269,10 +269,50 @@ impl Ports {
 }
 
 /// A port the kernel says is free now on `ip`.
+///
+/// A port this agent handed out recently is not handed out again: an
+/// instance that stopped (or an app between restarts) leaves its ports
+/// free, and a sidecar still draining would otherwise forward to a port
+/// another instance's listener now holds (answering a caller for the
+/// wrong thing).
 fn free_addr(ip: IpAddr) -> Result<SocketAddr, String> {
-    std::net::TcpListener::bind((ip, 0))
-        .and_then(|listener| listener.local_addr())
-        .map_err(|e| format!("no free port on {ip}: {e}"))
+    static RECENT: Mutex<RecentPorts> = Mutex::new(RecentPorts::new());
+    for _ in 0..64 {
+        let addr = std::net::TcpListener::bind((ip, 0))
+            .and_then(|listener| listener.local_addr())
+            .map_err(|e| format!("no free port on {ip}: {e}"))?;
+        if RECENT.lock().expect("ports lock").take(addr.port()) {
+            return Ok(addr);
+        }
+    }
+    Err(format!("no port on {ip} that this agent has not used recently"))
+}
+
+/// The last ports handed out, oldest first: a fixed window, so it is bounded.
+struct RecentPorts {
+    ports: std::collections::VecDeque<u16>,
+}
+
+impl RecentPorts {
+    /// How many recent ports are kept out of use: several hundred instance
+    /// lifetimes' worth of ports on one node.
+    const KEPT: usize = 4096;
+
+    const fn new() -> RecentPorts {
+        RecentPorts { ports: std::collections::VecDeque::new() }
+    }
+
+    /// Takes `port` if it was not handed out recently; a pure rule.
+    fn take(&mut self, port: u16) -> bool {
+        if self.ports.contains(&port) {
+            return false;
+        }
+        if self.ports.len() == Self::KEPT {
+            self.ports.pop_front();
+        }
+        self.ports.push_back(port);
+        true
+    }
 }
 
 /// A one-time token for this instance's identity, from the control plane,
@@ -545,6 +585,21 @@ async fn drain(context: &Context, report: &SharedReport) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_port_is_not_handed_out_again_while_it_is_recent() {
+        let mut recent = RecentPorts::new();
+        // (port, taken?)
+        for (port, taken) in [(4000, true), (4001, true), (4000, false), (4001, false), (4002, true)] {
+            assert_eq!(recent.take(port), taken, "{port}");
+        }
+        // The window is bounded: the oldest port becomes usable again.
+        for port in 10_000..10_000 + RecentPorts::KEPT as u16 {
+            recent.take(port);
+        }
+        assert!(recent.take(4000), "4000 left the window");
+        assert!(recent.ports.len() <= RecentPorts::KEPT);
+    }
 
     #[test]
     fn upstream_variables_are_shell_names() {
