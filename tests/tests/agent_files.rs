@@ -141,7 +141,13 @@ async fn killing_an_instances_pid_leaves_nothing_running_and_it_restarts() {
     meshd.ctl_ok(&["job", "run", file.to_str().unwrap()]);
     let before = meshd.running("web", 1, Duration::from_secs(30)).await.remove(0);
     let pid = before["pid"].as_i64().unwrap();
-    assert!(in_group(pid).len() >= 2, "the instance's group holds the shim and the app");
+    // Without a readiness check the instance counts as running once the
+    // shim is started; the app follows a moment later.
+    eventually("the instance's group holds the shim and the app", Duration::from_secs(10), || {
+        let both = in_group(pid).len() >= 2;
+        async move { both.then_some(()) }
+    })
+    .await;
 
     // kill -9 of the pid `get instances` shows: nothing of the instance is left, and it restarts.
     // SAFETY: signalling a process of this test's cluster.
