@@ -243,11 +243,14 @@ fn measure_h2(kind: Kind, setup: &Setup, args: &Args) -> Result<H2Row, String> {
             // The quick run only checks that every contender answers; a
             // third-party proxy's rare failure on a loaded CI machine is
             // reported but not fatal there. mesh-proxy gets no such slack.
-            let tolerated = args.quick && kind != Kind::MeshProxy && result.failed * 100 <= result.succeeded;
+            // nginx's gRPC path has seen bursts of upstream resets from the
+            // mesh-echo backend (2 of 7 clean-clone runs, 2-3 % of a one-second
+            // run); not yet explained, so the slack is 5 %, not 1 %.
+            let tolerated = args.quick && kind != Kind::MeshProxy && result.failed * 20 <= result.succeeded;
             if !tolerated {
                 return Err(report);
             }
-            eprintln!("mesh-bench: warning (under 1 %, tolerated in --quick): {report}");
+            eprintln!("mesh-bench: warning (under 5 %, tolerated in --quick): {report}");
         }
         match mode {
             Mode::H2 => (row.h2_rps, row.h2_cpu_us_per_request) = (result.requests_per_second, cpu),
