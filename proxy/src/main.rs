@@ -205,12 +205,13 @@ async fn run(args: Args) -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    // Handlers exist before the ready line: a signal sent right after it
+    // must drain, not take the default action.
+    let mut terminate = signal(SignalKind::terminate()).expect("can watch SIGTERM");
+    let mut interrupt = signal(SignalKind::interrupt()).expect("can watch SIGINT");
     // Tests and scripts read this line to learn the bound ports.
     println!("mesh-proxy ready {}", listeners.bound.join(" "));
     tracing::info!(listeners = %listeners.bound.join(" "), version = proxy.table.load().version, "mesh-proxy ready");
-
-    let mut terminate = signal(SignalKind::terminate()).expect("can watch SIGTERM");
-    let mut interrupt = signal(SignalKind::interrupt()).expect("can watch SIGINT");
     tokio::select! {
         _ = terminate.recv() => {},
         _ = interrupt.recv() => {},
@@ -251,7 +252,8 @@ async fn start_from_file(
     }
     listeners.start_main(&listen, &proxy, shutdown).await.map_err(|e| (1, e))?;
     listeners.start_upstreams(&upstreams, &proxy, shutdown).await.map_err(|e| (1, e))?;
-    tokio::spawn(reload::watch(path.clone(), proxy.clone(), text, shutdown.clone()));
+    let hangup = signal(SignalKind::hangup()).map_err(|e| (1, format!("cannot watch SIGHUP: {e}")))?;
+    tokio::spawn(reload::watch(path.clone(), proxy.clone(), text, hangup, shutdown.clone()));
     Ok(proxy)
 }
 

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::Signal;
 
 use crate::config::{parse_config, ProxyConfig};
 use crate::listen::{shutdown_started, ShutdownSignal};
@@ -23,14 +23,16 @@ pub async fn read_config(path: &PathBuf) -> Result<(String, ProxyConfig), String
     Ok((text, config))
 }
 
-pub async fn watch(path: PathBuf, proxy: Arc<Proxy>, mut applied_text: String, mut shutdown: ShutdownSignal) {
-    let mut hangup = match signal(SignalKind::hangup()) {
-        Ok(hangup) => hangup,
-        Err(error) => {
-            tracing::error!(%error, "cannot watch SIGHUP; reloads follow file changes only");
-            return;
-        }
-    };
+/// Takes SIGHUP from `hangup`, made by the caller before the proxy says it
+/// is ready: a SIGHUP that arrives before its handler exists would end the
+/// process (the default action).
+pub async fn watch(
+    path: PathBuf,
+    proxy: Arc<Proxy>,
+    mut applied_text: String,
+    mut hangup: Signal,
+    mut shutdown: ShutdownSignal,
+) {
     // A rejected text is not parsed and logged again until it changes.
     let mut rejected_text = String::new();
     let mut ticker = tokio::time::interval(POLL_INTERVAL);
