@@ -19,18 +19,9 @@ pub fn service_name(authority: &str) -> &str {
     host.strip_suffix(".mesh").unwrap_or(host)
 }
 
-/// The authority of a request: from an absolute-form URI, or `:authority`
-/// in HTTP/2, or else the `Host` header.
-pub fn authority_of<B>(request: &Request<B>) -> Option<&str> {
-    if let Some(authority) = request.uri().authority() {
-        return Some(authority.as_str());
-    }
-    request.headers().get(header::HOST).and_then(|h| h.to_str().ok())
-}
-
 /// What the outbound routes by, read with one lookup of `Host`: the
-/// authority (as `authority_of`), or `Err` when the request carries several
-/// `Host` headers.
+/// authority from an absolute-form URI (or `:authority` in HTTP/2), else
+/// the `Host` header; `Err` when the request carries several `Host` headers.
 pub fn routing_authority<B>(request: &Request<B>) -> Result<Option<&str>, SeveralHosts> {
     let mut hosts = request.headers().get_all(header::HOST).iter();
     let host = hosts.next();
@@ -101,10 +92,8 @@ mod tests {
     #[test]
     fn absolute_form_wins_over_host() {
         let request = Request::get("http://web/x").header("host", "other").body(()).unwrap();
-        assert_eq!(authority_of(&request), Some("web"));
+        assert_eq!(routing_authority(&request), Ok(Some("web")));
         let request = Request::get("/x").header("host", "web.mesh:80").body(()).unwrap();
-        assert_eq!(authority_of(&request).map(service_name), Some("web"));
-        let request = Request::get("/x").body(()).unwrap();
-        assert_eq!(authority_of(&request), None);
+        assert_eq!(routing_authority(&request).unwrap().map(service_name), Some("web"));
     }
 }
