@@ -44,6 +44,16 @@ pub async fn get(client: &HttpClient, proxy: &str, host: &str, path: &str) -> Re
     send(client, request).await
 }
 
+/// Sends `POST http://<proxy>/order` with a small JSON body.
+pub async fn post_once(client: &HttpClient, proxy: &str, host: &str) -> Result<Answer, String> {
+    let request = Request::post(format!("http://{proxy}/order"))
+        .header("host", host)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(br#"{"item":"book","quantity":1}"#)))
+        .expect("valid request");
+    send(client, request).await
+}
+
 pub async fn send(client: &HttpClient, request: Request<Full<Bytes>>) -> Result<Answer, String> {
     answer_of(client.request(request)).await
 }
@@ -178,6 +188,17 @@ impl Background {
     /// `concurrency` callers sending GETs back to back, each bounded to
     /// five minutes so that a forgotten load cannot run forever.
     pub fn start(proxy: &str, host: &str, concurrency: u32) -> Background {
+        Background::spawn(proxy, host, concurrency, false)
+    }
+
+    /// Like `start` with POSTs carrying a body: requests a proxy must not
+    /// retry once sent, so a failure the mesh causes cannot hide behind a
+    /// retry.
+    pub fn posts(proxy: &str, host: &str, concurrency: u32) -> Background {
+        Background::spawn(proxy, host, concurrency, true)
+    }
+
+    fn spawn(proxy: &str, host: &str, concurrency: u32, post: bool) -> Background {
         let client = http1();
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -189,7 +210,12 @@ impl Background {
                     let mut tally = Tally::default();
                     let deadline = Instant::now() + Duration::from_secs(300);
                     while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline {
-                        tally.add(&get(&client, &proxy, &host, "/background").await);
+                        let answer = if post {
+                            post_once(&client, &proxy, &host).await
+                        } else {
+                            get(&client, &proxy, &host, "/background").await
+                        };
+                        tally.add(&answer);
                         sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
                     tally

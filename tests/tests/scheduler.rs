@@ -133,8 +133,13 @@ async fn a_job_runs_beside_sidecars_heals_and_moves_off_a_dead_node() {
     assert_eq!(tally.failed(), 0, "failed requests around the app's restart: {:?}", tally.failures);
     let answering: BTreeSet<&String> = tally.by_instance.keys().collect();
     assert!(answering.len() >= 3, "every instance answered some requests: {answering:?}");
-    let load = Background::start(&client, "web", 4);
-    load.wait_for(300).await;
+    // From here retries are off and half the load is POSTs, which no
+    // proxy may resend: what the tables say is what the callers get.
+    meshd.ctl_ok(&["policy", "web", "--retry-attempts", "1", "--wait"]);
+    let load = Background::start(&client, "web", 2);
+    let posts = Background::posts(&client, "web", 2);
+    load.wait_for(200).await;
+    posts.wait_for(100).await;
 
     // Node A dies (its agent and, with it, its instances): everything runs on B.
     node_a.kill();
@@ -149,9 +154,28 @@ async fn a_job_runs_beside_sidecars_heals_and_moves_off_a_dead_node() {
         async move { all_on_b.then_some(list) }
     })
     .await;
+    // Requests in flight to node-a, or sent before its death was noticed
+    // (one TTL), can fail without retries; each says why, and none hangs.
+    let mut tally = load.stop().await;
+    let post_tally = posts.stop().await;
+    tally.failures.extend(post_tally.failures);
+    for failure in tally.failures.keys() {
+        assert!(
+            failure.starts_with("502 ") || failure.starts_with("503 ") || failure.starts_with("504 "),
+            "a failure while node-a died is a mesh error with its reason: {:?}",
+            tally.failures
+        );
+        assert!(failure.split(' ').nth(3).is_some_and(|reason| !reason.is_empty()), "{failure}");
+    }
+    // Once the instances run on node-b, node-a's endpoints are out of every table.
+    let load = Background::start(&client, "web", 2);
+    let posts = Background::posts(&client, "web", 2);
     load.wait_for(300).await;
+    posts.wait_for(150).await;
     let tally = load.stop().await;
-    assert_eq!(tally.failed(), 0, "failed requests while node-a died: {:?}", tally.failures);
+    let post_tally = posts.stop().await;
+    assert_eq!(tally.failed() + post_tally.failed(), 0, "failed after the move: {tally:?} {post_tally:?}");
+    assert!(tally.by_instance.keys().all(|id| moved.iter().any(|i| i["id"] == id.as_str())), "{tally:?}");
 
     // Stopping the job stops every process and removes its endpoints.
     let pids: Vec<i64> =
@@ -291,8 +315,14 @@ async fn rolling_updates_fail_no_request_and_a_bad_version_rolls_back() {
     submit(echo_job("web", "v1", 3, &update(0)));
     meshd.running("web", 3, Duration::from_secs(30)).await;
     let client = meshd.mesh_client(&dir.path("client.toml"), "").await;
-    let load = Background::start(&client, "web", 4);
+    // Retries off, and half the load non-idempotent POSTs: an instance
+    // stopped before its endpoint left the callers' tables fails requests
+    // here, where retries would hide it.
+    meshd.ctl_ok(&["policy", "web", "--retry-attempts", "1", "--wait"]);
+    let load = Background::start(&client, "web", 2);
+    let posts = Background::posts(&client, "web", 2);
     load.wait_for(200).await;
+    posts.wait_for(100).await;
 
     // v1 → v2 under load: new instances come up one at a time, old ones go.
     submit(echo_job("web", "v2", 3, &update(0)));
@@ -349,7 +379,13 @@ async fn rolling_updates_fail_no_request_and_a_bad_version_rolls_back() {
     })
     .await;
     load.wait_for(200).await;
+    posts.wait_for(100).await;
 
+    let services = meshd.ctl_json(&["get", "services"]);
+    let web = services.as_array().unwrap().iter().find(|s| s["name"] == "web").unwrap();
+    assert_eq!(web["policy"]["retry_attempts"], 1, "retries stayed off through the updates: {web}");
+    let post_tally = posts.stop().await;
+    assert_eq!(post_tally.failed(), 0, "failed POSTs during the updates: {:?}", post_tally.failures);
     let tally = load.stop().await;
     assert_eq!(tally.failed(), 0, "failed requests during the updates: {:?}", tally.failures);
     for version in ["v1", "v2", "v4"] {
