@@ -103,6 +103,11 @@ impl Tally {
         self.failures.values().sum()
     }
 
+    /// Answers counted by version.
+    pub fn answered(&self) -> u64 {
+        self.by_version.values().sum()
+    }
+
     pub fn share(&self, version: &str) -> f64 {
         let total: u64 = self.by_version.values().sum();
         100.0 * *self.by_version.get(version).unwrap_or(&0) as f64 / total.max(1) as f64
@@ -241,5 +246,30 @@ impl Background {
     pub async fn stop(self) -> Tally {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         merge(self.tasks).await
+    }
+}
+
+/// How far, in percentage points, the observed share of `n` independent
+/// weighted picks may stray from `percent`: five standard deviations of the
+/// binomial (a correct split fails this about once in two million checks).
+/// A weight of 0 or 100 allows no stray pick at all.
+pub fn split_tolerance(n: u64, percent: f64) -> f64 {
+    let p = percent / 100.0;
+    5.0 * 100.0 * (p * (1.0 - p) / n.max(1) as f64).sqrt()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_tolerance;
+
+    #[test]
+    fn split_tolerance_is_five_binomial_deviations() {
+        // (picks, percent, tolerance in points)
+        for (n, percent, want) in
+            [(4_000, 50.0, 3.95), (4_000, 10.0, 2.37), (100, 10.0, 15.0), (4_000, 0.0, 0.0)]
+        {
+            let got = split_tolerance(n, percent);
+            assert!((got - want).abs() < 0.01, "{n} picks at {percent}%: {got}");
+        }
     }
 }

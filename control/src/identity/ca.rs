@@ -56,6 +56,14 @@ impl Authority {
     /// An existing CA (root or intermediate) from PEM.
     pub fn from_pem(cert_pem: &str, key_pem: &str, trust_domain: &str) -> Result<Authority, String> {
         let key = KeyPair::from_pem(key_pem).map_err(|e| format!("the CA key: {e}"))?;
+        // A key that is not the certificate's would sign certificates no
+        // proxy can verify under the trusted root.
+        let (_, der) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())
+            .map_err(|e| format!("the CA certificate: {e}"))?;
+        let cert = der.parse_x509().map_err(|e| format!("the CA certificate: {e}"))?;
+        if cert.public_key().raw != key.subject_public_key_info().as_slice() {
+            return Err("the CA key does not belong to the CA certificate".to_owned());
+        }
         let issuer =
             Issuer::from_ca_cert_pem(cert_pem, key).map_err(|e| format!("the CA certificate: {e}"))?;
         Ok(Authority { cert_pem: cert_pem.to_owned(), issuer, trust_domain: trust_domain.to_owned() })
@@ -247,8 +255,21 @@ mod tests {
     fn a_stored_authority_signs_as_before_and_garbage_is_refused() {
         let ca = Authority::generate("mesh.local").unwrap();
         let again = Authority::from_pem(ca.cert_pem(), &ca.key_pem(), "mesh.local").unwrap();
+        assert_eq!(again.cert_pem(), ca.cert_pem());
+        assert_eq!(again.serial(), ca.serial());
         let (_, csr) = request(vec![]);
-        assert!(again.sign(&csr, "web", Duration::from_secs(60)).is_ok());
+        // What the reloaded authority signs verifies under the original root.
+        let pem = again.sign(&csr, "web", Duration::from_secs(60)).unwrap();
+        let (_, der) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+        let cert = der.parse_x509().unwrap();
+        let (_, root) = x509_parser::pem::parse_x509_pem(ca.cert_pem().as_bytes()).unwrap();
+        let root = root.parse_x509().unwrap();
+        assert_eq!(cert.issuer(), root.subject());
+        cert.verify_signature(Some(root.public_key())).expect("signed with the original root's key");
+        // Another CA's key with this certificate is refused, not used.
+        let other = Authority::generate("mesh.local").unwrap();
+        let mismatched = Authority::from_pem(ca.cert_pem(), &other.key_pem(), "mesh.local").unwrap_err();
+        assert!(mismatched.contains("does not belong"), "{mismatched}");
         assert!(again.sign("not a request", "web", Duration::from_secs(60)).unwrap_err().contains("request"));
         assert!(Authority::from_pem("junk", &ca.key_pem(), "mesh.local").is_err());
         assert!(!format!("{ca:?}").contains("PRIVATE"));
