@@ -1,18 +1,23 @@
 //! New mTLS connections as fast as a few callers can open them: the
 //! handshake rate of the second hop's inbound listener. Each caller
 //! verifies the server as a mesh sidecar does (mesh-proxy's own client
-//! configuration), then closes, and waits for the server to close too, so
-//! that the server's side of the handshake is done when it is counted.
+//! configuration), sends one HTTP/2 request, and counts the connection only
+//! once that request succeeded: with TLS 1.3 the client's side of the
+//! handshake completes before the server has checked the client's
+//! certificate, so a handshake the server refuses would otherwise count.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh_proxy::tls::MeshTls;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Handshakes completed against `port` in `duration` by `callers`; an error
-/// if any failed.
+/// Connections (handshake and one successful request each) completed
+/// against `port` in `duration` by `callers`; an error if any failed.
 pub async fn run(
     port: u16,
     tls: Arc<MeshTls>,
@@ -25,21 +30,21 @@ pub async fn run(
     let name = mesh_proxy::tls::server_name(service).ok_or("not a service name")?;
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..callers {
-        let (tls, done, name) = (tls.clone(), done.clone(), name.clone());
+        let (tls, done, name, service) = (tls.clone(), done.clone(), name.clone(), service.to_owned());
         tasks.spawn(async move {
             let connector = tokio_rustls::TlsConnector::from(tls.client.clone());
             while Instant::now() < deadline {
                 let tcp =
                     tokio::net::TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| e.to_string())?;
                 let _ = tcp.set_nodelay(true);
-                let mut stream =
+                let stream =
                     tokio::time::timeout(Duration::from_secs(5), connector.connect(name.clone(), tcp))
                         .await
                         .map_err(|_| "handshake timed out".to_owned())?
                         .map_err(|e| format!("handshake failed: {e}"))?;
-                let _ = stream.shutdown().await;
-                let mut rest = Vec::new();
-                let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest)).await;
+                tokio::time::timeout(Duration::from_secs(5), one_request(stream, &service))
+                    .await
+                    .map_err(|_| "no answer within 5 s on a new connection".to_owned())??;
                 done.fetch_add(1, Ordering::Relaxed);
             }
             Ok::<(), String>(())
@@ -49,4 +54,29 @@ pub async fn run(
         result.map_err(|e| e.to_string())??;
     }
     Ok(done.load(Ordering::Relaxed))
+}
+
+/// One HTTP/2 request on a fresh connection, answered 2xx; then the
+/// connection is closed and its end awaited.
+async fn one_request<S>(stream: S, service: &str) -> Result<(), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("HTTP/2 on a new connection: {e}"))?;
+    let driver = tokio::spawn(connection);
+    let request =
+        Request::get(format!("http://{service}/")).body(Empty::<Bytes>::new()).map_err(|e| e.to_string())?;
+    let response =
+        sender.send_request(request).await.map_err(|e| format!("request on a new connection: {e}"))?;
+    let status = response.status();
+    response.into_body().collect().await.map_err(|e| format!("answer on a new connection: {e}"))?;
+    if !status.is_success() {
+        return Err(format!("a new connection's request was answered {status}"));
+    }
+    drop(sender);
+    let _ = driver.await;
+    Ok(())
 }

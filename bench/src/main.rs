@@ -188,16 +188,46 @@ fn start_contender(kind: Kind, mode: Mode, setup: &Setup) -> (u16, Option<Runnin
     }
 }
 
-/// Waits (bounded) until an HTTP/2 prior-knowledge request through `port` succeeds.
-fn wait_ready_h2(port: u16, authority: &str, grpc_body: Option<&std::path::Path>) -> Result<(), String> {
+/// Calls the gRPC backend (mesh-echo) has answered: a call a proxy answers
+/// itself (HTTP 200 with a `grpc-status` error) never reaches it.
+fn grpc_backend_answered(setup: &Setup) -> Result<u64, String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", setup.grpc_backend))
+        .map_err(|e| format!("the gRPC backend's stats: {e}"))?;
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    stream
+        .write_all(b"GET /_echo/stats HTTP/1.1\r\nHost: backend\r\nConnection: close\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).map_err(|e| e.to_string())?;
+    let body = answer.split_once("\r\n\r\n").map(|(_, body)| body).unwrap_or_default();
+    let stats: serde_json::Value =
+        serde_json::from_str(body).map_err(|e| format!("the gRPC backend's stats: {e}: {answer}"))?;
+    stats["requests"].as_u64().ok_or_else(|| format!("no request count in {body}"))
+}
+
+/// Waits (bounded) until an HTTP/2 prior-knowledge request through `port`
+/// succeeds; for gRPC, until the backend itself answered it.
+fn wait_ready_h2(
+    port: u16,
+    authority: &str,
+    grpc_body: Option<&std::path::Path>,
+    setup: &Setup,
+) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(20);
     let url = format!("http://127.0.0.1:{port}{}", if grpc_body.is_some() { GRPC_PATH } else { "/" });
     loop {
         let mut command = tools::h2load_command(authority, grpc_body);
         command.args(["-n1", "-c1"]);
+        let answered_before = grpc_body.map(|_| grpc_backend_answered(setup)).transpose()?;
         let output = command.arg(&url).output().map_err(|e| format!("cannot run h2load: {e}"))?;
+        let reached_backend = match answered_before {
+            Some(before) => grpc_backend_answered(setup)? == before + 1,
+            None => true,
+        };
         if String::from_utf8_lossy(&output.stdout).contains("1 succeeded")
             && tools::parse_h2load(&String::from_utf8_lossy(&output.stdout)).is_some_and(|r| r.failed == 0)
+            && reached_backend
         {
             return Ok(());
         }
@@ -220,18 +250,39 @@ fn measure_h2(kind: Kind, setup: &Setup, args: &Args) -> Result<H2Row, String> {
     for mode in [Mode::H2, Mode::Grpc] {
         let body = (mode == Mode::Grpc).then_some(grpc_body.as_path());
         let (port, running) = start_contender(kind, mode, setup);
-        wait_ready_h2(port, "backend", body)?;
+        wait_ready_h2(port, "backend", body, setup)?;
         let pgid = running.as_ref().map(Running::pgid);
         let cpu_before = pgid.map(procstat::cpu_seconds);
         let path = if body.is_some() { GRPC_PATH } else { "/" };
-        let result =
-            tools::h2load(&format!("http://127.0.0.1:{port}{path}"), "backend", 32, 10, seconds, body)?;
-        let cpu = pgid.zip(cpu_before).map(|(g, before)| {
-            // h2load's warm-up second is not in its count but is in the CPU time.
-            let measured = seconds.as_secs_f64();
-            (procstat::cpu_seconds(g) - before) * 1e6
-                / (result.requests_per_second * (measured + 1.0)).max(1.0)
-        });
+        let url = format!("http://127.0.0.1:{port}{path}");
+        let mut result;
+        let cpu;
+        if mode == Mode::Grpc {
+            // gRPC errors come as HTTP 200, which h2load counts as success.
+            // A run of a fixed count (sized from the HTTP/2 rate to last about
+            // as long) finishes every call it starts, so the backend's count
+            // of calls it answered must match: any shortfall is calls the
+            // proxy answered itself.
+            let count = ((row.h2_rps * seconds.as_secs_f64()) as u64).max(1_000);
+            let answered_before = grpc_backend_answered(setup)?;
+            result = tools::h2load(&url, "backend", 32, 10, tools::H2loadRun::Requests(count), body)?;
+            let answered = grpc_backend_answered(setup)? - answered_before;
+            let not_answered = result.succeeded.saturating_sub(answered);
+            result.succeeded -= not_answered;
+            result.failed += not_answered;
+            result.summary.push_str(&format!("the backend answered {answered} of {count} calls\n"));
+            cpu = pgid
+                .zip(cpu_before)
+                .map(|(g, before)| (procstat::cpu_seconds(g) - before) * 1e6 / (count as f64));
+        } else {
+            result = tools::h2load(&url, "backend", 32, 10, tools::H2loadRun::For(seconds), body)?;
+            cpu = pgid.zip(cpu_before).map(|(g, before)| {
+                // h2load's warm-up second is not in its count but is in the CPU time.
+                let measured = seconds.as_secs_f64();
+                (procstat::cpu_seconds(g) - before) * 1e6
+                    / (result.requests_per_second * (measured + 1.0)).max(1.0)
+            });
+        }
         if result.failed > 0 {
             let log = contenders::error_log(kind, mode, setup);
             let report = format!(

@@ -85,21 +85,35 @@ pub struct H2loadResult {
     pub summary: String,
 }
 
+/// How long an h2load run lasts.
+#[derive(Debug, Clone, Copy)]
+pub enum H2loadRun {
+    /// For a time, after a one-second warm-up that is not counted.
+    For(Duration),
+    /// Until this many requests are done: every request started is
+    /// finished, so the count can be checked against the backend's.
+    Requests(u64),
+}
+
 /// Runs h2load (HTTP/2 prior knowledge) with one thread: `connections`
-/// connections × `streams` concurrent streams for `duration`. With a body
-/// file, requests are gRPC unary calls.
+/// connections × `streams` concurrent streams. With a body file, requests
+/// are gRPC unary calls.
 pub fn h2load(
     url: &str,
     authority: &str,
     connections: u32,
     streams: u32,
-    duration: Duration,
+    run: H2loadRun,
     grpc_body: Option<&std::path::Path>,
 ) -> Result<H2loadResult, String> {
     let mut command = h2load_command(authority, grpc_body);
-    command
-        .args(["-t1", &format!("-c{connections}"), &format!("-m{streams}")])
-        .args([&format!("--duration={}", duration.as_secs().max(1)), "--warm-up-time=1"]);
+    command.args(["-t1", &format!("-c{connections}"), &format!("-m{streams}")]);
+    match run {
+        H2loadRun::For(duration) => {
+            command.args([&format!("--duration={}", duration.as_secs().max(1)), "--warm-up-time=1"])
+        }
+        H2loadRun::Requests(count) => command.arg(format!("-n{count}")),
+    };
     let output = command.arg(url).output().map_err(|e| format!("cannot run h2load: {e}"))?;
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
     if !output.status.success() {

@@ -1,7 +1,9 @@
 //! The control plane's benchmark: many proxy subscriptions (simulated in
 //! this process, each a real gRPC stream on its own connection) against a
 //! real `meshd server`, measuring how fast a change reaches the last proxy,
-//! how many bytes an endpoint flap costs per proxy, and memory per proxy.
+//! what an endpoint flap costs (pushes, bytes and meshd CPU, per flap and
+//! per push, at a stated flap rate), and meshd's memory per connected
+//! proxy, with a tiny table and with the large one loaded.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -41,6 +43,10 @@ struct Args {
     /// The core meshd is pinned to.
     #[arg(long, default_value = "0")]
     server_core: String,
+    /// The pause between two flaps in the paced flap run (the other run
+    /// flaps back to back).
+    #[arg(long, default_value_t = 100)]
+    flap_interval_ms: u64,
 }
 
 /// meshd in its own process group, killed on drop.
@@ -59,9 +65,9 @@ impl Drop for Meshd {
     }
 }
 
-fn start_meshd(args: &Args) -> Meshd {
+fn start_meshd(args: &Args, name: &str) -> Meshd {
     use std::io::BufRead;
-    let data_dir = std::env::temp_dir().join(format!("mesh-control-bench-{}", std::process::id()));
+    let data_dir = std::env::temp_dir().join(format!("mesh-control-bench-{}-{name}", std::process::id()));
     let mut command = std::process::Command::new("taskset");
     command
         .args(["-c", &args.server_core])
@@ -104,8 +110,15 @@ fn raise_fd_limit() {
     }
 }
 
+/// What every simulated proxy received, summed.
+#[derive(Default)]
+struct Received {
+    bytes: AtomicU64,
+    updates: AtomicU64,
+}
+
 /// One simulated proxy: subscribes and acks every update at once.
-async fn simulated_proxy(server: String, id: u32, received_bytes: Arc<AtomicU64>) -> Result<(), String> {
+async fn simulated_proxy(server: String, id: u32, received: Arc<Received>) -> Result<(), String> {
     let channel = Channel::from_shared(format!("http://{server}")).map_err(|e| e.to_string())?;
     let channel = channel.connect().await.map_err(|e| e.to_string())?;
     let (tx, rx) = mpsc::channel(4);
@@ -117,7 +130,8 @@ async fn simulated_proxy(server: String, id: u32, received_bytes: Arc<AtomicU64>
         .map_err(|e| e.to_string())?
         .into_inner();
     while let Some(update) = updates.message().await.map_err(|e| e.to_string())? {
-        received_bytes.fetch_add(prost::Message::encoded_len(&update) as u64, Ordering::Relaxed);
+        received.bytes.fetch_add(prost::Message::encoded_len(&update) as u64, Ordering::Relaxed);
+        received.updates.fetch_add(1, Ordering::Relaxed);
         let ack = pb::Ack { version: update.version, applied: true, ..Default::default() };
         if tx.send(pb::SubscribeRequest { message: Some(Message::Ack(ack)) }).await.is_err() {
             break;
@@ -167,7 +181,7 @@ async fn main() {
         (args.proxies, args.changes, args.services, args.endpoints_per_service) = (20, 5, 5, 10);
     }
     raise_fd_limit();
-    let meshd = start_meshd(&args);
+    let meshd = start_meshd(&args, "measured");
     let pid = meshd.child.id() as i32;
     let channel = Channel::from_shared(format!("http://{}", meshd.listen))
         .expect("uri")
@@ -181,11 +195,12 @@ async fn main() {
     }
     let rss_before = rss_mb(pid);
 
-    let received = Arc::new(AtomicU64::new(0));
+    let received = Arc::new(Received::default());
+    let mut simulated = tokio::task::JoinSet::new();
     for id in 0..args.proxies {
         let (server, received) = (meshd.listen.clone(), received.clone());
         // A real proxy reconnects when its stream fails; so does this one (bounded).
-        tokio::spawn(async move {
+        simulated.spawn(async move {
             for _ in 0..50 {
                 if let Err(error) = simulated_proxy(server.clone(), id, received.clone()).await {
                     eprintln!("simulated proxy {id}: {error}; reconnecting");
@@ -230,37 +245,36 @@ async fn main() {
     // in parallel, as many agents would; the server commits them in groups,
     // and every registration reaches every proxy.
     let setup_started = Instant::now();
-    let mut registering = tokio::task::JoinSet::new();
-    for s in 0..args.services {
-        let mut registry = registry.clone();
-        let per_service = args.endpoints_per_service;
-        registering.spawn(async move {
-            for e in 0..per_service {
-                let addr = format!("127.1.{}.{}:{}", s % 250, e % 250, 10_000 + e);
-                register(&mut registry, &format!("svc-{s}"), "v1", &addr, true).await;
-            }
-        });
-    }
-    while registering.join_next().await.is_some() {}
+    register_table(&registry, &args).await;
     let setup_seconds = setup_started.elapsed().as_secs_f64();
     let table = admin.list_endpoints(pb::Empty {}).await.expect("endpoints").into_inner();
     let table_bytes = prost::Message::encoded_len(&table) as f64;
     let settle = admin.status(pb::Empty {}).await.expect("status").into_inner().version;
     admin.wait_converged(pb::WaitRequest { version: settle, timeout_ms: 120_000 }).await.expect("wait");
-    let flaps = args.changes;
-    let bytes_before = received.load(Ordering::Relaxed);
-    let cpu_before = procstat::cpu_seconds(pid);
-    let mut version = 0;
-    for i in 0..flaps {
-        let addr = format!("127.1.0.0:{}", 10_000);
-        register(&mut registry, "svc-0", "v1", &addr, i % 2 == 1).await;
-        version = admin.status(pb::Empty {}).await.expect("status").into_inner().version;
-    }
-    admin.wait_converged(pb::WaitRequest { version, timeout_ms: 60_000 }).await.expect("wait");
-    let cpu_per_change_ms = (procstat::cpu_seconds(pid) - cpu_before) * 1e3 / f64::from(flaps);
-    let bytes_per_proxy_per_change =
-        (received.load(Ordering::Relaxed) - bytes_before) as f64 / f64::from(args.proxies * flaps);
+    let rss_loaded = rss_mb(pid);
+    let mut flapping =
+        Flapping { registry: &mut registry, admin: &mut admin, received: &received, pid, ready: true };
+    let back_to_back = flapping.run(args.changes, Duration::ZERO).await;
+    let paced = flapping.run(args.changes, Duration::from_millis(args.flap_interval_ms)).await;
+    simulated.abort_all();
+    drop(meshd);
 
+    // The same table in a meshd no proxy connects to: what the table alone costs.
+    let alone = start_meshd(&args, "alone");
+    let channel = Channel::from_shared(format!("http://{}", alone.listen))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let registry = RegistryClient::new(channel);
+    for (version, addr) in [("v1", "127.0.0.8:1"), ("v2", "127.0.0.8:2")] {
+        register(&mut registry.clone(), "echo", version, addr, true).await;
+    }
+    register_table(&registry, &args).await;
+    let rss_loaded_alone = rss_mb(alone.child.id() as i32);
+    drop(alone);
+
+    let proxies = f64::from(args.proxies);
     println!("| measure | value |");
     println!("|---|---:|");
     println!("| simulated proxies (one gRPC stream and connection each) | {} |", args.proxies);
@@ -278,11 +292,102 @@ async fn main() {
         args.services * args.endpoints_per_service,
         args.services
     );
-    println!("| bytes per proxy per endpoint flap | {bytes_per_proxy_per_change:.0} B |");
-    println!("| meshd CPU per endpoint flap (pushing to every proxy) | {cpu_per_change_ms:.1} ms |");
+    for (label, run) in [("back to back", &back_to_back), ("paced", &paced)] {
+        let pushes = run.updates as f64 / proxies;
+        let flaps = f64::from(run.flaps);
+        println!(
+            "| endpoint flaps {label}: flaps, rate, pushes to each proxy | {} at {:.0}/s → {pushes:.1} pushes |",
+            run.flaps,
+            flaps / run.seconds.max(1e-9)
+        );
+        println!(
+            "| bytes per proxy per endpoint flap ({label}) | {:.0} B per flap, {:.0} B per push |",
+            run.bytes as f64 / proxies / flaps,
+            run.bytes as f64 / proxies / pushes.max(1.0)
+        );
+        println!(
+            "| meshd CPU per endpoint flap ({label}, pushing to every proxy) | {:.1} ms per flap, {:.1} ms per push |",
+            run.cpu_seconds * 1e3 / flaps,
+            run.cpu_seconds * 1e3 / pushes.max(1.0)
+        );
+    }
     println!(
-        "| meshd memory per connected proxy | {:.1} KB |",
-        (rss_connected - rss_before) * 1024.0 / f64::from(args.proxies)
+        "| meshd memory per connected proxy, 2-endpoint table | {:.1} KB |",
+        (rss_connected - rss_before) * 1024.0 / proxies
     );
-    drop(meshd);
+    println!(
+        "| meshd memory per connected proxy, {}-endpoint table loaded | {:.1} KB ({:.0} MB with proxies, {:.0} MB without) |",
+        args.services * args.endpoints_per_service,
+        (rss_loaded - rss_loaded_alone) * 1024.0 / proxies,
+        rss_loaded,
+        rss_loaded_alone
+    );
+}
+
+/// Registers the churn table: `services` × `endpoints_per_service`, one
+/// client per service in parallel.
+async fn register_table(registry: &RegistryClient<Channel>, args: &Args) {
+    let mut registering = tokio::task::JoinSet::new();
+    for s in 0..args.services {
+        let mut registry = registry.clone();
+        let per_service = args.endpoints_per_service;
+        registering.spawn(async move {
+            for e in 0..per_service {
+                let addr = format!("127.1.{}.{}:{}", s % 250, e % 250, 10_000 + e);
+                register(&mut registry, &format!("svc-{s}"), "v1", &addr, true).await;
+            }
+        });
+    }
+    while registering.join_next().await.is_some() {}
+}
+
+/// What a run of endpoint flaps cost, summed over every proxy.
+struct FlapRun {
+    flaps: u32,
+    seconds: f64,
+    updates: u64,
+    bytes: u64,
+    cpu_seconds: f64,
+}
+
+/// One endpoint of svc-0 turning ready and not ready, with what meshd
+/// pushes for it counted at the simulated proxies.
+struct Flapping<'a> {
+    registry: &'a mut RegistryClient<Channel>,
+    admin: &'a mut AdminClient<Channel>,
+    received: &'a Received,
+    pid: i32,
+    /// The endpoint's state now.
+    ready: bool,
+}
+
+impl Flapping<'_> {
+    /// Flaps `flaps` times, `pause` apart, and waits until every proxy has
+    /// the last state.
+    async fn run(&mut self, flaps: u32, pause: Duration) -> FlapRun {
+        let received = self.received;
+        let (updates_before, bytes_before) =
+            (received.updates.load(Ordering::Relaxed), received.bytes.load(Ordering::Relaxed));
+        let cpu_before = procstat::cpu_seconds(self.pid);
+        let started = Instant::now();
+        let mut version = 0;
+        for i in 0..flaps {
+            if i > 0 && !pause.is_zero() {
+                tokio::time::sleep(pause).await;
+            }
+            self.ready = !self.ready;
+            register(self.registry, "svc-0", "v1", "127.1.0.0:10000", self.ready).await;
+            version = self.admin.status(pb::Empty {}).await.expect("status").into_inner().version;
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        let wait = pb::WaitRequest { version, timeout_ms: 60_000 };
+        self.admin.wait_converged(wait).await.expect("wait");
+        FlapRun {
+            flaps,
+            seconds,
+            updates: received.updates.load(Ordering::Relaxed) - updates_before,
+            bytes: received.bytes.load(Ordering::Relaxed) - bytes_before,
+            cpu_seconds: procstat::cpu_seconds(self.pid) - cpu_before,
+        }
+    }
 }
