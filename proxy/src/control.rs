@@ -44,8 +44,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 pub async fn run(options: ControlOptions, proxy: Arc<Proxy>, mut shutdown: ShutdownSignal) {
     // The control plane's view, which can be ahead of the applied table
-    // when an update was refused.
-    let mut routes: BTreeMap<String, pb::ServiceRoute> = BTreeMap::new();
+    // when a service's route was refused, and the routes last applied.
+    let mut routes = Routes::default();
     let mut backoff = MIN_BACKOFF;
     loop {
         let session = session(&options, &proxy, &mut routes);
@@ -72,12 +72,16 @@ pub async fn run(options: ControlOptions, proxy: Arc<Proxy>, mut shutdown: Shutd
     }
 }
 
+/// The control plane's routes as received, and the route each service last
+/// ran with here.
+#[derive(Default)]
+pub struct Routes {
+    pub received: BTreeMap<String, pb::ServiceRoute>,
+    pub applied: BTreeMap<String, pb::ServiceRoute>,
+}
+
 /// One subscription; returns whether any update arrived.
-async fn session(
-    options: &ControlOptions,
-    proxy: &Proxy,
-    routes: &mut BTreeMap<String, pb::ServiceRoute>,
-) -> Result<bool, String> {
+async fn session(options: &ControlOptions, proxy: &Proxy, routes: &mut Routes) -> Result<bool, String> {
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", options.control))
         .map_err(|e| e.to_string())?
         .connect_timeout(Duration::from_secs(2))
@@ -102,6 +106,8 @@ async fn session(
         .map_err(|e| format!("subscribe: {}", e.message()))?
         .into_inner();
     let mut received = false;
+    // Why the table in force differs from the control plane's, if it does.
+    let mut refused = String::new();
     let mut identity_changes = proxy.identity_changes.subscribe();
     loop {
         let update = tokio::select! {
@@ -114,8 +120,8 @@ async fn session(
                 }
                 let ack = pb::Ack {
                     version: proxy.control_version(),
-                    applied: true,
-                    error: String::new(),
+                    applied: refused.is_empty(),
+                    error: refused.clone(),
                     certificate_root: proxy.certificate_root(),
                     bundle_version: proxy.bundle_version(),
                 };
@@ -128,26 +134,32 @@ async fn session(
         let Some(update) = update else { break };
         received = true;
         if update.full {
-            routes.clear();
+            routes.received.clear();
         }
         for route in update.services {
-            routes.insert(route.name.clone(), route);
+            routes.received.insert(route.name.clone(), route);
         }
         for name in &update.removed_services {
-            routes.remove(name);
+            routes.received.remove(name);
         }
         let bundle = match update.bundle.map(crate::identity::TrustBundle::from_pb) {
             Some(bundle) => proxy.apply_bundle(bundle).map_err(|e| format!("trust bundle: {e}")),
             None => Ok(()),
         };
-        let ack = match bundle.and_then(|()| to_config(routes, options)) {
-            Ok(config) => {
+        let ack = match bundle {
+            Ok(()) => {
+                let (config, errors) = to_config(routes, options);
                 proxy.apply_control(config, update.version);
-                tracing::info!(version = update.version, "routing table from the control plane applied");
+                refused = errors.join("; ");
+                if refused.is_empty() {
+                    tracing::info!(version = update.version, "routing table from the control plane applied");
+                } else {
+                    tracing::warn!(version = update.version, error = %refused, "routing update applied except for refused services, which keep their last route");
+                }
                 pb::Ack {
                     version: update.version,
-                    applied: true,
-                    error: String::new(),
+                    applied: refused.is_empty(),
+                    error: refused.clone(),
                     certificate_root: proxy.certificate_root(),
                     bundle_version: proxy.bundle_version(),
                 }
@@ -172,30 +184,66 @@ async fn session(
     Ok(received)
 }
 
-/// The config for the control plane's view, or why this proxy cannot run it.
-pub fn to_config(
-    routes: &BTreeMap<String, pb::ServiceRoute>,
-    options: &ControlOptions,
-) -> Result<ProxyConfig, String> {
-    let services = routes.values().map(service_config).collect::<Result<Vec<_>, _>>()?;
-    // An upstream port's listener was started for one protocol; a change
-    // between opaque TCP and HTTP needs a restart of the proxy.
-    for (service, started_as) in options.upstream_protocols.get().into_iter().flatten() {
-        let now = services.iter().find(|s| &s.name == service).map_or(Protocol::Http, |s| s.protocol);
-        if (now == Protocol::Tcp) != (*started_as == Protocol::Tcp) {
-            return Err(format!(
-                "service {service:?} changed protocol to {now:?}, but its upstream port serves {started_as:?}; restart the proxy to change it"
-            ));
+/// The config for the control plane's view, and why any service in it
+/// cannot run here. A refused service keeps the route it last ran with
+/// (none, if it never ran), so one bad route holds back only itself: every
+/// other service takes its new route.
+pub fn to_config(routes: &mut Routes, options: &ControlOptions) -> (ProxyConfig, Vec<String>) {
+    let mut services = Vec::new();
+    let mut errors = Vec::new();
+    let upstream_protocols = options.upstream_protocols.get();
+    for (name, route) in &routes.received {
+        let checked = service_config(route).and_then(|service| {
+            let started_as = upstream_protocols.and_then(|started| started.get(name));
+            check_upstream_protocol(name, service.protocol, started_as).map(|()| service)
+        });
+        match checked {
+            Ok(service) => {
+                routes.applied.insert(name.clone(), route.clone());
+                services.push(service);
+            }
+            Err(error) => {
+                errors.push(error);
+                services.extend(routes.applied.get(name).and_then(|last| service_config(last).ok()));
+            }
         }
     }
-    Ok(ProxyConfig {
+    // A service gone from the view while its upstream port serves TCP
+    // would turn that port into an HTTP one: it keeps its last route.
+    for (name, started_as) in upstream_protocols.into_iter().flatten() {
+        if !routes.received.contains_key(name) {
+            if let Err(error) = check_upstream_protocol(name, Protocol::Http, Some(started_as)) {
+                errors.push(error);
+                services.extend(routes.applied.get(name).and_then(|last| service_config(last).ok()));
+            }
+        }
+    }
+    let kept: std::collections::BTreeSet<&String> = services.iter().map(|s| &s.name).collect();
+    routes.applied.retain(|name, _| kept.contains(name));
+    let config = ProxyConfig {
         listen: options.listen.clone(),
         local_service: options.service.clone(),
         local_version: options.version.clone(),
         services,
         upstreams: options.upstreams.clone(),
         identity: None,
-    })
+    };
+    (config, errors)
+}
+
+/// An upstream port's listener was started for one protocol; a change
+/// between opaque TCP and HTTP needs a restart of the proxy.
+fn check_upstream_protocol(
+    service: &str,
+    now: Protocol,
+    started_as: Option<&Protocol>,
+) -> Result<(), String> {
+    match started_as {
+        Some(started_as) if (now == Protocol::Tcp) != (*started_as == Protocol::Tcp) => Err(format!(
+            "service {service:?} changed protocol to {now:?}, but its upstream port serves {started_as:?}; restart the proxy to change it"
+        )),
+        _ => Ok(()),
+    }
 }
 
 fn service_config(route: &pb::ServiceRoute) -> Result<ServiceConfig, String> {
@@ -272,4 +320,79 @@ fn service_config(route: &pb::ServiceRoute) -> Result<ServiceConfig, String> {
             .map(str::to_owned)
             .collect(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(name: &str, protocol: &str, retry_attempts: Option<u32>) -> pb::ServiceRoute {
+        let policy = pb::Policy { protocol: Some(protocol.into()), retry_attempts, ..Default::default() };
+        pb::ServiceRoute { name: name.into(), policy: Some(policy), ..Default::default() }
+    }
+
+    #[test]
+    fn a_refused_route_holds_back_only_its_own_service() {
+        let options = ControlOptions {
+            control: String::new(),
+            proxy_id: "p".into(),
+            service: "client".into(),
+            version: "v1".into(),
+            listen: Listen { outbound: None, inbound: None, admin: None, app: None },
+            upstreams: Vec::new(),
+            upstream_protocols: Arc::new(OnceLock::from(BTreeMap::from([("db".to_owned(), Protocol::Tcp)]))),
+            admin_addr: String::new(),
+        };
+        let mut routes = Routes::default();
+        let protocol_of = |config: &ProxyConfig, name: &str| {
+            config.services.iter().find(|s| s.name == name).map(|s| (s.protocol, s.retry.attempts))
+        };
+        // (routes received, refused services, expected (protocol, attempts) of web and db)
+        type Step =
+            (Vec<pb::ServiceRoute>, Vec<&'static str>, Option<(Protocol, u32)>, Option<(Protocol, u32)>);
+        let steps: Vec<Step> = vec![
+            (
+                vec![route("web", "http", Some(2)), route("db", "tcp", None)],
+                vec![],
+                Some((Protocol::Http, 2)),
+                Some((Protocol::Tcp, 3)),
+            ),
+            // db turns HTTP under a TCP port: refused, db keeps its route; web's change applies.
+            (
+                vec![route("web", "http", Some(4)), route("db", "http", None)],
+                vec!["db"],
+                Some((Protocol::Http, 4)),
+                Some((Protocol::Tcp, 3)),
+            ),
+            // A later change to web alone still applies; db stays refused.
+            (
+                vec![route("web", "http", Some(5))],
+                vec!["db"],
+                Some((Protocol::Http, 5)),
+                Some((Protocol::Tcp, 3)),
+            ),
+            // db back to TCP: everything applies.
+            (vec![route("db", "tcp", Some(1))], vec![], Some((Protocol::Http, 5)), Some((Protocol::Tcp, 1))),
+            // A service that never ran and cannot run stays out.
+            (
+                vec![route("new", "quic", None)],
+                vec!["new"],
+                Some((Protocol::Http, 5)),
+                Some((Protocol::Tcp, 1)),
+            ),
+        ];
+        for (i, (received, refused, web, db)) in steps.into_iter().enumerate() {
+            for route in received {
+                routes.received.insert(route.name.clone(), route);
+            }
+            let (config, errors) = to_config(&mut routes, &options);
+            assert_eq!(errors.len(), refused.len(), "step {i}: {errors:?}");
+            for (error, service) in errors.iter().zip(&refused) {
+                assert!(error.contains(&format!("{service:?}")), "step {i}: {error}");
+            }
+            assert_eq!(protocol_of(&config, "web"), web, "step {i}");
+            assert_eq!(protocol_of(&config, "db"), db, "step {i}");
+            assert_eq!(protocol_of(&config, "new"), None, "step {i}");
+        }
+    }
 }

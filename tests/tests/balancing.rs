@@ -179,3 +179,68 @@ async fn an_endpoint_that_hangs_is_ejected_by_its_timeouts() {
     let metrics = scrape(&proxy.admin()).await;
     assert_eq!(metrics.sum("mesh_endpoints", &[("service", "echo"), ("state", "ejected")]), 1.0);
 }
+
+/// Requests an echo server has seen.
+async fn seen(echo: &Echo) -> u64 {
+    let answer =
+        mesh_tests::client::get(&mesh_tests::client::http1(), &echo.addr, &echo.addr, "/_echo/stats")
+            .await
+            .expect("the app's stats");
+    let stats: serde_json::Value = serde_json::from_slice(&answer.body).expect("JSON stats");
+    stats["requests"].as_u64().expect("a request count")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_failed_probe_doubles_the_ejection() {
+    let dir = TempDir::new("probe-doubling");
+    let good = Echo::start("v1", &[]);
+    let bad = Echo::start("v1", &["--fail-rate", "1"]);
+    let proxy = start_proxy(
+        &dir,
+        &[ServiceSpec::new("echo")
+            .line("retry = { attempts = 3, on = [\"5xx\"], budget_min_per_second = 1000 }")
+            .line("breaker = { consecutive_failures = 3, base_ejection = \"250ms\", max_ejection = \"60s\" }")
+            .endpoint(&good.addr, "v1")
+            .endpoint(&bad.addr, "v1")],
+    );
+    // Six seconds of steady traffic. Ejections of 250 ms, 500 ms, 1 s, 2 s,
+    // 4 s after each failed probe: five ejections and four probes. A fixed
+    // 250 ms ejection would eject (and probe) about 24 times.
+    let tally = steady_rate(&proxy.outbound(), "echo", 200, Duration::from_secs(6)).await;
+    assert_eq!(tally.failed(), 0, "retries cover the failing endpoint: {:?}", tally.failures);
+    let metrics = scrape(&proxy.admin()).await;
+    let ejections =
+        metrics.present("mesh_endpoint_ejections_total", &[("service", "echo"), ("version", "v1")]);
+    assert!((3.0..=7.0).contains(&ejections), "ejections in 6 s with doubling: {ejections}");
+    // The bad endpoint saw the failures that ejected it and then one probe per ejection.
+    let at_bad = seen(&bad).await;
+    assert!(at_bad <= 3 + 8 + 4, "requests reaching the ejected endpoint: {at_bad}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_to_a_hanging_endpoint_ends_at_the_timeout() {
+    let dir = TempDir::new("probe-hang");
+    let good = Echo::start("v1", &[]);
+    let hanging = Echo::start("v1", &["--hang"]);
+    let proxy = start_proxy(
+        &dir,
+        &[ServiceSpec::new("echo")
+            .line("timeout = \"200ms\"")
+            .line("breaker = { consecutive_failures = 2, base_ejection = \"250ms\", max_ejection = \"60s\" }")
+            .endpoint(&good.addr, "v1")
+            .endpoint(&hanging.addr, "v1")],
+    );
+    let tally = steady_rate(&proxy.outbound(), "echo", 100, Duration::from_secs(5)).await;
+    let metrics = scrape(&proxy.admin()).await;
+    let ejections =
+        metrics.present("mesh_endpoint_ejections_total", &[("service", "echo"), ("version", "v1")]);
+    // Each probe hung, timed out, and ejected the endpoint again for twice
+    // as long: a probe that never ended would have left one ejection.
+    assert!((3.0..=6.0).contains(&ejections), "ejections in 5 s: {ejections}");
+    // Only the requests sent to the hanging endpoint failed, each at its
+    // timeout with the reason: the two that ejected it, then one per probe.
+    let timeouts = tally.failures.get("504 Gateway Timeout timeout").copied().unwrap_or(0);
+    assert_eq!(tally.failed(), timeouts, "{:?}", tally.failures);
+    assert!(timeouts <= 2 + ejections as u64 + 2, "{timeouts} timeouts for {ejections} ejections");
+    assert!(tally.ok >= 400, "everything else was answered: {} of 500", tally.ok);
+}

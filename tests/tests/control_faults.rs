@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use mesh_tests::process::{run_bounded, Agent, Meshd};
+use mesh_proto::mesh::v1 as pb;
+use mesh_proto::mesh::v1::registry_client::RegistryClient;
+use mesh_tests::process::{alive, run_bounded, Agent, Meshd};
 use mesh_tests::{bin, eventually, TempDir};
 
 fn agent(server: &str, name: &str, ip: &str, data: &Path) -> Agent {
@@ -357,6 +359,54 @@ async fn a_full_disk_fails_writes_clearly_and_meshd_recovers_when_space_is_back(
     assert!(registered.contains("127.0.0.1:8080"), "{registered}");
     assert!(!registered.contains(&addr), "the failed change was not applied: {registered}");
 
+    // Twenty changes at once, committed in groups: every caller hears how
+    // its own change ended, and a failed one is nowhere.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", meshd.listen))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut calls = tokio::task::JoinSet::new();
+    for port in 9000..9020u16 {
+        let mut registry = RegistryClient::new(channel.clone());
+        calls.spawn(async move {
+            let endpoint = pb::Endpoint {
+                service: "web".into(),
+                version: "v1".into(),
+                addr: format!("127.0.0.1:{port}"),
+                ready: true,
+                meshed: false,
+            };
+            let call = registry.register(pb::RegisterRequest { endpoint: Some(endpoint) });
+            let answer = tokio::time::timeout(Duration::from_secs(10), call)
+                .await
+                .expect("every caller gets an answer");
+            (port, answer.map(|_| ()))
+        });
+    }
+    let mut outcomes = Vec::new();
+    while let Some(outcome) = calls.join_next().await {
+        outcomes.push(outcome.unwrap());
+    }
+    let registered = meshd.ctl_json(&["get", "endpoints"]).to_string();
+    let mut failures = 0;
+    for (port, answer) in &outcomes {
+        let present = registered.contains(&format!("127.0.0.1:{port}\""));
+        match answer {
+            Ok(()) => assert!(present, "an acknowledged change is applied: {port}"),
+            Err(status) => {
+                failures += 1;
+                assert_eq!(
+                    status.metadata().get("mesh-failure").and_then(|v| v.to_str().ok()),
+                    Some("store-write"),
+                    "{status:?}"
+                );
+                assert!(!present, "a failed change is not applied: {port} in {registered}");
+            }
+        }
+    }
+    assert!(failures >= 10, "the full disk failed the group commits: {failures} of 20 failed");
+
     // Space comes back: meshd writes again without a restart.
     std::fs::remove_file(disk.0.join("filler")).unwrap();
     eventually("meshd is ready again", Duration::from_secs(10), || async {
@@ -366,4 +416,39 @@ async fn a_full_disk_fails_writes_clearly_and_meshd_recovers_when_space_is_back(
     meshd.ctl_ok(&["register", "web", "--version", "v1", "--addr", &addr]);
     assert!(meshd.ctl_json(&["get", "endpoints"]).to_string().contains(&addr));
     drop(meshd);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_paused_past_its_ttl_runs_no_instance_twice_when_it_resumes() {
+    let dir = TempDir::new("paused-agent");
+    let (meshd, _a, b, before) = web_on_two_nodes(&dir, &["--heartbeat-ttl", "1s"]).await;
+    let (on_b, (_, b_pid)) =
+        before.iter().find(|(_, (node, _))| node == "node-b").expect("an instance on node-b");
+    let (on_b, b_pid) = (on_b.clone(), *b_pid);
+
+    // node-b's agent stops (its app keeps running); after the TTL the
+    // instance is replaced on node-a.
+    b.0.signal(libc::SIGSTOP);
+    let replaced = eventually("node-b's instance is replaced on node-a", Duration::from_secs(20), || {
+        let now = placed(&meshd, "web");
+        let done =
+            now.len() == 2 && !now.contains_key(&on_b) && now.values().all(|(node, _)| node == "node-a");
+        async move { done.then_some(now) }
+    })
+    .await;
+    assert!(alive(b_pid), "the paused node's app still runs: nothing could stop it");
+
+    // node-b resumes: its stale instance is stopped, not adopted, and the
+    // job has exactly its two replicas, both the replacements.
+    b.0.signal(libc::SIGCONT);
+    eventually("the stale instance on node-b stops and leaves the listing", Duration::from_secs(20), || {
+        let gone = !alive(b_pid) && meshd.instances().iter().all(|i| i["id"] != on_b.as_str());
+        async move { gone.then_some(()) }
+    })
+    .await;
+    let settle_until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < settle_until {
+        assert_eq!(placed(&meshd, "web"), replaced, "the job keeps its two replacements, nothing else");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

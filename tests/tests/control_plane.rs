@@ -267,3 +267,48 @@ async fn a_refused_update_shows_in_status_with_the_reason() {
     let tally = closed_loop(&upstream, "echo", 50, 2).await;
     assert_eq!(tally.failed(), 0, "{:?}", tally.failures);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_route_keeps_its_last_table_and_holds_back_nothing_else() {
+    let dir = TempDir::new("nack");
+    let meshd = Meshd::start(&dir.path("data"));
+    let web = Echo::start("v1", &[]);
+    let api = Echo::start("v1", &[]);
+    meshd.ctl_ok(&["register", "web", "--version", "v1", "--addr", &web.addr]);
+    meshd.ctl_ok(&["register", "api", "--version", "v1", "--addr", &api.addr]);
+    // web has its own upstream port, started for HTTP.
+    let proxy = Proxy::start_control(&meshd.listen, "client", &["--upstream", "web=127.0.0.1:0"]);
+    let web_port = proxy.upstream("web");
+    meshd.ctl_ok(&["policy", "api", "--timeout", "5s", "--wait"]);
+    assert_eq!(closed_loop(&web_port, "web", 50, 2).await.ok, 50);
+
+    // web turns TCP: this proxy cannot without a restart, says so, and keeps
+    // serving web as it was.
+    let (code, stdout, stderr) =
+        meshd.ctl(&["policy", "web", "--protocol", "tcp", "--wait", "--timeout", "3s"]);
+    assert_ne!(code, 0, "the change cannot converge: {stdout}{stderr}");
+    assert!(
+        format!("{stdout}{stderr}").contains("restart the proxy"),
+        "the refusal names its cause: {stdout}{stderr}"
+    );
+    let tally = closed_loop(&web_port, "web", 50, 2).await;
+    assert_eq!(tally.ok, 50, "web still served over HTTP: {:?}", tally.failures);
+
+    // An unrelated change still reaches the table: a second api endpoint gets traffic.
+    let api2 = Echo::start("v2", &[]);
+    meshd.ctl_ok(&["register", "api", "--version", "v2", "--addr", &api2.addr]);
+    eventually("the new api endpoint is in the proxy's table", Duration::from_secs(10), || {
+        let outbound = proxy.outbound();
+        async move { (closed_loop(&outbound, "api", 100, 4).await.share("v2") > 0.0).then_some(()) }
+    })
+    .await;
+    let proxies = meshd.ctl_json(&["get", "proxies"]);
+    assert!(proxies[0]["rejected_reason"].as_str().unwrap_or_default().contains("\"web\""), "{proxies}");
+
+    // Undoing the change brings the proxy back in line, with everything applied.
+    meshd.ctl_ok(&["policy", "web", "--protocol", "http", "--wait", "--timeout", "10s"]);
+    let version = status_version(&meshd);
+    let proxies = meshd.ctl_json(&["get", "proxies"]);
+    assert_eq!(proxies[0]["acked_version"], version, "{proxies}");
+    assert_eq!(closed_loop(&web_port, "web", 50, 2).await.ok, 50);
+}

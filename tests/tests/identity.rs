@@ -367,6 +367,59 @@ async fn short_lived_certificates_renew_under_load_and_meet_new_handshakes() {
     }
 }
 
+fn unix_seconds() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewal_waits_out_a_control_plane_outage_and_succeeds_before_expiry() {
+    let dir = TempDir::new("identity-outage");
+    let ttl = 30.0;
+    let (meshd, _agent, client) = two_webs_and_a_client(&dir, &["--cert-ttl", "30s"]).await;
+    let admins = sidecar_admins(&meshd);
+    let expiry = |admin: String| async move {
+        scrape(&admin).await.present("mesh_identity_cert_expiry_timestamp_seconds", &[])
+    };
+    let mut expiries = Vec::new();
+    for admin in &admins {
+        expiries.push(expiry(admin.clone()).await);
+    }
+    let load = mesh_tests::client::Background::start(&client, "web", 2);
+    load.wait_for(100).await;
+
+    // meshd dies before any sidecar's renewal is due (at 70 % ± 5 % of the life).
+    let listen = meshd.listen.clone();
+    meshd.process.signal(libc::SIGKILL);
+    drop(meshd);
+    let all_due = expiries.iter().cloned().fold(0.0, f64::max) - 0.25 * ttl + 1.0;
+    assert!(unix_seconds() < all_due - 3.0, "the outage starts before the renewals are due");
+    eventually("every sidecar's renewal came due during the outage", Duration::from_secs(40), || {
+        let due = unix_seconds() > all_due;
+        async move { due.then_some(()) }
+    })
+    .await;
+    for (admin, before) in admins.iter().zip(&expiries) {
+        let now = expiry(admin.clone()).await;
+        assert_eq!(now, *before, "{admin} keeps the certificate it has while renewal fails");
+        assert!(now > unix_seconds(), "{admin}'s certificate is still valid");
+    }
+
+    // meshd comes back at the same address: every sidecar renews before its expiry.
+    let meshd = Meshd::start_on(&dir.path("data"), &listen);
+    for (admin, before) in admins.iter().zip(&expiries) {
+        let renewed_at = eventually("the sidecar renews once meshd is back", Duration::from_secs(20), || {
+            let admin = admin.clone();
+            async move { (expiry(admin).await > *before).then(unix_seconds) }
+        })
+        .await;
+        assert!(renewed_at < *before, "{admin} renewed before its old certificate expired");
+    }
+    load.wait_for(100).await;
+    let tally = load.stop().await;
+    assert_eq!(tally.failed(), 0, "requests failed around the outage: {:?}", tally.failures);
+    drop(meshd);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn meshctl_check_reports_expiries_and_warns_before_them() {
     let dir = TempDir::new("identity-check");

@@ -52,6 +52,21 @@ pub fn limit_files(
     }
 }
 
+/// The files that keep a group's memory out of swap, so that going over
+/// the limit kills rather than slowly swaps: (hierarchy root, file,
+/// content). Hosts without swap accounting lack them; they are written
+/// when present. Pure.
+pub fn no_swap_files(hierarchy: &Hierarchy, memory_mb: u64) -> Vec<(PathBuf, &'static str, String)> {
+    match hierarchy {
+        // Memory and swap together may not exceed the memory limit.
+        Hierarchy::V1 { memory, .. } => vec![
+            (memory.clone(), "memory.memsw.limit_in_bytes", (memory_mb * 1024 * 1024).to_string()),
+            (memory.clone(), "memory.swappiness", "0".to_owned()),
+        ],
+        Hierarchy::V2 { root } => vec![(root.clone(), "memory.swap.max", "0".to_owned())],
+    }
+}
+
 /// An instance's group, made with its limits; removed when dropped (the
 /// kernel refuses while processes remain, which is harmless).
 pub struct Cgroup {
@@ -76,6 +91,13 @@ impl Cgroup {
             let path = root.join(name).join(file);
             std::fs::write(&path, content)
                 .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        }
+        for (root, file, content) in no_swap_files(hierarchy, memory_mb) {
+            let path = root.join(name).join(file);
+            if path.exists() {
+                std::fs::write(&path, content)
+                    .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+            }
         }
         Ok(group)
     }
@@ -139,6 +161,30 @@ mod tests {
         ];
         for (hierarchy, memory, cpu, expected) in cases {
             let files = limit_files(&hierarchy, memory, cpu);
+            let got: Vec<(&str, &str, &str)> = files
+                .iter()
+                .map(|(root, file, content)| (root.to_str().unwrap(), *file, content.as_str()))
+                .collect();
+            assert_eq!(got, expected, "{hierarchy:?}");
+        }
+    }
+
+    #[test]
+    fn memory_stays_out_of_swap_in_each_version() {
+        let v1 = Hierarchy::V1 { memory: "/cg/memory".into(), cpu: "/cg/cpu".into() };
+        let v2 = Hierarchy::V2 { root: "/cg".into() };
+        let cases = [
+            (
+                v1,
+                vec![
+                    ("/cg/memory", "memory.memsw.limit_in_bytes", "67108864"),
+                    ("/cg/memory", "memory.swappiness", "0"),
+                ],
+            ),
+            (v2, vec![("/cg", "memory.swap.max", "0")]),
+        ];
+        for (hierarchy, expected) in cases {
+            let files = no_swap_files(&hierarchy, 64);
             let got: Vec<(&str, &str, &str)> = files
                 .iter()
                 .map(|(root, file, content)| (root.to_str().unwrap(), *file, content.as_str()))
