@@ -167,6 +167,20 @@ impl Echo {
             process.first_line.split_whitespace().nth(3).expect("echo ready line has an address").to_owned();
         Echo { process, addr }
     }
+
+    /// The app's own counts (`/_echo/stats`): requests seen, in flight,
+    /// connections; None if it does not answer.
+    pub async fn stats(&self) -> Option<serde_json::Value> {
+        let client = crate::client::http1();
+        let answer = crate::client::get(&client, &self.addr, &self.addr, "/_echo/stats").await.ok()?;
+        serde_json::from_slice(&answer.body).ok()
+    }
+
+    /// Requests the app has seen.
+    pub async fn requests_seen(&self) -> u64 {
+        let stats = self.stats().await.expect("the app's stats");
+        stats["requests"].as_u64().expect("a request count")
+    }
 }
 
 /// A mesh-proxy on a config file.

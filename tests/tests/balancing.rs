@@ -180,16 +180,6 @@ async fn an_endpoint_that_hangs_is_ejected_by_its_timeouts() {
     assert_eq!(metrics.sum("mesh_endpoints", &[("service", "echo"), ("state", "ejected")]), 1.0);
 }
 
-/// Requests an echo server has seen.
-async fn seen(echo: &Echo) -> u64 {
-    let answer =
-        mesh_tests::client::get(&mesh_tests::client::http1(), &echo.addr, &echo.addr, "/_echo/stats")
-            .await
-            .expect("the app's stats");
-    let stats: serde_json::Value = serde_json::from_slice(&answer.body).expect("JSON stats");
-    stats["requests"].as_u64().expect("a request count")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_failed_probe_doubles_the_ejection() {
     let dir = TempDir::new("probe-doubling");
@@ -213,7 +203,7 @@ async fn each_failed_probe_doubles_the_ejection() {
         metrics.present("mesh_endpoint_ejections_total", &[("service", "echo"), ("version", "v1")]);
     assert!((3.0..=7.0).contains(&ejections), "ejections in 6 s with doubling: {ejections}");
     // The bad endpoint saw the failures that ejected it and then one probe per ejection.
-    let at_bad = seen(&bad).await;
+    let at_bad = bad.requests_seen().await;
     assert!(at_bad <= 3 + 8 + 4, "requests reaching the ejected endpoint: {at_bad}");
 }
 

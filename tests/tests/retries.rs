@@ -8,18 +8,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
-use mesh_tests::client::{get, http1, send, Answer};
+use mesh_tests::client::{http1, send, Answer};
 use mesh_tests::metrics::scrape;
 use mesh_tests::process::{Echo, Proxy};
 use mesh_tests::proxy_config::{render, ServiceSpec};
 use mesh_tests::TempDir;
-
-/// Requests the app has seen.
-async fn seen(echo: &Echo) -> u64 {
-    let answer = get(&http1(), &echo.addr, &echo.addr, "/_echo/stats").await.expect("the app's stats");
-    let stats: serde_json::Value = serde_json::from_slice(&answer.body).expect("JSON stats");
-    stats["requests"].as_u64().expect("a request count")
-}
 
 async fn call(proxy: &Proxy, method: &str, host: &str, body: usize) -> Answer {
     let request = Request::builder()
@@ -33,10 +26,10 @@ async fn call(proxy: &Proxy, method: &str, host: &str, body: usize) -> Answer {
 
 /// How many requests the app saw for one call.
 async fn attempts_for(proxy: &Proxy, echo: &Echo, method: &str, body: usize) -> u64 {
-    let before = seen(echo).await;
+    let before = echo.requests_seen().await;
     let answer = call(proxy, method, "echo", body).await;
     assert_eq!(answer.status, 500, "the app's own failure comes back once retries are spent");
-    seen(echo).await - before
+    echo.requests_seen().await - before
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -81,11 +74,11 @@ async fn retries_stop_at_the_requests_deadline() {
         .endpoint(&slow.addr, "v1");
     std::fs::write(&path, render(&[service], &[], None)).unwrap();
     let proxy = Proxy::start(&path);
-    let before = seen(&slow).await;
+    let before = slow.requests_seen().await;
     let started = Instant::now();
     let answer = call(&proxy, "GET", "echo", 0).await;
     let took = started.elapsed();
-    let attempts = seen(&slow).await - before;
+    let attempts = slow.requests_seen().await - before;
     assert_eq!(answer.status, 504, "the deadline ends the request: {:?}", answer.header("x-mesh-error"));
     assert_eq!(answer.header("x-mesh-error"), Some("timeout"));
     assert!((2..=4).contains(&attempts), "attempts within one second of 300 ms each: {attempts}");
@@ -118,12 +111,12 @@ async fn each_service_pays_for_its_own_retries() {
     }
     assert!(exhausted > 100, "alpha ran out of retries: {exhausted} of 200 calls were refused one");
     // beta's budget is untouched: its first calls still get both retries.
-    let before = seen(&b).await;
+    let before = b.requests_seen().await;
     for _ in 0..3 {
         let answer = call(&proxy, "GET", "beta", 0).await;
         assert_ne!(answer.header("x-mesh-error"), Some("retry-budget-exhausted"), "beta has its own budget");
     }
-    assert_eq!(seen(&b).await - before, 9, "three calls to beta, three attempts each");
+    assert_eq!(b.requests_seen().await - before, 9, "three calls to beta, three attempts each");
     let metrics = scrape(&proxy.admin()).await;
     assert_eq!(metrics.present("mesh_http_retries_total", &[("service", "beta"), ("reason", "5xx")]), 6.0);
 }

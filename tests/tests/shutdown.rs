@@ -15,10 +15,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// The app's count of requests it is answering.
-async fn in_flight_at(echo_addr: &str) -> Option<u64> {
-    let answer = get(&http1(), echo_addr, echo_addr, "/_echo/stats").await.ok()?;
-    let stats: serde_json::Value = serde_json::from_slice(&answer.body).ok()?;
-    stats["in_flight"].as_u64()
+async fn in_flight_at(echo: &Echo) -> Option<u64> {
+    echo.stats().await?["in_flight"].as_u64()
 }
 
 /// An HTTP/1.1 connection that has had one answer and now sits idle.
@@ -111,9 +109,8 @@ async fn sigterm_refuses_new_connections_closes_idle_ones_and_lets_requests_fini
     }
     let mut idle = idle_http1(&outbound).await;
     let mut h2 = open_http2(&outbound).await;
-    eventually("all 40 requests reach the app", Duration::from_secs(10), || {
-        let echo_addr = echo.addr.clone();
-        async move { (in_flight_at(&echo_addr).await? == 40).then_some(()) }
+    eventually("all 40 requests reach the app", Duration::from_secs(10), || async {
+        (in_flight_at(&echo).await? == 40).then_some(())
     })
     .await;
     let terminated = Instant::now();
@@ -143,7 +140,7 @@ async fn sigterm_refuses_new_connections_closes_idle_ones_and_lets_requests_fini
     let read = tokio::time::timeout(Duration::from_secs(2), idle.read(&mut byte)).await;
     assert!(matches!(read, Ok(Ok(0))), "an idle HTTP/1 connection is closed at once: {read:?}");
     assert!(terminated.elapsed() < Duration::from_secs(3), "all of this happened during the drain");
-    assert_eq!(in_flight_at(&echo.addr).await, Some(40), "the requests in flight are still being answered");
+    assert_eq!(in_flight_at(&echo).await, Some(40), "the requests in flight are still being answered");
 
     for request in in_flight {
         let answer = request.await.unwrap().expect("an accepted request must not fail");
@@ -165,9 +162,8 @@ async fn past_the_drain_timeout_the_proxy_exits_with_requests_still_in_flight() 
     let mut proxy = Proxy::start_args(&path, &["--drain-timeout", "1s"]);
     let outbound = proxy.outbound();
     let stuck = tokio::spawn(async move { get(&http1(), &outbound, "echo", "/slow").await });
-    eventually("the request reaches the app", Duration::from_secs(10), || {
-        let echo_addr = echo.addr.clone();
-        async move { (in_flight_at(&echo_addr).await? == 1).then_some(()) }
+    eventually("the request reaches the app", Duration::from_secs(10), || async {
+        (in_flight_at(&echo).await? == 1).then_some(())
     })
     .await;
     let terminated = Instant::now();
