@@ -25,9 +25,11 @@ endpoints = [ { addr = "127.0.0.1:18081", version = "v1" } ]
 PX
 }
 
-# hop_wait_ready: until a request through the proxy is answered (bounded).
+# hop_wait_ready: until a request through the proxy is answered (bounded),
+# by this run's nginx (one that could not bind its port has exited).
 hop_wait_ready() {
   for _ in $(seq 1 100); do
+    kill -0 "$hop_nginx" 2>/dev/null || { echo "nginx did not start (port 18081 taken?)" >&2; return 1; }
     curl -s -o /dev/null -H 'Host: backend' http://127.0.0.1:18140/ && return 0
     sleep 0.3
   done
