@@ -37,6 +37,8 @@ pub struct ControlOptions {
     pub upstream_protocols: Arc<OnceLock<BTreeMap<String, Protocol>>>,
     /// The admin listener as bound, told to the control plane for `meshctl top`.
     pub admin_addr: String,
+    /// How often the current ack is repeated on a quiet stream.
+    pub keepalive: Duration,
 }
 
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
@@ -109,23 +111,27 @@ async fn session(options: &ControlOptions, proxy: &Proxy, routes: &mut Routes) -
     // Why the table in force differs from the control plane's, if it does.
     let mut refused = String::new();
     let mut identity_changes = proxy.identity_changes.subscribe();
+    let mut keepalive = tokio::time::interval(options.keepalive);
+    keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    keepalive.tick().await;
     loop {
         let update = tokio::select! {
             update = updates.message() => update.map_err(|e| format!("stream: {}", e.message()))?,
             // A new certificate (a renewal under a new root, say) is reported
-            // as a repeated ack, so the control plane knows which root it is from.
+            // as a repeated ack, so the control plane knows which root it is
+            // from; on a quiet stream the ack is repeated now and then, so
+            // the control plane sees the stream is alive.
             changed = identity_changes.changed() => {
                 if changed.is_err() {
                     break;
                 }
-                let ack = pb::Ack {
-                    version: proxy.control_version(),
-                    applied: refused.is_empty(),
-                    error: refused.clone(),
-                    certificate_root: proxy.certificate_root(),
-                    bundle_version: proxy.bundle_version(),
-                };
-                if acks.send(pb::SubscribeRequest { message: Some(Message::Ack(ack)) }).await.is_err() {
+                if acks.send(repeated_ack(proxy, &refused)).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+            _ = keepalive.tick() => {
+                if acks.send(repeated_ack(proxy, &refused)).await.is_err() {
                     break;
                 }
                 continue;
@@ -182,6 +188,18 @@ async fn session(options: &ControlOptions, proxy: &Proxy, routes: &mut Routes) -
         }
     }
     Ok(received)
+}
+
+/// The ack for the table in force, sent again.
+fn repeated_ack(proxy: &Proxy, refused: &str) -> pb::SubscribeRequest {
+    let ack = pb::Ack {
+        version: proxy.control_version(),
+        applied: refused.is_empty(),
+        error: refused.to_owned(),
+        certificate_root: proxy.certificate_root(),
+        bundle_version: proxy.bundle_version(),
+    };
+    pb::SubscribeRequest { message: Some(Message::Ack(ack)) }
 }
 
 /// The config for the control plane's view, and why any service in it
@@ -342,6 +360,7 @@ mod tests {
             upstreams: Vec::new(),
             upstream_protocols: Arc::new(OnceLock::from(BTreeMap::from([("db".to_owned(), Protocol::Tcp)]))),
             admin_addr: String::new(),
+            keepalive: Duration::from_secs(10),
         };
         let mut routes = Routes::default();
         let protocol_of = |config: &ProxyConfig, name: &str| {

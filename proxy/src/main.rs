@@ -63,6 +63,10 @@ struct Args {
     /// A peer's connection to the inbound that sends nothing for this long is closed.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
     first_byte_timeout: Duration,
+    /// How often the proxy repeats its ack on a quiet control stream, so
+    /// the control plane's "last contact" shows the stream is alive.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    control_keepalive: Duration,
 }
 
 fn parse_upstream(text: &str) -> Result<UpstreamConfig, String> {
@@ -342,6 +346,7 @@ async fn start_under_control(
         upstreams: args.upstreams.clone(),
         upstream_protocols: Arc::new(OnceLock::new()),
         admin_addr: String::new(),
+        keepalive: args.control_keepalive.max(Duration::from_millis(100)),
     };
     let empty = ProxyConfig {
         listen: listen.clone(),

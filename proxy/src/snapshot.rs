@@ -29,6 +29,8 @@ pub struct EndpointState {
     pub breaker: BreakerCell,
     pub ejections: AtomicU64,
     pub pool: Arc<ConnPool>,
+    /// Whether the last table announced it ready.
+    announced_ready: std::sync::atomic::AtomicBool,
 }
 
 pub struct Endpoint {
@@ -176,6 +178,7 @@ impl LongLived {
                     breaker: BreakerCell::default(),
                     ejections: AtomicU64::new(0),
                     pool: Arc::new(ConnPool::new(addr, mesh)),
+                    announced_ready: std::sync::atomic::AtomicBool::new(false),
                 })
             })
             .clone()
@@ -211,11 +214,19 @@ impl LongLived {
                 if loops {
                     tracing::warn!(service = name, endpoint = %e.addr, "an endpoint is this proxy's own listener; it gets no traffic");
                 }
+                let (ready, state) = (e.ready && !loops, self.endpoint(name, e.addr, e.meshed));
+                // Ready again after not ready (a restarted process, say): what
+                // the breaker learned of the old one no longer holds.
+                if ready && !state.announced_ready.swap(ready, Ordering::Relaxed) {
+                    state.breaker.record_success();
+                } else {
+                    state.announced_ready.store(ready, Ordering::Relaxed);
+                }
                 Endpoint {
                     addr: e.addr,
                     version: Arc::from(e.version.as_str()),
-                    ready: e.ready && !loops,
-                    state: self.endpoint(name, e.addr, e.meshed),
+                    ready,
+                    state,
                     metrics: self.metrics.http(Direction::Outbound, name, &e.version),
                 }
             };

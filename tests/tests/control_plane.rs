@@ -312,3 +312,39 @@ async fn a_refused_route_keeps_its_last_table_and_holds_back_nothing_else() {
     assert_eq!(proxies[0]["acked_version"], version, "{proxies}");
     assert_eq!(closed_loop(&web_port, "web", 50, 2).await.ok, 50);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_contact_shows_whether_a_quiet_proxy_is_alive() {
+    let dir = TempDir::new("last-contact");
+    let meshd = Meshd::start(&dir.path("data"));
+    let proxy = Proxy::start_control(&meshd.listen, "client", &["--control-keepalive", "300ms"]);
+    let last_contact_ms_ago = || {
+        let proxies = meshd.ctl_json(&["get", "proxies"]);
+        proxies[0]["last_contact_ms_ago"].as_u64()
+    };
+    eventually("the proxy is connected", Duration::from_secs(10), || {
+        let seen = last_contact_ms_ago();
+        async move { seen }
+    })
+    .await;
+    // No change for three seconds: a healthy, quiet proxy is still in contact.
+    let watch_until = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < watch_until {
+        let ago = last_contact_ms_ago().expect("a last contact");
+        assert!(ago < 1_500, "a live proxy's last contact is {ago} ms ago");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A stopped proxy's last contact grows.
+    proxy.process.signal(libc::SIGSTOP);
+    eventually("a stopped proxy's last contact ages", Duration::from_secs(10), || {
+        let old = last_contact_ms_ago().is_some_and(|ago| ago > 2_000);
+        async move { old.then_some(()) }
+    })
+    .await;
+    proxy.process.signal(libc::SIGCONT);
+    eventually("it is back in contact", Duration::from_secs(10), || {
+        let fresh = last_contact_ms_ago().is_some_and(|ago| ago < 1_500);
+        async move { fresh.then_some(()) }
+    })
+    .await;
+}

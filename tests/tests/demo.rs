@@ -53,3 +53,79 @@ fn the_demo_serves_traffic_and_cleans_up() {
         .collect();
     assert!(leftovers.is_empty(), "the demo left processes behind: {leftovers:?}");
 }
+
+/// Command lines of running processes that mention `needle`.
+fn processes_mentioning(needle: &str) -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|entry| std::fs::read(entry.ok()?.path().join("cmdline")).ok())
+        .map(|cmdline| String::from_utf8_lossy(&cmdline).replace('\0', " "))
+        .filter(|cmdline| cmdline.contains(needle))
+        .collect()
+}
+
+/// Starts the demo with no time limit and returns it with its work dir and
+/// meshd's address once its first `meshctl top` table is on the way.
+fn running_demo() -> (std::process::Child, String, String) {
+    use std::io::BufRead;
+    let bin_dir = bin("mesh-proxy").parent().unwrap().to_path_buf();
+    let mut command = std::process::Command::new(workspace_dir().join("scripts/demo"));
+    command.env("MESH_BIN_DIR", &bin_dir).stdout(std::process::Stdio::piped());
+    // Its own process group, as a shell gives a foreground job.
+    std::os::unix::process::CommandExt::process_group(&mut command, 0);
+    let mut demo = command.spawn().expect("run scripts/demo");
+    let stdout = demo.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let (mut work_dir, mut server) = (None, None);
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(dir) =
+                line.strip_prefix("mesh demo running (work dir ").and_then(|l| l.strip_suffix("):"))
+            {
+                work_dir = Some(dir.to_owned());
+            }
+            if let Some(rest) = line.trim().strip_prefix("meshd dev at ") {
+                server = rest.split_whitespace().next().map(str::to_owned);
+            }
+            if line.starts_with("--- meshctl top") {
+                if let (Some(dir), Some(server)) = (work_dir.take(), server.take()) {
+                    let _ = tx.send((dir, server));
+                }
+            }
+        }
+    });
+    let (work_dir, server) =
+        rx.recv_timeout(std::time::Duration::from_secs(120)).expect("the demo comes up and shows top");
+    (demo, work_dir, server)
+}
+
+/// Waits (bounded) for the demo to exit; returns its exit code.
+fn exit_within(demo: &mut std::process::Child, limit: std::time::Duration) -> Option<i32> {
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline {
+        if let Some(status) = demo.try_wait().unwrap() {
+            return Some(status.code().unwrap_or(-1));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = demo.kill();
+    None
+}
+
+#[test]
+fn ctrl_c_or_sigterm_stops_the_demo_and_everything_it_started() {
+    // (signal, sent to the whole process group as a terminal's Ctrl-C does?, exit code)
+    for (signal, to_group, code) in [(libc::SIGINT, true, 130), (libc::SIGTERM, false, 143)] {
+        let (mut demo, work_dir, server) = running_demo();
+        let pid = demo.id() as i32;
+        // SAFETY: signalling the demo we started (or its process group).
+        unsafe { libc::kill(if to_group { -pid } else { pid }, signal) };
+        let exited = exit_within(&mut demo, std::time::Duration::from_secs(15));
+        assert_eq!(exited, Some(code), "signal {signal}: the demo ends within 15 s");
+        assert!(!std::path::Path::new(&work_dir).exists(), "the work dir {work_dir} is removed");
+        let mut leftovers = processes_mentioning(&work_dir);
+        // The sidecars name meshd's address.
+        leftovers.extend(processes_mentioning(&format!("--control {server}")));
+        assert!(leftovers.is_empty(), "signal {signal}: the demo left processes behind: {leftovers:?}");
+    }
+}

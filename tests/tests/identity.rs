@@ -237,6 +237,50 @@ async fn an_inbound_port_takes_only_mesh_peers_unless_permissive() {
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
 }
 
+/// One request on an open HTTP/1.1 connection; returns the status code.
+async fn status_on(stream: &mut tokio::net::TcpStream) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n").await.expect("the connection is open");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut byte)).await;
+        assert!(matches!(read, Ok(Ok(1))), "the connection stays open for an answer: {read:?}");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
+        .expect("a sized answer");
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).await.unwrap();
+    head[9..12].parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_change_holds_for_the_next_request_on_a_kept_alive_connection() {
+    let dir = TempDir::new("identity-policy-live");
+    let (meshd, _agent, _instance) = cluster(&dir).await;
+    let (inbound, _) = sidecar(&meshd, "web");
+    let mut plaintext = tokio::net::TcpStream::connect(&inbound).await.unwrap();
+    assert_eq!(status_on(&mut plaintext).await, 403, "mTLS only at first");
+    // (policy change, status of the next request on the same connection)
+    let steps: [(&[&str], u16); 4] = [
+        (&["--permissive"], 200),
+        (&["--allow-from", "client"], 403),
+        (&["--allow-all-mesh"], 200),
+        (&["--permissive", "false"], 403),
+    ];
+    for (change, expected) in steps {
+        let mut args = vec!["policy", "web"];
+        args.extend_from_slice(change);
+        args.push("--wait");
+        meshd.ctl_ok(&args);
+        assert_eq!(status_on(&mut plaintext).await, expected, "after {change:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sidecar_cannot_pass_for_another_service() {
     let dir = TempDir::new("identity-impostor");

@@ -18,7 +18,7 @@ fn agent(server: &str, name: &str, ip: &str, data: &Path, cpu_millis: u32) -> Ag
 /// A service job of `replicas` mesh-echo instances, with a readiness check.
 fn echo_job(name: &str, version: &str, replicas: u32, extra: &str) -> String {
     format!(
-        "name = \"{name}\"\nservice = \"web\"\nversion = \"{version}\"\nreplicas = {replicas}\n\n[task]\ncommand = \"mesh-echo\"\nargs = [\"--version\", \"{version}\"]\n\n[resources]\ncpu_millis = 100\nmemory_mb = 32\n\n[health]\nreadiness = {{ http = \"/ready\", interval = \"200ms\", timeout = \"500ms\", failures = 1 }}\n{extra}"
+        "name = \"{name}\"\nservice = \"web\"\nversion = \"{version}\"\nreplicas = {replicas}\n\n[task]\ncommand = \"mesh-echo\"\nargs = [\"--version\", \"{version}\", \"--message\", \"hello from ${{MESH_INSTANCE}}\"]\n\n[resources]\ncpu_millis = 100\nmemory_mb = 32\n\n[health]\nreadiness = {{ http = \"/ready\", interval = \"200ms\", timeout = \"500ms\", failures = 1 }}\n{extra}"
     )
 }
 
@@ -93,6 +93,12 @@ async fn a_job_runs_beside_sidecars_heals_and_moves_off_a_dead_node() {
     let (memory_limit, cpu_quota) = cgroup_limits(first["pid"].as_i64().unwrap());
     assert_eq!(memory_limit, 32 * 1024 * 1024);
     assert_eq!(cpu_quota, 10_000, "100 CPU millis: 10 ms per 100 ms period");
+    // It runs in its own working directory, and `${MESH_INSTANCE}` in its args became its id.
+    let cwd = std::fs::read_link(format!("/proc/{}/cwd", first["pid"])).unwrap();
+    assert!(cwd.ends_with(format!("instances/{}/work", first["id"].as_str().unwrap())), "{}", cwd.display());
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", first["pid"])).unwrap();
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    assert!(cmdline.contains(&format!("hello from {}", first["id"].as_str().unwrap())), "{cmdline}");
     // Its endpoint is its sidecar's inbound listener, and it is ready.
     let endpoints = meshd.ctl_json(&["get", "endpoints"]);
     let addrs: BTreeSet<&str> = endpoints
@@ -190,6 +196,54 @@ async fn a_job_runs_beside_sidecars_heals_and_moves_off_a_dead_node() {
         let endpoints = meshd.ctl_json(&["get", "endpoints"]);
         let none = endpoints.as_array().unwrap().iter().all(|e| e["service"] != "web");
         async move { none.then_some(()) }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_sidecar_is_restarted_beside_its_running_app() {
+    let dir = TempDir::new("sidecar-death");
+    let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", &["--heartbeat-ttl", "1s"]);
+    let _node = agent(&meshd.listen, "node-a", "127.0.0.2", &dir.path("a"), 2000);
+    let job_file = dir.path("web.toml");
+    std::fs::write(&job_file, echo_job("web", "v1", 2, "")).unwrap();
+    meshd.ctl_ok(&["job", "run", job_file.to_str().unwrap()]);
+    let list = meshd.running("web", 2, Duration::from_secs(30)).await;
+    let client = meshd.mesh_client(&dir.path("client.toml"), "").await;
+    let load = Background::start(&client, "web", 4);
+    load.wait_for(200).await;
+
+    let victim = list[0].clone();
+    let old_proxy = victim["proxy_pid"].as_i64().unwrap();
+    unsafe { libc::kill(old_proxy as i32, libc::SIGKILL) };
+    let back = eventually("the sidecar is back and the endpoint ready", Duration::from_secs(10), || {
+        let found = meshd.instances().into_iter().find(|i| {
+            i["id"] == victim["id"]
+                && i["proxy_restarts"].as_u64() == Some(1)
+                && i["proxy_pid"].as_i64().is_some_and(|pid| pid != old_proxy && pid > 0 && alive(pid))
+                && i["ready"] == true
+                && i["state"] == "running"
+        });
+        async move { found }
+    })
+    .await;
+    assert_eq!(back["pid"], victim["pid"], "the app kept running: {back}");
+    assert_eq!(back["restarts"], 0, "the app was not restarted: {back}");
+    let endpoints = meshd.ctl_json(&["get", "endpoints"]);
+    let endpoint =
+        endpoints.as_array().unwrap().iter().find(|e| e["addr"] == victim["addr"]).expect("its endpoint");
+    assert_eq!(endpoint["ready"], true, "{endpoint}");
+    // Traffic reaches the instance through its new sidecar.
+    load.wait_for(300).await;
+    let tally = load.stop().await;
+    assert_eq!(tally.failed(), 0, "failed requests around the sidecar's death: {:?}", tally.failures);
+    eventually("the instance answers callers again", Duration::from_secs(10), || {
+        let (client, id) = (client.clone(), victim["id"].as_str().unwrap().to_owned());
+        async move {
+            let after = mesh_tests::client::closed_loop(&client, "web", 100, 4).await;
+            assert_eq!(after.failed(), 0, "{:?}", after.failures);
+            after.by_instance.contains_key(&id).then_some(())
+        }
     })
     .await;
 }
@@ -341,7 +395,9 @@ async fn rolling_updates_fail_no_request_and_a_bad_version_rolls_back() {
     load.wait_for(200).await;
 
     // v3 never becomes ready: rolled back to v2, and the status says why.
-    let not_ready = echo_job("web", "v3", 3, &update(0)).replace("\"v3\"]", "\"v3\", \"--not-ready\"]");
+    let not_ready = echo_job("web", "v3", 3, &update(0))
+        .replace("\"--version\", \"v3\"", "\"--version\", \"v3\", \"--not-ready\"");
+    assert!(not_ready.contains("--not-ready"), "{not_ready}");
     submit(not_ready);
     let status = eventually("the update to v3 is rolled back", Duration::from_secs(30), || {
         let status = meshd.ctl_json(&["job", "status", "web"]);

@@ -74,6 +74,8 @@ impl SharedReport {
 const PROXY_READY_WITHIN: Duration = Duration::from_secs(15);
 const STOP_GRACE: Duration = Duration::from_secs(5);
 const DRAIN_WAIT: Duration = Duration::from_secs(5);
+/// Tries at starting a dead sidecar again before the instance is restarted whole.
+const SIDECAR_RESTART_ATTEMPTS: u32 = 5;
 const RESTART_BASE: Duration = Duration::from_millis(250);
 const RESTART_MAX: Duration = Duration::from_secs(30);
 /// This many exits within the window is a crash loop, and status says so.
@@ -158,7 +160,21 @@ async fn run_inner(
             r.ready = job.readiness.is_none();
             r.message.clear();
         });
-        let ended = supervise(&job, &mut app, ports.app, report, stop).await;
+        let ended = loop {
+            match supervise(&job, &mut app, &mut proxy, ports.app, report, stop).await {
+                // The app keeps running: only its sidecar starts again.
+                Ended::SidecarExited(why) => {
+                    match restart_sidecar(context, assignment, &job, &ports, &dir, report, &why).await {
+                        Ok(restarted) => proxy = restarted,
+                        Err(message) => {
+                            let _ = app.stop(STOP_GRACE).await;
+                            return Err(message);
+                        }
+                    }
+                }
+                other => break other,
+            }
+        };
         report.update(|r| r.ready = false);
         let why = match ended {
             Ended::Stopped => {
@@ -184,6 +200,7 @@ async fn run_inner(
                 let _ = app.stop(STOP_GRACE).await;
                 format!("liveness failed: {reason}")
             }
+            Ended::SidecarExited(_) => unreachable!("handled by the loop above"),
         };
         if resets_backoff(started.elapsed(), STABLE_AFTER) {
             restarts_in_a_row = 0;
@@ -365,6 +382,7 @@ fn start_proxy(
         name: "proxy".into(),
         cgroup_procs: Vec::new(),
         shim: None,
+        cwd: None,
     };
     let proxy = Running::start(&launch)
         .map_err(|e| format!("cannot start the sidecar {}: {e}", context.proxy_program.display()))?;
@@ -406,15 +424,45 @@ fn app_launch(program: &Path, assignment: &pb::Assignment, job: &Job, ports: &Po
     for (service, addr) in job.upstreams.iter().zip(&ports.upstreams) {
         env.push((upstream_variable(service), addr.to_string()));
     }
+    let args = job.args.iter().map(|arg| interpolate(arg, &env)).collect();
     Launch {
         program: program.to_owned(),
-        args: job.args.clone(),
+        args,
         env,
         log_dir: dir.to_owned(),
         name: "app".into(),
         cgroup_procs: Vec::new(),
         shim: None,
+        // Each instance has its own working directory, kept across restarts.
+        cwd: Some(dir.join("work")),
     }
+}
+
+/// `arg` with every `${NAME}` of the instance's environment replaced by its
+/// value (`${PORT}`, `${MESH_INSTANCE}`, ...); other text, and names not in
+/// the environment, stay as they are. Pure.
+pub fn interpolate(arg: &str, env: &[(String, String)]) -> String {
+    let mut out = String::with_capacity(arg.len());
+    let mut rest = arg;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let value = after
+            .find('}')
+            .and_then(|end| env.iter().find(|(name, _)| name == &after[..end]).map(|(_, v)| (v, end)));
+        match value {
+            Some((value, end)) => {
+                out.push_str(value);
+                rest = &after[end + 1..];
+            }
+            None => {
+                out.push_str("${");
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// `MESH_UPSTREAM_<NAME>`: the service name upper-cased, `-` as `_`.
@@ -492,12 +540,65 @@ enum Ended {
     Stopped,
     Exited(std::process::ExitStatus),
     Unlive(String),
+    /// The sidecar died (why); the app is still running.
+    SidecarExited(String),
 }
 
-/// Watches the running app: its exit, its health checks, and the stop signal.
+/// Starts a new sidecar on the same ports after the last one died, with a
+/// fresh identity token; the endpoint is not ready until it is.
+async fn restart_sidecar(
+    context: &Context,
+    assignment: &pb::Assignment,
+    job: &Job,
+    ports: &Ports,
+    dir: &Path,
+    report: &SharedReport,
+    why: &str,
+) -> Result<Running, String> {
+    tracing::warn!(instance = %assignment.id, %why, "the sidecar exited; starting it again");
+    report.update(|r| {
+        r.ready = false;
+        r.proxy_pid = 0;
+        r.proxy_restarts += 1;
+        r.message = format!("sidecar exited ({why}); restarting it");
+    });
+    let mut last_error = String::new();
+    for attempt in 0..SIDECAR_RESTART_ATTEMPTS {
+        if attempt > 0 {
+            tokio::time::sleep(restart_delay(attempt - 1, RESTART_BASE, RESTART_MAX)).await;
+        }
+        let token = match identity_token(context, assignment).await {
+            Ok(token) => token,
+            Err(error) => {
+                last_error = error;
+                continue;
+            }
+        };
+        let mut proxy = start_proxy(context, assignment, job, ports, dir, token)?;
+        report.update(|r| r.proxy_pid = proxy.pid());
+        match wait_proxy_ready(&mut proxy, ports.admin).await {
+            Ok(()) => {
+                report.update(|r| {
+                    r.ready = job.readiness.is_none();
+                    r.message.clear();
+                });
+                return Ok(proxy);
+            }
+            Err(error) => {
+                let _ = proxy.stop(STOP_GRACE).await;
+                last_error = error;
+            }
+        }
+    }
+    Err(format!("the sidecar could not be restarted: {last_error}"))
+}
+
+/// Watches the running app and its sidecar: their exits, the app's health
+/// checks, and the stop signal.
 async fn supervise(
     job: &Job,
     app: &mut Running,
+    proxy: &mut Running,
     addr: SocketAddr,
     report: &SharedReport,
     stop: &mut watch::Receiver<bool>,
@@ -515,6 +616,12 @@ async fn supervise(
                 };
             }
             _ = stopped(stop) => return Ended::Stopped,
+            status = proxy.wait() => {
+                return Ended::SidecarExited(match status {
+                    Ok(status) => status.to_string(),
+                    Err(e) => format!("wait: {e}"),
+                });
+            }
             result = next_probe(&mut readiness, addr) => {
                 if let (Some((check, _, verdict)), Some(result)) = (readiness.as_mut(), result) {
                     *verdict = verdict.observe(result.is_ok(), check.failures);
@@ -599,6 +706,25 @@ mod tests {
         }
         assert!(recent.take(4000), "4000 left the window");
         assert!(recent.ports.len() <= RecentPorts::KEPT);
+    }
+
+    #[test]
+    fn mesh_variables_are_interpolated_in_args() {
+        let env =
+            vec![("PORT".to_owned(), "4100".to_owned()), ("MESH_INSTANCE".to_owned(), "web-3".to_owned())];
+        // (arg, expected)
+        for (arg, expected) in [
+            ("--port=${PORT}", "--port=4100"),
+            ("${MESH_INSTANCE}:${PORT}", "web-3:4100"),
+            ("$PORT", "$PORT"),
+            ("${UNKNOWN}", "${UNKNOWN}"),
+            ("${PORT", "${PORT"),
+            ("${}", "${}"),
+            ("plain", "plain"),
+            ("${${PORT}}", "${4100}"),
+        ] {
+            assert_eq!(interpolate(arg, &env), expected, "{arg}");
+        }
     }
 
     #[test]

@@ -24,6 +24,8 @@ pub struct Launch {
     /// nothing they start outlives them, see `shim.rs`); `None` runs it
     /// directly (the sidecar).
     pub shim: Option<PathBuf>,
+    /// The working directory; `None` keeps the agent's.
+    pub cwd: Option<PathBuf>,
 }
 
 pub struct Running {
@@ -62,6 +64,10 @@ impl Running {
         let death_signal = if launch.shim.is_some() { libc::SIGTERM } else { libc::SIGKILL };
         // SAFETY: getpid has no preconditions.
         let agent = unsafe { libc::getpid() };
+        if let Some(cwd) = &launch.cwd {
+            std::fs::create_dir_all(cwd)?;
+            command.current_dir(cwd);
+        }
         command
             .args(&launch.args)
             .envs(launch.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
@@ -168,6 +174,7 @@ mod tests {
             name: "web-0".into(),
             cgroup_procs: vec![],
             shim: None,
+            cwd: None,
         };
         let mut running = Running::start(&launch).unwrap();
         assert!(running.wait().await.unwrap().success());
@@ -190,6 +197,7 @@ mod tests {
             name: "stubborn".into(),
             cgroup_procs: vec![],
             shim: None,
+            cwd: None,
         };
         let mut running = Running::start(&launch).unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);

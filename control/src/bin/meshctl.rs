@@ -603,6 +603,7 @@ fn instance_row(instance: &pb::Instance) -> Vec<(&'static str, Value)> {
         ("proxy_pid", json!(instance.proxy_pid)),
         ("addr", json!(instance.addr)),
         ("restarts", json!(instance.restarts)),
+        ("proxy_restarts", json!(instance.proxy_restarts)),
         ("message", json!(instance.message)),
     ]
 }

@@ -129,6 +129,8 @@ async fn read_acks(
 ) {
     while let Some(Ok(message)) = inbound.next().await {
         let Some(Message::Ack(ack)) = message.message else { continue };
+        // Proxies repeat their ack on a quiet stream: a refusal is logged once.
+        let mut newly_refused = false;
         control.update_proxy(&id, |record| {
             record.last_contact = Some(SystemTime::now());
             record.certificate_root = ack.certificate_root.clone();
@@ -137,7 +139,9 @@ async fn read_acks(
                 record.acked_version = ack.version.max(record.acked_version);
                 record.rejected = None;
             } else {
-                record.rejected = Some((ack.version, ack.error.clone()));
+                let rejected = Some((ack.version, ack.error.clone()));
+                newly_refused = record.rejected != rejected;
+                record.rejected = rejected;
             }
             if let Some((version, at)) = record.pushed {
                 if ack.version >= version {
@@ -149,7 +153,7 @@ async fn read_acks(
                 }
             }
         });
-        if !ack.applied {
+        if newly_refused {
             tracing::warn!(proxy = %id, version = ack.version, reason = %ack.error, "a proxy refused an update");
         }
     }

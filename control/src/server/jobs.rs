@@ -367,6 +367,7 @@ impl Scheduler {
             restarts: report.restarts,
             ready: report.ready,
             message: report.message.clone(),
+            proxy_restarts: report.proxy_restarts,
         };
         let mut instances: Vec<pb::Instance> = state
             .allocations

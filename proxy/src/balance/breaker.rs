@@ -20,11 +20,15 @@ pub struct BreakerState {
     pub ejections: u8,
     /// A probe request is on its way to the endpoint.
     pub probing: bool,
-    /// While non-zero, the endpoint is ejected until this millisecond. While
-    /// a probe is out, this is the probe's deadline: a probe that never
-    /// reports back (its caller went away) lets another probe go after it.
-    pub ejected_until_ms: u32,
+    /// While non-zero, the endpoint is ejected until this millisecond of
+    /// the proxy's clock (at most `MAX_MILLIS`). While a probe is out, this
+    /// is the probe's deadline: a probe that never reports back (its caller
+    /// went away) lets another probe go after it.
+    pub ejected_until_ms: u64,
 }
+
+/// The packed state keeps 39 bits of milliseconds: over 17 years of uptime.
+pub const MAX_MILLIS: u64 = (1 << 39) - 1;
 
 /// What a request may do with an endpoint right now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,7 +43,7 @@ impl BreakerState {
     pub fn availability(self, now_ms: u64) -> Availability {
         if self.ejected_until_ms == 0 {
             Availability::Available
-        } else if now_ms < u64::from(self.ejected_until_ms) {
+        } else if now_ms < self.ejected_until_ms {
             Availability::Ejected
         } else {
             Availability::ProbeDue
@@ -55,7 +59,7 @@ impl BreakerState {
     pub fn with_probe(self, now_ms: u64, policy: &BreakerPolicy) -> BreakerState {
         let deadline = now_ms
             .saturating_add(ejection_length(self.ejections.saturating_sub(1), policy).as_millis() as u64);
-        BreakerState { probing: true, ejected_until_ms: deadline.min(u64::from(u32::MAX)) as u32, ..self }
+        BreakerState { probing: true, ejected_until_ms: deadline.min(MAX_MILLIS), ..self }
     }
 
     /// Any success closes the breaker.
@@ -83,12 +87,12 @@ impl BreakerState {
 
     fn ejected(self, now_ms: u64, policy: &BreakerPolicy) -> BreakerState {
         let length = ejection_length(self.ejections, policy);
-        let until = now_ms.saturating_add(length.as_millis() as u64).min(u64::from(u32::MAX));
+        let until = now_ms.saturating_add(length.as_millis() as u64).min(MAX_MILLIS);
         BreakerState {
             consecutive_failures: 0,
             ejections: self.ejections.saturating_add(1),
             probing: false,
-            ejected_until_ms: until as u32,
+            ejected_until_ms: until,
         }
     }
 
@@ -96,7 +100,7 @@ impl BreakerState {
         u64::from(self.consecutive_failures)
             | u64::from(self.ejections) << 16
             | u64::from(self.probing) << 24
-            | u64::from(self.ejected_until_ms) << 32
+            | self.ejected_until_ms.min(MAX_MILLIS) << 25
     }
 
     fn unpack(bits: u64) -> BreakerState {
@@ -104,7 +108,7 @@ impl BreakerState {
             consecutive_failures: bits as u16,
             ejections: (bits >> 16) as u8,
             probing: (bits >> 24) & 1 == 1,
-            ejected_until_ms: (bits >> 32) as u32,
+            ejected_until_ms: bits >> 25,
         }
     }
 }
@@ -234,12 +238,30 @@ mod tests {
 
     #[test]
     fn state_survives_packing() {
-        let s = BreakerState {
-            consecutive_failures: 513,
-            ejections: 7,
-            probing: true,
-            ejected_until_ms: 123_456,
-        };
-        assert_eq!(BreakerState::unpack(s.pack()), s);
+        for until in [123_456, u64::from(u32::MAX) + 1, MAX_MILLIS] {
+            let s = BreakerState {
+                consecutive_failures: 513,
+                ejections: 7,
+                probing: true,
+                ejected_until_ms: until,
+            };
+            assert_eq!(BreakerState::unpack(s.pack()), s);
+        }
+    }
+
+    #[test]
+    fn ejection_works_past_49_days_of_uptime() {
+        let p = policy();
+        // (proxy uptime in ms when the failures come): 49.7 days is 2^32 ms.
+        for start in [u64::from(u32::MAX) - 500, u64::from(u32::MAX) + 1, 1 << 38] {
+            let cell = BreakerCell::default();
+            let ejected = (0..3).map(|_| cell.record_failure(start, &p)).filter(|e| *e).count();
+            assert_eq!(ejected, 1, "at {start}");
+            assert_eq!(cell.load().availability(start + 500), Availability::Ejected, "at {start}");
+            assert!(!cell.try_claim_probe(start + 999, &p), "at {start}");
+            assert!(cell.try_claim_probe(start + 1000, &p), "at {start}");
+            cell.record_success();
+            assert_eq!(cell.load().availability(start + 1000), Availability::Available, "at {start}");
+        }
     }
 }

@@ -61,10 +61,11 @@ async fn serve_meshed_inbound(
         return;
     }
     // Each request is checked against the local service's policy in force,
-    // so a change of allow-from applies to open connections too.
-    let service = |proxy: Arc<Proxy>, plaintext_refused: bool, caller: Option<Arc<str>>| {
+    // so a change of permissive or allow-from applies to the next request
+    // of every open connection, kept-alive ones included.
+    let service = |proxy: Arc<Proxy>, plaintext: bool, caller: Option<Arc<str>>| {
         hyper::service::service_fn(move |request: Request<Incoming>| {
-            let refusal = if plaintext_refused {
+            let refusal = if plaintext && !proxy.local_service_permissive() {
                 Some("this inbound port takes mTLS from mesh proxies only".to_owned())
             } else {
                 proxy.refuse_caller(caller.as_deref())
@@ -80,10 +81,9 @@ async fn serve_meshed_inbound(
         })
     };
     if first[0] != TLS_HANDSHAKE {
-        let permissive = proxy.local_service_permissive();
         let stream = FirstLineLimit::new(stream);
         let connection =
-            builder.serve_connection_with_upgrades(TokioIo::new(stream), service(proxy, !permissive, None));
+            builder.serve_connection_with_upgrades(TokioIo::new(stream), service(proxy, true, None));
         let _ = drain.watch(connection.into_owned()).await;
         return;
     }
