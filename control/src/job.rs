@@ -31,6 +31,9 @@ pub struct Job {
     pub constraints: Vec<Constraint>,
     pub strategy: Strategy,
     pub anti_affinity: bool,
+    /// The task revision of this version: not in the file, counted by the
+    /// server as the task changes under one version (see `same_task`).
+    pub revision: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -383,15 +386,27 @@ pub fn parse_job(text: &str) -> Result<Job, JobError> {
             _ => Strategy::BinPack,
         },
         anti_affinity: raw.placement.as_ref().and_then(|p| p.anti_affinity).unwrap_or(false),
+        revision: 0,
     })
 }
 
 impl Job {
     /// What the scheduler needs of this job.
+    /// Whether `other` runs the same task: the same program, arguments,
+    /// environment, resources, protocol, checks and upstream ports. Anything
+    /// else (replicas, placement, the update policy) changes no instance.
+    pub fn same_task(&self, other: &Job) -> bool {
+        (&self.kind, &self.command, &self.args, &self.env, &self.resources, &self.protocol)
+            == (&other.kind, &other.command, &other.args, &other.env, &other.resources, &other.protocol)
+            && (&self.readiness, &self.liveness, &self.upstreams)
+                == (&other.readiness, &other.liveness, &other.upstreams)
+    }
+
     pub fn spec(&self) -> JobSpec {
         JobSpec {
             name: self.name.clone(),
             version: self.version.clone(),
+            revision: self.revision,
             replicas: self.replicas,
             resources: self.resources,
             constraints: self.constraints.clone(),
@@ -447,6 +462,27 @@ service = "api"
         assert_eq!(job.liveness.as_ref().unwrap().failures, 3);
         assert_eq!(job.upstreams, vec!["api".to_owned()]);
         assert_eq!(job.spec().resources.cpu_millis, 100);
+    }
+
+    #[test]
+    fn only_task_changes_make_a_new_task() {
+        let base = parse_job(WEB).unwrap();
+        // (change to the file, same task?)
+        let cases = [
+            (("replicas = 3", "replicas = 5"), true),
+            (("max_parallel = 1", "max_parallel = 2"), true),
+            (("args = [\"--message\", \"hello from v1\"]", "args = [\"--message\", \"hi\"]"), false),
+            (("RUST_LOG = \"info\"", "RUST_LOG = \"debug\""), false),
+            (("memory_mb = 64", "memory_mb = 128"), false),
+            (("failures = 3", "failures = 4"), false),
+            (("service = \"api\"", "service = \"db\""), false),
+            (("command = \"mesh-echo\"", "command = \"other\""), false),
+        ];
+        for ((from, to), same) in cases {
+            assert!(WEB.contains(from), "{from}");
+            let changed = parse_job(&WEB.replace(from, to)).unwrap();
+            assert_eq!(base.same_task(&changed), same, "{from} -> {to}");
+        }
     }
 
     #[test]

@@ -680,6 +680,62 @@ async fn an_app_that_keeps_exiting_backs_off_and_shows_a_crash_loop() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fixed_job_file_at_the_same_version_rolls_out_and_an_identical_one_changes_nothing() {
+    let dir = TempDir::new("same-version");
+    let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", &["--heartbeat-ttl", "1s"]);
+    let _node = agent(&meshd.listen, "node-a", "127.0.0.2", &dir.path("a"), 1000);
+    let job = |script: &str, replicas: u32| {
+        format!("name = \"fixme\"\nversion = \"v1\"\nreplicas = {replicas}\n\n[task]\ncommand = \"/bin/sh\"\nargs = [\"-c\", \"{script}\"]\n\n[resources]\ncpu_millis = 10\nmemory_mb = 16\n\n[update]\nmin_healthy = \"200ms\"\n")
+    };
+    let file = dir.path("fixme.toml");
+    let submit = |text: String| {
+        std::fs::write(&file, text).unwrap();
+        meshd.ctl_ok(&["job", "run", file.to_str().unwrap()])
+    };
+    submit(job("exit 3", 2));
+    eventually("the broken job crash-loops", Duration::from_secs(30), || {
+        let looping = meshd
+            .instances()
+            .iter()
+            .any(|i| i["message"].as_str().is_some_and(|m| m.starts_with("crash loop")));
+        async move { looping.then_some(()) }
+    })
+    .await;
+
+    // The fix, same version: its instances are replaced by ones running the new args.
+    submit(job("exec sleep 600", 2));
+    let fixed = eventually("new instances run the fixed task", Duration::from_secs(30), || {
+        let running: Vec<Value> = meshd
+            .instances()
+            .into_iter()
+            .filter(|i| i["job"] == "fixme" && i["state"] == "running" && i["restarts"] == 0)
+            .collect();
+        let all = meshd.instances().iter().filter(|i| i["job"] == "fixme").count();
+        async move { (running.len() == 2 && all == 2).then_some(running) }
+    })
+    .await;
+    for instance in &fixed {
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", instance["pid"])).unwrap_or_default();
+        assert!(String::from_utf8_lossy(&cmdline).contains("sleep"), "{instance}");
+    }
+    eventually("the job says what happened", Duration::from_secs(10), || {
+        let status = meshd.ctl_json(&["job", "status", "fixme"]);
+        async move { (status[0]["deployment"] == "updated v1 to its new task").then_some(()) }
+    })
+    .await;
+
+    // The same file again: nothing changes, and meshctl says so.
+    let ids =
+        |list: &[Value]| list.iter().map(|i| i["id"].as_str().unwrap().to_owned()).collect::<BTreeSet<_>>();
+    let out = submit(job("exec sleep 600", 2));
+    assert!(out.contains("unchanged"), "{out}");
+    // More replicas of the same task: the running ones stay.
+    submit(job("exec sleep 600", 3));
+    let grown = meshd.running("fixme", 3, Duration::from_secs(20)).await;
+    assert!(ids(&fixed).is_subset(&ids(&grown)), "the running instances were kept: {fixed:?} {grown:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logs_come_from_the_node_that_ran_the_instance_and_follow_new_output() {
     let dir = TempDir::new("logs");
     let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", &["--heartbeat-ttl", "1s"]);

@@ -28,6 +28,7 @@ fn nodes(count: usize) -> Vec<Node> {
 fn jobs(count: usize, strategy: Strategy) -> Vec<JobSpec> {
     (0..count)
         .map(|i| JobSpec {
+            revision: 0,
             name: format!("job-{i:03}"),
             version: "v1".into(),
             replicas: REPLICAS,

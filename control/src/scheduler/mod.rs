@@ -51,6 +51,9 @@ pub struct Constraint {
 pub struct JobSpec {
     pub name: String,
     pub version: String,
+    /// Which task of this version: it grows when a job file changes what
+    /// runs (command, args, env, resources, checks, ...) but not the version.
+    pub revision: u64,
     pub replicas: u32,
     pub resources: Resources,
     pub constraints: Vec<Constraint>,
@@ -66,6 +69,8 @@ pub struct Allocation {
     pub id: String,
     pub job: String,
     pub version: String,
+    /// The task revision it runs (see `JobSpec::revision`).
+    pub revision: u64,
     pub node: String,
     pub resources: Resources,
 }

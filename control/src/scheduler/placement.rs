@@ -138,6 +138,7 @@ mod tests {
 
     fn job(strategy: Strategy, anti_affinity: bool, cpu: u64) -> JobSpec {
         JobSpec {
+            revision: 0,
             name: "web".into(),
             version: "v1".into(),
             replicas: 6,
@@ -156,6 +157,7 @@ mod tests {
         for i in 0..count {
             let chosen = choose_node(job, nodes, &usage, &mut rng)?;
             usage.add(&Allocation {
+                revision: 0,
                 id: format!("web-{i}"),
                 job: job.name.clone(),
                 version: job.version.clone(),
@@ -203,6 +205,7 @@ mod tests {
         // b is already half full: bin-pack puts the next instance there, spread does not.
         let nodes = [node("a", 1000, 1024), node("b", 1000, 1024)];
         let existing = vec![Allocation {
+            revision: 0,
             id: "other-0".into(),
             job: "other".into(),
             version: "v1".into(),

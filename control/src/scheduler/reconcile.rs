@@ -44,9 +44,9 @@ fn next_id(job: &str, highest: &mut HashMap<String, u64>) -> String {
 }
 
 /// Whether an allocation is an instance of this spec: a job's versions
-/// are separate specs while it is being updated.
+/// (and task revisions) are separate specs while it is being updated.
 fn belongs(allocation: &Allocation, job: &JobSpec) -> bool {
-    allocation.job == job.name && allocation.version == job.version
+    allocation.job == job.name && allocation.version == job.version && allocation.revision == job.revision
 }
 
 /// The plan for `jobs` on `nodes` given `allocations`. The same inputs and
@@ -88,6 +88,7 @@ pub fn reconcile(jobs: &[JobSpec], nodes: &[Node], allocations: &[Allocation], s
                         id: next_id(&job.name, &mut highest),
                         job: job.name.clone(),
                         version: job.version.clone(),
+                        revision: job.revision,
                         node: node.name.clone(),
                         resources: job.resources,
                     };
@@ -116,6 +117,7 @@ mod tests {
 
     fn job(name: &str, replicas: u32, cpu: u64) -> JobSpec {
         JobSpec {
+            revision: 0,
             name: name.into(),
             version: "v1".into(),
             replicas,
@@ -128,6 +130,7 @@ mod tests {
 
     fn allocation(id: &str, job: &str, node: &str) -> Allocation {
         Allocation {
+            revision: 0,
             id: id.into(),
             job: job.into(),
             version: "v1".into(),

@@ -85,6 +85,7 @@ mod tests {
 
     fn spec(version: &str) -> JobSpec {
         JobSpec {
+            revision: 0,
             name: "web".into(),
             version: version.into(),
             replicas: 3,

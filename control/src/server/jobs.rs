@@ -106,10 +106,19 @@ impl Scheduler {
             if !known && !retired && state.jobs.contains_key(&report.job) && report.state != "complete" {
                 // Running before a server restart: adopt it rather than start another.
                 let (_, job) = &state.jobs[&report.job];
+                // Its task revision: the one of its version the server knows
+                // (revisions start again at 0 when the server does).
+                let old = state.rollouts.get(&report.job).map(|r| &r.old.1);
+                let revision = [Some(job), old]
+                    .into_iter()
+                    .flatten()
+                    .find(|known| known.version == report.version)
+                    .map_or(0, |known| known.revision);
                 let allocation = Allocation {
                     id: report.id.clone(),
                     job: report.job.clone(),
                     version: report.version.clone(),
+                    revision,
                     node: node.to_owned(),
                     resources: job.resources,
                 };
@@ -257,7 +266,7 @@ impl Scheduler {
             let new_instances: Vec<NewInstance> = state
                 .allocations
                 .iter()
-                .filter(|a| a.job == name && a.version == job.version)
+                .filter(|a| a.job == name && a.version == job.version && a.revision == job.revision)
                 .map(|a| {
                     let report = state.reports.get(&a.id).map(|(_, r)| r);
                     let troubled = report.filter(|r| !r.ready && (r.restarts > 0 || !r.message.is_empty()));
@@ -267,8 +276,11 @@ impl Scheduler {
                     }
                 })
                 .collect();
-            let old_count =
-                state.allocations.iter().filter(|a| a.job == name && a.version == old_job.version).count();
+            let old_count = state
+                .allocations
+                .iter()
+                .filter(|a| a.job == name && a.version == old_job.version && a.revision == old_job.revision)
+                .count();
             let (old_spec, new_spec, progress) = rollout::step(
                 &old_job.spec(),
                 &job.spec(),
@@ -284,7 +296,12 @@ impl Scheduler {
                 Progress::Done => {
                     tracing::info!(job = %name, version = %to, "update complete");
                     state.rollouts.remove(&name);
-                    state.deployments.insert(name.clone(), format!("updated from {from} to {to}"));
+                    let what = if from == to {
+                        format!("updated {to} to its new task")
+                    } else {
+                        format!("updated from {from} to {to}")
+                    };
+                    state.deployments.insert(name.clone(), what);
                     specs.push(job.spec());
                 }
                 Progress::Failed(why) if job.update.auto_revert => {
@@ -459,7 +476,8 @@ fn job_of<'s>(state: &'s SchedulerState, allocation: &Allocation) -> Option<&'s 
 
 fn stored_job_of<'s>(state: &'s SchedulerState, allocation: &Allocation) -> Option<&'s (StoredJob, Job)> {
     if let Some(rollout) = state.rollouts.get(&allocation.job) {
-        if rollout.old.1.version == allocation.version {
+        let old = &rollout.old.1;
+        if old.version == allocation.version && old.revision == allocation.revision {
             return Some(&rollout.old);
         }
     }
@@ -486,7 +504,7 @@ pub struct JobsService {
 impl Jobs for JobsService {
     async fn run(&self, request: Request<pb::RunJobRequest>) -> Result<Response<pb::RunJobReply>, Status> {
         let request = request.into_inner();
-        let job = parse_job(&request.text).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let mut job = parse_job(&request.text).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let stored = StoredJob { text: request.text, dir: request.dir };
         let name = job.name.clone();
         let changed = {
@@ -505,7 +523,16 @@ impl Jobs for JobsService {
             self.scheduler.control.store().save_job(&name, Some(&stored)).map_err(super::store_failure)?;
             let mut state = self.scheduler.lock();
             let version_changed = state.jobs.get(&name).is_some_and(|(_, old)| old.version != job.version);
-            if version_changed && job.kind == JobKind::Service {
+            // The same version with another task is an update too: its
+            // instances are replaced as a new version's would be.
+            let task_changed = match state.jobs.get(&name) {
+                Some((_, old)) if old.version == job.version => {
+                    job.revision = old.revision + u64::from(!old.same_task(&job));
+                    !old.same_task(&job)
+                }
+                _ => false,
+            };
+            if (version_changed || task_changed) && job.kind == JobKind::Service {
                 // The version being replaced: the one still running if an update was under way.
                 let old = match state.rollouts.remove(&name) {
                     Some(rollout) => rollout.old,
@@ -615,6 +642,7 @@ mod tests {
             id: "web-0".into(),
             job: "web".into(),
             version: "v1".into(),
+            revision: 0,
             node: "a".into(),
             resources: Default::default(),
         };
