@@ -1,4 +1,4 @@
-//! Job files: TOML, one job per file, as DESIGN.md sketches them. Parsing
+//! Job files: TOML, one job per file, as `docs/jobs.md` documents them. Parsing
 //! and validation are pure and complete, so `meshctl job run` can refuse a
 //! bad file before anything changes; errors name the line and the field.
 

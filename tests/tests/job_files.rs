@@ -44,3 +44,41 @@ fn job_files_are_validated_with_line_and_field() {
         assert!(stderr.contains(&format!("line {line}, field `{field}`")), "{what}: {stderr}");
     }
 }
+
+/// The ```toml blocks of a Markdown file.
+fn toml_blocks(markdown: &str) -> Vec<String> {
+    let mut blocks = Vec::new();
+    let mut current: Option<String> = None;
+    for line in markdown.lines() {
+        match (&mut current, line.trim_end()) {
+            (None, "```toml") => current = Some(String::new()),
+            (Some(_), "```") => blocks.extend(current.take()),
+            (Some(block), line) => {
+                block.push_str(line);
+                block.push('\n');
+            }
+            (None, _) => {}
+        }
+    }
+    blocks
+}
+
+#[test]
+fn every_example_in_the_job_file_reference_is_valid() {
+    let reference = std::fs::read_to_string(mesh_tests::workspace_dir().join("docs/jobs.md")).unwrap();
+    let examples = toml_blocks(&reference);
+    assert!(
+        examples.len() >= 4,
+        "an HTTP service, a gRPC service, a batch job, a canary update: {}",
+        examples.len()
+    );
+    let dir = TempDir::new("job-docs");
+    for (index, example) in examples.iter().enumerate() {
+        let path = dir.path(&format!("example-{index}.toml"));
+        std::fs::write(&path, example).unwrap();
+        let (code, stdout, stderr) = run(&bin("meshctl"), &["job", "validate", path.to_str().unwrap()]);
+        assert_eq!(code, 0, "example {index} of docs/jobs.md:\n{example}\n{stdout}{stderr}");
+    }
+    let readme = std::fs::read_to_string(mesh_tests::workspace_dir().join("README.md")).unwrap();
+    assert!(readme.contains("docs/jobs.md"), "the README points at the job-file reference");
+}

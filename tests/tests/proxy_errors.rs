@@ -1,4 +1,4 @@
-//! The answers the proxy makes itself, exactly as DESIGN.md lists them:
+//! The answers the proxy makes itself, exactly as `docs/contract.md` lists them:
 //! status, `x-mesh-error`, the `error` metric label, and `grpc-status` for
 //! gRPC callers.
 

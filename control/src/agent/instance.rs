@@ -408,7 +408,7 @@ async fn wait_proxy_ready(proxy: &mut Running, admin: SocketAddr) -> Result<(), 
     }
 }
 
-/// The app's command with the mesh environment of DESIGN.md.
+/// The app's command with the mesh environment (`docs/jobs.md`).
 fn app_launch(program: &Path, assignment: &pb::Assignment, job: &Job, ports: &Ports, dir: &Path) -> Launch {
     let mut env: Vec<(String, String)> = job.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     let proxy_url = format!("http://{}", ports.outbound);
