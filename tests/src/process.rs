@@ -291,6 +291,18 @@ impl Meshd {
         Meshd { process, listen, admin }
     }
 
+    /// `meshd dev --demo`: the control plane and one node agent running the
+    /// demo's jobs, on free ports.
+    pub fn start_dev_demo(data_dir: &Path) -> Meshd {
+        let data_dir = data_dir.to_str().expect("utf-8 path");
+        let args =
+            ["dev", "--demo", "--data-dir", data_dir, "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"];
+        let process = Process::start(&crate::bin("meshd"), &args);
+        let listen = process.field("listen");
+        let admin = process.field("admin");
+        Meshd { process, listen, admin }
+    }
+
     /// Every instance, as `meshctl get instances -o json` lists them.
     pub fn instances(&self) -> Vec<serde_json::Value> {
         self.ctl_json(&["get", "instances"]).as_array().cloned().unwrap_or_default()

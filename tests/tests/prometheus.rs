@@ -58,3 +58,99 @@ async fn promtool_accepts_the_metrics_and_prometheus_counts_requests() {
     .await;
     assert_eq!(value, 150.0, "Prometheus counts what the client sent");
 }
+
+/// One PromQL query's result vector from Prometheus's API.
+async fn query(api: &str, promql: &str) -> Option<Vec<serde_json::Value>> {
+    let encoded: String = promql
+        .bytes()
+        .map(|b| if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("%{b:02X}") })
+        .collect();
+    let answer = get(&http1(), api, api, &format!("/api/v1/query?query={encoded}")).await.ok()?;
+    let body: serde_json::Value = serde_json::from_slice(&answer.body).ok()?;
+    body["data"]["result"].as_array().cloned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_pointed_at_meshd_finds_every_sidecar_and_sees_the_split() {
+    let dir = TempDir::new("prometheus-sd");
+    // The shipped configuration and rules are valid.
+    let shipped = mesh_tests::workspace_dir().join("docs/prometheus");
+    for (what, file) in [("config", "prometheus.yml"), ("rules", "mesh-rules.yml")] {
+        let output = Command::new("promtool").args(["check", what]).arg(shipped.join(file)).output().unwrap();
+        assert!(
+            output.status.success(),
+            "promtool check {what} {file}: {}",
+            String::from_utf8_lossy(&output.stdout)
+        );
+    }
+    let meshd = mesh_tests::process::Meshd::start_dev_demo(&dir.path("data"));
+    // Every demo instance is up beside its sidecar.
+    let instances: std::collections::BTreeSet<String> =
+        eventually("the demo runs", Duration::from_secs(60), || {
+            let list = meshd.instances();
+            let ids: std::collections::BTreeSet<String> = list
+                .iter()
+                .filter(|i| i["state"] == "running" && i["ready"] == true)
+                .map(|i| i["id"].as_str().unwrap().to_owned())
+                .collect();
+            async move { (ids.len() == 5).then_some(ids) }
+        })
+        .await;
+
+    let port = free_port();
+    let config = dir.path("prometheus.yml");
+    let rules = mesh_tests::workspace_dir().join("docs/prometheus/mesh-rules.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: mesh\n    http_sd_configs:\n      - url: http://{}/prometheus/targets\n        refresh_interval: 1s\n",
+            rules.display(),
+            meshd.admin
+        ),
+    )
+    .unwrap();
+    let _prometheus = Process::start_quiet(Command::new("prometheus").args([
+        &format!("--config.file={}", config.display()),
+        &format!("--storage.tsdb.path={}", dir.path("tsdb").display()),
+        &format!("--web.listen-address=127.0.0.1:{port}"),
+    ]));
+    let api = format!("127.0.0.1:{port}");
+
+    // `up` for meshd and for every sidecar, found through meshd alone.
+    eventually("Prometheus finds meshd and every sidecar", Duration::from_secs(60), || {
+        let (api, instances) = (api.clone(), instances.clone());
+        async move {
+            let up = query(&api, "up == 1").await?;
+            let found: std::collections::BTreeSet<String> =
+                up.iter().filter_map(|s| s["metric"]["instance"].as_str().map(str::to_owned)).collect();
+            let meshd_up = up.iter().any(|s| s["metric"]["job"] == "meshd");
+            (meshd_up && instances.is_subset(&found)).then_some(())
+        }
+    })
+    .await;
+    // The split (v1 = 90, v2 = 10) shows in what the echo sidecars answered,
+    // by version, through the shipped recording rule.
+    let by_version = eventually("requests by version are recorded", Duration::from_secs(60), || {
+        let api = api.clone();
+        async move {
+            let series = query(
+                &api,
+                "sum by (version) (mesh:http_requests:total{service=\"echo\",direction=\"inbound\"})",
+            )
+            .await?;
+            let count = |version: &str| {
+                series
+                    .iter()
+                    .find(|s| s["metric"]["version"] == version)
+                    .and_then(|s| s["value"][1].as_str()?.parse::<f64>().ok())
+            };
+            let (v1, v2) = (count("v1")?, count("v2")?);
+            (v1 + v2 >= 200.0).then_some((v1, v2))
+        }
+    })
+    .await;
+    let (v1, v2) = by_version;
+    let share = 100.0 * v2 / (v1 + v2);
+    let bound = mesh_tests::client::split_tolerance((v1 + v2) as u64, 10.0);
+    assert!((share - 10.0).abs() <= bound, "v2 got {share:.1} % of {} requests (10 ± {bound:.1})", v1 + v2);
+}

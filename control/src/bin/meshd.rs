@@ -108,7 +108,7 @@ struct ServerArgs {
     /// gRPC for proxies, agents and meshctl.
     #[arg(long, default_value = "127.0.0.1:7400")]
     listen: SocketAddr,
-    /// HTTP admin: /metrics and /ready.
+    /// HTTP admin: /metrics, /ready and /prometheus/targets (service discovery).
     #[arg(long, default_value = "127.0.0.1:7401")]
     admin: SocketAddr,
     /// A node that sends no heartbeat for this long is down.
@@ -227,7 +227,7 @@ async fn serve(args: ServerArgs, bound: tokio::sync::oneshot::Sender<SocketAddr>
     let http = TcpListener::bind(admin).await.map_err(|e| format!("cannot listen on {admin}: {e}"))?;
     let grpc_addr = grpc.local_addr().map_err(|e| e.to_string())?;
     let http_addr = http.local_addr().map_err(|e| e.to_string())?;
-    tokio::spawn(http::serve(http, control.clone()));
+    tokio::spawn(http::serve(http, control.clone(), scheduler.clone()));
     // Tests and scripts read this line to learn the bound ports.
     println!("meshd ready listen={grpc_addr} admin={http_addr} version={}", control.current_version());
     tracing::info!(%grpc_addr, %http_addr, data_dir = %data_dir.display(), "meshd server ready");

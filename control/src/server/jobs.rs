@@ -370,6 +370,12 @@ impl Scheduler {
         })
     }
 
+    /// Every instance as `get instances` lists it, now.
+    pub fn instances_now(&self) -> Vec<pb::Instance> {
+        let state = self.lock();
+        self.instances(&state)
+    }
+
     /// Every allocation with its latest report, plus completed batch instances.
     fn instances(&self, state: &SchedulerState) -> Vec<pb::Instance> {
         let from_report = |node: &str, report: &pb::InstanceReport| pb::Instance {

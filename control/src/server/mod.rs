@@ -11,6 +11,7 @@ pub mod identity;
 pub mod incoming;
 pub mod jobs;
 pub mod nodes;
+pub mod prometheus_sd;
 pub mod registry;
 
 use std::collections::HashMap;
