@@ -129,3 +129,45 @@ fn ctrl_c_or_sigterm_stops_the_demo_and_everything_it_started() {
         assert!(leftovers.is_empty(), "signal {signal}: the demo left processes behind: {leftovers:?}");
     }
 }
+
+#[test]
+fn meshd_dev_runs_as_written_with_a_per_user_data_dir_and_the_hosts_size() {
+    use std::os::unix::fs::PermissionsExt;
+    // A user's machine: not root, a home of its own.
+    let home = mesh_tests::TempDir::new("dev-home");
+    std::fs::set_permissions(&home.0, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let mut command = std::process::Command::new("setpriv");
+    command
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"])
+        .arg(bin("meshd"))
+        .args(["dev", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .env("HOME", &home.0);
+    let meshd = mesh_tests::process::Process::start_with(&mut command);
+    let data_dir = meshd.field("data_dir");
+    assert_eq!(
+        std::path::PathBuf::from(&data_dir),
+        home.0.join(".local/state/meshd/dev"),
+        "{}",
+        meshd.first_line
+    );
+    let listen = meshd.field("listen");
+    // The dev node joins at once; bounded anyway.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let nodes = loop {
+        let (_, out, _) =
+            mesh_tests::process::run(&bin("meshctl"), &["--server", &listen, "get", "nodes", "-o", "json"]);
+        let nodes: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        if nodes[0]["cpu_millis"].is_u64() || std::time::Instant::now() > deadline {
+            break nodes;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let cores = std::thread::available_parallelism().unwrap().get() as u64;
+    assert_eq!(nodes[0]["cpu_millis"].as_u64(), Some(cores * 1000), "the host's cores: {nodes}");
+    let memory_kb: u64 = std::fs::read_to_string("/proc/meminfo")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:")?.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    assert_eq!(nodes[0]["memory_mb"].as_u64(), Some(memory_kb / 1024), "the host's memory: {nodes}");
+}

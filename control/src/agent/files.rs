@@ -12,13 +12,20 @@ use std::path::{Path, PathBuf};
 /// root, the user's state folder otherwise. Never a shared temp dir, where
 /// anyone could prepare it first.
 pub fn default_data_dir(node: &str) -> PathBuf {
+    default_state_dir(&format!("agent-{node}"))
+}
+
+/// Where meshd keeps `leaf`'s state by default: under /var/lib/meshd for
+/// root, ~/.local/state/meshd for a user.
+pub fn default_state_dir(leaf: &str) -> PathBuf {
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return PathBuf::from("/var/lib/meshd").join(format!("agent-{node}"));
+    let uid = unsafe { libc::geteuid() };
+    if uid == 0 {
+        return PathBuf::from("/var/lib/meshd").join(leaf);
     }
     match std::env::var_os("HOME") {
-        Some(home) => PathBuf::from(home).join(".local/state/meshd").join(format!("agent-{node}")),
-        None => std::env::temp_dir().join(format!("meshd-agent-{node}-{}", unsafe { libc::geteuid() })),
+        Some(home) => PathBuf::from(home).join(".local/state/meshd").join(leaf),
+        None => std::env::temp_dir().join(format!("meshd-{leaf}-{uid}")),
     }
 }
 

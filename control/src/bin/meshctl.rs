@@ -87,8 +87,8 @@ enum Command {
     },
     /// Per service and version: request rate, success rate, p50/p99 latency, from every proxy's metrics.
     Top {
-        /// How long to measure.
-        #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+        /// How long to measure (at least 100ms).
+        #[arg(long, value_parser = parse_interval, default_value = "2s")]
         interval: Duration,
     },
     /// Register an endpoint that runs outside the scheduler.
@@ -136,7 +136,7 @@ enum IdentityCommand {
 
 #[derive(Subcommand, Debug)]
 enum JobCommand {
-    /// Check a job file without sending it anywhere: every error, with its line and field.
+    /// Check a job file without sending it anywhere: the first error, with its line and field.
     Validate { file: std::path::PathBuf },
     /// Submit a job file (checked fully first: a bad file changes nothing).
     Run { file: std::path::PathBuf },
@@ -219,6 +219,26 @@ fn parse_weight(text: &str) -> Result<(String, u32), String> {
     Ok((version.to_owned(), weight))
 }
 
+/// A measuring interval: long enough to see requests in.
+fn parse_interval(text: &str) -> Result<Duration, String> {
+    let interval = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if interval < Duration::from_millis(100) {
+        return Err(format!("{text:?} is too short to measure anything; give 100ms or more"));
+    }
+    Ok(interval)
+}
+
+/// The weights by version, refusing a version given twice.
+fn distinct_versions(weights: Vec<(String, u32)>) -> Result<std::collections::HashMap<String, u32>, Failure> {
+    let mut by_version = std::collections::HashMap::new();
+    for (version, weight) in weights {
+        if by_version.insert(version.clone(), weight).is_some() {
+            return Err(Failure(format!("version {version:?} is given twice; give each version once"), 2));
+        }
+    }
+    Ok(by_version)
+}
+
 /// A failure to report: the message and the exit code.
 struct Failure(String, u8);
 
@@ -229,9 +249,16 @@ const EXIT_STORE_WRITE: u8 = 5;
 impl From<tonic::Status> for Failure {
     fn from(status: tonic::Status) -> Failure {
         let store_write = status.metadata().get("mesh-failure").is_some_and(|v| v == "store-write");
+        // One rule for every subcommand: what the caller asked for is wrong
+        // (bad input, an unknown name, a request the state refuses) is 2;
+        // the server unreachable or failing is 1.
         let code = match status.code() {
             _ if store_write => EXIT_STORE_WRITE,
-            tonic::Code::InvalidArgument => 2,
+            tonic::Code::InvalidArgument
+            | tonic::Code::NotFound
+            | tonic::Code::FailedPrecondition
+            | tonic::Code::AlreadyExists
+            | tonic::Code::OutOfRange => 2,
             _ => 1,
         };
         Failure(status.message().to_owned(), code)
@@ -290,7 +317,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let version = if clear {
                 admin.clear_split(pb::ServiceName { service: service.clone() }).await?.into_inner().version
             } else {
-                let weights = weights.into_iter().collect();
+                let weights = distinct_versions(weights)?;
                 admin
                     .set_split(pb::SetSplitRequest { service: service.clone(), weights })
                     .await?

@@ -51,6 +51,12 @@ enum Command {
         /// Deploy the demo: service `echo`, v1 (3 instances) and v2 (1), split 90/10, and a job calling it.
         #[arg(long)]
         demo: bool,
+        /// The dev node's CPU for placement; default: the host's cores × 1000.
+        #[arg(long)]
+        cpu_millis: Option<u64>,
+        /// The dev node's memory for placement; default: the host's.
+        #[arg(long)]
+        memory_mb: Option<u64>,
     },
     /// Save or restore the server's store (with meshd stopped).
     Snapshot {
@@ -102,9 +108,10 @@ enum SnapshotCommand {
 
 #[derive(clap::Args, Debug, Clone)]
 struct ServerArgs {
-    /// Where the embedded store lives.
+    /// Where the embedded store lives; default: /var/lib/meshd/server (root)
+    /// or ~/.local/state/meshd/server, and .../dev for `meshd dev`.
     #[arg(long)]
-    data_dir: PathBuf,
+    data_dir: Option<PathBuf>,
     /// gRPC for proxies, agents and meshctl.
     #[arg(long, default_value = "127.0.0.1:7400")]
     listen: SocketAddr,
@@ -177,8 +184,15 @@ async fn async_main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match Args::parse().command {
-        Command::Server(args) => serve(args, tokio::sync::oneshot::channel().0).await,
-        Command::Dev { server, demo } => dev(server, demo).await,
+        Command::Server(mut args) => {
+            args.data_dir.get_or_insert_with(|| mesh_control::agent::files::default_state_dir("server"));
+            serve(args, tokio::sync::oneshot::channel().0).await
+        }
+        Command::Dev { mut server, demo, cpu_millis, memory_mb } => {
+            server.data_dir.get_or_insert_with(|| mesh_control::agent::files::default_state_dir("dev"));
+            let (cpus, memory) = host_size();
+            dev(server, demo, cpu_millis.unwrap_or(cpus), memory_mb.unwrap_or(memory)).await
+        }
         Command::Snapshot { command } => snapshot(command),
         Command::Agent { data_dir, server, name, advertise_ip, cpu_millis, memory_mb, attributes } => {
             let info = mesh_proto::mesh::v1::NodeInfo {
@@ -215,6 +229,7 @@ async fn serve(args: ServerArgs, bound: tokio::sync::oneshot::Sender<SocketAddr>
         first_byte_timeout,
         reinitialize,
     } = args;
+    let data_dir = data_dir.expect("a data dir was chosen");
     let heartbeat_interval = (heartbeat_ttl / 3).max(Duration::from_millis(100));
     let nodes = Arc::new(NodeRegistry::new(heartbeat_interval, heartbeat_ttl));
     let store = RedbStore::open(&data_dir, reinitialize).map_err(|e| e.to_string())?;
@@ -229,7 +244,11 @@ async fn serve(args: ServerArgs, bound: tokio::sync::oneshot::Sender<SocketAddr>
     let http_addr = http.local_addr().map_err(|e| e.to_string())?;
     tokio::spawn(http::serve(http, control.clone(), scheduler.clone()));
     // Tests and scripts read this line to learn the bound ports.
-    println!("meshd ready listen={grpc_addr} admin={http_addr} version={}", control.current_version());
+    println!(
+        "meshd ready listen={grpc_addr} admin={http_addr} version={} data_dir={}",
+        control.current_version(),
+        data_dir.display()
+    );
     tracing::info!(%grpc_addr, %http_addr, data_dir = %data_dir.display(), "meshd server ready");
     let _ = bound.send(grpc_addr);
     let limits =
@@ -443,8 +462,21 @@ service = "echo"
 "#;
 
 /// The control plane and one agent (node `dev` on 127.0.0.1) in one process.
-async fn dev(server: ServerArgs, demo: bool) -> Result<(), String> {
-    let data_dir = server.data_dir.clone();
+/// The host's CPU (cores × 1000 millis) and memory (MB), for a dev node.
+fn host_size() -> (u64, u64) {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
+    let memory_kb = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:")?.split_whitespace().next()?.parse::<u64>().ok())
+        })
+        .unwrap_or(1024 * 1024);
+    (cores * 1000, memory_kb / 1024)
+}
+
+async fn dev(server: ServerArgs, demo: bool, cpu_millis: u64, memory_mb: u64) -> Result<(), String> {
+    let data_dir = server.data_dir.clone().expect("a data dir was chosen");
     let (bound, address) = tokio::sync::oneshot::channel();
     let mut control = tokio::spawn(serve(server, bound));
     let address = match address.await {
@@ -454,8 +486,8 @@ async fn dev(server: ServerArgs, demo: bool) -> Result<(), String> {
     let info = NodeInfo {
         name: "dev".into(),
         advertise_ip: "127.0.0.1".into(),
-        cpu_millis: 8000,
-        memory_mb: 8192,
+        cpu_millis,
+        memory_mb,
         attributes: Default::default(),
         logs_addr: String::new(),
     };
