@@ -319,7 +319,9 @@ async fn an_overcommitted_job_waits_with_the_reason() {
     let job_file = dir.path("big.toml");
     // 3 × 100 CPU millis on a node with 250: two fit, one waits.
     std::fs::write(&job_file, echo_job("big", "v1", 3, "")).unwrap();
-    meshd.ctl_ok(&["job", "run", job_file.to_str().unwrap()]);
+    let out = meshd.ctl_ok(&["job", "run", job_file.to_str().unwrap()]);
+    // `job run` says at once where the instances went, and why not all did.
+    assert!(out.contains("placed 2 of 3; 1 unplaced") && out.to_lowercase().contains("cpu"), "{out}");
     meshd.running("big", 2, Duration::from_secs(30)).await;
     let status = eventually("the job reports why one instance waits", Duration::from_secs(10), || {
         let status = meshd.ctl_json(&["job", "status", "big"]);
@@ -328,6 +330,14 @@ async fn an_overcommitted_job_waits_with_the_reason() {
     .await;
     let reason = status[0]["pending"].as_str().unwrap();
     assert!(reason.contains("1 unplaced") && reason.to_lowercase().contains("cpu"), "{reason}");
+    // Tables stay within 100 columns; the reason is in `job status`.
+    let jobs = meshd.ctl_ok(&["get", "jobs"]);
+    assert!(jobs.lines().all(|l| l.chars().count() <= 100), "{jobs}");
+    let status = meshd.ctl_ok(&["job", "status", "big"]);
+    let mut lines = status.lines();
+    assert_eq!(lines.next(), Some("job big: a service job of service web, version v1, pending"), "{status}");
+    assert_eq!(lines.next(), Some("instances: 3 wanted, 2 running, 2 ready"), "{status}");
+    assert!(status.contains(reason), "{status}");
 }
 
 /// (version, state, ready) of every instance of `job`, sorted.

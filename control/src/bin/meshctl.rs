@@ -35,13 +35,15 @@ enum Output {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// List services, endpoints, proxies or splits.
+    /// List services, endpoints, proxies, splits, nodes, jobs or instances.
     Get {
+        /// What to list.
         #[arg(value_enum)]
         what: Listing,
     },
     /// Shift a service's traffic between versions: `meshctl split web v1=90 v2=10`.
     Split {
+        /// The service whose traffic moves.
         service: String,
         /// VERSION=WEIGHT pairs adding up to 100.
         #[arg(value_parser = parse_weight, required_unless_present = "clear", conflicts_with = "clear")]
@@ -54,6 +56,7 @@ enum Command {
     },
     /// Set a service's policy; options not given keep their value.
     Policy {
+        /// The service the policy is for.
         service: String,
         #[command(flatten)]
         policy: PolicyArgs,
@@ -93,18 +96,23 @@ enum Command {
     },
     /// Register an endpoint that runs outside the scheduler.
     Register {
+        /// The service the endpoint serves.
         service: String,
+        /// The version it runs (what splits choose by).
         #[arg(long)]
         version: String,
         /// IP:port that peers connect to.
         #[arg(long)]
         addr: String,
+        /// Register it without traffic until registered again ready.
         #[arg(long)]
         not_ready: bool,
     },
     /// Remove an endpoint registered with `register`.
     Deregister {
+        /// The service the endpoint serves.
         service: String,
+        /// IP:port it was registered with.
         #[arg(long)]
         addr: String,
     },
@@ -137,25 +145,48 @@ enum IdentityCommand {
 #[derive(Subcommand, Debug)]
 enum JobCommand {
     /// Check a job file without sending it anywhere: the first error, with its line and field.
-    Validate { file: std::path::PathBuf },
-    /// Submit a job file (checked fully first: a bad file changes nothing).
-    Run { file: std::path::PathBuf },
+    Validate {
+        /// The job file (TOML; see docs/jobs.md).
+        file: std::path::PathBuf,
+    },
+    /// Submit a job file (checked fully first: a bad file changes nothing),
+    /// then say where its instances were placed, or why not.
+    Run {
+        /// The job file (TOML; see docs/jobs.md).
+        file: std::path::PathBuf,
+    },
     /// A job and its instances.
-    Status { name: String },
+    Status {
+        /// The job's name.
+        name: String,
+    },
     /// Stop a job: its instances drain and stop.
-    Stop { name: String },
+    Stop {
+        /// The job's name.
+        name: String,
+    },
     /// Let an update's canaries be followed by the rest of the new version.
-    Promote { name: String },
+    Promote {
+        /// The job's name.
+        name: String,
+    },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Listing {
+    /// Services with their policy and endpoint counts.
     Services,
+    /// Every endpoint: service, version, address, ready.
     Endpoints,
+    /// Connected proxies: acked version, lag, last contact, refusals.
     Proxies,
+    /// Traffic splits by version.
     Splits,
+    /// Nodes with their capacity, attributes and liveness.
     Nodes,
+    /// Jobs with their state and instance counts.
     Jobs,
+    /// Instances: node, state, pids, endpoint, restarts.
     Instances,
 }
 
@@ -217,6 +248,28 @@ fn parse_weight(text: &str) -> Result<(String, u32), String> {
         return Err(format!("{text:?} names no version"));
     }
     Ok((version.to_owned(), weight))
+}
+
+/// Where a job just submitted was placed, once the scheduler's next round
+/// has seen it (bounded: a busy server gets a plain answer).
+async fn placement_outcome(jobs: &mut JobsClient<Channel>, name: &str) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let status = jobs.status(pb::JobName { name: name.to_owned() }).await.map(|s| s.into_inner());
+        if let Ok(status) = &status {
+            let placed = status.instances.len() as u32;
+            if !status.pending_reason.is_empty() {
+                return format!("placed {placed} of {}; {}", status.replicas, status.pending_reason);
+            }
+            if placed >= status.replicas {
+                return format!("placed {placed} of {} (see `meshctl job status {name}`)", status.replicas);
+            }
+        }
+        if tokio::time::Instant::now() > deadline {
+            return format!("placement under way (see `meshctl job status {name}`)");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// A measuring interval: long enough to see requests in.
@@ -304,7 +357,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 Listing::Nodes => nodes(&mut admin).await?,
                 Listing::Jobs => {
                     let list = JobsClient::new(channel).list(pb::Empty {}).await?.into_inner();
-                    list.jobs.iter().map(job_row).collect()
+                    let mut rows: Rows = list.jobs.iter().map(job_row).collect();
+                    if cli.output == Output::Table {
+                        // Reasons are long: `job status` and `-o json` give them.
+                        for row in &mut rows {
+                            row.retain(|(column, _)| !matches!(*column, "pending" | "deployment"));
+                        }
+                    }
+                    rows
                 }
                 Listing::Instances => {
                     let list = JobsClient::new(channel).list_instances(pb::Empty {}).await?.into_inner();
@@ -561,6 +621,7 @@ async fn job_command(
             let reply = jobs.run(pb::RunJobRequest { text, dir }).await?.into_inner();
             if reply.changed {
                 println!("job {} submitted", reply.name);
+                println!("{}", placement_outcome(&mut jobs, &reply.name).await);
             } else {
                 println!("job {} unchanged", reply.name);
             }
@@ -569,15 +630,12 @@ async fn job_command(
             let status = jobs.status(pb::JobName { name }).await?.into_inner();
             if output == Output::Table {
                 println!(
-                    "job {} ({} {}, {}): service {}, {} of {} running, {} ready",
-                    status.name,
-                    status.kind,
-                    status.version,
-                    status.state,
-                    status.service,
-                    status.running,
-                    status.replicas,
-                    status.ready
+                    "job {}: a {} job of service {}, version {}, {}",
+                    status.name, status.kind, status.service, status.version, status.state
+                );
+                println!(
+                    "instances: {} wanted, {} running, {} ready",
+                    status.replicas, status.running, status.ready
                 );
                 if !status.pending_reason.is_empty() {
                     println!("pending: {}", status.pending_reason);
@@ -918,6 +976,9 @@ fn print_rows(output: Output, rows: &Rows) {
     let _ = write_rows(&mut std::io::stdout().lock(), output, rows);
 }
 
+/// The widest a table cell gets, in characters.
+const MAX_CELL: usize = 40;
+
 fn write_rows(out: &mut impl std::io::Write, output: Output, rows: &Rows) -> std::io::Result<()> {
     if output == Output::Json {
         let objects: Vec<serde_json::Map<String, Value>> =
@@ -928,8 +989,12 @@ fn write_rows(out: &mut impl std::io::Write, output: Output, rows: &Rows) -> std
         return writeln!(out, "(none)");
     };
     let columns: Vec<&str> = first.iter().map(|(k, _)| *k).collect();
+    // A long text is cut in tables (`-o json` has it whole).
     let cell = |value: &Value| match value {
         Value::String(s) if s.is_empty() => "-".to_owned(),
+        Value::String(s) if s.chars().count() > MAX_CELL => {
+            format!("{}…", s.chars().take(MAX_CELL - 1).collect::<String>())
+        }
         Value::String(s) => s.clone(),
         Value::Null => "-".to_owned(),
         other => other.to_string(),
@@ -937,7 +1002,7 @@ fn write_rows(out: &mut impl std::io::Write, output: Output, rows: &Rows) -> std
     let widths: Vec<usize> = columns
         .iter()
         .enumerate()
-        .map(|(i, c)| rows.iter().map(|r| cell(&r[i].1).len()).max().unwrap_or(0).max(c.len()))
+        .map(|(i, c)| rows.iter().map(|r| cell(&r[i].1).chars().count()).max().unwrap_or(0).max(c.len()))
         .collect();
     let line = |cells: Vec<String>| {
         cells
