@@ -99,9 +99,11 @@ fn label<'a>(labels: &'a str, key: &str) -> Option<&'a str> {
 /// The rows for what happened between two scrapes `seconds` apart.
 /// Traffic the proxy could not route to a version (no service, no
 /// endpoints) is listed with an empty version, and only when there was some.
+/// A service nobody has ever called (a client's own, say) is left out.
 pub fn rows(before: &BTreeMap<Key, Counts>, after: &BTreeMap<Key, Counts>, seconds: f64) -> Vec<Row> {
     after
         .iter()
+        .filter(|(_, now)| now.requests > 0.0)
         .map(|(key, now)| {
             let then = before.get(key).cloned().unwrap_or_default();
             // A proxy that restarted between scrapes would make deltas negative.
@@ -187,6 +189,20 @@ mod tests {
         assert!(p50 > 1.0 && p50 < 10.0, "{p50}");
         let v2 = &rows[1];
         assert_eq!((v2.requests_per_second, v2.success, v2.p50_ms), (10.0, Some(1.0), None));
+    }
+
+    #[test]
+    fn a_service_nobody_ever_called_is_left_out() {
+        let quiet = "mesh_http_requests_total{direction=\"outbound\",service=\"traffic\",version=\"v1\",code=\"200\",error=\"\"} 0\n";
+        let (mut before, mut after) = (BTreeMap::new(), BTreeMap::new());
+        for scrape in [quiet.to_owned(), scrape(100, 0, 10)] {
+            add_scrape(&mut before, &scrape);
+            add_scrape(&mut after, &scrape);
+        }
+        let listed: Vec<(String, String)> =
+            rows(&before, &after, 2.0).into_iter().map(|r| (r.service, r.version)).collect();
+        // echo stays listed while idle (it has had traffic); traffic, never called, does not.
+        assert_eq!(listed, [("echo".to_owned(), "v1".to_owned()), ("echo".to_owned(), "v2".to_owned())]);
     }
 
     #[test]

@@ -198,6 +198,13 @@ async fn a_job_runs_beside_sidecars_heals_and_moves_off_a_dead_node() {
         async move { none.then_some(()) }
     })
     .await;
+    // The service stays (its policy waits for endpoints to come back) and says it is orphaned.
+    let services = meshd.ctl_json(&["get", "services"]);
+    let web = services.as_array().unwrap().iter().find(|s| s["name"] == "web").expect("web is listed");
+    assert_eq!(web["note"], "orphaned: no job or endpoint", "{web}");
+    let client =
+        services.as_array().unwrap().iter().find(|s| s["name"] == "client").expect("client is listed");
+    assert_eq!(client["note"], "", "a service with a job is not orphaned: {client}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -350,7 +350,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Get { what } => {
             let rows = match what {
-                Listing::Services => services(&mut admin).await?,
+                Listing::Services => services(&mut admin, &mut JobsClient::new(channel.clone())).await?,
                 Listing::Endpoints => endpoints(&mut admin).await?,
                 Listing::Proxies => proxies(&admin.list_proxies(pb::Empty {}).await?.into_inner().proxies),
                 Listing::Splits => splits(&mut admin).await?,
@@ -841,18 +841,27 @@ fn weights_text(weights: &std::collections::HashMap<String, u32>) -> Value {
     json!(sorted)
 }
 
-async fn services(admin: &mut AdminClient<Channel>) -> Result<Rows, Failure> {
+async fn services(admin: &mut AdminClient<Channel>, jobs: &mut JobsClient<Channel>) -> Result<Rows, Failure> {
     let list = admin.list_services(pb::Empty {}).await?.into_inner();
+    let served: std::collections::HashSet<String> =
+        jobs.list(pb::Empty {}).await?.into_inner().jobs.into_iter().map(|j| j.service).collect();
     Ok(list
         .services
         .iter()
         .map(|s| {
+            // Kept (its split and policy wait for endpoints to come back), but said.
+            let note = if s.endpoints == 0 && !served.contains(&s.name) {
+                "orphaned: no job or endpoint"
+            } else {
+                ""
+            };
             vec![
                 ("name", json!(s.name)),
                 ("endpoints", json!(s.endpoints)),
                 ("ready_endpoints", json!(s.ready_endpoints)),
                 ("split", weights_text(&s.split)),
                 ("policy", policy_json(s.policy.as_ref())),
+                ("note", json!(note)),
             ]
         })
         .collect())
