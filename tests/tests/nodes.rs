@@ -60,8 +60,13 @@ fn a_bad_node_description_is_refused_with_the_reason() {
     let args = ["agent", "--server", &meshd.listen, "--name", "Bad Name", "--advertise-ip", "127.0.0.2"];
     let (code, _, stderr) =
         run(&bin("meshd"), &[&args[..], &["--cpu-millis", "100", "--memory-mb", "64"]].concat());
-    assert_ne!(code, 0);
+    assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("not a valid name"), "{stderr}");
+    // Refused before anything is written: no data dir for it under the default place.
+    assert!(
+        !std::path::Path::new("/var/lib/meshd/agent-Bad Name").exists(),
+        "a folder was made for a refused name"
+    );
     let (code, _, stderr) = run(
         &bin("meshd"),
         &["agent", "--name", "n", "--advertise-ip", "not-an-ip", "--cpu-millis", "1", "--memory-mb", "1"],

@@ -195,6 +195,11 @@ async fn async_main() -> ExitCode {
         }
         Command::Snapshot { command } => snapshot(command),
         Command::Agent { data_dir, server, name, advertise_ip, cpu_millis, memory_mb, attributes } => {
+            // Checked before the name becomes part of a folder's name.
+            if let Err(error) = mesh_control::state::check_name("node", &name) {
+                eprintln!("meshd: {}", error.0);
+                return ExitCode::from(2);
+            }
             let info = mesh_proto::mesh::v1::NodeInfo {
                 name,
                 advertise_ip: advertise_ip.to_string(),
