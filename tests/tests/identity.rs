@@ -133,8 +133,16 @@ fn files(dir: &Path) -> Vec<std::path::PathBuf> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn private_keys_are_never_written_or_logged() {
+    use std::os::unix::fs::PermissionsExt;
     let dir = TempDir::new("identity-keys");
+    // A data dir made beforehand, readable by everyone, as `mkdir` leaves it.
+    std::fs::create_dir_all(dir.path("data")).unwrap();
+    std::fs::set_permissions(dir.path("data"), std::fs::Permissions::from_mode(0o755)).unwrap();
     let (_meshd, _agent, _instance) = cluster(&dir).await;
+    // The store holds the CA's key: only its owner reads it, or its folder.
+    let mode = |path: std::path::PathBuf| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(dir.path("data")), 0o700, "the data dir");
+    assert_eq!(mode(dir.path("data").join("meshd.redb")), 0o600, "the store file");
     let agent_files = files(&dir.path("agent"));
     assert!(agent_files.iter().any(|f| f.ends_with("proxy.stderr.log")), "{agent_files:?}");
     for file in agent_files.iter().chain(files(&dir.path("data")).iter()) {

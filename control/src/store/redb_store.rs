@@ -51,6 +51,13 @@ fn without_panics<T>(f: impl FnOnce() -> Result<T, StoreError>) -> Result<T, Sto
     })
 }
 
+/// Sets `path`'s mode (owner only).
+fn private(path: &Path, mode: u32) -> Result<(), StoreError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| error(format!("{}: {e}", path.display())))
+}
+
 impl RedbStore {
     /// Opens the store under `data_dir`. A damaged, empty or missing store
     /// in a data dir that held a mesh is an error naming the file, unless
@@ -61,6 +68,9 @@ impl RedbStore {
             .mode(0o700)
             .create(data_dir)
             .map_err(|e| error(format!("{}: {e}", data_dir.display())))?;
+        // The store holds the CA's key: only meshd's user may read it, even
+        // in a data dir made before (the mode above applies to new ones).
+        private(data_dir, 0o700)?;
         let path = data_dir.join("meshd.redb");
         let marker = data_dir.join(LIFE_MARKER);
         let lived = marker.exists();
@@ -84,6 +94,7 @@ impl RedbStore {
         }
         let store = without_panics(|| {
             let db = Database::create(&path).map_err(error)?;
+            private(&path, 0o600)?;
             let store = RedbStore {
                 path: path.clone(),
                 marker: marker.clone(),
