@@ -331,19 +331,19 @@ async fn last_contact_shows_whether_a_quiet_proxy_is_alive() {
     let watch_until = std::time::Instant::now() + Duration::from_secs(3);
     while std::time::Instant::now() < watch_until {
         let ago = last_contact_ms_ago().expect("a last contact");
-        assert!(ago < 1_500, "a live proxy's last contact is {ago} ms ago");
+        assert!(ago < 2_000, "a live proxy's last contact is {ago} ms ago");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // A stopped proxy's last contact grows.
     proxy.process.signal(libc::SIGSTOP);
     eventually("a stopped proxy's last contact ages", Duration::from_secs(10), || {
-        let old = last_contact_ms_ago().is_some_and(|ago| ago > 2_000);
+        let old = last_contact_ms_ago().is_some_and(|ago| ago > 3_000);
         async move { old.then_some(()) }
     })
     .await;
     proxy.process.signal(libc::SIGCONT);
     eventually("it is back in contact", Duration::from_secs(10), || {
-        let fresh = last_contact_ms_ago().is_some_and(|ago| ago < 1_500);
+        let fresh = last_contact_ms_ago().is_some_and(|ago| ago < 2_000);
         async move { fresh.then_some(()) }
     })
     .await;
