@@ -222,7 +222,8 @@ fn wait_ready_h2(
         let answered_before = grpc_body.map(|_| grpc_backend_answered(setup)).transpose()?;
         let output = command.arg(&url).output().map_err(|e| format!("cannot run h2load: {e}"))?;
         let reached_backend = match answered_before {
-            Some(before) => grpc_backend_answered(setup)? == before + 1,
+            // More than one if a proxy resent it: still the backend answered.
+            Some(before) => grpc_backend_answered(setup)? > before,
             None => true,
         };
         if String::from_utf8_lossy(&output.stdout).contains("1 succeeded")
