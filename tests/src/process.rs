@@ -395,3 +395,26 @@ impl Proxy {
         Proxy { process: Process::start(&crate::bin("mesh-proxy"), &args) }
     }
 }
+
+/// Whether the host has the unified cgroup hierarchy (v2).
+pub fn cgroup_v2() -> bool {
+    Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
+}
+
+/// The folder of the cgroup a process is in for `controller` ("memory",
+/// "cpu"), on cgroup v1 or v2.
+pub fn cgroup_dir(pid: i64, controller: &str) -> Option<std::path::PathBuf> {
+    let membership = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    membership.lines().find_map(|line| {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        if cgroup_v2() {
+            controllers.is_empty().then(|| format!("/sys/fs/cgroup{path}").into())
+        } else {
+            controllers
+                .split(',')
+                .any(|c| c == controller)
+                .then(|| format!("/sys/fs/cgroup/{controller}{path}").into())
+        }
+    })
+}

@@ -180,6 +180,13 @@ async fn an_endpoint_that_hangs_is_ejected_by_its_timeouts() {
     assert_eq!(metrics.sum("mesh_endpoints", &[("service", "echo"), ("state", "ejected")]), 1.0);
 }
 
+/// Ejections of service echo's v1 endpoints so far; the series must exist.
+async fn ejections_of(proxy: &Proxy) -> f64 {
+    scrape(&proxy.admin())
+        .await
+        .present("mesh_endpoint_ejections_total", &[("service", "echo"), ("version", "v1")])
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_failed_probe_doubles_the_ejection() {
     let dir = TempDir::new("probe-doubling");
@@ -198,9 +205,7 @@ async fn each_failed_probe_doubles_the_ejection() {
     // 250 ms ejection would eject (and probe) about 24 times.
     let tally = steady_rate(&proxy.outbound(), "echo", 200, Duration::from_secs(6)).await;
     assert_eq!(tally.failed(), 0, "retries cover the failing endpoint: {:?}", tally.failures);
-    let metrics = scrape(&proxy.admin()).await;
-    let ejections =
-        metrics.present("mesh_endpoint_ejections_total", &[("service", "echo"), ("version", "v1")]);
+    let ejections = ejections_of(&proxy).await;
     assert!((3.0..=7.0).contains(&ejections), "ejections in 6 s with doubling: {ejections}");
     // The bad endpoint saw the failures that ejected it and then one probe per ejection.
     let at_bad = bad.requests_seen().await;
@@ -221,9 +226,7 @@ async fn a_probe_to_a_hanging_endpoint_ends_at_the_timeout() {
             .endpoint(&hanging.addr, "v1")],
     );
     let tally = steady_rate(&proxy.outbound(), "echo", 100, Duration::from_secs(5)).await;
-    let metrics = scrape(&proxy.admin()).await;
-    let ejections =
-        metrics.present("mesh_endpoint_ejections_total", &[("service", "echo"), ("version", "v1")]);
+    let ejections = ejections_of(&proxy).await;
     // Each probe hung, timed out, and ejected the endpoint again for twice
     // as long: a probe that never ended would have left one ejection.
     assert!((3.0..=6.0).contains(&ejections), "ejections in 5 s: {ejections}");

@@ -2,38 +2,16 @@
 //! its memory is killed by its cgroup (and never swaps), one that spins is
 //! held to its CPU share. Real processes in real cgroups.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use mesh_tests::process::{Agent, Meshd};
+use mesh_tests::process::{cgroup_dir, cgroup_v2, Agent, Meshd};
 use mesh_tests::{eventually, TempDir};
 
 fn job(name: &str, command: &str, args: &str, cpu_millis: u32, memory_mb: u32) -> String {
     format!(
         "name = \"{name}\"\nversion = \"v1\"\nreplicas = 1\n\n[task]\ncommand = \"{command}\"\nargs = {args}\n\n[resources]\ncpu_millis = {cpu_millis}\nmemory_mb = {memory_mb}\n"
     )
-}
-
-fn unified() -> bool {
-    Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
-}
-
-/// The folder of the group a process is in for `controller` ("memory",
-/// "cpu"), on cgroup v1 or v2.
-fn group_of(pid: i64, controller: &str) -> Option<PathBuf> {
-    let membership = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    membership.lines().find_map(|line| {
-        let mut parts = line.splitn(3, ':');
-        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
-        if unified() {
-            controllers.is_empty().then(|| PathBuf::from(format!("/sys/fs/cgroup{path}")))
-        } else {
-            controllers
-                .split(',')
-                .any(|c| c == controller)
-                .then(|| PathBuf::from(format!("/sys/fs/cgroup/{controller}{path}")))
-        }
-    })
 }
 
 /// A `key value` line's value in a cgroup file.
@@ -59,7 +37,7 @@ async fn a_memory_hog_is_killed_by_its_cgroup_and_never_swaps() {
             .instances()
             .into_iter()
             .find(|i| i["job"] == "hog" && i["state"] == "running")
-            .and_then(|i| group_of(i["pid"].as_i64()?, "memory"))
+            .and_then(|i| cgroup_dir(i["pid"].as_i64()?, "memory"))
             .filter(|group| group.ends_with("hog-0"));
         async move { group }
     })
@@ -76,12 +54,12 @@ async fn a_memory_hog_is_killed_by_its_cgroup_and_never_swaps() {
     .await;
     let id = instance["id"].as_str().unwrap();
     // The kernel's own record: out-of-memory kills in this group.
-    let events = if unified() { group.join("memory.events") } else { group.join("memory.oom_control") };
+    let events = if cgroup_v2() { group.join("memory.events") } else { group.join("memory.oom_control") };
     let kills = stat(&events, "oom_kill").unwrap_or_else(|| panic!("no oom_kill in {}", events.display()));
     assert!(kills >= 1, "the cgroup killed it: {} says {kills}", events.display());
     // No swap to hide in: memory plus swap is capped at the memory limit.
     let limit = 32u64 << 20;
-    if unified() {
+    if cgroup_v2() {
         let swap = std::fs::read_to_string(group.join("memory.swap.max")).unwrap_or_default();
         assert!(swap.is_empty() || swap.trim() == "0", "memory.swap.max: {swap}");
     } else {
@@ -118,7 +96,7 @@ async fn a_cpu_hog_is_held_to_its_share() {
     std::fs::write(&file, job("spin", "/bin/sh", r#"["-c", "while :; do :; done"]"#, 100, 32)).unwrap();
     meshd.ctl_ok(&["job", "run", file.to_str().unwrap()]);
     let instance = meshd.running("spin", 1, Duration::from_secs(30)).await.remove(0);
-    let group = group_of(instance["pid"].as_i64().unwrap(), "cpu").expect("the spinner's cpu group");
+    let group = cgroup_dir(instance["pid"].as_i64().unwrap(), "cpu").expect("the spinner's cpu group");
     assert!(group.ends_with("spin-0"), "{}", group.display());
     let throttled_file = group.join("cpu.stat");
     let throttled = |file: &Path| stat(file, "nr_throttled").unwrap_or(0);

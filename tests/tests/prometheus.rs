@@ -10,6 +10,20 @@ use mesh_tests::process::{Echo, Process, Proxy};
 use mesh_tests::proxy_config::{render, ServiceSpec};
 use mesh_tests::{eventually, free_port, TempDir};
 
+/// A real Prometheus on a free port with `config` (YAML); returns it and
+/// its API address.
+fn start_prometheus(dir: &TempDir, config: &str) -> (Process, String) {
+    let port = free_port();
+    let path = dir.path("prometheus.yml");
+    std::fs::write(&path, config).unwrap();
+    let prometheus = Process::start_quiet(Command::new("prometheus").args([
+        &format!("--config.file={}", path.display()),
+        &format!("--storage.tsdb.path={}", dir.path("tsdb").display()),
+        &format!("--web.listen-address=127.0.0.1:{port}"),
+    ]));
+    (prometheus, format!("127.0.0.1:{port}"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn promtool_accepts_the_metrics_and_prometheus_counts_requests() {
     let dir = TempDir::new("prometheus");
@@ -30,22 +44,11 @@ async fn promtool_accepts_the_metrics_and_prometheus_counts_requests() {
     let metrics = text(&proxy.admin()).await;
     mesh_tests::metrics::promtool_check(&metrics);
 
-    let port = free_port();
-    let config = dir.path("prometheus.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: mesh-proxy\n    static_configs:\n      - targets: ['{}']\n",
-            proxy.admin()
-        ),
-    )
-    .unwrap();
-    let _prometheus = Process::start_quiet(Command::new("prometheus").args([
-        &format!("--config.file={}", config.display()),
-        &format!("--storage.tsdb.path={}", dir.path("tsdb").display()),
-        &format!("--web.listen-address=127.0.0.1:{port}"),
-    ]));
-    let api = format!("127.0.0.1:{port}");
+    let config = format!(
+        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: mesh-proxy\n    static_configs:\n      - targets: ['{}']\n",
+        proxy.admin()
+    );
+    let (_prometheus, api) = start_prometheus(&dir, &config);
     let query = "/api/v1/query?query=sum(mesh_http_requests_total%7Bdirection%3D%22outbound%22%2Cservice%3D%22echo%22%2Ccode%3D%22200%22%7D)";
     let value = eventually("Prometheus has scraped the proxy", Duration::from_secs(60), || {
         let api = api.clone();
@@ -97,24 +100,13 @@ async fn prometheus_pointed_at_meshd_finds_every_sidecar_and_sees_the_split() {
         })
         .await;
 
-    let port = free_port();
-    let config = dir.path("prometheus.yml");
     let rules = mesh_tests::workspace_dir().join("docs/prometheus/mesh-rules.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: mesh\n    http_sd_configs:\n      - url: http://{}/prometheus/targets\n        refresh_interval: 1s\n",
-            rules.display(),
-            meshd.admin
-        ),
-    )
-    .unwrap();
-    let _prometheus = Process::start_quiet(Command::new("prometheus").args([
-        &format!("--config.file={}", config.display()),
-        &format!("--storage.tsdb.path={}", dir.path("tsdb").display()),
-        &format!("--web.listen-address=127.0.0.1:{port}"),
-    ]));
-    let api = format!("127.0.0.1:{port}");
+    let config = format!(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: mesh\n    http_sd_configs:\n      - url: http://{}/prometheus/targets\n        refresh_interval: 1s\n",
+        rules.display(),
+        meshd.admin
+    );
+    let (_prometheus, api) = start_prometheus(&dir, &config);
 
     // `up` for meshd and for every sidecar, found through meshd alone.
     eventually("Prometheus finds meshd and every sidecar", Duration::from_secs(60), || {

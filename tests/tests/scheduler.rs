@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use mesh_tests::client::Background;
-use mesh_tests::process::{alive, Agent, Meshd};
+use mesh_tests::process::{alive, cgroup_dir, cgroup_v2, Agent, Meshd};
 use mesh_tests::{bin, eventually, TempDir};
 use serde_json::Value;
 
@@ -25,26 +25,19 @@ fn echo_job(name: &str, version: &str, replicas: u32, extra: &str) -> String {
 /// The memory limit (bytes) and CPU quota (µs per 100 ms) of the cgroups
 /// a process is in, on cgroup v1 or v2.
 fn cgroup_limits(pid: i64) -> (u64, u64) {
-    let membership = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
-    let path_of = |controller: &str| {
-        membership
-            .lines()
-            .find_map(|line| {
-                let mut parts = line.splitn(3, ':');
-                let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
-                (controllers.split(',').any(|c| c == controller)).then(|| path.to_owned())
-            })
-            .unwrap_or_else(|| panic!("{pid} has no {controller} cgroup: {membership}"))
+    let read = |path: std::path::PathBuf| {
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
     };
-    let read = |path: String| std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
-        let dir = format!("/sys/fs/cgroup{}", path_of(""));
-        let memory = read(format!("{dir}/memory.max")).trim().parse().unwrap();
-        let cpu = read(format!("{dir}/cpu.max")).split_whitespace().next().unwrap().parse().unwrap();
+    let group = |controller| {
+        cgroup_dir(pid, controller).unwrap_or_else(|| panic!("{pid} has no {controller} cgroup"))
+    };
+    if cgroup_v2() {
+        let memory = read(group("memory").join("memory.max")).trim().parse().unwrap();
+        let cpu = read(group("cpu").join("cpu.max")).split_whitespace().next().unwrap().parse().unwrap();
         (memory, cpu)
     } else {
-        let memory = read(format!("/sys/fs/cgroup/memory{}/memory.limit_in_bytes", path_of("memory")));
-        let cpu = read(format!("/sys/fs/cgroup/cpu{}/cpu.cfs_quota_us", path_of("cpu")));
+        let memory = read(group("memory").join("memory.limit_in_bytes"));
+        let cpu = read(group("cpu").join("cpu.cfs_quota_us"));
         (memory.trim().parse().unwrap(), cpu.trim().parse().unwrap())
     }
 }

@@ -533,8 +533,9 @@ impl Jobs for JobsService {
             // instances are replaced as a new version's would be.
             let task_changed = match state.jobs.get(&name) {
                 Some((_, old)) if old.version == job.version => {
-                    job.revision = old.revision + u64::from(!old.same_task(&job));
-                    !old.same_task(&job)
+                    let changed = !old.same_task(&job);
+                    job.revision = old.revision + u64::from(changed);
+                    changed
                 }
                 _ => false,
             };
