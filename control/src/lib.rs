@@ -2,6 +2,7 @@
 //! serve proxies, agents and meshctl, and the CLI's client side.
 
 pub mod agent;
+pub mod auth;
 pub mod convert;
 pub mod identity;
 pub mod job;

@@ -15,6 +15,10 @@ pub struct ControlMetrics {
     ack_buckets: [AtomicU64; BUCKETS.len()],
     ack_overflow: AtomicU64,
     ack_sum_nanos: AtomicU64,
+    refused_unauthenticated: AtomicU64,
+    refused_permission: AtomicU64,
+    refused_impostor: AtomicU64,
+    handshake_failures: AtomicU64,
 }
 
 impl ControlMetrics {
@@ -38,6 +42,22 @@ impl ControlMetrics {
             None => self.ack_overflow.fetch_add(1, Ordering::Relaxed),
         };
         self.ack_sum_nanos.fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// A call refused at the gate: no (valid) credential, or not allowed.
+    pub fn count_refused_call(&self, unauthenticated: bool) {
+        let counter = if unauthenticated { &self.refused_unauthenticated } else { &self.refused_permission };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A node that spoke of another node or of instances not its own.
+    pub fn count_impostor(&self) {
+        self.refused_impostor.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A TLS handshake on the gRPC port that failed (plaintext, a foreign CA).
+    pub fn count_handshake_failure(&self) {
+        self.handshake_failures.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn render(&self) -> String {
@@ -71,6 +91,22 @@ impl ControlMetrics {
             "meshd_pushed_bytes_total",
             "Bytes of routing updates sent to proxies.",
             self.pushed_bytes.load(Ordering::Relaxed),
+            "counter",
+        );
+        let name = "meshd_refused_calls_total";
+        let _ = writeln!(out, "# HELP {name} gRPC calls refused by the access check.\n# TYPE {name} counter");
+        for (reason, counter) in [
+            ("unauthenticated", &self.refused_unauthenticated),
+            ("permission-denied", &self.refused_permission),
+            ("impostor", &self.refused_impostor),
+        ] {
+            let _ = writeln!(out, "{name}{{reason=\"{reason}\"}} {}", counter.load(Ordering::Relaxed));
+        }
+        gauge(
+            &mut out,
+            "meshd_tls_handshake_failures_total",
+            "TLS handshakes on the gRPC port that failed (plaintext or foreign-CA clients).",
+            self.handshake_failures.load(Ordering::Relaxed),
             "counter",
         );
         let name = "meshd_push_to_ack_seconds";

@@ -75,6 +75,7 @@ mod tests {
             addr: addr.into(),
             ready: true,
             meshed: false,
+            plaintext_ok: false,
         }
     }
 

@@ -77,11 +77,30 @@ pub struct MeshState {
 /// A change requested through the registry or admin API.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Change {
-    Register { service: String, version: String, addr: String, ready: bool, meshed: bool },
-    Deregister { service: String, addr: String },
-    SetSplit { service: String, weights: BTreeMap<String, u32> },
-    ClearSplit { service: String },
-    SetPolicy { service: String, policy: Policy },
+    Register {
+        service: String,
+        version: String,
+        addr: String,
+        ready: bool,
+        meshed: bool,
+        /// Allows a plaintext endpoint beside meshed ones (an admin's choice).
+        plaintext_ok: bool,
+    },
+    Deregister {
+        service: String,
+        addr: String,
+    },
+    SetSplit {
+        service: String,
+        weights: BTreeMap<String, u32>,
+    },
+    ClearSplit {
+        service: String,
+    },
+    SetPolicy {
+        service: String,
+        policy: Policy,
+    },
 }
 
 /// Why a change was refused. The message names the field or value at fault.
@@ -189,7 +208,7 @@ impl MeshState {
         let mut next = self.clone();
         let version = self.version + 1;
         let name = match change {
-            Change::Register { service, version: endpoint_version, addr, ready, meshed } => {
+            Change::Register { service, version: endpoint_version, addr, ready, meshed, plaintext_ok } => {
                 check_name("service", service)?;
                 check_name("version", endpoint_version)?;
                 let Ok(addr) = addr.parse::<SocketAddr>() else {
@@ -203,6 +222,12 @@ impl MeshState {
                 let record =
                     EndpointRecord { version: endpoint_version.clone(), ready: *ready, meshed: *meshed };
                 let entry = Arc::make_mut(next.services.entry(service.clone()).or_default());
+                let downgrade = !*meshed && entry.endpoints.values().any(|e| e.meshed);
+                if downgrade && !*plaintext_ok {
+                    return refuse(format!(
+                        "service {service:?} is served by mesh sidecars over mTLS; a plaintext endpoint would downgrade its callers (an admin may allow it with --plaintext-ok)"
+                    ));
+                }
                 if let Some(existing) = entry.endpoints.get(&addr) {
                     if *existing == record {
                         // Registering what is already there changes nothing.
@@ -314,6 +339,7 @@ mod tests {
             addr: addr.into(),
             ready: true,
             meshed: false,
+            plaintext_ok: false,
         }
     }
 
@@ -387,6 +413,42 @@ mod tests {
         let state = base().apply(&split("web", &[("v1", 50), ("v2", 50)])).unwrap();
         let error = state.apply(&register("web", "v1", "127.0.0.1:2")).unwrap_err();
         assert!(error.0.contains("change the split first"), "{error}");
+    }
+
+    #[test]
+    fn a_plaintext_endpoint_joins_meshed_ones_only_when_allowed() {
+        let meshed = |addr: &str| Change::Register {
+            service: "pay".into(),
+            version: "v1".into(),
+            addr: addr.into(),
+            ready: true,
+            meshed: true,
+            plaintext_ok: false,
+        };
+        let plain = |addr: &str, plaintext_ok: bool| Change::Register {
+            service: "pay".into(),
+            version: "v1".into(),
+            addr: addr.into(),
+            ready: true,
+            meshed: false,
+            plaintext_ok,
+        };
+        let state = MeshState::default().apply(&meshed("127.0.0.1:1")).unwrap();
+        // (change, accepted?)
+        let cases = [
+            (plain("127.0.0.1:9", false), false),
+            (plain("127.0.0.1:9", true), true),
+            // A meshed endpoint turned plaintext is a downgrade too.
+            (plain("127.0.0.1:1", false), false),
+            (meshed("127.0.0.1:2"), true),
+        ];
+        for (change, accepted) in cases {
+            let result = state.apply(&change);
+            assert_eq!(result.is_ok(), accepted, "{change:?}: {result:?}");
+            if let Err(error) = result {
+                assert!(error.0.contains("would downgrade its callers"), "{error}");
+            }
+        }
     }
 
     #[test]

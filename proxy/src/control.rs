@@ -26,7 +26,7 @@ use crate::proxy::Proxy;
 /// Who this proxy is and what it listens on; fixed for its life.
 #[derive(Clone, Debug)]
 pub struct ControlOptions {
-    pub control: String,
+    pub control: crate::control_tls::ControlAccess,
     pub proxy_id: String,
     pub service: String,
     pub version: String,
@@ -55,7 +55,7 @@ pub async fn run(options: ControlOptions, proxy: Arc<Proxy>, mut shutdown: Shutd
             result = session => match result {
                 Ok(received) => received,
                 Err(error) => {
-                    tracing::warn!(control = %options.control, %error, "control plane stream lost; serving the last table");
+                    tracing::warn!(control = %options.control.addr, %error, "control plane stream lost; serving the last table");
                     false
                 }
             },
@@ -84,14 +84,17 @@ pub struct Routes {
 
 /// One subscription; returns whether any update arrived.
 async fn session(options: &ControlOptions, proxy: &Proxy, routes: &mut Routes) -> Result<bool, String> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", options.control))
-        .map_err(|e| e.to_string())?
-        .connect_timeout(Duration::from_secs(2))
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
+    // A sidecar given a token subscribes with the certificate it brings.
+    if proxy.needs_identity.load(std::sync::atomic::Ordering::Acquire) && proxy.identity.load().is_none() {
+        let mut changes = proxy.identity_changes.subscribe();
+        while proxy.identity.load().is_none() {
+            if changes.changed().await.is_err() {
+                return Err("the proxy is stopping".to_owned());
+            }
+        }
+    }
+    let tls = options.control.authenticated(proxy)?;
+    let channel = mesh_client::connect(&options.control.addr, &tls, Duration::from_secs(2)).await?;
     let (acks, outgoing) = mpsc::channel(8);
     let have_version = proxy.control_version();
     let hello = pb::Hello {
@@ -352,7 +355,7 @@ mod tests {
     #[test]
     fn a_refused_route_holds_back_only_its_own_service() {
         let options = ControlOptions {
-            control: String::new(),
+            control: crate::control_tls::ControlAccess::with_roots("", ""),
             proxy_id: "p".into(),
             service: "client".into(),
             version: "v1".into(),

@@ -3,6 +3,8 @@
 //! control plane's CA signs for the one-time bootstrap token the agent
 //! handed over. The mTLS transport between proxies uses what this holds.
 
+use crate::control_tls::ControlAccess;
+use crate::proxy::Proxy;
 use std::time::Duration;
 
 use mesh_proto::mesh::v1 as pb;
@@ -89,11 +91,11 @@ impl std::fmt::Debug for Identity {
     }
 }
 
-/// Generates a key and gets it certified for `token` by the control plane at `control`.
-pub async fn obtain(control: &str, token: &str) -> Result<Identity, String> {
+/// Generates a key and gets it certified for `token` by the control plane.
+pub async fn obtain(control: &ControlAccess, proxy: &Proxy, token: &str) -> Result<Identity, String> {
     let key = KeyPair::generate().map_err(|e| format!("generating a key: {e}"))?;
     let request = pb::SignRequest { token: token.to_owned(), csr_pem: certificate_request(&key)? };
-    let reply = client(control)
+    let reply = client(control, proxy)
         .await?
         .sign(request)
         .await
@@ -102,13 +104,13 @@ pub async fn obtain(control: &str, token: &str) -> Result<Identity, String> {
 }
 
 /// A new certificate for the same identity and key, before this one expires.
-pub async fn renew(control: &str, current: &Identity) -> Result<Identity, String> {
+pub async fn renew(control: &ControlAccess, proxy: &Proxy, current: &Identity) -> Result<Identity, String> {
     let key = KeyPair::try_from(current.key_der()).map_err(|e| format!("the key: {e}"))?;
     let request = pb::RenewRequest {
         certificate_pem: current.certificate_pem.clone(),
         csr_pem: certificate_request(&key)?,
     };
-    let reply = client(control)
+    let reply = client(control, proxy)
         .await?
         .renew(request)
         .await
@@ -154,13 +156,12 @@ fn certificate_request(key: &KeyPair) -> Result<String, String> {
         .map_err(|e| format!("the certificate request: {e}"))
 }
 
-async fn client(control: &str) -> Result<IdentityClient<tonic::transport::Channel>, String> {
-    let channel = tonic::transport::Channel::from_shared(format!("http://{control}"))
-        .map_err(|e| e.to_string())?
-        .connect_timeout(Duration::from_secs(2))
-        .connect()
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
+async fn client(
+    control: &ControlAccess,
+    proxy: &Proxy,
+) -> Result<IdentityClient<tonic::transport::Channel>, String> {
+    let channel =
+        mesh_client::connect(&control.addr, &control.anonymous(proxy)?, Duration::from_secs(2)).await?;
     Ok(IdentityClient::new(channel))
 }
 

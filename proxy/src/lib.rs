@@ -6,6 +6,7 @@ pub mod balance;
 pub mod clock;
 pub mod config;
 pub mod control;
+pub mod control_tls;
 pub mod errors;
 pub mod http;
 pub mod identity;

@@ -14,6 +14,7 @@ use std::time::Duration;
 use clap::Parser;
 use mesh_proxy::config::{Listen, Protocol, ProxyConfig, UpstreamConfig};
 use mesh_proxy::control::{self, ControlOptions};
+use mesh_proxy::control_tls::ControlAccess;
 use mesh_proxy::listen::{self, http::Role, ConnectionLimits, ShutdownSignal};
 use mesh_proxy::proxy::Proxy;
 use mesh_proxy::reload;
@@ -30,6 +31,14 @@ struct Args {
     /// The control plane's gRPC address; routes come from it.
     #[arg(long, requires = "service")]
     control: Option<String>,
+    /// The mesh's trust roots (PEM), to verify meshd's certificate; the
+    /// agent hands its sidecars this file.
+    #[arg(long, env = "MESH_CONTROL_CA")]
+    control_ca: Option<PathBuf>,
+    /// An operator's credential (`meshctl user create`), for a proxy run by
+    /// hand outside the scheduler: its routing stream authenticates with it.
+    #[arg(long, env = "MESH_CREDENTIALS")]
+    credentials: Option<PathBuf>,
     /// The service of the local app (with --control).
     #[arg(long)]
     service: Option<String>,
@@ -268,16 +277,16 @@ const IDENTITY_TOKEN_ENV: &str = "MESH_IDENTITY_TOKEN";
 /// plane is unreachable (a refused token is final: the agent starts the
 /// instance again with a new one), then renews it at about 70 % of its
 /// life for as long as the proxy runs.
-async fn acquire_identity(control: String, token: String, proxy: Arc<Proxy>) {
+async fn acquire_identity(control: ControlAccess, token: String, proxy: Arc<Proxy>) {
     let mut backoff = Duration::from_millis(100);
     let mut identity = None;
     for _ in 0..20 {
-        match mesh_proxy::identity::obtain(&control, &token).await {
+        match mesh_proxy::identity::obtain(&control, &proxy, &token).await {
             Ok(obtained) => {
                 identity = Some(obtained);
                 break;
             }
-            Err(error) if error.contains("refused") => {
+            Err(error) if error.starts_with("the control plane refused") => {
                 tracing::error!(%error, "no certificate: the token was refused");
                 return;
             }
@@ -298,7 +307,7 @@ async fn acquire_identity(control: String, token: String, proxy: Arc<Proxy>) {
         }
         tracing::info!(%spiffe_id, expires_unix_ms, "certificate obtained");
         let current = proxy.identity.load_full().expect("installed above");
-        identity = renew_when_due(&control, &current, &proxy.renew_now).await;
+        identity = renew_when_due(&control, &proxy, &current).await;
     }
 }
 
@@ -307,10 +316,11 @@ async fn acquire_identity(control: String, token: String, proxy: Arc<Proxy>) {
 /// expiry: after that only a new token helps, and the proxy keeps retrying
 /// in case the control plane comes back).
 async fn renew_when_due(
-    control: &str,
+    control: &ControlAccess,
+    proxy: &Proxy,
     current: &mesh_proxy::identity::Identity,
-    now: &tokio::sync::Notify,
 ) -> mesh_proxy::identity::Identity {
+    let now = &proxy.renew_now;
     let jitter = rand::random_range(-1.0..=1.0);
     let due = current.renew_at_unix_ms(jitter);
     let wait = due.saturating_sub(mesh_proxy::clock::unix_millis());
@@ -320,7 +330,7 @@ async fn renew_when_due(
     }
     let mut backoff = Duration::from_millis(200);
     loop {
-        match mesh_proxy::identity::renew(control, current).await {
+        match mesh_proxy::identity::renew(control, proxy, current).await {
             Ok(renewed) => return renewed,
             Err(error) => tracing::warn!(%error, ?backoff, "renewal failed; retrying"),
         }
@@ -337,8 +347,10 @@ async fn start_under_control(
 ) -> Result<Arc<Proxy>, (u8, String)> {
     let service = args.service.clone().unwrap_or_default();
     let listen = Listen { outbound: args.outbound, inbound: args.inbound, admin: args.admin, app: args.app };
+    let access = ControlAccess::new(control_addr, args.control_ca.as_deref(), args.credentials.as_deref())
+        .map_err(|e| (2, e))?;
     let mut options = ControlOptions {
-        control: control_addr.to_owned(),
+        control: access.clone(),
         proxy_id: args.proxy_id.clone().unwrap_or_else(|| format!("{service}-{}", std::process::id())),
         service: service.clone(),
         version: args.app_version.clone(),
@@ -361,7 +373,7 @@ async fn start_under_control(
     // (never on the command line, which `ps` shows).
     if let Ok(token) = std::env::var(IDENTITY_TOKEN_ENV) {
         proxy.needs_identity.store(true, Ordering::Release);
-        tokio::spawn(acquire_identity(control_addr.to_owned(), token, proxy.clone()));
+        tokio::spawn(acquire_identity(access, token, proxy.clone()));
     }
     listeners.start_main(&listen, &proxy, shutdown).await.map_err(|e| (1, e))?;
     options.admin_addr =

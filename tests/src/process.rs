@@ -223,8 +223,10 @@ impl Proxy {
 pub struct Agent(pub Process);
 
 impl Agent {
+    /// An agent of `meshd`'s mesh; on its first start it joins with a
+    /// fresh join token, later starts use the node certificate it kept.
     pub fn start(
-        server: &str,
+        meshd: &Meshd,
         name: &str,
         ip: &str,
         cpu_millis: u32,
@@ -232,11 +234,12 @@ impl Agent {
         extra: &[&str],
     ) -> Agent {
         let cpu = cpu_millis.to_string();
+        let joined = data_dir.join("node.credentials.toml").exists();
         let data_dir = data_dir.to_str().expect("utf-8 path");
         let mut args = vec![
             "agent",
             "--server",
-            server,
+            &meshd.listen,
             "--name",
             name,
             "--advertise-ip",
@@ -249,7 +252,12 @@ impl Agent {
             data_dir,
         ];
         args.extend_from_slice(extra);
-        Agent(Process::start(&crate::bin("meshd"), &args))
+        let mut command = Command::new(crate::bin("meshd"));
+        command.args(&args);
+        if !joined {
+            command.env("MESH_JOIN_TOKEN", meshd.join_token());
+        }
+        Agent(Process::start_with(&mut command))
     }
 
     /// SIGKILL, as a node that dies.
@@ -270,6 +278,8 @@ pub struct Meshd {
     pub process: Process,
     pub listen: String,
     pub admin: String,
+    /// The admin credential meshd wrote into its data dir.
+    pub credentials: String,
 }
 
 impl Meshd {
@@ -285,10 +295,31 @@ impl Meshd {
         let data_dir = data_dir.to_str().expect("utf-8 path");
         let mut args = vec!["server", "--data-dir", data_dir, "--listen", listen, "--admin", "127.0.0.1:0"];
         args.extend_from_slice(extra);
-        let process = Process::start(&crate::bin("meshd"), &args);
+        Meshd::from_process(Process::start(&crate::bin("meshd"), &args))
+    }
+
+    fn from_process(process: Process) -> Meshd {
         let listen = process.field("listen");
         let admin = process.field("admin");
-        Meshd { process, listen, admin }
+        let credentials = process.field("credentials");
+        Meshd { process, listen, admin, credentials }
+    }
+
+    /// A join token for one node.
+    pub fn join_token(&self) -> String {
+        self.ctl_ok(&["node", "token", "create"]).trim().to_owned()
+    }
+
+    /// A gRPC channel to meshd over TLS with the admin credential.
+    pub async fn channel(&self) -> tonic::transport::Channel {
+        self.channel_as(&self.credentials).await
+    }
+
+    /// A gRPC channel to meshd over TLS with the credential in `file`.
+    pub async fn channel_as(&self, file: &str) -> tonic::transport::Channel {
+        let credentials = mesh_client::Credentials::read(Path::new(file)).expect("a credential");
+        let tls = credentials.tls().expect("the credential's TLS");
+        mesh_client::connect(&self.listen, &tls, Duration::from_secs(5)).await.expect("meshd answers")
     }
 
     /// `meshd dev --demo`: the control plane and one node agent running the
@@ -297,10 +328,7 @@ impl Meshd {
         let data_dir = data_dir.to_str().expect("utf-8 path");
         let args =
             ["dev", "--demo", "--data-dir", data_dir, "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"];
-        let process = Process::start(&crate::bin("meshd"), &args);
-        let listen = process.field("listen");
-        let admin = process.field("admin");
-        Meshd { process, listen, admin }
+        Meshd::from_process(Process::start(&crate::bin("meshd"), &args))
     }
 
     /// Every instance, as `meshctl get instances -o json` lists them.
@@ -357,7 +385,7 @@ impl Meshd {
 
     /// Runs meshctl against this server: (exit code, stdout, stderr).
     pub fn ctl(&self, args: &[&str]) -> (i32, String, String) {
-        let mut all = vec!["--server", self.listen.as_str()];
+        let mut all = vec!["--server", self.listen.as_str(), "--credentials", self.credentials.as_str()];
         all.extend_from_slice(args);
         run(&crate::bin("meshctl"), &all)
     }
@@ -380,10 +408,14 @@ impl Meshd {
 impl Proxy {
     /// A mesh-proxy under the control plane, with an outbound listener and
     /// the given extra flags (such as `--upstream echo=127.0.0.1:0`).
-    pub fn start_control(server: &str, service: &str, extra: &[&str]) -> Proxy {
+    /// It authenticates with `meshd`'s admin credential, as a proxy run by
+    /// hand does with an operator's.
+    pub fn start_control(meshd: &Meshd, service: &str, extra: &[&str]) -> Proxy {
         let mut args = vec![
             "--control",
-            server,
+            &meshd.listen,
+            "--credentials",
+            &meshd.credentials,
             "--service",
             service,
             "--outbound",

@@ -42,7 +42,10 @@ fn every_subcommand_exits_2_on_what_was_asked_and_1_when_the_server_is_gone() {
     assert_eq!(endpoints.as_array().unwrap().len(), 1, "{endpoints}");
     assert_eq!(meshd.ctl_json(&["get", "splits"]), serde_json::json!([]));
 
-    let (code, _, stderr) = run(&bin("meshctl"), &["--server", "127.0.0.1:1", "get", "services"]);
+    let (code, _, stderr) = run(
+        &bin("meshctl"),
+        &["--server", "127.0.0.1:1", "--credentials", &meshd.credentials, "get", "services"],
+    );
     assert_eq!(code, 1, "{stderr}");
-    assert!(stderr.contains("cannot reach the control plane"), "{stderr}");
+    assert!(stderr.contains("cannot reach meshd at 127.0.0.1:1"), "{stderr}");
 }

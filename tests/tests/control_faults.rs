@@ -11,8 +11,8 @@ use mesh_proto::mesh::v1::registry_client::RegistryClient;
 use mesh_tests::process::{alive, run_bounded, Agent, Meshd};
 use mesh_tests::{bin, eventually, TempDir};
 
-fn agent(server: &str, name: &str, ip: &str, data: &Path) -> Agent {
-    Agent::start(server, name, ip, 1000, data, &[])
+fn agent(meshd: &Meshd, name: &str, ip: &str, data: &Path) -> Agent {
+    Agent::start(meshd, name, ip, 1000, data, &[])
 }
 
 fn spread_job(name: &str, replicas: u32) -> String {
@@ -50,8 +50,8 @@ async fn web_on_two_nodes(
     meshd_args: &[&str],
 ) -> (Meshd, Agent, Agent, BTreeMap<String, (String, i64)>) {
     let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", meshd_args);
-    let a = agent(&meshd.listen, "node-a", "127.0.0.2", &dir.path("a"));
-    let b = agent(&meshd.listen, "node-b", "127.0.0.3", &dir.path("b"));
+    let a = agent(&meshd, "node-a", "127.0.0.2", &dir.path("a"));
+    let b = agent(&meshd, "node-b", "127.0.0.3", &dir.path("b"));
     nodes_up(&meshd, 2).await;
     let file = dir.path("web.toml");
     std::fs::write(&file, spread_job("web", 2)).unwrap();
@@ -148,7 +148,7 @@ fn endpoints(meshd: &Meshd) -> Vec<(String, String, bool)> {
 async fn a_job_changes_service_only_with_a_new_version() {
     let dir = TempDir::new("service-change");
     let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", &["--heartbeat-ttl", "1s"]);
-    let _a = agent(&meshd.listen, "node-a", "127.0.0.2", &dir.path("a"));
+    let _a = agent(&meshd, "node-a", "127.0.0.2", &dir.path("a"));
     let file = dir.path("shop.toml");
     let path = file.to_str().unwrap();
     std::fs::write(&file, echo_job("web", "v1")).unwrap();
@@ -361,11 +361,7 @@ async fn a_full_disk_fails_writes_clearly_and_meshd_recovers_when_space_is_back(
 
     // Twenty changes at once, committed in groups: every caller hears how
     // its own change ended, and a failed one is nowhere.
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", meshd.listen))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = meshd.channel().await;
     let mut calls = tokio::task::JoinSet::new();
     for port in 9000..9020u16 {
         let mut registry = RegistryClient::new(channel.clone());
@@ -377,7 +373,8 @@ async fn a_full_disk_fails_writes_clearly_and_meshd_recovers_when_space_is_back(
                 ready: true,
                 meshed: false,
             };
-            let call = registry.register(pb::RegisterRequest { endpoint: Some(endpoint) });
+            let call =
+                registry.register(pb::RegisterRequest { endpoint: Some(endpoint), plaintext_ok: false });
             let answer = tokio::time::timeout(Duration::from_secs(10), call)
                 .await
                 .expect("every caller gets an answer");

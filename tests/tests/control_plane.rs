@@ -26,7 +26,7 @@ fn mesh(name: &str) -> Mesh {
     for (echo, version) in [(&v1, "v1"), (&v2, "v2")] {
         meshd.ctl_ok(&["register", "echo", "--version", version, "--addr", &echo.addr]);
     }
-    let proxy = Proxy::start_control(&meshd.listen, "client", &["--upstream", "echo=127.0.0.1:0"]);
+    let proxy = Proxy::start_control(&meshd, "client", &["--upstream", "echo=127.0.0.1:0"]);
     Mesh { _dir: dir, meshd, v1, v2, proxy }
 }
 
@@ -89,7 +89,7 @@ async fn a_killed_server_loses_no_request_and_no_state() {
     for (echo, version) in [(&v1, "v1"), (&v2, "v2")] {
         meshd.ctl_ok(&["register", "echo", "--version", version, "--addr", &echo.addr]);
     }
-    let proxy = Proxy::start_control(&meshd.listen, "client", &[]);
+    let proxy = Proxy::start_control(&meshd, "client", &[]);
     meshd.ctl_ok(&["split", "echo", "v1=30", "v2=70", "--wait"]);
     meshd.ctl_ok(&["policy", "echo", "--timeout", "3s", "--retry-attempts", "2", "--wait"]);
     let version = status_version(&meshd);
@@ -135,11 +135,7 @@ async fn a_stuck_subscriber_delays_no_one_and_costs_bounded_memory() {
         register(&mut registry, &format!("127.0.0.9:{port}"), true).await;
     }
     // A subscriber that says hello and then never reads its stream.
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", mesh.meshd.listen))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = mesh.meshd.channel().await;
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     let hello = pb::Hello { proxy_id: "stuck-proxy".into(), service: "stuck".into(), ..Default::default() };
     tx.send(pb::SubscribeRequest { message: Some(pb::subscribe_request::Message::Hello(hello)) })
@@ -178,7 +174,7 @@ async fn a_stuck_subscriber_delays_no_one_and_costs_bounded_memory() {
 }
 
 async fn registry_client(meshd: &Meshd) -> pb::registry_client::RegistryClient<tonic::transport::Channel> {
-    pb::registry_client::RegistryClient::connect(format!("http://{}", meshd.listen)).await.unwrap()
+    pb::registry_client::RegistryClient::new(meshd.channel().await)
 }
 
 async fn register(
@@ -193,7 +189,7 @@ async fn register(
         ready,
         meshed: false,
     };
-    registry.register(pb::RegisterRequest { endpoint: Some(endpoint) }).await.unwrap();
+    registry.register(pb::RegisterRequest { endpoint: Some(endpoint), plaintext_ok: false }).await.unwrap();
 }
 
 /// meshd's /metrics passes promtool and reports the proxy and the version.
@@ -243,10 +239,10 @@ async fn bad_input_is_refused_clearly_and_changes_nothing() {
     // An unreachable server is named.
     let (code, _, stderr) = mesh_tests::process::run(
         &mesh_tests::bin("meshctl"),
-        &["--server", "127.0.0.1:1", "get", "services"],
+        &["--server", "127.0.0.1:1", "--credentials", &mesh.meshd.credentials, "get", "services"],
     );
     assert_ne!(code, 0);
-    assert!(stderr.contains("cannot reach the control plane at 127.0.0.1:1"), "{stderr}");
+    assert!(stderr.contains("cannot reach meshd at 127.0.0.1:1"), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -277,7 +273,7 @@ async fn a_refused_route_keeps_its_last_table_and_holds_back_nothing_else() {
     meshd.ctl_ok(&["register", "web", "--version", "v1", "--addr", &web.addr]);
     meshd.ctl_ok(&["register", "api", "--version", "v1", "--addr", &api.addr]);
     // web has its own upstream port, started for HTTP.
-    let proxy = Proxy::start_control(&meshd.listen, "client", &["--upstream", "web=127.0.0.1:0"]);
+    let proxy = Proxy::start_control(&meshd, "client", &["--upstream", "web=127.0.0.1:0"]);
     let web_port = proxy.upstream("web");
     meshd.ctl_ok(&["policy", "api", "--timeout", "5s", "--wait"]);
     assert_eq!(closed_loop(&web_port, "web", 50, 2).await.ok, 50);
@@ -317,7 +313,7 @@ async fn a_refused_route_keeps_its_last_table_and_holds_back_nothing_else() {
 async fn last_contact_shows_whether_a_quiet_proxy_is_alive() {
     let dir = TempDir::new("last-contact");
     let meshd = Meshd::start(&dir.path("data"));
-    let proxy = Proxy::start_control(&meshd.listen, "client", &["--control-keepalive", "300ms"]);
+    let proxy = Proxy::start_control(&meshd, "client", &["--control-keepalive", "300ms"]);
     let last_contact_ms_ago = || {
         let proxies = meshd.ctl_json(&["get", "proxies"]);
         proxies[0]["last_contact_ms_ago"].as_u64()

@@ -152,11 +152,14 @@ fn meshd_dev_runs_as_written_with_a_per_user_data_dir_and_the_hosts_size() {
         meshd.first_line
     );
     let listen = meshd.field("listen");
+    let credentials = meshd.field("credentials");
     // The dev node joins at once; bounded anyway.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let nodes = loop {
-        let (_, out, _) =
-            mesh_tests::process::run(&bin("meshctl"), &["--server", &listen, "get", "nodes", "-o", "json"]);
+        let (_, out, _) = mesh_tests::process::run(
+            &bin("meshctl"),
+            &["--server", &listen, "--credentials", &credentials, "get", "nodes", "-o", "json"],
+        );
         let nodes: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
         if nodes[0]["cpu_millis"].is_u64() || std::time::Instant::now() > deadline {
             break nodes;

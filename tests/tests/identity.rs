@@ -18,7 +18,7 @@ const JOB: &str = "name = \"web\"\nversion = \"v1\"\nreplicas = 1\n\n[task]\ncom
 /// A running `web` instance beside its certified sidecar.
 async fn cluster(dir: &TempDir) -> (Meshd, Agent, Value) {
     let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", &["--heartbeat-ttl", "1s"]);
-    let agent = Agent::start(&meshd.listen, "node-a", "127.0.0.2", 1000, &dir.path("agent"), &[]);
+    let agent = Agent::start(&meshd, "node-a", "127.0.0.2", 1000, &dir.path("agent"), &[]);
     let file = dir.path("web.toml");
     std::fs::write(&file, JOB).unwrap();
     meshd.ctl_ok(&["job", "run", file.to_str().unwrap()]);
@@ -39,7 +39,7 @@ async fn two_webs_and_a_client(dir: &TempDir, meshd_args: &[&str]) -> (Meshd, Ag
     let mut args = vec!["--heartbeat-ttl", "1s"];
     args.extend_from_slice(meshd_args);
     let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", &args);
-    let agent = Agent::start(&meshd.listen, "node-a", "127.0.0.2", 1000, &dir.path("agent"), &[]);
+    let agent = Agent::start(&meshd, "node-a", "127.0.0.2", 1000, &dir.path("agent"), &[]);
     let file = dir.path("web.toml");
     std::fs::write(&file, JOB.replace("replicas = 1", "replicas = 2")).unwrap();
     meshd.ctl_ok(&["job", "run", file.to_str().unwrap()]);
@@ -79,16 +79,24 @@ async fn tokens_work_once_and_only_for_their_own_instance() {
         "{logs}"
     );
 
-    let mut identity = IdentityClient::connect(format!("http://{}", meshd.listen)).await.unwrap();
+    // Asked as node-a, with the certificate its agent holds.
+    let node_a = dir.path("agent").join("node.credentials.toml");
+    let mut identity = IdentityClient::new(meshd.channel_as(node_a.to_str().unwrap()).await);
     let token =
         |node: &str, instance: &str| pb::TokenRequest { node: node.into(), instance: instance.into() };
     let id = instance["id"].as_str().unwrap();
 
     // The scheduler vouches only for what it placed, where it placed it.
-    for (node, instance) in [("node-b", id), ("node-a", "web-9"), ("node-a", "")] {
+    // A node asks only for itself.
+    let cases = [
+        ("node-b", id, "may speak only for itself"),
+        ("node-a", "web-9", "is not placed on node"),
+        ("node-a", "", "is not placed on node"),
+    ];
+    for (node, instance, why) in cases {
         let refused = identity.issue_token(token(node, instance)).await.unwrap_err();
         assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{node} {instance}");
-        assert!(refused.message().contains("is not placed on node"), "{}", refused.message());
+        assert!(refused.message().contains(why), "{}", refused.message());
     }
     let granted = identity.issue_token(token("node-a", id)).await.unwrap().into_inner();
     assert_eq!(granted.service, "web");
@@ -148,12 +156,20 @@ async fn private_keys_are_never_written_or_logged() {
     for file in agent_files.iter().chain(files(&dir.path("data")).iter()) {
         let content = std::fs::read(file).unwrap();
         let text = String::from_utf8_lossy(&content);
-        // The store holds the CA's key by design (meshd.redb); nothing else may hold a key.
-        if file.ends_with("meshd.redb") {
+        // The store holds the CA's key by design, the credentials their
+        // owner's key: each readable by its owner only. Nothing else may
+        // hold a key or a join token (logs included); sidecar keys stay in memory.
+        let holds_key = ["meshd.redb", "admin.credentials.toml", "node.credentials.toml"];
+        if holds_key.iter().any(|name| file.ends_with(name)) {
+            assert_eq!(mode(file.clone()), 0o600, "{}", file.display());
             continue;
         }
         assert!(!text.contains("PRIVATE KEY"), "{} holds a private key", file.display());
+        assert!(!text.contains("meshjoin."), "{} holds a join token", file.display());
     }
+    let node_key = std::fs::read_to_string(dir.path("agent").join("node.credentials.toml")).unwrap();
+    assert!(node_key.contains("PRIVATE KEY"), "the node keeps its key for restarts");
+    assert_eq!(mode(dir.path("agent")), 0o700, "the agent's data dir");
 }
 
 /// The sidecar of the first running instance of `job`: (inbound address, admin address).
@@ -301,10 +317,7 @@ async fn a_sidecar_cannot_pass_for_another_service() {
     assert_eq!(answer.status, 200);
 
     // Someone registers web's sidecar as an endpoint of service `payments`.
-    let mut registry =
-        mesh_proto::mesh::v1::registry_client::RegistryClient::connect(format!("http://{}", meshd.listen))
-            .await
-            .unwrap();
+    let mut registry = mesh_proto::mesh::v1::registry_client::RegistryClient::new(meshd.channel().await);
     let endpoint = pb::Endpoint {
         service: "payments".into(),
         version: "v1".into(),
@@ -312,7 +325,7 @@ async fn a_sidecar_cannot_pass_for_another_service() {
         ready: true,
         meshed: true,
     };
-    registry.register(pb::RegisterRequest { endpoint: Some(endpoint) }).await.unwrap();
+    registry.register(pb::RegisterRequest { endpoint: Some(endpoint), plaintext_ok: false }).await.unwrap();
     // The caller's sidecar wants payments' identity and sees web's: no request reaches it.
     let answer = eventually("calls to payments are refused", Duration::from_secs(10), || {
         let (http, client) = (http.clone(), client.clone());
@@ -488,6 +501,17 @@ async fn meshctl_check_reports_expiries_and_warns_before_them() {
     let in_a_day =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 24 * 3600;
     assert!(proxy["expires_unix"].as_u64().unwrap().abs_diff(in_a_day) < 120, "{proxy}");
+    // meshd's own certificate (7 days, from the root) and the node's (24 h).
+    let server = rows.iter().find(|r| r["what"] == "server").expect("meshd's certificate");
+    assert_eq!(
+        (server["status"].as_str(), server["root"].as_str()),
+        (Some("ok"), ca["root"].as_str().map(|r| r.trim_end_matches(" (signs)"))),
+        "{server}"
+    );
+    assert!(server["expires_unix"].as_u64().unwrap().abs_diff(in_a_day + 6 * 24 * 3600) < 120, "{server}");
+    let node = rows.iter().find(|r| r["what"] == "node" && r["name"] == "node-a").expect("the node");
+    assert_eq!(node["status"], "ok", "{node}");
+    assert!(node["expires_unix"].as_u64().unwrap().abs_diff(in_a_day) < 120, "{node}");
     // Certificates of 24 h expire within two days: warned, exit code 4.
     let (code, out, stderr) = meshd.ctl(&["check", "--warn-within", "48h"]);
     assert_eq!(code, 4, "{stderr}");

@@ -6,8 +6,8 @@ use std::time::Duration;
 use mesh_tests::process::{run, Agent, Meshd};
 use mesh_tests::{bin, eventually, TempDir};
 
-fn agent(server: &str, name: &str, ip: &str, dir: &TempDir) -> Agent {
-    Agent::start(server, name, ip, 1000, &dir.path(name), &["--attribute", &format!("zone={name}")])
+fn agent(meshd: &Meshd, name: &str, ip: &str, dir: &TempDir) -> Agent {
+    Agent::start(meshd, name, ip, 1000, &dir.path(name), &["--attribute", &format!("zone={name}")])
 }
 
 /// (name, up) of every node meshctl lists.
@@ -24,9 +24,9 @@ fn nodes(meshd: &Meshd) -> Vec<(String, bool)> {
 async fn nodes_join_go_down_within_the_ttl_and_rejoin_after_a_restart() {
     let dir = TempDir::new("nodes");
     let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", &["--heartbeat-ttl", "1s"]);
-    let _a = agent(&meshd.listen, "node-a", "127.0.0.2", &dir);
-    let b = agent(&meshd.listen, "node-b", "127.0.0.3", &dir);
-    let _c = agent(&meshd.listen, "node-c", "127.0.0.4", &dir);
+    let _a = agent(&meshd, "node-a", "127.0.0.2", &dir);
+    let b = agent(&meshd, "node-b", "127.0.0.3", &dir);
+    let _c = agent(&meshd, "node-c", "127.0.0.4", &dir);
     let all_up = vec![("node-a".to_owned(), true), ("node-b".to_owned(), true), ("node-c".to_owned(), true)];
     assert_eq!(nodes(&meshd), all_up);
     let listed = meshd.ctl_json(&["get", "nodes"]);

@@ -54,6 +54,14 @@ struct Meshd {
     child: std::process::Child,
     listen: String,
     data_dir: std::path::PathBuf,
+    /// TLS with meshd's admin credential, as every client of meshd speaks.
+    tls: mesh_client::ClientTls,
+}
+
+impl Meshd {
+    async fn channel(&self) -> Channel {
+        mesh_client::connect(&self.listen, &self.tls, Duration::from_secs(5)).await.expect("connect to meshd")
+    }
 }
 
 impl Drop for Meshd {
@@ -95,7 +103,10 @@ fn start_meshd(args: &Args, name: &str) -> Meshd {
             .to_owned()
     };
     let listen = field("listen");
-    Meshd { child, listen, data_dir }
+    let credentials = mesh_client::Credentials::read(std::path::Path::new(&field("credentials")))
+        .expect("meshd's admin credential");
+    let tls = credentials.tls().expect("the credential's TLS");
+    Meshd { child, listen, data_dir, tls }
 }
 
 /// Lets this process and meshd hold a connection per simulated proxy.
@@ -117,10 +128,15 @@ struct Received {
     updates: AtomicU64,
 }
 
-/// One simulated proxy: subscribes and acks every update at once.
-async fn simulated_proxy(server: String, id: u32, received: Arc<Received>) -> Result<(), String> {
-    let channel = Channel::from_shared(format!("http://{server}")).map_err(|e| e.to_string())?;
-    let channel = channel.connect().await.map_err(|e| e.to_string())?;
+/// One simulated proxy: its own TLS connection with a client certificate,
+/// as a sidecar has; subscribes and acks every update at once.
+async fn simulated_proxy(
+    server: String,
+    tls: mesh_client::ClientTls,
+    id: u32,
+    received: Arc<Received>,
+) -> Result<(), String> {
+    let channel = mesh_client::connect(&server, &tls, Duration::from_secs(10)).await?;
     let (tx, rx) = mpsc::channel(4);
     let hello = pb::Hello { proxy_id: format!("sim-{id}"), service: "sim".into(), ..Default::default() };
     let _ = tx.send(pb::SubscribeRequest { message: Some(Message::Hello(hello)) }).await;
@@ -171,7 +187,10 @@ async fn register(
         ready,
         meshed: false,
     };
-    registry.register(pb::RegisterRequest { endpoint: Some(endpoint) }).await.expect("register");
+    registry
+        .register(pb::RegisterRequest { endpoint: Some(endpoint), plaintext_ok: false })
+        .await
+        .expect("register");
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -183,11 +202,7 @@ async fn main() {
     raise_fd_limit();
     let meshd = start_meshd(&args, "measured");
     let pid = meshd.child.id() as i32;
-    let channel = Channel::from_shared(format!("http://{}", meshd.listen))
-        .expect("uri")
-        .connect()
-        .await
-        .expect("connect");
+    let channel = meshd.channel().await;
     let mut registry = RegistryClient::new(channel.clone());
     let mut admin = AdminClient::new(channel);
     for (version, addr) in [("v1", "127.0.0.8:1"), ("v2", "127.0.0.8:2")] {
@@ -198,11 +213,11 @@ async fn main() {
     let received = Arc::new(Received::default());
     let mut simulated = tokio::task::JoinSet::new();
     for id in 0..args.proxies {
-        let (server, received) = (meshd.listen.clone(), received.clone());
+        let (server, received, tls) = (meshd.listen.clone(), received.clone(), meshd.tls.clone());
         // A real proxy reconnects when its stream fails; so does this one (bounded).
         simulated.spawn(async move {
             for _ in 0..50 {
-                if let Err(error) = simulated_proxy(server.clone(), id, received.clone()).await {
+                if let Err(error) = simulated_proxy(server.clone(), tls.clone(), id, received.clone()).await {
                     eprintln!("simulated proxy {id}: {error}; reconnecting");
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -261,11 +276,7 @@ async fn main() {
 
     // The same table in a meshd no proxy connects to: what the table alone costs.
     let alone = start_meshd(&args, "alone");
-    let channel = Channel::from_shared(format!("http://{}", alone.listen))
-        .expect("uri")
-        .connect()
-        .await
-        .expect("connect");
+    let channel = alone.channel().await;
     let registry = RegistryClient::new(channel);
     for (version, addr) in [("v1", "127.0.0.8:1"), ("v2", "127.0.0.8:2")] {
         register(&mut registry.clone(), "echo", version, addr, true).await;

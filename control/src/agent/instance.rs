@@ -22,8 +22,9 @@ use crate::job::{parse_job, Check, Job, JobKind};
 
 /// What every instance on this node shares.
 pub struct Context {
-    /// The control plane's gRPC address, for the sidecars and for draining.
-    pub server: String,
+    /// The control plane: its address and roots for the sidecars, the
+    /// node's channel for tokens and draining.
+    pub link: std::sync::Arc<super::link::ControlLink>,
     pub advertise_ip: IpAddr,
     pub data_dir: PathBuf,
     /// The mesh-proxy binary.
@@ -335,9 +336,7 @@ impl RecentPorts {
 /// A one-time token for this instance's identity, from the control plane,
 /// which checks that it placed this instance on this node.
 async fn identity_token(context: &Context, assignment: &pb::Assignment) -> Result<String, String> {
-    let mut client = IdentityClient::connect(format!("http://{}", context.server))
-        .await
-        .map_err(|e| format!("identity: cannot reach the control plane: {e}"))?;
+    let mut client = IdentityClient::new(context.link.channel());
     let request = pb::TokenRequest { node: context.node.clone(), instance: assignment.id.clone() };
     let reply = client.issue_token(request).await.map_err(|e| format!("identity: {}", e.message()))?;
     Ok(reply.into_inner().token)
@@ -353,7 +352,9 @@ fn start_proxy(
 ) -> Result<Running, String> {
     let mut args = vec![
         "--control".to_owned(),
-        context.server.clone(),
+        context.link.server.clone(),
+        "--control-ca".to_owned(),
+        context.link.roots_file().display().to_string(),
         "--service".to_owned(),
         assignment.service.clone(),
         "--app-version".to_owned(),
@@ -681,7 +682,7 @@ async fn drain(context: &Context, report: &SharedReport) {
         r.ready = false;
     });
     let wait = async {
-        let mut admin = AdminClient::connect(format!("http://{}", context.server)).await.ok()?;
+        let mut admin = AdminClient::new(context.link.channel());
         let version = admin.status(pb::Empty {}).await.ok()?.into_inner().version;
         let request = pb::WaitRequest { version, timeout_ms: DRAIN_WAIT.as_millis() as u64 };
         admin.wait_converged(request).await.ok()

@@ -7,6 +7,7 @@ pub mod cgroup;
 pub mod files;
 pub mod health;
 pub mod instance;
+pub mod link;
 pub mod logs;
 pub mod node;
 pub mod process;

@@ -8,18 +8,23 @@ use std::time::Duration;
 use mesh_proto::mesh::v1 as pb;
 use mesh_proto::mesh::v1::nodes_client::NodesClient;
 use rand::Rng;
-use tonic::transport::Channel;
 
+use super::link::ControlLink;
 use super::supervisor::Supervisor;
 
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Runs until the process is stopped; returns only on a bad node description.
-pub async fn run(server: String, info: pb::NodeInfo, supervisor: Arc<Supervisor>) -> Result<(), String> {
+pub async fn run(
+    link: Arc<ControlLink>,
+    info: pb::NodeInfo,
+    supervisor: Arc<Supervisor>,
+) -> Result<(), String> {
     let mut announced = false;
     let mut backoff = Duration::from_millis(100);
+    let server = link.server.clone();
     loop {
-        match session(&server, &info, &supervisor, &mut announced).await {
+        match session(&link, &info, &supervisor, &mut announced).await {
             Err(Failure::Refused(reason)) => {
                 return Err(format!("the control plane refused node {}: {reason}", info.name))
             }
@@ -42,20 +47,17 @@ enum Failure {
 
 /// Joins, then heartbeats until the server forgets the node (Ok) or fails.
 async fn session(
-    server: &str,
+    link: &ControlLink,
     info: &pb::NodeInfo,
     supervisor: &Supervisor,
     announced: &mut bool,
 ) -> Result<(), Failure> {
-    let channel = Channel::from_shared(format!("http://{server}"))
-        .map_err(|e| Failure::Refused(e.to_string()))?
-        .connect_timeout(Duration::from_secs(2))
-        .connect()
-        .await
-        .map_err(|e| Failure::Lost(e.to_string()))?;
-    let mut client = NodesClient::new(channel);
+    let server = &link.server;
+    let mut client = NodesClient::new(link.channel());
     let reply = client.join(info.clone()).await.map_err(|status| match status.code() {
-        tonic::Code::InvalidArgument => Failure::Refused(status.message().to_owned()),
+        tonic::Code::InvalidArgument | tonic::Code::PermissionDenied => {
+            Failure::Refused(status.message().to_owned())
+        }
         _ => Failure::Lost(status.message().to_owned()),
     })?;
     let interval = Duration::from_millis(reply.into_inner().heartbeat_interval_ms.max(50));
@@ -72,12 +74,19 @@ async fn session(
             _ = ticker.tick() => {}
             _ = supervisor.changed.notified() => {}
         }
-        let heartbeat = pb::HeartbeatRequest { name: info.name.clone(), instances: supervisor.reports() };
+        let heartbeat = pb::HeartbeatRequest {
+            name: info.name.clone(),
+            instances: supervisor.reports(),
+            certificate_expires_unix_ms: link.certificate_expires_unix_ms(),
+        };
+        // A renewed certificate is presented from the next heartbeat on.
+        let mut client = NodesClient::new(link.channel());
         let reply = client
             .heartbeat(heartbeat)
             .await
             .map_err(|e| Failure::Lost(e.message().to_owned()))?
             .into_inner();
+        link.keep_fresh(reply.bundle_version).await;
         if reply.known {
             supervisor.apply(&reply.assignments);
         } else {

@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use mesh_proto::mesh::v1 as pb;
+use mesh_proto::mesh::v1::access_client::AccessClient;
 use mesh_proto::mesh::v1::admin_client::AdminClient;
 use mesh_proto::mesh::v1::identity_client::IdentityClient;
 use mesh_proto::mesh::v1::jobs_client::JobsClient;
@@ -17,9 +18,15 @@ use tonic::transport::Channel;
 #[derive(Parser, Debug)]
 #[command(name = "meshctl", version, about = "Command line of the mesh")]
 struct Cli {
-    /// The control plane's gRPC address.
-    #[arg(long, global = true, env = "MESH_SERVER", default_value = "127.0.0.1:7400")]
-    server: String,
+    /// The control plane's gRPC address; default: the one in the
+    /// credential, else 127.0.0.1:7400.
+    #[arg(long, global = true, env = "MESH_SERVER")]
+    server: Option<String>,
+    /// The credential file (from meshd's data dir or `meshctl user create`);
+    /// default: ~/.config/mesh/credentials.toml, then the admin credential
+    /// of a `meshd dev`/`meshd server` with its default data dir.
+    #[arg(long, global = true, env = "MESH_CREDENTIALS")]
+    credentials: Option<std::path::PathBuf>,
     /// Output format of listings.
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
@@ -107,6 +114,10 @@ enum Command {
         /// Register it without traffic until registered again ready.
         #[arg(long)]
         not_ready: bool,
+        /// Allow a plaintext endpoint in a service served by mesh sidecars
+        /// (its callers then go plaintext to it); admin only.
+        #[arg(long)]
+        plaintext_ok: bool,
     },
     /// Remove an endpoint registered with `register`.
     Deregister {
@@ -121,10 +132,71 @@ enum Command {
         #[command(subcommand)]
         command: JobCommand,
     },
+    /// Operators: credentials with a role (viewer, operator, admin).
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
+    },
+    /// Nodes: join tokens for new agents.
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
+    },
+    /// Who this credential names, and its role.
+    Whoami,
     /// Workload identity: the root CA.
     Identity {
         #[command(subcommand)]
         command: IdentityCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum UserCommand {
+    /// Create a user and write their credential to a file (mode 0600).
+    Create {
+        name: String,
+        #[arg(long, value_parser = ["viewer", "operator", "admin"])]
+        role: String,
+        /// Where the credential goes; default: ./NAME.credentials.toml.
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
+    /// Give a user a new credential; the old one stops working at once.
+    Rotate {
+        name: String,
+        /// The role from now on; default: the current one.
+        #[arg(long, value_parser = ["viewer", "operator", "admin"])]
+        role: Option<String>,
+        /// Where the credential goes; default: ./NAME.credentials.toml.
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
+    /// Take a user's credential away at once.
+    Revoke { name: String },
+    /// Every user with their role.
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+enum NodeCommand {
+    /// Join tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCommand {
+    /// Print a join token for `meshd agent --join-token-file`.
+    Create {
+        /// How long the token can be used.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
+        ttl: Duration,
+        /// How many nodes may join with it.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        uses: u32,
     },
 }
 
@@ -311,7 +383,9 @@ impl From<tonic::Status> for Failure {
             | tonic::Code::NotFound
             | tonic::Code::FailedPrecondition
             | tonic::Code::AlreadyExists
-            | tonic::Code::OutOfRange => 2,
+            | tonic::Code::OutOfRange
+            | tonic::Code::Unauthenticated
+            | tonic::Code::PermissionDenied => 2,
             _ => 1,
         };
         Failure(status.message().to_owned(), code)
@@ -330,14 +404,82 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn connect(server: &str) -> Result<Channel, Failure> {
-    let endpoint = Channel::from_shared(format!("http://{server}"))
-        .map_err(|e| Failure(format!("--server {server:?} is not HOST:PORT: {e}"), 2))?
-        .connect_timeout(Duration::from_secs(3));
-    endpoint
-        .connect()
-        .await
-        .map_err(|e| Failure(format!("cannot reach the control plane at {server}: {e}"), 1))
+/// The credential to call meshd with: `--credentials`/`MESH_CREDENTIALS`,
+/// else the first default path that exists.
+fn credentials(explicit: Option<&std::path::Path>) -> Result<mesh_client::Credentials, Failure> {
+    if let Some(path) = explicit {
+        return mesh_client::Credentials::read(path).map_err(|e| Failure(format!("--credentials: {e}"), 2));
+    }
+    let defaults = mesh_client::credentials::default_paths();
+    for path in &defaults {
+        if path.exists() {
+            return mesh_client::Credentials::read(path).map_err(|e| Failure(e, 2));
+        }
+    }
+    let looked: Vec<String> = defaults.iter().map(|p| p.display().to_string()).collect();
+    Err(Failure(
+        format!(
+            "no credential: give --credentials FILE or set MESH_CREDENTIALS (meshd writes the admin one to admin.credentials.toml in its data dir); looked in {}",
+            looked.join(", ")
+        ),
+        2,
+    ))
+}
+
+async fn connect(server: &str, credentials: &mesh_client::Credentials) -> Result<Channel, Failure> {
+    let tls = credentials.tls().map_err(|e| Failure(format!("the credential: {e}"), 2))?;
+    mesh_client::connect(server, &tls, Duration::from_secs(3)).await.map_err(|e| Failure(e, 1))
+}
+
+/// The serial of the root among `roots_pem` that signed `der`, and its
+/// expiry (Unix seconds).
+fn issued_by(der: &[u8], roots_pem: &str) -> (String, Option<u64>) {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else { return (String::new(), None) };
+    let expires = Some(cert.validity().not_after.timestamp().max(0) as u64);
+    let root = x509_parser::pem::Pem::iter_from_buffer(roots_pem.as_bytes())
+        .filter_map(|pem| pem.ok())
+        .find_map(|pem| {
+            let root = pem.parse_x509().ok()?;
+            cert.verify_signature(Some(root.public_key())).ok()?;
+            Some(root.raw_serial().iter().map(|b| format!("{b:02x}")).collect::<String>())
+        })
+        .unwrap_or_default();
+    (root, expires)
+}
+
+/// After a root rotation, the credential in use is renewed under the new
+/// root (over the connection still open), so that meshctl keeps reaching
+/// meshd. Other users get theirs with `meshctl user rotate NAME`.
+async fn refresh_credential(channel: &Channel, explicit: Option<&std::path::Path>) {
+    let path = match explicit {
+        Some(path) => path.to_owned(),
+        None => match mesh_client::credentials::default_paths().into_iter().find(|p| p.exists()) {
+            Some(path) => path,
+            None => return,
+        },
+    };
+    let renewed = match AccessClient::new(channel.clone()).renew_credential(pb::Empty {}).await {
+        Ok(renewed) => renewed.into_inner(),
+        Err(status) => return eprintln!("meshctl: cannot renew the credential: {}", status.message()),
+    };
+    match mesh_client::credentials::write_private(&path, &renewed.text) {
+        Ok(()) => eprintln!(
+            "meshctl: {} now holds a credential from the new root; other users need `meshctl user rotate NAME`",
+            path.display()
+        ),
+        Err(error) => eprintln!("meshctl: cannot update {}: {error}", path.display()),
+    }
+}
+
+/// Writes a credential's text to `out` (default ./NAME.credentials.toml), 0600.
+fn write_credential(text: &str, name: &str, out: Option<std::path::PathBuf>) -> Result<(), Failure> {
+    let path = out.unwrap_or_else(|| std::path::PathBuf::from(format!("{name}.credentials.toml")));
+    mesh_client::credentials::write_private(&path, text).map_err(|e| Failure(e, 1))?;
+    println!(
+        "wrote the credential of {name} to {} (it holds a private key: keep it private)",
+        path.display()
+    );
+    Ok(())
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
@@ -345,9 +487,71 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     if let Command::Job { command: JobCommand::Validate { file } } = &cli.command {
         return validate_job(file);
     }
-    let channel = connect(&cli.server).await?;
+    let credentials = credentials(cli.credentials.as_deref())?;
+    let server = cli.server.clone().unwrap_or_else(|| credentials.server.clone());
+    let server = if server.is_empty() { "127.0.0.1:7400".to_owned() } else { server };
+    let channel = connect(&server, &credentials).await?;
     let mut admin = AdminClient::new(channel.clone());
     match cli.command {
+        Command::Whoami => {
+            let me = AccessClient::new(channel).who_am_i(pb::Empty {}).await?.into_inner();
+            match cli.output {
+                Output::Table => println!("user {} (role {})", me.name, me.role),
+                Output::Json => println!("{}", json!({"name": me.name, "role": me.role})),
+            }
+        }
+        Command::User { command } => {
+            let mut access = AccessClient::new(channel);
+            match command {
+                UserCommand::Create { name, role, out } => {
+                    let request = pb::CreateUserRequest { name: name.clone(), role, replace: false };
+                    let credential = access.create_user(request).await?.into_inner();
+                    write_credential(&credential.text, &name, out)?;
+                }
+                UserCommand::Rotate { name, role, out } => {
+                    let role = match role {
+                        Some(role) => role,
+                        None => {
+                            let users = access.list_users(pb::Empty {}).await?.into_inner().users;
+                            let user = users.into_iter().find(|u| u.name == name);
+                            user.ok_or_else(|| Failure(format!("no user {name:?}"), 2))?.role
+                        }
+                    };
+                    let request = pb::CreateUserRequest { name: name.clone(), role, replace: true };
+                    let credential = access.create_user(request).await?.into_inner();
+                    write_credential(&credential.text, &name, out)?;
+                }
+                UserCommand::Revoke { name } => {
+                    access.revoke_user(pb::UserName { name: name.clone() }).await?;
+                    println!("revoked the credential of {name}");
+                }
+                UserCommand::List => {
+                    let users = access.list_users(pb::Empty {}).await?.into_inner().users;
+                    let rows: Rows = users
+                        .iter()
+                        .map(|u| {
+                            vec![
+                                ("name", json!(u.name)),
+                                ("role", json!(u.role)),
+                                ("serial", json!(u.serial)),
+                            ]
+                        })
+                        .collect();
+                    print_rows(cli.output, &rows);
+                }
+            }
+        }
+        Command::Node { command: NodeCommand::Token { command: TokenCommand::Create { ttl, uses } } } => {
+            let request = pb::JoinTokenRequest { ttl_ms: ttl.as_millis() as u64, uses };
+            let token = AccessClient::new(channel).create_join_token(request).await?.into_inner();
+            match cli.output {
+                Output::Table => println!("{}", token.token),
+                Output::Json => println!(
+                    "{}",
+                    json!({"token": token.token, "uses": token.uses, "expires_unix_ms": token.expires_unix_ms})
+                ),
+            }
+        }
         Command::Get { what } => {
             let rows = match what {
                 Listing::Services => services(&mut admin, &mut JobsClient::new(channel.clone())).await?,
@@ -454,7 +658,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Identity { command: IdentityCommand::RotateRoot { stage_timeout } } => {
             let request = pb::RotateRootRequest { stage_timeout_ms: stage_timeout.as_millis() as u64 };
-            let mut progress = IdentityClient::new(channel).rotate_root(request).await?.into_inner();
+            let mut progress = IdentityClient::new(channel.clone()).rotate_root(request).await?.into_inner();
             while let Some(step) = progress.message().await? {
                 match cli.output {
                     Output::Table => println!("[{}] {}", step.stage, step.message),
@@ -464,6 +668,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     ),
                 }
                 if step.done {
+                    if !step.failed {
+                        refresh_credential(&channel, cli.credentials.as_deref()).await;
+                    }
                     if step.failed {
                         return Err(Failure(
                             format!("root rotation stopped at {}: {}", step.stage, step.message),
@@ -489,10 +696,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                            bundle_version: u64,
                            expires: Option<u64>,
                            within: Duration,
-                           behind: Option<String>| {
+                           problem: Option<String>| {
                 let left = expires.map(|e| e.saturating_sub(now));
-                let status = match (behind, left) {
-                    (Some(why), _) => format!("BEHIND: {why}"),
+                let status = match (problem, left) {
+                    (Some(why), _) => why,
                     (None, None) => "no certificate".to_owned(),
                     (None, Some(left)) if left <= within.as_secs() => "WARN: expires soon".to_owned(),
                     (None, Some(_)) => "ok".to_owned(),
@@ -526,6 +733,31 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     None,
                 );
             }
+            // meshd's own certificate, as a new connection meets it.
+            let tls = credentials.tls().map_err(|e| Failure(e, 2))?;
+            match mesh_client::channel::server_certificate(&server, &tls, Duration::from_secs(3)).await {
+                Ok(der) => {
+                    let (root, expires) = issued_by(&der, &bundle.roots_pem);
+                    row("server", server.clone(), root, bundle.version, expires, warn_within, None);
+                }
+                Err(error) => row(
+                    "server",
+                    server.clone(),
+                    String::new(),
+                    0,
+                    None,
+                    warn_within,
+                    Some(format!("FAILED: {error}")),
+                ),
+            }
+            let nodes = admin.list_nodes(pb::Empty {}).await?.into_inner().nodes;
+            for node in &nodes {
+                let name = node.info.as_ref().map(|i| i.name.clone()).unwrap_or_default();
+                let expires =
+                    (node.certificate_expires_unix_ms > 0).then_some(node.certificate_expires_unix_ms / 1000);
+                let down = (!node.up).then(|| "DOWN: no heartbeat within the TTL".to_owned());
+                row("node", name, String::new(), 0, expires, warn_within, down);
+            }
             let proxies = admin.list_proxies(pb::Empty {}).await?.into_inner().proxies;
             for proxy in proxies.iter().filter(|p| p.connected && !p.admin_addr.is_empty()) {
                 let expires =
@@ -540,9 +772,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 // A proxy whose certificate no trusted root vouches for fails
                 // every handshake until it renews; a stalled one may be next.
                 let behind = if !root.is_empty() && !trusted.contains(&root) {
-                    Some(format!("its certificate is from root {root}, which the bundle no longer holds"))
+                    Some(format!(
+                        "BEHIND: its certificate is from root {root}, which the bundle no longer holds"
+                    ))
                 } else if proxy.stalled {
-                    Some("stalled: it has not acked the latest update".to_owned())
+                    Some("BEHIND: stalled: it has not acked the latest update".to_owned())
                 } else {
                     None
                 };
@@ -577,7 +811,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let rows = status_rows(&status);
             print_rows(cli.output, &rows);
         }
-        Command::Register { service, version, addr, not_ready } => {
+        Command::Register { service, version, addr, not_ready, plaintext_ok } => {
             let endpoint = pb::Endpoint {
                 service: service.clone(),
                 version,
@@ -586,8 +820,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 meshed: false,
             };
             let mut registry = RegistryClient::new(channel);
-            let reply =
-                registry.register(pb::RegisterRequest { endpoint: Some(endpoint) }).await?.into_inner();
+            let reply = registry
+                .register(pb::RegisterRequest { endpoint: Some(endpoint), plaintext_ok })
+                .await?
+                .into_inner();
             println!("registered {addr} for {service} (version {})", reply.version);
         }
         Command::Deregister { service, addr } => {

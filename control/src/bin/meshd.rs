@@ -11,17 +11,25 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use mesh_control::agent::instance::{reap_leftovers, Context};
+use mesh_control::agent::link::ControlLink;
 use mesh_control::agent::supervisor::Supervisor;
+use mesh_control::auth::join::JoinTokens;
+use mesh_control::auth::layer::AuthLayer;
+use mesh_control::auth::policy::Role;
+use mesh_control::auth::users::Users;
 use mesh_control::identity::ca::Authority;
 use mesh_control::identity::rotation::Trust;
+use mesh_control::server::access::{issue_credential, AccessService};
 use mesh_control::server::admin::AdminService;
 use mesh_control::server::discovery::DiscoveryService;
 use mesh_control::server::identity::{IdentityService, TrustKeeper};
 use mesh_control::server::jobs::{JobsService, Scheduler};
 use mesh_control::server::nodes::{NodeRegistry, NodesService};
 use mesh_control::server::registry::RegistryService;
+use mesh_control::server::tls::{self, ServerTls};
 use mesh_control::server::{http, incoming, ControlPlane};
 use mesh_control::store::RedbStore;
+use mesh_proto::mesh::v1::access_server::AccessServer;
 use mesh_proto::mesh::v1::admin_server::AdminServer;
 use mesh_proto::mesh::v1::discovery_server::DiscoveryServer;
 use mesh_proto::mesh::v1::identity_server::IdentityServer;
@@ -85,6 +93,11 @@ enum Command {
         /// A node attribute for job constraints: KEY=VALUE (repeatable).
         #[arg(long = "attribute", value_parser = parse_attribute)]
         attributes: Vec<(String, String)>,
+        /// A file holding a join token (`meshctl node token create`), for
+        /// the first start; later starts use the node certificate kept in
+        /// the data dir.
+        #[arg(long, env = "MESH_JOIN_TOKEN_FILE")]
+        join_token_file: Option<PathBuf>,
     },
 }
 
@@ -141,9 +154,14 @@ struct ServerArgs {
     /// gRPC connections open at once; more are closed at accept.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
     max_connections: u32,
-    /// A gRPC connection that sends nothing for this long is closed.
+    /// A gRPC connection that sends nothing (or does not finish its TLS
+    /// handshake) for this long is closed.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
     first_byte_timeout: Duration,
+    /// Another name or IP address clients dial meshd by, for its TLS
+    /// certificate (repeatable); the listen address is always in it.
+    #[arg(long = "server-name")]
+    server_names: Vec<String>,
 }
 
 fn parse_attribute(text: &str) -> Result<(String, String), String> {
@@ -194,7 +212,16 @@ async fn async_main() -> ExitCode {
             dev(server, demo, cpu_millis.unwrap_or(cpus), memory_mb.unwrap_or(memory)).await
         }
         Command::Snapshot { command } => snapshot(command),
-        Command::Agent { data_dir, server, name, advertise_ip, cpu_millis, memory_mb, attributes } => {
+        Command::Agent {
+            data_dir,
+            server,
+            name,
+            advertise_ip,
+            cpu_millis,
+            memory_mb,
+            attributes,
+            join_token_file,
+        } => {
             // Checked before the name becomes part of a folder's name.
             if let Err(error) = mesh_control::state::check_name("node", &name) {
                 eprintln!("meshd: {}", error.0);
@@ -208,7 +235,14 @@ async fn async_main() -> ExitCode {
                 attributes: attributes.into_iter().collect(),
                 logs_addr: String::new(),
             };
-            agent(server, info, data_dir, shutdown_signal()).await
+            let join_token = match join_token(join_token_file) {
+                Ok(token) => token,
+                Err(error) => {
+                    eprintln!("meshd: {error}");
+                    return ExitCode::from(2);
+                }
+            };
+            agent(server, info, data_dir, join_token, shutdown_signal()).await
         }
     };
     match result {
@@ -218,6 +252,34 @@ async fn async_main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// The join token from `--join-token-file`, else from `MESH_JOIN_TOKEN`.
+fn join_token(file: Option<PathBuf>) -> Result<Option<String>, String> {
+    if let Some(file) = file {
+        let text = std::fs::read_to_string(&file)
+            .map_err(|e| format!("--join-token-file {}: {e}", file.display()))?;
+        return Ok(Some(text.trim().to_owned()));
+    }
+    Ok(std::env::var("MESH_JOIN_TOKEN").ok().map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()))
+}
+
+/// Writes the admin credential into the data dir on the first start (no
+/// user yet), and says where. Returns its path.
+fn first_admin_credential(
+    data_dir: &std::path::Path,
+    trust: &TrustKeeper,
+    users: &Users,
+    control: &ControlPlane,
+    server: &str,
+) -> Result<PathBuf, String> {
+    let path = data_dir.join(mesh_client::credentials::ADMIN_FILE);
+    if users.list().is_empty() {
+        let credential = issue_credential(trust, users, control, "admin", Role::Admin, server)?;
+        credential.write(&path)?;
+        tracing::info!(file = %path.display(), "wrote the admin credential (meshctl finds it there, or give --credentials FILE)");
+    }
+    Ok(path)
 }
 
 async fn serve(args: ServerArgs, bound: tokio::sync::oneshot::Sender<SocketAddr>) -> Result<(), String> {
@@ -233,6 +295,7 @@ async fn serve(args: ServerArgs, bound: tokio::sync::oneshot::Sender<SocketAddr>
         max_connections,
         first_byte_timeout,
         reinitialize,
+        server_names,
     } = args;
     let data_dir = data_dir.expect("a data dir was chosen");
     let heartbeat_interval = (heartbeat_ttl / 3).max(Duration::from_millis(100));
@@ -243,27 +306,58 @@ async fn serve(args: ServerArgs, bound: tokio::sync::oneshot::Sender<SocketAddr>
     let operator_ca = ca_cert.is_some();
     let trust = trust_state(control.store(), &trust_domain, ca_cert, ca_key)?;
     let trust = TrustKeeper::new(trust, control.clone(), operator_ca, cert_ttl);
+    let users = Arc::new(Users::load(control.store()).map_err(|e| e.to_string())?);
     let grpc = TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let http = TcpListener::bind(admin).await.map_err(|e| format!("cannot listen on {admin}: {e}"))?;
     let grpc_addr = grpc.local_addr().map_err(|e| e.to_string())?;
     let http_addr = http.local_addr().map_err(|e| e.to_string())?;
+    let tls = Arc::new(ServerTls::new(tls::names_for(grpc_addr, &server_names), &trust.current())?);
+    let follower = tls.clone();
+    trust.follow_with(move |next| {
+        if let Err(error) = follower.follow(next) {
+            tracing::error!(%error, "meshd's TLS cannot follow the new trust state");
+        }
+    });
+    tokio::spawn(follow_trust(tls.clone(), trust.clone()));
+    let credential = first_admin_credential(&data_dir, &trust, &users, &control, &grpc_addr.to_string())?;
     tokio::spawn(http::serve(http, control.clone(), scheduler.clone()));
     // Tests and scripts read this line to learn the bound ports.
     println!(
-        "meshd ready listen={grpc_addr} admin={http_addr} version={} data_dir={}",
+        "meshd ready listen={grpc_addr} admin={http_addr} version={} data_dir={} credentials={}",
         control.current_version(),
-        data_dir.display()
+        data_dir.display(),
+        credential.display()
     );
     tracing::info!(%grpc_addr, %http_addr, data_dir = %data_dir.display(), "meshd server ready");
     let _ = bound.send(grpc_addr);
     let limits =
         incoming::Limits { max_connections: max_connections as usize, first_byte_within: first_byte_timeout };
-    let incoming = incoming::admit(grpc, limits);
+    let gate =
+        incoming::Gate { tls: tls.clone(), trust_domain: trust_domain.clone(), control: control.clone() };
+    let incoming = incoming::admit(grpc, limits, gate);
+    let join_tokens = Arc::new(std::sync::Mutex::new(JoinTokens::default()));
     tonic::transport::Server::builder()
-        .add_service(RegistryServer::new(RegistryService { control: control.clone() }))
+        .layer(AuthLayer { users: users.clone(), control: control.clone() })
+        .add_service(RegistryServer::new(RegistryService { control: control.clone(), users: users.clone() }))
         .add_service(DiscoveryServer::new(DiscoveryService { control: control.clone() }))
-        .add_service(NodesServer::new(NodesService { registry: nodes.clone(), scheduler: scheduler.clone() }))
+        .add_service(NodesServer::new(NodesService {
+            registry: nodes.clone(),
+            scheduler: scheduler.clone(),
+            control: control.clone(),
+            trust: trust.clone(),
+            join_tokens: join_tokens.clone(),
+            cert_ttl,
+        }))
+        .add_service(AccessServer::new(AccessService {
+            users,
+            control: control.clone(),
+            trust: trust.clone(),
+            tls,
+            join_tokens,
+            server: grpc_addr.to_string(),
+        }))
         .add_service(IdentityServer::new(IdentityService {
+            control: control.clone(),
             trust,
             scheduler: scheduler.clone(),
             tokens: Default::default(),
@@ -274,6 +368,18 @@ async fn serve(args: ServerArgs, bound: tokio::sync::oneshot::Sender<SocketAddr>
         .serve_with_incoming_shutdown(incoming, shutdown_signal())
         .await
         .map_err(|e| e.to_string())
+}
+
+/// Renews meshd's TLS certificate at half its life (rotations are followed
+/// as they happen, through the trust keeper).
+async fn follow_trust(tls: Arc<ServerTls>, trust: Arc<TrustKeeper>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tick.tick().await;
+        if let Err(error) = tls.follow(&trust.current()) {
+            tracing::error!(%error, "cannot renew meshd's TLS certificate");
+        }
+    }
 }
 
 fn snapshot(command: SnapshotCommand) -> Result<(), String> {
@@ -358,10 +464,12 @@ async fn agent(
     server: String,
     info: NodeInfo,
     data_dir: Option<PathBuf>,
+    join_token: Option<String>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), String> {
     let data_dir = data_dir.unwrap_or_else(|| mesh_control::agent::files::default_data_dir(&info.name));
     mesh_control::agent::files::private_dir(&data_dir)?;
+    let link = ControlLink::establish(&server, &info.name, &data_dir, join_token).await?;
     let reaped = reap_leftovers(&data_dir);
     if reaped > 0 {
         tracing::info!(reaped, "stopped what a previous run of this agent left behind");
@@ -391,7 +499,7 @@ async fn agent(
         mesh_control::agent::instance::remove_stale_cgroups(hierarchy, &cgroup_parent);
     }
     let context = Context {
-        server: server.clone(),
+        link: link.clone(),
         advertise_ip,
         data_dir,
         proxy_program,
@@ -404,7 +512,7 @@ async fn agent(
     };
     let supervisor = Arc::new(Supervisor::new(context));
     let result = tokio::select! {
-        result = mesh_control::agent::node::run(server, info, supervisor.clone()) => result,
+        result = mesh_control::agent::node::run(link, info, supervisor.clone()) => result,
         _ = shutdown => Ok(()),
     };
     supervisor.stop_all().await;
@@ -504,8 +612,22 @@ async fn dev(server: ServerArgs, demo: bool, cpu_millis: u64, memory_mb: u64) ->
             _ = agent_stopped => {}
         }
     };
+    // meshd dev is its own admin: it gives its node a join token unless
+    // the node joined in an earlier run.
+    let agent_dir = data_dir.join("agent");
+    let join_token = if agent_dir.join("node.credentials.toml").exists() {
+        None
+    } else {
+        match dev_join_token(address, &data_dir).await {
+            Ok(token) => Some(token),
+            Err(error) => {
+                control.abort();
+                return Err(format!("the dev node cannot join: {error}"));
+            }
+        }
+    };
     let mut agent =
-        tokio::spawn(agent(address.to_string(), info, Some(data_dir.join("agent")), agent_shutdown));
+        tokio::spawn(agent(address.to_string(), info, Some(agent_dir), join_token, agent_shutdown));
     if demo {
         if let Err(error) = deploy_demo(address, &data_dir).await {
             tracing::error!(%error, "the demo could not be deployed");
@@ -524,12 +646,27 @@ async fn dev(server: ServerArgs, demo: bool, cpu_millis: u64, memory_mb: u64) ->
     }
 }
 
+/// A channel to this process's own server with the admin credential it wrote.
+async fn admin_channel(
+    address: SocketAddr,
+    data_dir: &std::path::Path,
+) -> Result<tonic::transport::Channel, String> {
+    let credentials = mesh_client::Credentials::read(&data_dir.join(mesh_client::credentials::ADMIN_FILE))?;
+    mesh_client::connect(&address.to_string(), &credentials.tls()?, Duration::from_secs(2)).await
+}
+
+async fn dev_join_token(address: SocketAddr, data_dir: &std::path::Path) -> Result<String, String> {
+    use mesh_proto::mesh::v1 as pb;
+    let mut access =
+        mesh_proto::mesh::v1::access_client::AccessClient::new(admin_channel(address, data_dir).await?);
+    let request = pb::JoinTokenRequest { ttl_ms: 60_000, uses: 1 };
+    Ok(access.create_join_token(request).await.map_err(|e| e.message().to_owned())?.into_inner().token)
+}
+
 async fn deploy_demo(address: SocketAddr, data_dir: &std::path::Path) -> Result<(), String> {
     use mesh_proto::mesh::v1 as pb;
-    let endpoint = format!("http://{address}");
-    let mut jobs = mesh_proto::mesh::v1::jobs_client::JobsClient::connect(endpoint.clone())
-        .await
-        .map_err(|e| format!("demo: {e}"))?;
+    let channel = admin_channel(address, data_dir).await.map_err(|e| format!("demo: {e}"))?;
+    let mut jobs = mesh_proto::mesh::v1::jobs_client::JobsClient::new(channel.clone());
     let dir = data_dir.join("demo");
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     for (name, text) in DEMO_JOBS {
@@ -539,9 +676,7 @@ async fn deploy_demo(address: SocketAddr, data_dir: &std::path::Path) -> Result<
         let request = pb::RunJobRequest { text: text.into(), dir: dir.display().to_string() };
         jobs.run(request).await.map_err(|e| format!("demo job {name}: {}", e.message()))?;
     }
-    let mut admin = mesh_proto::mesh::v1::admin_client::AdminClient::connect(endpoint)
-        .await
-        .map_err(|e| format!("demo: {e}"))?;
+    let mut admin = mesh_proto::mesh::v1::admin_client::AdminClient::new(channel);
     // A split names versions the registry knows, and the demo starts once
     // every instance is ready: wait (bounded) for all three endpoints.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);

@@ -92,8 +92,8 @@ impl Authority {
     /// The service a still-valid certificate from this CA names, for a
     /// renewal: the request must be signed by the same key (which proves the
     /// caller holds it), and the certificate must not have expired.
-    pub fn renewal_service(&self, certificate_pem: &str, csr_pem: &str) -> Result<String, String> {
-        renewal_service(&[self.cert_pem()], &self.trust_domain, certificate_pem, csr_pem)
+    pub fn renewal_identity(&self, certificate_pem: &str, csr_pem: &str) -> Result<String, String> {
+        renewal_identity(&[self.cert_pem()], &self.trust_domain, certificate_pem, csr_pem)
     }
 
     /// The serial number of this CA's certificate, in hex.
@@ -104,30 +104,71 @@ impl Authority {
     /// Signs a PEM certificate request for `service`, valid for `ttl`. The
     /// certificate's only name is the service's SPIFFE ID.
     pub fn sign(&self, csr_pem: &str, service: &str, ttl: Duration) -> Result<String, String> {
+        self.sign_id(csr_pem, &super::spiffe_id(&self.trust_domain, service), ttl)
+    }
+
+    /// Signs a PEM certificate request for the SPIFFE ID `id` (a service,
+    /// a node or a user of this trust domain), valid for `ttl`.
+    pub fn sign_id(&self, csr_pem: &str, id: &str, ttl: Duration) -> Result<String, String> {
         let mut request = CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| format!("the certificate request: {e}"))?;
-        let id = super::spiffe_id(&self.trust_domain, service);
-        let uri = Ia5String::try_from(id.as_str()).map_err(err)?;
-        let params = &mut request.params;
-        params.subject_alt_names = vec![SanType::URI(uri)];
-        params.distinguished_name = DistinguishedName::new();
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages =
-            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-        let now = OffsetDateTime::now_utc();
-        params.not_before = now - BACKDATE;
-        params.not_after = now + ttl;
-        params.serial_number = Some(random_serial());
-        params.use_authority_key_identifier_extension = true;
+        let uri = Ia5String::try_from(id).map_err(err)?;
+        leaf_params(&mut request.params, vec![SanType::URI(uri)], ttl);
         Ok(request.signed_by(&self.issuer).map_err(err)?.pem())
+    }
+
+    /// A new key and a certificate for it naming `id`: for credentials the
+    /// server hands out whole (a user's). Returns (certificate, key) in PEM.
+    pub fn issue_with_key(&self, id: &str, ttl: Duration) -> Result<(String, String), String> {
+        let key = KeyPair::generate().map_err(err)?;
+        let mut params = CertificateParams::default();
+        let uri = Ia5String::try_from(id).map_err(err)?;
+        leaf_params(&mut params, vec![SanType::URI(uri)], ttl);
+        let cert = params.signed_by(&key, &self.issuer).map_err(err)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    /// meshd's own certificate for its gRPC port: a fresh key, and the IP
+    /// addresses and DNS names clients dial. Returns (certificate, key).
+    pub fn issue_server(&self, names: &[String], ttl: Duration) -> Result<(String, String), String> {
+        let key = KeyPair::generate().map_err(err)?;
+        let mut params = CertificateParams::default();
+        let mut sans = Vec::new();
+        for name in names {
+            sans.push(match name.parse::<std::net::IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(
+                    Ia5String::try_from(name.as_str()).map_err(|e| format!("server name {name:?}: {e}"))?,
+                ),
+            });
+        }
+        leaf_params(&mut params, sans, ttl);
+        params.distinguished_name.push(DnType::CommonName, "meshd");
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let cert = params.signed_by(&key, &self.issuer).map_err(err)?;
+        Ok((cert.pem(), key.serialize_pem()))
     }
 }
 
-/// The service a still-valid certificate from one of `roots_pem` names, for
-/// a renewal: the request must be signed by the certificate's key (which
+/// A leaf certificate's fields: only `names`, valid for `ttl` from now.
+fn leaf_params(params: &mut CertificateParams, names: Vec<SanType>, ttl: Duration) {
+    params.subject_alt_names = names;
+    params.distinguished_name = DistinguishedName::new();
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages =
+        vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - BACKDATE;
+    params.not_after = now + ttl;
+    params.serial_number = Some(random_serial());
+    params.use_authority_key_identifier_extension = true;
+}
+
+/// What a still-valid certificate from one of `roots_pem` names, for a
+/// renewal: `service/NAME` or `node/NAME`. For a renewal: the request must be signed by the certificate's key (which
 /// proves the caller holds it), and the certificate must not have expired.
-pub fn renewal_service(
+pub fn renewal_identity(
     roots_pem: &[&str],
     trust_domain: &str,
     certificate_pem: &str,
@@ -152,11 +193,15 @@ pub fn renewal_service(
     if request.public_key.der_bytes() != &*cert.public_key().subject_public_key.data {
         return Err("the request is not signed by the certificate's key".into());
     }
-    let prefix = format!("spiffe://{trust_domain}/service/");
-    uri_names(&cert)
+    let prefix = format!("spiffe://{trust_domain}/");
+    let path = uri_names(&cert)
         .iter()
         .find_map(|name| name.strip_prefix(&prefix).map(str::to_owned))
-        .ok_or_else(|| "the certificate names no service of this trust domain".to_owned())
+        .ok_or_else(|| "the certificate names nobody of this trust domain".to_owned())?;
+    match path.split_once('/') {
+        Some(("service", _)) | Some(("node", _)) => Ok(path),
+        _ => Err("only workload and node certificates renew this way".to_owned()),
+    }
 }
 
 /// The serial number of the first certificate in `pem`, in hex.
@@ -286,19 +331,24 @@ mod tests {
             .unwrap()
             .pem()
             .unwrap();
-        assert_eq!(ca.renewal_service(&cert, &again).unwrap(), "web");
+        assert_eq!(ca.renewal_identity(&cert, &again).unwrap(), "service/web");
         // Another key: refused.
         let (_, other) = request(vec![]);
         assert!(ca
-            .renewal_service(&cert, &other)
+            .renewal_identity(&cert, &other)
             .unwrap_err()
             .contains("not signed by the certificate's key"));
         // Another CA's certificate: refused.
         let stranger = Authority::generate("mesh.local").unwrap();
         let foreign = stranger.sign(&csr, "web", Duration::from_secs(3600)).unwrap();
-        assert!(ca.renewal_service(&foreign, &again).unwrap_err().contains("not from this CA"));
+        assert!(ca.renewal_identity(&foreign, &again).unwrap_err().contains("not from this CA"));
         // Expired (a lifetime shorter than the backdating): refused.
         let expired = ca.sign(&csr, "web", Duration::ZERO).unwrap();
-        assert!(ca.renewal_service(&expired, &again).unwrap_err().contains("expired"));
+        assert!(ca.renewal_identity(&expired, &again).unwrap_err().contains("expired"));
+        // A node's certificate renews as the node; a user's does not renew this way.
+        let node = ca.sign_id(&csr, "spiffe://mesh.local/node/a", Duration::from_secs(3600)).unwrap();
+        assert_eq!(ca.renewal_identity(&node, &again).unwrap(), "node/a");
+        let user = ca.sign_id(&csr, "spiffe://mesh.local/user/ci", Duration::from_secs(3600)).unwrap();
+        assert!(ca.renewal_identity(&user, &again).unwrap_err().contains("only workload and node"));
     }
 }

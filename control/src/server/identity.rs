@@ -25,6 +25,9 @@ const DEFAULT_STAGE_TIMEOUT: Duration = Duration::from_secs(120);
 /// How often a waiting stage says who it waits for.
 const PROGRESS_EVERY: Duration = Duration::from_secs(2);
 
+/// What is told of each new trust state.
+type Follower = Box<dyn Fn(&Trust) + Send + Sync>;
+
 /// The trust state in force and the one rotation that may change it.
 pub struct TrustKeeper {
     trust: RwLock<Arc<Trust>>,
@@ -35,6 +38,10 @@ pub struct TrustKeeper {
     operator_ca: bool,
     /// How long certificates live: how long a retired root vouches for renewals.
     cert_ttl: Duration,
+    /// Told of every new trust state before its bundle is published (meshd's
+    /// own TLS follows it, so no client meets a certificate from a root it
+    /// was not yet given).
+    follower: std::sync::OnceLock<Follower>,
 }
 
 impl TrustKeeper {
@@ -51,10 +58,16 @@ impl TrustKeeper {
             rotating: Default::default(),
             operator_ca,
             cert_ttl,
+            follower: std::sync::OnceLock::new(),
         };
         keeper.control.set_bundle(keeper.bundle());
         keeper.control.set_trusted_roots(root_serials(&keeper.current()));
         Arc::new(keeper)
+    }
+
+    /// Sets what follows every change of the trust state (once).
+    pub fn follow_with(&self, follower: impl Fn(&Trust) + Send + Sync + 'static) {
+        let _ = self.follower.set(Box::new(follower));
     }
 
     pub fn current(&self) -> Arc<Trust> {
@@ -76,6 +89,9 @@ impl TrustKeeper {
         let next = Arc::new(owned.advance(|| Authority::generate(&trust_domain), now_ms(), self.cert_ttl)?);
         self.control.store().save_trust(&next.to_stored()).map_err(|e| e.to_string())?;
         *self.trust.write().expect("trust lock") = next.clone();
+        if let Some(follower) = self.follower.get() {
+            follower(&next);
+        }
         self.control.set_trusted_roots(root_serials(&next));
         let version = self.control.publish_bundle(bundle_of(&next)).await.map_err(|e| e.to_string())?;
         Ok((next, version))
@@ -225,6 +241,7 @@ fn bundle_of(trust: &Trust) -> pb::Bundle {
 }
 
 pub struct IdentityService {
+    pub control: Arc<ControlPlane>,
     pub trust: Arc<TrustKeeper>,
     pub scheduler: Arc<Scheduler>,
     pub tokens: Mutex<Tokens>,
@@ -253,6 +270,7 @@ impl Identity for IdentityService {
     type RotateRootStream = ProgressStream;
 
     async fn issue_token(&self, request: Request<pb::TokenRequest>) -> Result<Response<pb::Token>, Status> {
+        super::nodes::calling_node(&request, &request.get_ref().node, &self.control)?;
         let request = request.into_inner();
         let Some(service) = self.scheduler.service_of(&request.node, &request.instance) else {
             return Err(Status::permission_denied(format!(
@@ -292,17 +310,20 @@ impl Identity for IdentityService {
         // old root's certificates are renewed under the new one; after it, a
         // retired root's for a certificate lifetime (a proxy that missed the
         // rotation recovers by itself).
-        let service = ca::renewal_service(
+        let identity = ca::renewal_identity(
             &trust.renewal_roots(now_ms()),
             trust.signer.trust_domain(),
             &request.certificate_pem,
             &request.csr_pem,
         )
         .map_err(Status::permission_denied)?;
+        let id = format!("spiffe://{}/{identity}", trust.signer.trust_domain());
         let certificate_pem =
-            trust.signer.sign(&request.csr_pem, &service, self.cert_ttl).map_err(Status::invalid_argument)?;
-        tracing::debug!(%service, "certificate renewed");
-        Ok(Response::new(self.reply(&trust, certificate_pem, &service)))
+            trust.signer.sign_id(&request.csr_pem, &id, self.cert_ttl).map_err(Status::invalid_argument)?;
+        tracing::debug!(%identity, "certificate renewed");
+        let mut reply = self.reply(&trust, certificate_pem, "");
+        reply.spiffe_id = id;
+        Ok(Response::new(reply))
     }
 
     async fn trust_bundle(&self, _: Request<pb::Empty>) -> Result<Response<pb::Bundle>, Status> {

@@ -1,6 +1,8 @@
 //! meshd's gRPC connections as they are accepted: at most so many open at
-//! once, and one that sends nothing (no HTTP/2 preface) within a deadline
-//! is closed, so idle sockets cannot take every file descriptor.
+//! once, and one that sends nothing or does not finish its TLS handshake
+//! within a deadline is closed, so idle sockets cannot take every file
+//! descriptor. Each admitted connection carries its caller (`Peer`), from
+//! the client certificate it presented.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -10,8 +12,13 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::server::{Connected, TcpConnectInfo};
+use tonic::transport::server::Connected;
+
+use super::tls::ServerTls;
+use super::ControlPlane;
+use crate::auth::principal::{self, Peer, Principal};
 
 /// What the gRPC listener allows.
 #[derive(Clone, Copy, Debug)]
@@ -20,16 +27,25 @@ pub struct Limits {
     pub first_byte_within: Duration,
 }
 
-/// An accepted connection that has sent its first byte, holding its slot
-/// until it closes.
+/// How connections are told apart: the TLS in force and whose mesh it is.
+#[derive(Clone)]
+pub struct Gate {
+    pub tls: Arc<ServerTls>,
+    pub trust_domain: String,
+    pub control: Arc<ControlPlane>,
+}
+
+/// An accepted connection that has completed its TLS handshake, holding
+/// its slot until it closes.
 pub struct Admitted {
-    stream: TcpStream,
+    stream: TlsStream<TcpStream>,
+    peer: Peer,
     _slot: OwnedSemaphorePermit,
 }
 
 /// Accepts on `listener` and yields the connections that are admitted.
 /// Accepting stops once the server drops the stream.
-pub fn admit(listener: TcpListener, limits: Limits) -> ReceiverStream<std::io::Result<Admitted>> {
+pub fn admit(listener: TcpListener, limits: Limits, gate: Gate) -> ReceiverStream<std::io::Result<Admitted>> {
     let (admitted, stream) = mpsc::channel(64);
     tokio::spawn(async move {
         let slots = Arc::new(Semaphore::new(limits.max_connections));
@@ -38,8 +54,8 @@ pub fn admit(listener: TcpListener, limits: Limits) -> ReceiverStream<std::io::R
                 accepted = listener.accept() => accepted,
                 _ = admitted.closed() => return,
             };
-            let stream = match accepted {
-                Ok((stream, _)) => stream,
+            let (stream, addr) = match accepted {
+                Ok(accepted) => accepted,
                 Err(error) => {
                     // Out of file descriptors, say: the listener goes on.
                     tracing::warn!(%error, "accept failed");
@@ -57,12 +73,27 @@ pub fn admit(listener: TcpListener, limits: Limits) -> ReceiverStream<std::io::R
             // Updates and acks are small messages that must not wait for Nagle.
             let _ = stream.set_nodelay(true);
             let admitted = admitted.clone();
+            let gate = gate.clone();
             tokio::spawn(async move {
-                let mut first = [0u8; 1];
-                let peeked = tokio::time::timeout(limits.first_byte_within, stream.peek(&mut first)).await;
-                if matches!(peeked, Ok(Ok(1))) {
-                    let _ = admitted.send(Ok(Admitted { stream, _slot: slot })).await;
-                }
+                let acceptor = tokio_rustls::TlsAcceptor::from(gate.tls.config());
+                let handshake = tokio::time::timeout(limits.first_byte_within, acceptor.accept(stream)).await;
+                let stream = match handshake {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(error)) => {
+                        gate.control.metrics.count_handshake_failure();
+                        tracing::info!(%addr, %error, "TLS handshake on the gRPC port failed");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+                let principal = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|chain| chain.first())
+                    .map_or(Principal::Anonymous, |leaf| principal::of_certificate(leaf, &gate.trust_domain));
+                let peer = Peer { addr, principal };
+                let _ = admitted.send(Ok(Admitted { stream, peer, _slot: slot })).await;
             });
         }
     });
@@ -70,10 +101,10 @@ pub fn admit(listener: TcpListener, limits: Limits) -> ReceiverStream<std::io::R
 }
 
 impl Connected for Admitted {
-    type ConnectInfo = TcpConnectInfo;
+    type ConnectInfo = Peer;
 
-    fn connect_info(&self) -> TcpConnectInfo {
-        self.stream.connect_info()
+    fn connect_info(&self) -> Peer {
+        self.peer.clone()
     }
 }
 

@@ -96,6 +96,16 @@ impl Scheduler {
         job_of(&state, allocation).map(|job| job.service.clone())
     }
 
+    /// The ids among `reports` of instances placed on another node than `node`.
+    pub fn foreign_reports(&self, node: &str, reports: &[pb::InstanceReport]) -> Vec<String> {
+        let state = self.lock();
+        reports
+            .iter()
+            .filter(|report| state.allocations.iter().any(|a| a.id == report.id && a.node != node))
+            .map(|report| report.id.clone())
+            .collect()
+    }
+
     /// Records a node's heartbeat report and answers with what it should run.
     pub fn heartbeat(&self, node: &str, reports: Vec<pb::InstanceReport>) -> Vec<pb::Assignment> {
         let mut state = self.lock();
@@ -448,6 +458,7 @@ fn endpoint_changes(
                 addr: addr.clone(),
                 ready: *ready,
                 meshed: true,
+                plaintext_ok: false,
             });
         }
     }

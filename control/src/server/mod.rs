@@ -4,6 +4,7 @@
 //! holds only the newest publication, so a slow proxy skips versions
 //! instead of queueing them: memory per proxy stays bounded.
 
+pub mod access;
 pub mod admin;
 pub mod discovery;
 pub mod http;
@@ -13,6 +14,7 @@ pub mod jobs;
 pub mod nodes;
 pub mod prometheus_sd;
 pub mod registry;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -17,11 +17,14 @@ use mesh_proto::mesh::v1 as pb;
 use mesh_proto::mesh::v1::nodes_server::Nodes;
 use tonic::{Request, Response, Status};
 
+use crate::auth::join::JoinTokens;
+use crate::auth::principal::{node_id, Principal};
 use crate::state::check_name;
 
 pub struct NodeRecord {
     pub info: pb::NodeInfo,
     pub last_heartbeat: Instant,
+    pub certificate_expires_unix_ms: u64,
 }
 
 /// Every node that joined since the server started.
@@ -97,6 +100,7 @@ impl NodeRegistry {
                     info: Some(record.info.clone()),
                     up: NodeRegistry::is_up(since, self.ttl),
                     last_heartbeat_ms_ago: since.as_millis() as u64,
+                    certificate_expires_unix_ms: record.certificate_expires_unix_ms,
                 }
             })
             .collect()
@@ -106,6 +110,35 @@ impl NodeRegistry {
 pub struct NodesService {
     pub registry: std::sync::Arc<NodeRegistry>,
     pub scheduler: std::sync::Arc<super::jobs::Scheduler>,
+    pub control: std::sync::Arc<super::ControlPlane>,
+    pub trust: std::sync::Arc<super::identity::TrustKeeper>,
+    pub join_tokens: std::sync::Arc<Mutex<JoinTokens>>,
+    /// How long node certificates live.
+    pub cert_ttl: Duration,
+}
+
+/// The node a request comes from, as its certificate names it; a call that
+/// names another node is refused, logged and counted.
+pub fn calling_node<'a, T>(
+    request: &'a Request<T>,
+    claimed: &str,
+    control: &super::ControlPlane,
+) -> Result<&'a str, Status> {
+    let Some(Principal::Node(node)) = request.extensions().get::<Principal>() else {
+        return Err(Status::unauthenticated("this call needs a node's certificate"));
+    };
+    if node != claimed {
+        control.metrics.count_impostor();
+        tracing::warn!(node = %node, claimed = %claimed, "a node spoke as another node: refused");
+        return Err(Status::permission_denied(format!(
+            "node {node:?} may speak only for itself, not for {claimed:?}"
+        )));
+    }
+    Ok(node)
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 fn check_node(info: &pb::NodeInfo) -> Result<(), Status> {
@@ -124,17 +157,39 @@ fn check_node(info: &pb::NodeInfo) -> Result<(), Status> {
 
 #[tonic::async_trait]
 impl Nodes for NodesService {
+    async fn enroll(&self, request: Request<pb::EnrollRequest>) -> Result<Response<pb::EnrollReply>, Status> {
+        let request = request.into_inner();
+        check_name("node", &request.name).map_err(|e| Status::invalid_argument(e.0))?;
+        // A bad request is refused before the token is spent.
+        crate::identity::ca::Authority::check_request(&request.csr_pem).map_err(Status::invalid_argument)?;
+        if let Err(refusal) =
+            self.join_tokens.lock().expect("join tokens lock").redeem(&request.token_secret, now_ms())
+        {
+            tracing::warn!(node = %request.name, reason = %refusal, "a join was refused");
+            return Err(Status::permission_denied(refusal.to_string()));
+        }
+        let trust = self.trust.current();
+        let id = node_id(trust.signer.trust_domain(), &request.name);
+        let certificate_pem =
+            trust.signer.sign_id(&request.csr_pem, &id, self.cert_ttl).map_err(Status::invalid_argument)?;
+        tracing::info!(node = %request.name, "node enrolled with a join token");
+        Ok(Response::new(pb::EnrollReply {
+            certificate_pem,
+            bundle: Some(self.trust.bundle()),
+            expires_unix_ms: now_ms() + self.cert_ttl.as_millis() as u64,
+        }))
+    }
+
     async fn join(&self, request: Request<pb::NodeInfo>) -> Result<Response<pb::JoinReply>, Status> {
+        calling_node(&request, &request.get_ref().name, &self.control)?;
         let info = request.into_inner();
         check_node(&info)?;
         tracing::info!(node = %info.name, ip = %info.advertise_ip, "node joined");
         let name = info.name.clone();
-        self.registry
-            .nodes
-            .lock()
-            .expect("nodes lock")
-            .records
-            .insert(name, NodeRecord { info, last_heartbeat: Instant::now() });
+        self.registry.nodes.lock().expect("nodes lock").records.insert(
+            name,
+            NodeRecord { info, last_heartbeat: Instant::now(), certificate_expires_unix_ms: 0 },
+        );
         Ok(Response::new(pb::JoinReply {
             heartbeat_interval_ms: self.registry.interval.as_millis() as u64,
             heartbeat_ttl_ms: self.registry.ttl.as_millis() as u64,
@@ -145,12 +200,23 @@ impl Nodes for NodesService {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatReply>, Status> {
-        let request = request.into_inner();
+        calling_node(&request, &request.get_ref().name, &self.control)?;
+        let mut request = request.into_inner();
+        let foreign = self.scheduler.foreign_reports(&request.name, &request.instances);
+        if !foreign.is_empty() {
+            // Reports of instances placed on other nodes are dropped, not believed.
+            for _ in &foreign {
+                self.control.metrics.count_impostor();
+            }
+            tracing::warn!(node = %request.name, instances = ?foreign, "a node reported instances placed on other nodes: ignored");
+            request.instances.retain(|report| !foreign.contains(&report.id));
+        }
         let known = {
             let mut nodes = self.registry.nodes.lock().expect("nodes lock");
             match nodes.records.get_mut(&request.name) {
                 Some(record) => {
                     record.last_heartbeat = Instant::now();
+                    record.certificate_expires_unix_ms = request.certificate_expires_unix_ms;
                     true
                 }
                 None => false,
@@ -159,7 +225,8 @@ impl Nodes for NodesService {
         // An unknown node joins again first; until then it gets no work.
         let assignments =
             if known { self.scheduler.heartbeat(&request.name, request.instances) } else { Vec::new() };
-        Ok(Response::new(pb::HeartbeatReply { known, assignments }))
+        let bundle_version = self.trust.current().bundle_version;
+        Ok(Response::new(pb::HeartbeatReply { known, assignments, bundle_version }))
     }
 }
 

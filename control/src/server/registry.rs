@@ -6,11 +6,15 @@ use mesh_proto::mesh::v1 as pb;
 use mesh_proto::mesh::v1::registry_server::Registry;
 use tonic::{Request, Response, Status};
 
+use crate::auth::policy::Role;
+use crate::auth::principal::Principal;
+use crate::auth::users::Users;
 use crate::server::{ChangeFailure, ControlPlane};
 use crate::state::Change;
 
 pub struct RegistryService {
     pub control: Arc<ControlPlane>,
+    pub users: Arc<Users>,
 }
 
 /// Maps a failed change to the status a client sees.
@@ -27,7 +31,19 @@ impl Registry for RegistryService {
         &self,
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::ChangeReply>, Status> {
-        let Some(endpoint) = request.into_inner().endpoint else {
+        if request.get_ref().plaintext_ok {
+            let is_admin = match request.extensions().get::<Principal>() {
+                Some(Principal::User { name, serial }) => self.users.role_of(name, serial) == Ok(Role::Admin),
+                _ => false,
+            };
+            if !is_admin {
+                return Err(Status::permission_denied(
+                    "--plaintext-ok needs the admin role: it lets callers of a meshed service go plaintext",
+                ));
+            }
+        }
+        let request = request.into_inner();
+        let Some(endpoint) = request.endpoint else {
             return Err(Status::invalid_argument("RegisterRequest.endpoint is missing"));
         };
         let change = Change::Register {
@@ -36,6 +52,7 @@ impl Registry for RegistryService {
             addr: endpoint.addr,
             ready: endpoint.ready,
             meshed: endpoint.meshed,
+            plaintext_ok: request.plaintext_ok,
         };
         let version = self.control.change(change).await.map_err(status_of)?;
         Ok(Response::new(pb::ChangeReply { version }))

@@ -10,6 +10,7 @@ use std::fmt;
 
 pub use redb_store::RedbStore;
 
+use crate::auth::users::StoredUser;
 use crate::identity::rotation::StoredTrust;
 use crate::state::{MeshState, ServiceState};
 
@@ -50,6 +51,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Writes (or with `None` deletes) one job durably before returning.
     fn save_job(&self, name: &str, job: Option<&StoredJob>) -> Result<(), StoreError>;
+
+    /// Every operator, by name.
+    fn load_users(&self) -> Result<Vec<(String, StoredUser)>, StoreError>;
+
+    /// Writes (or with `None` deletes) one operator durably before returning.
+    fn save_user(&self, name: &str, user: Option<&StoredUser>) -> Result<(), StoreError>;
 
     /// The trust state (the signing CA and, during a root rotation, the
     /// other root), if one was saved.

@@ -8,11 +8,13 @@ use std::sync::RwLock;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::{Store, StoreError, StoredJob};
+use crate::auth::users::StoredUser;
 use crate::identity::rotation::{Stage, StoredTrust};
 use crate::state::{MeshState, ServiceState};
 
 const SERVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("services");
 const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
+const USERS: TableDefinition<&str, &[u8]> = TableDefinition::new("users");
 const CA: TableDefinition<&str, &str> = TableDefinition::new("ca");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const VERSION_KEY: &str = "version";
@@ -124,6 +126,51 @@ impl RedbStore {
         Ok(store)
     }
 
+    /// Every entry of a table of JSON values, by name.
+    fn load_json<T: serde::de::DeserializeOwned>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        what: &str,
+    ) -> Result<Vec<(String, T)>, StoreError> {
+        self.read(|db| {
+            let read = db.begin_read().map_err(error)?;
+            let table = read.open_table(table).map_err(error)?;
+            let mut entries = Vec::new();
+            for entry in table.iter().map_err(error)? {
+                let (name, value) = entry.map_err(error)?;
+                let value: T = serde_json::from_slice(value.value())
+                    .map_err(|e| error(format!("{what} {:?} is unreadable: {e}", name.value())))?;
+                entries.push((name.value().to_owned(), value));
+            }
+            Ok(entries)
+        })
+    }
+
+    /// Writes (or with `None` deletes) one JSON value durably.
+    fn save_json<T: serde::Serialize>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        name: &str,
+        value: Option<&T>,
+    ) -> Result<(), StoreError> {
+        self.write(|db| {
+            let write = db.begin_write().map_err(error)?;
+            {
+                let mut table = write.open_table(table).map_err(error)?;
+                match value {
+                    Some(value) => {
+                        let bytes = serde_json::to_vec(value).map_err(error)?;
+                        table.insert(name, bytes.as_slice()).map_err(error)?;
+                    }
+                    None => {
+                        table.remove(name).map_err(error)?;
+                    }
+                }
+            }
+            write.commit().map_err(error)
+        })
+    }
+
     fn create_tables(&self) -> Result<(), StoreError> {
         self.write(|db| {
             let write = db.begin_write().map_err(error)?;
@@ -131,6 +178,7 @@ impl RedbStore {
             write.open_table(META).map_err(error)?;
             write.open_table(JOBS).map_err(error)?;
             write.open_table(CA).map_err(error)?;
+            write.open_table(USERS).map_err(error)?;
             write.commit().map_err(error)
         })
     }
@@ -243,18 +291,15 @@ impl Store for RedbStore {
     }
 
     fn load_jobs(&self) -> Result<Vec<(String, StoredJob)>, StoreError> {
-        self.read(|db| {
-            let read = db.begin_read().map_err(error)?;
-            let table = read.open_table(JOBS).map_err(error)?;
-            let mut jobs = Vec::new();
-            for entry in table.iter().map_err(error)? {
-                let (name, value) = entry.map_err(error)?;
-                let job: StoredJob = serde_json::from_slice(value.value())
-                    .map_err(|e| error(format!("job {:?} is unreadable: {e}", name.value())))?;
-                jobs.push((name.value().to_owned(), job));
-            }
-            Ok(jobs)
-        })
+        self.load_json(JOBS, "job")
+    }
+
+    fn load_users(&self) -> Result<Vec<(String, StoredUser)>, StoreError> {
+        self.load_json(USERS, "user")
+    }
+
+    fn save_user(&self, name: &str, user: Option<&StoredUser>) -> Result<(), StoreError> {
+        self.save_json(USERS, name, user)
     }
 
     fn load_trust(&self) -> Result<Option<StoredTrust>, StoreError> {
@@ -298,22 +343,7 @@ impl Store for RedbStore {
     }
 
     fn save_job(&self, name: &str, job: Option<&StoredJob>) -> Result<(), StoreError> {
-        self.write(|db| {
-            let write = db.begin_write().map_err(error)?;
-            {
-                let mut table = write.open_table(JOBS).map_err(error)?;
-                match job {
-                    Some(job) => {
-                        let bytes = serde_json::to_vec(job).map_err(error)?;
-                        table.insert(name, bytes.as_slice()).map_err(error)?;
-                    }
-                    None => {
-                        table.remove(name).map_err(error)?;
-                    }
-                }
-            }
-            write.commit().map_err(error)
-        })
+        self.save_json(JOBS, name, job)
     }
 
     fn writable(&self) -> bool {
@@ -349,6 +379,7 @@ mod tests {
             addr: "127.0.0.1:1".into(),
             ready: true,
             meshed: false,
+            plaintext_ok: false,
         };
         let state = MeshState::default().apply(&change).unwrap();
         {

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::{Store, StoreError, StoredJob};
+use crate::auth::users::StoredUser;
 use crate::identity::rotation::StoredTrust;
 use crate::state::ServiceState;
 
@@ -21,6 +22,9 @@ pub struct Snapshot {
     pub services: BTreeMap<String, ServiceState>,
     pub jobs: BTreeMap<String, StoredJob>,
     pub trust: Option<StoredTrust>,
+    /// Operators and their current credentials (absent in older snapshots).
+    #[serde(default)]
+    pub users: BTreeMap<String, StoredUser>,
 }
 
 /// Reads everything in `store`.
@@ -32,6 +36,7 @@ pub fn take(store: &dyn Store) -> Result<Snapshot, StoreError> {
         services: state.services.into_iter().map(|(name, service)| (name, (*service).clone())).collect(),
         jobs: store.load_jobs()?.into_iter().collect(),
         trust: store.load_trust()?,
+        users: store.load_users()?.into_iter().collect(),
     })
 }
 
@@ -48,6 +53,9 @@ pub fn restore(store: &dyn Store, snapshot: &Snapshot) -> Result<(), StoreError>
     store.save_services(&services, snapshot.version)?;
     for (name, job) in &snapshot.jobs {
         store.save_job(name, Some(job))?;
+    }
+    for (name, user) in &snapshot.users {
+        store.save_user(name, Some(user))?;
     }
     if let Some(trust) = &snapshot.trust {
         store.save_trust(trust)?;

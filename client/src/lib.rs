@@ -1,0 +1,12 @@
+//! How any process reaches meshd's gRPC port: over TLS, the server's
+//! certificate verified against the mesh's trust roots (or, before a node
+//! has joined, against the CA its join token pins), with a client
+//! certificate when the caller has one. `credentials` is the operator's
+//! file that `meshctl` reads.
+
+pub mod channel;
+pub mod credentials;
+pub mod pem;
+
+pub use channel::{connect, connect_lazy, ClientTls};
+pub use credentials::Credentials;

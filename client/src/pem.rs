@@ -1,0 +1,34 @@
+//! PEM text to the DER forms rustls takes.
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+/// Every certificate in `pem`, in order.
+pub fn certificates(pem: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let mut certs = Vec::new();
+    for entry in x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes()) {
+        let entry = entry.map_err(|e| format!("not PEM: {e}"))?;
+        if entry.label == "CERTIFICATE" {
+            certs.push(CertificateDer::from(entry.contents));
+        }
+    }
+    if certs.is_empty() {
+        return Err("no certificate in the PEM text".to_owned());
+    }
+    Ok(certs)
+}
+
+/// The PKCS#8 private key in `pem`.
+pub fn private_key(pem: &str) -> Result<PrivateKeyDer<'static>, String> {
+    for entry in x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes()) {
+        let entry = entry.map_err(|e| format!("not PEM: {e}"))?;
+        if entry.label == "PRIVATE KEY" {
+            return Ok(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(entry.contents)));
+        }
+    }
+    Err("no PKCS#8 private key (BEGIN PRIVATE KEY) in the PEM text".to_owned())
+}
+
+/// The SHA-256 of a certificate's DER, in hex: what a join token pins.
+pub fn fingerprint(der: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, der).as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}

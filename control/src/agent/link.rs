@@ -1,0 +1,211 @@
+//! The agent's link to meshd: its node identity and the channels it uses.
+//!
+//! A node joins once with a join token: it makes a key in memory, sends a
+//! certificate request with the token over TLS to the server whose CA the
+//! token pins, and keeps the node certificate, its key and the trust roots
+//! in `<data dir>/node.credentials.toml` (0600), so a restarted agent needs
+//! no token. From then on it calls meshd with that certificate, renews it
+//! at 70 % of its life, and follows the trust bundle when it changes. The
+//! roots are also written to `<data dir>/control-roots.pem` for the
+//! sidecars, which verify meshd against them.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use mesh_client::{ClientTls, Credentials};
+use mesh_proto::mesh::v1 as pb;
+use mesh_proto::mesh::v1::identity_client::IdentityClient;
+use mesh_proto::mesh::v1::nodes_client::NodesClient;
+use rcgen::{CertificateParams, KeyPair};
+use tonic::transport::Channel;
+
+use crate::auth::join::parse_token;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub struct ControlLink {
+    pub server: String,
+    node: String,
+    file: PathBuf,
+    roots_file: PathBuf,
+    credentials: ArcSwap<Credentials>,
+    /// Presents the node's certificate.
+    channel: ArcSwap<Channel>,
+    /// The bundle version the roots came with.
+    bundle_version: std::sync::atomic::AtomicU64,
+}
+
+impl ControlLink {
+    /// The node's stored identity, or a new one for `join_token`.
+    pub async fn establish(
+        server: &str,
+        node: &str,
+        data_dir: &Path,
+        join_token: Option<String>,
+    ) -> Result<Arc<ControlLink>, String> {
+        let file = data_dir.join("node.credentials.toml");
+        let stored = file.exists().then(|| Credentials::read(&file)).transpose()?;
+        let credentials = match stored {
+            Some(stored) if stored.user != node => {
+                return Err(format!(
+                    "{} holds the identity of node {:?}, not {node:?}: use another data dir",
+                    file.display(),
+                    stored.user
+                ))
+            }
+            Some(stored) if expires_unix_ms(&stored.certificate) > now_ms() => stored,
+            _ => {
+                let token = join_token.ok_or_else(|| {
+                    format!("node {node:?} has not joined yet (or its certificate expired): give --join-token-file FILE or MESH_JOIN_TOKEN, from `meshctl node token create`")
+                })?;
+                let credentials = enroll(server, node, &token).await?;
+                credentials.write(&file)?;
+                tracing::info!(node, file = %file.display(), "joined the mesh with a join token");
+                credentials
+            }
+        };
+        let roots_file = data_dir.join("control-roots.pem");
+        std::fs::write(&roots_file, &credentials.roots)
+            .map_err(|e| format!("{}: {e}", roots_file.display()))?;
+        let channel = mesh_client::connect_lazy(server, &credentials.tls()?, CONNECT_TIMEOUT)?;
+        Ok(Arc::new(ControlLink {
+            server: server.to_owned(),
+            node: node.to_owned(),
+            file,
+            roots_file,
+            credentials: ArcSwap::from_pointee(credentials),
+            channel: ArcSwap::from_pointee(channel),
+            bundle_version: Default::default(),
+        }))
+    }
+
+    /// A channel that presents the node's current certificate.
+    pub fn channel(&self) -> Channel {
+        (**self.channel.load()).clone()
+    }
+
+    /// When the node's certificate expires (Unix ms).
+    pub fn certificate_expires_unix_ms(&self) -> u64 {
+        expires_unix_ms(&self.credentials.load().certificate)
+    }
+
+    /// The file of trust roots for the sidecars (`mesh-proxy --control-ca`).
+    pub fn roots_file(&self) -> &Path {
+        &self.roots_file
+    }
+
+    /// Renews the node certificate when 70 % of its life has passed, and
+    /// fetches the trust bundle when `bundle_version` is newer than the one
+    /// held; then later connections use the new ones.
+    pub async fn keep_fresh(&self, bundle_version: u64) {
+        let held = self.bundle_version.load(std::sync::atomic::Ordering::Relaxed);
+        let credentials = self.credentials.load_full();
+        let issued = not_before_unix_ms(&credentials.certificate);
+        let expires = expires_unix_ms(&credentials.certificate);
+        let due = issued + (expires.saturating_sub(issued)) * 7 / 10;
+        let bundle_changed = held != 0 && bundle_version != held;
+        if held == 0 {
+            self.bundle_version.store(bundle_version, std::sync::atomic::Ordering::Relaxed);
+        }
+        if now_ms() < due && !bundle_changed {
+            return;
+        }
+        match self.renew(&credentials).await {
+            Ok(renewed) => {
+                if let Err(error) = self.install(renewed) {
+                    tracing::warn!(%error, "cannot keep the renewed node certificate");
+                    return;
+                }
+                self.bundle_version.store(bundle_version, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!(node = %self.node, "node certificate renewed");
+            }
+            Err(error) => {
+                tracing::warn!(%error, "node certificate renewal failed; retrying at the next heartbeat")
+            }
+        }
+    }
+
+    async fn renew(&self, current: &Credentials) -> Result<Credentials, String> {
+        // Over the connection the heartbeats keep open: after a root
+        // rotation, meshd's new certificate is from a root this node may
+        // not hold yet, and the old certificate no longer passes a new
+        // handshake; the request itself proves the old certificate's key.
+        let channel = self.channel();
+        // The request is signed by the key the certificate names: that is
+        // the proof of holding it. The key stays; the certificate is new.
+        let key = KeyPair::from_pem(&current.key).map_err(|e| format!("the node key: {e}"))?;
+        let csr_pem = certificate_request(&key)?;
+        let request = pb::RenewRequest { certificate_pem: current.certificate.clone(), csr_pem };
+        let reply = IdentityClient::new(channel)
+            .renew(request)
+            .await
+            .map_err(|e| e.message().to_owned())?
+            .into_inner();
+        let roots = reply.bundle.map(|b| b.roots_pem).unwrap_or_else(|| current.roots.clone());
+        Ok(Credentials { certificate: reply.certificate_pem, roots, ..current.clone() })
+    }
+
+    fn install(&self, credentials: Credentials) -> Result<(), String> {
+        credentials.write(&self.file)?;
+        std::fs::write(&self.roots_file, &credentials.roots)
+            .map_err(|e| format!("{}: {e}", self.roots_file.display()))?;
+        let channel = mesh_client::connect_lazy(&self.server, &credentials.tls()?, CONNECT_TIMEOUT)?;
+        self.channel.store(Arc::new(channel));
+        self.credentials.store(Arc::new(credentials));
+        Ok(())
+    }
+}
+
+/// Exchanges `token` for a node certificate.
+async fn enroll(server: &str, node: &str, token: &str) -> Result<Credentials, String> {
+    let (secret, ca) = parse_token(token)?;
+    let channel = mesh_client::connect(server, &ClientTls::pinned(ca), CONNECT_TIMEOUT).await?;
+    let key = KeyPair::generate().map_err(|e| e.to_string())?;
+    let request = pb::EnrollRequest {
+        token_secret: secret.to_owned(),
+        name: node.to_owned(),
+        csr_pem: certificate_request(&key)?,
+    };
+    let reply = NodesClient::new(channel)
+        .enroll(request)
+        .await
+        .map_err(|status| format!("the join was refused: {}", status.message()))?
+        .into_inner();
+    let roots = reply.bundle.map(|b| b.roots_pem).ok_or("the join reply has no trust bundle")?;
+    Ok(Credentials {
+        user: node.to_owned(),
+        role: "node".to_owned(),
+        server: server.to_owned(),
+        certificate: reply.certificate_pem,
+        key: key.serialize_pem(),
+        roots,
+    })
+}
+
+/// A request naming nothing: the token (or the certificate renewed) decides the identity.
+fn certificate_request(key: &KeyPair) -> Result<String, String> {
+    let params = CertificateParams::new(Vec::<String>::new()).map_err(|e| e.to_string())?;
+    let request = params.serialize_request(key).map_err(|e| e.to_string())?;
+    request.pem().map_err(|e| e.to_string())
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn validity_ms(certificate_pem: &str) -> Option<(u64, u64)> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(certificate_pem.as_bytes()).ok()?;
+    let cert = pem.parse_x509().ok()?;
+    let ms = |t: x509_parser::time::ASN1Time| (t.timestamp().max(0) as u64) * 1000;
+    Some((ms(cert.validity().not_before), ms(cert.validity().not_after)))
+}
+
+fn expires_unix_ms(certificate_pem: &str) -> u64 {
+    validity_ms(certificate_pem).map_or(0, |(_, until)| until)
+}
+
+fn not_before_unix_ms(certificate_pem: &str) -> u64 {
+    validity_ms(certificate_pem).map_or(0, |(from, _)| from)
+}

@@ -1,0 +1,80 @@
+//! The one gate in front of every meshd service: decides each call by the
+//! method table before any handler runs, and hands the handler the caller.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tonic::body::Body;
+use tonic::codegen::http;
+use tower::{Layer, Service};
+
+use super::policy::{self, Denial};
+use super::principal::{Peer, Principal};
+use super::users::Users;
+use crate::server::ControlPlane;
+
+#[derive(Clone)]
+pub struct AuthLayer {
+    pub users: Arc<Users>,
+    pub control: Arc<ControlPlane>,
+}
+
+impl<S> Layer<S> for AuthLayer {
+    type Service = Auth<S>;
+
+    fn layer(&self, inner: S) -> Auth<S> {
+        Auth { inner, gate: self.clone() }
+    }
+}
+
+#[derive(Clone)]
+pub struct Auth<S> {
+    inner: S,
+    gate: AuthLayer,
+}
+
+type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+impl<S, B> Service<http::Request<B>> for Auth<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        let peer = request.extensions().get::<Peer>().cloned();
+        let principal = peer.as_ref().map_or(Principal::Anonymous, |p| p.principal.clone());
+        let path = request.uri().path().to_owned();
+        let decision =
+            policy::decide(&path, &principal, |name, serial| self.gate.users.role_of(name, serial));
+        if let Err(denial) = decision {
+            let addr = peer.map(|p| p.addr.to_string()).unwrap_or_default();
+            self.gate.control.metrics.count_refused_call(matches!(denial, Denial::Unauthenticated(_)));
+            let status = match denial {
+                Denial::Unauthenticated(message) => {
+                    tracing::info!(%path, caller = %principal, %addr, "call refused: unauthenticated");
+                    tonic::Status::unauthenticated(message)
+                }
+                Denial::PermissionDenied(message) => {
+                    tracing::warn!(%path, caller = %principal, %addr, "call refused: permission denied");
+                    tonic::Status::permission_denied(message)
+                }
+            };
+            return Box::pin(std::future::ready(Ok(status.into_http())));
+        }
+        request.extensions_mut().insert(principal);
+        // The clone that was made ready is the one called.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(inner.call(request))
+    }
+}

@@ -1,0 +1,146 @@
+//! meshd's TLS on its gRPC port: a certificate from the mesh's own CA for
+//! the addresses clients dial, sent with the CA's certificate (a joining
+//! node finds the CA its token pins there); client certificates are asked
+//! for, not required, and verified against the trust bundle. The config in
+//! force is swapped whole when the certificate or the roots change.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+
+use crate::identity::rotation::{Stage, Trust};
+
+/// How long meshd's own certificate lives; a new one comes at half of it.
+pub const SERVER_CERT_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
+pub struct ServerTls {
+    names: Vec<String>,
+    config: ArcSwap<ServerConfig>,
+    issued: std::sync::Mutex<Issued>,
+}
+
+/// What the config in force was built from.
+struct Issued {
+    at: Instant,
+    /// The serial of the CA that signed the server certificate.
+    by: String,
+    chain_pem: String,
+    key_pem: String,
+    roots_pem: String,
+}
+
+impl ServerTls {
+    /// A certificate for `names` (IP addresses and DNS names) from `trust`'s signer.
+    pub fn new(names: Vec<String>, trust: &Trust) -> Result<ServerTls, String> {
+        let issued = issue(&names, trust)?;
+        let config = build(&issued)?;
+        Ok(ServerTls { names, config: ArcSwap::from_pointee(config), issued: std::sync::Mutex::new(issued) })
+    }
+
+    /// The SHA-256 (hex) of the CA certificate meshd's certificate is sent
+    /// with: what a join token pins.
+    pub fn issuer_fingerprint(&self) -> String {
+        let issued = self.issued.lock().expect("tls lock");
+        mesh_client::pem::certificates(&issued.chain_pem)
+            .ok()
+            .and_then(|chain| chain.get(1).map(|ca| mesh_client::pem::fingerprint(ca)))
+            .unwrap_or_default()
+    }
+
+    pub fn config(&self) -> Arc<ServerConfig> {
+        self.config.load_full()
+    }
+
+    /// Follows `trust`: new client roots as the bundle changes, and a new
+    /// certificate at half its life or when the signer changed. During a
+    /// rotation's `Switched` stage the certificate from the old root is
+    /// kept, so clients that do not yet hold the new root still connect.
+    pub fn follow(&self, trust: &Trust) -> Result<(), String> {
+        let mut issued = self.issued.lock().expect("tls lock");
+        let signer = trust.signer.serial();
+        let stale = issued.at.elapsed() > SERVER_CERT_TTL / 2;
+        let reissue = stale || (issued.by != signer && trust.stage != Stage::Switched);
+        let roots_pem = trust.roots_pem();
+        if !reissue && issued.roots_pem == roots_pem {
+            return Ok(());
+        }
+        let next = if reissue {
+            issue(&self.names, trust)?
+        } else {
+            Issued {
+                at: issued.at,
+                by: issued.by.clone(),
+                chain_pem: issued.chain_pem.clone(),
+                key_pem: issued.key_pem.clone(),
+                roots_pem,
+            }
+        };
+        self.config.store(Arc::new(build(&next)?));
+        if reissue {
+            tracing::info!(ca = %next.by, "meshd's TLS certificate issued");
+        }
+        *issued = next;
+        Ok(())
+    }
+}
+
+fn issue(names: &[String], trust: &Trust) -> Result<Issued, String> {
+    let (cert_pem, key_pem) = trust.signer.issue_server(names, SERVER_CERT_TTL)?;
+    Ok(Issued {
+        at: Instant::now(),
+        by: trust.signer.serial(),
+        chain_pem: format!("{}\n{}", cert_pem.trim_end(), trust.signer.cert_pem()),
+        key_pem,
+        roots_pem: trust.roots_pem(),
+    })
+}
+
+fn build(issued: &Issued) -> Result<ServerConfig, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = RootCertStore::empty();
+    for root in mesh_client::pem::certificates(&issued.roots_pem)? {
+        roots.add(root).map_err(|e| format!("a trust root: {e}"))?;
+    }
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| format!("the client verifier: {e}"))?;
+    let chain = mesh_client::pem::certificates(&issued.chain_pem)?;
+    let key = mesh_client::pem::private_key(&issued.key_pem)?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| format!("meshd's certificate: {e}"))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+/// The names meshd's certificate carries: the listen address (or, for an
+/// unspecified one, every loopback and this host's name), and `extra`.
+pub fn names_for(listen: std::net::SocketAddr, extra: &[String]) -> Vec<String> {
+    let mut names = Vec::new();
+    let ip = listen.ip();
+    if ip.is_unspecified() {
+        names.extend(["127.0.0.1".to_owned(), "::1".to_owned(), "localhost".to_owned()]);
+        if let Ok(host) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+            names.push(host.trim().to_owned());
+        }
+    } else {
+        names.push(ip.to_string());
+        if ip.is_loopback() {
+            names.push("localhost".to_owned());
+        }
+    }
+    for name in extra {
+        if !names.contains(name) {
+            names.push(name.clone());
+        }
+    }
+    names.retain(|n| !n.is_empty());
+    names
+}
