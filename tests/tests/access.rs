@@ -346,3 +346,56 @@ async fn a_node_joins_with_a_good_token_only_and_rejoins_with_its_certificate() 
     let mode = std::fs::metadata(dir.path("x").join("node.credentials.toml")).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600);
 }
+
+/// meshctl as uid nobody, with a home of its own.
+fn meshctl_as_nobody(home: &TempDir, args: &[&str]) -> (i32, String, String) {
+    let output = std::process::Command::new("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"])
+        .arg(bin("meshctl"))
+        .args(args)
+        .env("HOME", &home.0)
+        .env_remove("MESH_CREDENTIALS")
+        .output()
+        .expect("setpriv runs meshctl");
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    (output.status.code().unwrap_or(-1), text(&output.stdout), text(&output.stderr))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_local_user_can_change_nothing() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("access-nobody");
+    let meshd = Meshd::start_dev_demo(&dir.path("data"));
+    eventually("the demo's split is set", Duration::from_secs(60), || {
+        let set = meshd.ctl_json(&["get", "splits"]).as_array().is_some_and(|s| !s.is_empty());
+        async move { set.then_some(()) }
+    })
+    .await;
+    let home = TempDir::new("access-nobody-home");
+    std::fs::set_permissions(&home.0, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let job = home.path("id.toml");
+    std::fs::write(&job, "name = \"id\"\nversion = \"v1\"\nreplicas = 1\n\n[task]\ncommand = \"/bin/sh\"\nargs = [\"-c\", \"id\"]\n").unwrap();
+    let server = meshd.listen.as_str();
+    // The attempts of the issue that found these holes, as meshctl makes them.
+    let attempts: [&[&str]; 4] = [
+        &["--server", server, "split", "echo", "v1=0", "v2=100"],
+        &["--server", server, "job", "run", job.to_str().unwrap()],
+        &["--server", server, "register", "echo", "--version", "v1", "--addr", "127.0.0.9:80"],
+        &["--server", server, "get", "services"],
+    ];
+    for args in attempts {
+        // No credential of its own, and root's is not readable.
+        let (code, _, err) = meshctl_as_nobody(&home, args);
+        assert!(code == 2 && err.contains("no credential"), "{args:?}: {code} {err}");
+        let mut with_roots = vec!["--credentials", meshd.credentials.as_str()];
+        with_roots.extend_from_slice(args);
+        let (code, _, err) = meshctl_as_nobody(&home, &with_roots);
+        assert!(code == 2 && err.contains("Permission denied"), "{args:?}: {code} {err}");
+    }
+    // Nothing changed: the demo's split and endpoints are as they were.
+    let splits = meshd.ctl_json(&["get", "splits"]);
+    assert_eq!(splits[0]["weights"], serde_json::json!({"v1": 90, "v2": 10}), "{splits}");
+    let endpoints = meshd.ctl_json(&["get", "endpoints"]);
+    assert!(endpoints.as_array().unwrap().iter().all(|e| e["addr"] != "127.0.0.9:80"), "{endpoints}");
+    assert!(meshd.ctl_json(&["get", "jobs"]).as_array().unwrap().iter().all(|j| j["name"] != "id"));
+}
