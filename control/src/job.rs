@@ -21,6 +21,8 @@ pub struct Job {
     pub kind: JobKind,
     pub command: String,
     pub args: Vec<String>,
+    /// Whom the app runs as; `None`: the agent's default (`nobody`).
+    pub user: Option<String>,
     pub env: BTreeMap<String, String>,
     pub resources: Resources,
     pub protocol: String,
@@ -122,6 +124,7 @@ struct RawTask {
     command: Spanned<String>,
     #[serde(default)]
     args: Vec<String>,
+    user: Option<Spanned<String>>,
     #[serde(default)]
     env: BTreeMap<String, String>,
 }
@@ -249,6 +252,16 @@ pub fn parse_job(text: &str) -> Result<Job, JobError> {
         Some(r) => *r.get_ref(),
         None => 1,
     };
+    if let Some(user) = &raw.task.user {
+        let name = user.get_ref();
+        let valid = !name.is_empty()
+            && name.len() <= 32
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            && !name.starts_with('-');
+        if !valid {
+            return Err(error(Some(user.span()), "task.user", format!("{name:?} is not a user name")));
+        }
+    }
     if raw.task.command.get_ref().trim().is_empty() {
         return Err(error(Some(raw.task.command.span()), "task.command", "must name a program".into()));
     }
@@ -369,6 +382,7 @@ pub fn parse_job(text: &str) -> Result<Job, JobError> {
         },
         command: raw.task.command.into_inner(),
         args: raw.task.args,
+        user: raw.task.user.map(Spanned::into_inner),
         env: raw.task.env,
         resources,
         protocol,
@@ -396,8 +410,16 @@ impl Job {
     /// environment, resources, protocol, checks and upstream ports. Anything
     /// else (replicas, placement, the update policy) changes no instance.
     pub fn same_task(&self, other: &Job) -> bool {
-        (&self.kind, &self.command, &self.args, &self.env, &self.resources, &self.protocol)
-            == (&other.kind, &other.command, &other.args, &other.env, &other.resources, &other.protocol)
+        (&self.kind, &self.command, &self.args, &self.env, &self.resources, &self.protocol, &self.user)
+            == (
+                &other.kind,
+                &other.command,
+                &other.args,
+                &other.env,
+                &other.resources,
+                &other.protocol,
+                &other.user,
+            )
             && (&self.readiness, &self.liveness, &self.upstreams)
                 == (&other.readiness, &other.liveness, &other.upstreams)
     }

@@ -399,3 +399,73 @@ async fn another_local_user_can_change_nothing() {
     assert!(endpoints.as_array().unwrap().iter().all(|e| e["addr"] != "127.0.0.9:80"), "{endpoints}");
     assert!(meshd.ctl_json(&["get", "jobs"]).as_array().unwrap().iter().all(|j| j["name"] != "id"));
 }
+
+/// The uid a process runs as, from /proc.
+fn uid_of(pid: i64) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix("Uid:")?.split_whitespace().next()?.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apps_run_unprivileged_and_cannot_read_the_nodes_secrets() {
+    let dir = TempDir::new("access-unprivileged");
+    let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", &["--heartbeat-ttl", "1s"]);
+    let _agent = Agent::start(&meshd, "node-a", "127.0.0.2", 1000, &dir.path("a"), &[]);
+    // From inside an instance: the node's credential, the store, the admin credential, the agent's folder.
+    let secrets = [
+        dir.path("a").join("node.credentials.toml"),
+        dir.path("data").join("meshd.redb"),
+        dir.path("data").join("admin.credentials.toml"),
+    ];
+    let mut script = "echo uid=$(id -u);".to_owned();
+    for file in &secrets {
+        let file = file.display();
+        script.push_str(&format!(
+            " if cat {file} >/dev/null 2>&1; then echo READ {file}; else echo DENIED; fi;"
+        ));
+    }
+    let agent_dir = dir.path("a");
+    script.push_str(&format!(" if ls {} >/dev/null 2>&1; then echo LISTED; fi;", agent_dir.display()));
+    script.push_str(" touch ./own-file && echo WROTE; exec sleep 600");
+    let job = |name: &str, user: &str| {
+        format!("name = \"{name}\"\nversion = \"v1\"\nreplicas = 1\n\n[task]\ncommand = \"/bin/sh\"\nargs = [\"-c\", {script:?}]\n{user}\n[resources]\ncpu_millis = 10\nmemory_mb = 16\n")
+    };
+    let file = dir.path("peek.toml");
+    std::fs::write(&file, job("peek", "")).unwrap();
+    meshd.ctl_ok(&["job", "run", file.to_str().unwrap()]);
+    let peek = meshd.running("peek", 1, Duration::from_secs(30)).await.remove(0);
+    let out = eventually("the app reports", Duration::from_secs(10), || {
+        let out = meshd.ctl_ok(&["logs", "peek"]);
+        async move { out.contains("WROTE").then_some(out) }
+    })
+    .await;
+    assert!(out.contains("uid=65534"), "apps run as nobody by default: {out}");
+    assert_eq!(out.matches("DENIED").count(), secrets.len(), "{out}");
+    assert!(!out.contains("READ") && !out.contains("LISTED"), "{out}");
+    assert_eq!(uid_of(peek["pid"].as_i64().unwrap()), Some(65534));
+
+    // Root is an admin's decision: an operator may not ask for it.
+    let ops = user(&meshd, &dir, "ops", "operator");
+    let root_file = dir.path("root.toml");
+    std::fs::write(&root_file, job("rooted", "user = \"root\"")).unwrap();
+    let (code, _, err) = run(
+        &bin("meshctl"),
+        &["--server", &meshd.listen, "--credentials", &ops, "job", "run", root_file.to_str().unwrap()],
+    );
+    assert!(code == 2 && err.contains("needs the admin role"), "{code} {err}");
+    meshd.ctl_ok(&["job", "run", root_file.to_str().unwrap()]);
+    let rooted = meshd.running("rooted", 1, Duration::from_secs(30)).await.remove(0);
+    assert_eq!(uid_of(rooted["pid"].as_i64().unwrap()), Some(0));
+    // A user the node does not have: the instance fails and says why.
+    let ghost = dir.path("ghost.toml");
+    std::fs::write(&ghost, job("ghost", "user = \"no-such-user\"")).unwrap();
+    meshd.ctl_ok(&["job", "run", ghost.to_str().unwrap()]);
+    eventually("the instance names the missing user", Duration::from_secs(15), || {
+        let found = meshd.instances().iter().any(|i| {
+            i["job"] == "ghost"
+                && i["message"].as_str().is_some_and(|m| m.contains("does not exist on this node"))
+        });
+        async move { found.then_some(()) }
+    })
+    .await;
+}

@@ -93,7 +93,7 @@ async fn nothing_an_app_starts_outlives_an_agent_killed_with_sigkill() {
     let pid_file = dir.path("grandchild.pid");
     let script = format!("setsid sleep 600 & echo $! > {}; exec sleep 600", pid_file.display());
     let job = format!(
-        "name = \"forker\"\nversion = \"v1\"\nreplicas = 1\n\n[task]\ncommand = \"/bin/sh\"\nargs = [\"-c\", {script:?}]\n\n[resources]\ncpu_millis = 10\nmemory_mb = 16\n"
+        "name = \"forker\"\nversion = \"v1\"\nreplicas = 1\n\n[task]\ncommand = \"/bin/sh\"\nargs = [\"-c\", {script:?}]\n# It writes into the test's folder.\nuser = \"root\"\n\n[resources]\ncpu_millis = 10\nmemory_mb = 16\n"
     );
     let file = dir.path("forker.toml");
     std::fs::write(&file, job).unwrap();

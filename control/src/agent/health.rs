@@ -16,13 +16,24 @@ use crate::job::Probe;
 
 /// Runs one probe against the instance at `addr`; `Err` says why it failed.
 pub async fn probe(probe: &Probe, addr: SocketAddr, timeout: Duration) -> Result<(), String> {
-    match tokio::time::timeout(timeout, run(probe, addr)).await {
+    probe_as(probe, addr, timeout, None).await
+}
+
+/// `probe`, with an exec check run as `user` (the app's user: a check is
+/// the job's code, as the app is).
+pub async fn probe_as(
+    probe: &Probe,
+    addr: SocketAddr,
+    timeout: Duration,
+    user: Option<super::users::RunAs>,
+) -> Result<(), String> {
+    match tokio::time::timeout(timeout, run(probe, addr, user)).await {
         Ok(result) => result,
         Err(_) => Err(format!("no answer within {}", humantime::format_duration(timeout))),
     }
 }
 
-async fn run(probe: &Probe, addr: SocketAddr) -> Result<(), String> {
+async fn run(probe: &Probe, addr: SocketAddr, user: Option<super::users::RunAs>) -> Result<(), String> {
     match probe {
         Probe::Tcp => {
             tokio::net::TcpStream::connect(addr).await.map(drop).map_err(|e| format!("connect: {e}"))
@@ -59,7 +70,12 @@ async fn run(probe: &Probe, addr: SocketAddr) -> Result<(), String> {
         }
         Probe::Exec(command) => {
             let (program, args) = command.split_first().ok_or("exec: empty command")?;
-            let status = tokio::process::Command::new(program)
+            let mut command = tokio::process::Command::new(program);
+            if let Some(user) = user {
+                // As root, std also drops the supplementary groups.
+                command.uid(user.uid).gid(user.gid);
+            }
+            let status = command
                 .args(args)
                 .stdin(std::process::Stdio::null())
                 .stdout(std::process::Stdio::null())

@@ -37,6 +37,8 @@ pub struct Context {
     pub bin_dir: Option<PathBuf>,
     /// The node's name, as the scheduler knows it (for identity tokens).
     pub node: String,
+    /// Whom apps run as when their job names no `user` (agent as root only).
+    pub default_user: String,
     /// This agent's folder in each cgroup hierarchy, `meshd/<node>-<hash of
     /// data dir>`: two agents on one host never share one.
     pub cgroup_parent: String,
@@ -128,6 +130,7 @@ async fn run_inner(
 ) -> Result<(), String> {
     let job = parse_job(&assignment.job_text).map_err(|e| format!("job file: {e}"))?;
     let program = find_program(context, &job, Path::new(&assignment.job_dir))?;
+    let run_as = super::users::run_as(job.user.as_deref(), &context.default_user)?;
     let dir = instance_dir(&context.data_dir, &assignment.id);
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let ports = Ports::choose(context.advertise_ip, job.upstreams.len())?;
@@ -151,6 +154,7 @@ async fn run_inner(
         let mut launch = app_launch(&program, assignment, &job, &ports, &dir);
         launch.cgroup_procs = cgroup_procs.clone();
         launch.shim = context.shim_program.clone();
+        launch.user = run_as;
         let mut app =
             Running::start(&launch).map_err(|e| format!("cannot start {}: {e}", program.display()))?;
         record_pid(&dir, app.pid());
@@ -162,7 +166,7 @@ async fn run_inner(
             r.message.clear();
         });
         let ended = loop {
-            match supervise(&job, &mut app, &mut proxy, ports.app, report, stop).await {
+            match supervise(&job, run_as, &mut app, &mut proxy, ports.app, report, stop).await {
                 // The app keeps running: only its sidecar starts again.
                 Ended::SidecarExited(why) => {
                     match restart_sidecar(context, assignment, &job, &ports, &dir, report, &why).await {
@@ -384,6 +388,7 @@ fn start_proxy(
         cgroup_procs: Vec::new(),
         shim: None,
         cwd: None,
+        user: None,
     };
     let proxy = Running::start(&launch)
         .map_err(|e| format!("cannot start the sidecar {}: {e}", context.proxy_program.display()))?;
@@ -436,6 +441,7 @@ fn app_launch(program: &Path, assignment: &pb::Assignment, job: &Job, ports: &Po
         shim: None,
         // Each instance has its own working directory, kept across restarts.
         cwd: Some(dir.join("work")),
+        user: None,
     }
 }
 
@@ -598,6 +604,7 @@ async fn restart_sidecar(
 /// checks, and the stop signal.
 async fn supervise(
     job: &Job,
+    run_as: Option<super::users::RunAs>,
     app: &mut Running,
     proxy: &mut Running,
     addr: SocketAddr,
@@ -623,7 +630,7 @@ async fn supervise(
                     Err(e) => format!("wait: {e}"),
                 });
             }
-            result = next_probe(&mut readiness, addr) => {
+            result = next_probe(&mut readiness, addr, run_as) => {
                 if let (Some((check, _, verdict)), Some(result)) = (readiness.as_mut(), result) {
                     *verdict = verdict.observe(result.is_ok(), check.failures);
                     let ready = verdict.healthy;
@@ -634,7 +641,7 @@ async fn supervise(
                     });
                 }
             }
-            result = next_probe(&mut liveness, addr) => {
+            result = next_probe(&mut liveness, addr, run_as) => {
                 if let (Some((check, _, verdict)), Some(result)) = (liveness.as_mut(), result) {
                     let reason = result.as_ref().err().cloned().unwrap_or_default();
                     *verdict = verdict.observe(result.is_ok(), check.failures);
@@ -663,11 +670,12 @@ fn ticker(check: &Check) -> tokio::time::Interval {
 async fn next_probe(
     check: &mut Option<(&Check, tokio::time::Interval, Verdict)>,
     addr: SocketAddr,
+    run_as: Option<super::users::RunAs>,
 ) -> Option<Result<(), String>> {
     match check {
         Some((check, interval, _)) => {
             interval.tick().await;
-            Some(probe(&check.probe, addr, check.timeout).await)
+            Some(super::health::probe_as(&check.probe, addr, check.timeout, run_as).await)
         }
         None => std::future::pending().await,
     }

@@ -86,6 +86,11 @@ impl ControlLink {
         (**self.channel.load()).clone()
     }
 
+    /// The trust bundle version the node holds (0 before the first heartbeat).
+    pub fn bundle_version(&self) -> u64 {
+        self.bundle_version.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// When the node's certificate expires (Unix ms).
     pub fn certificate_expires_unix_ms(&self) -> u64 {
         expires_unix_ms(&self.credentials.load().certificate)

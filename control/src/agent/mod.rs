@@ -14,3 +14,4 @@ pub mod process;
 pub mod restart;
 pub mod shim;
 pub mod supervisor;
+pub mod users;

@@ -78,6 +78,7 @@ async fn session(
             name: info.name.clone(),
             instances: supervisor.reports(),
             certificate_expires_unix_ms: link.certificate_expires_unix_ms(),
+            bundle_version: link.bundle_version(),
         };
         // A renewed certificate is presented from the next heartbeat on.
         let mut client = NodesClient::new(link.channel());

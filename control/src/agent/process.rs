@@ -26,6 +26,9 @@ pub struct Launch {
     pub shim: Option<PathBuf>,
     /// The working directory; `None` keeps the agent's.
     pub cwd: Option<PathBuf>,
+    /// The user it runs as (the working directory is made theirs); `None`:
+    /// the agent's.
+    pub user: Option<super::users::RunAs>,
 }
 
 pub struct Running {
@@ -66,8 +69,12 @@ impl Running {
         let agent = unsafe { libc::getpid() };
         if let Some(cwd) = &launch.cwd {
             std::fs::create_dir_all(cwd)?;
+            if let Some(user) = launch.user {
+                std::os::unix::fs::chown(cwd, Some(user.uid), Some(user.gid))?;
+            }
             command.current_dir(cwd);
         }
+        let user = launch.user;
         command
             .args(&launch.args)
             .envs(launch.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
@@ -83,20 +90,15 @@ impl Running {
             .map(|path| std::ffi::CString::new(path.as_os_str().as_encoded_bytes()))
             .collect::<Result<_, _>>()
             .map_err(io::Error::other)?;
-        // SAFETY: only async-signal-safe calls (prctl, open, write, close) run in
-        // the child between fork and exec, on memory prepared before the fork.
-        // An agent that dies takes its instances with it, as a node that dies would:
-        // nothing is left running that no agent watches. Joining the cgroups
-        // here means nothing the app starts escapes its limits.
+        // SAFETY: only async-signal-safe calls (prctl, open, write, close,
+        // setgroups, setgid, setuid) run in the child between fork and exec, on
+        // memory prepared before the fork. An agent that dies takes its
+        // instances with it, as a node that dies would: nothing is left running
+        // that no agent watches. Joining the cgroups here means nothing the app
+        // starts escapes its limits; it happens before the user switch, which
+        // would take away the right to join them.
         unsafe {
             command.pre_exec(move || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, death_signal) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                // The agent died before the signal was armed: nobody would send it.
-                if libc::getppid() != agent {
-                    libc::_exit(1);
-                }
                 for procs in &cgroup_procs {
                     let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
                     if fd < 0 {
@@ -108,6 +110,23 @@ impl Running {
                     if written != 1 {
                         return Err(io::Error::last_os_error());
                     }
+                }
+                if let Some(user) = user {
+                    // Groups first: after setuid the process may no longer change them.
+                    if libc::setgroups(0, std::ptr::null()) != 0
+                        || libc::setgid(user.gid) != 0
+                        || libc::setuid(user.uid) != 0
+                    {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+                // Armed after the user switch, which clears it.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, death_signal) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // The agent died before the signal was armed: nobody would send it.
+                if libc::getppid() != agent {
+                    libc::_exit(1);
                 }
                 Ok(())
             });
@@ -175,6 +194,7 @@ mod tests {
             cgroup_procs: vec![],
             shim: None,
             cwd: None,
+            user: None,
         };
         let mut running = Running::start(&launch).unwrap();
         assert!(running.wait().await.unwrap().success());
@@ -198,6 +218,7 @@ mod tests {
             cgroup_procs: vec![],
             shim: None,
             cwd: None,
+            user: None,
         };
         let mut running = Running::start(&launch).unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);

@@ -756,7 +756,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 let expires =
                     (node.certificate_expires_unix_ms > 0).then_some(node.certificate_expires_unix_ms / 1000);
                 let down = (!node.up).then(|| "DOWN: no heartbeat within the TTL".to_owned());
-                row("node", name, String::new(), 0, expires, warn_within, down);
+                row("node", name, String::new(), node.bundle_version, expires, warn_within, down);
             }
             let proxies = admin.list_proxies(pb::Empty {}).await?.into_inner().proxies;
             for proxy in proxies.iter().filter(|p| p.connected && !p.admin_addr.is_empty()) {

@@ -98,6 +98,10 @@ enum Command {
         /// the data dir.
         #[arg(long, env = "MESH_JOIN_TOKEN_FILE")]
         join_token_file: Option<PathBuf>,
+        /// Whom apps run as when their job names no `user` (an agent
+        /// running as root only; others run apps as themselves).
+        #[arg(long, default_value = "nobody")]
+        default_user: String,
     },
 }
 
@@ -221,6 +225,7 @@ async fn async_main() -> ExitCode {
             memory_mb,
             attributes,
             join_token_file,
+            default_user,
         } => {
             // Checked before the name becomes part of a folder's name.
             if let Err(error) = mesh_control::state::check_name("node", &name) {
@@ -242,7 +247,7 @@ async fn async_main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            agent(server, info, data_dir, join_token, shutdown_signal()).await
+            agent(server, info, data_dir, join_token, default_user, shutdown_signal()).await
         }
     };
     match result {
@@ -349,7 +354,7 @@ async fn serve(args: ServerArgs, bound: tokio::sync::oneshot::Sender<SocketAddr>
             cert_ttl,
         }))
         .add_service(AccessServer::new(AccessService {
-            users,
+            users: users.clone(),
             control: control.clone(),
             trust: trust.clone(),
             tls,
@@ -363,7 +368,7 @@ async fn serve(args: ServerArgs, bound: tokio::sync::oneshot::Sender<SocketAddr>
             tokens: Default::default(),
             cert_ttl,
         }))
-        .add_service(JobsServer::new(JobsService { scheduler }))
+        .add_service(JobsServer::new(JobsService { scheduler, users: users.clone() }))
         .add_service(AdminServer::new(AdminService { control, nodes }))
         .serve_with_incoming_shutdown(incoming, shutdown_signal())
         .await
@@ -465,6 +470,7 @@ async fn agent(
     info: NodeInfo,
     data_dir: Option<PathBuf>,
     join_token: Option<String>,
+    default_user: String,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), String> {
     let data_dir = data_dir.unwrap_or_else(|| mesh_control::agent::files::default_data_dir(&info.name));
@@ -507,6 +513,7 @@ async fn agent(
         shim_program: std::env::current_exe().ok(),
         bin_dir,
         node: info.name.clone(),
+        default_user,
         cgroup_parent,
         cgroups,
     };
@@ -626,8 +633,14 @@ async fn dev(server: ServerArgs, demo: bool, cpu_millis: u64, memory_mb: u64) ->
             }
         }
     };
-    let mut agent =
-        tokio::spawn(agent(address.to_string(), info, Some(agent_dir), join_token, agent_shutdown));
+    let mut agent = tokio::spawn(agent(
+        address.to_string(),
+        info,
+        Some(agent_dir),
+        join_token,
+        "nobody".into(),
+        agent_shutdown,
+    ));
     if demo {
         if let Err(error) = deploy_demo(address, &data_dir).await {
             tracing::error!(%error, "the demo could not be deployed");

@@ -515,13 +515,29 @@ async fn run_loop(scheduler: Arc<Scheduler>) {
 
 pub struct JobsService {
     pub scheduler: Arc<Scheduler>,
+    pub users: Arc<crate::auth::users::Users>,
 }
 
 #[tonic::async_trait]
 impl Jobs for JobsService {
     async fn run(&self, request: Request<pb::RunJobRequest>) -> Result<Response<pb::RunJobReply>, Status> {
+        let submitter = request.extensions().get::<crate::auth::principal::Principal>().cloned();
         let request = request.into_inner();
         let mut job = parse_job(&request.text).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if job.user.as_deref() == Some("root") {
+            // Root on every node it lands on: more than an operator may grant.
+            let admin = match &submitter {
+                Some(crate::auth::principal::Principal::User { name, serial }) => {
+                    self.users.role_of(name, serial) == Ok(crate::auth::policy::Role::Admin)
+                }
+                _ => false,
+            };
+            if !admin {
+                return Err(Status::permission_denied(
+                    "a job that runs as user \"root\" needs the admin role",
+                ));
+            }
+        }
         let stored = StoredJob { text: request.text, dir: request.dir };
         let name = job.name.clone();
         let changed = {

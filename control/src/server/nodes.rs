@@ -25,6 +25,7 @@ pub struct NodeRecord {
     pub info: pb::NodeInfo,
     pub last_heartbeat: Instant,
     pub certificate_expires_unix_ms: u64,
+    pub bundle_version: u64,
 }
 
 /// Every node that joined since the server started.
@@ -101,6 +102,7 @@ impl NodeRegistry {
                     up: NodeRegistry::is_up(since, self.ttl),
                     last_heartbeat_ms_ago: since.as_millis() as u64,
                     certificate_expires_unix_ms: record.certificate_expires_unix_ms,
+                    bundle_version: record.bundle_version,
                 }
             })
             .collect()
@@ -188,7 +190,12 @@ impl Nodes for NodesService {
         let name = info.name.clone();
         self.registry.nodes.lock().expect("nodes lock").records.insert(
             name,
-            NodeRecord { info, last_heartbeat: Instant::now(), certificate_expires_unix_ms: 0 },
+            NodeRecord {
+                info,
+                last_heartbeat: Instant::now(),
+                certificate_expires_unix_ms: 0,
+                bundle_version: 0,
+            },
         );
         Ok(Response::new(pb::JoinReply {
             heartbeat_interval_ms: self.registry.interval.as_millis() as u64,
@@ -217,6 +224,7 @@ impl Nodes for NodesService {
                 Some(record) => {
                     record.last_heartbeat = Instant::now();
                     record.certificate_expires_unix_ms = request.certificate_expires_unix_ms;
+                    record.bundle_version = request.bundle_version;
                     true
                 }
                 None => false,
