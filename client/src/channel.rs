@@ -30,6 +30,9 @@ enum Trust {
     /// Before a node holds the bundle: the CA certificate whose SHA-256 a
     /// join token names, which the server sends in its chain.
     Pinned(String),
+    /// The mesh's roots, and the one SPIFFE ID the server must hold (a
+    /// node's agent, reached by meshd), whatever address was dialled.
+    Spiffe(Vec<CertificateDer<'static>>, String),
 }
 
 impl Clone for ClientTls {
@@ -50,6 +53,12 @@ impl ClientTls {
     pub fn from_roots_pem(roots_pem: &str) -> Result<ClientTls, String> {
         let roots = pem::certificates(roots_pem).map_err(|e| format!("the trust roots: {e}"))?;
         Ok(ClientTls { trust: Trust::Roots(roots), identity: None })
+    }
+
+    /// Trusts a server that holds `spiffe_id` from one of `roots_pem`.
+    pub fn expecting(roots_pem: &str, spiffe_id: &str) -> Result<ClientTls, String> {
+        let roots = pem::certificates(roots_pem).map_err(|e| format!("the trust roots: {e}"))?;
+        Ok(ClientTls { trust: Trust::Spiffe(roots, spiffe_id.to_owned()), identity: None })
     }
 
     /// Trusts the CA certificate with this SHA-256 fingerprint (hex).
@@ -74,11 +83,27 @@ impl ClientTls {
     }
 
     fn config(&self) -> Result<Arc<ClientConfig>, String> {
+        self.config_for(b"h2")
+    }
+
+    /// A rustls configuration offering `alpn` (`http/1.1` for a plain HTTPS call).
+    pub fn config_for(&self, alpn: &[u8]) -> Result<Arc<ClientConfig>, String> {
         let provider = provider();
         let verifier: Arc<dyn ServerCertVerifier> = match &self.trust {
             Trust::Roots(roots) => webpki_verifier(roots.iter().cloned(), provider.clone())?,
             Trust::Pinned(fingerprint) => {
                 Arc::new(PinnedVerifier { fingerprint: fingerprint.clone(), provider: provider.clone() })
+            }
+            Trust::Spiffe(roots, id) => {
+                let mut store = RootCertStore::empty();
+                for root in roots {
+                    store.add(root.clone()).map_err(|e| format!("a trust root: {e}"))?;
+                }
+                Arc::new(SpiffeVerifier {
+                    roots: Arc::new(store),
+                    id: id.clone(),
+                    provider: provider.clone(),
+                })
             }
         };
         let builder = ClientConfig::builder_with_provider(provider)
@@ -92,7 +117,7 @@ impl ClientTls {
                 .map_err(|e| format!("the client certificate: {e}"))?,
             None => builder.with_no_client_auth(),
         };
-        config.alpn_protocols = vec![b"h2".to_vec()];
+        config.alpn_protocols = vec![alpn.to_vec()];
         Ok(Arc::new(config))
     }
 }
@@ -230,6 +255,71 @@ impl ServerCertVerifier for PinnedVerifier {
         let verifier = webpki_verifier(std::iter::once(pinned.clone().into_owned()), self.provider.clone())
             .map_err(rustls::Error::General)?;
         verifier.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Trusts a server holding one SPIFFE ID, chained to the roots.
+#[derive(Debug)]
+struct SpiffeVerifier {
+    roots: Arc<RootCertStore>,
+    id: String,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for SpiffeVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &self.roots,
+            intermediates,
+            now,
+            self.provider.signature_verification_algorithms.all,
+        )?;
+        if pem::uri_names(end_entity).contains(&self.id) {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName))
+        }
     }
 
     fn verify_tls12_signature(

@@ -28,6 +28,20 @@ pub fn private_key(pem: &str) -> Result<PrivateKeyDer<'static>, String> {
     Err("no PKCS#8 private key (BEGIN PRIVATE KEY) in the PEM text".to_owned())
 }
 
+/// The URI names (SPIFFE IDs) of a certificate (DER).
+pub fn uri_names(der: &[u8]) -> Vec<String> {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else { return Vec::new() };
+    let Ok(Some(san)) = cert.subject_alternative_name() else { return Vec::new() };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|name| match name {
+            x509_parser::extensions::GeneralName::URI(uri) => Some((*uri).to_owned()),
+            _ => None,
+        })
+        .collect()
+}
+
 /// The SHA-256 of a certificate's DER, in hex: what a join token pins.
 pub fn fingerprint(der: &[u8]) -> String {
     ring::digest::digest(&ring::digest::SHA256, der).as_ref().iter().map(|b| format!("{b:02x}")).collect()

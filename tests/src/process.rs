@@ -298,7 +298,7 @@ impl Meshd {
         Meshd::from_process(Process::start(&crate::bin("meshd"), &args))
     }
 
-    fn from_process(process: Process) -> Meshd {
+    pub fn from_process(process: Process) -> Meshd {
         let listen = process.field("listen");
         let admin = process.field("admin");
         let credentials = process.field("credentials");

@@ -444,6 +444,36 @@ async fn apps_run_unprivileged_and_cannot_read_the_nodes_secrets() {
     assert!(!out.contains("READ") && !out.contains("LISTED"), "{out}");
     assert_eq!(uid_of(peek["pid"].as_i64().unwrap()), Some(65534));
 
+    // The node serves instance output to meshd alone: not in plaintext, and
+    // not to a user's certificate either (users read logs through meshd).
+    let logs_addr = meshd.ctl_json(&["get", "nodes"])[0]["logs_addr"].as_str().unwrap().to_owned();
+    let plaintext = mesh_tests::client::send(
+        &mesh_tests::client::http1(),
+        http::Request::get(format!("http://{logs_addr}/logs/peek-0")).body(Default::default()).unwrap(),
+    )
+    .await;
+    assert!(plaintext.is_err(), "plaintext logs: {plaintext:?}");
+    let admin = Credentials::read(std::path::Path::new(&meshd.credentials)).unwrap();
+    let node_id = "spiffe://mesh.local/node/node-a";
+    let as_user = ClientTls::expecting(&admin.roots, node_id)
+        .unwrap()
+        .with_identity(&admin.certificate, &admin.key)
+        .unwrap();
+    let config = as_user.config_for(b"http/1.1").unwrap();
+    let tcp = tokio::net::TcpStream::connect(&logs_addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("agent.mesh").unwrap();
+    let refused = match tokio_rustls::TlsConnector::from(config).connect(name, tcp).await {
+        Err(_) => true,
+        Ok(mut tls) => {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let _ = tls.write_all(b"GET /logs/peek-0 HTTP/1.1\r\nHost: x\r\n\r\n").await;
+            let mut answer = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut answer)).await;
+            !String::from_utf8_lossy(&answer).contains("uid=")
+        }
+    };
+    assert!(refused, "a user's certificate reads no logs at the node");
+
     // Root is an admin's decision: an operator may not ask for it.
     let ops = user(&meshd, &dir, "ops", "operator");
     let root_file = dir.path("root.toml");
@@ -468,4 +498,46 @@ async fn apps_run_unprivileged_and_cannot_read_the_nodes_secrets() {
         async move { found.then_some(()) }
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_key_or_token_reaches_meshds_log() {
+    let dir = TempDir::new("access-log");
+    let log = dir.path("meshd.log");
+    let data = dir.path("data");
+    // meshd at debug level, its log in a file: everything it says is looked at.
+    let mut command = std::process::Command::new("sh");
+    command
+        // The harness sets RUST_LOG=warn for what it starts; debug here.
+        .args(["-c", "RUST_LOG=debug exec \"$0\" \"$@\" 2>>\"$MESHD_LOG\"", bin("meshd").to_str().unwrap()])
+        .args([
+            "server",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+        ])
+        .args(["--heartbeat-ttl", "1s"])
+        .env("MESHD_LOG", &log);
+    let meshd = Meshd::from_process(mesh_tests::process::Process::start_with(&mut command));
+    let token = meshd.join_token();
+    let _agent = Agent::start(&meshd, "node-a", "127.0.0.2", 1000, &dir.path("a"), &[]);
+    let file = dir.path("web.toml");
+    std::fs::write(
+        &file,
+        "name = \"web\"\nversion = \"v1\"\nreplicas = 1\n\n[task]\ncommand = \"mesh-echo\"\n",
+    )
+    .unwrap();
+    meshd.ctl_ok(&["job", "run", file.to_str().unwrap()]);
+    meshd.running("web", 1, Duration::from_secs(30)).await;
+    user(&meshd, &dir, "ci", "viewer");
+    meshd.ctl_ok(&["identity", "rotate-root", "--stage-timeout", "30s"]);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("user credential issued"), "the log is written at debug level: {}", text.len());
+    let secret = token.split('.').nth(1).unwrap();
+    for needle in ["PRIVATE KEY", "meshjoin.", secret] {
+        assert!(!text.contains(needle), "meshd's log holds {needle:?}");
+    }
 }

@@ -158,7 +158,16 @@ async fn a_job_runs_beside_sidecars_heals_and_moves_off_a_dead_node() {
     let mut tally = load.stop().await;
     let post_tally = posts.stop().await;
     tally.failures.extend(post_tally.failures);
-    for failure in tally.failures.keys() {
+    // A request whose answer was under way when node-a's sidecar was
+    // killed can only be cut (its headers may have left already): at most
+    // one per concurrent caller (2 GET and 2 POST loops). Every other
+    // failure is a mesh error with its reason.
+    let mut cut = 0;
+    for (failure, count) in &tally.failures {
+        if failure.starts_with("request failed") || failure.starts_with("body failed") {
+            cut += count;
+            continue;
+        }
         assert!(
             failure.starts_with("502 ") || failure.starts_with("503 ") || failure.starts_with("504 "),
             "a failure while node-a died is a mesh error with its reason: {:?}",
@@ -166,6 +175,7 @@ async fn a_job_runs_beside_sidecars_heals_and_moves_off_a_dead_node() {
         );
         assert!(failure.split(' ').nth(3).is_some_and(|reason| !reason.is_empty()), "{failure}");
     }
+    assert!(cut <= 4, "only requests in flight at the death may be cut: {:?}", tally.failures);
     // Once the instances run on node-b, node-a's endpoints are out of every table.
     let load = Background::start(&client, "web", 2);
     let posts = Background::posts(&client, "web", 2);
@@ -595,7 +605,7 @@ async fn a_grpc_server_is_ready_only_once_its_health_service_says_serving() {
     let flag = dir.path("serving");
     let script = mesh_tests::workspace_dir().join("tests/python/grpc_health_server.py");
     let job = format!(
-        "name = \"greeter\"\nversion = \"v1\"\nreplicas = 1\n\n[task]\ncommand = \"{}\"\nargs = [\"{}\", \"{}\"]\n\n[[ports]]\nname = \"grpc\"\nprotocol = \"grpc\"\n\n[health]\nreadiness = {{ grpc = true, interval = \"200ms\", timeout = \"2s\", failures = 1 }}\n",
+        "name = \"greeter\"\nversion = \"v1\"\nreplicas = 1\n\n[task]\ncommand = \"{}\"\nargs = [\"{}\", \"{}\"]\n# The test's Python may live in root's home (pyenv), which nobody can enter.\nuser = \"root\"\n\n[[ports]]\nname = \"grpc\"\nprotocol = \"grpc\"\n\n[health]\nreadiness = {{ grpc = true, interval = \"200ms\", timeout = \"2s\", failures = 1 }}\n",
         mesh_tests::python().display(),
         script.display(),
         flag.display()

@@ -86,6 +86,43 @@ impl ControlLink {
         (**self.channel.load()).clone()
     }
 
+    /// The trust domain the node's certificate is from.
+    pub fn trust_domain(&self) -> String {
+        let certificate = &self.credentials.load().certificate;
+        let der = mesh_client::pem::certificates(certificate).ok().and_then(|chain| chain.into_iter().next());
+        der.map(|der| mesh_client::pem::uri_names(&der))
+            .unwrap_or_default()
+            .iter()
+            .find_map(|id| Some(id.strip_prefix("spiffe://")?.split('/').next()?.to_owned()))
+            .unwrap_or_default()
+    }
+
+    /// TLS for the node's own listener (instance logs): the node's
+    /// certificate, and a client certificate from the mesh required.
+    pub fn server_tls(&self) -> Result<Arc<rustls::ServerConfig>, String> {
+        let credentials = self.credentials.load();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        for root in mesh_client::pem::certificates(&credentials.roots)? {
+            roots.add(root).map_err(|e| format!("a trust root: {e}"))?;
+        }
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .build()
+                .map_err(|e| format!("the client verifier: {e}"))?;
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(
+                mesh_client::pem::certificates(&credentials.certificate)?,
+                mesh_client::pem::private_key(&credentials.key)?,
+            )
+            .map_err(|e| format!("the node certificate: {e}"))?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
+
     /// The trust bundle version the node holds (0 before the first heartbeat).
     pub fn bundle_version(&self) -> u64 {
         self.bundle_version.load(std::sync::atomic::Ordering::Relaxed)

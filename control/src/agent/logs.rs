@@ -1,6 +1,8 @@
-//! The agent's log endpoint, read by `meshctl logs`: instance output lives
-//! on the node that ran it, so the agent serves it over HTTP (the address
-//! is in the node's registration).
+//! The agent's log endpoint: instance output lives on the node that ran
+//! it, so the agent serves it (the address is in the node's registration)
+//! to meshd alone, over TLS with the node's certificate and meshd's client
+//! certificate required; `meshctl logs` reads it through meshd, which
+//! checks the caller's role.
 //!
 //! `GET /logs/<instance>?stream=stdout|stderr[&follow=true]`: the file as it
 //! is, then (with follow) what is appended, until the caller hangs up.
@@ -18,18 +20,40 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::net::TcpListener;
 
+use tokio_rustls::TlsAcceptor;
+
 use super::instance::instance_dir;
+use super::link::ControlLink;
+use crate::auth::principal::control_plane_id;
 
 /// How long a follow may last, so no loop runs unbounded.
 const FOLLOW_AT_MOST: Duration = Duration::from_secs(3600);
 
+/// How long a caller has for its TLS handshake.
+const HANDSHAKE_WITHIN: Duration = Duration::from_secs(10);
+
 /// Serves the logs under `data_dir` on `listener` until the process ends.
-pub async fn serve(listener: TcpListener, data_dir: PathBuf) {
+pub async fn serve(listener: TcpListener, data_dir: PathBuf, link: Arc<ControlLink>) {
     let data_dir = Arc::new(data_dir);
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
-        let data_dir = data_dir.clone();
+        let Ok((stream, addr)) = listener.accept().await else { continue };
+        let (data_dir, link) = (data_dir.clone(), link.clone());
         tokio::spawn(async move {
+            // Built per connection: it follows the node certificate's renewals.
+            let config = match link.server_tls() {
+                Ok(config) => config,
+                Err(error) => return tracing::warn!(%error, "logs: no TLS configuration"),
+            };
+            let accepted =
+                tokio::time::timeout(HANDSHAKE_WITHIN, TlsAcceptor::from(config).accept(stream)).await;
+            let Ok(Ok(stream)) = accepted else {
+                return tracing::info!(%addr, "logs: a TLS handshake failed");
+            };
+            let meshd = control_plane_id(&link.trust_domain());
+            let leaf = stream.get_ref().1.peer_certificates().and_then(|chain| chain.first());
+            if !leaf.is_some_and(|leaf| mesh_client::pem::uri_names(leaf).contains(&meshd)) {
+                return tracing::warn!(%addr, "logs: a caller that is not meshd was refused");
+            }
             let service = hyper::service::service_fn(move |request| handle(data_dir.clone(), request));
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)

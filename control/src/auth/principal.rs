@@ -46,6 +46,11 @@ pub fn node_id(trust_domain: &str, name: &str) -> String {
     format!("spiffe://{trust_domain}/node/{name}")
 }
 
+/// The SPIFFE ID meshd presents when it calls a node's agent (logs).
+pub fn control_plane_id(trust_domain: &str) -> String {
+    format!("spiffe://{trust_domain}/control-plane")
+}
+
 /// The principal a verified certificate (DER) names in `trust_domain`.
 pub fn of_certificate(der: &[u8], trust_domain: &str) -> Principal {
     let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else { return Principal::Anonymous };

@@ -620,7 +620,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Logs { job, instance, follow, stderr } => {
             let instances =
-                JobsClient::new(channel).list_instances(pb::Empty {}).await?.into_inner().instances;
+                JobsClient::new(channel.clone()).list_instances(pb::Empty {}).await?.into_inner().instances;
             let chosen: Vec<pb::Instance> = instances
                 .into_iter()
                 .filter(|i| i.job == job && instance.as_ref().is_none_or(|id| &i.id == id))
@@ -630,25 +630,15 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     .map_or_else(|| format!("job {job:?}"), |id| format!("instance {id:?} of job {job:?}"));
                 return Err(Failure(format!("no {what}"), 2));
             }
-            let nodes = admin.list_nodes(pb::Empty {}).await?.into_inner().nodes;
-            let logs_addr = |node: &str| {
-                nodes
-                    .iter()
-                    .filter_map(|n| n.info.as_ref())
-                    .find(|n| n.name == node)
-                    .map(|n| n.logs_addr.clone())
-            };
+            // Through meshd, which reads them from each instance's node.
             let stream = if stderr { "stderr" } else { "stdout" };
             let prefix = chosen.len() > 1;
             let mut readers = Vec::new();
             for instance in &chosen {
-                let Some(addr) = logs_addr(&instance.node).filter(|a| !a.is_empty()) else {
-                    eprintln!("meshctl: node {} of {} serves no logs", instance.node, instance.id);
-                    continue;
-                };
-                let path = format!("/logs/{}?stream={stream}&follow={follow}", instance.id);
+                let request =
+                    pb::LogsRequest { instance: instance.id.clone(), stream: stream.into(), follow };
                 let label = prefix.then(|| format!("[{}] ", instance.id));
-                readers.push(tokio::spawn(print_log(addr, path, label)));
+                readers.push(tokio::spawn(print_log(JobsClient::new(channel.clone()), request, label)));
             }
             for reader in readers {
                 if let Ok(Err(message)) = reader.await {
@@ -942,21 +932,20 @@ async fn scrape_all(addrs: &[String]) -> BTreeMap<mesh_control::top::Key, mesh_c
 }
 
 /// Prints one instance's log as it arrives, each line after `label`.
-async fn print_log(addr: String, path: String, label: Option<String>) -> Result<(), String> {
-    use http_body_util::BodyExt;
+async fn print_log(
+    mut jobs: JobsClient<Channel>,
+    request: pb::LogsRequest,
+    label: Option<String>,
+) -> Result<(), String> {
     use std::io::Write;
-    let response = http_get(&addr, &path).await.map_err(|e| format!("logs at {addr}: {e}"))?;
-    let status = response.status();
-    let mut body = response.into_body();
-    if !status.is_success() {
-        let text = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-        return Err(format!("logs at {addr}: {status}: {}", String::from_utf8_lossy(&text).trim()));
-    }
+    let instance = request.instance.clone();
+    let mut chunks =
+        jobs.logs(request).await.map_err(|e| format!("logs of {instance}: {}", e.message()))?.into_inner();
     let mut pending = Vec::new();
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| e.to_string())?;
-        let Some(data) = frame.data_ref() else { continue };
-        pending.extend_from_slice(data);
+    while let Some(chunk) =
+        chunks.message().await.map_err(|e| format!("logs of {instance}: {}", e.message()))?
+    {
+        pending.extend_from_slice(&chunk.data);
         // Whole lines only, so that several instances' lines do not mix.
         while let Some(end) = pending.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = pending.drain(..=end).collect();

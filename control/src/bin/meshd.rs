@@ -341,6 +341,7 @@ async fn serve(args: ServerArgs, bound: tokio::sync::oneshot::Sender<SocketAddr>
         incoming::Gate { tls: tls.clone(), trust_domain: trust_domain.clone(), control: control.clone() };
     let incoming = incoming::admit(grpc, limits, gate);
     let join_tokens = Arc::new(std::sync::Mutex::new(JoinTokens::default()));
+    let tls_for_jobs = tls.clone();
     tonic::transport::Server::builder()
         .layer(AuthLayer { users: users.clone(), control: control.clone() })
         .add_service(RegistryServer::new(RegistryService { control: control.clone(), users: users.clone() }))
@@ -368,7 +369,12 @@ async fn serve(args: ServerArgs, bound: tokio::sync::oneshot::Sender<SocketAddr>
             tokens: Default::default(),
             cert_ttl,
         }))
-        .add_service(JobsServer::new(JobsService { scheduler, users: users.clone() }))
+        .add_service(JobsServer::new(JobsService {
+            scheduler,
+            users: users.clone(),
+            tls: tls_for_jobs,
+            trust_domain: trust_domain.clone(),
+        }))
         .add_service(AdminServer::new(AdminService { control, nodes }))
         .serve_with_incoming_shutdown(incoming, shutdown_signal())
         .await
@@ -492,7 +498,7 @@ async fn agent(
     let logs = TcpListener::bind((advertise_ip, 0)).await.map_err(|e| format!("logs listener: {e}"))?;
     let mut info = info;
     info.logs_addr = logs.local_addr().map_err(|e| e.to_string())?.to_string();
-    tokio::spawn(mesh_control::agent::logs::serve(logs, data_dir.clone()));
+    tokio::spawn(mesh_control::agent::logs::serve(logs, data_dir.clone(), link.clone()));
     let cgroups = mesh_control::agent::cgroup::detect(std::path::Path::new("/sys/fs/cgroup"));
     tracing::info!(?cgroups, "cgroup hierarchy for instance limits");
     let cgroup_parent = {

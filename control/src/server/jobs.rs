@@ -96,6 +96,23 @@ impl Scheduler {
         job_of(&state, allocation).map(|job| job.service.clone())
     }
 
+    /// The node an instance runs (or last ran) on, and that node's logs address.
+    pub fn logs_of(&self, instance: &str) -> Option<(String, String)> {
+        let node = {
+            let state = self.lock();
+            let placed = state.allocations.iter().find(|a| a.id == instance).map(|a| a.node.clone());
+            placed.or_else(|| state.reports.get(instance).map(|(node, _)| node.clone()))?
+        };
+        let addr = self
+            .nodes
+            .list()
+            .into_iter()
+            .filter_map(|status| status.info)
+            .find(|info| info.name == node)
+            .map(|info| info.logs_addr)?;
+        Some((node, addr))
+    }
+
     /// The ids among `reports` of instances placed on another node than `node`.
     pub fn foreign_reports(&self, node: &str, reports: &[pb::InstanceReport]) -> Vec<String> {
         let state = self.lock();
@@ -516,6 +533,9 @@ async fn run_loop(scheduler: Arc<Scheduler>) {
 pub struct JobsService {
     pub scheduler: Arc<Scheduler>,
     pub users: Arc<crate::auth::users::Users>,
+    /// For meshd's calls to agents (logs).
+    pub tls: Arc<super::tls::ServerTls>,
+    pub trust_domain: String,
 }
 
 #[tonic::async_trait]
@@ -637,6 +657,20 @@ impl Jobs for JobsService {
     async fn list_instances(&self, _: Request<pb::Empty>) -> Result<Response<pb::InstanceList>, Status> {
         let state = self.scheduler.lock();
         Ok(Response::new(pb::InstanceList { instances: self.scheduler.instances(&state) }))
+    }
+
+    type LogsStream = super::logs::LogStream;
+
+    async fn logs(&self, request: Request<pb::LogsRequest>) -> Result<Response<Self::LogsStream>, Status> {
+        let request = request.into_inner();
+        let Some((node, addr)) = self.scheduler.logs_of(&request.instance) else {
+            return Err(Status::not_found(format!("no instance {:?}", request.instance)));
+        };
+        if addr.is_empty() {
+            return Err(Status::unavailable(format!("node {node} serves no logs")));
+        }
+        let tls = self.tls.to_node(&self.trust_domain, &node).map_err(Status::internal)?;
+        Ok(Response::new(super::logs::fetch(tls, &addr, &request).await?))
     }
 }
 

@@ -11,6 +11,7 @@ use arc_swap::ArcSwap;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 
+use crate::auth::principal::{control_plane_id, node_id};
 use crate::identity::rotation::{Stage, Trust};
 
 /// How long meshd's own certificate lives; a new one comes at half of it.
@@ -30,6 +31,8 @@ struct Issued {
     chain_pem: String,
     key_pem: String,
     roots_pem: String,
+    /// meshd's client certificate and key for calls to agents.
+    client: (String, String),
 }
 
 impl ServerTls {
@@ -48,6 +51,14 @@ impl ServerTls {
             .ok()
             .and_then(|chain| chain.get(1).map(|ca| mesh_client::pem::fingerprint(ca)))
             .unwrap_or_default()
+    }
+
+    /// TLS for meshd's calls to the agent of `node`: meshd's client
+    /// certificate, and the node's identity expected of the agent.
+    pub fn to_node(&self, trust_domain: &str, node: &str) -> Result<mesh_client::ClientTls, String> {
+        let issued = self.issued.lock().expect("tls lock");
+        mesh_client::ClientTls::expecting(&issued.roots_pem, &node_id(trust_domain, node))?
+            .with_identity(&issued.client.0, &issued.client.1)
     }
 
     pub fn config(&self) -> Arc<ServerConfig> {
@@ -76,6 +87,7 @@ impl ServerTls {
                 chain_pem: issued.chain_pem.clone(),
                 key_pem: issued.key_pem.clone(),
                 roots_pem,
+                client: issued.client.clone(),
             }
         };
         self.config.store(Arc::new(build(&next)?));
@@ -89,7 +101,10 @@ impl ServerTls {
 
 fn issue(names: &[String], trust: &Trust) -> Result<Issued, String> {
     let (cert_pem, key_pem) = trust.signer.issue_server(names, SERVER_CERT_TTL)?;
+    let client =
+        trust.signer.issue_with_key(&control_plane_id(trust.signer.trust_domain()), SERVER_CERT_TTL)?;
     Ok(Issued {
+        client,
         at: Instant::now(),
         by: trust.signer.serial(),
         chain_pem: format!("{}\n{}", cert_pem.trim_end(), trust.signer.cert_pem()),
