@@ -126,6 +126,13 @@ async fn roles_decide_what_meshctl_may_do_and_revocation_counts_at_once() {
     let mode = std::fs::metadata(&rotated).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "a credential holds a key");
 
+    // The admin credential rotates too: the old file stops, the new one works.
+    let admin = dir.path("admin-new.toml");
+    meshd.ctl_ok(&["user", "rotate", "admin", "--out", admin.to_str().unwrap()]);
+    let (code, _, err) = as_user(&meshd.credentials, &["user", "list"]);
+    assert!(code == 2 && err.contains("replaced by a newer one"), "{err}");
+    assert_eq!(as_user(admin.to_str().unwrap(), &["user", "list"]).0, 0);
+
     // No credential at all: meshctl says where to get one.
     let (code, _, err) = run(
         &bin("meshctl"),

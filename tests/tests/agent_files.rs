@@ -71,17 +71,19 @@ async fn logs_are_never_read_through_a_planted_symlink() {
     std::fs::create_dir_all(&instance).unwrap();
     std::os::unix::fs::symlink(&secret, instance.join("app.stdout.log")).unwrap();
     let _agent = Agent::start(&meshd, "node-a", "127.0.0.2", 1000, &dir.path("agent"), &[]);
-    let logs_addr = eventually("the agent joined", Duration::from_secs(10), || {
-        let nodes = meshd.ctl_json(&["get", "nodes"]);
-        let addr = nodes[0]["logs_addr"].as_str().map(str::to_owned);
-        async move { addr }
+    // web-0 is placed on the node; its log is the planted link.
+    let job = dir.path("web.toml");
+    std::fs::write(&job, "name = \"web\"\nversion = \"v1\"\nreplicas = 1\n\n[task]\ncommand = \"/bin/sleep\"\nargs = [\"600\"]\n").unwrap();
+    meshd.ctl_ok(&["job", "run", job.to_str().unwrap()]);
+    eventually("web-0 is placed", Duration::from_secs(10), || {
+        let placed = meshd.instances().iter().any(|i| i["id"] == "web-0");
+        async move { placed.then_some(()) }
     })
     .await;
-    let answer = mesh_tests::client::get(&mesh_tests::client::http1(), &logs_addr, "agent", "/logs/web-0")
-        .await
-        .unwrap();
-    assert_eq!(answer.status, 404);
-    assert!(!String::from_utf8_lossy(&answer.body).contains("secret"));
+    // `meshctl logs` reads through meshd from the agent, which never follows the link.
+    let (_, stdout, stderr) = meshd.ctl(&["logs", "web"]);
+    assert!(!stdout.contains("secret") && !stderr.contains("secret"), "{stdout}{stderr}");
+    assert!(stderr.contains("no stdout log for instance web-0"), "{stdout}{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
