@@ -685,15 +685,25 @@ async fn dev_join_token(address: SocketAddr, data_dir: &std::path::Path) -> Resu
 async fn deploy_demo(address: SocketAddr, data_dir: &std::path::Path) -> Result<(), String> {
     use mesh_proto::mesh::v1 as pb;
     let channel = admin_channel(address, data_dir).await.map_err(|e| format!("demo: {e}"))?;
-    let mut jobs = mesh_proto::mesh::v1::jobs_client::JobsClient::new(channel.clone());
+    let jobs = mesh_proto::mesh::v1::jobs_client::JobsClient::new(channel.clone());
     let dir = data_dir.join("demo");
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    for (name, text) in DEMO_JOBS {
-        // The job files are written out so users can read and edit them.
-        let path = dir.join(format!("{name}.toml"));
-        std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
-        let request = pb::RunJobRequest { text: text.into(), dir: dir.display().to_string() };
-        jobs.run(request).await.map_err(|e| format!("demo job {name}: {}", e.message()))?;
+    let run = |name: &'static str, text: &'static str| {
+        let mut jobs = jobs.clone();
+        let dir = dir.clone();
+        async move {
+            // The job files are written out so users can read and edit them.
+            let path = dir.join(format!("{name}.toml"));
+            std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+            let request = pb::RunJobRequest { text: text.into(), dir: dir.display().to_string() };
+            jobs.run(request).await.map_err(|e| format!("demo job {name}: {}", e.message())).map(drop)
+        }
+    };
+    // The caller starts once the split is in force, so that its first
+    // request is already split 90/10.
+    let (callees, caller) = DEMO_JOBS.split_at(DEMO_JOBS.len() - 1);
+    for (name, text) in callees {
+        run(name, text).await?;
     }
     let mut admin = mesh_proto::mesh::v1::admin_client::AdminClient::new(channel);
     // A split names versions the registry knows, and the demo starts once
@@ -718,6 +728,9 @@ async fn deploy_demo(address: SocketAddr, data_dir: &std::path::Path) -> Result<
         weights: [("v1".to_owned(), 90), ("v2".to_owned(), 10)].into_iter().collect(),
     };
     admin.set_split(split).await.map_err(|e| format!("demo split: {}", e.message()))?;
+    for (name, text) in caller {
+        run(name, text).await?;
+    }
     println!(
         "meshd demo deployed: jobs echo-v1 (3 instances), echo-v2 (1), traffic (calls echo); split echo v1=90 v2=10; job files in {}",
         dir.display()
