@@ -54,14 +54,20 @@ impl RetryBudget {
         self.slot(now_second).requests.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Spends one retry if the budget allows it.
+    /// Spends one retry if the budget allows it. The retry is claimed
+    /// before the check and given back if refused, so that callers deciding
+    /// at the same moment see each other's claims and never overshoot the
+    /// budget together (at worst one is refused that could have passed).
     pub fn try_spend_retry(&self, now_second: u64, ratio: f64, min_per_second: u32) -> bool {
+        let slot = self.slot(now_second);
+        slot.retries.fetch_add(1, Ordering::AcqRel);
         let (requests, retries) = self.totals(now_second);
-        if !retry_allowed(requests, retries, ratio, min_per_second) {
-            return false;
+        // `retries` counts this claim too.
+        if retry_allowed(requests, retries.saturating_sub(1), ratio, min_per_second) {
+            return true;
         }
-        self.slot(now_second).retries.fetch_add(1, Ordering::Relaxed);
-        true
+        slot.retries.fetch_sub(1, Ordering::AcqRel);
+        false
     }
 }
 
@@ -102,5 +108,21 @@ mod tests {
         assert!(budget.try_spend_retry(15, 0.2, 1));
         let spent_later = (0..1000).filter(|_| budget.try_spend_retry(15, 0.2, 1)).count();
         assert_eq!(spent_later, 9);
+    }
+
+    #[test]
+    fn callers_at_the_same_moment_never_overshoot_together() {
+        let budget = std::sync::Arc::new(RetryBudget::default());
+        for _ in 0..100 {
+            budget.record_request(5);
+        }
+        let spenders: Vec<_> = (0..8)
+            .map(|_| {
+                let budget = budget.clone();
+                std::thread::spawn(move || (0..1000).filter(|_| budget.try_spend_retry(5, 0.2, 1)).count())
+            })
+            .collect();
+        let spent: usize = spenders.into_iter().map(|s| s.join().unwrap()).sum();
+        assert_eq!(spent, 30, "20 from the ratio and 10 from the reserve, across 8 threads");
     }
 }
