@@ -68,19 +68,9 @@ pub fn trust_domain_of(spiffe_id: &str) -> Option<&str> {
     spiffe_id.strip_prefix("spiffe://")?.split('/').next()
 }
 
-/// The URI names of a DER certificate.
-pub fn uri_names(der: &[u8]) -> Vec<String> {
-    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else { return Vec::new() };
-    let Ok(Some(san)) = cert.subject_alternative_name() else { return Vec::new() };
-    san.value
-        .general_names
-        .iter()
-        .filter_map(|name| match name {
-            x509_parser::extensions::GeneralName::URI(uri) => Some((*uri).to_owned()),
-            _ => None,
-        })
-        .collect()
-}
+/// The URI names of a DER certificate: one parser for the proxy, meshd and
+/// the agent.
+pub use mesh_client::pem::uri_names;
 
 /// The name a proxy connects to for `service`'s endpoints.
 pub fn server_name(service: &str) -> Option<ServerName<'static>> {
