@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
@@ -89,9 +90,35 @@ impl Body for RequestBody {
     }
 }
 
+/// A response body's first frame, read before its headers were passed on.
+/// Trailers are boxed: they rarely come first, and a header map inline
+/// would enlarge every response.
+pub enum HeldFrame {
+    Data(Bytes),
+    Trailers(Box<HeaderMap>),
+}
+
+impl HeldFrame {
+    pub fn new(frame: Frame<Bytes>) -> Option<HeldFrame> {
+        match frame.into_data() {
+            Ok(data) => Some(HeldFrame::Data(data)),
+            Err(frame) => frame.into_trailers().ok().map(|t| HeldFrame::Trailers(Box::new(t))),
+        }
+    }
+
+    fn into_frame(self) -> Frame<Bytes> {
+        match self {
+            HeldFrame::Data(data) => Frame::data(data),
+            HeldFrame::Trailers(trailers) => Frame::trailers(*trailers),
+        }
+    }
+}
+
 /// A response body going back to the caller. An HTTP/1 connection goes back
 /// to its pool only once its response body has been read to the end.
 pub struct ResponseBody {
+    /// The body's first frame, read before the headers were passed on.
+    held: Option<HeldFrame>,
     inner: ResponseInner,
     release: Option<(Arc<ConnPool>, Http1Sender)>,
 }
@@ -102,8 +129,13 @@ enum ResponseInner {
 }
 
 impl ResponseBody {
-    pub fn upstream(body: Incoming, release: Option<(Arc<ConnPool>, Http1Sender)>) -> Self {
-        let mut body = ResponseBody { inner: ResponseInner::Upstream(body), release };
+    /// An endpoint's answer; `held` is its first frame if it was read ahead.
+    pub fn upstream(
+        body: Incoming,
+        held: Option<HeldFrame>,
+        release: Option<(Arc<ConnPool>, Http1Sender)>,
+    ) -> Self {
+        let mut body = ResponseBody { held, inner: ResponseInner::Upstream(body), release };
         body.release_if_done();
         body
     }
@@ -111,15 +143,24 @@ impl ResponseBody {
     pub fn local(bytes: impl Into<Bytes>) -> Self {
         let bytes = bytes.into();
         let inner = ResponseInner::Local(if bytes.is_empty() { None } else { Some(bytes) });
-        ResponseBody { inner, release: None }
+        ResponseBody { held: None, inner, release: None }
     }
 
     pub fn empty() -> Self {
-        ResponseBody { inner: ResponseInner::Local(None), release: None }
+        ResponseBody { held: None, inner: ResponseInner::Local(None), release: None }
+    }
+
+    /// Whether the connection has delivered the whole body (a held frame
+    /// may still be waiting for the caller).
+    fn read_to_end(&self) -> bool {
+        match &self.inner {
+            ResponseInner::Local(bytes) => bytes.is_none(),
+            ResponseInner::Upstream(incoming) => incoming.is_end_stream(),
+        }
     }
 
     fn release_if_done(&mut self) {
-        if self.is_end_stream() {
+        if self.read_to_end() {
             if let Some((pool, sender)) = self.release.take() {
                 pool.put_http1(sender);
             }
@@ -136,6 +177,9 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
+        if let Some(frame) = this.held.take() {
+            return Poll::Ready(Some(Ok(frame.into_frame())));
+        }
         let polled = match &mut this.inner {
             ResponseInner::Local(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             ResponseInner::Upstream(incoming) => Pin::new(incoming).poll_frame(cx),
@@ -155,17 +199,24 @@ impl Body for ResponseBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        match &self.inner {
-            ResponseInner::Local(bytes) => bytes.is_none(),
-            ResponseInner::Upstream(incoming) => incoming.is_end_stream(),
-        }
+        self.held.is_none() && self.read_to_end()
     }
 
     fn size_hint(&self) -> SizeHint {
-        match &self.inner {
+        let rest = match &self.inner {
             ResponseInner::Local(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
             ResponseInner::Local(None) => SizeHint::with_exact(0),
             ResponseInner::Upstream(incoming) => incoming.size_hint(),
+        };
+        let held = match &self.held {
+            Some(HeldFrame::Data(data)) => data.len() as u64,
+            _ => return rest,
+        };
+        let mut hint = SizeHint::new();
+        hint.set_lower(rest.lower() + held);
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper + held);
         }
+        hint
     }
 }

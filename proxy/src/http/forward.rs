@@ -30,7 +30,7 @@ use rand::SeedableRng;
 use crate::clock;
 use crate::config::{Protocol, RetryOn};
 use crate::errors::ProxyError;
-use crate::http::body::{CallerBody, CallerBroken, RequestBody, ResponseBody};
+use crate::http::body::{CallerBody, CallerBroken, HeldFrame, RequestBody, ResponseBody};
 use crate::http::deadline::ConnectionTimers;
 use crate::http::hops::{count_hop, MAX_HOPS, MESH_HOPS};
 use crate::http::pool::{ConnPool, ConnectError, Http1Sender};
@@ -246,6 +246,22 @@ async fn attempts<'s>(
         } else {
             send_http1(pool, connect_timeout, upstream_request).await
         };
+        // While the request may still go again, its answer's headers wait
+        // for the body to begin: an endpoint that dies in between is then a
+        // broken connection to retry, not an answer cut in the caller's hands.
+        let hold = retries_responses && may_retry && !policy.on.is_empty();
+        let sent = match sent {
+            Ok((response, release)) => {
+                let answered = Answered { response, release, held: None };
+                match if hold { first_frame_now(answered) } else { FirstFrame::Here(answered) } {
+                    FirstFrame::Here(answered) => Ok(answered),
+                    FirstFrame::Broken(error) => Err(SendError::Broken(error)),
+                    // Boxed: rare, and its timer would enlarge every request's future.
+                    FirstFrame::Later(answered) => Box::pin(hold_first_frame(answered)).await,
+                }
+            }
+            Err(error) => Err(error),
+        };
         now_nanos = clock::now_nanos();
         pending.finish(now_nanos);
         progress.waiting_on = None;
@@ -292,7 +308,7 @@ async fn attempts<'s>(
                 }
                 return outcome;
             }
-            Ok((response, release)) => {
+            Ok(Answered { response, release, held }) => {
                 let status = response.status();
                 let grpc_unavailable = response.headers().get("grpc-status").is_some_and(|s| s == "14");
                 // The peer's inbound proxy could not reach its app: the app never saw the request.
@@ -308,7 +324,7 @@ async fn attempts<'s>(
                         .get(MESH_ERROR)
                         .is_some_and(|v| v.as_bytes() == ProxyError::LoopDetected.reason().as_bytes());
                 if peer_loop {
-                    let response = finish_response(response, release, &endpoint.state.pool);
+                    let response = finish_response(response, held, release, &endpoint.state.pool);
                     let error = Some(ProxyError::LoopDetected);
                     return Outcome { response, error, metrics: &endpoint.metrics };
                 }
@@ -318,7 +334,7 @@ async fn attempts<'s>(
                     endpoint.state.breaker.record_success();
                 }
                 let reason = retry_reason(&policy.on, status.as_u16(), grpc_unavailable, peer_connect_failed);
-                let response = finish_response(response, release, &endpoint.state.pool);
+                let response = finish_response(response, held, release, &endpoint.state.pool);
                 let mut outcome = Outcome { response, error: None, metrics: &endpoint.metrics };
                 let Some(reason) = reason.filter(|_| retries_responses && may_retry) else {
                     return outcome;
@@ -540,15 +556,73 @@ async fn send_http1_on_new_connection(
     }
 }
 
+/// An endpoint's answer as the retry loop gets it.
+struct Answered {
+    response: Response<Incoming>,
+    /// The HTTP/1 connection it came on, pooled again once the body is read.
+    release: Option<Http1Sender>,
+    /// The body's first frame, read ahead while the request could go again.
+    held: Option<HeldFrame>,
+}
+
+/// How long an answer's headers wait for its body to begin. An answer that
+/// begins later (a stream, a long poll) is passed on as it comes, and can
+/// no longer be retried once it has.
+pub const FIRST_FRAME_HOLD: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// What an answer's body showed at once.
+enum FirstFrame {
+    /// Its first frame (held) or its end came with the headers.
+    Here(Answered),
+    /// The connection broke before the body began.
+    Broken(hyper::Error),
+    /// Nothing yet.
+    Later(Answered),
+}
+
+/// Reads the body's first frame ahead if it is already here (most bodies
+/// arrive with their headers), without a timer or a wake-up. Owned in and
+/// out, so the request's future keeps no answer across an await.
+fn first_frame_now(mut answered: Answered) -> FirstFrame {
+    let body = answered.response.body_mut();
+    if body.is_end_stream() {
+        return FirstFrame::Here(answered);
+    }
+    // A waker that does nothing: a body not here yet is awaited by
+    // `hold_first_frame`, whose poll registers its own.
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match std::pin::Pin::new(body).poll_frame(&mut cx) {
+        Poll::Ready(Some(Ok(frame))) => {
+            answered.held = HeldFrame::new(frame);
+            FirstFrame::Here(answered)
+        }
+        Poll::Ready(Some(Err(error))) => FirstFrame::Broken(error),
+        Poll::Ready(None) => FirstFrame::Here(answered),
+        Poll::Pending => FirstFrame::Later(answered),
+    }
+}
+
+/// Waits up to [`FIRST_FRAME_HOLD`] for an answer's body to begin; a body
+/// later than that is passed on as it streams.
+async fn hold_first_frame(mut answered: Answered) -> Result<Answered, SendError> {
+    match tokio::time::timeout(FIRST_FRAME_HOLD, answered.response.body_mut().frame()).await {
+        Ok(Some(Ok(frame))) => answered.held = HeldFrame::new(frame),
+        Ok(Some(Err(error))) => return Err(SendError::Broken(error)),
+        Ok(None) | Err(_) => {}
+    }
+    Ok(answered)
+}
+
 fn finish_response(
     response: Response<Incoming>,
+    held: Option<HeldFrame>,
     release: Option<Http1Sender>,
     pool: &Arc<ConnPool>,
 ) -> Response<ResponseBody> {
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     let release = release.map(|sender| (pool.clone(), sender));
-    Response::from_parts(parts, ResponseBody::upstream(body, release))
+    Response::from_parts(parts, ResponseBody::upstream(body, held, release))
 }
 
 /// Whether a request asks to switch protocols on its HTTP/1 connection.
@@ -628,7 +702,7 @@ pub async fn upgrade_on(
         });
     }
     let (parts, body) = response.into_parts();
-    (Response::from_parts(parts, ResponseBody::upstream(body, None)), None)
+    (Response::from_parts(parts, ResponseBody::upstream(body, None, None)), None)
 }
 
 /// Forwards an inbound request to the local app: one try, no balancing,
@@ -674,7 +748,7 @@ pub async fn forward_inbound(
         send_http1(pool, connect_timeout, upstream_request).await
     };
     let (mut response, error) = match sent {
-        Ok((response, release)) => (finish_response(response, release, &inbound.state.pool), None),
+        Ok((response, release)) => (finish_response(response, None, release, &inbound.state.pool), None),
         Err(SendError::Connect(error, _)) => {
             let detail = format!("local app at {app}: {}", error.0);
             (error_response(ProxyError::ConnectFailed, grpc, &detail), Some(ProxyError::ConnectFailed))
@@ -740,7 +814,9 @@ mod future_sizes {
     #[test]
     fn the_request_futures_stay_small() {
         let outbound = size_of_future(super::forward);
-        assert!(outbound <= 2560, "an outbound request's future takes {outbound} bytes");
+        // 2 544 before answers were held for their first body frame: the
+        // await on a body slow to begin keeps about 180 bytes more.
+        assert!(outbound <= 2752, "an outbound request's future takes {outbound} bytes");
         let inbound = size_of_future(|s, r, ()| super::forward_inbound(s, r));
         assert!(inbound <= 2048, "an inbound request's future takes {inbound} bytes");
     }
