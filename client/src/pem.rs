@@ -30,7 +30,14 @@ pub fn private_key(pem: &str) -> Result<PrivateKeyDer<'static>, String> {
 
 /// The URI names (SPIFFE IDs) of a certificate (DER).
 pub fn uri_names(der: &[u8]) -> Vec<String> {
-    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else { return Vec::new() };
+    match x509_parser::parse_x509_certificate(der) {
+        Ok((_, cert)) => uri_names_of(&cert),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// The URI names (SPIFFE IDs) of a parsed certificate.
+pub fn uri_names_of(cert: &x509_parser::certificate::X509Certificate<'_>) -> Vec<String> {
     let Ok(Some(san)) = cert.subject_alternative_name() else { return Vec::new() };
     san.value
         .general_names

@@ -9,7 +9,9 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::scheduler::{Constraint, JobSpec, Resources, Strategy};
-use crate::state::check_name;
+use mesh_common::duration::HumanDuration as Dur;
+use mesh_common::file_error::{parse_toml, FileError};
+use mesh_common::name::check_name;
 
 /// A validated job.
 #[derive(Clone, Debug, PartialEq)]
@@ -72,23 +74,7 @@ pub struct UpdatePolicy {
 }
 
 /// A job file that cannot be used, with where and why.
-#[derive(Clone, Debug, PartialEq)]
-pub struct JobError {
-    pub line: Option<usize>,
-    pub field: String,
-    pub message: String,
-}
-
-impl std::fmt::Display for JobError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.line {
-            Some(line) => write!(f, "line {line}, field `{}`: {}", self.field, self.message),
-            None => write!(f, "field `{}`: {}", self.field, self.message),
-        }
-    }
-}
-
-impl std::error::Error for JobError {}
+pub type JobError = FileError;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -201,40 +187,14 @@ enum RawStrategy {
     Spread,
 }
 
-/// A duration such as `2s`; a bad one fails inside serde, so the error
-/// carries the field's path and line.
-struct Dur(Duration);
-
-impl<'de> Deserialize<'de> for Dur {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        humantime::parse_duration(&text).map(Dur).map_err(|e| {
-            serde::de::Error::custom(format!("unparsable duration {text:?} ({e}); write e.g. \"2s\""))
-        })
-    }
-}
-
-fn line_of(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())].bytes().filter(|b| *b == b'\n').count() + 1
-}
-
 /// Parses and validates a job file's text; nothing is applied here.
 pub fn parse_job(text: &str) -> Result<Job, JobError> {
-    let error = |span: Option<std::ops::Range<usize>>, field: &str, message: String| JobError {
-        line: span.map(|s| line_of(text, s.start)),
-        field: field.to_owned(),
-        message,
+    let error = |span: Option<std::ops::Range<usize>>, field: &str, message: String| {
+        FileError::at(text, span, field, message)
     };
-    let deserializer = toml::Deserializer::parse(text)
-        .map_err(|e| error(e.span(), "(file)", e.message().trim().to_owned()))?;
-    let raw: RawJob = serde_path_to_error::deserialize(deserializer).map_err(|e| {
-        let field = e.path().to_string().replace(".$__serde_spanned_private_value", "");
-        let inner = e.into_inner();
-        let field = if field.is_empty() || field == "." { "(file)".to_owned() } else { field };
-        error(inner.span(), &field, inner.message().trim().to_owned())
-    })?;
+    let raw: RawJob = parse_toml(text)?;
     let named = |field: &str, value: &Spanned<String>| {
-        check_name(field, value.get_ref()).map_err(|e| error(Some(value.span()), field, e.0))
+        check_name(field, value.get_ref()).map_err(|e| error(Some(value.span()), field, e))
     };
     named("name", &raw.name)?;
     named("version", &raw.version)?;

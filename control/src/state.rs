@@ -122,17 +122,7 @@ fn refuse<T>(message: impl Into<String>) -> Result<T, ChangeError> {
 /// Service and version names: what a DNS label allows, so they can appear
 /// in hostnames (`web.mesh`) and metric labels.
 pub fn check_name(what: &str, name: &str) -> Result<(), ChangeError> {
-    let valid = !name.is_empty()
-        && name.len() <= 63
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
-        && !name.starts_with('-');
-    if valid {
-        Ok(())
-    } else {
-        refuse(format!(
-            "{what} {name:?} is not a valid name: use 1 to 63 lowercase letters, digits, '-' or '_'"
-        ))
-    }
+    mesh_common::name::check_name(what, name).map_err(ChangeError)
 }
 
 const PROTOCOLS: [&str; 4] = ["http", "h2", "grpc", "tcp"];

@@ -8,8 +8,8 @@ pub fn allowed(allow_from: &[String], caller: Option<&str>, trust_domain: &str) 
         return true;
     }
     let Some(caller) = caller else { return false };
-    let prefix = format!("spiffe://{trust_domain}/service/");
-    caller.strip_prefix(&prefix).is_some_and(|service| allow_from.iter().any(|allowed| allowed == service))
+    mesh_common::spiffe::service_of(caller, trust_domain)
+        .is_some_and(|service| allow_from.iter().any(|allowed| allowed == service))
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 //! While the control plane is unreachable the proxy keeps serving its last
 //! table and reconnects with jittered backoff, resuming from its version.
 
+use mesh_common::backoff::Backoff;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
@@ -12,7 +13,6 @@ use std::time::Duration;
 use mesh_proto::mesh::v1 as pb;
 use mesh_proto::mesh::v1::discovery_client::DiscoveryClient;
 use mesh_proto::mesh::v1::subscribe_request::Message;
-use rand::Rng;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -48,7 +48,7 @@ pub async fn run(options: ControlOptions, proxy: Arc<Proxy>, mut shutdown: Shutd
     // The control plane's view, which can be ahead of the applied table
     // when a service's route was refused, and the routes last applied.
     let mut routes = Routes::default();
-    let mut backoff = MIN_BACKOFF;
+    let mut backoff = Backoff::new(MIN_BACKOFF, MAX_BACKOFF);
     loop {
         let session = session(&options, &proxy, &mut routes);
         let received = tokio::select! {
@@ -62,15 +62,13 @@ pub async fn run(options: ControlOptions, proxy: Arc<Proxy>, mut shutdown: Shutd
             _ = shutdown_started(&mut shutdown) => return,
         };
         if received {
-            backoff = MIN_BACKOFF;
+            backoff.reset();
         }
-        // Full jitter, so that proxies cut off together do not return together.
-        let pause = rand::rng().random_range(Duration::ZERO..=backoff);
+        let pause = backoff.jittered(&mut rand::rng());
         tokio::select! {
             _ = tokio::time::sleep(pause) => {},
             _ = shutdown_started(&mut shutdown) => return,
         }
-        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 

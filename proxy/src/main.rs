@@ -3,6 +3,7 @@
 //! `mesh-proxy --control ADDR --service NAME ...` runs it under the
 //! control plane.
 
+use mesh_common::backoff::Backoff;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -86,13 +87,7 @@ fn parse_upstream(text: &str) -> Result<UpstreamConfig, String> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    mesh_common::logging::init();
     // One thread needs no work stealing: the current-thread scheduler avoids
     // its cross-thread wake-ups and atomics.
     let mut builder = if args.threads == 1 {
@@ -278,7 +273,7 @@ const IDENTITY_TOKEN_ENV: &str = "MESH_IDENTITY_TOKEN";
 /// instance again with a new one), then renews it at about 70 % of its
 /// life for as long as the proxy runs.
 async fn acquire_identity(control: ControlAccess, token: String, proxy: Arc<Proxy>) {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     let mut identity = None;
     for _ in 0..20 {
         match mesh_proxy::identity::obtain(&control, &proxy, &token).await {
@@ -292,8 +287,7 @@ async fn acquire_identity(control: ControlAccess, token: String, proxy: Arc<Prox
             }
             Err(error) => tracing::warn!(%error, "no certificate yet; retrying"),
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        tokio::time::sleep(backoff.plain()).await;
     }
     let Some(mut identity) = identity else {
         tracing::error!("no certificate after 20 attempts");
@@ -328,14 +322,13 @@ async fn renew_when_due(
         _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
         _ = now.notified() => tracing::info!("the signing root changed: renewing the certificate now"),
     }
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     loop {
         match mesh_proxy::identity::renew(control, proxy, current).await {
             Ok(renewed) => return renewed,
-            Err(error) => tracing::warn!(%error, ?backoff, "renewal failed; retrying"),
+            Err(error) => tracing::warn!(%error, "renewal failed; retrying"),
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(10));
+        tokio::time::sleep(backoff.plain()).await;
     }
 }
 

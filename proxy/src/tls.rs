@@ -5,6 +5,7 @@
 //! connects to is `<service>.mesh`, and the peer's certificate must carry
 //! `spiffe://<trust domain>/service/<service>`.
 
+use mesh_common::spiffe::SpiffeId;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -63,10 +64,7 @@ fn certificates(pem: &str) -> Result<Vec<CertificateDer<'static>>, String> {
     Ok(found)
 }
 
-/// The trust domain of a SPIFFE ID such as `spiffe://mesh.local/service/web`.
-pub fn trust_domain_of(spiffe_id: &str) -> Option<&str> {
-    spiffe_id.strip_prefix("spiffe://")?.split('/').next()
-}
+pub use mesh_common::spiffe::trust_domain_of;
 
 /// The URI names of a DER certificate: one parser for the proxy, meshd and
 /// the agent.
@@ -161,7 +159,7 @@ impl ServerCertVerifier for PeerVerifier {
             ServerName::DnsName(name) => name.as_ref().strip_suffix(".mesh").unwrap_or_default().to_owned(),
             _ => String::new(),
         };
-        let expected = format!("spiffe://{}/service/{service}", self.trust_domain);
+        let expected = SpiffeId::service(&self.trust_domain, &service).to_string();
         if uri_names(end_entity).contains(&expected) {
             Ok(ServerCertVerified::assertion())
         } else {

@@ -93,7 +93,7 @@ impl ControlLink {
         der.map(|der| mesh_client::pem::uri_names(&der))
             .unwrap_or_default()
             .iter()
-            .find_map(|id| Some(id.strip_prefix("spiffe://")?.split('/').next()?.to_owned()))
+            .find_map(|id| mesh_common::spiffe::trust_domain_of(id).map(str::to_owned))
             .unwrap_or_default()
     }
 

@@ -5,9 +5,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use mesh_common::backoff::Backoff;
 use mesh_proto::mesh::v1 as pb;
 use mesh_proto::mesh::v1::nodes_client::NodesClient;
-use rand::Rng;
 
 use super::link::ControlLink;
 use super::supervisor::Supervisor;
@@ -21,7 +21,7 @@ pub async fn run(
     supervisor: Arc<Supervisor>,
 ) -> Result<(), String> {
     let mut announced = false;
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new(Duration::from_millis(100), MAX_BACKOFF);
     let server = link.server.clone();
     loop {
         match session(&link, &info, &supervisor, &mut announced).await {
@@ -31,11 +31,10 @@ pub async fn run(
             Err(Failure::Lost(reason)) => {
                 tracing::warn!(server = %server, %reason, "control plane unreachable; retrying");
             }
-            Ok(()) => backoff = Duration::from_millis(100),
+            Ok(()) => backoff.reset(),
         }
-        let jitter = rand::rng().random_range(Duration::ZERO..=backoff);
-        tokio::time::sleep(jitter).await;
-        backoff = (backoff * 2).min(MAX_BACKOFF);
+        let pause = backoff.jittered(&mut rand::rng());
+        tokio::time::sleep(pause).await;
     }
 }
 

@@ -4,10 +4,7 @@
 use std::time::Duration;
 
 /// Delay before restart number `restarts_in_a_row + 1`: base × 2^n, capped.
-pub fn restart_delay(restarts_in_a_row: u32, base: Duration, max: Duration) -> Duration {
-    let factor = 1u32.checked_shl(restarts_in_a_row).unwrap_or(u32::MAX);
-    base.saturating_mul(factor).min(max)
-}
+pub use mesh_common::backoff::doubled as restart_delay;
 
 /// An instance is crash-looping when it exited `threshold` times or more
 /// within the last `window`. `exits` are times in milliseconds, any order.
@@ -25,16 +22,6 @@ pub fn resets_backoff(ran_for: Duration, stable_after: Duration) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_doubles_up_to_its_cap() {
-        let (base, max) = (Duration::from_millis(250), Duration::from_secs(8));
-        // (restarts so far, expected delay in ms)
-        let table = [(0, 250), (1, 500), (2, 1000), (4, 4000), (5, 8000), (6, 8000), (40, 8000)];
-        for (restarts, ms) in table {
-            assert_eq!(restart_delay(restarts, base, max), Duration::from_millis(ms), "after {restarts}");
-        }
-    }
 
     #[test]
     fn crash_loops_are_exits_crowded_in_a_window() {

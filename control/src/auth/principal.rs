@@ -3,6 +3,8 @@
 
 use std::net::SocketAddr;
 
+use mesh_common::spiffe::{SpiffeId, Subject};
+
 /// Who is calling.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Principal {
@@ -38,46 +40,36 @@ pub struct Peer {
 
 /// The SPIFFE ID of a user.
 pub fn user_id(trust_domain: &str, name: &str) -> String {
-    format!("spiffe://{trust_domain}/user/{name}")
+    SpiffeId::user(trust_domain, name).to_string()
 }
 
 /// The SPIFFE ID of a node.
 pub fn node_id(trust_domain: &str, name: &str) -> String {
-    format!("spiffe://{trust_domain}/node/{name}")
+    SpiffeId::node(trust_domain, name).to_string()
 }
 
 /// The SPIFFE ID meshd presents when it calls a node's agent (logs).
 pub fn control_plane_id(trust_domain: &str) -> String {
-    format!("spiffe://{trust_domain}/control-plane")
+    SpiffeId::control_plane(trust_domain).to_string()
 }
 
 /// The principal a verified certificate (DER) names in `trust_domain`.
 pub fn of_certificate(der: &[u8], trust_domain: &str) -> Principal {
     let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else { return Principal::Anonymous };
     let serial: String = cert.raw_serial().iter().map(|b| format!("{b:02x}")).collect();
-    let Ok(Some(san)) = cert.subject_alternative_name() else { return Principal::Anonymous };
-    let prefix = format!("spiffe://{trust_domain}/");
-    for name in &san.value.general_names {
-        let x509_parser::extensions::GeneralName::URI(uri) = name else { continue };
-        if let Some(principal) = uri.strip_prefix(&prefix).and_then(|path| of_path(path, &serial)) {
-            return principal;
-        }
-    }
-    Principal::Anonymous
+    mesh_client::pem::uri_names_of(&cert)
+        .iter()
+        .find_map(|uri| SpiffeId::parse_in(uri, trust_domain).and_then(|id| of_id(id, &serial)))
+        .unwrap_or(Principal::Anonymous)
 }
 
-/// `user/NAME`, `node/NAME` or `service/NAME`.
-fn of_path(path: &str, serial: &str) -> Option<Principal> {
-    let (kind, name) = path.split_once('/')?;
-    if name.is_empty() || name.contains('/') {
-        return None;
-    }
-    let name = name.to_owned();
-    match kind {
-        "user" => Some(Principal::User { name, serial: serial.to_owned() }),
-        "node" => Some(Principal::Node(name)),
-        "service" => Some(Principal::Workload(name)),
-        _ => None,
+/// The caller a SPIFFE ID names; meshd's own ID calls no method.
+fn of_id(id: SpiffeId, serial: &str) -> Option<Principal> {
+    match id.subject {
+        Subject::User(name) => Some(Principal::User { name, serial: serial.to_owned() }),
+        Subject::Node(name) => Some(Principal::Node(name)),
+        Subject::Service(name) => Some(Principal::Workload(name)),
+        Subject::ControlPlane => None,
     }
 }
 
@@ -86,19 +78,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_spiffe_path_names_one_kind_of_caller() {
+    fn a_spiffe_id_names_one_kind_of_caller() {
         let user = |n: &str| Some(Principal::User { name: n.into(), serial: "0a".into() });
         let cases = [
             ("user/ci", user("ci")),
             ("node/a", Some(Principal::Node("a".into()))),
             ("service/web", Some(Principal::Workload("web".into()))),
-            ("service/", None),
-            ("service/web/extra", None),
-            ("group/x", None),
-            ("user", None),
+            ("control-plane", None),
         ];
         for (path, expected) in cases {
-            assert_eq!(of_path(path, "0a"), expected, "{path}");
+            let id = SpiffeId::parse(&format!("spiffe://mesh.local/{path}")).unwrap();
+            assert_eq!(of_id(id, "0a"), expected, "{path}");
         }
     }
 }

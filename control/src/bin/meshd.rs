@@ -198,13 +198,7 @@ fn main() -> ExitCode {
 }
 
 async fn async_main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    mesh_common::logging::init();
     let result = match Args::parse().command {
         Command::Server(mut args) => {
             args.data_dir.get_or_insert_with(|| mesh_control::agent::files::default_state_dir("server"));

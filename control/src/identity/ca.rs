@@ -3,6 +3,7 @@
 //! certificate requests with the one identity a token grants. The request's
 //! own names are ignored: a proxy cannot ask for another identity.
 
+use mesh_common::spiffe::{SpiffeId, Subject};
 use std::time::Duration;
 
 use rcgen::string::Ia5String;
@@ -92,7 +93,7 @@ impl Authority {
     /// The service a still-valid certificate from this CA names, for a
     /// renewal: the request must be signed by the same key (which proves the
     /// caller holds it), and the certificate must not have expired.
-    pub fn renewal_identity(&self, certificate_pem: &str, csr_pem: &str) -> Result<String, String> {
+    pub fn renewal_identity(&self, certificate_pem: &str, csr_pem: &str) -> Result<SpiffeId, String> {
         renewal_identity(&[self.cert_pem()], &self.trust_domain, certificate_pem, csr_pem)
     }
 
@@ -166,14 +167,15 @@ fn leaf_params(params: &mut CertificateParams, names: Vec<SanType>, ttl: Duratio
 }
 
 /// What a still-valid certificate from one of `roots_pem` names, for a
-/// renewal: `service/NAME` or `node/NAME`. For a renewal: the request must be signed by the certificate's key (which
-/// proves the caller holds it), and the certificate must not have expired.
+/// renewal: a service or a node. The request must be signed by the
+/// certificate's key (which proves the caller holds it), and the
+/// certificate must not have expired.
 pub fn renewal_identity(
     roots_pem: &[&str],
     trust_domain: &str,
     certificate_pem: &str,
     csr_pem: &str,
-) -> Result<String, String> {
+) -> Result<SpiffeId, String> {
     let (_, pem) = x509_parser::pem::parse_x509_pem(certificate_pem.as_bytes())
         .map_err(|e| format!("the certificate to renew: {e}"))?;
     let cert = pem.parse_x509().map_err(|e| format!("the certificate to renew: {e}"))?;
@@ -193,13 +195,12 @@ pub fn renewal_identity(
     if request.public_key.der_bytes() != &*cert.public_key().subject_public_key.data {
         return Err("the request is not signed by the certificate's key".into());
     }
-    let prefix = format!("spiffe://{trust_domain}/");
-    let path = uri_names(&cert)
+    let id = mesh_client::pem::uri_names_of(&cert)
         .iter()
-        .find_map(|name| name.strip_prefix(&prefix).map(str::to_owned))
+        .find_map(|name| SpiffeId::parse_in(name, trust_domain))
         .ok_or_else(|| "the certificate names nobody of this trust domain".to_owned())?;
-    match path.split_once('/') {
-        Some(("service", _)) | Some(("node", _)) => Ok(path),
+    match id.subject {
+        Subject::Service(_) | Subject::Node(_) => Ok(id),
         _ => Err("only workload and node certificates renew this way".to_owned()),
     }
 }
@@ -235,18 +236,6 @@ pub fn certificates(pem: &str) -> Vec<CertificateSummary> {
                 serial: serial_of(&cert),
                 expires_unix: cert.validity().not_after.timestamp().max(0) as u64,
             })
-        })
-        .collect()
-}
-
-fn uri_names(cert: &x509_parser::certificate::X509Certificate<'_>) -> Vec<String> {
-    let Ok(Some(san)) = cert.subject_alternative_name() else { return Vec::new() };
-    san.value
-        .general_names
-        .iter()
-        .filter_map(|name| match name {
-            x509_parser::extensions::GeneralName::URI(uri) => Some((*uri).to_owned()),
-            _ => None,
         })
         .collect()
 }
@@ -331,7 +320,10 @@ mod tests {
             .unwrap()
             .pem()
             .unwrap();
-        assert_eq!(ca.renewal_identity(&cert, &again).unwrap(), "service/web");
+        assert_eq!(
+            ca.renewal_identity(&cert, &again).unwrap().to_string(),
+            "spiffe://mesh.local/service/web"
+        );
         // Another key: refused.
         let (_, other) = request(vec![]);
         assert!(ca
@@ -347,7 +339,7 @@ mod tests {
         assert!(ca.renewal_identity(&expired, &again).unwrap_err().contains("expired"));
         // A node's certificate renews as the node; a user's does not renew this way.
         let node = ca.sign_id(&csr, "spiffe://mesh.local/node/a", Duration::from_secs(3600)).unwrap();
-        assert_eq!(ca.renewal_identity(&node, &again).unwrap(), "node/a");
+        assert_eq!(ca.renewal_identity(&node, &again).unwrap().to_string(), "spiffe://mesh.local/node/a");
         let user = ca.sign_id(&csr, "spiffe://mesh.local/user/ci", Duration::from_secs(3600)).unwrap();
         assert!(ca.renewal_identity(&user, &again).unwrap_err().contains("only workload and node"));
     }

@@ -8,5 +8,5 @@ pub mod tokens;
 
 /// The SPIFFE ID of a service in a trust domain.
 pub fn spiffe_id(trust_domain: &str, service: &str) -> String {
-    format!("spiffe://{trust_domain}/service/{service}")
+    mesh_common::spiffe::SpiffeId::service(trust_domain, service).to_string()
 }

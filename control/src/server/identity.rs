@@ -317,7 +317,7 @@ impl Identity for IdentityService {
             &request.csr_pem,
         )
         .map_err(Status::permission_denied)?;
-        let id = format!("spiffe://{}/{identity}", trust.signer.trust_domain());
+        let id = identity.to_string();
         let certificate_pem =
             trust.signer.sign_id(&request.csr_pem, &id, self.cert_ttl).map_err(Status::invalid_argument)?;
         tracing::debug!(%identity, "certificate renewed");

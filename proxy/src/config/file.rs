@@ -4,10 +4,10 @@
 //! mistake in a file that may hold many services.
 
 use std::collections::{BTreeMap, HashSet};
-use std::fmt;
 use std::net::SocketAddr;
 use std::ops::Range;
 
+use mesh_common::file_error::{parse_toml, FileError};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -17,23 +17,7 @@ use super::{
 };
 
 /// A config file that cannot be used, with where and why.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ConfigError {
-    pub line: Option<usize>,
-    pub field: String,
-    pub message: String,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.line {
-            Some(line) => write!(f, "line {line}, field `{}`: {}", self.field, self.message),
-            None => write!(f, "field `{}`: {}", self.field, self.message),
-        }
-    }
-}
-
-impl std::error::Error for ConfigError {}
+pub type ConfigError = FileError;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -139,27 +123,8 @@ struct RawUpstream {
 /// Parses and validates a config file's text. Nothing is applied here, so a
 /// bad file changes nothing.
 pub fn parse_config(text: &str) -> Result<ProxyConfig, ConfigError> {
-    let deserializer = toml::Deserializer::parse(text).map_err(|e| from_toml_error(text, "", e))?;
-    let raw: RawFile = serde_path_to_error::deserialize(deserializer).map_err(|e| {
-        let field = e.path().to_string();
-        from_toml_error(text, &field, e.into_inner())
-    })?;
+    let raw: RawFile = parse_toml(text)?;
     Validator { text }.validate(raw)
-}
-
-fn from_toml_error(text: &str, field: &str, error: toml::de::Error) -> ConfigError {
-    // Spanned values add a private segment to the path that means nothing to a user.
-    let field = field.replace(".$__serde_spanned_private_value", "");
-    let field = if field.is_empty() || field == "." { "(file)".to_owned() } else { field };
-    ConfigError {
-        line: error.span().map(|span| line_of(text, span.start)),
-        field,
-        message: error.message().trim().to_owned(),
-    }
-}
-
-fn line_of(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())].bytes().filter(|b| *b == b'\n').count() + 1
 }
 
 struct Validator<'a> {
@@ -168,7 +133,7 @@ struct Validator<'a> {
 
 impl Validator<'_> {
     fn error(&self, span: Range<usize>, field: String, message: impl Into<String>) -> ConfigError {
-        ConfigError { line: Some(line_of(self.text, span.start)), field, message: message.into() }
+        FileError::at(self.text, Some(span), field, message)
     }
 
     fn validate(&self, raw: RawFile) -> Result<ProxyConfig, ConfigError> {

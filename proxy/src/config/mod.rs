@@ -4,7 +4,6 @@
 //! later) produces a [`ProxyConfig`]; only validated values reach the
 //! snapshot builder, so nothing downstream re-checks them.
 
-mod duration;
 mod file;
 
 use std::collections::BTreeMap;
@@ -13,8 +12,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-pub use duration::HumanDuration;
 pub use file::{parse_config, ConfigError};
+pub use mesh_common::duration::HumanDuration;
 
 /// Everything a proxy needs to run: its listeners and its routing table.
 #[derive(Clone, Debug, Serialize, PartialEq)]

@@ -26,7 +26,7 @@ use crate::http::route::{has_several_hosts, routing_authority, service_name};
 use crate::http::{error_response, is_grpc};
 use crate::listen::drain::Drain;
 use crate::listen::request_line::FirstLineLimit;
-use crate::listen::{shutdown_started, ConnectionLimits, ShutdownSignal, Slots};
+use crate::listen::{next_connection, ConnectionLimits, ShutdownSignal, Slots};
 use crate::proxy::Proxy;
 
 /// Which requests a listener serves.
@@ -138,18 +138,7 @@ pub async fn serve(
     builder.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(header_read_timeout);
     builder.http2().timer(hyper_util::rt::TokioTimer::new());
     loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(error) => {
-                    // Running out of file descriptors must not end the listener.
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
-            _ = shutdown_started(&mut shutdown) => break,
-        };
+        let Some(stream) = next_connection(&listener, &mut shutdown).await else { break };
         let Some(slot) = slots.take(&proxy.long_lived.metrics) else {
             tracing::debug!("listener full: a new connection is closed");
             continue;

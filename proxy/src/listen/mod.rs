@@ -10,6 +10,7 @@ pub mod tcp;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 /// What a listener allows the connections it accepts.
@@ -54,4 +55,22 @@ pub type ShutdownSignal = watch::Receiver<bool>;
 pub async fn shutdown_started(signal: &mut ShutdownSignal) {
     // An error means the sender is gone, which also means shutdown.
     let _ = signal.wait_for(|down| *down).await;
+}
+
+/// The listener's next connection, or None once shutdown has started. A
+/// failed accept (out of file descriptors) pauses and tries again: it must
+/// not end the listener. Cancel-safe, as `accept` is.
+pub async fn next_connection(listener: &TcpListener, shutdown: &mut ShutdownSignal) -> Option<TcpStream> {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => return Some(stream),
+                Err(error) => {
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            },
+            _ = shutdown_started(shutdown) => return None,
+        }
+    }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::listen::{shutdown_started, ShutdownSignal};
+use crate::listen::{next_connection, ShutdownSignal};
 use crate::proxy::Proxy;
 use crate::{clock, transport};
 
@@ -21,15 +21,10 @@ pub async fn serve(
     let mut connections = tokio::task::JoinSet::new();
     loop {
         let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(error) => {
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                    continue;
-                }
+            next = next_connection(&listener, &mut shutdown) => match next {
+                Some(stream) => stream,
+                None => break,
             },
-            _ = shutdown_started(&mut shutdown) => break,
             // Reap finished connections so the set does not grow.
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
         };

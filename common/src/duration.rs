@@ -1,4 +1,4 @@
-//! Durations in config files, written the human way: `2s`, `500ms`, `1m`.
+//! Durations in files, written the human way: `2s`, `500ms`, `1m`.
 
 use std::fmt;
 use std::time::Duration;

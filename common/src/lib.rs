@@ -1,0 +1,11 @@
+//! What the proxy, the control plane and the CLI share, with no async
+//! runtime: values with their parsing and rules (names, SPIFFE IDs,
+//! durations, file errors, backoff), so that each program checks them the
+//! same way, and the binaries' log set-up.
+
+pub mod backoff;
+pub mod duration;
+pub mod file_error;
+pub mod logging;
+pub mod name;
+pub mod spiffe;
