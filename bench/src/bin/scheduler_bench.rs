@@ -8,8 +8,8 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use mesh_control::scheduler::reconcile::reconcile;
-use mesh_control::scheduler::{JobSpec, Node, Resources, Strategy};
+use mesh_scheduler::reconcile::reconcile;
+use mesh_scheduler::{JobSpec, Node, Resources, Strategy};
 
 const REPLICAS: u32 = 100;
 

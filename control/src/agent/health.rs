@@ -12,7 +12,7 @@ use mesh_proto::health::v1::health_check_response::ServingStatus;
 use mesh_proto::health::v1::health_client::HealthClient;
 use mesh_proto::health::v1::HealthCheckRequest;
 
-use crate::job::Probe;
+use mesh_scheduler::job::Probe;
 
 /// Runs one probe against the instance at `addr`; `Err` says why it failed.
 pub async fn probe(probe: &Probe, addr: SocketAddr, timeout: Duration) -> Result<(), String> {

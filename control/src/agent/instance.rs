@@ -18,7 +18,7 @@ use super::cgroup::{Cgroup, Hierarchy};
 use super::health::{probe, Verdict};
 use super::process::{resolve_command, Launch, Running};
 use super::restart::{crash_looping, resets_backoff, restart_delay};
-use crate::job::{parse_job, Check, Job, JobKind};
+use mesh_scheduler::job::{parse_job, Check, Job, JobKind};
 
 /// What every instance on this node shares.
 pub struct Context {
@@ -399,7 +399,7 @@ fn start_proxy(
 /// Waits until the sidecar's `/ready` answers 200 (it has its routing table).
 async fn wait_proxy_ready(proxy: &mut Running, admin: SocketAddr) -> Result<(), String> {
     let deadline = Instant::now() + PROXY_READY_WITHIN;
-    let ready = crate::job::Probe::Http("/ready".into());
+    let ready = mesh_scheduler::job::Probe::Http("/ready".into());
     loop {
         if probe(&ready, admin, Duration::from_millis(500)).await.is_ok() {
             return Ok(());

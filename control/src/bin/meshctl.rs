@@ -838,7 +838,7 @@ async fn job_command(
             let text =
                 std::fs::read_to_string(&file).map_err(|e| Failure(format!("{}: {e}", file.display()), 2))?;
             // Checked here too, so the error names the file.
-            mesh_control::job::parse_job(&text)
+            mesh_scheduler::job::parse_job(&text)
                 .map_err(|e| Failure(format!("{}: {e}", file.display()), 2))?;
             let dir = std::path::absolute(&file)
                 .ok()
@@ -1001,7 +1001,7 @@ fn top_row(row: &mesh_control::top::Row) -> Vec<(&'static str, Value)> {
 fn validate_job(file: &std::path::Path) -> Result<(), Failure> {
     let text = std::fs::read_to_string(file).map_err(|e| Failure(format!("{}: {e}", file.display()), 2))?;
     let job =
-        mesh_control::job::parse_job(&text).map_err(|e| Failure(format!("{}: {e}", file.display()), 2))?;
+        mesh_scheduler::job::parse_job(&text).map_err(|e| Failure(format!("{}: {e}", file.display()), 2))?;
     println!(
         "job {} is valid: {} × {} {} of service {} ({} CPU millis, {} MB each)",
         job.name,

@@ -18,12 +18,12 @@ use tonic::{Request, Response, Status};
 
 use super::nodes::NodeRegistry;
 use super::ControlPlane;
-use crate::job::{parse_job, Job, JobKind};
-use crate::scheduler::reconcile::reconcile;
-use crate::scheduler::rollout::{self, NewInstance, Progress};
-use crate::scheduler::{Allocation, JobSpec, Node};
 use crate::state::{Change, Policy};
 use crate::store::StoredJob;
+use mesh_scheduler::job::{parse_job, Job, JobKind};
+use mesh_scheduler::reconcile::reconcile;
+use mesh_scheduler::rollout::{self, NewInstance, Progress};
+use mesh_scheduler::{Allocation, JobSpec, Node};
 
 /// How often the loop looks again when nothing woke it.
 const TICK: Duration = Duration::from_millis(250);
@@ -252,7 +252,7 @@ impl Scheduler {
         &self,
         state: &mut SchedulerState,
         specs: &[JobSpec],
-        plan: &mut crate::scheduler::reconcile::Plan,
+        plan: &mut mesh_scheduler::reconcile::Plan,
     ) -> Vec<(String, String)> {
         if !self.nodes.settling() {
             state.held.clear();

@@ -1,10 +1,13 @@
-//! The scheduler's pure core: state in, plan out. No I/O, no clocks; the
-//! only randomness is seeded by the caller, so a run repeats exactly.
+//! The scheduler's pure core: the job model and job files, then state in,
+//! plan out. No I/O, no clocks, no async runtime (the crate does not
+//! depend on one); the only randomness is seeded by the caller, so a run
+//! repeats exactly.
 //!
 //! The pipeline follows Nomad's: reconcile (what is missing or extra) →
 //! feasibility (which nodes could take an instance) → rank (which node is
 //! best) → plan (the placements and stops to carry out).
 
+pub mod job;
 pub mod placement;
 pub mod reconcile;
 pub mod rollout;

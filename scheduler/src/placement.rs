@@ -128,7 +128,7 @@ pub fn choose_node<'n>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::scheduler::Constraint;
+    use crate::Constraint;
     use rand::SeedableRng;
     use std::collections::BTreeMap;
 

@@ -81,7 +81,7 @@ pub fn step(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::scheduler::Resources;
+    use crate::Resources;
 
     fn spec(version: &str) -> JobSpec {
         JobSpec {

@@ -108,7 +108,7 @@ pub fn reconcile(jobs: &[JobSpec], nodes: &[Node], allocations: &[Allocation], s
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::scheduler::{Resources, Strategy};
+    use crate::{Resources, Strategy};
     use std::collections::BTreeMap;
 
     fn node(name: &str, up: bool) -> Node {

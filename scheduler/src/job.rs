@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::scheduler::{Constraint, JobSpec, Resources, Strategy};
+use crate::{Constraint, JobSpec, Resources, Strategy};
 use mesh_common::duration::HumanDuration as Dur;
 use mesh_common::file_error::{parse_toml, FileError};
 use mesh_common::name::check_name;
