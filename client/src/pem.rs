@@ -53,3 +53,31 @@ pub fn uri_names_of(cert: &x509_parser::certificate::X509Certificate<'_>) -> Vec
 pub fn fingerprint(der: &[u8]) -> String {
     ring::digest::digest(&ring::digest::SHA256, der).as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// A certificate's serial number in hex, as proxies report their roots.
+pub fn serial_of(cert: &x509_parser::certificate::X509Certificate<'_>) -> String {
+    cert.raw_serial().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// One certificate of a PEM bundle, as `meshctl check` shows it.
+pub struct CertificateSummary {
+    pub subject: String,
+    /// Hex, as proxies report the root of their certificate.
+    pub serial: String,
+    pub expires_unix: u64,
+}
+
+/// Every certificate in a PEM bundle; what does not parse is left out.
+pub fn certificate_summaries(pem: &str) -> Vec<CertificateSummary> {
+    x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes())
+        .filter_map(|entry| {
+            let entry = entry.ok()?;
+            let cert = entry.parse_x509().ok()?;
+            Some(CertificateSummary {
+                subject: cert.subject().to_string(),
+                serial: serial_of(&cert),
+                expires_unix: cert.validity().not_after.timestamp().max(0) as u64,
+            })
+        })
+        .collect()
+}

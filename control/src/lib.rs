@@ -10,4 +10,3 @@ pub mod publish;
 pub mod server;
 pub mod state;
 pub mod store;
-pub mod top;

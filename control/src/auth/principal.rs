@@ -56,7 +56,7 @@ pub fn control_plane_id(trust_domain: &str) -> String {
 /// The principal a verified certificate (DER) names in `trust_domain`.
 pub fn of_certificate(der: &[u8], trust_domain: &str) -> Principal {
     let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else { return Principal::Anonymous };
-    let serial: String = cert.raw_serial().iter().map(|b| format!("{b:02x}")).collect();
+    let serial = mesh_client::pem::serial_of(&cert);
     mesh_client::pem::uri_names_of(&cert)
         .iter()
         .find_map(|uri| SpiffeId::parse_in(uri, trust_domain).and_then(|id| of_id(id, &serial)))

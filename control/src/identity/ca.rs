@@ -209,35 +209,7 @@ pub fn renewal_identity(
 pub fn serial_hex(pem: &str) -> Result<String, String> {
     let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(err)?;
     let cert = pem.parse_x509().map_err(err)?;
-    Ok(serial_of(&cert))
-}
-
-/// A certificate's serial number in hex, as proxies report their roots.
-fn serial_of(cert: &x509_parser::certificate::X509Certificate<'_>) -> String {
-    cert.raw_serial().iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// One certificate of a PEM bundle, as `meshctl check` shows it.
-pub struct CertificateSummary {
-    pub subject: String,
-    /// Hex, as proxies report the root of their certificate.
-    pub serial: String,
-    pub expires_unix: u64,
-}
-
-/// Every certificate in a PEM bundle.
-pub fn certificates(pem: &str) -> Vec<CertificateSummary> {
-    x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes())
-        .filter_map(|entry| {
-            let entry = entry.ok()?;
-            let cert = entry.parse_x509().ok()?;
-            Some(CertificateSummary {
-                subject: cert.subject().to_string(),
-                serial: serial_of(&cert),
-                expires_unix: cert.validity().not_after.timestamp().max(0) as u64,
-            })
-        })
-        .collect()
+    Ok(mesh_client::pem::serial_of(&cert))
 }
 
 fn random_serial() -> SerialNumber {

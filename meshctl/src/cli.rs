@@ -1,0 +1,321 @@
+//! The command line as clap reads it: every command, option and its help.
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(name = "meshctl", version, about = "Command line of the mesh")]
+pub struct Cli {
+    /// The control plane's gRPC address; default: the one in the
+    /// credential, else 127.0.0.1:7400.
+    #[arg(long, global = true, env = "MESH_SERVER")]
+    pub server: Option<String>,
+    /// The credential file (from meshd's data dir or `meshctl user create`);
+    /// default: ~/.config/mesh/credentials.toml, then the admin credential
+    /// of a `meshd dev`/`meshd server` with its default data dir.
+    #[arg(long, global = true, env = "MESH_CREDENTIALS")]
+    pub credentials: Option<std::path::PathBuf>,
+    /// Output format of listings.
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// List services, endpoints, proxies, splits, nodes, jobs or instances.
+    Get {
+        /// What to list.
+        #[arg(value_enum)]
+        what: Listing,
+    },
+    /// Shift a service's traffic between versions: `meshctl split web v1=90 v2=10`.
+    Split {
+        /// The service whose traffic moves.
+        service: String,
+        /// VERSION=WEIGHT pairs adding up to 100.
+        #[arg(value_parser = parse_weight, required_unless_present = "clear", conflicts_with = "clear")]
+        weights: Vec<(String, u32)>,
+        /// Remove the split: every ready endpoint shares.
+        #[arg(long)]
+        clear: bool,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    /// Set a service's policy; options not given keep their value.
+    Policy {
+        /// The service the policy is for.
+        service: String,
+        #[command(flatten)]
+        policy: PolicyArgs,
+        /// Return once every connected proxy has applied the change.
+        #[arg(long)]
+        wait: bool,
+        /// How long `--wait` waits before failing (`--timeout` is the policy's).
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "10s", requires = "wait")]
+        wait_timeout: Duration,
+    },
+    /// The current version, and per proxy its acked version, lag and last contact.
+    Status,
+    /// Identity health: the CA's and every proxy's certificate expiry, the
+    /// trust bundle's version; exits 4 when something expires too soon.
+    Check {
+        /// Warn about a proxy certificate expiring within this long (the CA: ten times as long).
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "6h")]
+        warn_within: Duration,
+    },
+    /// An instance's output (every instance of the job unless --instance), from its node's agent.
+    Logs {
+        job: String,
+        #[arg(long)]
+        instance: Option<String>,
+        /// Keep printing what the instances write.
+        #[arg(long, short)]
+        follow: bool,
+        /// stderr instead of stdout.
+        #[arg(long)]
+        stderr: bool,
+    },
+    /// Per service and version: request rate, success rate, p50/p99 latency, from every proxy's metrics.
+    Top {
+        /// How long to measure (at least 100ms).
+        #[arg(long, value_parser = parse_interval, default_value = "2s")]
+        interval: Duration,
+    },
+    /// Register an endpoint that runs outside the scheduler.
+    Register {
+        /// The service the endpoint serves.
+        service: String,
+        /// The version it runs (what splits choose by).
+        #[arg(long)]
+        version: String,
+        /// IP:port that peers connect to.
+        #[arg(long)]
+        addr: String,
+        /// Register it without traffic until registered again ready.
+        #[arg(long)]
+        not_ready: bool,
+        /// Allow a plaintext endpoint in a service served by mesh sidecars
+        /// (its callers then go plaintext to it); admin only.
+        #[arg(long)]
+        plaintext_ok: bool,
+    },
+    /// Remove an endpoint registered with `register`.
+    Deregister {
+        /// The service the endpoint serves.
+        service: String,
+        /// IP:port it was registered with.
+        #[arg(long)]
+        addr: String,
+    },
+    /// Jobs for the scheduler.
+    Job {
+        #[command(subcommand)]
+        command: JobCommand,
+    },
+    /// Operators: credentials with a role (viewer, operator, admin).
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
+    },
+    /// Nodes: join tokens for new agents.
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
+    },
+    /// Who this credential names, and its role.
+    Whoami,
+    /// Workload identity: the root CA.
+    Identity {
+        #[command(subcommand)]
+        command: IdentityCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum UserCommand {
+    /// Create a user and write their credential to a file (mode 0600).
+    Create {
+        name: String,
+        #[arg(long, value_parser = ["viewer", "operator", "admin"])]
+        role: String,
+        /// Where the credential goes; default: ./NAME.credentials.toml.
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
+    /// Give a user a new credential; the old one stops working at once.
+    Rotate {
+        name: String,
+        /// The role from now on; default: the current one.
+        #[arg(long, value_parser = ["viewer", "operator", "admin"])]
+        role: Option<String>,
+        /// Where the credential goes; default: ./NAME.credentials.toml.
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
+    /// Take a user's credential away at once.
+    Revoke { name: String },
+    /// Every user with their role.
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NodeCommand {
+    /// Join tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCommand {
+    /// Print a join token for `meshd agent --join-token-file`.
+    Create {
+        /// How long the token can be used.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
+        ttl: Duration,
+        /// How many nodes may join with it.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        uses: u32,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum IdentityCommand {
+    /// Replace the root CA without failing traffic, reporting each stage: the
+    /// new root joins the trust bundle (every proxy acks), certificates are
+    /// reissued under it, the old root leaves the bundle (every proxy acks).
+    /// A stage that times out stops with both roots trusted; running this
+    /// again resumes.
+    RotateRoot {
+        /// How long each stage waits for the proxies.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "2m")]
+        stage_timeout: Duration,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum JobCommand {
+    /// Check a job file without sending it anywhere: the first error, with its line and field.
+    Validate {
+        /// The job file (TOML; see docs/jobs.md).
+        file: std::path::PathBuf,
+    },
+    /// Submit a job file (checked fully first: a bad file changes nothing),
+    /// then say where its instances were placed, or why not.
+    Run {
+        /// The job file (TOML; see docs/jobs.md).
+        file: std::path::PathBuf,
+    },
+    /// A job and its instances.
+    Status {
+        /// The job's name.
+        name: String,
+    },
+    /// Stop a job: its instances drain and stop.
+    Stop {
+        /// The job's name.
+        name: String,
+    },
+    /// Let an update's canaries be followed by the rest of the new version.
+    Promote {
+        /// The job's name.
+        name: String,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Listing {
+    /// Services with their policy and endpoint counts.
+    Services,
+    /// Every endpoint: service, version, address, ready.
+    Endpoints,
+    /// Connected proxies: acked version, lag, last contact, refusals.
+    Proxies,
+    /// Traffic splits by version.
+    Splits,
+    /// Nodes with their capacity, attributes and liveness.
+    Nodes,
+    /// Jobs with their state and instance counts.
+    Jobs,
+    /// Instances: node, state, pids, endpoint, restarts.
+    Instances,
+}
+
+#[derive(Args, Debug)]
+pub struct Wait {
+    /// Return once every connected proxy has applied the change.
+    #[arg(long)]
+    pub wait: bool,
+    /// How long `--wait` waits before failing.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s", requires = "wait")]
+    pub timeout: Duration,
+}
+
+#[derive(Args, Debug)]
+pub struct PolicyArgs {
+    /// http, h2, grpc or tcp.
+    #[arg(long, value_parser = ["http", "h2", "grpc", "tcp"])]
+    pub protocol: Option<String>,
+    /// Whole-request timeout, retries included, e.g. 2s.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub timeout: Option<Duration>,
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub connect_timeout: Option<Duration>,
+    #[arg(long)]
+    pub retry_attempts: Option<u32>,
+    /// Comma-separated: connect-failure, 5xx, gateway-error, unavailable.
+    #[arg(long, value_delimiter = ',')]
+    pub retry_on: Option<Vec<String>>,
+    #[arg(long)]
+    pub retry_non_idempotent: Option<bool>,
+    #[arg(long)]
+    pub retry_budget_ratio: Option<f64>,
+    #[arg(long)]
+    pub retry_budget_min_per_second: Option<u32>,
+    #[arg(long)]
+    pub breaker_failures: Option<u32>,
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub breaker_base_ejection: Option<Duration>,
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub breaker_max_ejection: Option<Duration>,
+    /// Let the service's sidecars also take plaintext callers (migration into the mesh); `false` for mTLS only.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub permissive: Option<bool>,
+    /// Only these services' sidecars may call this one (comma-separated).
+    #[arg(long, value_delimiter = ',', conflicts_with = "allow_all_mesh")]
+    pub allow_from: Option<Vec<String>>,
+    /// Every mesh identity may call this service (the default).
+    #[arg(long)]
+    pub allow_all_mesh: bool,
+}
+
+pub fn parse_weight(text: &str) -> Result<(String, u32), String> {
+    let (version, weight) =
+        text.split_once('=').ok_or_else(|| format!("{text:?} is not VERSION=WEIGHT, e.g. v1=90"))?;
+    let weight: u32 = weight
+        .parse()
+        .map_err(|_| format!("weight {weight:?} of {version:?} is not a whole number from 0 to 100"))?;
+    if version.is_empty() {
+        return Err(format!("{text:?} names no version"));
+    }
+    Ok((version.to_owned(), weight))
+}
+
+/// A measuring interval: long enough to see requests in.
+pub fn parse_interval(text: &str) -> Result<Duration, String> {
+    let interval = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if interval < Duration::from_millis(100) {
+        return Err(format!("{text:?} is too short to measure anything; give 100ms or more"));
+    }
+    Ok(interval)
+}

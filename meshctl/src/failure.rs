@@ -1,0 +1,32 @@
+//! What meshctl reports when a command fails, and its exit code: 2 for what
+//! the caller asked wrongly (bad input, unknown names, refusals), 1 for a
+//! server unreachable or failing, 3 for a wait that timed out, 4 for
+//! `check` warnings, 5 for a server that cannot write its store.
+
+/// A failure to report: the message and the exit code.
+pub struct Failure(pub String, pub u8);
+
+/// Exit code when the server is up but cannot write its store: nothing
+/// was applied, and retrying will not help until the server's disk does.
+pub const EXIT_STORE_WRITE: u8 = 5;
+
+impl From<tonic::Status> for Failure {
+    fn from(status: tonic::Status) -> Failure {
+        let store_write = status.metadata().get("mesh-failure").is_some_and(|v| v == "store-write");
+        // One rule for every subcommand: what the caller asked for is wrong
+        // (bad input, an unknown name, a request the state refuses) is 2;
+        // the server unreachable or failing is 1.
+        let code = match status.code() {
+            _ if store_write => EXIT_STORE_WRITE,
+            tonic::Code::InvalidArgument
+            | tonic::Code::NotFound
+            | tonic::Code::FailedPrecondition
+            | tonic::Code::AlreadyExists
+            | tonic::Code::OutOfRange
+            | tonic::Code::Unauthenticated
+            | tonic::Code::PermissionDenied => 2,
+            _ => 1,
+        };
+        Failure(status.message().to_owned(), code)
+    }
+}

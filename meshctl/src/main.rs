@@ -1,0 +1,69 @@
+//! meshctl: the mesh's command line. Every listing takes `-o table|json`;
+//! JSON is an array of objects with stable snake_case fields.
+
+mod cli;
+mod commands;
+mod failure;
+mod render;
+mod scrape;
+mod session;
+mod top;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use cli::{Cli, Command, IdentityCommand, JobCommand, NodeCommand, TokenCommand, Wait};
+use failure::Failure;
+use session::Session;
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    match run(Cli::parse()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure(message, code)) => {
+            eprintln!("meshctl: {message}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    // Local commands need no server.
+    if let Command::Job { command: JobCommand::Validate { file } } = &cli.command {
+        return commands::job::validate(file);
+    }
+    let output = cli.output;
+    let session = Session::open(cli.server, cli.credentials).await?;
+    match cli.command {
+        Command::Whoami => commands::access::whoami(&session, output).await,
+        Command::User { command } => commands::access::user(&session, command, output).await,
+        Command::Node { command: NodeCommand::Token { command: TokenCommand::Create { ttl, uses } } } => {
+            commands::access::join_token(&session, ttl, uses, output).await
+        }
+        Command::Get { what } => commands::get::run(&session, what, output).await,
+        Command::Split { service, weights, clear, wait } => {
+            commands::traffic::split(&session, service, weights, clear, wait).await
+        }
+        Command::Policy { service, policy, wait, wait_timeout } => {
+            let wait = Wait { wait, timeout: wait_timeout };
+            commands::traffic::policy(&session, service, policy, wait).await
+        }
+        Command::Logs { job, instance, follow, stderr } => {
+            commands::logs::run(&session, job, instance, follow, stderr).await
+        }
+        Command::Identity { command: IdentityCommand::RotateRoot { stage_timeout } } => {
+            commands::identity::rotate_root(&session, stage_timeout, output).await
+        }
+        Command::Check { warn_within } => commands::check::run(&session, warn_within, output).await,
+        Command::Top { interval } => commands::top::run(&session, interval, output).await,
+        Command::Status => commands::status::run(&session, output).await,
+        Command::Register { service, version, addr, not_ready, plaintext_ok } => {
+            commands::registry::register(&session, service, version, addr, !not_ready, plaintext_ok).await
+        }
+        Command::Deregister { service, addr } => {
+            commands::registry::deregister(&session, service, addr).await
+        }
+        Command::Job { command } => commands::job::run(&session, command, output).await,
+    }
+}
