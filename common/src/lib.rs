@@ -8,4 +8,5 @@ pub mod duration;
 pub mod file_error;
 pub mod logging;
 pub mod name;
+pub mod policy;
 pub mod spiffe;

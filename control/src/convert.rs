@@ -1,5 +1,9 @@
 //! Between the internal state and the protobuf messages.
 
+#[cfg(test)]
+use mesh_common::policy::Protocol;
+use mesh_common::policy::RetryOn;
+use mesh_proto::convert::{protocol_from_pb, protocol_to_pb, retry_on_from_pb, retry_on_to_pb};
 use mesh_proto::mesh::v1 as pb;
 
 use crate::state::{Policy, ServiceState};
@@ -25,11 +29,11 @@ pub fn route(name: &str, service: &ServiceState) -> pb::ServiceRoute {
 
 pub fn policy_to_pb(policy: &Policy) -> pb::Policy {
     pb::Policy {
-        protocol: policy.protocol.clone(),
+        protocol: policy.protocol.map(protocol_to_pb),
         timeout_ms: policy.timeout_ms,
         connect_timeout_ms: policy.connect_timeout_ms,
         retry_attempts: policy.retry_attempts,
-        retry_on: policy.retry_on.clone().unwrap_or_default(),
+        retry_on: policy.retry_on.iter().flatten().copied().map(retry_on_to_pb).collect(),
         retry_non_idempotent: policy.retry_non_idempotent,
         retry_budget_ratio: policy.retry_budget_ratio,
         retry_budget_min_per_second: policy.retry_budget_min_per_second,
@@ -37,17 +41,21 @@ pub fn policy_to_pb(policy: &Policy) -> pb::Policy {
         breaker_base_ejection_ms: policy.breaker_base_ejection_ms,
         breaker_max_ejection_ms: policy.breaker_max_ejection_ms,
         permissive: policy.permissive,
-        allow_from: policy.allow_from.as_ref().map(|names| names.join(",")),
+        allow_from: policy.allow_from.as_ref().map(|services| pb::AllowFrom { services: services.clone() }),
     }
 }
 
-pub fn policy_from_pb(policy: &pb::Policy) -> Policy {
-    Policy {
-        protocol: policy.protocol.clone(),
+/// A policy off the wire; an enum value this server does not know is an
+/// error that names it.
+pub fn policy_from_pb(policy: &pb::Policy) -> Result<Policy, String> {
+    let retry_on: Vec<RetryOn> =
+        policy.retry_on.iter().map(|v| retry_on_from_pb(*v)).collect::<Result<_, _>>()?;
+    Ok(Policy {
+        protocol: policy.protocol.map(protocol_from_pb).transpose()?,
         timeout_ms: policy.timeout_ms,
         connect_timeout_ms: policy.connect_timeout_ms,
         retry_attempts: policy.retry_attempts,
-        retry_on: (!policy.retry_on.is_empty()).then(|| policy.retry_on.clone()),
+        retry_on: (!retry_on.is_empty()).then_some(retry_on),
         retry_non_idempotent: policy.retry_non_idempotent,
         retry_budget_ratio: policy.retry_budget_ratio,
         retry_budget_min_per_second: policy.retry_budget_min_per_second,
@@ -55,11 +63,8 @@ pub fn policy_from_pb(policy: &pb::Policy) -> Policy {
         breaker_base_ejection_ms: policy.breaker_base_ejection_ms,
         breaker_max_ejection_ms: policy.breaker_max_ejection_ms,
         permissive: policy.permissive,
-        allow_from: policy
-            .allow_from
-            .as_ref()
-            .map(|names| names.split(',').filter(|n| !n.is_empty()).map(str::to_owned).collect()),
-    }
+        allow_from: policy.allow_from.as_ref().map(|allow| allow.services.clone()),
+    })
 }
 
 #[cfg(test)]
@@ -72,8 +77,9 @@ mod tests {
             Policy::default(),
             Policy { allow_from: Some(vec![]), ..Policy::default() },
             Policy { timeout_ms: Some(2000), retry_attempts: Some(3), ..Policy::default() },
+            Policy { protocol: Some(Protocol::Grpc), ..Policy::default() },
             Policy {
-                retry_on: Some(vec!["5xx".into()]),
+                retry_on: Some(vec![RetryOn::ServerError]),
                 retry_budget_ratio: Some(0.0),
                 retry_budget_min_per_second: Some(0),
                 breaker_consecutive_failures: Some(5),
@@ -84,7 +90,10 @@ mod tests {
             },
         ];
         for policy in policies {
-            assert_eq!(policy_from_pb(&policy_to_pb(&policy)), policy);
+            assert_eq!(policy_from_pb(&policy_to_pb(&policy)), Ok(policy));
         }
+        // A value this server does not know is refused with its name, not dropped.
+        let newer = pb::Policy { retry_on: vec![1, 42], ..Default::default() };
+        assert_eq!(policy_from_pb(&newer), Err("unknown retry condition value 42".to_owned()));
     }
 }

@@ -4,6 +4,7 @@
 //! persists a change and publishes the new state only after `apply`
 //! accepted it, so a bad request changes nothing.
 
+use mesh_common::policy::{check_budget_ratio, check_retry_attempts, Protocol, RetryOn};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
@@ -14,11 +15,11 @@ use serde::{Deserialize, Serialize};
 /// A service's policy as the admin API sets it; `None` keeps the proxy's default.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Policy {
-    pub protocol: Option<String>,
+    pub protocol: Option<Protocol>,
     pub timeout_ms: Option<u64>,
     pub connect_timeout_ms: Option<u64>,
     pub retry_attempts: Option<u32>,
-    pub retry_on: Option<Vec<String>>,
+    pub retry_on: Option<Vec<RetryOn>>,
     pub retry_non_idempotent: Option<bool>,
     pub retry_budget_ratio: Option<f64>,
     pub retry_budget_min_per_second: Option<u32>,
@@ -125,37 +126,20 @@ pub fn check_name(what: &str, name: &str) -> Result<(), ChangeError> {
     mesh_common::name::check_name(what, name).map_err(ChangeError)
 }
 
-const PROTOCOLS: [&str; 4] = ["http", "h2", "grpc", "tcp"];
-const RETRY_CONDITIONS: [&str; 4] = ["connect-failure", "5xx", "gateway-error", "unavailable"];
-
 fn check_policy(policy: &Policy) -> Result<(), ChangeError> {
-    if let Some(protocol) = &policy.protocol {
-        if !PROTOCOLS.contains(&protocol.as_str()) {
-            return refuse(format!("protocol {protocol:?} is not one of {PROTOCOLS:?}"));
-        }
-    }
     for (field, value) in [("timeout", policy.timeout_ms), ("connect-timeout", policy.connect_timeout_ms)] {
         if value == Some(0) {
             return refuse(format!("{field} must be longer than zero"));
         }
     }
     if let Some(attempts) = policy.retry_attempts {
-        if !(1..=10).contains(&attempts) {
-            return refuse(format!("retry-attempts must be from 1 to 10, got {attempts}"));
-        }
+        check_retry_attempts(attempts).map_err(|e| ChangeError(format!("retry-attempts {e}")))?;
     }
     for caller in policy.allow_from.iter().flatten() {
         check_name("allow-from service", caller)?;
     }
-    for condition in policy.retry_on.iter().flatten() {
-        if !RETRY_CONDITIONS.contains(&condition.as_str()) {
-            return refuse(format!("retry-on {condition:?} is not one of {RETRY_CONDITIONS:?}"));
-        }
-    }
     if let Some(ratio) = policy.retry_budget_ratio {
-        if !(0.0..=1.0).contains(&ratio) {
-            return refuse(format!("retry-budget-ratio must be from 0 to 1, got {ratio}"));
-        }
+        check_budget_ratio(ratio).map_err(|e| ChangeError(format!("retry-budget-ratio {e}")))?;
     }
     if policy.breaker_consecutive_failures == Some(0) {
         return refuse("breaker-failures must be at least 1");
@@ -171,7 +155,7 @@ fn check_policy(policy: &Policy) -> Result<(), ChangeError> {
 /// Merges a policy update into the current one: fields the update sets win.
 fn merged(current: &Policy, update: &Policy) -> Policy {
     Policy {
-        protocol: update.protocol.clone().or_else(|| current.protocol.clone()),
+        protocol: update.protocol.or(current.protocol),
         timeout_ms: update.timeout_ms.or(current.timeout_ms),
         connect_timeout_ms: update.connect_timeout_ms.or(current.connect_timeout_ms),
         retry_attempts: update.retry_attempts.or(current.retry_attempts),
@@ -387,9 +371,9 @@ mod tests {
             (
                 Change::SetPolicy {
                     service: "web".into(),
-                    policy: Policy { protocol: Some("smtp".into()), ..Policy::default() },
+                    policy: Policy { retry_budget_ratio: Some(1.5), ..Policy::default() },
                 },
-                "protocol",
+                "retry-budget-ratio",
             ),
         ];
         for (change, words) in table {

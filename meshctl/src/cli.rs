@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use mesh_common::policy::{Protocol, RetryOn};
 
 #[derive(Parser, Debug)]
 #[command(name = "meshctl", version, about = "Command line of the mesh")]
@@ -264,8 +265,8 @@ pub struct Wait {
 #[derive(Args, Debug)]
 pub struct PolicyArgs {
     /// http, h2, grpc or tcp.
-    #[arg(long, value_parser = ["http", "h2", "grpc", "tcp"])]
-    pub protocol: Option<String>,
+    #[arg(long)]
+    pub protocol: Option<Protocol>,
     /// Whole-request timeout, retries included, e.g. 2s.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub timeout: Option<Duration>,
@@ -275,7 +276,7 @@ pub struct PolicyArgs {
     pub retry_attempts: Option<u32>,
     /// Comma-separated: connect-failure, 5xx, gateway-error, unavailable.
     #[arg(long, value_delimiter = ',')]
-    pub retry_on: Option<Vec<String>>,
+    pub retry_on: Option<Vec<RetryOn>>,
     #[arg(long)]
     pub retry_non_idempotent: Option<bool>,
     #[arg(long)]

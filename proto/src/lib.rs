@@ -1,4 +1,5 @@
-//! Generated protobuf types and gRPC stubs of the mesh.
+//! Generated protobuf types and gRPC stubs of the mesh, and the
+//! conversions of their enums to the typed values in `mesh-common`.
 
 /// The echo workload's gRPC API (`mesh.echo.v1`).
 pub mod echo {
@@ -18,5 +19,72 @@ pub mod mesh {
 pub mod health {
     pub mod v1 {
         tonic::include_proto!("grpc.health.v1");
+    }
+}
+
+/// Conversions between the wire's enums and the typed values every
+/// program uses inside: done once, here, at the edge.
+pub mod convert {
+    use mesh_common::policy::{Protocol, RetryOn};
+
+    use crate::mesh::v1 as pb;
+
+    pub fn protocol_to_pb(protocol: Protocol) -> i32 {
+        let wire = match protocol {
+            Protocol::Http => pb::Protocol::Http,
+            Protocol::H2 => pb::Protocol::H2,
+            Protocol::Grpc => pb::Protocol::Grpc,
+            Protocol::Tcp => pb::Protocol::Tcp,
+        };
+        wire as i32
+    }
+
+    /// A protocol off the wire; an unknown or unspecified value is an error
+    /// that names it (a newer sender).
+    pub fn protocol_from_pb(value: i32) -> Result<Protocol, String> {
+        match pb::Protocol::try_from(value) {
+            Ok(pb::Protocol::Http) => Ok(Protocol::Http),
+            Ok(pb::Protocol::H2) => Ok(Protocol::H2),
+            Ok(pb::Protocol::Grpc) => Ok(Protocol::Grpc),
+            Ok(pb::Protocol::Tcp) => Ok(Protocol::Tcp),
+            _ => Err(format!("unknown protocol value {value}")),
+        }
+    }
+
+    pub fn retry_on_to_pb(condition: RetryOn) -> i32 {
+        let wire = match condition {
+            RetryOn::ConnectFailure => pb::RetryOn::ConnectFailure,
+            RetryOn::ServerError => pb::RetryOn::ServerError,
+            RetryOn::GatewayError => pb::RetryOn::GatewayError,
+            RetryOn::Unavailable => pb::RetryOn::Unavailable,
+        };
+        wire as i32
+    }
+
+    pub fn retry_on_from_pb(value: i32) -> Result<RetryOn, String> {
+        match pb::RetryOn::try_from(value) {
+            Ok(pb::RetryOn::ConnectFailure) => Ok(RetryOn::ConnectFailure),
+            Ok(pb::RetryOn::ServerError) => Ok(RetryOn::ServerError),
+            Ok(pb::RetryOn::GatewayError) => Ok(RetryOn::GatewayError),
+            Ok(pb::RetryOn::Unavailable) => Ok(RetryOn::Unavailable),
+            _ => Err(format!("unknown retry condition value {value}")),
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn every_value_crosses_the_wire_and_back() {
+            for protocol in Protocol::ALL {
+                assert_eq!(protocol_from_pb(protocol_to_pb(protocol)), Ok(protocol));
+            }
+            for condition in RetryOn::ALL {
+                assert_eq!(retry_on_from_pb(retry_on_to_pb(condition)), Ok(condition));
+            }
+            assert!(protocol_from_pb(0).is_err(), "unspecified is not a protocol");
+            assert_eq!(retry_on_from_pb(99), Err("unknown retry condition value 99".into()));
+        }
     }
 }

@@ -5,6 +5,8 @@
 //! table and reconnects with jittered backoff, resuming from its version.
 
 use mesh_common::backoff::Backoff;
+use mesh_common::policy::check_retry_attempts;
+use mesh_proto::convert::{protocol_from_pb, retry_on_from_pb};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
@@ -17,8 +19,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::config::{
-    BreakerPolicy, EndpointConfig, Listen, Protocol, ProxyConfig, RetryOn, RetryPolicy, ServiceConfig,
-    UpstreamConfig, DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT,
+    BreakerPolicy, EndpointConfig, Listen, Protocol, ProxyConfig, RetryPolicy, ServiceConfig, UpstreamConfig,
+    DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT,
 };
 use crate::listen::{shutdown_started, ShutdownSignal};
 use crate::proxy::Proxy;
@@ -259,7 +261,7 @@ fn check_upstream_protocol(
 ) -> Result<(), String> {
     match started_as {
         Some(started_as) if (now == Protocol::Tcp) != (*started_as == Protocol::Tcp) => Err(format!(
-            "service {service:?} changed protocol to {now:?}, but its upstream port serves {started_as:?}; restart the proxy to change it"
+            "service {service:?} changed protocol to {now}, but its upstream port serves {started_as}; restart the proxy to change it"
         )),
         _ => Ok(()),
     }
@@ -268,12 +270,9 @@ fn check_upstream_protocol(
 fn service_config(route: &pb::ServiceRoute) -> Result<ServiceConfig, String> {
     let name = &route.name;
     let policy = route.policy.clone().unwrap_or_default();
-    let protocol = match policy.protocol.as_deref().unwrap_or("http") {
-        "http" => Protocol::Http,
-        "h2" => Protocol::H2,
-        "grpc" => Protocol::Grpc,
-        "tcp" => Protocol::Tcp,
-        other => return Err(format!("service {name:?}: unknown protocol {other:?}")),
+    let protocol = match policy.protocol {
+        Some(value) => protocol_from_pb(value).map_err(|e| format!("service {name:?}: {e}"))?,
+        None => Protocol::Http,
     };
     let positive = |field: &str, value: Option<u64>, default: Duration| match value {
         Some(0) => Err(format!("service {name:?}: {field} must be longer than zero")),
@@ -282,22 +281,14 @@ fn service_config(route: &pb::ServiceRoute) -> Result<ServiceConfig, String> {
     };
     let mut retry = RetryPolicy::default();
     if let Some(attempts) = policy.retry_attempts {
-        if !(1..=10).contains(&attempts) {
-            return Err(format!("service {name:?}: retry attempts must be from 1 to 10, got {attempts}"));
-        }
+        check_retry_attempts(attempts).map_err(|e| format!("service {name:?}: retry attempts {e}"))?;
         retry.attempts = attempts;
     }
     if !policy.retry_on.is_empty() {
         retry.on = policy
             .retry_on
             .iter()
-            .map(|on| match on.as_str() {
-                "connect-failure" => Ok(RetryOn::ConnectFailure),
-                "5xx" => Ok(RetryOn::ServerError),
-                "gateway-error" => Ok(RetryOn::GatewayError),
-                "unavailable" => Ok(RetryOn::Unavailable),
-                other => Err(format!("service {name:?}: unknown retry condition {other:?}")),
-            })
+            .map(|on| retry_on_from_pb(*on).map_err(|e| format!("service {name:?}: {e}")))
             .collect::<Result<_, _>>()?;
     }
     retry.non_idempotent = policy.retry_non_idempotent.unwrap_or(retry.non_idempotent);
@@ -330,14 +321,7 @@ fn service_config(route: &pb::ServiceRoute) -> Result<ServiceConfig, String> {
         breaker,
         endpoints,
         permissive: policy.permissive.unwrap_or(false),
-        allow_from: policy
-            .allow_from
-            .as_deref()
-            .unwrap_or_default()
-            .split(',')
-            .filter(|name| !name.is_empty())
-            .map(str::to_owned)
-            .collect(),
+        allow_from: policy.allow_from.map(|allow| allow.services).unwrap_or_default(),
     })
 }
 
@@ -346,7 +330,10 @@ mod tests {
     use super::*;
 
     fn route(name: &str, protocol: &str, retry_attempts: Option<u32>) -> pb::ServiceRoute {
-        let policy = pb::Policy { protocol: Some(protocol.into()), retry_attempts, ..Default::default() };
+        // A name this proxy does not know goes out as a value it does not
+        // know either, as from a newer control plane.
+        let protocol = Some(protocol.parse().map_or(99, mesh_proto::convert::protocol_to_pb));
+        let policy = pb::Policy { protocol, retry_attempts, ..Default::default() };
         pb::ServiceRoute { name: name.into(), policy: Some(policy), ..Default::default() }
     }
 

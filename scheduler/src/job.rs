@@ -12,6 +12,7 @@ use crate::{Constraint, JobSpec, Resources, Strategy};
 use mesh_common::duration::HumanDuration as Dur;
 use mesh_common::file_error::{parse_toml, FileError};
 use mesh_common::name::check_name;
+use mesh_common::policy::Protocol;
 
 /// A validated job.
 #[derive(Clone, Debug, PartialEq)]
@@ -27,7 +28,7 @@ pub struct Job {
     pub user: Option<String>,
     pub env: BTreeMap<String, String>,
     pub resources: Resources,
-    pub protocol: String,
+    pub protocol: Protocol,
     pub readiness: Option<Check>,
     pub liveness: Option<Check>,
     pub update: UpdatePolicy,
@@ -239,17 +240,10 @@ pub fn parse_job(text: &str) -> Result<Job, JobError> {
             }
         }
     }
-    let mut protocol = "http".to_owned();
+    let mut protocol = Protocol::Http;
     if let Some(port) = raw.ports.first() {
         if let Some(p) = &port.protocol {
-            if !["http", "h2", "grpc", "tcp"].contains(&p.get_ref().as_str()) {
-                return Err(error(
-                    Some(p.span()),
-                    "ports[0].protocol",
-                    format!("{:?} is not one of http, h2, grpc, tcp", p.get_ref()),
-                ));
-            }
-            protocol = p.get_ref().clone();
+            protocol = p.get_ref().parse().map_err(|e| error(Some(p.span()), "ports[0].protocol", e))?;
         }
     }
     let check = |field: &str, raw: &Option<Spanned<RawCheck>>| -> Result<Option<Check>, JobError> {

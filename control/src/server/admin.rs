@@ -144,7 +144,8 @@ impl Admin for AdminService {
                 request.service
             )));
         }
-        self.change(Change::SetPolicy { service: request.service, policy: policy_from_pb(&policy) }).await
+        let policy = policy_from_pb(&policy).map_err(Status::invalid_argument)?;
+        self.change(Change::SetPolicy { service: request.service, policy }).await
     }
 
     async fn wait_converged(

@@ -569,7 +569,7 @@ impl Jobs for JobsService {
         };
         if changed {
             // The job's port protocol is its service's: proxies on both hops need it.
-            let protocol = Policy { protocol: Some(job.protocol.clone()), ..Policy::default() };
+            let protocol = Policy { protocol: Some(job.protocol), ..Policy::default() };
             let change = Change::SetPolicy { service: job.service.clone(), policy: protocol };
             self.scheduler.control.change(change).await.map_err(super::registry::status_of)?;
             // Durable before it is acted on or answered.

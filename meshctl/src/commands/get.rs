@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use mesh_proto::convert::{protocol_from_pb, retry_on_from_pb};
 use mesh_proto::mesh::v1 as pb;
 use mesh_proto::mesh::v1::admin_client::AdminClient;
 use mesh_proto::mesh::v1::jobs_client::JobsClient;
@@ -84,11 +85,14 @@ fn policy_json(policy: Option<&pb::Policy>) -> Value {
             fields.insert(name.to_owned(), value);
         }
     };
-    set("protocol", p.protocol.clone().map(Value::from));
+    let name = |result: Result<String, String>| Value::from(result.unwrap_or_else(|unknown| unknown));
+    set("protocol", p.protocol.map(|v| name(protocol_from_pb(v).map(|p| p.to_string()))));
     set("timeout_ms", p.timeout_ms.map(Value::from));
     set("connect_timeout_ms", p.connect_timeout_ms.map(Value::from));
     set("retry_attempts", p.retry_attempts.map(Value::from));
-    set("retry_on", (!p.retry_on.is_empty()).then(|| json!(p.retry_on)));
+    let retry_on: Vec<Value> =
+        p.retry_on.iter().map(|v| name(retry_on_from_pb(*v).map(|on| on.to_string()))).collect();
+    set("retry_on", (!retry_on.is_empty()).then(|| json!(retry_on)));
     set("retry_non_idempotent", p.retry_non_idempotent.map(Value::from));
     set("retry_budget_ratio", p.retry_budget_ratio.map(Value::from));
     set("retry_budget_min_per_second", p.retry_budget_min_per_second.map(Value::from));
@@ -96,7 +100,7 @@ fn policy_json(policy: Option<&pb::Policy>) -> Value {
     set("breaker_base_ejection_ms", p.breaker_base_ejection_ms.map(Value::from));
     set("breaker_max_ejection_ms", p.breaker_max_ejection_ms.map(Value::from));
     set("permissive", p.permissive.map(Value::from));
-    set("allow_from", p.allow_from.clone().map(Value::from));
+    set("allow_from", p.allow_from.as_ref().map(|allow| json!(allow.services)));
     Value::Object(fields)
 }
 

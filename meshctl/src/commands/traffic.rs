@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use mesh_proto::convert::{protocol_to_pb, retry_on_to_pb};
 use mesh_proto::mesh::v1 as pb;
 use mesh_proto::mesh::v1::admin_client::AdminClient;
 use tonic::transport::Channel;
@@ -37,11 +38,11 @@ pub async fn policy(
 ) -> Result<(), Failure> {
     let ms = |d: Option<Duration>| d.map(|d| d.as_millis() as u64);
     let policy = pb::Policy {
-        protocol: policy.protocol,
+        protocol: policy.protocol.map(protocol_to_pb),
         timeout_ms: ms(policy.timeout),
         connect_timeout_ms: ms(policy.connect_timeout),
         retry_attempts: policy.retry_attempts,
-        retry_on: policy.retry_on.unwrap_or_default(),
+        retry_on: policy.retry_on.unwrap_or_default().into_iter().map(retry_on_to_pb).collect(),
         retry_non_idempotent: policy.retry_non_idempotent,
         retry_budget_ratio: policy.retry_budget_ratio,
         retry_budget_min_per_second: policy.retry_budget_min_per_second,
@@ -50,9 +51,9 @@ pub async fn policy(
         breaker_max_ejection_ms: ms(policy.breaker_max_ejection),
         permissive: policy.permissive,
         allow_from: if policy.allow_all_mesh {
-            Some(String::new())
+            Some(pb::AllowFrom { services: Vec::new() })
         } else {
-            policy.allow_from.map(|names| names.join(","))
+            policy.allow_from.map(|services| pb::AllowFrom { services })
         },
     };
     let mut admin = AdminClient::new(session.channel.clone());

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::ops::Range;
 
 use mesh_common::file_error::{parse_toml, FileError};
+use mesh_common::policy::{check_budget_ratio, check_retry_attempts};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -53,7 +54,7 @@ struct RawListen {
 #[serde(deny_unknown_fields)]
 struct RawService {
     name: Spanned<String>,
-    protocol: Option<RawProtocol>,
+    protocol: Option<Protocol>,
     timeout: Option<Spanned<HumanDuration>>,
     connect_timeout: Option<Spanned<HumanDuration>>,
     split: Option<BTreeMap<String, Spanned<Weight>>>,
@@ -61,15 +62,6 @@ struct RawService {
     breaker: Option<RawBreaker>,
     #[serde(default)]
     endpoints: Vec<RawEndpoint>,
-}
-
-#[derive(Deserialize, Clone, Copy)]
-#[serde(rename_all = "lowercase")]
-enum RawProtocol {
-    Http,
-    H2,
-    Grpc,
-    Tcp,
 }
 
 /// A split weight: a whole number, never negative.
@@ -260,12 +252,7 @@ impl Validator<'_> {
             self.positive(field, "connect_timeout", raw.connect_timeout, DEFAULT_CONNECT_TIMEOUT)?;
         Ok(ServiceConfig {
             name: raw.name.into_inner(),
-            protocol: match raw.protocol.unwrap_or(RawProtocol::Http) {
-                RawProtocol::Http => Protocol::Http,
-                RawProtocol::H2 => Protocol::H2,
-                RawProtocol::Grpc => Protocol::Grpc,
-                RawProtocol::Tcp => Protocol::Tcp,
-            },
+            protocol: raw.protocol.unwrap_or(Protocol::Http),
             timeout,
             connect_timeout,
             split,
@@ -299,15 +286,8 @@ impl Validator<'_> {
         let mut policy = RetryPolicy::default();
         let Some(raw) = raw else { return Ok(policy) };
         if let Some(attempts) = raw.attempts {
-            if !(1..=10).contains(attempts.get_ref()) {
-                return Err(self.error(
-                    attempts.span(),
-                    format!("{field}.retry.attempts"),
-                    format!(
-                        "must be from 1 to 10 (tries in all, the first included), got {}",
-                        attempts.get_ref()
-                    ),
-                ));
+            if let Err(message) = check_retry_attempts(*attempts.get_ref()) {
+                return Err(self.error(attempts.span(), format!("{field}.retry.attempts"), message));
             }
             policy.attempts = attempts.into_inner();
         }
@@ -318,12 +298,8 @@ impl Validator<'_> {
             policy.non_idempotent = non_idempotent;
         }
         if let Some(ratio) = raw.budget_ratio {
-            if !(0.0..=1.0).contains(ratio.get_ref()) {
-                return Err(self.error(
-                    ratio.span(),
-                    format!("{field}.retry.budget_ratio"),
-                    format!("must be from 0 to 1, got {}", ratio.get_ref()),
-                ));
+            if let Err(message) = check_budget_ratio(*ratio.get_ref()) {
+                return Err(self.error(ratio.span(), format!("{field}.retry.budget_ratio"), message));
             }
             policy.budget_ratio = ratio.into_inner();
         }

@@ -14,6 +14,7 @@ use serde::Serialize;
 
 pub use file::{parse_config, ConfigError};
 pub use mesh_common::duration::HumanDuration;
+pub use mesh_common::policy::{Protocol, RetryOn};
 
 /// Everything a proxy needs to run: its listeners and its routing table.
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -47,22 +48,6 @@ pub struct Listen {
     pub app: Option<SocketAddr>,
 }
 
-#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum Protocol {
-    Http,
-    H2,
-    Grpc,
-    Tcp,
-}
-
-impl Protocol {
-    /// Whether the proxy speaks HTTP/2 to this service's endpoints.
-    pub fn is_h2(self) -> bool {
-        matches!(self, Protocol::H2 | Protocol::Grpc)
-    }
-}
-
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct ServiceConfig {
     pub name: String,
@@ -92,21 +77,6 @@ pub struct RetryPolicy {
     pub non_idempotent: bool,
     pub budget_ratio: f64,
     pub budget_min_per_second: u32,
-}
-
-/// Conditions that make a response worth another try. Connect failures are
-/// always retried, whatever this list says, because the request never left.
-#[derive(Clone, Copy, Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "kebab-case")]
-pub enum RetryOn {
-    ConnectFailure,
-    /// Any 5xx status.
-    #[serde(rename = "5xx")]
-    ServerError,
-    /// 502, 503 and 504 only.
-    GatewayError,
-    /// gRPC status UNAVAILABLE in the response headers.
-    Unavailable,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
