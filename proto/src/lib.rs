@@ -71,6 +71,24 @@ pub mod convert {
         }
     }
 
+    /// The name users see for a state or kind: `INSTANCE_STATE_RUNNING`
+    /// becomes `running`.
+    fn short_name(full: &str, prefix: &str) -> String {
+        full.strip_prefix(prefix).unwrap_or(full).to_ascii_lowercase()
+    }
+
+    pub fn instance_state_name(state: pb::InstanceState) -> String {
+        short_name(state.as_str_name(), "INSTANCE_STATE_")
+    }
+
+    pub fn job_state_name(state: pb::JobState) -> String {
+        short_name(state.as_str_name(), "JOB_STATE_")
+    }
+
+    pub fn job_kind_name(kind: pb::JobKind) -> String {
+        short_name(kind.as_str_name(), "JOB_KIND_")
+    }
+
     #[cfg(test)]
     mod tests {
         use super::*;
@@ -85,6 +103,9 @@ pub mod convert {
             }
             assert!(protocol_from_pb(0).is_err(), "unspecified is not a protocol");
             assert_eq!(retry_on_from_pb(99), Err("unknown retry condition value 99".into()));
+            assert_eq!(instance_state_name(pb::InstanceState::Running), "running");
+            assert_eq!(job_state_name(pb::JobState::Complete), "complete");
+            assert_eq!(job_kind_name(pb::JobKind::Batch), "batch");
         }
     }
 }

@@ -225,7 +225,7 @@ async fn a_node_may_speak_only_for_itself() {
             id: web["id"].as_str().unwrap().into(),
             job: "web".into(),
             version: "v1".into(),
-            state: "failed".into(),
+            state: pb::InstanceState::Failed as i32,
             ..Default::default()
         })
         .collect();

@@ -108,7 +108,7 @@ pub async fn run(
         failures += 1;
         tracing::warn!(instance = %assignment.id, %message, ?delay, "instance failed to start");
         report.update(|r| {
-            r.state = "failed".into();
+            r.set_state(pb::InstanceState::Failed);
             r.ready = false;
             r.pid = 0;
             r.proxy_pid = 0;
@@ -160,7 +160,7 @@ async fn run_inner(
         record_pid(&dir, app.pid());
         let started = Instant::now();
         report.update(|r| {
-            r.state = "running".into();
+            r.set_state(pb::InstanceState::Running);
             r.pid = app.pid();
             r.ready = job.readiness.is_none();
             r.message.clear();
@@ -193,7 +193,7 @@ async fn run_inner(
                 let _ = proxy.stop(STOP_GRACE).await;
                 let _ = std::fs::remove_file(dir.join("pids"));
                 report.update(|r| {
-                    r.state = "complete".into();
+                    r.set_state(pb::InstanceState::Complete);
                     r.pid = 0;
                     r.proxy_pid = 0;
                     r.message = "exited 0".into();
@@ -218,7 +218,7 @@ async fn run_inner(
         let looping = crash_looping(&exits_ms, now_ms, CRASH_LOOP_WINDOW, CRASH_LOOP_EXITS);
         tracing::info!(instance = %assignment.id, %why, ?delay, looping, "restarting the app");
         report.update(|r| {
-            r.state = "starting".into();
+            r.set_state(pb::InstanceState::Starting);
             r.pid = 0;
             r.restarts += 1;
             let prefix = if looping {
@@ -686,7 +686,7 @@ async fn next_probe(
 /// the instance.
 async fn drain(context: &Context, report: &SharedReport) {
     report.update(|r| {
-        r.state = "draining".into();
+        r.set_state(pb::InstanceState::Draining);
         r.ready = false;
     });
     let wait = async {

@@ -46,7 +46,7 @@ impl Supervisor {
                     id: assignment.id.clone(),
                     job: assignment.job.clone(),
                     version: assignment.version.clone(),
-                    state: "starting".into(),
+                    state: pb::InstanceState::Starting as i32,
                     ..Default::default()
                 },
                 self.changed.clone(),

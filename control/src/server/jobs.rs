@@ -130,7 +130,11 @@ impl Scheduler {
         for report in reports {
             let known = state.allocations.iter().any(|a| a.id == report.id);
             let retired = !known && state.used_ids.contains(&report.id);
-            if !known && !retired && state.jobs.contains_key(&report.job) && report.state != "complete" {
+            if !known
+                && !retired
+                && state.jobs.contains_key(&report.job)
+                && report.state() != pb::InstanceState::Complete
+            {
                 // Running before a server restart: adopt it rather than start another.
                 let (_, job) = &state.jobs[&report.job];
                 // Its task revision: the one of its version the server knows
@@ -153,12 +157,12 @@ impl Scheduler {
                 state.allocations.push(allocation);
                 woke = true;
             }
-            if report.state == "complete" && known {
+            if report.state() == pb::InstanceState::Complete && known {
                 *state.completed.entry(report.job.clone()).or_default() += 1;
                 state.allocations.retain(|a| a.id != report.id);
                 woke = true;
             }
-            if report.ready && report.state == "running" {
+            if report.ready && report.state() == pb::InstanceState::Running {
                 state.ready_since.entry(report.id.clone()).or_insert_with(Instant::now);
             } else {
                 state.ready_since.remove(&report.id);
@@ -234,7 +238,9 @@ impl Scheduler {
                 .chain(held)
                 .collect();
             let live: Vec<String> = state.allocations.iter().map(|a| a.id.clone()).collect();
-            state.reports.retain(|id, (_, report)| live.contains(id) || report.state == "complete");
+            state
+                .reports
+                .retain(|id, (_, report)| live.contains(id) || report.state() == pb::InstanceState::Complete);
             state.ready_since.retain(|id, _| live.contains(id));
             endpoint_changes(&mut state, &nodes, &behind)
         };
@@ -367,29 +373,29 @@ impl Scheduler {
         let instances: Vec<pb::Instance> =
             self.instances(state).into_iter().filter(|i| i.job == name).collect();
         let pending_reason = state.pending.get(name).cloned().unwrap_or_default();
-        let complete = instances.iter().filter(|i| i.state == "complete").count() as u32;
-        let running = instances.iter().filter(|i| i.state == "running").count() as u32;
+        let complete = instances.iter().filter(|i| i.state() == pb::InstanceState::Complete).count() as u32;
+        let running = instances.iter().filter(|i| i.state() == pb::InstanceState::Running).count() as u32;
         let ready = instances.iter().filter(|i| i.ready).count() as u32;
         let job_state = if job.kind == JobKind::Batch && complete >= job.replicas {
-            "complete"
+            pb::JobState::Complete
         } else if !pending_reason.is_empty() {
-            "pending"
+            pb::JobState::Pending
         } else if running >= job.replicas && (ready >= job.replicas || job.kind == JobKind::Batch) {
-            "running"
+            pb::JobState::Running
         } else {
-            "starting"
+            pb::JobState::Starting
         };
         Some(pb::JobStatus {
             deployment: state.deployments.get(name).cloned().unwrap_or_default(),
-            state: job_state.into(),
+            state: job_state as i32,
             name: job.name.clone(),
             service: job.service.clone(),
             version: job.version.clone(),
             replicas: job.replicas,
             kind: match job.kind {
-                JobKind::Service => "service".into(),
-                JobKind::Batch => "batch".into(),
-            },
+                JobKind::Service => pb::JobKind::Service,
+                JobKind::Batch => pb::JobKind::Batch,
+            } as i32,
             running,
             ready,
             pending_reason,
@@ -410,7 +416,7 @@ impl Scheduler {
             job: report.job.clone(),
             version: report.version.clone(),
             node: node.to_owned(),
-            state: report.state.clone(),
+            state: report.state,
             pid: report.pid,
             proxy_pid: report.proxy_pid,
             addr: report.addr.clone(),
@@ -429,13 +435,14 @@ impl Scheduler {
                     job: a.job.clone(),
                     version: a.version.clone(),
                     node: a.node.clone(),
-                    state: "pending".into(),
+                    state: pb::InstanceState::Pending as i32,
                     ..Default::default()
                 },
             })
             .collect();
         for (id, (node, report)) in &state.reports {
-            if report.state == "complete" && !state.allocations.iter().any(|a| &a.id == id) {
+            if report.state() == pb::InstanceState::Complete && !state.allocations.iter().any(|a| &a.id == id)
+            {
                 instances.push(from_report(node, report));
             }
         }
@@ -462,8 +469,10 @@ fn endpoint_changes(
         if report.addr.is_empty() || *node != allocation.node || job.kind == JobKind::Batch {
             continue;
         }
-        let ready =
-            report.ready && report.state == "running" && node_up(node) && !behind.contains(&allocation.id);
+        let ready = report.ready
+            && report.state() == pb::InstanceState::Running
+            && node_up(node)
+            && !behind.contains(&allocation.id);
         wanted.insert((job.service.clone(), report.addr.clone()), (allocation.version.clone(), ready));
     }
     let mut changes = Vec::new();
@@ -685,12 +694,12 @@ mod tests {
         parse_job(&text).expect("job")
     }
 
-    fn report(id: &str, state: &str, ready: bool) -> pb::InstanceReport {
+    fn report(id: &str, state: pb::InstanceState, ready: bool) -> pb::InstanceReport {
         pb::InstanceReport {
             id: id.into(),
             job: "web".into(),
             version: "v1".into(),
-            state: state.into(),
+            state: state as i32,
             addr: format!("127.0.0.2:{}", 1000 + id.len()),
             ready,
             ..Default::default()
@@ -714,14 +723,15 @@ mod tests {
             node: "a".into(),
             resources: Default::default(),
         };
+        use pb::InstanceState::{Draining, Running};
         // (report state, ready, node up, kind, sidecar behind a rotation) → registered ready?
         let cases = [
-            ("running", true, true, "service", false, Some(true)),
-            ("running", false, true, "service", false, Some(false)),
-            ("running", true, false, "service", false, Some(false)),
-            ("draining", true, true, "service", false, Some(false)),
-            ("running", true, true, "batch", false, None),
-            ("running", true, true, "service", true, Some(false)),
+            (Running, true, true, "service", false, Some(true)),
+            (Running, false, true, "service", false, Some(false)),
+            (Running, true, false, "service", false, Some(false)),
+            (Draining, true, true, "service", false, Some(false)),
+            (Running, true, true, "batch", false, None),
+            (Running, true, true, "service", true, Some(false)),
         ];
         for (report_state, ready, up, kind, lagging, expected) in cases {
             let behind: std::collections::HashSet<String> =
@@ -737,7 +747,10 @@ mod tests {
                 Change::Register { ready, .. } => Some(*ready),
                 _ => None,
             });
-            assert_eq!(registered, expected, "{report_state} ready={ready} up={up} {kind} behind={lagging}");
+            assert_eq!(
+                registered, expected,
+                "{report_state:?} ready={ready} up={up} {kind} behind={lagging}"
+            );
             // Nothing changed: nothing to send again.
             assert!(endpoint_changes(&mut state, &[node(up)], &behind).is_empty());
             // The instance goes: its endpoint goes.

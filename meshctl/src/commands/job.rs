@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use mesh_proto::convert::{instance_state_name, job_kind_name, job_state_name};
 use mesh_proto::mesh::v1 as pb;
 use mesh_proto::mesh::v1::jobs_client::JobsClient;
 use serde_json::{json, Value};
@@ -39,7 +40,11 @@ pub async fn run(session: &Session, command: JobCommand, output: Output) -> Resu
             if output == Output::Table {
                 println!(
                     "job {}: a {} job of service {}, version {}, {}",
-                    status.name, status.kind, status.service, status.version, status.state
+                    status.name,
+                    job_kind_name(status.kind()),
+                    status.service,
+                    status.version,
+                    job_state_name(status.state())
                 );
                 println!(
                     "instances: {} wanted, {} running, {} ready",
@@ -113,8 +118,8 @@ pub fn job_row(status: &pb::JobStatus) -> Vec<(&'static str, Value)> {
         ("name", json!(status.name)),
         ("service", json!(status.service)),
         ("version", json!(status.version)),
-        ("kind", json!(status.kind)),
-        ("state", json!(status.state)),
+        ("kind", json!(job_kind_name(status.kind()))),
+        ("state", json!(job_state_name(status.state()))),
         ("replicas", json!(status.replicas)),
         ("running", json!(status.running)),
         ("ready", json!(status.ready)),
@@ -129,7 +134,7 @@ pub fn instance_row(instance: &pb::Instance) -> Vec<(&'static str, Value)> {
         ("job", json!(instance.job)),
         ("version", json!(instance.version)),
         ("node", json!(instance.node)),
-        ("state", json!(instance.state)),
+        ("state", json!(instance_state_name(instance.state()))),
         ("ready", json!(instance.ready)),
         ("pid", json!(instance.pid)),
         ("proxy_pid", json!(instance.proxy_pid)),
