@@ -3,10 +3,14 @@
 
 pub mod body;
 pub mod deadline;
-pub mod forward;
 pub mod hops;
+pub mod inbound;
+pub mod outbound;
 pub mod pool;
+pub mod retry;
 pub mod route;
+pub mod send;
+pub mod upgrade;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::Response;

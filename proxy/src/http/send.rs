@@ -1,0 +1,228 @@
+//! Sending one try to an endpoint: the request built for the wire's
+//! protocol, a pooled or new connection, and, while the request may still
+//! go again, the answer held until its body begins.
+
+use http::header::{self, HeaderValue};
+use http::request::Parts;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, Uri, Version};
+use http_body::Body;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use std::sync::Arc;
+use std::task::Poll;
+
+use crate::config::Protocol;
+use crate::http::body::{HeldFrame, RequestBody, ResponseBody};
+use crate::http::pool::{ConnPool, ConnectError, Http1Sender};
+use crate::http::strip_hop_by_hop;
+
+/// Why sending on an endpoint failed.
+pub(crate) enum SendError {
+    /// No connection could be made; the request never left and comes back.
+    Connect(ConnectError, Box<Request<RequestBody>>),
+    /// The connection broke after the request was (maybe partly) sent.
+    Broken(hyper::Error),
+}
+
+/// The authority the upstream sees: the one the caller used.
+pub(crate) fn authority_for_upstream(parts: &Parts) -> Option<Authority> {
+    if let Some(authority) = parts.uri.authority() {
+        return Some(authority.clone());
+    }
+    parts.headers.get(header::HOST).and_then(|h| Authority::try_from(h.as_bytes()).ok())
+}
+
+/// Builds a try's request from kept parts. The headers parsed from the
+/// caller go out and a copy stays behind: hyper reuses the sent map to
+/// parse the answer, and a copy has no spare capacity (it would grow twice
+/// per response).
+pub(crate) fn build_upstream_request(
+    parts: &mut Parts,
+    body: RequestBody,
+    protocol: Protocol,
+    authority: &Option<Authority>,
+) -> Request<RequestBody> {
+    let mut request = Request::new(body);
+    *request.method_mut() = parts.method.clone();
+    let copy = parts.headers.clone();
+    *request.headers_mut() = std::mem::replace(&mut parts.headers, copy);
+    *request.uri_mut() = parts.uri.clone();
+    retarget(request, protocol, authority)
+}
+
+/// Builds the one request that goes out from the caller's parts, moving
+/// them rather than copying.
+pub(crate) fn build_upstream_request_owned(
+    parts: Parts,
+    body: RequestBody,
+    protocol: Protocol,
+    authority: &Option<Authority>,
+) -> Request<RequestBody> {
+    retarget(Request::from_parts(parts, body), protocol, authority)
+}
+
+/// Sets the version, URI form and host for the upstream's protocol: origin
+/// form and `Host` for HTTP/1.1, absolute URI (`:authority`) for HTTP/2.
+pub(crate) fn retarget(
+    mut request: Request<RequestBody>,
+    protocol: Protocol,
+    authority: &Option<Authority>,
+) -> Request<RequestBody> {
+    let path = request.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+    if protocol.is_h2() {
+        *request.version_mut() = Version::HTTP_2;
+        let mut uri = Uri::builder().scheme(Scheme::HTTP).path_and_query(path.clone());
+        if let Some(authority) = authority {
+            uri = uri.authority(authority.clone());
+            request.headers_mut().remove(header::HOST);
+        }
+        *request.uri_mut() = uri.build().unwrap_or_else(|_| Uri::from(path));
+    } else {
+        *request.version_mut() = Version::HTTP_11;
+        *request.uri_mut() = Uri::from(path);
+        if !request.headers().contains_key(header::HOST) {
+            if let Some(host) = authority.as_ref().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
+                request.headers_mut().insert(header::HOST, host);
+            }
+        }
+    }
+    request
+}
+
+/// Sends on the endpoint's shared HTTP/2 connection; one that closed
+/// meanwhile hands the request back, and it goes out on a new connection.
+pub(crate) async fn send_http2(
+    pool: &ConnPool,
+    connect_timeout: std::time::Duration,
+    mut request: Request<RequestBody>,
+) -> Result<Response<Incoming>, SendError> {
+    for _ in 0..2 {
+        let mut sender = match pool.http2(connect_timeout).await {
+            Ok(sender) => sender,
+            Err(error) => return Err(SendError::Connect(error, Box::new(request))),
+        };
+        if sender.ready().await.is_err() {
+            pool.forget_http2();
+            continue;
+        }
+        match sender.try_send_request(request).await {
+            Ok(response) => return Ok(response),
+            Err(mut error) => match error.take_message() {
+                Some(unsent) => {
+                    pool.forget_http2();
+                    request = unsent;
+                }
+                None => return Err(SendError::Broken(error.into_error())),
+            },
+        }
+    }
+    let error = std::io::Error::other("the HTTP/2 connection closed twice before the request could be sent");
+    Err(SendError::Connect(ConnectError(error), Box::new(request)))
+}
+
+/// Sends on a pooled HTTP/1 connection. One that the server closed
+/// meanwhile hands the request back, and it goes out on a fresh
+/// connection without counting as a retry.
+pub(crate) async fn send_http1(
+    pool: &ConnPool,
+    connect_timeout: std::time::Duration,
+    request: Request<RequestBody>,
+) -> Result<(Response<Incoming>, Option<Http1Sender>), SendError> {
+    let request = match pool.take_http1() {
+        Some(mut sender) => match sender.try_send_request(request).await {
+            Ok(response) => return Ok((response, Some(sender))),
+            Err(mut error) => match error.take_message() {
+                Some(unsent) => unsent,
+                None => return Err(SendError::Broken(error.into_error())),
+            },
+        },
+        None => request,
+    };
+    // Boxed: a new connection is rare, and its future is large.
+    Box::pin(send_http1_on_new_connection(pool, connect_timeout, request)).await
+}
+
+async fn send_http1_on_new_connection(
+    pool: &ConnPool,
+    connect_timeout: std::time::Duration,
+    request: Request<RequestBody>,
+) -> Result<(Response<Incoming>, Option<Http1Sender>), SendError> {
+    let mut sender = match pool.connect_http1(connect_timeout).await {
+        Ok(sender) => sender,
+        Err(error) => return Err(SendError::Connect(error, Box::new(request))),
+    };
+    match sender.try_send_request(request).await {
+        Ok(response) => Ok((response, Some(sender))),
+        Err(error) => Err(SendError::Broken(error.into_error())),
+    }
+}
+
+/// An endpoint's answer as the retry loop gets it.
+pub(crate) struct Answered {
+    pub response: Response<Incoming>,
+    /// The HTTP/1 connection it came on, pooled again once the body is read.
+    pub release: Option<Http1Sender>,
+    /// The body's first frame, read ahead while the request could go again.
+    pub held: Option<HeldFrame>,
+}
+
+/// How long an answer's headers wait for its body to begin. An answer that
+/// begins later (a stream, a long poll) is passed on as it comes, and can
+/// no longer be retried once it has.
+pub const FIRST_FRAME_HOLD: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// What an answer's body showed at once.
+pub(crate) enum FirstFrame {
+    /// Its first frame (held) or its end came with the headers.
+    Here(Answered),
+    /// The connection broke before the body began.
+    Broken(hyper::Error),
+    /// Nothing yet.
+    Later(Answered),
+}
+
+/// Reads the body's first frame ahead if it is already here (most bodies
+/// arrive with their headers), without a timer or a wake-up. Owned in and
+/// out, so the request's future keeps no answer across an await.
+pub(crate) fn first_frame_now(mut answered: Answered) -> FirstFrame {
+    let body = answered.response.body_mut();
+    if body.is_end_stream() {
+        return FirstFrame::Here(answered);
+    }
+    // A waker that does nothing: a body not here yet is awaited by
+    // `hold_first_frame`, whose poll registers its own.
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match std::pin::Pin::new(body).poll_frame(&mut cx) {
+        Poll::Ready(Some(Ok(frame))) => {
+            answered.held = HeldFrame::new(frame);
+            FirstFrame::Here(answered)
+        }
+        Poll::Ready(Some(Err(error))) => FirstFrame::Broken(error),
+        Poll::Ready(None) => FirstFrame::Here(answered),
+        Poll::Pending => FirstFrame::Later(answered),
+    }
+}
+
+/// Waits up to [`FIRST_FRAME_HOLD`] for an answer's body to begin; a body
+/// later than that is passed on as it streams.
+pub(crate) async fn hold_first_frame(mut answered: Answered) -> Result<Answered, SendError> {
+    match tokio::time::timeout(FIRST_FRAME_HOLD, answered.response.body_mut().frame()).await {
+        Ok(Some(Ok(frame))) => answered.held = HeldFrame::new(frame),
+        Ok(Some(Err(error))) => return Err(SendError::Broken(error)),
+        Ok(None) | Err(_) => {}
+    }
+    Ok(answered)
+}
+
+pub(crate) fn finish_response(
+    response: Response<Incoming>,
+    held: Option<HeldFrame>,
+    release: Option<Http1Sender>,
+    pool: &Arc<ConnPool>,
+) -> Response<ResponseBody> {
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    let release = release.map(|sender| (pool.clone(), sender));
+    Response::from_parts(parts, ResponseBody::upstream(body, held, release))
+}
