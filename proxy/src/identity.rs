@@ -91,30 +91,80 @@ impl std::fmt::Debug for Identity {
     }
 }
 
+/// Why a certificate could not be had, and so whether trying again helps.
+#[derive(Debug)]
+pub enum IdentityError {
+    /// The key or the request could not be made here.
+    Local(String),
+    /// The control plane could not be reached, or failed: try again.
+    Unreachable(String),
+    /// The control plane refused (the token or the certificate is not
+    /// good): trying again cannot help.
+    Refused(String),
+}
+
+impl IdentityError {
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, IdentityError::Unreachable(_))
+    }
+
+    /// A gRPC failure: a refusal when the control plane judged the request,
+    /// otherwise the control plane was not there to judge it.
+    fn of_status(what: &str, status: tonic::Status) -> IdentityError {
+        use tonic::Code;
+        let message = format!("{what}: {}", status.message());
+        match status.code() {
+            Code::InvalidArgument
+            | Code::PermissionDenied
+            | Code::Unauthenticated
+            | Code::NotFound
+            | Code::FailedPrecondition
+            | Code::AlreadyExists => IdentityError::Refused(message),
+            _ => IdentityError::Unreachable(message),
+        }
+    }
+}
+
+impl std::fmt::Display for IdentityError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            IdentityError::Local(message) => f.write_str(message),
+            IdentityError::Unreachable(message) => write!(f, "the control plane is unreachable: {message}"),
+            IdentityError::Refused(message) => write!(f, "the control plane refused {message}"),
+        }
+    }
+}
+
+impl std::error::Error for IdentityError {}
+
 /// Generates a key and gets it certified for `token` by the control plane.
-pub async fn obtain(control: &ControlAccess, proxy: &Proxy, token: &str) -> Result<Identity, String> {
-    let key = KeyPair::generate().map_err(|e| format!("generating a key: {e}"))?;
-    let request = pb::SignRequest { token: token.to_owned(), csr_pem: certificate_request(&key)? };
+pub async fn obtain(control: &ControlAccess, proxy: &Proxy, token: &str) -> Result<Identity, IdentityError> {
+    let key = KeyPair::generate().map_err(|e| IdentityError::Local(format!("generating a key: {e}")))?;
+    let csr_pem = certificate_request(&key).map_err(IdentityError::Local)?;
+    let request = pb::SignRequest { token: token.to_owned(), csr_pem };
     let reply = client(control, proxy)
         .await?
         .sign(request)
         .await
-        .map_err(|status| format!("the control plane refused a certificate: {}", status.message()))?;
+        .map_err(|status| IdentityError::of_status("a certificate", status))?;
     Ok(Identity::from_reply(reply.into_inner(), key.serialize_der()))
 }
 
 /// A new certificate for the same identity and key, before this one expires.
-pub async fn renew(control: &ControlAccess, proxy: &Proxy, current: &Identity) -> Result<Identity, String> {
-    let key = KeyPair::try_from(current.key_der()).map_err(|e| format!("the key: {e}"))?;
-    let request = pb::RenewRequest {
-        certificate_pem: current.certificate_pem.clone(),
-        csr_pem: certificate_request(&key)?,
-    };
+pub async fn renew(
+    control: &ControlAccess,
+    proxy: &Proxy,
+    current: &Identity,
+) -> Result<Identity, IdentityError> {
+    let key =
+        KeyPair::try_from(current.key_der()).map_err(|e| IdentityError::Local(format!("the key: {e}")))?;
+    let csr_pem = certificate_request(&key).map_err(IdentityError::Local)?;
+    let request = pb::RenewRequest { certificate_pem: current.certificate_pem.clone(), csr_pem };
     let reply = client(control, proxy)
         .await?
         .renew(request)
         .await
-        .map_err(|status| format!("the control plane refused a renewal: {}", status.message()))?;
+        .map_err(|status| IdentityError::of_status("a renewal", status))?;
     Ok(Identity::from_reply(reply.into_inner(), current.key_der.clone()))
 }
 
@@ -159,9 +209,11 @@ fn certificate_request(key: &KeyPair) -> Result<String, String> {
 async fn client(
     control: &ControlAccess,
     proxy: &Proxy,
-) -> Result<IdentityClient<tonic::transport::Channel>, String> {
-    let channel =
-        mesh_client::connect(&control.addr, &control.anonymous(proxy)?, Duration::from_secs(2)).await?;
+) -> Result<IdentityClient<tonic::transport::Channel>, IdentityError> {
+    let tls = control.anonymous(proxy).map_err(IdentityError::Local)?;
+    let channel = mesh_client::connect(&control.addr, &tls, Duration::from_secs(2))
+        .await
+        .map_err(IdentityError::Unreachable)?;
     Ok(IdentityClient::new(channel))
 }
 
@@ -193,6 +245,24 @@ impl Identity {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_judged_request_is_a_refusal() {
+        use tonic::{Code, Status};
+        // (the control plane's answer, may the proxy try again?)
+        let cases = [
+            (Code::PermissionDenied, false),
+            (Code::InvalidArgument, false),
+            (Code::Unauthenticated, false),
+            (Code::Unavailable, true),
+            (Code::DeadlineExceeded, true),
+            (Code::Internal, true),
+        ];
+        for (code, retryable) in cases {
+            let error = IdentityError::of_status("a certificate", Status::new(code, "why"));
+            assert_eq!(error.is_retryable(), retryable, "{code:?}: {error}");
+        }
+    }
 
     #[test]
     fn renewal_comes_at_seventy_percent_of_the_life_give_or_take_five() {

@@ -281,8 +281,8 @@ async fn acquire_identity(control: ControlAccess, token: String, proxy: Arc<Prox
                 identity = Some(obtained);
                 break;
             }
-            Err(error) if error.starts_with("the control plane refused") => {
-                tracing::error!(%error, "no certificate: the token was refused");
+            Err(error) if !error.is_retryable() => {
+                tracing::error!(%error, "no certificate, and trying again cannot help");
                 return;
             }
             Err(error) => tracing::warn!(%error, "no certificate yet; retrying"),
