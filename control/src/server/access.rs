@@ -110,7 +110,9 @@ impl Access for AccessService {
     async fn revoke_user(&self, request: Request<pb::UserName>) -> Result<Response<pb::UserName>, Status> {
         let by = request.extensions().get::<Principal>().map(ToString::to_string).unwrap_or_default();
         let name = request.into_inner().name;
-        if !self.users.remove(self.control.store(), &name).map_err(super::store_failure)? {
+        let (users, key) = (self.users.clone(), name.clone());
+        let removed = self.control.durably(move |store| users.remove(store, &key)).await;
+        if !removed.map_err(super::store_failure)? {
             return Err(Status::not_found(format!("no user {name:?}")));
         }
         tracing::info!(user = %name, %by, "user credential revoked");

@@ -87,7 +87,8 @@ impl TrustKeeper {
         let owned = Trust::from_stored(current.to_stored(), &trust_domain)?;
         // A retired root vouches for renewals as long as a certificate lives.
         let next = Arc::new(owned.advance(|| Authority::generate(&trust_domain), now_ms(), self.cert_ttl)?);
-        self.control.store().save_trust(&next.to_stored()).map_err(|e| e.to_string())?;
+        let stored = next.to_stored();
+        self.control.durably(move |store| store.save_trust(&stored)).await.map_err(|e| e.to_string())?;
         *self.trust.write().expect("trust lock") = next.clone();
         if let Some(follower) = self.follower.get() {
             follower(&next);

@@ -19,7 +19,7 @@ use tonic::{Request, Response, Status};
 use super::nodes::NodeRegistry;
 use super::ControlPlane;
 use crate::state::{Change, Policy};
-use crate::store::StoredJob;
+use crate::store::{Store, StoredJob};
 use mesh_scheduler::job::{parse_job, Job, JobKind};
 use mesh_scheduler::reconcile::reconcile;
 use mesh_scheduler::rollout::{self, NewInstance, Progress};
@@ -211,10 +211,11 @@ impl Scheduler {
             })
             .collect();
         let behind = self.control.proxies_behind();
+        let mut reverted = Vec::new();
         let changes = {
             let mut state = self.lock();
             state.rounds += 1;
-            let specs = self.specs(&mut state);
+            let specs = self.specs(&mut state, &mut reverted);
             let mut plan = reconcile(&specs, &nodes, &state.allocations, state.rounds);
             let held = self.hold_after_start(&mut state, &specs, &mut plan);
             for id in &plan.stop {
@@ -244,6 +245,11 @@ impl Scheduler {
             state.ready_since.retain(|id, _| live.contains(id));
             endpoint_changes(&mut state, &nodes, &behind)
         };
+        for (name, job) in reverted {
+            if let Err(error) = self.control.durably(move |store| store.save_job(&name, Some(&job))).await {
+                tracing::error!(%error, "could not store the rolled-back job");
+            }
+        }
         for change in changes {
             if let Err(error) = self.control.change(change).await {
                 tracing::warn!(?error, "the scheduler could not update an endpoint");
@@ -281,7 +287,8 @@ impl Scheduler {
 
     /// What to reconcile this round: every job's spec, and for a job being
     /// updated its two versions with the counts the rollout allows.
-    fn specs(&self, state: &mut SchedulerState) -> Vec<JobSpec> {
+    /// Jobs rolled back here go into `reverted`, to be stored.
+    fn specs(&self, state: &mut SchedulerState, reverted: &mut Vec<(String, StoredJob)>) -> Vec<JobSpec> {
         let mut specs = Vec::new();
         let names: Vec<String> = state.jobs.keys().cloned().collect();
         for name in names {
@@ -340,9 +347,8 @@ impl Scheduler {
                 Progress::Failed(why) if job.update.auto_revert => {
                     tracing::warn!(job = %name, %why, "update failed; rolling back");
                     let old = state.rollouts.remove(&name).expect("the rollout").old;
-                    if let Err(error) = self.control.store().save_job(&name, Some(&old.0)) {
-                        tracing::error!(%error, "could not store the rolled-back job");
-                    }
+                    // Stored by the round once the lock is released.
+                    reverted.push((name.clone(), old.0.clone()));
                     specs.push(old.1.spec());
                     state.jobs.insert(name.clone(), old);
                     state.deployments.insert(name.clone(), format!("rolled back to {from}: {why}"));
@@ -582,7 +588,9 @@ impl Jobs for JobsService {
             let change = Change::SetPolicy { service: job.service.clone(), policy: protocol };
             self.scheduler.control.change(change).await.map_err(super::registry::status_of)?;
             // Durable before it is acted on or answered.
-            self.scheduler.control.store().save_job(&name, Some(&stored)).map_err(super::store_failure)?;
+            let (key, value) = (name.clone(), stored.clone());
+            let save = move |store: &dyn Store| store.save_job(&key, Some(&value));
+            self.scheduler.control.durably(save).await.map_err(super::store_failure)?;
             let mut state = self.scheduler.lock();
             let version_changed = state.jobs.get(&name).is_some_and(|(_, old)| old.version != job.version);
             // The same version with another task is an update too: its
@@ -618,7 +626,9 @@ impl Jobs for JobsService {
         if !self.scheduler.lock().jobs.contains_key(&name) {
             return Err(Status::not_found(format!("no job {name:?}")));
         }
-        self.scheduler.control.store().save_job(&name, None).map_err(super::store_failure)?;
+        let key = name.clone();
+        let delete = move |store: &dyn Store| store.save_job(&key, None);
+        self.scheduler.control.durably(delete).await.map_err(super::store_failure)?;
         let mut state = self.scheduler.lock();
         state.jobs.remove(&name);
         state.held.remove(&name);

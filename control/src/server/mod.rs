@@ -79,7 +79,7 @@ impl ProxyRecord {
 }
 
 pub struct ControlPlane {
-    store: Box<dyn Store>,
+    store: Arc<dyn Store>,
     /// Writers take this lock in turn; readers use `published`.
     state: tokio::sync::Mutex<MeshState>,
     published: watch::Sender<Arc<Published>>,
@@ -119,7 +119,7 @@ impl ControlPlane {
         metrics.set_version(state.version);
         let (writes, pending) = mpsc::channel(MAX_BATCH * 4);
         let control = Arc::new(ControlPlane {
-            store,
+            store: Arc::from(store),
             state: tokio::sync::Mutex::new(state),
             published: watch::channel(Arc::new(published)).0,
             proxies: Mutex::new(HashMap::new()),
@@ -162,9 +162,17 @@ impl ControlPlane {
             }
         }
         if !touched.is_empty() {
-            let services: Vec<(&str, Option<&ServiceState>)> =
-                touched.iter().map(|name| (name.as_str(), next.services.get(name).map(|s| &**s))).collect();
-            if let Err(error) = self.store.save_services(&services, next.version) {
+            let services: Vec<(String, Option<Arc<ServiceState>>)> =
+                touched.iter().map(|name| (name.clone(), next.services.get(name).cloned())).collect();
+            let version = next.version;
+            let saved = self
+                .durably(move |store| {
+                    let services: Vec<(&str, Option<&ServiceState>)> =
+                        services.iter().map(|(name, service)| (name.as_str(), service.as_deref())).collect();
+                    store.save_services(&services, version)
+                })
+                .await;
+            if let Err(error) = saved {
                 // Nothing was applied: every accepted change fails with the store's error.
                 tracing::error!(%error, "store write failed; the batch is not applied");
                 for result in &mut results {
@@ -193,7 +201,8 @@ impl ControlPlane {
         let mut next = state.clone();
         next.version += 1;
         // Versions only grow, across restarts too.
-        self.store.save_services(&[], next.version)?;
+        let version = next.version;
+        self.durably(move |store| store.save_services(&[], version)).await?;
         let mut published = Published::build(&next, &self.published.borrow());
         published.bundle = Some(Arc::new(bundle));
         *state = next;
@@ -233,7 +242,19 @@ impl ControlPlane {
             .collect()
     }
 
-    /// The store, for what lives beside the routing state (jobs).
+    /// Runs a durable write on the blocking pool: an fsync must not hold
+    /// an async worker, nor run under a lock that async tasks wait on.
+    pub async fn durably<T: Send + 'static>(
+        &self,
+        write: impl FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || write(&*store))
+            .await
+            .map_err(|e| StoreError(format!("the store's write task failed: {e}")))?
+    }
+
+    /// The store, for reads and for start-up, before any request is served.
     pub fn store(&self) -> &dyn Store {
         &*self.store
     }
