@@ -6,6 +6,7 @@
 pub mod backoff;
 pub mod duration;
 pub mod file_error;
+pub mod join_token;
 pub mod logging;
 pub mod name;
 pub mod policy;

@@ -1,7 +1,7 @@
-//! The mesh's control plane: routing state, its store, the gRPC APIs that
-//! serve proxies, agents and meshctl, and the CLI's client side.
+//! The mesh's control plane (meshd's server): routing state, its store, the
+//! CA and the gRPC APIs that serve proxies, agents and meshctl. The node
+//! agent and meshctl are crates of their own.
 
-pub mod agent;
 pub mod auth;
 pub mod convert;
 pub mod identity;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use mesh_control::agent::health::probe;
+use mesh_agent::health::probe;
 use mesh_scheduler::job::Probe;
 use mesh_tests::client::{http1, send};
 use mesh_tests::process::Echo;

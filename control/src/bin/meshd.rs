@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use mesh_control::agent::instance::{reap_leftovers, Context};
-use mesh_control::agent::link::ControlLink;
-use mesh_control::agent::supervisor::Supervisor;
+use mesh_agent::instance::{reap_leftovers, Context};
+use mesh_agent::link::ControlLink;
+use mesh_agent::supervisor::Supervisor;
 use mesh_control::auth::join::JoinTokens;
 use mesh_control::auth::layer::AuthLayer;
 use mesh_control::auth::policy::Role;
@@ -188,7 +188,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
         let program = rest.remove(0);
-        mesh_control::agent::shim::run(program, rest);
+        mesh_agent::shim::run(program, rest);
     }
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -201,11 +201,11 @@ async fn async_main() -> ExitCode {
     mesh_common::logging::init();
     let result = match Args::parse().command {
         Command::Server(mut args) => {
-            args.data_dir.get_or_insert_with(|| mesh_control::agent::files::default_state_dir("server"));
+            args.data_dir.get_or_insert_with(|| mesh_agent::files::default_state_dir("server"));
             serve(args, tokio::sync::oneshot::channel().0).await
         }
         Command::Dev { mut server, demo, cpu_millis, memory_mb } => {
-            server.data_dir.get_or_insert_with(|| mesh_control::agent::files::default_state_dir("dev"));
+            server.data_dir.get_or_insert_with(|| mesh_agent::files::default_state_dir("dev"));
             let (cpus, memory) = host_size();
             dev(server, demo, cpu_millis.unwrap_or(cpus), memory_mb.unwrap_or(memory)).await
         }
@@ -473,8 +473,8 @@ async fn agent(
     default_user: String,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), String> {
-    let data_dir = data_dir.unwrap_or_else(|| mesh_control::agent::files::default_data_dir(&info.name));
-    mesh_control::agent::files::private_dir(&data_dir)?;
+    let data_dir = data_dir.unwrap_or_else(|| mesh_agent::files::default_data_dir(&info.name));
+    mesh_agent::files::private_dir(&data_dir)?;
     let link = ControlLink::establish(&server, &info.name, &data_dir, join_token).await?;
     let reaped = reap_leftovers(&data_dir);
     if reaped > 0 {
@@ -492,8 +492,8 @@ async fn agent(
     let logs = TcpListener::bind((advertise_ip, 0)).await.map_err(|e| format!("logs listener: {e}"))?;
     let mut info = info;
     info.logs_addr = logs.local_addr().map_err(|e| e.to_string())?.to_string();
-    tokio::spawn(mesh_control::agent::logs::serve(logs, data_dir.clone(), link.clone()));
-    let cgroups = mesh_control::agent::cgroup::detect(std::path::Path::new("/sys/fs/cgroup"));
+    tokio::spawn(mesh_agent::logs::serve(logs, data_dir.clone(), link.clone()));
+    let cgroups = mesh_agent::cgroup::detect(std::path::Path::new("/sys/fs/cgroup"));
     tracing::info!(?cgroups, "cgroup hierarchy for instance limits");
     let cgroup_parent = {
         use std::hash::{Hash, Hasher};
@@ -502,7 +502,7 @@ async fn agent(
         format!("meshd/{}-{:08x}", info.name, hasher.finish() as u32)
     };
     if let Some(hierarchy) = &cgroups {
-        mesh_control::agent::instance::remove_stale_cgroups(hierarchy, &cgroup_parent);
+        mesh_agent::instance::remove_stale_cgroups(hierarchy, &cgroup_parent);
     }
     let context = Context {
         link: link.clone(),
@@ -519,7 +519,7 @@ async fn agent(
     };
     let supervisor = Arc::new(Supervisor::new(context));
     let result = tokio::select! {
-        result = mesh_control::agent::node::run(link, info, supervisor.clone()) => result,
+        result = mesh_agent::node::run(link, info, supervisor.clone()) => result,
         _ = shutdown => Ok(()),
     };
     supervisor.stop_all().await;

@@ -12,12 +12,13 @@ use tonic::{Request, Response, Status};
 use super::identity::TrustKeeper;
 use super::tls::ServerTls;
 use super::ControlPlane;
-use crate::auth::join::{format_token, JoinTokens};
+use crate::auth::join::JoinTokens;
 use crate::auth::policy::Role;
 use crate::auth::principal::{user_id, Principal};
 use crate::auth::users::{StoredUser, Users};
 use crate::identity::ca;
 use crate::state::check_name;
+use mesh_common::join_token::format_token;
 
 /// How long a user's credential lives.
 pub const USER_CERT_TTL: Duration = Duration::from_secs(365 * 24 * 3600);

@@ -24,7 +24,6 @@ use tokio_rustls::TlsAcceptor;
 
 use super::instance::instance_dir;
 use super::link::ControlLink;
-use crate::auth::principal::control_plane_id;
 
 /// How long a follow may last, so no loop runs unbounded.
 const FOLLOW_AT_MOST: Duration = Duration::from_secs(3600);
@@ -49,7 +48,7 @@ pub async fn serve(listener: TcpListener, data_dir: PathBuf, link: Arc<ControlLi
             let Ok(Ok(stream)) = accepted else {
                 return tracing::info!(%addr, "logs: a TLS handshake failed");
             };
-            let meshd = control_plane_id(&link.trust_domain());
+            let meshd = mesh_common::spiffe::SpiffeId::control_plane(&link.trust_domain()).to_string();
             let leaf = stream.get_ref().1.peer_certificates().and_then(|chain| chain.first());
             if !leaf.is_some_and(|leaf| mesh_client::pem::uri_names(leaf).contains(&meshd)) {
                 return tracing::warn!(%addr, "logs: a caller that is not meshd was refused");

@@ -21,7 +21,7 @@ use mesh_proto::mesh::v1::nodes_client::NodesClient;
 use rcgen::{CertificateParams, KeyPair};
 use tonic::transport::Channel;
 
-use crate::auth::join::parse_token;
+use mesh_common::join_token::parse_token;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
