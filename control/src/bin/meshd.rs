@@ -300,7 +300,7 @@ async fn serve(args: ServerArgs, bound: tokio::sync::oneshot::Sender<SocketAddr>
     let heartbeat_interval = (heartbeat_ttl / 3).max(Duration::from_millis(100));
     let nodes = Arc::new(NodeRegistry::new(heartbeat_interval, heartbeat_ttl));
     let store = RedbStore::open(&data_dir, reinitialize).map_err(|e| e.to_string())?;
-    let control = ControlPlane::new(Box::new(store)).map_err(|e| e.to_string())?;
+    let control = ControlPlane::new(Arc::new(store)).map_err(|e| e.to_string())?;
     let scheduler = Scheduler::start(control.clone(), nodes.clone())?;
     let operator_ca = ca_cert.is_some();
     let trust = trust_state(control.store(), &trust_domain, ca_cert, ca_key)?;

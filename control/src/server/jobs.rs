@@ -9,7 +9,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// tokio's clock, so that in-process tests can run the scheduler on a paused one.
+use tokio::time::Instant;
 
 use mesh_proto::mesh::v1 as pb;
 use mesh_proto::mesh::v1::jobs_server::Jobs;
@@ -82,6 +85,57 @@ impl Scheduler {
         let scheduler = Arc::new(Scheduler { control, nodes, state: Mutex::new(state), wake: Notify::new() });
         tokio::spawn(run_loop(scheduler.clone()));
         Ok(scheduler)
+    }
+
+    /// Takes a job as submitted: its service's protocol published, the
+    /// file stored durably, then the job (and for a new version or task,
+    /// the rollout) in force. False when the same file was already.
+    pub async fn submit(&self, stored: StoredJob, mut job: Job) -> Result<bool, Status> {
+        let name = job.name.clone();
+        let changed = {
+            let state = self.lock();
+            if let Some((_, old)) = state.jobs.get(&name) {
+                check_service_change(old, &job).map_err(Status::failed_precondition)?;
+            }
+            state.jobs.get(&name).is_none_or(|(old, _)| *old != stored)
+        };
+        if changed {
+            // The job's port protocol is its service's: proxies on both hops need it.
+            let protocol = Policy { protocol: Some(job.protocol), ..Policy::default() };
+            let change = Change::SetPolicy { service: job.service.clone(), policy: protocol };
+            self.control.change(change).await.map_err(super::registry::status_of)?;
+            // Durable before it is acted on or answered.
+            let (key, value) = (name.clone(), stored.clone());
+            let save = move |store: &dyn Store| store.save_job(&key, Some(&value));
+            self.control.durably(save).await.map_err(super::store_failure)?;
+            let mut state = self.lock();
+            let version_changed = state.jobs.get(&name).is_some_and(|(_, old)| old.version != job.version);
+            // The same version with another task is an update too: its
+            // instances are replaced as a new version's would be.
+            let task_changed = match state.jobs.get(&name) {
+                Some((_, old)) if old.version == job.version => {
+                    let changed = !old.same_task(&job);
+                    job.revision = old.revision + u64::from(changed);
+                    changed
+                }
+                _ => false,
+            };
+            if (version_changed || task_changed) && job.kind == JobKind::Service {
+                // The version being replaced: the one still running if an update was under way.
+                let old = match state.rollouts.remove(&name) {
+                    Some(rollout) => rollout.old,
+                    None => state.jobs[&name].clone(),
+                };
+                let update = Rollout { old, started: Instant::now(), promoted: false };
+                state.rollouts.insert(name.clone(), update);
+            }
+            state.completed.remove(&name);
+            state.jobs.insert(name.clone(), (stored, job));
+            drop(state);
+            tracing::info!(job = %name, "job submitted");
+            self.wake.notify_one();
+        }
+        Ok(changed)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, SchedulerState> {
@@ -558,7 +612,7 @@ impl Jobs for JobsService {
     async fn run(&self, request: Request<pb::RunJobRequest>) -> Result<Response<pb::RunJobReply>, Status> {
         let submitter = request.extensions().get::<crate::auth::principal::Principal>().cloned();
         let request = request.into_inner();
-        let mut job = parse_job(&request.text).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let job = parse_job(&request.text).map_err(|e| Status::invalid_argument(e.to_string()))?;
         if job.user.as_deref() == Some("root") {
             // Root on every node it lands on: more than an operator may grant.
             let admin = match &submitter {
@@ -575,49 +629,7 @@ impl Jobs for JobsService {
         }
         let stored = StoredJob { text: request.text, dir: request.dir };
         let name = job.name.clone();
-        let changed = {
-            let state = self.scheduler.lock();
-            if let Some((_, old)) = state.jobs.get(&name) {
-                check_service_change(old, &job).map_err(Status::failed_precondition)?;
-            }
-            state.jobs.get(&name).is_none_or(|(old, _)| *old != stored)
-        };
-        if changed {
-            // The job's port protocol is its service's: proxies on both hops need it.
-            let protocol = Policy { protocol: Some(job.protocol), ..Policy::default() };
-            let change = Change::SetPolicy { service: job.service.clone(), policy: protocol };
-            self.scheduler.control.change(change).await.map_err(super::registry::status_of)?;
-            // Durable before it is acted on or answered.
-            let (key, value) = (name.clone(), stored.clone());
-            let save = move |store: &dyn Store| store.save_job(&key, Some(&value));
-            self.scheduler.control.durably(save).await.map_err(super::store_failure)?;
-            let mut state = self.scheduler.lock();
-            let version_changed = state.jobs.get(&name).is_some_and(|(_, old)| old.version != job.version);
-            // The same version with another task is an update too: its
-            // instances are replaced as a new version's would be.
-            let task_changed = match state.jobs.get(&name) {
-                Some((_, old)) if old.version == job.version => {
-                    let changed = !old.same_task(&job);
-                    job.revision = old.revision + u64::from(changed);
-                    changed
-                }
-                _ => false,
-            };
-            if (version_changed || task_changed) && job.kind == JobKind::Service {
-                // The version being replaced: the one still running if an update was under way.
-                let old = match state.rollouts.remove(&name) {
-                    Some(rollout) => rollout.old,
-                    None => state.jobs[&name].clone(),
-                };
-                let update = Rollout { old, started: Instant::now(), promoted: false };
-                state.rollouts.insert(name.clone(), update);
-            }
-            state.completed.remove(&name);
-            state.jobs.insert(name.clone(), (stored, job));
-            drop(state);
-            tracing::info!(job = %name, "job submitted");
-            self.scheduler.wake.notify_one();
-        }
+        let changed = self.scheduler.submit(stored, job).await?;
         Ok(Response::new(pb::RunJobReply { name, changed }))
     }
 
@@ -692,6 +704,10 @@ impl Jobs for JobsService {
         Ok(Response::new(super::logs::fetch(tls, &addr, &request).await?))
     }
 }
+
+#[cfg(test)]
+#[path = "jobs_rollout_tests.rs"]
+mod rollout_tests;
 
 #[cfg(test)]
 mod tests {

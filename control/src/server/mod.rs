@@ -112,14 +112,14 @@ const MAX_BATCH: usize = 256;
 
 impl ControlPlane {
     /// Loads the stored state and starts the writer task.
-    pub fn new(store: Box<dyn Store>) -> Result<Arc<ControlPlane>, StoreError> {
+    pub fn new(store: Arc<dyn Store>) -> Result<Arc<ControlPlane>, StoreError> {
         let state = store.load()?;
         let published = Published::build(&state, &Published::default());
         let metrics = ControlMetrics::default();
         metrics.set_version(state.version);
         let (writes, pending) = mpsc::channel(MAX_BATCH * 4);
         let control = Arc::new(ControlPlane {
-            store: Arc::from(store),
+            store,
             state: tokio::sync::Mutex::new(state),
             published: watch::channel(Arc::new(published)).0,
             proxies: Mutex::new(HashMap::new()),

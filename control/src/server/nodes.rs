@@ -11,7 +11,10 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// tokio's clock, so that in-process tests can run liveness on a paused one.
+use tokio::time::Instant;
 
 use mesh_proto::mesh::v1 as pb;
 use mesh_proto::mesh::v1::nodes_server::Nodes;
@@ -79,6 +82,17 @@ impl NodeRegistry {
     /// Whether the server is still inside its start grace.
     pub fn settling(&self) -> bool {
         self.started.elapsed() < self.start_grace()
+    }
+
+    /// Records a node that joined (again): up from now.
+    pub fn joined(&self, info: pb::NodeInfo) {
+        let record = NodeRecord {
+            info,
+            last_heartbeat: Instant::now(),
+            certificate_expires_unix_ms: 0,
+            bundle_version: 0,
+        };
+        self.nodes.lock().expect("nodes lock").records.insert(record.info.name.clone(), record);
     }
 
     pub fn list(&self) -> Vec<pb::NodeStatus> {
@@ -187,16 +201,7 @@ impl Nodes for NodesService {
         let info = request.into_inner();
         check_node(&info)?;
         tracing::info!(node = %info.name, ip = %info.advertise_ip, "node joined");
-        let name = info.name.clone();
-        self.registry.nodes.lock().expect("nodes lock").records.insert(
-            name,
-            NodeRecord {
-                info,
-                last_heartbeat: Instant::now(),
-                certificate_expires_unix_ms: 0,
-                bundle_version: 0,
-            },
-        );
+        self.registry.joined(info);
         Ok(Response::new(pb::JoinReply {
             heartbeat_interval_ms: self.registry.interval.as_millis() as u64,
             heartbeat_ttl_ms: self.registry.ttl.as_millis() as u64,

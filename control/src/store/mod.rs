@@ -3,11 +3,13 @@
 //! the version, in one transaction. redb is the embedded backend; an etcd
 //! backend for a multi-server control plane fits the same trait.
 
+mod memory;
 mod redb_store;
 pub mod snapshot;
 
 use std::fmt;
 
+pub use memory::MemoryStore;
 pub use redb_store::RedbStore;
 
 use crate::auth::users::StoredUser;
