@@ -7,6 +7,7 @@ pub mod clock;
 pub mod config;
 pub mod control;
 pub mod control_tls;
+pub mod endpoint;
 pub mod errors;
 pub mod http;
 pub mod identity;

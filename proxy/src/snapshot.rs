@@ -14,24 +14,14 @@ use std::sync::{Arc, Mutex};
 
 use rand::Rng;
 
-use crate::balance::breaker::{Availability, BreakerCell};
-use crate::balance::ewma::PeakEwma;
+use crate::balance::breaker::Availability;
 use crate::balance::{pick_p2c, pick_weighted};
 use crate::config::{Protocol, ProxyConfig, ServiceConfig};
+use crate::endpoint::pool::MeshPeer;
+use crate::endpoint::EndpointState;
 use crate::errors::ProxyError;
-use crate::http::pool::{ConnPool, MeshPeer};
 use crate::metrics::{Direction, EndpointCount, HttpMetrics, Metrics, RetryMetrics, TcpMetrics};
 use crate::retry_budget::RetryBudget;
-
-/// Per-endpoint state kept across table swaps.
-pub struct EndpointState {
-    pub ewma: PeakEwma,
-    pub breaker: BreakerCell,
-    pub ejections: AtomicU64,
-    pub pool: Arc<ConnPool>,
-    /// Whether the last table announced it ready.
-    announced_ready: std::sync::atomic::AtomicBool,
-}
 
 pub struct Endpoint {
     pub addr: SocketAddr,
@@ -173,13 +163,7 @@ impl LongLived {
         map.entry((service.to_owned(), addr, meshed))
             .or_insert_with(|| {
                 let mesh = meshed.then(|| MeshPeer { service: service.to_owned(), tls: self.tls.clone() });
-                Arc::new(EndpointState {
-                    ewma: PeakEwma::default(),
-                    breaker: BreakerCell::default(),
-                    ejections: AtomicU64::new(0),
-                    pool: Arc::new(ConnPool::new(addr, mesh)),
-                    announced_ready: std::sync::atomic::AtomicBool::new(false),
-                })
+                Arc::new(EndpointState::new(addr, mesh))
             })
             .clone()
     }
@@ -215,13 +199,7 @@ impl LongLived {
                     tracing::warn!(service = name, endpoint = %e.addr, "an endpoint is this proxy's own listener; it gets no traffic");
                 }
                 let (ready, state) = (e.ready && !loops, self.endpoint(name, e.addr, e.meshed));
-                // Ready again after not ready (a restarted process, say): what
-                // the breaker learned of the old one no longer holds.
-                if ready && !state.announced_ready.swap(ready, Ordering::Relaxed) {
-                    state.breaker.record_success();
-                } else {
-                    state.announced_ready.store(ready, Ordering::Relaxed);
-                }
+                state.announce(ready);
                 Endpoint {
                     addr: e.addr,
                     version: Arc::from(e.version.as_str()),

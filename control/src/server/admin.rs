@@ -14,7 +14,7 @@ use crate::state::Change;
 
 pub struct AdminService {
     pub control: Arc<ControlPlane>,
-    pub nodes: Arc<crate::server::nodes::NodeRegistry>,
+    pub nodes: Arc<crate::server::liveness::NodeRegistry>,
 }
 
 /// The longest `--wait` the server accepts.

@@ -19,7 +19,7 @@ use mesh_proto::mesh::v1::jobs_server::Jobs;
 use tokio::sync::Notify;
 use tonic::{Request, Response, Status};
 
-use super::nodes::NodeRegistry;
+use super::liveness::NodeRegistry;
 use super::ControlPlane;
 use crate::state::{Change, Policy};
 use crate::store::{Store, StoredJob};

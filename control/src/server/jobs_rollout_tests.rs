@@ -11,7 +11,7 @@ use mesh_proto::mesh::v1 as pb;
 use mesh_scheduler::job::parse_job;
 
 use super::Scheduler;
-use crate::server::nodes::NodeRegistry;
+use crate::server::liveness::NodeRegistry;
 use crate::server::ControlPlane;
 use crate::store::{MemoryStore, Store, StoredJob};
 

@@ -11,6 +11,7 @@ pub mod http;
 pub mod identity;
 pub mod incoming;
 pub mod jobs;
+pub mod liveness;
 pub mod logs;
 pub mod nodes;
 pub mod prometheus_sd;

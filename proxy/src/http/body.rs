@@ -11,7 +11,7 @@ use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use crate::http::pool::{ConnPool, Http1Sender};
+use crate::endpoint::pool::{ConnPool, Http1Sender};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 

@@ -6,7 +6,6 @@ pub mod deadline;
 pub mod hops;
 pub mod inbound;
 pub mod outbound;
-pub mod pool;
 pub mod retry;
 pub mod route;
 pub mod send;

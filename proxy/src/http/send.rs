@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::task::Poll;
 
 use crate::config::Protocol;
+use crate::endpoint::pool::{ConnPool, ConnectError, Http1Sender};
 use crate::http::body::{HeldFrame, RequestBody, ResponseBody};
-use crate::http::pool::{ConnPool, ConnectError, Http1Sender};
 use crate::http::strip_hop_by_hop;
 
 /// Why sending on an endpoint failed.

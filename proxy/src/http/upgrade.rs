@@ -12,12 +12,13 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use crate::clock;
+use crate::endpoint::EndpointState;
 use crate::errors::ProxyError;
 use crate::http::body::{CallerBody, RequestBody, ResponseBody};
 use crate::http::error_response;
 use crate::http::outbound::RNG;
 use crate::http::strip_hop_by_hop;
-use crate::snapshot::{EndpointState, Service};
+use crate::snapshot::Service;
 
 /// Whether a request asks to switch protocols on its HTTP/1 connection.
 pub fn is_upgrade<B>(request: &Request<B>) -> bool {
