@@ -6,6 +6,10 @@
 //! Allocations are soft state: after a server restart an agent's heartbeat
 //! reports what it runs, and instances of known jobs are adopted back
 //! instead of started twice.
+//!
+//! Here: the state, submissions, heartbeats, the loop and rollout
+//! bookkeeping. `status.rs` renders job and instance status, `endpoints.rs`
+//! decides the endpoints to register, `api.rs` is the gRPC API.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -15,9 +19,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use mesh_proto::mesh::v1 as pb;
-use mesh_proto::mesh::v1::jobs_server::Jobs;
 use tokio::sync::Notify;
-use tonic::{Request, Response, Status};
+use tonic::Status;
 
 use super::liveness::NodeRegistry;
 use super::ControlPlane;
@@ -27,6 +30,16 @@ use mesh_scheduler::job::{parse_job, Job, JobKind};
 use mesh_scheduler::reconcile::reconcile;
 use mesh_scheduler::rollout::{self, NewInstance, Progress};
 use mesh_scheduler::{Allocation, JobSpec, Node};
+
+pub use api::JobsService;
+use endpoints::endpoint_changes;
+
+mod api;
+mod endpoints;
+mod status;
+
+#[cfg(test)]
+mod rollout_tests;
 
 /// How often the loop looks again when nothing woke it.
 const TICK: Duration = Duration::from_millis(250);
@@ -427,134 +440,6 @@ impl Scheduler {
         }
         specs
     }
-
-    fn job_status(&self, state: &SchedulerState, name: &str) -> Option<pb::JobStatus> {
-        let (_, job) = state.jobs.get(name)?;
-        let instances: Vec<pb::Instance> =
-            self.instances(state).into_iter().filter(|i| i.job == name).collect();
-        let pending_reason = state.pending.get(name).cloned().unwrap_or_default();
-        let complete = instances.iter().filter(|i| i.state() == pb::InstanceState::Complete).count() as u32;
-        let running = instances.iter().filter(|i| i.state() == pb::InstanceState::Running).count() as u32;
-        let ready = instances.iter().filter(|i| i.ready).count() as u32;
-        let job_state = if job.kind == JobKind::Batch && complete >= job.replicas {
-            pb::JobState::Complete
-        } else if !pending_reason.is_empty() {
-            pb::JobState::Pending
-        } else if running >= job.replicas && (ready >= job.replicas || job.kind == JobKind::Batch) {
-            pb::JobState::Running
-        } else {
-            pb::JobState::Starting
-        };
-        Some(pb::JobStatus {
-            deployment: state.deployments.get(name).cloned().unwrap_or_default(),
-            state: job_state as i32,
-            name: job.name.clone(),
-            service: job.service.clone(),
-            version: job.version.clone(),
-            replicas: job.replicas,
-            kind: match job.kind {
-                JobKind::Service => pb::JobKind::Service,
-                JobKind::Batch => pb::JobKind::Batch,
-            } as i32,
-            running,
-            ready,
-            pending_reason,
-            instances,
-        })
-    }
-
-    /// Every instance as `get instances` lists it, now.
-    pub fn instances_now(&self) -> Vec<pb::Instance> {
-        let state = self.lock();
-        self.instances(&state)
-    }
-
-    /// Every allocation with its latest report, plus completed batch instances.
-    fn instances(&self, state: &SchedulerState) -> Vec<pb::Instance> {
-        let from_report = |node: &str, report: &pb::InstanceReport| pb::Instance {
-            id: report.id.clone(),
-            job: report.job.clone(),
-            version: report.version.clone(),
-            node: node.to_owned(),
-            state: report.state,
-            pid: report.pid,
-            proxy_pid: report.proxy_pid,
-            addr: report.addr.clone(),
-            restarts: report.restarts,
-            ready: report.ready,
-            message: report.message.clone(),
-            proxy_restarts: report.proxy_restarts,
-        };
-        let mut instances: Vec<pb::Instance> = state
-            .allocations
-            .iter()
-            .map(|a| match state.reports.get(&a.id) {
-                Some((node, report)) if *node == a.node => from_report(node, report),
-                _ => pb::Instance {
-                    id: a.id.clone(),
-                    job: a.job.clone(),
-                    version: a.version.clone(),
-                    node: a.node.clone(),
-                    state: pb::InstanceState::Pending as i32,
-                    ..Default::default()
-                },
-            })
-            .collect();
-        for (id, (node, report)) in &state.reports {
-            if report.state() == pb::InstanceState::Complete && !state.allocations.iter().any(|a| &a.id == id)
-            {
-                instances.push(from_report(node, report));
-            }
-        }
-        instances.sort_by(|a, b| a.id.cmp(&b.id));
-        instances
-    }
-}
-
-/// The registry changes that make endpoints match reports: an instance's
-/// endpoint is ready only while its agent says so, it is running, its node
-/// is up, and its sidecar's certificate is from a trusted root (`behind`:
-/// the proxy ids that missed a root rotation); an instance that is gone
-/// takes its endpoint with it.
-fn endpoint_changes(
-    state: &mut SchedulerState,
-    nodes: &[Node],
-    behind: &std::collections::HashSet<String>,
-) -> Vec<Change> {
-    let node_up = |name: &str| nodes.iter().any(|n| n.name == name && n.up);
-    let mut wanted: BTreeMap<(String, String), (String, bool)> = BTreeMap::new();
-    for allocation in &state.allocations {
-        let Some((node, report)) = state.reports.get(&allocation.id) else { continue };
-        let Some(job) = job_of(state, allocation) else { continue };
-        if report.addr.is_empty() || *node != allocation.node || job.kind == JobKind::Batch {
-            continue;
-        }
-        let ready = report.ready
-            && report.state() == pb::InstanceState::Running
-            && node_up(node)
-            && !behind.contains(&allocation.id);
-        wanted.insert((job.service.clone(), report.addr.clone()), (allocation.version.clone(), ready));
-    }
-    let mut changes = Vec::new();
-    for ((service, addr), (version, ready)) in &wanted {
-        if state.registered.get(&(service.clone(), addr.clone())) != Some(&(version.clone(), *ready)) {
-            changes.push(Change::Register {
-                service: service.clone(),
-                version: version.clone(),
-                addr: addr.clone(),
-                ready: *ready,
-                meshed: true,
-                plaintext_ok: false,
-            });
-        }
-    }
-    for (service, addr) in state.registered.keys() {
-        if !wanted.contains_key(&(service.clone(), addr.clone())) {
-            changes.push(Change::Deregister { service: service.clone(), addr: addr.clone() });
-        }
-    }
-    state.registered = wanted;
-    changes
 }
 
 /// A job may move to another service only with a new version: its
@@ -596,193 +481,5 @@ async fn run_loop(scheduler: Arc<Scheduler>) {
     loop {
         scheduler.round().await;
         let _ = tokio::time::timeout(TICK, scheduler.wake.notified()).await;
-    }
-}
-
-pub struct JobsService {
-    pub scheduler: Arc<Scheduler>,
-    pub users: Arc<crate::auth::users::Users>,
-    /// For meshd's calls to agents (logs).
-    pub tls: Arc<super::tls::ServerTls>,
-    pub trust_domain: String,
-}
-
-#[tonic::async_trait]
-impl Jobs for JobsService {
-    async fn run(&self, request: Request<pb::RunJobRequest>) -> Result<Response<pb::RunJobReply>, Status> {
-        let submitter = request.extensions().get::<crate::auth::principal::Principal>().cloned();
-        let request = request.into_inner();
-        let job = parse_job(&request.text).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        if job.user.as_deref() == Some("root") {
-            // Root on every node it lands on: more than an operator may grant.
-            let admin = match &submitter {
-                Some(crate::auth::principal::Principal::User { name, serial }) => {
-                    self.users.role_of(name, serial) == Ok(crate::auth::policy::Role::Admin)
-                }
-                _ => false,
-            };
-            if !admin {
-                return Err(Status::permission_denied(
-                    "a job that runs as user \"root\" needs the admin role",
-                ));
-            }
-        }
-        let stored = StoredJob { text: request.text, dir: request.dir };
-        let name = job.name.clone();
-        let changed = self.scheduler.submit(stored, job).await?;
-        Ok(Response::new(pb::RunJobReply { name, changed }))
-    }
-
-    async fn stop(&self, request: Request<pb::JobName>) -> Result<Response<pb::JobName>, Status> {
-        let name = request.into_inner().name;
-        if !self.scheduler.lock().jobs.contains_key(&name) {
-            return Err(Status::not_found(format!("no job {name:?}")));
-        }
-        let key = name.clone();
-        let delete = move |store: &dyn Store| store.save_job(&key, None);
-        self.scheduler.control.durably(delete).await.map_err(super::store_failure)?;
-        let mut state = self.scheduler.lock();
-        state.jobs.remove(&name);
-        state.held.remove(&name);
-        state.rollouts.remove(&name);
-        state.deployments.remove(&name);
-        state.completed.remove(&name);
-        state.pending.remove(&name);
-        drop(state);
-        tracing::info!(job = %name, "job stopped");
-        self.scheduler.wake.notify_one();
-        Ok(Response::new(pb::JobName { name }))
-    }
-
-    async fn promote(&self, request: Request<pb::JobName>) -> Result<Response<pb::JobName>, Status> {
-        let name = request.into_inner().name;
-        let mut state = self.scheduler.lock();
-        if !state.jobs.contains_key(&name) {
-            return Err(Status::not_found(format!("no job {name:?}")));
-        }
-        let Some(rollout) = state.rollouts.get_mut(&name) else {
-            return Err(Status::failed_precondition(format!("job {name:?} has no update in progress")));
-        };
-        rollout.promoted = true;
-        drop(state);
-        tracing::info!(job = %name, "canaries promoted");
-        self.scheduler.wake.notify_one();
-        Ok(Response::new(pb::JobName { name }))
-    }
-
-    async fn status(&self, request: Request<pb::JobName>) -> Result<Response<pb::JobStatus>, Status> {
-        let name = request.into_inner().name;
-        let state = self.scheduler.lock();
-        self.scheduler
-            .job_status(&state, &name)
-            .map(Response::new)
-            .ok_or_else(|| Status::not_found(format!("no job {name:?}")))
-    }
-
-    async fn list(&self, _: Request<pb::Empty>) -> Result<Response<pb::JobList>, Status> {
-        let state = self.scheduler.lock();
-        let jobs = state.jobs.keys().filter_map(|name| self.scheduler.job_status(&state, name)).collect();
-        Ok(Response::new(pb::JobList { jobs }))
-    }
-
-    async fn list_instances(&self, _: Request<pb::Empty>) -> Result<Response<pb::InstanceList>, Status> {
-        let state = self.scheduler.lock();
-        Ok(Response::new(pb::InstanceList { instances: self.scheduler.instances(&state) }))
-    }
-
-    type LogsStream = super::logs::LogStream;
-
-    async fn logs(&self, request: Request<pb::LogsRequest>) -> Result<Response<Self::LogsStream>, Status> {
-        let request = request.into_inner();
-        let Some((node, addr)) = self.scheduler.logs_of(&request.instance) else {
-            return Err(Status::not_found(format!("no instance {:?}", request.instance)));
-        };
-        if addr.is_empty() {
-            return Err(Status::unavailable(format!("node {node} serves no logs")));
-        }
-        let tls = self.tls.to_node(&self.trust_domain, &node).map_err(Status::internal)?;
-        Ok(Response::new(super::logs::fetch(tls, &addr, &request).await?))
-    }
-}
-
-#[cfg(test)]
-#[path = "jobs_rollout_tests.rs"]
-mod rollout_tests;
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn job(kind: &str) -> Job {
-        let text = format!(
-            "name = \"web\"\nversion = \"v1\"\nreplicas = 1\nkind = \"{kind}\"\n[task]\ncommand = \"x\"\n"
-        );
-        parse_job(&text).expect("job")
-    }
-
-    fn report(id: &str, state: pb::InstanceState, ready: bool) -> pb::InstanceReport {
-        pb::InstanceReport {
-            id: id.into(),
-            job: "web".into(),
-            version: "v1".into(),
-            state: state as i32,
-            addr: format!("127.0.0.2:{}", 1000 + id.len()),
-            ready,
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn endpoints_follow_reports_and_node_health() {
-        let node = |up| Node {
-            name: "a".into(),
-            cpu_millis: 1000,
-            memory_mb: 1000,
-            attributes: BTreeMap::new(),
-            up,
-        };
-        let allocation = Allocation {
-            id: "web-0".into(),
-            job: "web".into(),
-            version: "v1".into(),
-            revision: 0,
-            node: "a".into(),
-            resources: Default::default(),
-        };
-        use pb::InstanceState::{Draining, Running};
-        // (report state, ready, node up, kind, sidecar behind a rotation) → registered ready?
-        let cases = [
-            (Running, true, true, "service", false, Some(true)),
-            (Running, false, true, "service", false, Some(false)),
-            (Running, true, false, "service", false, Some(false)),
-            (Draining, true, true, "service", false, Some(false)),
-            (Running, true, true, "batch", false, None),
-            (Running, true, true, "service", true, Some(false)),
-        ];
-        for (report_state, ready, up, kind, lagging, expected) in cases {
-            let behind: std::collections::HashSet<String> =
-                lagging.then(|| "web-0".to_owned()).into_iter().collect();
-            let mut state = SchedulerState::default();
-            state
-                .jobs
-                .insert("web".into(), (StoredJob { text: String::new(), dir: String::new() }, job(kind)));
-            state.allocations.push(allocation.clone());
-            state.reports.insert("web-0".into(), ("a".into(), report("web-0", report_state, ready)));
-            let changes = endpoint_changes(&mut state, &[node(up)], &behind);
-            let registered = changes.iter().find_map(|c| match c {
-                Change::Register { ready, .. } => Some(*ready),
-                _ => None,
-            });
-            assert_eq!(
-                registered, expected,
-                "{report_state:?} ready={ready} up={up} {kind} behind={lagging}"
-            );
-            // Nothing changed: nothing to send again.
-            assert!(endpoint_changes(&mut state, &[node(up)], &behind).is_empty());
-            // The instance goes: its endpoint goes.
-            state.allocations.clear();
-            let gone = endpoint_changes(&mut state, &[node(up)], &behind);
-            assert_eq!(gone.len(), usize::from(expected.is_some()), "{gone:?}");
-        }
     }
 }

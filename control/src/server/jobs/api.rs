@@ -1,0 +1,118 @@
+//! The Jobs API: run, stop, promote, status, listings and logs, each a thin
+//! call into the [`Scheduler`].
+
+use std::sync::Arc;
+
+use mesh_proto::mesh::v1 as pb;
+use mesh_proto::mesh::v1::jobs_server::Jobs;
+use mesh_scheduler::job::parse_job;
+use tonic::{Request, Response, Status};
+
+use super::Scheduler;
+use crate::store::{Store, StoredJob};
+
+pub struct JobsService {
+    pub scheduler: Arc<Scheduler>,
+    pub users: Arc<crate::auth::users::Users>,
+    /// For meshd's calls to agents (logs).
+    pub tls: Arc<crate::server::tls::ServerTls>,
+    pub trust_domain: String,
+}
+
+#[tonic::async_trait]
+impl Jobs for JobsService {
+    async fn run(&self, request: Request<pb::RunJobRequest>) -> Result<Response<pb::RunJobReply>, Status> {
+        let submitter = request.extensions().get::<crate::auth::principal::Principal>().cloned();
+        let request = request.into_inner();
+        let job = parse_job(&request.text).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if job.user.as_deref() == Some("root") {
+            // Root on every node it lands on: more than an operator may grant.
+            let admin = match &submitter {
+                Some(crate::auth::principal::Principal::User { name, serial }) => {
+                    self.users.role_of(name, serial) == Ok(crate::auth::policy::Role::Admin)
+                }
+                _ => false,
+            };
+            if !admin {
+                return Err(Status::permission_denied(
+                    "a job that runs as user \"root\" needs the admin role",
+                ));
+            }
+        }
+        let stored = StoredJob { text: request.text, dir: request.dir };
+        let name = job.name.clone();
+        let changed = self.scheduler.submit(stored, job).await?;
+        Ok(Response::new(pb::RunJobReply { name, changed }))
+    }
+
+    async fn stop(&self, request: Request<pb::JobName>) -> Result<Response<pb::JobName>, Status> {
+        let name = request.into_inner().name;
+        if !self.scheduler.lock().jobs.contains_key(&name) {
+            return Err(Status::not_found(format!("no job {name:?}")));
+        }
+        let key = name.clone();
+        let delete = move |store: &dyn Store| store.save_job(&key, None);
+        self.scheduler.control.durably(delete).await.map_err(crate::server::store_failure)?;
+        let mut state = self.scheduler.lock();
+        state.jobs.remove(&name);
+        state.held.remove(&name);
+        state.rollouts.remove(&name);
+        state.deployments.remove(&name);
+        state.completed.remove(&name);
+        state.pending.remove(&name);
+        drop(state);
+        tracing::info!(job = %name, "job stopped");
+        self.scheduler.wake.notify_one();
+        Ok(Response::new(pb::JobName { name }))
+    }
+
+    async fn promote(&self, request: Request<pb::JobName>) -> Result<Response<pb::JobName>, Status> {
+        let name = request.into_inner().name;
+        let mut state = self.scheduler.lock();
+        if !state.jobs.contains_key(&name) {
+            return Err(Status::not_found(format!("no job {name:?}")));
+        }
+        let Some(rollout) = state.rollouts.get_mut(&name) else {
+            return Err(Status::failed_precondition(format!("job {name:?} has no update in progress")));
+        };
+        rollout.promoted = true;
+        drop(state);
+        tracing::info!(job = %name, "canaries promoted");
+        self.scheduler.wake.notify_one();
+        Ok(Response::new(pb::JobName { name }))
+    }
+
+    async fn status(&self, request: Request<pb::JobName>) -> Result<Response<pb::JobStatus>, Status> {
+        let name = request.into_inner().name;
+        let state = self.scheduler.lock();
+        self.scheduler
+            .job_status(&state, &name)
+            .map(Response::new)
+            .ok_or_else(|| Status::not_found(format!("no job {name:?}")))
+    }
+
+    async fn list(&self, _: Request<pb::Empty>) -> Result<Response<pb::JobList>, Status> {
+        let state = self.scheduler.lock();
+        let jobs = state.jobs.keys().filter_map(|name| self.scheduler.job_status(&state, name)).collect();
+        Ok(Response::new(pb::JobList { jobs }))
+    }
+
+    async fn list_instances(&self, _: Request<pb::Empty>) -> Result<Response<pb::InstanceList>, Status> {
+        let state = self.scheduler.lock();
+        Ok(Response::new(pb::InstanceList { instances: self.scheduler.instances(&state) }))
+    }
+
+    type LogsStream = crate::server::logs::LogStream;
+
+    async fn logs(&self, request: Request<pb::LogsRequest>) -> Result<Response<Self::LogsStream>, Status> {
+        let request = request.into_inner();
+        let Some((node, addr)) = self.scheduler.logs_of(&request.instance) else {
+            return Err(Status::not_found(format!("no instance {:?}", request.instance)));
+        };
+        if addr.is_empty() {
+            return Err(Status::unavailable(format!("node {node} serves no logs")));
+        }
+        let tls = self.tls.to_node(&self.trust_domain, &node).map_err(Status::internal)?;
+        Ok(Response::new(crate::server::logs::fetch(tls, &addr, &request).await?))
+    }
+}
