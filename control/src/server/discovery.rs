@@ -125,7 +125,7 @@ async fn read_acks(
     control: Arc<ControlPlane>,
     id: String,
     stream: u64,
-    mut inbound: Streaming<pb::SubscribeRequest>,
+    mut inbound: impl Stream<Item = Result<pb::SubscribeRequest, Status>> + Unpin,
 ) {
     while let Some(Ok(message)) = inbound.next().await {
         let Some(Message::Ack(ack)) = message.message else { continue };
@@ -163,4 +163,89 @@ async fn read_acks(
             record.connected = false;
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    //! The push and the acks in process, on a paused clock: a ControlPlane
+    //! on a memory store, and a proxy played by the test (it reads updates
+    //! from the push's channel and sends acks into the reader).
+
+    use super::*;
+    use crate::state::Change;
+    use crate::store::MemoryStore;
+    use std::time::Duration;
+
+    fn register(service: &str, addr: &str) -> Change {
+        Change::Register {
+            service: service.into(),
+            version: "v1".into(),
+            addr: addr.into(),
+            ready: true,
+            meshed: false,
+            plaintext_ok: false,
+        }
+    }
+
+    fn ack(version: u64) -> Result<pb::SubscribeRequest, Status> {
+        let ack = pb::Ack { version, applied: true, ..Default::default() };
+        Ok(pb::SubscribeRequest { message: Some(Message::Ack(ack)) })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_proxy_gets_everything_then_only_what_changed_and_its_acks_converge() {
+        let control = ControlPlane::new(Arc::new(MemoryStore::default())).unwrap();
+        control.change(register("web", "127.0.0.2:1000")).await.unwrap();
+        control.change(register("api", "127.0.0.2:2000")).await.unwrap();
+        control.update_proxy("p1", |record| record.connected = true);
+        let (tx, mut updates) = mpsc::channel(1);
+        tokio::spawn(push(control.clone(), "p1".into(), Have { version: 0, bundle: 0 }, tx));
+        let (acks, acks_in) = mpsc::channel(4);
+        tokio::spawn(read_acks(control.clone(), "p1".into(), 0, ReceiverStream::new(acks_in)));
+
+        let first = updates.recv().await.unwrap().unwrap();
+        assert!(first.full);
+        let names: Vec<&str> = first.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["api", "web"]);
+
+        // Not acked yet: a wait for that version times out (on the paused clock).
+        let (converged, _) = control.wait_converged(first.version, Duration::from_secs(1)).await;
+        assert!(!converged, "nothing acked yet");
+        acks.send(ack(first.version)).await.unwrap();
+        let (converged, proxies) = control.wait_converged(first.version, Duration::from_secs(1)).await;
+        assert!(converged, "{proxies:?}");
+
+        // One change: only the service it touched, not the whole table.
+        let version = control.change(register("web", "127.0.0.2:1001")).await.unwrap();
+        let update = updates.recv().await.unwrap().unwrap();
+        assert!(!update.full);
+        assert_eq!(update.version, version);
+        assert_eq!(update.services.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["web"]);
+        acks.send(ack(version)).await.unwrap();
+        assert!(control.wait_converged(version, Duration::from_secs(1)).await.0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_proxy_gets_the_newest_state_not_a_backlog() {
+        let control = ControlPlane::new(Arc::new(MemoryStore::default())).unwrap();
+        control.change(register("web", "127.0.0.2:1000")).await.unwrap();
+        let (tx, mut updates) = mpsc::channel(1);
+        tokio::spawn(push(control.clone(), "p1".into(), Have { version: 0, bundle: 0 }, tx));
+        let first = updates.recv().await.unwrap().unwrap();
+        // Twenty changes while the proxy reads nothing.
+        let mut last = first.version;
+        for port in 1..=20 {
+            last = control.change(register("web", &format!("127.0.0.2:{}", 1000 + port))).await.unwrap();
+        }
+        let mut received = Vec::new();
+        while let Ok(Some(Ok(update))) = tokio::time::timeout(Duration::from_secs(1), updates.recv()).await {
+            received.push(update);
+        }
+        // One update queued, one being sent, then one diffed against the
+        // newest state: three at most, however many changes there were.
+        assert!(received.len() <= 3, "{} updates for 20 changes", received.len());
+        let newest = received.last().expect("an update");
+        assert_eq!(newest.version, last);
+        assert_eq!(newest.services[0].endpoints.len(), 21, "every endpoint registered so far");
+    }
 }
