@@ -336,3 +336,6 @@ async fn write_loop(control: Arc<ControlPlane>, mut pending: mpsc::Receiver<Pend
         control.commit(batch).await;
     }
 }
+
+#[cfg(test)]
+mod group_commit_tests;

@@ -3,7 +3,7 @@
 //! would, and can be told to fail its writes.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use super::{Store, StoreError, StoredJob};
@@ -16,6 +16,8 @@ pub struct MemoryStore {
     saved: Mutex<Saved>,
     /// While true, every write fails and changes nothing.
     pub failing: AtomicBool,
+    /// Writes of the routing state that succeeded (transactions, not services).
+    pub service_writes: AtomicU64,
 }
 
 #[derive(Default)]
@@ -65,7 +67,9 @@ impl Store for MemoryStore {
                 };
             }
             saved.version = version;
-        })
+        })?;
+        self.service_writes.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     fn load_jobs(&self) -> Result<Vec<(String, StoredJob)>, StoreError> {
