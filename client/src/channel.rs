@@ -3,6 +3,7 @@
 //! a DNS SAN for a name); a client certificate is presented when the
 //! caller has one.
 
+use crate::error::ClientError;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -50,14 +51,16 @@ fn provider() -> Arc<CryptoProvider> {
 
 impl ClientTls {
     /// Trusts the roots in `roots_pem` (the mesh's trust bundle).
-    pub fn from_roots_pem(roots_pem: &str) -> Result<ClientTls, String> {
-        let roots = pem::certificates(roots_pem).map_err(|e| format!("the trust roots: {e}"))?;
+    pub fn from_roots_pem(roots_pem: &str) -> Result<ClientTls, ClientError> {
+        let roots =
+            pem::certificates(roots_pem).map_err(|e| ClientError::Config(format!("the trust roots: {e}")))?;
         Ok(ClientTls { trust: Trust::Roots(roots), identity: None })
     }
 
     /// Trusts a server that holds `spiffe_id` from one of `roots_pem`.
-    pub fn expecting(roots_pem: &str, spiffe_id: &str) -> Result<ClientTls, String> {
-        let roots = pem::certificates(roots_pem).map_err(|e| format!("the trust roots: {e}"))?;
+    pub fn expecting(roots_pem: &str, spiffe_id: &str) -> Result<ClientTls, ClientError> {
+        let roots =
+            pem::certificates(roots_pem).map_err(|e| ClientError::Config(format!("the trust roots: {e}")))?;
         Ok(ClientTls { trust: Trust::Spiffe(roots, spiffe_id.to_owned()), identity: None })
     }
 
@@ -67,16 +70,23 @@ impl ClientTls {
     }
 
     /// Presents this certificate chain and key to the server.
-    pub fn with_identity(mut self, certificate_pem: &str, key_pem: &str) -> Result<ClientTls, String> {
-        let certs = pem::certificates(certificate_pem).map_err(|e| format!("the client certificate: {e}"))?;
-        let key = pem::private_key(key_pem).map_err(|e| format!("the client key: {e}"))?;
+    pub fn with_identity(mut self, certificate_pem: &str, key_pem: &str) -> Result<ClientTls, ClientError> {
+        let config = |e| ClientError::Config(e);
+        let certs =
+            pem::certificates(certificate_pem).map_err(|e| config(format!("the client certificate: {e}")))?;
+        let key = pem::private_key(key_pem).map_err(|e| config(format!("the client key: {e}")))?;
         self.identity = Some((certs, key));
         Ok(self)
     }
 
     /// Presents this certificate chain (PEM) and PKCS#8 key (DER).
-    pub fn with_identity_der(mut self, certificate_pem: &str, key_der: &[u8]) -> Result<ClientTls, String> {
-        let certs = pem::certificates(certificate_pem).map_err(|e| format!("the client certificate: {e}"))?;
+    pub fn with_identity_der(
+        mut self,
+        certificate_pem: &str,
+        key_der: &[u8],
+    ) -> Result<ClientTls, ClientError> {
+        let certs = pem::certificates(certificate_pem)
+            .map_err(|e| ClientError::Config(format!("the client certificate: {e}")))?;
         let key = PrivateKeyDer::Pkcs8(rustls::pki_types::PrivatePkcs8KeyDer::from(key_der.to_vec()));
         self.identity = Some((certs, key));
         Ok(self)
@@ -180,23 +190,27 @@ fn connector(addr: &str, tls: &ClientTls) -> Result<Connector, String> {
 
 /// Connects now: an unreachable server or a failed handshake is an error
 /// that says which.
-pub async fn connect(addr: &str, tls: &ClientTls, connect_timeout: Duration) -> Result<Channel, String> {
-    endpoint(addr, connect_timeout)?
-        .connect_with_connector(connector(addr, tls)?)
-        .await
-        .map_err(|e| describe(addr, &e))
+pub async fn connect(addr: &str, tls: &ClientTls, connect_timeout: Duration) -> Result<Channel, ClientError> {
+    let endpoint = endpoint(addr, connect_timeout).map_err(ClientError::Config)?;
+    let connector = connector(addr, tls).map_err(ClientError::Config)?;
+    endpoint.connect_with_connector(connector).await.map_err(|e| ClientError::Unreachable(describe(addr, &e)))
 }
 
 /// Connects at the first call, and again after a connection is lost.
-pub fn connect_lazy(addr: &str, tls: &ClientTls, connect_timeout: Duration) -> Result<Channel, String> {
-    Ok(endpoint(addr, connect_timeout)?.connect_with_connector_lazy(connector(addr, tls)?))
+pub fn connect_lazy(addr: &str, tls: &ClientTls, connect_timeout: Duration) -> Result<Channel, ClientError> {
+    let endpoint = endpoint(addr, connect_timeout).map_err(ClientError::Config)?;
+    Ok(endpoint.connect_with_connector_lazy(connector(addr, tls).map_err(ClientError::Config)?))
 }
 
 /// The certificate (DER) the server at `addr` presents, after verifying it
 /// as `connect` does: for `meshctl check`.
-pub async fn server_certificate(addr: &str, tls: &ClientTls, within: Duration) -> Result<Vec<u8>, String> {
-    let config = tls.config()?;
-    let name = server_name(addr)?;
+pub async fn server_certificate(
+    addr: &str,
+    tls: &ClientTls,
+    within: Duration,
+) -> Result<Vec<u8>, ClientError> {
+    let config = tls.config().map_err(ClientError::Config)?;
+    let name = server_name(addr).map_err(ClientError::Config)?;
     let handshake = async {
         let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("{addr}: {e}"))?;
         let stream = tokio_rustls::TlsConnector::from(config)
@@ -208,7 +222,9 @@ pub async fn server_certificate(addr: &str, tls: &ClientTls, within: Duration) -
     };
     tokio::time::timeout(within, handshake)
         .await
-        .map_err(|_| format!("{addr}: no TLS handshake within {within:?}"))?
+        .map_err(|_| format!("{addr}: no TLS handshake within {within:?}"))
+        .and_then(|done| done)
+        .map_err(ClientError::Unreachable)
 }
 
 /// A transport error with its causes, which name a TLS failure.

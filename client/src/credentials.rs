@@ -3,6 +3,7 @@
 //! written with mode 0600 (it holds a key); `meshctl` finds it by
 //! `--credentials`, `MESH_CREDENTIALS`, or a default path.
 
+use crate::error::ClientError;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -37,9 +38,10 @@ impl std::fmt::Debug for Credentials {
 }
 
 impl Credentials {
-    pub fn read(path: &Path) -> Result<Credentials, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        Credentials::from_text(&text).map_err(|e| format!("{}: {e}", path.display()))
+    pub fn read(path: &Path) -> Result<Credentials, ClientError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ClientError::Config(format!("{}: {e}", path.display())))?;
+        Credentials::from_text(&text).map_err(|e| ClientError::Config(format!("{}: {e}", path.display())))
     }
 
     /// The file's text.
@@ -52,8 +54,9 @@ impl Credentials {
         ))
     }
 
-    pub fn from_text(text: &str) -> Result<Credentials, String> {
-        toml::from_str(text).map_err(|e| format!("not a mesh credential: {}", e.message()))
+    pub fn from_text(text: &str) -> Result<Credentials, ClientError> {
+        toml::from_str(text)
+            .map_err(|e| ClientError::Config(format!("not a mesh credential: {}", e.message())))
     }
 
     /// Writes the file readable by its owner only; an existing file is
@@ -85,7 +88,7 @@ pub fn write_private(path: &Path, text: &str) -> Result<(), String> {
 }
 
 impl Credentials {
-    pub fn tls(&self) -> Result<ClientTls, String> {
+    pub fn tls(&self) -> Result<ClientTls, ClientError> {
         ClientTls::from_roots_pem(&self.roots)?.with_identity(&self.certificate, &self.key)
     }
 }

@@ -6,7 +6,9 @@
 
 pub mod channel;
 pub mod credentials;
+pub mod error;
 pub mod pem;
 
 pub use channel::{connect, connect_lazy, ClientTls};
 pub use credentials::Credentials;
+pub use error::ClientError;

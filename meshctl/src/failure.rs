@@ -30,3 +30,12 @@ impl From<tonic::Status> for Failure {
         Failure(status.message().to_owned(), code)
     }
 }
+
+/// Reaching meshd: a credential or address that cannot work is the
+/// caller's to fix (2); an unreachable server is 1.
+impl From<mesh_client::ClientError> for Failure {
+    fn from(error: mesh_client::ClientError) -> Failure {
+        let code = if error.is_retryable() { 1 } else { 2 };
+        Failure(error.to_string(), code)
+    }
+}

@@ -39,7 +39,7 @@ fn credentials(explicit: Option<&Path>) -> Result<mesh_client::Credentials, Fail
     let defaults = mesh_client::credentials::default_paths();
     for path in &defaults {
         if path.exists() {
-            return mesh_client::Credentials::read(path).map_err(|e| Failure(e, 2));
+            return mesh_client::Credentials::read(path).map_err(Failure::from);
         }
     }
     let looked: Vec<String> = defaults.iter().map(|p| p.display().to_string()).collect();
@@ -54,7 +54,7 @@ fn credentials(explicit: Option<&Path>) -> Result<mesh_client::Credentials, Fail
 
 async fn connect(server: &str, credentials: &mesh_client::Credentials) -> Result<Channel, Failure> {
     let tls = credentials.tls().map_err(|e| Failure(format!("the credential: {e}"), 2))?;
-    mesh_client::connect(server, &tls, Duration::from_secs(3)).await.map_err(|e| Failure(e, 1))
+    Ok(mesh_client::connect(server, &tls, Duration::from_secs(3)).await?)
 }
 
 /// After a root rotation, the credential in use is renewed under the new

@@ -5,6 +5,7 @@
 //! discovery stream with the workload certificate, or with an operator's
 //! credential for a proxy run by hand (`--credentials`).
 
+use mesh_client::ClientError;
 use mesh_client::{ClientTls, Credentials};
 
 use crate::proxy::Proxy;
@@ -56,13 +57,13 @@ impl ControlAccess {
     }
 
     /// For identity calls: no client certificate.
-    pub fn anonymous(&self, proxy: &Proxy) -> Result<ClientTls, String> {
+    pub fn anonymous(&self, proxy: &Proxy) -> Result<ClientTls, ClientError> {
         ClientTls::from_roots_pem(&self.roots(proxy))
     }
 
     /// For the discovery stream: the workload certificate, else the
     /// operator's credential, else none (meshd refuses that).
-    pub fn authenticated(&self, proxy: &Proxy) -> Result<ClientTls, String> {
+    pub fn authenticated(&self, proxy: &Proxy) -> Result<ClientTls, ClientError> {
         let tls = self.anonymous(proxy)?;
         if let Some(identity) = proxy.identity.load_full() {
             return tls.with_identity_der(&identity.certificate_pem, identity.key_der());

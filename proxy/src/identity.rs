@@ -210,10 +210,14 @@ async fn client(
     control: &ControlAccess,
     proxy: &Proxy,
 ) -> Result<IdentityClient<tonic::transport::Channel>, IdentityError> {
-    let tls = control.anonymous(proxy).map_err(IdentityError::Local)?;
-    let channel = mesh_client::connect(&control.addr, &tls, Duration::from_secs(2))
-        .await
-        .map_err(IdentityError::Unreachable)?;
+    let tls = control.anonymous(proxy).map_err(|e| IdentityError::Local(e.to_string()))?;
+    let channel =
+        mesh_client::connect(&control.addr, &tls, Duration::from_secs(2)).await.map_err(|e| {
+            match e.is_retryable() {
+                true => IdentityError::Unreachable(e.to_string()),
+                false => IdentityError::Local(e.to_string()),
+            }
+        })?;
     Ok(IdentityClient::new(channel))
 }
 

@@ -176,7 +176,7 @@ async fn plaintext_and_foreign_clients_are_refused_at_the_handshake() {
     // And a client that trusts another CA does not trust this meshd.
     let wrong_roots = ClientTls::from_roots_pem(&foreign.roots).unwrap();
     let error = mesh_client::connect(&meshd.listen, &wrong_roots, Duration::from_secs(5)).await.unwrap_err();
-    assert!(error.contains("certificate"), "{error}");
+    assert!(error.to_string().contains("certificate"), "{error}");
     let metrics = scrape(&meshd.admin).await;
     assert!(
         metrics.sum("meshd_tls_handshake_failures_total", &[]) >= 3.0,

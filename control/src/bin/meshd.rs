@@ -664,7 +664,7 @@ async fn dev(server: ServerArgs, demo: bool, cpu_millis: u64, memory_mb: u64) ->
 async fn admin_channel(
     address: SocketAddr,
     data_dir: &std::path::Path,
-) -> Result<tonic::transport::Channel, String> {
+) -> Result<tonic::transport::Channel, mesh_client::ClientError> {
     let credentials = mesh_client::Credentials::read(&data_dir.join(mesh_client::credentials::ADMIN_FILE))?;
     mesh_client::connect(&address.to_string(), &credentials.tls()?, Duration::from_secs(2)).await
 }

@@ -57,8 +57,9 @@ impl ServerTls {
     /// certificate, and the node's identity expected of the agent.
     pub fn to_node(&self, trust_domain: &str, node: &str) -> Result<mesh_client::ClientTls, String> {
         let issued = self.issued.lock().expect("tls lock");
-        mesh_client::ClientTls::expecting(&issued.roots_pem, &node_id(trust_domain, node))?
-            .with_identity(&issued.client.0, &issued.client.1)
+        let tls = mesh_client::ClientTls::expecting(&issued.roots_pem, &node_id(trust_domain, node))?
+            .with_identity(&issued.client.0, &issued.client.1)?;
+        Ok(tls)
     }
 
     pub fn config(&self) -> Arc<ServerConfig> {

@@ -63,7 +63,7 @@ pub async fn run(session: &Session, warn_within: Duration, output: Output) -> Re
         );
     }
     // meshd's own certificate, as a new connection meets it.
-    let tls = session.credentials.tls().map_err(|e| Failure(e, 2))?;
+    let tls = session.credentials.tls()?;
     match mesh_client::channel::server_certificate(&session.server, &tls, Duration::from_secs(3)).await {
         Ok(der) => {
             let (root, expires) = issued_by(&der, &bundle.roots_pem);
