@@ -1,0 +1,156 @@
+//! `meshd server`: the store, the CA, the gRPC services and the admin port.
+
+use super::*;
+
+/// Writes the admin credential into the data dir on the first start (no
+/// user yet), and says where. Returns its path.
+pub(crate) fn first_admin_credential(
+    data_dir: &std::path::Path,
+    trust: &TrustKeeper,
+    users: &Users,
+    control: &ControlPlane,
+    server: &str,
+) -> Result<PathBuf, String> {
+    let path = data_dir.join(mesh_client::credentials::ADMIN_FILE);
+    if users.list().is_empty() {
+        let credential = issue_credential(trust, users, control, "admin", Role::Admin, server)?;
+        credential.write(&path)?;
+        tracing::info!(file = %path.display(), "wrote the admin credential (meshctl finds it there, or give --credentials FILE)");
+    }
+    Ok(path)
+}
+
+pub(crate) async fn serve(
+    args: ServerArgs,
+    bound: tokio::sync::oneshot::Sender<SocketAddr>,
+) -> Result<(), String> {
+    let ServerArgs {
+        data_dir,
+        listen,
+        admin,
+        heartbeat_ttl,
+        trust_domain,
+        ca_cert,
+        ca_key,
+        cert_ttl,
+        max_connections,
+        first_byte_timeout,
+        reinitialize,
+        server_names,
+    } = args;
+    let data_dir = data_dir.expect("a data dir was chosen");
+    let heartbeat_interval = (heartbeat_ttl / 3).max(Duration::from_millis(100));
+    let nodes = Arc::new(NodeRegistry::new(heartbeat_interval, heartbeat_ttl));
+    let store = RedbStore::open(&data_dir, reinitialize).map_err(|e| e.to_string())?;
+    let control = ControlPlane::new(Arc::new(store)).map_err(|e| e.to_string())?;
+    let scheduler = Scheduler::start(control.clone(), nodes.clone())?;
+    let operator_ca = ca_cert.is_some();
+    let trust = trust_state(control.store(), &trust_domain, ca_cert, ca_key)?;
+    let trust = TrustKeeper::new(trust, control.clone(), operator_ca, cert_ttl);
+    let users = Arc::new(Users::load(control.store()).map_err(|e| e.to_string())?);
+    let grpc = TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let http = TcpListener::bind(admin).await.map_err(|e| format!("cannot listen on {admin}: {e}"))?;
+    let grpc_addr = grpc.local_addr().map_err(|e| e.to_string())?;
+    let http_addr = http.local_addr().map_err(|e| e.to_string())?;
+    let tls = Arc::new(ServerTls::new(tls::names_for(grpc_addr, &server_names), &trust.current())?);
+    let follower = tls.clone();
+    trust.follow_with(move |next| {
+        if let Err(error) = follower.follow(next) {
+            tracing::error!(%error, "meshd's TLS cannot follow the new trust state");
+        }
+    });
+    tokio::spawn(follow_trust(tls.clone(), trust.clone()));
+    let credential = first_admin_credential(&data_dir, &trust, &users, &control, &grpc_addr.to_string())?;
+    tokio::spawn(http::serve(http, control.clone(), scheduler.clone()));
+    // Tests and scripts read this line to learn the bound ports.
+    println!(
+        "meshd ready listen={grpc_addr} admin={http_addr} version={} data_dir={} credentials={}",
+        control.current_version(),
+        data_dir.display(),
+        credential.display()
+    );
+    tracing::info!(%grpc_addr, %http_addr, data_dir = %data_dir.display(), "meshd server ready");
+    let _ = bound.send(grpc_addr);
+    let limits =
+        incoming::Limits { max_connections: max_connections as usize, first_byte_within: first_byte_timeout };
+    let gate =
+        incoming::Gate { tls: tls.clone(), trust_domain: trust_domain.clone(), control: control.clone() };
+    let incoming = incoming::admit(grpc, limits, gate);
+    let join_tokens = Arc::new(std::sync::Mutex::new(JoinTokens::default()));
+    let tls_for_jobs = tls.clone();
+    tonic::transport::Server::builder()
+        .layer(AuthLayer { users: users.clone(), control: control.clone() })
+        .add_service(RegistryServer::new(RegistryService { control: control.clone(), users: users.clone() }))
+        .add_service(DiscoveryServer::new(DiscoveryService { control: control.clone() }))
+        .add_service(NodesServer::new(NodesService {
+            registry: nodes.clone(),
+            scheduler: scheduler.clone(),
+            control: control.clone(),
+            trust: trust.clone(),
+            join_tokens: join_tokens.clone(),
+            cert_ttl,
+        }))
+        .add_service(AccessServer::new(AccessService {
+            users: users.clone(),
+            control: control.clone(),
+            trust: trust.clone(),
+            tls,
+            join_tokens,
+            server: grpc_addr.to_string(),
+        }))
+        .add_service(IdentityServer::new(IdentityService {
+            control: control.clone(),
+            trust,
+            scheduler: scheduler.clone(),
+            tokens: Default::default(),
+            cert_ttl,
+        }))
+        .add_service(JobsServer::new(JobsService {
+            scheduler,
+            users: users.clone(),
+            tls: tls_for_jobs,
+            trust_domain: trust_domain.clone(),
+        }))
+        .add_service(AdminServer::new(AdminService { control, nodes }))
+        .serve_with_incoming_shutdown(incoming, shutdown_signal())
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Renews meshd's TLS certificate at half its life (rotations are followed
+/// as they happen, through the trust keeper).
+pub(crate) async fn follow_trust(tls: Arc<ServerTls>, trust: Arc<TrustKeeper>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tick.tick().await;
+        if let Err(error) = tls.follow(&trust.current()) {
+            tracing::error!(%error, "cannot renew meshd's TLS certificate");
+        }
+    }
+}
+
+/// The trust state: the operator's CA from files, else the one in the
+/// store (with a rotation in progress, if one was), else a new root saved
+/// to the store. Keys are never logged.
+pub(crate) fn trust_state(
+    store: &dyn mesh_control::store::Store,
+    trust_domain: &str,
+    ca_cert: Option<PathBuf>,
+    ca_key: Option<PathBuf>,
+) -> Result<Trust, String> {
+    if let (Some(cert), Some(key)) = (ca_cert, ca_key) {
+        let read =
+            |path: &PathBuf| std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()));
+        let authority = Authority::from_pem(&read(&cert)?, &read(&key)?, trust_domain)
+            .map_err(|e| format!("--ca-cert/--ca-key: {e}"))?;
+        tracing::info!(cert = %cert.display(), %trust_domain, "using the operator's CA");
+        return Ok(Trust::steady(authority));
+    }
+    if let Some(stored) = store.load_trust().map_err(|e| e.to_string())? {
+        return Trust::from_stored(stored, trust_domain).map_err(|e| format!("the stored CA: {e}"));
+    }
+    let trust = Trust::steady(Authority::generate(trust_domain)?);
+    store.save_trust(&trust.to_stored()).map_err(|e| e.to_string())?;
+    tracing::info!(%trust_domain, "generated a root CA and stored it");
+    Ok(trust)
+}
