@@ -244,6 +244,13 @@ async fn a_damaged_store_is_refused_by_name_and_a_snapshot_brings_it_back() {
     let meshd = Meshd::start(&data);
     meshd.ctl_ok(&["register", "web", "--version", "v1", "--addr", "127.0.0.1:8080"]);
     let services = meshd.ctl_json(&["get", "services"]);
+    // While meshd runs, its store is in use, not damaged: nothing to repair.
+    let early = dir.path("early.json");
+    let args = ["snapshot", "save", "--data-dir", data.to_str().unwrap(), early.to_str().unwrap()];
+    let (code, stderr) = run_bounded(&bin("meshd"), &args, Duration::from_secs(20));
+    assert!(code.is_some_and(|c| c != 0), "{stderr}");
+    assert!(stderr.contains("in use") && stderr.contains("stop meshd first"), "{stderr}");
+    assert!(!stderr.contains("is damaged") && !stderr.contains("--reinitialize"), "{stderr}");
     meshd.process.signal(libc::SIGKILL);
     drop(meshd);
     let saved = snapshot("save", &data, &dir.path("backup.json"));

@@ -140,7 +140,7 @@ impl ControlPlane {
     /// validated and answered on its own.
     pub async fn change(&self, change: Change) -> Result<u64, ChangeFailure> {
         let (reply, answer) = oneshot::channel();
-        let stopped = || ChangeFailure::Store(StoreError("the control plane's writer has stopped".into()));
+        let stopped = || ChangeFailure::Store(StoreError::new("the control plane's writer has stopped"));
         self.writes.send(PendingChange { change, reply }).await.map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
     }
@@ -178,7 +178,7 @@ impl ControlPlane {
                 tracing::error!(%error, "store write failed; the batch is not applied");
                 for result in &mut results {
                     if result.is_ok() {
-                        *result = Err(ChangeFailure::Store(StoreError(error.0.clone())));
+                        *result = Err(ChangeFailure::Store(StoreError::new(error.message.clone())));
                     }
                 }
             } else {
@@ -252,7 +252,7 @@ impl ControlPlane {
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || write(&*store))
             .await
-            .map_err(|e| StoreError(format!("the store's write task failed: {e}")))?
+            .map_err(|e| StoreError::new(format!("the store's write task failed: {e}")))?
     }
 
     /// The store, for reads and for start-up, before any request is served.

@@ -32,7 +32,7 @@ struct Saved {
 impl MemoryStore {
     fn write(&self, change: impl FnOnce(&mut Saved)) -> Result<(), StoreError> {
         if self.failing.load(Ordering::Relaxed) {
-            return Err(StoreError("the memory store was told to fail".into()));
+            return Err(StoreError::new("the memory store was told to fail"));
         }
         change(&mut self.saved.lock().expect("memory store lock"));
         Ok(())

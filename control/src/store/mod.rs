@@ -25,12 +25,24 @@ pub struct StoredJob {
     pub dir: String,
 }
 
+/// A store that cannot be read or written, and why.
 #[derive(Debug)]
-pub struct StoreError(pub String);
+pub struct StoreError {
+    pub message: String,
+    /// Another process (a running meshd) holds the store: nothing is
+    /// wrong with it, and waiting for that process is the remedy.
+    pub in_use: bool,
+}
+
+impl StoreError {
+    pub fn new(message: impl Into<String>) -> StoreError {
+        StoreError { message: message.into(), in_use: false }
+    }
+}
 
 impl fmt::Display for StoreError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "store: {}", self.0)
+        write!(f, "store: {}", self.message)
     }
 }
 

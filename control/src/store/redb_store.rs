@@ -33,7 +33,7 @@ pub struct RedbStore {
 }
 
 fn error(e: impl std::fmt::Display) -> StoreError {
-    StoreError(e.to_string())
+    StoreError::new(e.to_string())
 }
 
 /// Runs `f`, turning a panic inside it (redb asserts on some damage) into
@@ -95,7 +95,13 @@ impl RedbStore {
             let _ = std::fs::remove_file(&marker);
         }
         let store = without_panics(|| {
-            let db = Database::create(&path).map_err(error)?;
+            let db = Database::create(&path).map_err(|e| match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => StoreError {
+                    message: format!("{} is in use by another process (a running meshd?)", path.display()),
+                    in_use: true,
+                },
+                other => error(other),
+            })?;
             private(&path, 0o600)?;
             let store = RedbStore {
                 path: path.clone(),
@@ -110,8 +116,10 @@ impl RedbStore {
             let trust = store.load_trust()?;
             Ok((store, trust))
         });
-        let (store, trust) = store
-            .map_err(|e| error(format!("the store {} is damaged ({}): {advice}", path.display(), e.0)))?;
+        let (store, trust) = store.map_err(|e| match e.in_use {
+            true => e,
+            false => error(format!("the store {} is damaged ({}): {advice}", path.display(), e.message)),
+        })?;
         match trust {
             Some(_) => store.mark_life(),
             None if lived && !reinitialize => {
@@ -218,7 +226,7 @@ impl RedbStore {
                 self.reopen();
             }
         }
-        result.map_err(|e| error(format!("writing {}: {}", self.path.display(), e.0)))
+        result.map_err(|e| error(format!("writing {}: {}", self.path.display(), e.message)))
     }
 
     fn reopen(&self) {

@@ -43,7 +43,7 @@ pub fn take(store: &dyn Store) -> Result<Snapshot, StoreError> {
 /// Writes everything in `snapshot` into `store` (an empty one).
 pub fn restore(store: &dyn Store, snapshot: &Snapshot) -> Result<(), StoreError> {
     if snapshot.format != FORMAT {
-        return Err(StoreError(format!(
+        return Err(StoreError::new(format!(
             "snapshot format {} is not one this meshd reads ({FORMAT})",
             snapshot.format
         )));

@@ -5,7 +5,7 @@ use super::*;
 pub(crate) fn snapshot(command: SnapshotCommand) -> Result<(), String> {
     use mesh_control::store::snapshot;
     let locked = |e: mesh_control::store::StoreError| {
-        let hint = if e.0.contains("already open") { " (stop meshd first: it holds the store)" } else { "" };
+        let hint = if e.in_use { " (stop meshd first: it holds the store)" } else { "" };
         format!("{e}{hint}")
     };
     match command {
