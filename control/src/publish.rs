@@ -69,14 +69,7 @@ mod tests {
     use crate::state::Change;
 
     fn register(service: &str, addr: &str) -> Change {
-        Change::Register {
-            service: service.into(),
-            version: "v1".into(),
-            addr: addr.into(),
-            ready: true,
-            meshed: false,
-            plaintext_ok: false,
-        }
+        Change::ready_endpoint(service, "v1", addr)
     }
 
     #[test]

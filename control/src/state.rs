@@ -303,10 +303,9 @@ impl Change {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn register(service: &str, version: &str, addr: &str) -> Change {
+impl Change {
+    /// A ready, plaintext endpoint: what most tests register.
+    pub fn ready_endpoint(service: &str, version: &str, addr: &str) -> Change {
         Change::Register {
             service: service.into(),
             version: version.into(),
@@ -315,6 +314,15 @@ mod tests {
             meshed: false,
             plaintext_ok: false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn register(service: &str, version: &str, addr: &str) -> Change {
+        Change::ready_endpoint(service, version, addr)
     }
 
     fn split(service: &str, weights: &[(&str, u32)]) -> Change {

@@ -177,14 +177,7 @@ mod tests {
     use std::time::Duration;
 
     fn register(service: &str, addr: &str) -> Change {
-        Change::Register {
-            service: service.into(),
-            version: "v1".into(),
-            addr: addr.into(),
-            ready: true,
-            meshed: false,
-            plaintext_ok: false,
-        }
+        Change::ready_endpoint(service, "v1", addr)
     }
 
     fn ack(version: u64) -> Result<pb::SubscribeRequest, Status> {

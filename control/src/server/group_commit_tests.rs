@@ -10,14 +10,7 @@ use crate::state::Change;
 use crate::store::MemoryStore;
 
 fn register(service: &str, port: u16) -> Change {
-    Change::Register {
-        service: service.into(),
-        version: "v1".into(),
-        addr: format!("127.0.0.2:{port}"),
-        ready: true,
-        meshed: false,
-        plaintext_ok: false,
-    }
+    Change::ready_endpoint(service, "v1", &format!("127.0.0.2:{port}"))
 }
 
 /// Sends every change at once and waits for all the answers.
