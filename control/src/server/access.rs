@@ -18,6 +18,7 @@ use crate::auth::principal::{user_id, Principal};
 use crate::auth::users::{StoredUser, Users};
 use crate::identity::ca;
 use crate::state::check_name;
+use crate::store::{Store, StoreError};
 use mesh_common::join_token::format_token;
 
 /// How long a user's credential lives.
@@ -29,7 +30,7 @@ const DEFAULT_JOIN_TTL: Duration = Duration::from_secs(3600);
 pub fn issue_credential(
     trust: &TrustKeeper,
     users: &Users,
-    control: &ControlPlane,
+    store: &dyn Store,
     name: &str,
     role: Role,
     server: &str,
@@ -38,7 +39,7 @@ pub fn issue_credential(
     let id = user_id(current.signer.trust_domain(), name);
     let (certificate, key) = current.signer.issue_with_key(&id, USER_CERT_TTL)?;
     let serial = ca::serial_hex(&certificate)?;
-    users.put(control.store(), name, StoredUser { role, serial }).map_err(|e| e.to_string())?;
+    users.put(store, name, StoredUser { role, serial }).map_err(|e| e.to_string())?;
     Ok(Credentials {
         user: name.to_owned(),
         role: role.name().to_owned(),
@@ -57,6 +58,19 @@ pub struct AccessService {
     pub join_tokens: Arc<Mutex<JoinTokens>>,
     /// The address written into new credentials.
     pub server: String,
+}
+
+impl AccessService {
+    /// Issues a credential off the async workers: it makes a key and writes
+    /// the store.
+    async fn issue(&self, name: &str, role: Role) -> Result<Credentials, StoreError> {
+        let (trust, users) = (self.trust.clone(), self.users.clone());
+        let (name, server) = (name.to_owned(), self.server.clone());
+        let issue = move |store: &dyn Store| {
+            issue_credential(&trust, &users, store, &name, role, &server).map_err(StoreError::new)
+        };
+        self.control.durably(issue).await
+    }
 }
 
 fn now_ms() -> u64 {
@@ -100,9 +114,7 @@ impl Access for AccessService {
                 request.name, request.name
             )));
         }
-        let credential =
-            issue_credential(&self.trust, &self.users, &self.control, &request.name, role, &self.server)
-                .map_err(super::store_failure)?;
+        let credential = self.issue(&request.name, role).await.map_err(super::store_failure)?;
         tracing::info!(user = %request.name, role = role.name(), %by, replaced = request.replace, "user credential issued");
         let text = credential.to_text().map_err(Status::internal)?;
         Ok(Response::new(pb::Credential { text }))
@@ -128,8 +140,7 @@ impl Access for AccessService {
             return Err(Status::unauthenticated("no user credential"));
         };
         let role = self.users.role_of(name, serial).map_err(Status::unauthenticated)?;
-        let credential = issue_credential(&self.trust, &self.users, &self.control, name, role, &self.server)
-            .map_err(super::store_failure)?;
+        let credential = self.issue(name, role).await.map_err(super::store_failure)?;
         tracing::info!(user = %name, "user renewed their credential");
         Ok(Response::new(pb::Credential { text: credential.to_text().map_err(Status::internal)? }))
     }

@@ -13,7 +13,7 @@ pub(crate) fn first_admin_credential(
 ) -> Result<PathBuf, String> {
     let path = data_dir.join(mesh_client::credentials::ADMIN_FILE);
     if users.list().is_empty() {
-        let credential = issue_credential(trust, users, control, "admin", Role::Admin, server)?;
+        let credential = issue_credential(trust, users, control.store(), "admin", Role::Admin, server)?;
         credential.write(&path)?;
         tracing::info!(file = %path.display(), "wrote the admin credential (meshctl finds it there, or give --credentials FILE)");
     }
