@@ -59,6 +59,15 @@ pub fn serial_of(cert: &x509_parser::certificate::X509Certificate<'_>) -> String
     cert.raw_serial().iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The serial (hex) of the root among `roots_pem` whose key signed `cert`.
+pub fn signing_root(cert: &x509_parser::certificate::X509Certificate<'_>, roots_pem: &str) -> Option<String> {
+    x509_parser::pem::Pem::iter_from_buffer(roots_pem.as_bytes()).filter_map(|pem| pem.ok()).find_map(|pem| {
+        let root = pem.parse_x509().ok()?;
+        cert.verify_signature(Some(root.public_key())).ok()?;
+        Some(serial_of(&root))
+    })
+}
+
 /// One certificate of a PEM bundle, as `meshctl check` shows it.
 pub struct CertificateSummary {
     pub subject: String,

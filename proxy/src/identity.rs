@@ -72,14 +72,7 @@ pub fn root_of(certificate_pem: &str, roots_pem: &str) -> String {
         return String::new();
     };
     let Ok(cert) = pem.parse_x509() else { return String::new() };
-    x509_parser::pem::Pem::iter_from_buffer(roots_pem.as_bytes())
-        .filter_map(|root| root.ok())
-        .find_map(|root| {
-            let root = root.parse_x509().ok()?;
-            cert.verify_signature(Some(root.public_key())).ok()?;
-            Some(root.raw_serial().iter().map(|b| format!("{b:02x}")).collect())
-        })
-        .unwrap_or_default()
+    mesh_client::pem::signing_root(&cert, roots_pem).unwrap_or_default()
 }
 
 impl std::fmt::Debug for Identity {

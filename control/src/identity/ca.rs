@@ -179,11 +179,7 @@ pub fn renewal_identity(
     let (_, pem) = x509_parser::pem::parse_x509_pem(certificate_pem.as_bytes())
         .map_err(|e| format!("the certificate to renew: {e}"))?;
     let cert = pem.parse_x509().map_err(|e| format!("the certificate to renew: {e}"))?;
-    let from_a_root = roots_pem.iter().any(|root| {
-        x509_parser::pem::parse_x509_pem(root.as_bytes()).ok().is_some_and(|(_, root)| {
-            root.parse_x509().is_ok_and(|root| cert.verify_signature(Some(root.public_key())).is_ok())
-        })
-    });
+    let from_a_root = roots_pem.iter().any(|root| mesh_client::pem::signing_root(&cert, root).is_some());
     if !from_a_root {
         return Err("the certificate is not from this CA".to_owned());
     }

@@ -121,13 +121,6 @@ pub async fn run(session: &Session, warn_within: Duration, output: Output) -> Re
 fn issued_by(der: &[u8], roots_pem: &str) -> (String, Option<u64>) {
     let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else { return (String::new(), None) };
     let expires = Some(cert.validity().not_after.timestamp().max(0) as u64);
-    let root = x509_parser::pem::Pem::iter_from_buffer(roots_pem.as_bytes())
-        .filter_map(|pem| pem.ok())
-        .find_map(|pem| {
-            let root = pem.parse_x509().ok()?;
-            cert.verify_signature(Some(root.public_key())).ok()?;
-            Some(mesh_client::pem::serial_of(&root))
-        })
-        .unwrap_or_default();
+    let root = mesh_client::pem::signing_root(&cert, roots_pem).unwrap_or_default();
     (root, expires)
 }
