@@ -10,13 +10,29 @@ use tokio::net::TcpStream;
 
 use crate::tls::MeshTls;
 
+#[cfg(test)]
+pub mod memory;
+
+/// A connection to an endpoint. In the proxy's own tests it may also be an
+/// in-memory pipe, so that a paused clock can drive the request path.
+#[cfg(not(test))]
+pub type Stream = TcpStream;
+#[cfg(test)]
+pub type Stream = memory::Stream;
+
 /// Opens a connection to an endpoint, bounded by the connect timeout.
-pub async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+pub async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<Stream> {
+    #[cfg(test)]
+    if let Some(pipe) = memory::dial(addr) {
+        return pipe.map(memory::Stream::Memory);
+    }
     let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("connect to {addr} timed out")))??;
     stream.set_nodelay(true)?;
-    Ok(stream)
+    // The same type outside tests; a test build's stream wraps it.
+    #[allow(clippy::useless_conversion)]
+    Ok(stream.into())
 }
 
 /// What a TLS connection to a peer will carry, announced with ALPN.
@@ -31,12 +47,12 @@ pub enum Carries {
 /// The TLS handshake with a peer sidecar of `service`, which must present
 /// that service's identity; bounded by `timeout`.
 pub async fn connect_tls(
-    stream: TcpStream,
+    stream: Stream,
     tls: &MeshTls,
     service: &str,
     carries: Carries,
     timeout: Duration,
-) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+) -> io::Result<tokio_rustls::client::TlsStream<Stream>> {
     let name = crate::tls::server_name(service).ok_or_else(|| {
         io::Error::new(io::ErrorKind::InvalidInput, format!("{service:?} is not a service name"))
     })?;

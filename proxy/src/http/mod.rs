@@ -11,6 +11,9 @@ pub mod route;
 pub mod send;
 pub mod upgrade;
 
+#[cfg(test)]
+mod outbound_tests;
+
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::Response;
 
