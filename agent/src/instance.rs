@@ -7,24 +7,28 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use mesh_proto::mesh::v1 as pb;
-use mesh_proto::mesh::v1::admin_client::AdminClient;
-use mesh_proto::mesh::v1::identity_client::IdentityClient;
 use tokio::sync::watch;
 
 use super::cgroup::{Cgroup, Hierarchy};
-use super::health::{probe, Verdict};
-use super::process::{resolve_command, Launch, Running};
+use super::health::Verdict;
+use super::host::{Host, Process};
+use super::process::{resolve_command, Launch};
 use super::restart::{crash_looping, resets_backoff, restart_delay};
 use mesh_scheduler::job::{parse_job, Check, Job, JobKind};
 
 /// What every instance on this node shares.
 pub struct Context {
-    /// The control plane: its address and roots for the sidecars, the
-    /// node's channel for tokens and draining.
-    pub link: std::sync::Arc<super::link::ControlLink>,
+    /// Where processes start and the control plane is asked for tokens
+    /// and drains (`host.rs`).
+    pub host: Arc<dyn Host>,
+    /// The control plane's address and trust roots, for the sidecars.
+    pub control: String,
+    pub control_roots: PathBuf,
     pub advertise_ip: IpAddr,
     pub data_dir: PathBuf,
     /// The mesh-proxy binary.
@@ -141,7 +145,7 @@ async fn run_inner(
         r.addr = ports.inbound.to_string();
         r.message = "waiting for the sidecar".into();
     });
-    if let Err(message) = wait_proxy_ready(&mut proxy, ports.admin).await {
+    if let Err(message) = wait_proxy_ready(context, &mut *proxy, ports.admin).await {
         let _ = proxy.stop(STOP_GRACE).await;
         return Err(message);
     }
@@ -156,7 +160,7 @@ async fn run_inner(
         launch.shim = context.shim_program.clone();
         launch.user = run_as;
         let mut app =
-            Running::start(&launch).map_err(|e| format!("cannot start {}: {e}", program.display()))?;
+            context.host.start(&launch).map_err(|e| format!("cannot start {}: {e}", program.display()))?;
         record_pid(&dir, app.pid());
         let started = Instant::now();
         report.update(|r| {
@@ -166,7 +170,7 @@ async fn run_inner(
             r.message.clear();
         });
         let ended = loop {
-            match supervise(&job, run_as, &mut app, &mut proxy, ports.app, report, stop).await {
+            match supervise(context, &job, run_as, &mut *app, &mut *proxy, ports.app, report, stop).await {
                 // The app keeps running: only its sidecar starts again.
                 Ended::SidecarExited(why) => {
                     match restart_sidecar(context, assignment, &job, &ports, &dir, report, &why).await {
@@ -340,10 +344,7 @@ impl RecentPorts {
 /// A one-time token for this instance's identity, from the control plane,
 /// which checks that it placed this instance on this node.
 async fn identity_token(context: &Context, assignment: &pb::Assignment) -> Result<String, String> {
-    let mut client = IdentityClient::new(context.link.channel());
-    let request = pb::TokenRequest { node: context.node.clone(), instance: assignment.id.clone() };
-    let reply = client.issue_token(request).await.map_err(|e| format!("identity: {}", e.message()))?;
-    Ok(reply.into_inner().token)
+    context.host.identity_token(&context.node, &assignment.id).await
 }
 
 fn start_proxy(
@@ -353,12 +354,12 @@ fn start_proxy(
     ports: &Ports,
     dir: &Path,
     token: String,
-) -> Result<Running, String> {
+) -> Result<Box<dyn Process>, String> {
     let mut args = vec![
         "--control".to_owned(),
-        context.link.server.clone(),
+        context.control.clone(),
         "--control-ca".to_owned(),
-        context.link.roots_file().display().to_string(),
+        context.control_roots.display().to_string(),
         "--service".to_owned(),
         assignment.service.clone(),
         "--app-version".to_owned(),
@@ -390,18 +391,23 @@ fn start_proxy(
         cwd: None,
         user: None,
     };
-    let proxy = Running::start(&launch)
+    let proxy = context
+        .host
+        .start(&launch)
         .map_err(|e| format!("cannot start the sidecar {}: {e}", context.proxy_program.display()))?;
     record_pid(dir, proxy.pid());
     Ok(proxy)
 }
 
 /// Waits until the sidecar's `/ready` answers 200 (it has its routing table).
-async fn wait_proxy_ready(proxy: &mut Running, admin: SocketAddr) -> Result<(), String> {
+async fn wait_proxy_ready(
+    context: &Context,
+    proxy: &mut dyn Process,
+    admin: SocketAddr,
+) -> Result<(), String> {
     let deadline = Instant::now() + PROXY_READY_WITHIN;
-    let ready = mesh_scheduler::job::Probe::Http("/ready".into());
     loop {
-        if probe(&ready, admin, Duration::from_millis(500)).await.is_ok() {
+        if context.host.sidecar_ready(admin).await {
             return Ok(());
         }
         if let Ok(Some(status)) = proxy.try_wait() {
@@ -561,7 +567,7 @@ async fn restart_sidecar(
     dir: &Path,
     report: &SharedReport,
     why: &str,
-) -> Result<Running, String> {
+) -> Result<Box<dyn Process>, String> {
     tracing::warn!(instance = %assignment.id, %why, "the sidecar exited; starting it again");
     report.update(|r| {
         r.ready = false;
@@ -583,7 +589,7 @@ async fn restart_sidecar(
         };
         let mut proxy = start_proxy(context, assignment, job, ports, dir, token)?;
         report.update(|r| r.proxy_pid = proxy.pid());
-        match wait_proxy_ready(&mut proxy, ports.admin).await {
+        match wait_proxy_ready(context, &mut *proxy, ports.admin).await {
             Ok(()) => {
                 report.update(|r| {
                     r.ready = job.readiness.is_none();
@@ -602,11 +608,13 @@ async fn restart_sidecar(
 
 /// Watches the running app and its sidecar: their exits, the app's health
 /// checks, and the stop signal.
+#[allow(clippy::too_many_arguments)]
 async fn supervise(
+    context: &Context,
     job: &Job,
     run_as: Option<super::users::RunAs>,
-    app: &mut Running,
-    proxy: &mut Running,
+    app: &mut dyn Process,
+    proxy: &mut dyn Process,
     addr: SocketAddr,
     report: &SharedReport,
     stop: &mut watch::Receiver<bool>,
@@ -630,7 +638,7 @@ async fn supervise(
                     Err(e) => format!("wait: {e}"),
                 });
             }
-            result = next_probe(&mut readiness, addr, run_as) => {
+            result = next_probe(context, &mut readiness, addr, run_as) => {
                 if let (Some((check, _, verdict)), Some(result)) = (readiness.as_mut(), result) {
                     *verdict = verdict.observe(result.is_ok(), check.failures);
                     let ready = verdict.healthy;
@@ -641,7 +649,7 @@ async fn supervise(
                     });
                 }
             }
-            result = next_probe(&mut liveness, addr, run_as) => {
+            result = next_probe(context, &mut liveness, addr, run_as) => {
                 if let (Some((check, _, verdict)), Some(result)) = (liveness.as_mut(), result) {
                     let reason = result.as_ref().err().cloned().unwrap_or_default();
                     *verdict = verdict.observe(result.is_ok(), check.failures);
@@ -668,6 +676,7 @@ fn ticker(check: &Check) -> tokio::time::Interval {
 
 /// The next probe's result, or never when there is no such check.
 async fn next_probe(
+    context: &Context,
     check: &mut Option<(&Check, tokio::time::Interval, Verdict)>,
     addr: SocketAddr,
     run_as: Option<super::users::RunAs>,
@@ -675,7 +684,7 @@ async fn next_probe(
     match check {
         Some((check, interval, _)) => {
             interval.tick().await;
-            Some(super::health::probe_as(&check.probe, addr, check.timeout, run_as).await)
+            Some(context.host.probe(&check.probe, addr, check.timeout, run_as).await)
         }
         None => std::future::pending().await,
     }
@@ -689,13 +698,7 @@ async fn drain(context: &Context, report: &SharedReport) {
         r.set_state(pb::InstanceState::Draining);
         r.ready = false;
     });
-    let wait = async {
-        let mut admin = AdminClient::new(context.link.channel());
-        let version = admin.status(pb::Empty {}).await.ok()?.into_inner().version;
-        let request = pb::WaitRequest { version, timeout_ms: DRAIN_WAIT.as_millis() as u64 };
-        admin.wait_converged(request).await.ok()
-    };
-    let _ = tokio::time::timeout(DRAIN_WAIT + Duration::from_secs(1), wait).await;
+    context.host.drain(DRAIN_WAIT).await;
 }
 
 #[cfg(test)]

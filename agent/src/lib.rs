@@ -6,6 +6,7 @@
 pub mod cgroup;
 pub mod files;
 pub mod health;
+pub mod host;
 pub mod instance;
 pub mod link;
 pub mod logs;
@@ -15,3 +16,6 @@ pub mod restart;
 pub mod shim;
 pub mod supervisor;
 pub mod users;
+
+#[cfg(test)]
+mod instance_tests;

@@ -92,17 +92,23 @@ async fn a_job_runs_beside_sidecars_heals_and_moves_off_a_dead_node() {
     let cmdline = std::fs::read(format!("/proc/{}/cmdline", first["pid"])).unwrap();
     let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
     assert!(cmdline.contains(&format!("hello from {}", first["id"].as_str().unwrap())), "{cmdline}");
-    // Its endpoint is its sidecar's inbound listener, and it is ready.
-    let endpoints = meshd.ctl_json(&["get", "endpoints"]);
-    let addrs: BTreeSet<&str> = endpoints
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["service"] == "web" && e["ready"] == true)
-        .map(|e| e["addr"].as_str().unwrap())
-        .collect();
-    let expected: BTreeSet<&str> = list.iter().map(|i| i["addr"].as_str().unwrap()).collect();
-    assert_eq!(addrs, expected);
+    // Its endpoint is its sidecar's inbound listener, and it is ready. The
+    // registration follows the agent's report once it is stored, a moment
+    // after the instance list shows it.
+    let expected: BTreeSet<String> = list.iter().map(|i| i["addr"].as_str().unwrap().to_owned()).collect();
+    eventually("every ready instance's endpoint is ready", Duration::from_secs(10), || {
+        let endpoints = meshd.ctl_json(&["get", "endpoints"]);
+        let addrs: BTreeSet<String> = endpoints
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["service"] == "web" && e["ready"] == true)
+            .map(|e| e["addr"].as_str().unwrap().to_owned())
+            .collect();
+        let matches = addrs == expected;
+        async move { matches.then_some(()) }
+    })
+    .await;
 
     // Traffic through a meshed client's sidecar (mTLS to web's, kept off node-a) reaches every instance.
     let client = meshd
@@ -239,10 +245,14 @@ async fn a_killed_sidecar_is_restarted_beside_its_running_app() {
     .await;
     assert_eq!(back["pid"], victim["pid"], "the app kept running: {back}");
     assert_eq!(back["restarts"], 0, "the app was not restarted: {back}");
-    let endpoints = meshd.ctl_json(&["get", "endpoints"]);
-    let endpoint =
-        endpoints.as_array().unwrap().iter().find(|e| e["addr"] == victim["addr"]).expect("its endpoint");
-    assert_eq!(endpoint["ready"], true, "{endpoint}");
+    // Its endpoint is registered ready again once the report is stored.
+    eventually("its endpoint is ready again", Duration::from_secs(10), || {
+        let endpoints = meshd.ctl_json(&["get", "endpoints"]);
+        let ready =
+            endpoints.as_array().unwrap().iter().any(|e| e["addr"] == victim["addr"] && e["ready"] == true);
+        async move { ready.then_some(()) }
+    })
+    .await;
     // Traffic reaches the instance through its new sidecar.
     load.wait_for(300).await;
     let tally = load.stop().await;

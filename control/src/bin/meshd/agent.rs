@@ -43,7 +43,9 @@ pub(crate) async fn agent(
         mesh_agent::instance::remove_stale_cgroups(hierarchy, &cgroup_parent);
     }
     let context = Context {
-        link: link.clone(),
+        host: Arc::new(mesh_agent::host::NodeHost { link: link.clone() }),
+        control: link.server.clone(),
+        control_roots: link.roots_file().to_owned(),
         advertise_ip,
         data_dir,
         proxy_program,
