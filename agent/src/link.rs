@@ -25,6 +25,48 @@ use mesh_common::join_token::parse_token;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Why the node's link to the control plane could not be made or kept.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LinkError {
+    /// The node's own files, key or certificates are unusable: fix them.
+    Local(String),
+    /// The control plane will not have this node (no token, a token or a
+    /// node description refused): trying again cannot help.
+    Refused(String),
+    /// The control plane could not be reached, or failed: try again.
+    Unreachable(String),
+}
+
+impl LinkError {
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, LinkError::Unreachable(_))
+    }
+}
+
+impl std::fmt::Display for LinkError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LinkError::Local(m) | LinkError::Refused(m) | LinkError::Unreachable(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for LinkError {}
+
+impl From<mesh_client::ClientError> for LinkError {
+    fn from(error: mesh_client::ClientError) -> Self {
+        match error {
+            mesh_client::ClientError::Config(m) => LinkError::Local(m),
+            mesh_client::ClientError::Unreachable(m) => LinkError::Unreachable(m),
+        }
+    }
+}
+
+/// A file, key or certificate of the node's: the error names it.
+fn local(what: impl std::fmt::Display) -> impl Fn(&dyn std::fmt::Display) -> LinkError {
+    move |e| LinkError::Local(format!("{what}: {e}"))
+}
+
 pub struct ControlLink {
     pub server: String,
     node: String,
@@ -44,31 +86,30 @@ impl ControlLink {
         node: &str,
         data_dir: &Path,
         join_token: Option<String>,
-    ) -> Result<Arc<ControlLink>, String> {
+    ) -> Result<Arc<ControlLink>, LinkError> {
         let file = data_dir.join("node.credentials.toml");
         let stored = file.exists().then(|| Credentials::read(&file)).transpose()?;
         let credentials = match stored {
             Some(stored) if stored.user != node => {
-                return Err(format!(
+                return Err(LinkError::Local(format!(
                     "{} holds the identity of node {:?}, not {node:?}: use another data dir",
                     file.display(),
                     stored.user
-                ))
+                )))
             }
             Some(stored) if expires_unix_ms(&stored.certificate) > now_ms() => stored,
             _ => {
                 let token = join_token.ok_or_else(|| {
-                    format!("node {node:?} has not joined yet (or its certificate expired): give --join-token-file FILE or MESH_JOIN_TOKEN, from `meshctl node token create`")
+                    LinkError::Refused(format!("node {node:?} has not joined yet (or its certificate expired): give --join-token-file FILE or MESH_JOIN_TOKEN, from `meshctl node token create`"))
                 })?;
                 let credentials = enroll(server, node, &token).await?;
-                credentials.write(&file)?;
+                credentials.write(&file).map_err(|e| LinkError::Local(e.to_string()))?;
                 tracing::info!(node, file = %file.display(), "joined the mesh with a join token");
                 credentials
             }
         };
         let roots_file = data_dir.join("control-roots.pem");
-        std::fs::write(&roots_file, &credentials.roots)
-            .map_err(|e| format!("{}: {e}", roots_file.display()))?;
+        std::fs::write(&roots_file, &credentials.roots).map_err(|e| local(roots_file.display())(&e))?;
         let channel = mesh_client::connect_lazy(server, &credentials.tls()?, CONNECT_TIMEOUT)?;
         Ok(Arc::new(ControlLink {
             server: server.to_owned(),
@@ -99,26 +140,28 @@ impl ControlLink {
 
     /// TLS for the node's own listener (instance logs): the node's
     /// certificate, and a client certificate from the mesh required.
-    pub fn server_tls(&self) -> Result<Arc<rustls::ServerConfig>, String> {
+    pub fn server_tls(&self) -> Result<Arc<rustls::ServerConfig>, LinkError> {
         let credentials = self.credentials.load();
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut roots = rustls::RootCertStore::empty();
-        for root in mesh_client::pem::certificates(&credentials.roots)? {
-            roots.add(root).map_err(|e| format!("a trust root: {e}"))?;
+        for root in
+            mesh_client::pem::certificates(&credentials.roots).map_err(|e| local("the trust roots")(&e))?
+        {
+            roots.add(root).map_err(|e| local("a trust root")(&e))?;
         }
         let verifier =
             rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
                 .build()
-                .map_err(|e| format!("the client verifier: {e}"))?;
+                .map_err(|e| local("the client verifier")(&e))?;
+        let certificate = mesh_client::pem::certificates(&credentials.certificate)
+            .map_err(|e| local("the node certificate")(&e))?;
+        let key = mesh_client::pem::private_key(&credentials.key).map_err(|e| local("the node key")(&e))?;
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
+            .map_err(|e| local("TLS versions")(&e))?
             .with_client_cert_verifier(verifier)
-            .with_single_cert(
-                mesh_client::pem::certificates(&credentials.certificate)?,
-                mesh_client::pem::private_key(&credentials.key)?,
-            )
-            .map_err(|e| format!("the node certificate: {e}"))?;
+            .with_single_cert(certificate, key)
+            .map_err(|e| local("the node certificate")(&e))?;
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Arc::new(config))
     }
@@ -169,7 +212,7 @@ impl ControlLink {
         }
     }
 
-    async fn renew(&self, current: &Credentials) -> Result<Credentials, String> {
+    async fn renew(&self, current: &Credentials) -> Result<Credentials, LinkError> {
         // Over the connection the heartbeats keep open: after a root
         // rotation, meshd's new certificate is from a root this node may
         // not hold yet, and the old certificate no longer passes a new
@@ -177,22 +220,22 @@ impl ControlLink {
         let channel = self.channel();
         // The request is signed by the key the certificate names: that is
         // the proof of holding it. The key stays; the certificate is new.
-        let key = KeyPair::from_pem(&current.key).map_err(|e| format!("the node key: {e}"))?;
+        let key = KeyPair::from_pem(&current.key).map_err(|e| local("the node key")(&e))?;
         let csr_pem = certificate_request(&key)?;
         let request = pb::RenewRequest { certificate_pem: current.certificate.clone(), csr_pem };
         let reply = IdentityClient::new(channel)
             .renew(request)
             .await
-            .map_err(|e| e.message().to_owned())?
+            .map_err(|status| refused_or_unreachable(&status, "the renewal"))?
             .into_inner();
         let roots = reply.bundle.map(|b| b.roots_pem).unwrap_or_else(|| current.roots.clone());
         Ok(Credentials { certificate: reply.certificate_pem, roots, ..current.clone() })
     }
 
-    fn install(&self, credentials: Credentials) -> Result<(), String> {
-        credentials.write(&self.file)?;
+    fn install(&self, credentials: Credentials) -> Result<(), LinkError> {
+        credentials.write(&self.file).map_err(|e| LinkError::Local(e.to_string()))?;
         std::fs::write(&self.roots_file, &credentials.roots)
-            .map_err(|e| format!("{}: {e}", self.roots_file.display()))?;
+            .map_err(|e| local(self.roots_file.display())(&e))?;
         let channel = mesh_client::connect_lazy(&self.server, &credentials.tls()?, CONNECT_TIMEOUT)?;
         self.channel.store(Arc::new(channel));
         self.credentials.store(Arc::new(credentials));
@@ -201,10 +244,10 @@ impl ControlLink {
 }
 
 /// Exchanges `token` for a node certificate.
-async fn enroll(server: &str, node: &str, token: &str) -> Result<Credentials, String> {
-    let (secret, ca) = parse_token(token)?;
+async fn enroll(server: &str, node: &str, token: &str) -> Result<Credentials, LinkError> {
+    let (secret, ca) = parse_token(token).map_err(LinkError::Refused)?;
     let channel = mesh_client::connect(server, &ClientTls::pinned(ca), CONNECT_TIMEOUT).await?;
-    let key = KeyPair::generate().map_err(|e| e.to_string())?;
+    let key = KeyPair::generate().map_err(|e| local("a new node key")(&e))?;
     let request = pb::EnrollRequest {
         token_secret: secret.to_owned(),
         name: node.to_owned(),
@@ -213,9 +256,12 @@ async fn enroll(server: &str, node: &str, token: &str) -> Result<Credentials, St
     let reply = NodesClient::new(channel)
         .enroll(request)
         .await
-        .map_err(|status| format!("the join was refused: {}", status.message()))?
+        .map_err(|status| refused_or_unreachable(&status, "the join"))?
         .into_inner();
-    let roots = reply.bundle.map(|b| b.roots_pem).ok_or("the join reply has no trust bundle")?;
+    let roots = reply
+        .bundle
+        .map(|b| b.roots_pem)
+        .ok_or_else(|| LinkError::Unreachable("the join reply has no trust bundle".to_owned()))?;
     Ok(Credentials {
         user: node.to_owned(),
         role: "node".to_owned(),
@@ -226,11 +272,23 @@ async fn enroll(server: &str, node: &str, token: &str) -> Result<Credentials, St
     })
 }
 
+/// What a failed call to meshd means for the node: refused (the answer is
+/// about the node, its token or its certificate) or unreachable.
+fn refused_or_unreachable(status: &tonic::Status, call: &str) -> LinkError {
+    match status.code() {
+        tonic::Code::InvalidArgument | tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => {
+            LinkError::Refused(format!("{call} was refused: {}", status.message()))
+        }
+        _ => LinkError::Unreachable(format!("{call} failed: {}", status.message())),
+    }
+}
+
 /// A request naming nothing: the token (or the certificate renewed) decides the identity.
-fn certificate_request(key: &KeyPair) -> Result<String, String> {
-    let params = CertificateParams::new(Vec::<String>::new()).map_err(|e| e.to_string())?;
-    let request = params.serialize_request(key).map_err(|e| e.to_string())?;
-    request.pem().map_err(|e| e.to_string())
+fn certificate_request(key: &KeyPair) -> Result<String, LinkError> {
+    let params =
+        CertificateParams::new(Vec::<String>::new()).map_err(|e| local("a certificate request")(&e))?;
+    let request = params.serialize_request(key).map_err(|e| local("a certificate request")(&e))?;
+    request.pem().map_err(|e| local("a certificate request")(&e))
 }
 
 fn now_ms() -> u64 {

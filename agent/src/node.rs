@@ -9,27 +9,31 @@ use mesh_common::backoff::Backoff;
 use mesh_proto::mesh::v1 as pb;
 use mesh_proto::mesh::v1::nodes_client::NodesClient;
 
-use super::link::ControlLink;
+use super::link::{ControlLink, LinkError};
 use super::supervisor::Supervisor;
 
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-/// Runs until the process is stopped; returns only on a bad node description.
+/// Runs until the process is stopped; returns only on a bad node
+/// description (`LinkError::Refused`).
 pub async fn run(
     link: Arc<ControlLink>,
     info: pb::NodeInfo,
     supervisor: Arc<Supervisor>,
-) -> Result<(), String> {
+) -> Result<(), LinkError> {
     let mut announced = false;
     let mut backoff = Backoff::new(Duration::from_millis(100), MAX_BACKOFF);
     let server = link.server.clone();
     loop {
         match session(&link, &info, &supervisor, &mut announced).await {
-            Err(Failure::Refused(reason)) => {
-                return Err(format!("the control plane refused node {}: {reason}", info.name))
-            }
-            Err(Failure::Lost(reason)) => {
+            Err(LinkError::Unreachable(reason)) => {
                 tracing::warn!(server = %server, %reason, "control plane unreachable; retrying");
+            }
+            Err(LinkError::Refused(reason) | LinkError::Local(reason)) => {
+                return Err(LinkError::Refused(format!(
+                    "the control plane refused node {}: {reason}",
+                    info.name
+                )))
             }
             Ok(()) => backoff.reset(),
         }
@@ -38,26 +42,21 @@ pub async fn run(
     }
 }
 
-enum Failure {
-    /// The node description itself is wrong: retrying cannot help.
-    Refused(String),
-    Lost(String),
-}
-
 /// Joins, then heartbeats until the server forgets the node (Ok) or fails.
 async fn session(
     link: &ControlLink,
     info: &pb::NodeInfo,
     supervisor: &Supervisor,
     announced: &mut bool,
-) -> Result<(), Failure> {
+) -> Result<(), LinkError> {
     let server = &link.server;
     let mut client = NodesClient::new(link.channel());
+    // A refusal is about the node description itself: retrying cannot help.
     let reply = client.join(info.clone()).await.map_err(|status| match status.code() {
         tonic::Code::InvalidArgument | tonic::Code::PermissionDenied => {
-            Failure::Refused(status.message().to_owned())
+            LinkError::Refused(status.message().to_owned())
         }
-        _ => Failure::Lost(status.message().to_owned()),
+        _ => LinkError::Unreachable(status.message().to_owned()),
     })?;
     let interval = Duration::from_millis(reply.into_inner().heartbeat_interval_ms.max(50));
     if !*announced {
@@ -84,7 +83,7 @@ async fn session(
         let reply = client
             .heartbeat(heartbeat)
             .await
-            .map_err(|e| Failure::Lost(e.message().to_owned()))?
+            .map_err(|e| LinkError::Unreachable(e.message().to_owned()))?
             .into_inner();
         link.keep_fresh(reply.bundle_version).await;
         if reply.known {

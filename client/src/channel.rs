@@ -92,12 +92,12 @@ impl ClientTls {
         Ok(self)
     }
 
-    fn config(&self) -> Result<Arc<ClientConfig>, String> {
+    fn config(&self) -> Result<Arc<ClientConfig>, ClientError> {
         self.config_for(b"h2")
     }
 
     /// A rustls configuration offering `alpn` (`http/1.1` for a plain HTTPS call).
-    pub fn config_for(&self, alpn: &[u8]) -> Result<Arc<ClientConfig>, String> {
+    pub fn config_for(&self, alpn: &[u8]) -> Result<Arc<ClientConfig>, ClientError> {
         let provider = provider();
         let verifier: Arc<dyn ServerCertVerifier> = match &self.trust {
             Trust::Roots(roots) => webpki_verifier(roots.iter().cloned(), provider.clone())?,
@@ -107,7 +107,7 @@ impl ClientTls {
             Trust::Spiffe(roots, id) => {
                 let mut store = RootCertStore::empty();
                 for root in roots {
-                    store.add(root.clone()).map_err(|e| format!("a trust root: {e}"))?;
+                    store.add(root.clone()).map_err(|e| ClientError::Config(format!("a trust root: {e}")))?;
                 }
                 Arc::new(SpiffeVerifier {
                     roots: Arc::new(store),
@@ -118,13 +118,13 @@ impl ClientTls {
         };
         let builder = ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
+            .map_err(|e| ClientError::Config(e.to_string()))?
             .dangerous()
             .with_custom_certificate_verifier(verifier);
         let mut config = match &self.identity {
             Some((certs, key)) => builder
                 .with_client_auth_cert(certs.clone(), key.clone_key())
-                .map_err(|e| format!("the client certificate: {e}"))?,
+                .map_err(|e| ClientError::Config(format!("the client certificate: {e}")))?,
             None => builder.with_no_client_auth(),
         };
         config.alpn_protocols = vec![alpn.to_vec()];
@@ -135,29 +135,30 @@ impl ClientTls {
 fn webpki_verifier(
     roots: impl Iterator<Item = CertificateDer<'static>>,
     provider: Arc<CryptoProvider>,
-) -> Result<Arc<WebPkiServerVerifier>, String> {
+) -> Result<Arc<WebPkiServerVerifier>, ClientError> {
     let mut store = RootCertStore::empty();
     for root in roots {
-        store.add(root).map_err(|e| format!("a trust root: {e}"))?;
+        store.add(root).map_err(|e| ClientError::Config(format!("a trust root: {e}")))?;
     }
     WebPkiServerVerifier::builder_with_provider(Arc::new(store), provider)
         .build()
-        .map_err(|e| format!("the trust roots: {e}"))
+        .map_err(|e| ClientError::Config(format!("the trust roots: {e}")))
 }
 
 /// The name the server's certificate must carry for `addr` (host:port).
-fn server_name(addr: &str) -> Result<ServerName<'static>, String> {
+fn server_name(addr: &str) -> Result<ServerName<'static>, ClientError> {
     let host = match addr.parse::<std::net::SocketAddr>() {
         Ok(socket) => return Ok(ServerName::IpAddress(socket.ip().into())),
         Err(_) => addr.rsplit_once(':').map_or(addr, |(host, _)| host),
     };
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    ServerName::try_from(host.to_owned()).map_err(|e| format!("{addr:?} is not host:port: {e}"))
+    ServerName::try_from(host.to_owned())
+        .map_err(|e| ClientError::Config(format!("{addr:?} is not host:port: {e}")))
 }
 
-fn endpoint(addr: &str, connect_timeout: Duration) -> Result<Endpoint, String> {
+fn endpoint(addr: &str, connect_timeout: Duration) -> Result<Endpoint, ClientError> {
     Ok(Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| format!("{addr:?} is not host:port: {e}"))?
+        .map_err(|e| ClientError::Config(format!("{addr:?} is not host:port: {e}")))?
         .connect_timeout(connect_timeout)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5))
@@ -173,7 +174,7 @@ mod http_uri {
     pub use tonic::codegen::http::Uri;
 }
 
-fn connector(addr: &str, tls: &ClientTls) -> Result<Connector, String> {
+fn connector(addr: &str, tls: &ClientTls) -> Result<Connector, ClientError> {
     let config = tls.config()?;
     let name = server_name(addr)?;
     let addr = addr.to_owned();
@@ -191,15 +192,15 @@ fn connector(addr: &str, tls: &ClientTls) -> Result<Connector, String> {
 /// Connects now: an unreachable server or a failed handshake is an error
 /// that says which.
 pub async fn connect(addr: &str, tls: &ClientTls, connect_timeout: Duration) -> Result<Channel, ClientError> {
-    let endpoint = endpoint(addr, connect_timeout).map_err(ClientError::Config)?;
-    let connector = connector(addr, tls).map_err(ClientError::Config)?;
+    let endpoint = endpoint(addr, connect_timeout)?;
+    let connector = connector(addr, tls)?;
     endpoint.connect_with_connector(connector).await.map_err(|e| ClientError::Unreachable(describe(addr, &e)))
 }
 
 /// Connects at the first call, and again after a connection is lost.
 pub fn connect_lazy(addr: &str, tls: &ClientTls, connect_timeout: Duration) -> Result<Channel, ClientError> {
-    let endpoint = endpoint(addr, connect_timeout).map_err(ClientError::Config)?;
-    Ok(endpoint.connect_with_connector_lazy(connector(addr, tls).map_err(ClientError::Config)?))
+    let endpoint = endpoint(addr, connect_timeout)?;
+    Ok(endpoint.connect_with_connector_lazy(connector(addr, tls)?))
 }
 
 /// The certificate (DER) the server at `addr` presents, after verifying it
@@ -209,8 +210,8 @@ pub async fn server_certificate(
     tls: &ClientTls,
     within: Duration,
 ) -> Result<Vec<u8>, ClientError> {
-    let config = tls.config().map_err(ClientError::Config)?;
-    let name = server_name(addr).map_err(ClientError::Config)?;
+    let config = tls.config()?;
+    let name = server_name(addr)?;
     let handshake = async {
         let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("{addr}: {e}"))?;
         let stream = tokio_rustls::TlsConnector::from(config)
@@ -269,7 +270,7 @@ impl ServerCertVerifier for PinnedVerifier {
                 )
             })?;
         let verifier = webpki_verifier(std::iter::once(pinned.clone().into_owned()), self.provider.clone())
-            .map_err(rustls::Error::General)?;
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
         verifier.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
     }
 

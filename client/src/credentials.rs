@@ -45,13 +45,13 @@ impl Credentials {
     }
 
     /// The file's text.
-    pub fn to_text(&self) -> Result<String, String> {
-        Ok(format!(
-            "# A meshd credential for user {:?} (role {}). It holds a private key: keep it private.\n{}",
-            self.user,
-            self.role,
-            toml::to_string(self).map_err(|e| e.to_string())?
-        ))
+    pub fn to_text(&self) -> String {
+        // Plain strings always serialize.
+        let fields = toml::to_string(self).expect("a credential is plain strings");
+        format!(
+            "# A meshd credential for user {:?} (role {}). It holds a private key: keep it private.\n{fields}",
+            self.user, self.role,
+        )
     }
 
     pub fn from_text(text: &str) -> Result<Credentials, ClientError> {
@@ -61,30 +61,30 @@ impl Credentials {
 
     /// Writes the file readable by its owner only; an existing file is
     /// replaced whole (written aside, then renamed).
-    pub fn write(&self, path: &Path) -> Result<(), String> {
-        write_private(path, &self.to_text()?)
+    pub fn write(&self, path: &Path) -> std::io::Result<()> {
+        write_private(path, &self.to_text())
     }
 }
 
 /// Writes `text` to `path` readable by its owner only; an existing file is
 /// replaced whole (written aside, then renamed).
-pub fn write_private(path: &Path, text: &str) -> Result<(), String> {
-    {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let aside = path.with_extension("tmp");
-        let _ = std::fs::remove_file(&aside);
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&aside)
-            .map_err(|e| format!("{}: {e}", aside.display()))?;
-        file.write_all(text.as_bytes())
-            .and_then(|()| file.sync_all())
-            .map_err(|e| format!("{}: {e}", aside.display()))?;
-        std::fs::rename(&aside, path).map_err(|e| format!("{}: {e}", path.display()))
+/// The error names the file.
+pub fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    fn naming(path: &Path) -> impl Fn(std::io::Error) -> std::io::Error + '_ {
+        move |e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))
     }
+    let aside = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&aside);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&aside)
+        .map_err(naming(&aside))?;
+    file.write_all(text.as_bytes()).and_then(|()| file.sync_all()).map_err(naming(&aside))?;
+    std::fs::rename(&aside, path).map_err(naming(path))
 }
 
 impl Credentials {

@@ -1,31 +1,45 @@
 //! PEM text to the DER forms rustls takes.
 
+use std::fmt;
+
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
+/// PEM text that does not hold what was asked of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PemError(String);
+
+impl fmt::Display for PemError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for PemError {}
+
 /// Every certificate in `pem`, in order.
-pub fn certificates(pem: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+pub fn certificates(pem: &str) -> Result<Vec<CertificateDer<'static>>, PemError> {
     let mut certs = Vec::new();
     for entry in x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes()) {
-        let entry = entry.map_err(|e| format!("not PEM: {e}"))?;
+        let entry = entry.map_err(|e| PemError(format!("not PEM: {e}")))?;
         if entry.label == "CERTIFICATE" {
             certs.push(CertificateDer::from(entry.contents));
         }
     }
     if certs.is_empty() {
-        return Err("no certificate in the PEM text".to_owned());
+        return Err(PemError("no certificate in the PEM text".to_owned()));
     }
     Ok(certs)
 }
 
 /// The PKCS#8 private key in `pem`.
-pub fn private_key(pem: &str) -> Result<PrivateKeyDer<'static>, String> {
+pub fn private_key(pem: &str) -> Result<PrivateKeyDer<'static>, PemError> {
     for entry in x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes()) {
-        let entry = entry.map_err(|e| format!("not PEM: {e}"))?;
+        let entry = entry.map_err(|e| PemError(format!("not PEM: {e}")))?;
         if entry.label == "PRIVATE KEY" {
             return Ok(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(entry.contents)));
         }
     }
-    Err("no PKCS#8 private key (BEGIN PRIVATE KEY) in the PEM text".to_owned())
+    Err(PemError("no PKCS#8 private key (BEGIN PRIVATE KEY) in the PEM text".to_owned()))
 }
 
 /// The URI names (SPIFFE IDs) of a certificate (DER).

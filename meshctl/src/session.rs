@@ -84,7 +84,7 @@ pub async fn refresh_credential(channel: &Channel, explicit: Option<&Path>) {
 /// Writes a credential's text to `out` (default ./NAME.credentials.toml), 0600.
 pub fn write_credential(text: &str, name: &str, out: Option<PathBuf>) -> Result<(), Failure> {
     let path = out.unwrap_or_else(|| PathBuf::from(format!("{name}.credentials.toml")));
-    mesh_client::credentials::write_private(&path, text).map_err(|e| Failure(e, 1))?;
+    mesh_client::credentials::write_private(&path, text).map_err(|e| Failure(e.to_string(), 1))?;
     println!(
         "wrote the credential of {name} to {} (it holds a private key: keep it private)",
         path.display()

@@ -17,7 +17,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::ca::Authority;
+use super::ca::{Authority, CaError};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -118,10 +118,10 @@ impl Trust {
     /// renewals for `grace` after `now_ms`.
     pub fn advance(
         self,
-        new_root: impl FnOnce() -> Result<Authority, String>,
+        new_root: impl FnOnce() -> Result<Authority, CaError>,
         now_ms: u64,
         grace: std::time::Duration,
-    ) -> Result<Trust, String> {
+    ) -> Result<Trust, CaError> {
         let trust_domain = self.signer.trust_domain().to_owned();
         let bundle_version = self.bundle_version + 1;
         let mut retired: Vec<RetiredRoot> =
@@ -138,7 +138,9 @@ impl Trust {
                 let old = OtherRoot { cert_pem: self.signer.cert_pem().to_owned(), key_pem: None };
                 Ok(Trust { signer, other: Some(old), stage: Stage::Switched, bundle_version, retired })
             }
-            (Stage::Staged, _) => Err("the staged root has no key: the stored trust state is damaged".into()),
+            (Stage::Staged, _) => Err(CaError::Authority(
+                "the staged root has no key: the stored trust state is damaged".into(),
+            )),
             (Stage::Switched, other) => {
                 if let Some(old) = other {
                     let renews_until_unix_ms = now_ms + grace.as_millis() as u64;
@@ -161,7 +163,7 @@ impl Trust {
         }
     }
 
-    pub fn from_stored(stored: StoredTrust, trust_domain: &str) -> Result<Trust, String> {
+    pub fn from_stored(stored: StoredTrust, trust_domain: &str) -> Result<Trust, CaError> {
         let signer = Authority::from_pem(&stored.cert_pem, &stored.key_pem, trust_domain)?;
         let other =
             stored.other_cert_pem.map(|cert_pem| OtherRoot { cert_pem, key_pem: stored.other_key_pem });

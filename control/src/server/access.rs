@@ -9,6 +9,7 @@ use mesh_proto::mesh::v1 as pb;
 use mesh_proto::mesh::v1::access_server::Access;
 use tonic::{Request, Response, Status};
 
+use super::identity::TrustError;
 use super::identity::TrustKeeper;
 use super::tls::ServerTls;
 use super::ControlPlane;
@@ -18,7 +19,7 @@ use crate::auth::principal::{user_id, Principal};
 use crate::auth::users::{StoredUser, Users};
 use crate::identity::ca;
 use crate::state::check_name;
-use crate::store::{Store, StoreError};
+use crate::store::Store;
 use mesh_common::join_token::format_token;
 
 /// How long a user's credential lives.
@@ -34,12 +35,12 @@ pub fn issue_credential(
     name: &str,
     role: Role,
     server: &str,
-) -> Result<Credentials, String> {
+) -> Result<Credentials, TrustError> {
     let current = trust.current();
     let id = user_id(current.signer.trust_domain(), name);
     let (certificate, key) = current.signer.issue_with_key(&id, USER_CERT_TTL)?;
     let serial = ca::serial_hex(&certificate)?;
-    users.put(store, name, StoredUser { role, serial }).map_err(|e| e.to_string())?;
+    users.put(store, name, StoredUser { role, serial })?;
     Ok(Credentials {
         user: name.to_owned(),
         role: role.name().to_owned(),
@@ -63,12 +64,10 @@ pub struct AccessService {
 impl AccessService {
     /// Issues a credential off the async workers: it makes a key and writes
     /// the store.
-    async fn issue(&self, name: &str, role: Role) -> Result<Credentials, StoreError> {
+    async fn issue(&self, name: &str, role: Role) -> Result<Credentials, TrustError> {
         let (trust, users) = (self.trust.clone(), self.users.clone());
         let (name, server) = (name.to_owned(), self.server.clone());
-        let issue = move |store: &dyn Store| {
-            issue_credential(&trust, &users, store, &name, role, &server).map_err(StoreError::new)
-        };
+        let issue = move |store: &dyn Store| issue_credential(&trust, &users, store, &name, role, &server);
         self.control.durably(issue).await
     }
 }
@@ -114,10 +113,9 @@ impl Access for AccessService {
                 request.name, request.name
             )));
         }
-        let credential = self.issue(&request.name, role).await.map_err(super::store_failure)?;
+        let credential = self.issue(&request.name, role).await?;
         tracing::info!(user = %request.name, role = role.name(), %by, replaced = request.replace, "user credential issued");
-        let text = credential.to_text().map_err(Status::internal)?;
-        Ok(Response::new(pb::Credential { text }))
+        Ok(Response::new(pb::Credential { text: credential.to_text() }))
     }
 
     async fn revoke_user(&self, request: Request<pb::UserName>) -> Result<Response<pb::UserName>, Status> {
@@ -140,9 +138,9 @@ impl Access for AccessService {
             return Err(Status::unauthenticated("no user credential"));
         };
         let role = self.users.role_of(name, serial).map_err(Status::unauthenticated)?;
-        let credential = self.issue(name, role).await.map_err(super::store_failure)?;
+        let credential = self.issue(name, role).await?;
         tracing::info!(user = %name, "user renewed their credential");
-        Ok(Response::new(pb::Credential { text: credential.to_text().map_err(Status::internal)? }))
+        Ok(Response::new(pb::Credential { text: credential.to_text() }))
     }
 
     async fn create_join_token(

@@ -14,9 +14,62 @@ use tonic::{Request, Response, Status};
 
 use super::jobs::Scheduler;
 use super::ControlPlane;
-use crate::identity::ca::{self, Authority};
+use crate::identity::ca::{self, Authority, CaError};
 use crate::identity::rotation::{lagging, ProxyView, Stage, Trust};
 use crate::identity::tokens::{new_token, Grant, Tokens};
+use crate::store::StoreError;
+
+/// A CA failure as a client sees it: the request's fault, the certificate's,
+/// or the server's.
+impl From<CaError> for Status {
+    fn from(error: CaError) -> Status {
+        match error {
+            CaError::BadRequest(message) => Status::invalid_argument(message),
+            CaError::NotRenewable(message) => Status::permission_denied(message),
+            CaError::Authority(message) | CaError::Signing(message) => Status::internal(message),
+        }
+    }
+}
+
+/// Why a change of trust (a rotation stage, a credential) did not happen:
+/// the CA failed, or the store did, and nothing was applied.
+#[derive(Debug)]
+pub enum TrustError {
+    Ca(CaError),
+    Store(StoreError),
+}
+
+impl From<CaError> for TrustError {
+    fn from(error: CaError) -> Self {
+        TrustError::Ca(error)
+    }
+}
+
+impl From<StoreError> for TrustError {
+    fn from(error: StoreError) -> Self {
+        TrustError::Store(error)
+    }
+}
+
+impl std::fmt::Display for TrustError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TrustError::Ca(error) => error.fmt(f),
+            TrustError::Store(error) => write!(f, "the store: {error}"),
+        }
+    }
+}
+
+impl std::error::Error for TrustError {}
+
+impl From<TrustError> for Status {
+    fn from(error: TrustError) -> Status {
+        match error {
+            TrustError::Ca(error) => error.into(),
+            TrustError::Store(error) => super::store_failure(error),
+        }
+    }
+}
 
 /// How long a token waits to be redeemed: the sidecar's start.
 const TOKEN_TTL: Duration = Duration::from_secs(120);
@@ -80,7 +133,7 @@ impl TrustKeeper {
 
     /// Moves to the next stage: stored first, then in force, then published.
     /// Returns the new trust and the routing version that carries its bundle.
-    async fn advance(&self) -> Result<(Arc<Trust>, u64), String> {
+    async fn advance(&self) -> Result<(Arc<Trust>, u64), TrustError> {
         let current = self.current();
         let trust_domain = current.signer.trust_domain().to_owned();
         // The stored form round-trips the keys, so the current state can be rebuilt owned.
@@ -88,13 +141,13 @@ impl TrustKeeper {
         // A retired root vouches for renewals as long as a certificate lives.
         let next = Arc::new(owned.advance(|| Authority::generate(&trust_domain), now_ms(), self.cert_ttl)?);
         let stored = next.to_stored();
-        self.control.durably(move |store| store.save_trust(&stored)).await.map_err(|e| e.to_string())?;
+        self.control.durably(move |store| store.save_trust(&stored)).await?;
         *self.trust.write().expect("trust lock") = next.clone();
         if let Some(follower) = self.follower.get() {
             follower(&next);
         }
         self.control.set_trusted_roots(root_serials(&next));
-        let version = self.control.publish_bundle(bundle_of(&next)).await.map_err(|e| e.to_string())?;
+        let version = self.control.publish_bundle(bundle_of(&next)).await?;
         Ok((next, version))
     }
 
@@ -130,7 +183,7 @@ impl TrustKeeper {
                         trust = next;
                         version
                     }
-                    Err(error) => return say(trust.stage.step_name(), error, true, true),
+                    Err(error) => return say(trust.stage.step_name(), error.to_string(), true, true),
                 }
             } else {
                 self.control.current_version()
@@ -288,7 +341,7 @@ impl Identity for IdentityService {
     async fn sign(&self, request: Request<pb::SignRequest>) -> Result<Response<pb::SignReply>, Status> {
         let request = request.into_inner();
         // A bad request is refused before the token is spent.
-        Authority::check_request(&request.csr_pem).map_err(Status::invalid_argument)?;
+        Authority::check_request(&request.csr_pem)?;
         let grant = self
             .tokens
             .lock()
@@ -296,10 +349,7 @@ impl Identity for IdentityService {
             .redeem(&request.token, now_ms())
             .map_err(|refusal| Status::permission_denied(refusal.to_string()))?;
         let trust = self.trust.current();
-        let certificate_pem = trust
-            .signer
-            .sign(&request.csr_pem, &grant.service, self.cert_ttl)
-            .map_err(Status::invalid_argument)?;
+        let certificate_pem = trust.signer.sign(&request.csr_pem, &grant.service, self.cert_ttl)?;
         tracing::info!(instance = %grant.instance, service = %grant.service, "certificate issued");
         Ok(Response::new(self.reply(&trust, certificate_pem, &grant.service)))
     }
@@ -316,11 +366,9 @@ impl Identity for IdentityService {
             trust.signer.trust_domain(),
             &request.certificate_pem,
             &request.csr_pem,
-        )
-        .map_err(Status::permission_denied)?;
+        )?;
         let id = identity.to_string();
-        let certificate_pem =
-            trust.signer.sign_id(&request.csr_pem, &id, self.cert_ttl).map_err(Status::invalid_argument)?;
+        let certificate_pem = trust.signer.sign_id(&request.csr_pem, &id, self.cert_ttl)?;
         tracing::debug!(%identity, "certificate renewed");
         let mut reply = self.reply(&trust, certificate_pem, "");
         reply.spiffe_id = id;

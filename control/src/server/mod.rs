@@ -245,14 +245,19 @@ impl ControlPlane {
 
     /// Runs a durable write on the blocking pool: an fsync must not hold
     /// an async worker, nor run under a lock that async tasks wait on.
-    pub async fn durably<T: Send + 'static>(
+    pub async fn durably<T, E>(
         &self,
-        write: impl FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
-    ) -> Result<T, StoreError> {
+        write: impl FnOnce(&dyn Store) -> Result<T, E> + Send + 'static,
+    ) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
         let store = self.store.clone();
-        tokio::task::spawn_blocking(move || write(&*store))
-            .await
-            .map_err(|e| StoreError::new(format!("the store's write task failed: {e}")))?
+        match tokio::task::spawn_blocking(move || write(&*store)).await {
+            Ok(result) => result,
+            Err(e) => Err(StoreError::new(format!("the store's write task failed: {e}")).into()),
+        }
     }
 
     /// The store, for reads and for start-up, before any request is served.

@@ -71,7 +71,7 @@ impl Nodes for NodesService {
         let request = request.into_inner();
         check_name("node", &request.name).map_err(|e| Status::invalid_argument(e.0))?;
         // A bad request is refused before the token is spent.
-        crate::identity::ca::Authority::check_request(&request.csr_pem).map_err(Status::invalid_argument)?;
+        crate::identity::ca::Authority::check_request(&request.csr_pem)?;
         if let Err(refusal) =
             self.join_tokens.lock().expect("join tokens lock").redeem(&request.token_secret, now_ms())
         {
@@ -80,8 +80,7 @@ impl Nodes for NodesService {
         }
         let trust = self.trust.current();
         let id = node_id(trust.signer.trust_domain(), &request.name);
-        let certificate_pem =
-            trust.signer.sign_id(&request.csr_pem, &id, self.cert_ttl).map_err(Status::invalid_argument)?;
+        let certificate_pem = trust.signer.sign_id(&request.csr_pem, &id, self.cert_ttl)?;
         tracing::info!(node = %request.name, "node enrolled with a join token");
         Ok(Response::new(pb::EnrollReply {
             certificate_pem,

@@ -12,7 +12,9 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 
 use crate::auth::principal::{control_plane_id, node_id};
+use crate::identity::ca::CaError;
 use crate::identity::rotation::{Stage, Trust};
+use mesh_client::ClientError;
 
 /// How long meshd's own certificate lives; a new one comes at half of it.
 pub const SERVER_CERT_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -37,7 +39,7 @@ struct Issued {
 
 impl ServerTls {
     /// A certificate for `names` (IP addresses and DNS names) from `trust`'s signer.
-    pub fn new(names: Vec<String>, trust: &Trust) -> Result<ServerTls, String> {
+    pub fn new(names: Vec<String>, trust: &Trust) -> Result<ServerTls, CaError> {
         let issued = issue(&names, trust)?;
         let config = build(&issued)?;
         Ok(ServerTls { names, config: ArcSwap::from_pointee(config), issued: std::sync::Mutex::new(issued) })
@@ -55,7 +57,7 @@ impl ServerTls {
 
     /// TLS for meshd's calls to the agent of `node`: meshd's client
     /// certificate, and the node's identity expected of the agent.
-    pub fn to_node(&self, trust_domain: &str, node: &str) -> Result<mesh_client::ClientTls, String> {
+    pub fn to_node(&self, trust_domain: &str, node: &str) -> Result<mesh_client::ClientTls, ClientError> {
         let issued = self.issued.lock().expect("tls lock");
         let tls = mesh_client::ClientTls::expecting(&issued.roots_pem, &node_id(trust_domain, node))?
             .with_identity(&issued.client.0, &issued.client.1)?;
@@ -70,7 +72,7 @@ impl ServerTls {
     /// certificate at half its life or when the signer changed. During a
     /// rotation's `Switched` stage the certificate from the old root is
     /// kept, so clients that do not yet hold the new root still connect.
-    pub fn follow(&self, trust: &Trust) -> Result<(), String> {
+    pub fn follow(&self, trust: &Trust) -> Result<(), CaError> {
         let mut issued = self.issued.lock().expect("tls lock");
         let signer = trust.signer.serial();
         let stale = issued.at.elapsed() > SERVER_CERT_TTL / 2;
@@ -100,7 +102,7 @@ impl ServerTls {
     }
 }
 
-fn issue(names: &[String], trust: &Trust) -> Result<Issued, String> {
+fn issue(names: &[String], trust: &Trust) -> Result<Issued, CaError> {
     let (cert_pem, key_pem) = trust.signer.issue_server(names, SERVER_CERT_TTL)?;
     let client =
         trust.signer.issue_with_key(&control_plane_id(trust.signer.trust_domain()), SERVER_CERT_TTL)?;
@@ -114,24 +116,32 @@ fn issue(names: &[String], trust: &Trust) -> Result<Issued, String> {
     })
 }
 
-fn build(issued: &Issued) -> Result<ServerConfig, String> {
+/// The TLS configuration for what `issue` made. Its failures are the trust
+/// state's (roots that do not parse), so they count as the CA's.
+fn build(issued: &Issued) -> Result<ServerConfig, CaError> {
+    fn unusable(what: &'static str) -> impl Fn(&dyn std::fmt::Display) -> CaError {
+        move |e| CaError::Authority(format!("{what}: {e}"))
+    }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = RootCertStore::empty();
-    for root in mesh_client::pem::certificates(&issued.roots_pem)? {
-        roots.add(root).map_err(|e| format!("a trust root: {e}"))?;
+    for root in
+        mesh_client::pem::certificates(&issued.roots_pem).map_err(|e| unusable("the trust roots")(&e))?
+    {
+        roots.add(root).map_err(|e| unusable("a trust root")(&e))?;
     }
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .allow_unauthenticated()
         .build()
-        .map_err(|e| format!("the client verifier: {e}"))?;
-    let chain = mesh_client::pem::certificates(&issued.chain_pem)?;
-    let key = mesh_client::pem::private_key(&issued.key_pem)?;
+        .map_err(|e| unusable("the client verifier")(&e))?;
+    let chain =
+        mesh_client::pem::certificates(&issued.chain_pem).map_err(|e| unusable("meshd's certificate")(&e))?;
+    let key = mesh_client::pem::private_key(&issued.key_pem).map_err(|e| unusable("meshd's key")(&e))?;
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .map_err(|e| unusable("TLS versions")(&e))?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
-        .map_err(|e| format!("meshd's certificate: {e}"))?;
+        .map_err(|e| unusable("meshd's certificate")(&e))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(config)
 }

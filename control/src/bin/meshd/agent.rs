@@ -10,7 +10,7 @@ pub(crate) async fn agent(
     join_token: Option<String>,
     default_user: String,
     shutdown: impl std::future::Future<Output = ()>,
-) -> Result<(), String> {
+) -> Result<(), Failure> {
     let data_dir = data_dir.unwrap_or_else(|| mesh_agent::files::default_data_dir(&info.name));
     mesh_agent::files::private_dir(&data_dir)?;
     let link = ControlLink::establish(&server, &info.name, &data_dir, join_token).await?;
@@ -63,11 +63,11 @@ pub(crate) async fn agent(
         _ = shutdown => Ok(()),
     };
     supervisor.stop_all().await;
-    result
+    Ok(result?)
 }
 
 /// The join token from `--join-token-file`, else from `MESH_JOIN_TOKEN`.
-pub(crate) fn join_token(file: Option<PathBuf>) -> Result<Option<String>, String> {
+pub(crate) fn join_token(file: Option<PathBuf>) -> Result<Option<String>, Failure> {
     if let Some(file) = file {
         let text = std::fs::read_to_string(&file)
             .map_err(|e| format!("--join-token-file {}: {e}", file.display()))?;

@@ -77,7 +77,7 @@ pub(crate) async fn dev(
     demo: bool,
     cpu_millis: u64,
     memory_mb: u64,
-) -> Result<(), String> {
+) -> Result<(), Failure> {
     let data_dir = server.data_dir.clone().expect("a data dir was chosen");
     let (bound, address) = tokio::sync::oneshot::channel();
     let mut control = tokio::spawn(serve(server, bound));
@@ -111,7 +111,7 @@ pub(crate) async fn dev(
             Ok(token) => Some(token),
             Err(error) => {
                 control.abort();
-                return Err(format!("the dev node cannot join: {error}"));
+                return Err(format!("the dev node cannot join: {error}").into());
             }
         }
     };
@@ -153,7 +153,7 @@ pub(crate) async fn admin_channel(
 pub(crate) async fn dev_join_token(
     address: SocketAddr,
     data_dir: &std::path::Path,
-) -> Result<String, String> {
+) -> Result<String, Failure> {
     use mesh_proto::mesh::v1 as pb;
     let mut access =
         mesh_proto::mesh::v1::access_client::AccessClient::new(admin_channel(address, data_dir).await?);
@@ -161,7 +161,7 @@ pub(crate) async fn dev_join_token(
     Ok(access.create_join_token(request).await.map_err(|e| e.message().to_owned())?.into_inner().token)
 }
 
-pub(crate) async fn deploy_demo(address: SocketAddr, data_dir: &std::path::Path) -> Result<(), String> {
+pub(crate) async fn deploy_demo(address: SocketAddr, data_dir: &std::path::Path) -> Result<(), Failure> {
     use mesh_proto::mesh::v1 as pb;
     let channel = admin_channel(address, data_dir).await.map_err(|e| format!("demo: {e}"))?;
     let jobs = mesh_proto::mesh::v1::jobs_client::JobsClient::new(channel.clone());

@@ -41,6 +41,10 @@ use mesh_proto::mesh::v1::NodeInfo;
 use std::os::unix::fs::OpenOptionsExt;
 use tokio::net::TcpListener;
 
+/// What ends a meshd command: the typed errors of the crates it runs
+/// (store, CA, link, client), or a message of its own; reported at the top.
+type Failure = Box<dyn std::error::Error + Send + Sync>;
+
 mod agent;
 mod dev;
 mod server;

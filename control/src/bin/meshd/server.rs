@@ -10,7 +10,7 @@ pub(crate) fn first_admin_credential(
     users: &Users,
     control: &ControlPlane,
     server: &str,
-) -> Result<PathBuf, String> {
+) -> Result<PathBuf, Failure> {
     let path = data_dir.join(mesh_client::credentials::ADMIN_FILE);
     if users.list().is_empty() {
         let credential = issue_credential(trust, users, control.store(), "admin", Role::Admin, server)?;
@@ -23,7 +23,7 @@ pub(crate) fn first_admin_credential(
 pub(crate) async fn serve(
     args: ServerArgs,
     bound: tokio::sync::oneshot::Sender<SocketAddr>,
-) -> Result<(), String> {
+) -> Result<(), Failure> {
     let ServerArgs {
         data_dir,
         listen,
@@ -113,8 +113,8 @@ pub(crate) async fn serve(
         }))
         .add_service(AdminServer::new(AdminService { control, nodes }))
         .serve_with_incoming_shutdown(incoming, shutdown_signal())
-        .await
-        .map_err(|e| e.to_string())
+        .await?;
+    Ok(())
 }
 
 /// Renews meshd's TLS certificate at half its life (rotations are followed
@@ -137,7 +137,7 @@ pub(crate) fn trust_state(
     trust_domain: &str,
     ca_cert: Option<PathBuf>,
     ca_key: Option<PathBuf>,
-) -> Result<Trust, String> {
+) -> Result<Trust, Failure> {
     if let (Some(cert), Some(key)) = (ca_cert, ca_key) {
         let read =
             |path: &PathBuf| std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()));
@@ -147,7 +147,7 @@ pub(crate) fn trust_state(
         return Ok(Trust::steady(authority));
     }
     if let Some(stored) = store.load_trust().map_err(|e| e.to_string())? {
-        return Trust::from_stored(stored, trust_domain).map_err(|e| format!("the stored CA: {e}"));
+        return Ok(Trust::from_stored(stored, trust_domain).map_err(|e| format!("the stored CA: {e}"))?);
     }
     let trust = Trust::steady(Authority::generate(trust_domain)?);
     store.save_trust(&trust.to_stored()).map_err(|e| e.to_string())?;

@@ -2,7 +2,7 @@
 
 use super::*;
 
-pub(crate) fn snapshot(command: SnapshotCommand) -> Result<(), String> {
+pub(crate) fn snapshot(command: SnapshotCommand) -> Result<(), Failure> {
     use mesh_control::store::snapshot;
     let locked = |e: mesh_control::store::StoreError| {
         let hint = if e.in_use { " (stop meshd first: it holds the store)" } else { "" };
