@@ -91,6 +91,33 @@ const CRASH_LOOP_WINDOW: Duration = Duration::from_secs(60);
 /// An app that ran this long before exiting starts its backoff over.
 const STABLE_AFTER: Duration = Duration::from_secs(10);
 
+/// Why an instance could not start, by whose it is to fix. Either way the
+/// start is tried again with backoff (a job fixed by a new version, or a
+/// node that recovers, then starts), and the report carries the reason.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StartError {
+    /// The job as written cannot run here: its file, command or user.
+    Job(String),
+    /// This node could not give it what it needs: a folder, ports, a process.
+    Node(String),
+    /// The control plane issued no identity token for its sidecar.
+    Control(String),
+    /// The sidecar did not come up: it exited, or was not ready in time.
+    Sidecar(String),
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartError::Job(m) | StartError::Node(m) | StartError::Control(m) | StartError::Sidecar(m) => {
+                f.write_str(m)
+            }
+        }
+    }
+}
+
+impl std::error::Error for StartError {}
+
 /// The instance's folder under the agent's data dir: logs and pid files.
 pub fn instance_dir(data_dir: &Path, id: &str) -> PathBuf {
     data_dir.join("instances").join(id)
@@ -131,12 +158,12 @@ async fn run_inner(
     assignment: &pb::Assignment,
     report: &SharedReport,
     stop: &mut watch::Receiver<bool>,
-) -> Result<(), String> {
-    let job = parse_job(&assignment.job_text).map_err(|e| format!("job file: {e}"))?;
+) -> Result<(), StartError> {
+    let job = parse_job(&assignment.job_text).map_err(|e| StartError::Job(format!("job file: {e}")))?;
     let program = find_program(context, &job, Path::new(&assignment.job_dir))?;
-    let run_as = super::users::run_as(job.user.as_deref(), &context.default_user)?;
+    let run_as = super::users::run_as(job.user.as_deref(), &context.default_user).map_err(StartError::Job)?;
     let dir = instance_dir(&context.data_dir, &assignment.id);
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    std::fs::create_dir_all(&dir).map_err(|e| StartError::Node(format!("{}: {e}", dir.display())))?;
     let ports = Ports::choose(context.advertise_ip, job.upstreams.len())?;
     let token = identity_token(context, assignment).await?;
     let mut proxy = start_proxy(context, assignment, &job, &ports, &dir, token)?;
@@ -159,8 +186,10 @@ async fn run_inner(
         launch.cgroup_procs = cgroup_procs.clone();
         launch.shim = context.shim_program.clone();
         launch.user = run_as;
-        let mut app =
-            context.host.start(&launch).map_err(|e| format!("cannot start {}: {e}", program.display()))?;
+        let mut app = context
+            .host
+            .start(&launch)
+            .map_err(|e| StartError::Node(format!("cannot start {}: {e}", program.display())))?;
         record_pid(&dir, app.pid());
         let started = Instant::now();
         report.update(|r| {
@@ -262,14 +291,16 @@ fn limits(context: &Context, assignment: &pb::Assignment, job: &Job) -> Option<C
     }
 }
 
-fn find_program(context: &Context, job: &Job, job_dir: &Path) -> Result<PathBuf, String> {
+fn find_program(context: &Context, job: &Job, job_dir: &Path) -> Result<PathBuf, StartError> {
     let path = std::env::var("PATH").ok();
     resolve_command(&job.command, job_dir, path.as_deref())
         .or_else(|| {
             let bin_dir = context.bin_dir.as_ref()?;
             resolve_command(&job.command, job_dir, bin_dir.to_str())
         })
-        .ok_or_else(|| format!("command {:?} is not on PATH nor next to the job file", job.command))
+        .ok_or_else(|| {
+            StartError::Job(format!("command {:?} is not on PATH nor next to the job file", job.command))
+        })
 }
 
 /// The ports of one instance: the app's and the sidecar's.
@@ -282,7 +313,7 @@ struct Ports {
 }
 
 impl Ports {
-    fn choose(advertise_ip: IpAddr, upstreams: usize) -> Result<Ports, String> {
+    fn choose(advertise_ip: IpAddr, upstreams: usize) -> Result<Ports, StartError> {
         let local: IpAddr = [127, 0, 0, 1].into();
         Ok(Ports {
             app: free_addr(local)?,
@@ -301,17 +332,17 @@ impl Ports {
 /// free, and a sidecar still draining would otherwise forward to a port
 /// another instance's listener now holds (answering a caller for the
 /// wrong thing).
-fn free_addr(ip: IpAddr) -> Result<SocketAddr, String> {
+fn free_addr(ip: IpAddr) -> Result<SocketAddr, StartError> {
     static RECENT: Mutex<RecentPorts> = Mutex::new(RecentPorts::new());
     for _ in 0..64 {
         let addr = std::net::TcpListener::bind((ip, 0))
             .and_then(|listener| listener.local_addr())
-            .map_err(|e| format!("no free port on {ip}: {e}"))?;
+            .map_err(|e| StartError::Node(format!("no free port on {ip}: {e}")))?;
         if RECENT.lock().expect("ports lock").take(addr.port()) {
             return Ok(addr);
         }
     }
-    Err(format!("no port on {ip} that this agent has not used recently"))
+    Err(StartError::Node(format!("no port on {ip} that this agent has not used recently")))
 }
 
 /// The last ports handed out, oldest first: a fixed window, so it is bounded.
@@ -343,8 +374,8 @@ impl RecentPorts {
 
 /// A one-time token for this instance's identity, from the control plane,
 /// which checks that it placed this instance on this node.
-async fn identity_token(context: &Context, assignment: &pb::Assignment) -> Result<String, String> {
-    context.host.identity_token(&context.node, &assignment.id).await
+async fn identity_token(context: &Context, assignment: &pb::Assignment) -> Result<String, StartError> {
+    context.host.identity_token(&context.node, &assignment.id).await.map_err(StartError::Control)
 }
 
 fn start_proxy(
@@ -354,7 +385,7 @@ fn start_proxy(
     ports: &Ports,
     dir: &Path,
     token: String,
-) -> Result<Box<dyn Process>, String> {
+) -> Result<Box<dyn Process>, StartError> {
     let mut args = vec![
         "--control".to_owned(),
         context.control.clone(),
@@ -391,10 +422,9 @@ fn start_proxy(
         cwd: None,
         user: None,
     };
-    let proxy = context
-        .host
-        .start(&launch)
-        .map_err(|e| format!("cannot start the sidecar {}: {e}", context.proxy_program.display()))?;
+    let proxy = context.host.start(&launch).map_err(|e| {
+        StartError::Node(format!("cannot start the sidecar {}: {e}", context.proxy_program.display()))
+    })?;
     record_pid(dir, proxy.pid());
     Ok(proxy)
 }
@@ -404,17 +434,18 @@ async fn wait_proxy_ready(
     context: &Context,
     proxy: &mut dyn Process,
     admin: SocketAddr,
-) -> Result<(), String> {
+) -> Result<(), StartError> {
     let deadline = Instant::now() + PROXY_READY_WITHIN;
     loop {
         if context.host.sidecar_ready(admin).await {
             return Ok(());
         }
         if let Ok(Some(status)) = proxy.try_wait() {
-            return Err(format!("the sidecar exited before it was ready: {status}"));
+            return Err(StartError::Sidecar(format!("the sidecar exited before it was ready: {status}")));
         }
         if Instant::now() > deadline {
-            return Err(format!("the sidecar was not ready within {}s", PROXY_READY_WITHIN.as_secs()));
+            let within = PROXY_READY_WITHIN.as_secs();
+            return Err(StartError::Sidecar(format!("the sidecar was not ready within {within}s")));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -567,7 +598,7 @@ async fn restart_sidecar(
     dir: &Path,
     report: &SharedReport,
     why: &str,
-) -> Result<Box<dyn Process>, String> {
+) -> Result<Box<dyn Process>, StartError> {
     tracing::warn!(instance = %assignment.id, %why, "the sidecar exited; starting it again");
     report.update(|r| {
         r.ready = false;
@@ -575,7 +606,7 @@ async fn restart_sidecar(
         r.proxy_restarts += 1;
         r.message = format!("sidecar exited ({why}); restarting it");
     });
-    let mut last_error = String::new();
+    let mut last_error = None;
     for attempt in 0..SIDECAR_RESTART_ATTEMPTS {
         if attempt > 0 {
             tokio::time::sleep(restart_delay(attempt - 1, RESTART_BASE, RESTART_MAX)).await;
@@ -583,7 +614,7 @@ async fn restart_sidecar(
         let token = match identity_token(context, assignment).await {
             Ok(token) => token,
             Err(error) => {
-                last_error = error;
+                last_error = Some(error);
                 continue;
             }
         };
@@ -599,11 +630,12 @@ async fn restart_sidecar(
             }
             Err(error) => {
                 let _ = proxy.stop(STOP_GRACE).await;
-                last_error = error;
+                last_error = Some(error);
             }
         }
     }
-    Err(format!("the sidecar could not be restarted: {last_error}"))
+    let why = last_error.map(|e| e.to_string()).unwrap_or_default();
+    Err(StartError::Sidecar(format!("the sidecar could not be restarted: {why}")))
 }
 
 /// Watches the running app and its sidecar: their exits, the app's health

@@ -348,8 +348,10 @@ fn measure_path(kind: PathKind, setup: &Setup, args: &Args, certs: &Certs) -> Re
                 key: certs.client_key.clone(),
                 roots: certs.ca.clone(),
             };
-            let identity = mesh_proxy::identity::from_files(&files)?;
-            let tls = Arc::new(mesh_proxy::tls::MeshTls::new(&identity, Default::default())?);
+            let identity = mesh_proxy::identity::from_files(&files).map_err(|e| e.to_string())?;
+            let tls = Arc::new(
+                mesh_proxy::tls::MeshTls::new(&identity, Default::default()).map_err(|e| e.to_string())?,
+            );
             let before = procstat::cpu_seconds(callee);
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -82,14 +82,42 @@ pub struct Routes {
     pub applied: BTreeMap<String, pb::ServiceRoute>,
 }
 
+/// Why a subscription ended. Whatever it was, the proxy serves its last
+/// table and subscribes again after a backoff.
+#[derive(Debug)]
+enum SessionEnd {
+    /// The proxy is stopping.
+    Stopping,
+    /// meshd could not be reached, or the TLS to reach it is unusable.
+    Client(mesh_client::ClientError),
+    /// The subscription was refused, or the stream broke.
+    Stream(&'static str, tonic::Status),
+}
+
+impl std::fmt::Display for SessionEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SessionEnd::Stopping => f.write_str("the proxy is stopping"),
+            SessionEnd::Client(error) => error.fmt(f),
+            SessionEnd::Stream(what, status) => write!(f, "{what}: {}", status.message()),
+        }
+    }
+}
+
+impl From<mesh_client::ClientError> for SessionEnd {
+    fn from(error: mesh_client::ClientError) -> Self {
+        SessionEnd::Client(error)
+    }
+}
+
 /// One subscription; returns whether any update arrived.
-async fn session(options: &ControlOptions, proxy: &Proxy, routes: &mut Routes) -> Result<bool, String> {
+async fn session(options: &ControlOptions, proxy: &Proxy, routes: &mut Routes) -> Result<bool, SessionEnd> {
     // A sidecar given a token subscribes with the certificate it brings.
     if proxy.needs_identity.load(std::sync::atomic::Ordering::Acquire) && proxy.identity.load().is_none() {
         let mut changes = proxy.identity_changes.subscribe();
         while proxy.identity.load().is_none() {
             if changes.changed().await.is_err() {
-                return Err("the proxy is stopping".to_owned());
+                return Err(SessionEnd::Stopping);
             }
         }
     }
@@ -108,7 +136,7 @@ async fn session(options: &ControlOptions, proxy: &Proxy, routes: &mut Routes) -
     let mut updates = DiscoveryClient::new(channel)
         .subscribe(ReceiverStream::new(outgoing))
         .await
-        .map_err(|e| format!("subscribe: {}", e.message()))?
+        .map_err(|status| SessionEnd::Stream("subscribe", status))?
         .into_inner();
     let mut received = false;
     // Why the table in force differs from the control plane's, if it does.
@@ -119,7 +147,7 @@ async fn session(options: &ControlOptions, proxy: &Proxy, routes: &mut Routes) -
     keepalive.tick().await;
     loop {
         let update = tokio::select! {
-            update = updates.message() => update.map_err(|e| format!("stream: {}", e.message()))?,
+            update = updates.message() => update.map_err(|status| SessionEnd::Stream("stream", status))?,
             // A new certificate (a renewal under a new root, say) is reported
             // as a repeated ack, so the control plane knows which root it is
             // from; on a quiet stream the ack is repeated now and then, so

@@ -23,20 +23,20 @@ impl ControlAccess {
         addr: &str,
         control_ca: Option<&std::path::Path>,
         credentials: Option<&std::path::Path>,
-    ) -> Result<ControlAccess, String> {
+    ) -> Result<ControlAccess, ClientError> {
         let credentials = credentials.map(Credentials::read).transpose()?;
         let roots_pem = match (control_ca, &credentials) {
-            (Some(path), _) => {
-                std::fs::read_to_string(path).map_err(|e| format!("--control-ca {}: {e}", path.display()))?
-            }
+            (Some(path), _) => std::fs::read_to_string(path)
+                .map_err(|e| ClientError::Config(format!("--control-ca {}: {e}", path.display())))?,
             (None, Some(credentials)) => credentials.roots.clone(),
-            (None, None) => return Err(
+            (None, None) => return Err(ClientError::Config(
                 "--control needs the mesh's roots to verify meshd: --control-ca FILE, or --credentials FILE"
                     .to_owned(),
-            ),
+            )),
         };
         // Checked now, so that a bad file is a start-up error.
-        ClientTls::from_roots_pem(&roots_pem).map_err(|e| format!("--control-ca: {e}"))?;
+        ClientTls::from_roots_pem(&roots_pem)
+            .map_err(|e| ClientError::Config(format!("--control-ca: {e}")))?;
         Ok(ControlAccess { addr: addr.to_owned(), roots_pem, credentials })
     }
 

@@ -133,7 +133,7 @@ impl std::error::Error for IdentityError {}
 /// Generates a key and gets it certified for `token` by the control plane.
 pub async fn obtain(control: &ControlAccess, proxy: &Proxy, token: &str) -> Result<Identity, IdentityError> {
     let key = KeyPair::generate().map_err(|e| IdentityError::Local(format!("generating a key: {e}")))?;
-    let csr_pem = certificate_request(&key).map_err(IdentityError::Local)?;
+    let csr_pem = certificate_request(&key)?;
     let request = pb::SignRequest { token: token.to_owned(), csr_pem };
     let reply = client(control, proxy)
         .await?
@@ -151,7 +151,7 @@ pub async fn renew(
 ) -> Result<Identity, IdentityError> {
     let key =
         KeyPair::try_from(current.key_der()).map_err(|e| IdentityError::Local(format!("the key: {e}")))?;
-    let csr_pem = certificate_request(&key).map_err(IdentityError::Local)?;
+    let csr_pem = certificate_request(&key)?;
     let request = pb::RenewRequest { certificate_pem: current.certificate_pem.clone(), csr_pem };
     let reply = client(control, proxy)
         .await?
@@ -163,22 +163,24 @@ pub async fn renew(
 
 /// An identity from files (a standalone proxy's): certificate chain, PKCS#8
 /// key and roots, PEM. The SPIFFE ID is the leaf's URI name.
-pub fn from_files(files: &crate::config::IdentityFiles) -> Result<Identity, String> {
+pub fn from_files(files: &crate::config::IdentityFiles) -> Result<Identity, IdentityError> {
+    let unusable = |what: &str, path: &std::path::Path, e: &dyn std::fmt::Display| {
+        IdentityError::Local(format!("{what} {}: {e}", path.display()))
+    };
     let read = |what: &str, path: &std::path::Path| {
-        std::fs::read_to_string(path).map_err(|e| format!("{what} {}: {e}", path.display()))
+        std::fs::read_to_string(path).map_err(|e| unusable(what, path, &e))
     };
     let certificate_pem = read("certificate", &files.certificate)?;
     let roots_pem = read("roots", &files.roots)?;
-    let key = KeyPair::from_pem(&read("key", &files.key)?)
-        .map_err(|e| format!("key {}: {e}", files.key.display()))?;
+    let key = KeyPair::from_pem(&read("key", &files.key)?).map_err(|e| unusable("key", &files.key, &e))?;
     let (_, leaf) = x509_parser::pem::parse_x509_pem(certificate_pem.as_bytes())
-        .map_err(|e| format!("certificate {}: {e}", files.certificate.display()))?;
+        .map_err(|e| unusable("certificate", &files.certificate, &e))?;
     let spiffe_id = crate::tls::uri_names(&leaf.contents)
         .into_iter()
         .find(|name| name.starts_with("spiffe://"))
-        .ok_or_else(|| format!("certificate {}: no spiffe:// URI name", files.certificate.display()))?;
-    let expires =
-        leaf.parse_x509().map_err(|e| e.to_string())?.validity().not_after.timestamp().max(0) as u64;
+        .ok_or_else(|| unusable("certificate", &files.certificate, &"no spiffe:// URI name"))?;
+    let expires = leaf.parse_x509().map_err(|e| unusable("certificate", &files.certificate, &e))?;
+    let expires = expires.validity().not_after.timestamp().max(0) as u64;
     Ok(Identity {
         spiffe_id,
         certificate_root: root_of(&certificate_pem, &roots_pem),
@@ -192,11 +194,11 @@ pub fn from_files(files: &crate::config::IdentityFiles) -> Result<Identity, Stri
 }
 
 /// A request naming nothing: the token (or the certificate renewed) decides the identity.
-fn certificate_request(key: &KeyPair) -> Result<String, String> {
+fn certificate_request(key: &KeyPair) -> Result<String, IdentityError> {
     CertificateParams::new(Vec::<String>::new())
         .and_then(|params| params.serialize_request(key))
         .and_then(|csr| csr.pem())
-        .map_err(|e| format!("the certificate request: {e}"))
+        .map_err(|e| IdentityError::Local(format!("the certificate request: {e}")))
 }
 
 async fn client(

@@ -101,8 +101,11 @@ fn main() -> ExitCode {
     runtime.block_on(run(args))
 }
 
-async fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener, String> {
-    TcpListener::bind(addr).await.map_err(|e| format!("cannot listen for {what} on {addr}: {e}"))
+/// The error says which listener could not be bound, and where.
+async fn bind(what: &str, addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen for {what} on {addr}: {e}")))
 }
 
 /// The proxy's listeners, bound, and the addresses they got.
@@ -118,7 +121,7 @@ impl Listeners {
         listen: &Listen,
         proxy: &Arc<Proxy>,
         shutdown: &ShutdownSignal,
-    ) -> Result<(), String> {
+    ) -> std::io::Result<()> {
         if let Some(addr) = listen.outbound {
             let listener = bind("outbound", addr).await?;
             self.bound.push(format!("outbound={}", local(&listener)?));
@@ -160,7 +163,7 @@ impl Listeners {
         upstreams: &[UpstreamConfig],
         proxy: &Arc<Proxy>,
         shutdown: &ShutdownSignal,
-    ) -> Result<BTreeMap<String, Protocol>, String> {
+    ) -> std::io::Result<BTreeMap<String, Protocol>> {
         let mut protocols = BTreeMap::new();
         for upstream in upstreams {
             let protocol = proxy
@@ -190,8 +193,8 @@ impl Listeners {
     }
 }
 
-fn local(listener: &TcpListener) -> Result<SocketAddr, String> {
-    listener.local_addr().map_err(|e| e.to_string())
+fn local(listener: &TcpListener) -> std::io::Result<SocketAddr> {
+    listener.local_addr()
 }
 
 async fn run(args: Args) -> ExitCode {
@@ -258,8 +261,8 @@ async fn start_from_file(
         proxy.install_identity(identity).map_err(|e| (2, format!("[identity]: {e}")))?;
         proxy.needs_identity.store(true, Ordering::Release);
     }
-    listeners.start_main(&listen, &proxy, shutdown).await.map_err(|e| (1, e))?;
-    listeners.start_upstreams(&upstreams, &proxy, shutdown).await.map_err(|e| (1, e))?;
+    listeners.start_main(&listen, &proxy, shutdown).await.map_err(|e| (1, e.to_string()))?;
+    listeners.start_upstreams(&upstreams, &proxy, shutdown).await.map_err(|e| (1, e.to_string()))?;
     let hangup = signal(SignalKind::hangup()).map_err(|e| (1, format!("cannot watch SIGHUP: {e}")))?;
     tokio::spawn(reload::watch(path.clone(), proxy.clone(), text, hangup, shutdown.clone()));
     Ok(proxy)
@@ -341,7 +344,7 @@ async fn start_under_control(
     let service = args.service.clone().unwrap_or_default();
     let listen = Listen { outbound: args.outbound, inbound: args.inbound, admin: args.admin, app: args.app };
     let access = ControlAccess::new(control_addr, args.control_ca.as_deref(), args.credentials.as_deref())
-        .map_err(|e| (2, e))?;
+        .map_err(|e| (2, e.to_string()))?;
     let mut options = ControlOptions {
         control: access.clone(),
         proxy_id: args.proxy_id.clone().unwrap_or_else(|| format!("{service}-{}", std::process::id())),
@@ -368,7 +371,7 @@ async fn start_under_control(
         proxy.needs_identity.store(true, Ordering::Release);
         tokio::spawn(acquire_identity(access, token, proxy.clone()));
     }
-    listeners.start_main(&listen, &proxy, shutdown).await.map_err(|e| (1, e))?;
+    listeners.start_main(&listen, &proxy, shutdown).await.map_err(|e| (1, e.to_string()))?;
     options.admin_addr =
         listeners.bound.iter().find_map(|b| b.strip_prefix("admin=")).unwrap_or_default().to_owned();
     tokio::spawn(control::run(options.clone(), proxy.clone(), shutdown.clone()));
@@ -381,7 +384,8 @@ async fn start_under_control(
             return Err((1, "shut down before the first routing table arrived".to_owned()));
         }
     }
-    let protocols = listeners.start_upstreams(&args.upstreams, &proxy, shutdown).await.map_err(|e| (1, e))?;
+    let protocols =
+        listeners.start_upstreams(&args.upstreams, &proxy, shutdown).await.map_err(|e| (1, e.to_string()))?;
     let _ = options.upstream_protocols.set(protocols);
     Ok(proxy)
 }

@@ -98,7 +98,7 @@ impl Proxy {
     /// Makes `identity` the one new connections use (open connections keep
     /// theirs), trusting the newest bundle known. A certificate from a root
     /// that no longer signs is renewed at once.
-    pub fn install_identity(&self, identity: Identity) -> Result<(), String> {
+    pub fn install_identity(&self, identity: Identity) -> Result<(), crate::identity::IdentityError> {
         let bundle = self.bundle.load_full();
         let identity = match bundle.as_deref() {
             Some(bundle) if bundle.version > identity.bundle_version => identity.with_bundle(bundle),
@@ -123,7 +123,7 @@ impl Proxy {
 
     /// Takes a trust bundle from the control plane: new connections trust
     /// its roots from now on.
-    pub fn apply_bundle(&self, bundle: TrustBundle) -> Result<(), String> {
+    pub fn apply_bundle(&self, bundle: TrustBundle) -> Result<(), crate::identity::IdentityError> {
         if bundle.version <= self.bundle_version() {
             return Ok(());
         }

@@ -10,16 +10,36 @@ use std::time::Duration;
 
 use tokio::signal::unix::Signal;
 
-use crate::config::{parse_config, ProxyConfig};
+use crate::config::{parse_config, ConfigError, ProxyConfig};
 use crate::listen::{shutdown_started, ShutdownSignal};
 use crate::proxy::Proxy;
 
 /// How often the file's content is compared with the applied one.
 const POLL_INTERVAL: Duration = Duration::from_millis(250);
 
-pub async fn read_config(path: &PathBuf) -> Result<(String, ProxyConfig), String> {
-    let text = tokio::fs::read_to_string(path).await.map_err(|e| format!("{}: {e}", path.display()))?;
-    let config = parse_config(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+/// Why the config file cannot be used.
+#[derive(Debug)]
+pub enum ConfigFileError {
+    Unreadable(PathBuf, std::io::Error),
+    Invalid(PathBuf, ConfigError),
+}
+
+impl std::fmt::Display for ConfigFileError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConfigFileError::Unreadable(path, error) => write!(f, "{}: {error}", path.display()),
+            ConfigFileError::Invalid(path, error) => write!(f, "{}: {error}", path.display()),
+        }
+    }
+}
+
+impl std::error::Error for ConfigFileError {}
+
+/// The file's text and the configuration it holds.
+pub async fn read_config(path: &PathBuf) -> Result<(String, ProxyConfig), ConfigFileError> {
+    let text =
+        tokio::fs::read_to_string(path).await.map_err(|e| ConfigFileError::Unreadable(path.clone(), e))?;
+    let config = parse_config(&text).map_err(|e| ConfigFileError::Invalid(path.clone(), e))?;
     Ok((text, config))
 }
 

@@ -6,6 +6,8 @@
 //! `spiffe://<trust domain>/service/<service>`.
 
 use mesh_common::spiffe::SpiffeId;
+
+use crate::identity::IdentityError;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -52,18 +54,6 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn certificates(pem: &str) -> Result<Vec<CertificateDer<'static>>, String> {
-    let mut found = Vec::new();
-    for entry in x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes()) {
-        let entry = entry.map_err(|e| format!("PEM: {e}"))?;
-        found.push(CertificateDer::from(entry.contents));
-    }
-    if found.is_empty() {
-        return Err("no certificate in the PEM".into());
-    }
-    Ok(found)
-}
-
 pub use mesh_common::spiffe::trust_domain_of;
 
 /// The URI names of a DER certificate: one parser for the proxy, meshd and
@@ -86,21 +76,29 @@ impl MeshTls {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn new(identity: &Identity, counters: Arc<HandshakeCounters>) -> Result<MeshTls, String> {
+    /// Fails when the identity's material is unusable (`IdentityError::Local`).
+    pub fn new(identity: &Identity, counters: Arc<HandshakeCounters>) -> Result<MeshTls, IdentityError> {
+        fn unusable(what: &'static str) -> impl Fn(&dyn std::fmt::Display) -> IdentityError {
+            move |e| IdentityError::Local(format!("{what}: {e}"))
+        }
         let provider = provider();
         let mut roots = RootCertStore::empty();
-        for root in certificates(&identity.roots_pem)? {
-            roots.add(root).map_err(|e| format!("trust bundle: {e}"))?;
+        for root in
+            mesh_client::pem::certificates(&identity.roots_pem).map_err(|e| unusable("trust bundle")(&e))?
+        {
+            roots.add(root).map_err(|e| unusable("trust bundle")(&e))?;
         }
         let roots = Arc::new(roots);
-        let chain = certificates(&identity.certificate_pem)?;
+        let chain = mesh_client::pem::certificates(&identity.certificate_pem)
+            .map_err(|e| unusable("certificate")(&e))?;
         let key = || PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(identity.key_der().to_vec()));
         let peers: Arc<dyn ClientCertVerifier> =
             WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
                 .build()
-                .map_err(|e| format!("client verifier: {e}"))?;
-        let trust_domain =
-            trust_domain_of(&identity.spiffe_id).ok_or("identity without a trust domain")?.to_owned();
+                .map_err(|e| unusable("client verifier")(&e))?;
+        let trust_domain = trust_domain_of(&identity.spiffe_id)
+            .ok_or_else(|| IdentityError::Local("identity without a trust domain".to_owned()))?
+            .to_owned();
 
         let verifier = PeerVerifier {
             chain: peers.clone(),
@@ -109,21 +107,21 @@ impl MeshTls {
         };
         let mut client = ClientConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| e.to_string())?
+            .map_err(|e| unusable("TLS versions")(&e))?
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(verifier))
             .with_client_auth_cert(chain.clone(), key())
-            .map_err(|e| format!("client certificate: {e}"))?;
+            .map_err(|e| unusable("client certificate")(&e))?;
         let mut client_http1 = client.clone();
         client_http1.alpn_protocols = vec![b"http/1.1".to_vec()];
         client.alpn_protocols = vec![b"h2".to_vec()];
 
         let mut server = ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| e.to_string())?
+            .map_err(|e| unusable("TLS versions")(&e))?
             .with_client_cert_verifier(peers)
             .with_single_cert(chain, key())
-            .map_err(|e| format!("server certificate: {e}"))?;
+            .map_err(|e| unusable("server certificate")(&e))?;
         server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(MeshTls {
             client: Arc::new(client),
