@@ -111,7 +111,11 @@ impl From<mesh_client::ClientError> for SessionEnd {
 }
 
 /// One subscription; returns whether any update arrived.
-async fn session(options: &ControlOptions, proxy: &Proxy, routes: &mut Routes) -> Result<bool, SessionEnd> {
+async fn session(
+    options: &ControlOptions,
+    proxy: &Arc<Proxy>,
+    routes: &mut Routes,
+) -> Result<bool, SessionEnd> {
     // A sidecar given a token subscribes with the certificate it brings.
     if proxy.needs_identity.load(std::sync::atomic::Ordering::Acquire) && proxy.identity.load().is_none() {
         let mut changes = proxy.identity_changes.subscribe();
@@ -186,7 +190,7 @@ async fn session(options: &ControlOptions, proxy: &Proxy, routes: &mut Routes) -
         let ack = match bundle {
             Ok(()) => {
                 let (config, errors) = to_config(routes, options);
-                proxy.apply_control(config, update.version);
+                proxy.apply_off_thread(config, Some(update.version)).await;
                 refused = errors.join("; ");
                 if refused.is_empty() {
                     tracing::info!(version = update.version, "routing table from the control plane applied");

@@ -73,6 +73,10 @@ struct Args {
     /// A peer's connection to the inbound that sends nothing for this long is closed.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
     first_byte_timeout: Duration,
+    /// A connection to an endpoint that carried no request for this long
+    /// is closed (checked every second).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+    upstream_idle_timeout: Duration,
     /// How often the proxy repeats its ack on a quiet control stream, so
     /// the control plane's "last contact" shows the stream is alive.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
@@ -216,6 +220,9 @@ async fn run(args: Args) -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    tokio::spawn(close_idle_connections(proxy.clone(), args.upstream_idle_timeout));
+    // Parsing the first table left garbage behind.
+    mesh_proxy::heap::give_back_freed_memory();
     // Handlers exist before the ready line: a signal sent right after it
     // must drain, not take the default action.
     let mut terminate = signal(SignalKind::terminate()).expect("can watch SIGTERM");
@@ -239,6 +246,22 @@ async fn run(args: Args) -> ExitCode {
         Err(_) => tracing::warn!("drain deadline passed; exiting with requests still in flight"),
     }
     ExitCode::SUCCESS
+}
+
+/// Moves the idle clock on every tick and closes the connections to
+/// endpoints that have been idle for `timeout`.
+async fn close_idle_connections(proxy: Arc<Proxy>, timeout: Duration) {
+    use mesh_proxy::endpoint::pool::{advance_idle_clock, IDLE_TICK};
+    let ticks = (timeout.as_millis() / IDLE_TICK.as_millis()).clamp(1, u32::MAX as u128) as u32;
+    let mut interval = tokio::time::interval(IDLE_TICK);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        advance_idle_clock();
+        if proxy.long_lived.close_idle(ticks) > 0 {
+            mesh_proxy::heap::give_back_freed_memory();
+        }
+    }
 }
 
 async fn start_from_file(

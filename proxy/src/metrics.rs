@@ -39,9 +39,7 @@ const ERROR_SLOTS: usize = ProxyError::ALL.len() + 1;
 #[derive(Default)]
 pub struct HttpMetrics {
     counts: [OnceLock<Box<[AtomicU64; STATUS_CODES]>>; ERROR_SLOTS],
-    buckets: [AtomicU64; BUCKETS.len()],
-    overflow: AtomicU64,
-    sum_nanos: AtomicU64,
+    latency: DurationHistogram,
 }
 
 impl HttpMetrics {
@@ -50,12 +48,7 @@ impl HttpMetrics {
         let code = usize::from(status.clamp(100, 599) - 100);
         let counts = self.counts[slot].get_or_init(|| Box::new(std::array::from_fn(|_| AtomicU64::new(0))));
         counts[code].fetch_add(1, Ordering::Relaxed);
-        let seconds = elapsed.as_secs_f64();
-        match BUCKETS.iter().position(|bound| seconds <= *bound) {
-            Some(bucket) => self.buckets[bucket].fetch_add(1, Ordering::Relaxed),
-            None => self.overflow.fetch_add(1, Ordering::Relaxed),
-        };
-        self.sum_nanos.fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
+        self.latency.record(elapsed);
     }
 }
 
@@ -84,6 +77,42 @@ pub struct EndpointCount<'a> {
     pub ejections_total: u64,
 }
 
+/// Durations of one kind of event (routing-table builds), in the latency buckets.
+#[derive(Default)]
+pub struct DurationHistogram {
+    buckets: [AtomicU64; BUCKETS.len()],
+    overflow: AtomicU64,
+    sum_nanos: AtomicU64,
+}
+
+impl DurationHistogram {
+    pub fn record(&self, elapsed: Duration) {
+        let seconds = elapsed.as_secs_f64();
+        match BUCKETS.iter().position(|bound| seconds <= *bound) {
+            Some(bucket) => self.buckets[bucket].fetch_add(1, Ordering::Relaxed),
+            None => self.overflow.fetch_add(1, Ordering::Relaxed),
+        };
+        self.sum_nanos.fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// The `_bucket` (cumulative, then `+Inf`), `_sum` and `_count` lines
+    /// of `name` with `labels` (`key="value",...` or empty).
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        let mut cumulative = 0;
+        for (bound, bucket) in BUCKETS.iter().zip(&self.buckets) {
+            cumulative += bucket.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}");
+        }
+        cumulative += self.overflow.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {cumulative}");
+        let sum = self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        let labels = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
+        let _ = writeln!(out, "{name}_sum{labels} {sum}");
+        let _ = writeln!(out, "{name}_count{labels} {cumulative}");
+    }
+}
+
 type HttpKey = (Direction, String, String);
 
 #[derive(Default)]
@@ -93,6 +122,8 @@ pub struct Metrics {
     tcp: Mutex<BTreeMap<(Direction, String), Arc<TcpMetrics>>>,
     pub reloads_ok: AtomicU64,
     pub reloads_failed: AtomicU64,
+    /// How long building and publishing each routing table took.
+    pub reload_duration: DurationHistogram,
     /// Connections closed at accept because their listener was full.
     pub connections_refused: AtomicU64,
     /// When the proxy's certificate expires (Unix seconds), 0 without one.
@@ -197,6 +228,13 @@ impl Metrics {
         );
         header(
             &mut out,
+            "mesh_config_reload_duration_seconds",
+            "histogram",
+            "Time to build and publish a routing table (file reload or control-plane update).",
+        );
+        self.reload_duration.render(&mut out, "mesh_config_reload_duration_seconds", "");
+        header(
+            &mut out,
             "mesh_connections_refused_total",
             "counter",
             "Connections closed at accept because the listener had its maximum open.",
@@ -242,22 +280,7 @@ impl Metrics {
                 escape(service),
                 escape(version)
             );
-            let mut cumulative = 0;
-            for (bound, bucket) in BUCKETS.iter().zip(&m.buckets) {
-                cumulative += bucket.load(Ordering::Relaxed);
-                let _ = writeln!(
-                    out,
-                    "mesh_http_request_duration_seconds_bucket{{{labels},le=\"{bound}\"}} {cumulative}"
-                );
-            }
-            cumulative += m.overflow.load(Ordering::Relaxed);
-            let _ = writeln!(
-                out,
-                "mesh_http_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {cumulative}"
-            );
-            let sum = m.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
-            let _ = writeln!(out, "mesh_http_request_duration_seconds_sum{{{labels}}} {sum}");
-            let _ = writeln!(out, "mesh_http_request_duration_seconds_count{{{labels}}} {cumulative}");
+            m.latency.render(out, "mesh_http_request_duration_seconds", &labels);
         }
     }
 

@@ -71,6 +71,35 @@ impl Proxy {
         self.control_version.store(version, Ordering::Release);
     }
 
+    /// `apply` (no `control_version`) or `apply_control`, run on the
+    /// blocking pool: a large table takes milliseconds to build, and the
+    /// threads serving requests must not wait for it. Returns the version
+    /// published.
+    pub async fn apply_off_thread(
+        self: &Arc<Self>,
+        config: ProxyConfig,
+        control_version: Option<u64>,
+    ) -> u64 {
+        let proxy = self.clone();
+        let build = move || {
+            let version = match control_version {
+                Some(version) => {
+                    proxy.apply_control(config, version);
+                    version
+                }
+                None => proxy.apply(config),
+            };
+            // The old table and the update's parse are garbage now.
+            crate::heap::give_back_freed_memory();
+            version
+        };
+        match tokio::task::spawn_blocking(build).await {
+            Ok(version) => version,
+            // A panic in the build is a bug; it goes on as such.
+            Err(error) => std::panic::resume_unwind(error.into_panic()),
+        }
+    }
+
     /// Whether the local app's service takes plaintext from outside the mesh.
     pub fn local_service_permissive(&self) -> bool {
         let table = self.table.load();
@@ -152,10 +181,13 @@ impl Proxy {
     }
 
     fn publish(&self, config: ProxyConfig, version: Option<u64>) -> u64 {
+        let started = std::time::Instant::now();
         let snapshot = self.long_lived.build(config, version);
         let version = snapshot.version;
         self.table.store(Arc::new(snapshot));
-        self.long_lived.metrics.reloads_ok.fetch_add(1, Ordering::Relaxed);
+        let metrics = &self.long_lived.metrics;
+        metrics.reload_duration.record(started.elapsed());
+        metrics.reloads_ok.fetch_add(1, Ordering::Relaxed);
         self.has_table.store(true, Ordering::Release);
         version
     }

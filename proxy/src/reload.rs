@@ -83,7 +83,7 @@ pub async fn watch(
                     tracing::warn!("listen addresses or upstream ports changed; they take effect at restart");
                 }
                 drop(previous);
-                let version = proxy.apply(config);
+                let version = proxy.apply_off_thread(config, None).await;
                 tracing::info!(version, "routing table reloaded");
                 applied_text = text;
             }

@@ -153,6 +153,15 @@ pub fn is_own_listener(own: &[SocketAddr], endpoint: SocketAddr) -> bool {
 }
 
 impl LongLived {
+    /// Closes every endpoint's connections idle for `ticks` of the idle
+    /// clock (see `endpoint::pool`) and returns how many. The map's lock is
+    /// held only to copy the list, never while a pool is swept.
+    pub fn close_idle(&self, ticks: u32) -> usize {
+        let states: Vec<Arc<EndpointState>> =
+            self.endpoints.lock().expect("long-lived lock").values().cloned().collect();
+        states.iter().map(|state| state.pool.close_idle(ticks)).sum()
+    }
+
     /// Records a listener the proxy bound, for tables built from now on.
     pub fn add_own_listener(&self, addr: SocketAddr) {
         self.own_listeners.lock().expect("long-lived lock").push(addr);

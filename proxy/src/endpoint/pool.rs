@@ -5,7 +5,8 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -21,14 +22,43 @@ use crate::transport;
 pub type Http1Sender = http1::SendRequest<RequestBody>;
 pub type Http2Sender = http2::SendRequest<RequestBody>;
 
-/// Idle HTTP/1 connections kept per endpoint; more are closed when released.
-const MAX_IDLE_HTTP1: usize = 256;
+/// Idle HTTP/1 connections kept per endpoint; more are closed when
+/// released. Each slot costs 40 bytes once the endpoint is used.
+const MAX_IDLE_HTTP1: usize = 64;
+
+/// The idle clock: a count the sweeper moves on once per [`IDLE_TICK`].
+/// Connections note it when they go idle (a relaxed load, not a clock
+/// read), and the sweeper closes those idle for the configured time.
+static IDLE_CLOCK: AtomicU32 = AtomicU32::new(0);
+
+/// How often the sweeper looks for idle connections.
+pub const IDLE_TICK: Duration = Duration::from_secs(1);
+
+fn idle_now() -> u32 {
+    IDLE_CLOCK.load(Ordering::Relaxed)
+}
+
+/// Moves the idle clock on one tick; the sweeper's alone to call.
+pub fn advance_idle_clock() {
+    IDLE_CLOCK.fetch_add(1, Ordering::Relaxed);
+}
 
 pub struct ConnPool {
     addr: SocketAddr,
-    idle_http1: ArrayQueue<Http1Sender>,
+    /// Made when the first connection is released: most endpoints of a
+    /// large table are never called, and an empty queue of this size is
+    /// most of an endpoint's memory.
+    /// Boxed: the queue's cache-padded ends are most of a pool's size, and
+    /// an unused endpoint should cost only the pointer.
+    idle_http1: OnceLock<Box<ArrayQueue<IdleHttp1>>>,
     http2: ArcSwapOption<SharedHttp2>,
     mesh: Option<MeshPeer>,
+}
+
+/// A pooled HTTP/1 connection and the idle-clock tick it was released at.
+struct IdleHttp1 {
+    sender: Http1Sender,
+    since: u32,
 }
 
 /// The shared HTTP/2 connection and the mTLS configuration it was opened
@@ -40,6 +70,8 @@ pub struct ConnPool {
 struct SharedHttp2 {
     sender: Http2Sender,
     tls: Option<Arc<MeshTls>>,
+    /// The idle-clock tick of its last request.
+    last_used: AtomicU32,
 }
 
 /// A peer sidecar: the service whose identity it must hold, and where this
@@ -55,7 +87,7 @@ pub struct ConnectError(pub io::Error);
 
 impl ConnPool {
     pub fn new(addr: SocketAddr, mesh: Option<MeshPeer>) -> Self {
-        ConnPool { addr, idle_http1: ArrayQueue::new(MAX_IDLE_HTTP1), http2: ArcSwapOption::empty(), mesh }
+        ConnPool { addr, idle_http1: OnceLock::new(), http2: ArcSwapOption::empty(), mesh }
     }
 
     /// The mTLS configuration to reach this endpoint with, when it is a
@@ -76,7 +108,8 @@ impl ConnPool {
 
     /// An idle HTTP/1 connection ready for a request, if one is pooled.
     pub fn take_http1(&self) -> Option<Http1Sender> {
-        while let Some(sender) = self.idle_http1.pop() {
+        let idle = self.idle_http1.get()?;
+        while let Some(IdleHttp1 { sender, .. }) = idle.pop() {
             if sender.is_ready() {
                 return Some(sender);
             }
@@ -86,9 +119,46 @@ impl ConnPool {
 
     pub fn put_http1(&self, sender: Http1Sender) {
         if sender.is_ready() {
+            let idle = self.idle_http1.get_or_init(|| Box::new(ArrayQueue::new(MAX_IDLE_HTTP1)));
             // A full queue drops the sender, which closes that connection.
-            let _ = self.idle_http1.push(sender);
+            let _ = idle.push(IdleHttp1 { sender, since: idle_now() });
         }
+    }
+
+    /// Closes the connections idle for `ticks` of the idle clock or more:
+    /// pooled HTTP/1 connections, and the shared HTTP/2 connection once no
+    /// request has used it for that long (requests still on it finish).
+    /// Returns how many it closed.
+    pub fn close_idle(&self, ticks: u32) -> usize {
+        let now = idle_now();
+        let mut closed = 0;
+        if let Some(idle) = self.idle_http1.get() {
+            // Bounded: each pooled connection is looked at once.
+            for _ in 0..idle.len() {
+                let Some(entry) = idle.pop() else { break };
+                if now.wrapping_sub(entry.since) < ticks && entry.sender.is_ready() {
+                    // A full queue (requests released meanwhile) drops it.
+                    let _ = idle.push(entry);
+                } else {
+                    closed += 1;
+                }
+            }
+        }
+        let stale = self
+            .http2
+            .load()
+            .as_ref()
+            .is_some_and(|shared| now.wrapping_sub(shared.last_used.load(Ordering::Relaxed)) >= ticks);
+        if stale {
+            self.http2.store(None);
+            closed += 1;
+        }
+        closed
+    }
+
+    /// Connections this endpoint holds open and unused now (for tests and metrics).
+    pub fn idle_http1_count(&self) -> usize {
+        self.idle_http1.get().map_or(0, |idle| idle.len())
     }
 
     pub async fn connect_http1(&self, timeout: Duration) -> Result<Http1Sender, ConnectError> {
@@ -112,6 +182,11 @@ impl ConnPool {
     pub async fn http2(&self, timeout: Duration) -> Result<Http2Sender, ConnectError> {
         if let Some(shared) = self.http2.load().as_ref() {
             if !shared.sender.is_closed() && self.opened_with_current_tls(shared) {
+                // Written only when the tick moved: no shared write per request.
+                let now = idle_now();
+                if shared.last_used.load(Ordering::Relaxed) != now {
+                    shared.last_used.store(now, Ordering::Relaxed);
+                }
                 return Ok(shared.sender.clone());
             }
         }
@@ -133,7 +208,8 @@ impl ConnPool {
             }
             _ => handshake_http2(stream).await?,
         };
-        self.http2.store(Some(Arc::new(SharedHttp2 { sender: sender.clone(), tls: opened_with })));
+        let last_used = AtomicU32::new(idle_now());
+        self.http2.store(Some(Arc::new(SharedHttp2 { sender: sender.clone(), tls: opened_with, last_used })));
         Ok(sender)
     }
 

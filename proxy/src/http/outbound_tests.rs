@@ -75,13 +75,21 @@ impl Body for ScriptedBody {
 }
 
 /// Serves the script at an in-memory address: the n-th request gets the
-/// n-th answer, and the last answer repeats.
+/// n-th answer, and the last answer repeats. Returns the count of requests
+/// the app saw.
 fn start_app(host: u8, script: &'static [Answer]) -> Arc<AtomicUsize> {
+    start_app_counting(host, script).0
+}
+
+/// `start_app`, also returning the count of connections it accepted.
+fn start_app_counting(host: u8, script: &'static [Answer]) -> (Arc<AtomicUsize>, Arc<AtomicUsize>) {
     let seen = Arc::new(AtomicUsize::new(0));
+    let accepted = Arc::new(AtomicUsize::new(0));
     let mut listener = memory::Listener::bind(memory::addr(host, 80));
-    let counter = seen.clone();
+    let (counter, connections) = (seen.clone(), accepted.clone());
     tokio::spawn(async move {
         while let Some(pipe) = listener.accept().await {
+            connections.fetch_add(1, Ordering::SeqCst);
             let counter = counter.clone();
             let app = service_fn(move |_request: Request<Incoming>| {
                 let n = counter.fetch_add(1, Ordering::SeqCst);
@@ -109,7 +117,7 @@ fn start_app(host: u8, script: &'static [Answer]) -> Arc<AtomicUsize> {
             );
         }
     });
-    seen
+    (seen, accepted)
 }
 
 /// The service `echo` with one endpoint at the in-memory `host`.
@@ -369,4 +377,32 @@ async fn a_refused_connection_goes_again_then_is_reported() {
     assert!(got.body.as_ref().is_ok_and(|b| String::from_utf8_lossy(b).contains("192.0.2.9:80")), "{got:?}");
     // A request that never left may go again, whatever its method.
     assert_eq!(service.retry_metrics.connect_failure.load(Ordering::Relaxed), 2);
+}
+
+#[test]
+fn a_connection_idle_for_the_idle_time_is_closed_and_a_busy_one_stays() {
+    use crate::endpoint::pool::advance_idle_clock;
+    paused_runtime().block_on(async {
+        let (seen, accepted) = start_app_counting(40, &[Answer::Ok]);
+        let service = service(40, NO_RETRY);
+        let pool = service.groups[0].endpoints[0].state.pool.clone();
+        assert_eq!(pool.idle_http1_count(), 0, "nothing is pooled before the first request");
+        for _ in 0..2 {
+            assert_eq!(call(service.clone(), Method::GET).await.status, StatusCode::OK);
+        }
+        // The second request reused the first one's connection, which is pooled again.
+        assert_eq!((seen.load(Ordering::SeqCst), accepted.load(Ordering::SeqCst)), (2, 1));
+        assert_eq!(pool.idle_http1_count(), 1);
+        // Idle for fewer ticks than the limit: kept.
+        advance_idle_clock();
+        advance_idle_clock();
+        pool.close_idle(3);
+        assert_eq!(pool.idle_http1_count(), 1, "closed before its idle time");
+        advance_idle_clock();
+        pool.close_idle(3);
+        assert_eq!(pool.idle_http1_count(), 0, "still pooled after its idle time");
+        // The next request opens a new connection.
+        assert_eq!(call(service.clone(), Method::GET).await.status, StatusCode::OK);
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    });
 }
