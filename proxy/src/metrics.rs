@@ -153,11 +153,32 @@ impl Metrics {
 
     /// Renders the Prometheus text format. `endpoints` and `config_version`
     /// come from the routing table in use at scrape time.
-    pub fn render(&self, endpoints: &[EndpointCount<'_>], config_version: u64) -> String {
+    pub fn render(
+        &self,
+        endpoints: &[EndpointCount<'_>],
+        config_version: u64,
+        upstream: crate::snapshot::UpstreamConnections,
+    ) -> String {
         let mut out = String::with_capacity(8192);
         self.render_http(&mut out);
         self.render_retries(&mut out);
         self.render_tcp(&mut out);
+        header(
+            &mut out,
+            "mesh_upstream_connections",
+            "gauge",
+            "Connections to endpoints held open: idle pooled HTTP/1 ones and shared HTTP/2 ones.",
+        );
+        let _ = writeln!(
+            out,
+            "mesh_upstream_connections{{protocol=\"http1\",state=\"idle\"}} {}",
+            upstream.idle_http1
+        );
+        let _ = writeln!(
+            out,
+            "mesh_upstream_connections{{protocol=\"http2\",state=\"shared\"}} {}",
+            upstream.http2
+        );
         header(&mut out, "mesh_endpoints", "gauge", "Endpoints of a service version by state.");
         for row in endpoints {
             for (state, value) in [("ready", row.ready), ("ejected", row.ejected)] {
@@ -348,7 +369,7 @@ mod tests {
         handle.record(200, None, Duration::from_millis(3));
         handle.record(200, None, Duration::from_millis(30));
         handle.record(503, Some(ProxyError::BreakerOpen), Duration::from_micros(10));
-        let text = metrics.render(&[], 4);
+        let text = metrics.render(&[], 4, Default::default());
         assert!(text.contains(
             "mesh_http_requests_total{direction=\"outbound\",service=\"echo\",version=\"v1\",code=\"200\",error=\"\"} 2"
         ));

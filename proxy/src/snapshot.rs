@@ -140,6 +140,13 @@ pub struct LongLived {
     own_listeners: Mutex<Vec<SocketAddr>>,
 }
 
+/// Connections to endpoints the proxy holds open.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UpstreamConnections {
+    pub idle_http1: usize,
+    pub http2: usize,
+}
+
 /// Whether `endpoint` is one of the proxy's own listeners: the same port on
 /// the same address, or on any local address when the listener is bound
 /// to all of them.
@@ -160,6 +167,18 @@ impl LongLived {
         let states: Vec<Arc<EndpointState>> =
             self.endpoints.lock().expect("long-lived lock").values().cloned().collect();
         states.iter().map(|state| state.pool.close_idle(ticks)).sum()
+    }
+
+    /// Connections to endpoints held open now: pooled idle HTTP/1 ones and
+    /// shared HTTP/2 ones, for /metrics.
+    pub fn upstream_connections(&self) -> UpstreamConnections {
+        let endpoints = self.endpoints.lock().expect("long-lived lock");
+        let mut held = UpstreamConnections::default();
+        for state in endpoints.values() {
+            held.idle_http1 += state.pool.idle_http1_count();
+            held.http2 += usize::from(state.pool.has_http2());
+        }
+        held
     }
 
     /// Records a listener the proxy bound, for tables built from now on.

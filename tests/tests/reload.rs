@@ -69,6 +69,9 @@ async fn reloading_every_100ms_under_load_fails_no_request() {
     assert!(tally.ok >= 1_000, "only {} requests ran across the reloads", tally.ok);
     let applied = scrape(&proxy.admin()).await.sum("mesh_config_reloads_total", &[("result", "ok")]);
     assert!(applied >= 80.0, "{applied} tables applied for {reloads} reloads");
+    // Every table applied after the first was built and timed.
+    let timed = scrape(&proxy.admin()).await.sum("mesh_config_reload_duration_seconds_count", &[]);
+    assert_eq!(timed, applied - 1.0, "reload durations recorded");
     assert!(tally.by_instance.contains_key(&b.addr) && tally.by_instance.contains_key(&c.addr));
 }
 

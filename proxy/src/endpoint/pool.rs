@@ -161,6 +161,11 @@ impl ConnPool {
         self.idle_http1.get().map_or(0, |idle| idle.len())
     }
 
+    /// Whether the shared HTTP/2 connection is open.
+    pub fn has_http2(&self) -> bool {
+        self.http2.load().as_ref().is_some_and(|shared| !shared.sender.is_closed())
+    }
+
     pub async fn connect_http1(&self, timeout: Duration) -> Result<Http1Sender, ConnectError> {
         let stream = transport::connect(self.addr, timeout).await.map_err(ConnectError)?;
         match (self.mtls(), &self.mesh) {

@@ -42,10 +42,12 @@ fn handle(proxy: &Proxy, request: Request<Incoming>) -> Response<Full<Bytes>> {
     match request.uri().path() {
         "/metrics" => {
             let snapshot = proxy.table.load();
-            let body = proxy
-                .long_lived
-                .metrics
-                .render(&snapshot.endpoint_counts(clock::now_millis()), snapshot.version);
+            let upstream = proxy.long_lived.upstream_connections();
+            let body = proxy.long_lived.metrics.render(
+                &snapshot.endpoint_counts(clock::now_millis()),
+                snapshot.version,
+                upstream,
+            );
             let mut response = text(StatusCode::OK, body);
             response.headers_mut().insert(
                 header::CONTENT_TYPE,
