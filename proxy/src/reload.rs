@@ -76,7 +76,17 @@ pub async fn watch(
         if !forced && (text == applied_text || text == rejected_text) {
             continue;
         }
-        match parse_config(&text) {
+        // Parsed on the blocking pool, like the build: a large file takes a
+        // while, and the threads serving requests must not wait for it.
+        let parsed = {
+            let text = text.clone();
+            tokio::task::spawn_blocking(move || parse_config(&text)).await
+        };
+        let parsed = match parsed {
+            Ok(parsed) => parsed,
+            Err(error) => std::panic::resume_unwind(error.into_panic()),
+        };
+        match parsed {
             Ok(config) => {
                 let previous = proxy.table.load();
                 if config.listen != previous.config.listen || config.upstreams != previous.config.upstreams {

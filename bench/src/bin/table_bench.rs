@@ -104,8 +104,8 @@ fn rss_kb(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// Starts the proxy on `config` and returns it with its outbound address.
-async fn start_proxy(args: &Args, config: &std::path::Path) -> (Child, SocketAddr) {
+/// Starts the proxy on `config` and returns it with its outbound and admin addresses.
+async fn start_proxy(args: &Args, config: &std::path::Path) -> (Child, SocketAddr, SocketAddr) {
     let mut command = Command::new(args.bin_dir.join("mesh-proxy"));
     command.arg("--config").arg(config).args(["--threads", "1"]);
     if let Some(timeout) = args.idle_timeout {
@@ -120,17 +120,98 @@ async fn start_proxy(args: &Args, config: &std::path::Path) -> (Child, SocketAdd
     let ready = tokio::time::timeout(Duration::from_secs(60), async {
         while let Ok(Some(line)) = lines.next_line().await {
             if let Some(rest) = line.strip_prefix("mesh-proxy ready ") {
-                return rest.split_whitespace().find_map(|b| b.strip_prefix("outbound=")?.parse().ok());
+                let bound = |name: &str| {
+                    let prefix = format!("{name}=");
+                    rest.split_whitespace().find_map(|b| b.strip_prefix(prefix.as_str())?.parse().ok())
+                };
+                return bound("outbound").zip(bound("admin"));
             }
         }
         None
     })
     .await;
-    let Ok(Some(outbound)) = ready else {
+    let Ok(Some((outbound, admin))) = ready else {
         let _ = child.kill();
         usage("mesh-proxy did not say it was ready within 60 s");
     };
-    (child, outbound)
+    (child, outbound, admin)
+}
+
+/// The body of a GET of `path` on the proxy's admin port.
+async fn admin_get(admin: SocketAddr, path: &str) -> Option<Bytes> {
+    let stream = TcpStream::connect(admin).await.ok()?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.ok()?;
+    tokio::spawn(connection);
+    let request =
+        hyper::Request::builder().uri(path).header("host", "admin").body(Empty::<Bytes>::new()).ok()?;
+    Some(sender.send_request(request).await.ok()?.into_body().collect().await.ok()?.to_bytes())
+}
+
+/// The version of the table the proxy serves (its admin `/config`).
+async fn table_version(admin: SocketAddr) -> Option<u64> {
+    let config: serde_json::Value = serde_json::from_slice(&admin_get(admin, "/config").await?).ok()?;
+    config["version"].as_u64()
+}
+
+/// The mean table build the proxy reports (`mesh_config_reload_duration_seconds`),
+/// when it reports one.
+async fn mean_build(admin: SocketAddr) -> Option<Duration> {
+    let metrics = String::from_utf8(admin_get(admin, "/metrics").await?.to_vec()).ok()?;
+    let value = |name: &str| -> Option<f64> {
+        metrics.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    };
+    let sum = value("mesh_config_reload_duration_seconds_sum")?;
+    let count = value("mesh_config_reload_duration_seconds_count")?;
+    (count > 0.0).then(|| Duration::from_secs_f64(sum / count))
+}
+
+/// The config file's text: every service with its endpoints; `moved`
+/// replaces the first service's last endpoint with another address.
+fn config_text(args: &Args, port: u16, moved: Option<usize>) -> String {
+    let mut config = String::from("[listen]\noutbound = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n");
+    for service in 0..args.services {
+        config.push_str(&format!(
+            "\n[[services]]\nname = \"svc-{service}\"\nretry = {{ attempts = 1 }}\nendpoints = [\n"
+        ));
+        for endpoint in 0..args.endpoints {
+            let mut index = service * args.endpoints + endpoint;
+            if service == 0 && endpoint == args.endpoints - 1 {
+                index = moved.unwrap_or(index);
+            }
+            config.push_str(&format!("  {{ addr = \"{}\" }},\n", endpoint_addr(index, port)));
+        }
+        config.push_str("]\n");
+    }
+    config
+}
+
+/// Times `count` reloads that each move one endpoint: from the file's write
+/// (and a SIGHUP) to the proxy serving the new table. Returns the times.
+async fn time_reloads(
+    args: &Args,
+    port: u16,
+    path: &std::path::Path,
+    pid: u32,
+    admin: SocketAddr,
+    count: usize,
+) -> Vec<Duration> {
+    let total = args.services * args.endpoints;
+    let mut times = Vec::new();
+    for reload in 0..count {
+        let before = table_version(admin).await.unwrap_or(0);
+        let aside = path.with_extension("next");
+        std::fs::write(&aside, config_text(args, port, Some(total + reload))).expect("write the config");
+        let started = Instant::now();
+        std::fs::rename(&aside, path).expect("replace the config");
+        // SAFETY: kill(2) on the proxy this bench started.
+        unsafe { libc::kill(pid as i32, libc::SIGHUP) };
+        let deadline = started + Duration::from_secs(60);
+        while table_version(admin).await.unwrap_or(0) <= before && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        times.push(started.elapsed());
+    }
+    times
 }
 
 /// Sends `per_service` requests to every service through `outbound`, over
@@ -181,21 +262,11 @@ async fn main() {
 
     let dir = std::env::temp_dir().join(format!("mesh-table-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("work dir");
-    let mut config = String::from("[listen]\noutbound = \"127.0.0.1:0\"\n");
-    for service in 0..args.services {
-        config.push_str(&format!(
-            "\n[[services]]\nname = \"svc-{service}\"\nretry = {{ attempts = 1 }}\nendpoints = [\n"
-        ));
-        for endpoint in 0..args.endpoints {
-            let addr = endpoint_addr(service * args.endpoints + endpoint, port);
-            config.push_str(&format!("  {{ addr = \"{addr}\" }},\n"));
-        }
-        config.push_str("]\n");
-    }
+    let config = config_text(&args, port, None);
     let config_path = dir.join("proxy.toml");
     std::fs::write(&config_path, config).expect("write the config");
 
-    let (mut proxy, outbound) = start_proxy(&args, &config_path).await;
+    let (mut proxy, outbound, admin) = start_proxy(&args, &config_path).await;
     let pid = proxy.id();
     let total = args.services * args.endpoints;
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -218,6 +289,8 @@ async fn main() {
     let left_open = backend.open.load(Ordering::Relaxed);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let after_idle = rss_kb(pid);
+    let reloads = time_reloads(&args, port, &config_path, pid, admin, 5).await;
+    let build = mean_build(admin).await;
 
     let _ = proxy.kill();
     let _ = proxy.wait();
@@ -234,6 +307,12 @@ async fn main() {
         busy as f64 / 1024.0,
         after_idle as f64 / 1024.0,
     );
+    let mean = reloads.iter().sum::<Duration>() / reloads.len().max(1) as u32;
+    let slowest = reloads.iter().max().copied().unwrap_or_default();
+    println!("\nOne endpoint moved, file written to new table served (5 reloads): mean {mean:.1?}, slowest {slowest:.1?}");
+    if let Some(build) = build {
+        println!("of which the table build (mesh_config_reload_duration_seconds, mean): {build:.1?}");
+    }
     eprintln!(
         "calls took {calls_took:?}; connections accepted in all: {}",
         backend.accepted.load(Ordering::Relaxed)
