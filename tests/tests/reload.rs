@@ -67,11 +67,14 @@ async fn reloading_every_100ms_under_load_fails_no_request() {
     assert_eq!(tally.failed(), 0, "{:?}", tally.failures);
     // Enough requests overlapped the reloads to see one fail (not a speed check).
     assert!(tally.ok >= 1_000, "only {} requests ran across the reloads", tally.ok);
-    let applied = scrape(&proxy.admin()).await.sum("mesh_config_reloads_total", &[("result", "ok")]);
+    let metrics = scrape(&proxy.admin()).await;
+    let applied = metrics.sum("mesh_config_reloads_total", &[("result", "ok")]);
     assert!(applied >= 80.0, "{applied} tables applied for {reloads} reloads");
-    // Every table applied after the first was built and timed.
-    let timed = scrape(&proxy.admin()).await.sum("mesh_config_reload_duration_seconds_count", &[]);
-    assert_eq!(timed, applied - 1.0, "reload durations recorded");
+    // Every table applied after the first was built and timed (one scrape:
+    // the watcher may still apply the last file; a build in progress may
+    // be timed but not yet counted).
+    let timed = metrics.sum("mesh_config_reload_duration_seconds_count", &[]);
+    assert!((applied - 1.0..=applied).contains(&timed), "{timed} builds timed for {applied} tables applied");
     assert!(tally.by_instance.contains_key(&b.addr) && tally.by_instance.contains_key(&c.addr));
 }
 

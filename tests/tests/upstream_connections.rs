@@ -19,7 +19,7 @@ async fn an_idle_upstream_connection_is_closed_and_the_next_request_opens_anothe
     let echo = Echo::start("v1", &[]);
     let path = dir.path("proxy.toml");
     std::fs::write(&path, render(&[ServiceSpec::new("echo").endpoint(&echo.addr, "v1")], &[], None)).unwrap();
-    let proxy = Proxy::start_args(&path, &["--upstream-idle-timeout", "2s"]);
+    let proxy = Proxy::start_args(&path, &["--upstream-idle-timeout", "3s"]);
     let (outbound, admin) = (proxy.outbound(), proxy.admin());
     let client = http1();
     for _ in 0..3 {
@@ -29,7 +29,7 @@ async fn an_idle_upstream_connection_is_closed_and_the_next_request_opens_anothe
     // Sequential requests shared one connection, pooled now.
     assert_eq!(idle_http1(&admin).await, 1.0);
     // Unused for the idle time: closed (checked every second).
-    eventually("the idle connection is closed", Duration::from_secs(10), || {
+    eventually("the idle connection is closed", Duration::from_secs(15), || {
         let admin = admin.clone();
         async move { (idle_http1(&admin).await == 0.0).then_some(()) }
     })
