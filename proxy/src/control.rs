@@ -189,7 +189,7 @@ async fn session(
         };
         let ack = match bundle {
             Ok(()) => {
-                let (config, errors) = to_config(routes, options);
+                let (config, errors) = convert_off_thread(routes, options).await;
                 proxy.apply_off_thread(config, Some(update.version)).await;
                 refused = errors.join("; ");
                 if refused.is_empty() {
@@ -241,6 +241,26 @@ fn repeated_ack(proxy: &Proxy, refused: &str) -> pb::SubscribeRequest {
 /// cannot run here. A refused service keeps the route it last ran with
 /// (none, if it never ran), so one bad route holds back only itself: every
 /// other service takes its new route.
+/// `to_config` on the blocking pool: at a large table it walks every
+/// route, and the threads serving requests must not wait for it. The
+/// routes go there by value and come back.
+async fn convert_off_thread(routes: &mut Routes, options: &ControlOptions) -> (ProxyConfig, Vec<String>) {
+    let (mut taken, options) = (std::mem::take(routes), options.clone());
+    let converted = tokio::task::spawn_blocking(move || {
+        let converted = to_config(&mut taken, &options);
+        (taken, converted)
+    })
+    .await;
+    match converted {
+        Ok((back, converted)) => {
+            *routes = back;
+            converted
+        }
+        // A panic in the conversion is a bug; it goes on as such.
+        Err(error) => std::panic::resume_unwind(error.into_panic()),
+    }
+}
+
 pub fn to_config(routes: &mut Routes, options: &ControlOptions) -> (ProxyConfig, Vec<String>) {
     let mut services = Vec::new();
     let mut errors = Vec::new();
