@@ -1,11 +1,12 @@
 //! What the proxy, the control plane and the CLI share, with no async
 //! runtime: values with their parsing and rules (names, SPIFFE IDs,
 //! durations, file errors, backoff), so that each program checks them the
-//! same way, and the binaries' log set-up.
+//! same way, the binaries' log set-up, and handing freed heap back.
 
 pub mod backoff;
 pub mod duration;
 pub mod file_error;
+pub mod heap;
 pub mod join_token;
 pub mod logging;
 pub mod name;

@@ -22,8 +22,13 @@ pub struct ControlMetrics {
 }
 
 impl ControlMetrics {
-    pub fn set_connected(&self, n: u64) {
-        self.connected.store(n, Ordering::Relaxed);
+    /// One proxy stream more (true) or fewer (false).
+    pub fn count_connected(&self, connected: bool) {
+        if connected {
+            self.connected.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.connected.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 
     pub fn set_version(&self, version: u64) {

@@ -12,6 +12,12 @@ pub mod echo {
 pub mod mesh {
     pub mod v1 {
         tonic::include_proto!("mesh.v1");
+
+        /// meshd's side of Discovery: it sends `RoutingUpdateWire`, which
+        /// proxies decode as `RoutingUpdate`.
+        pub mod wire {
+            include!(concat!(env!("OUT_DIR"), "/mesh.v1.Discovery.rs"));
+        }
     }
 }
 

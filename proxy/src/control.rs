@@ -143,6 +143,7 @@ async fn session(
         .map_err(|status| SessionEnd::Stream("subscribe", status))?
         .into_inner();
     let mut received = false;
+    let mut parts: Vec<pb::RoutingUpdate> = Vec::new();
     // Why the table in force differs from the control plane's, if it does.
     let mut refused = String::new();
     let mut identity_changes = proxy.identity_changes.subscribe();
@@ -174,15 +175,14 @@ async fn session(
         };
         let Some(update) = update else { break };
         received = true;
-        if update.full {
-            routes.received.clear();
+        // A large update comes in parts: none is taken until the last one
+        // is here, so a stream cut between parts leaves the table as it was.
+        let more = update.more;
+        parts.push(update);
+        if more {
+            continue;
         }
-        for route in update.services {
-            routes.received.insert(route.name.clone(), route);
-        }
-        for name in &update.removed_services {
-            routes.received.remove(name);
-        }
+        let update = merge_parts(&mut routes.received, &mut parts);
         let bundle = match update.bundle.map(crate::identity::TrustBundle::from_pb) {
             Some(bundle) => proxy.apply_bundle(bundle).map_err(|e| format!("trust bundle: {e}")),
             None => Ok(()),
@@ -223,6 +223,29 @@ async fn session(
         }
     }
     Ok(received)
+}
+
+/// Takes an update's parts into `received` (service → route), in order,
+/// and returns what the update says besides the routes: its version and
+/// bundle.
+fn merge_parts(
+    received: &mut BTreeMap<String, pb::ServiceRoute>,
+    parts: &mut Vec<pb::RoutingUpdate>,
+) -> pb::RoutingUpdate {
+    let mut last = pb::RoutingUpdate::default();
+    for mut part in parts.drain(..) {
+        if part.full {
+            received.clear();
+        }
+        for route in part.services.drain(..) {
+            received.insert(route.name.clone(), route);
+        }
+        for name in &part.removed_services {
+            received.remove(name);
+        }
+        last = part;
+    }
+    last
 }
 
 /// The ack for the table in force, sent again.
@@ -387,6 +410,34 @@ mod tests {
         let protocol = Some(protocol.parse().map_or(99, mesh_proto::convert::protocol_to_pb));
         let policy = pb::Policy { protocol, retry_attempts, ..Default::default() };
         pb::ServiceRoute { name: name.into(), policy: Some(policy), ..Default::default() }
+    }
+
+    #[test]
+    fn an_update_in_parts_is_taken_whole_and_in_order() {
+        let names =
+            |received: &BTreeMap<String, pb::ServiceRoute>| received.keys().cloned().collect::<Vec<_>>();
+        let part = |full: bool, services: &[&str], removed: &[&str], more: bool| pb::RoutingUpdate {
+            version: 5,
+            full,
+            services: services.iter().map(|name| route(name, "http", None)).collect(),
+            removed_services: removed.iter().map(|name| name.to_string()).collect(),
+            bundle: None,
+            more,
+        };
+        let mut received = BTreeMap::from([("old".to_owned(), route("old", "http", None))]);
+        // A full table in three parts replaces what was there.
+        let mut parts = vec![
+            part(true, &["a"], &[], true),
+            part(false, &["b"], &[], true),
+            part(false, &["c"], &[], false),
+        ];
+        let update = merge_parts(&mut received, &mut parts);
+        assert_eq!((update.version, names(&received)), (5, vec!["a".into(), "b".into(), "c".into()]));
+        assert!(parts.is_empty());
+        // A change in two parts: the removal comes with the last.
+        let mut parts = vec![part(false, &["d"], &[], true), part(false, &["b"], &["a"], false)];
+        merge_parts(&mut received, &mut parts);
+        assert_eq!(names(&received), ["b", "c", "d"]);
     }
 
     #[test]

@@ -9,7 +9,6 @@ pub mod control;
 pub mod control_tls;
 pub mod endpoint;
 pub mod errors;
-pub mod heap;
 pub mod http;
 pub mod identity;
 pub mod listen;

@@ -222,7 +222,7 @@ async fn run(args: Args) -> ExitCode {
     };
     tokio::spawn(close_idle_connections(proxy.clone(), args.upstream_idle_timeout));
     // Parsing the first table left garbage behind.
-    mesh_proxy::heap::give_back_freed_memory();
+    mesh_common::heap::give_back_freed_memory();
     // Handlers exist before the ready line: a signal sent right after it
     // must drain, not take the default action.
     let mut terminate = signal(SignalKind::terminate()).expect("can watch SIGTERM");
@@ -259,7 +259,7 @@ async fn close_idle_connections(proxy: Arc<Proxy>, timeout: Duration) {
         interval.tick().await;
         advance_idle_clock();
         if proxy.long_lived.close_idle(ticks) > 0 {
-            mesh_proxy::heap::give_back_freed_memory();
+            mesh_common::heap::give_back_freed_memory();
         }
     }
 }

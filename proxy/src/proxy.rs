@@ -90,7 +90,7 @@ impl Proxy {
                 None => proxy.apply(config),
             };
             // The old table and the update's parse are garbage now.
-            crate::heap::give_back_freed_memory();
+            mesh_common::heap::give_back_freed_memory();
             version
         };
         match tokio::task::spawn_blocking(build).await {

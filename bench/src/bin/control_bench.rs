@@ -44,9 +44,15 @@ struct Args {
     #[arg(long, default_value = "0")]
     server_core: String,
     /// The pause between two flaps in the paced flap run (the other run
-    /// flaps back to back).
+    /// flaps faster, every --churn-interval-ms).
     #[arg(long, default_value_t = 100)]
     flap_interval_ms: u64,
+    /// The interval between two flaps in the churn run.
+    #[arg(long, default_value_t = 10)]
+    churn_interval_ms: u64,
+    /// meshd's --publish-window.
+    #[arg(long, default_value = "50ms")]
+    publish_window: String,
 }
 
 /// meshd in its own process group, killed on drop.
@@ -88,6 +94,8 @@ fn start_meshd(args: &Args, name: &str) -> Meshd {
             "127.0.0.1:0",
             "--admin",
             "127.0.0.1:0",
+            "--publish-window",
+            &args.publish_window,
         ])
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::piped());
@@ -147,6 +155,10 @@ async fn simulated_proxy(
         .into_inner();
     while let Some(update) = updates.message().await.map_err(|e| e.to_string())? {
         received.bytes.fetch_add(prost::Message::encoded_len(&update) as u64, Ordering::Relaxed);
+        // A large update comes in parts; a proxy acks it after the last.
+        if update.more {
+            continue;
+        }
         received.updates.fetch_add(1, Ordering::Relaxed);
         let ack = pb::Ack { version: update.version, applied: true, ..Default::default() };
         if tx.send(pb::SubscribeRequest { message: Some(Message::Ack(ack)) }).await.is_err() {
@@ -179,7 +191,7 @@ async fn register(
     version: &str,
     addr: &str,
     ready: bool,
-) {
+) -> u64 {
     let endpoint = pb::Endpoint {
         service: service.into(),
         version: version.into(),
@@ -190,7 +202,9 @@ async fn register(
     registry
         .register(pb::RegisterRequest { endpoint: Some(endpoint), plaintext_ok: false })
         .await
-        .expect("register");
+        .expect("register")
+        .into_inner()
+        .version
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -217,24 +231,16 @@ async fn main() {
         // A real proxy reconnects when its stream fails; so does this one (bounded).
         simulated.spawn(async move {
             for _ in 0..50 {
-                if let Err(error) = simulated_proxy(server.clone(), tls.clone(), id, received.clone()).await {
-                    eprintln!("simulated proxy {id}: {error}; reconnecting");
+                match simulated_proxy(server.clone(), tls.clone(), id, received.clone()).await {
+                    Err(error) => eprintln!("simulated proxy {id}: {error}; reconnecting"),
+                    Ok(()) => eprintln!("simulated proxy {id}: meshd ended the stream; reconnecting"),
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         });
     }
-    let all_connected = Instant::now() + Duration::from_secs(120);
-    loop {
-        let status = admin.status(pb::Empty {}).await.expect("status").into_inner();
-        let current =
-            status.proxies.iter().filter(|p| p.connected && p.acked_version == status.version).count();
-        if current as u32 == args.proxies {
-            break;
-        }
-        assert!(Instant::now() < all_connected, "only {current} of {} proxies connected", args.proxies);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let initial = admin.status(pb::Empty {}).await.expect("status").into_inner().version;
+    wait_all_acked(&mut admin, initial, args.proxies).await;
     let rss_connected = rss_mb(pid);
 
     // Convergence: API call to the last ack.
@@ -259,17 +265,19 @@ async fn main() {
     // Churn: a large table, then one endpoint flapping. Services register
     // in parallel, as many agents would; the server commits them in groups,
     // and every registration reaches every proxy.
-    let setup_started = Instant::now();
-    register_table(&registry, &args).await;
+    let (setup_started, setup_cpu) = (Instant::now(), procstat::cpu_seconds(pid));
+    let settle = register_table(&meshd, &args).await;
     let setup_seconds = setup_started.elapsed().as_secs_f64();
+    let setup_cpu = procstat::cpu_seconds(pid) - setup_cpu;
     let table = admin.list_endpoints(pb::Empty {}).await.expect("endpoints").into_inner();
     let table_bytes = prost::Message::encoded_len(&table) as f64;
-    let settle = admin.status(pb::Empty {}).await.expect("status").into_inner().version;
-    admin.wait_converged(pb::WaitRequest { version: settle, timeout_ms: 120_000 }).await.expect("wait");
+    // Every proxy, not only those convergence counts: one the server
+    // deems stalled would still be taking the table during the flaps.
+    wait_all_acked(&mut admin, settle, args.proxies).await;
     let rss_loaded = rss_mb(pid);
     let mut flapping =
         Flapping { registry: &mut registry, admin: &mut admin, received: &received, pid, ready: true };
-    let back_to_back = flapping.run(args.changes, Duration::ZERO).await;
+    let churn = flapping.run(args.changes, Duration::from_millis(args.churn_interval_ms)).await;
     let paced = flapping.run(args.changes, Duration::from_millis(args.flap_interval_ms)).await;
     simulated.abort_all();
     drop(meshd);
@@ -281,7 +289,9 @@ async fn main() {
     for (version, addr) in [("v1", "127.0.0.8:1"), ("v2", "127.0.0.8:2")] {
         register(&mut registry.clone(), "echo", version, addr, true).await;
     }
-    register_table(&registry, &args).await;
+    let alone_started = Instant::now();
+    register_table(&alone, &args).await;
+    let alone_seconds = alone_started.elapsed().as_secs_f64();
     let rss_loaded_alone = rss_mb(alone.child.id() as i32);
     drop(alone);
 
@@ -289,6 +299,10 @@ async fn main() {
     println!("| measure | value |");
     println!("|---|---:|");
     println!("| simulated proxies (one gRPC stream and connection each) | {} |", args.proxies);
+    println!(
+        "| meshd --publish-window (changes within it of an update go out together) | {} |",
+        args.publish_window
+    );
     println!("| split change → last ack, p50 | {:.1} ms |", percentile(&latencies, 0.5));
     println!("| split change → last ack, p99 | {:.1} ms |", percentile(&latencies, 0.99));
     println!("| changes timed | {} |", latencies.len());
@@ -299,11 +313,12 @@ async fn main() {
         table_bytes / 1e3
     );
     println!(
-        "| registering the churn table ({} endpoints, {} clients in parallel, each pushed to every proxy) | {setup_seconds:.1} s |",
+        "| registering the churn table ({} endpoints, {} clients in parallel, each pushed to every proxy) | {setup_seconds:.1} s (meshd CPU {setup_cpu:.1} s) |",
         args.services * args.endpoints_per_service,
         args.services
     );
-    for (label, run) in [("back to back", &back_to_back), ("paced", &paced)] {
+    println!("| registering the same table in a meshd no proxy is connected to | {alone_seconds:.1} s |");
+    for (label, run) in [("churn", &churn), ("paced", &paced)] {
         let pushes = run.updates as f64 / proxies;
         let flaps = f64::from(run.flaps);
         println!(
@@ -335,21 +350,54 @@ async fn main() {
     );
 }
 
-/// Registers the churn table: `services` × `endpoints_per_service`, one
-/// client per service in parallel.
-async fn register_table(registry: &RegistryClient<Channel>, args: &Args) {
-    let mut registering = tokio::task::JoinSet::new();
-    for s in 0..args.services {
-        let mut registry = registry.clone();
-        let per_service = args.endpoints_per_service;
-        registering.spawn(async move {
-            for e in 0..per_service {
-                let addr = format!("127.1.{}.{}:{}", s % 250, e % 250, 10_000 + e);
-                register(&mut registry, &format!("svc-{s}"), "v1", &addr, true).await;
-            }
-        });
+/// Waits until `proxies` proxies are connected and have acked `version`.
+async fn wait_all_acked(admin: &mut AdminClient<Channel>, version: u64, proxies: u32) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let status = admin.status(pb::Empty {}).await.expect("status").into_inner();
+        let current = status.proxies.iter().filter(|p| p.connected && p.acked_version >= version).count();
+        if current as u32 == proxies {
+            return;
+        }
+        assert!(Instant::now() < deadline, "only {current} of {proxies} proxies acked version {version}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    while registering.join_next().await.is_some() {}
+}
+
+/// Registers the churn table: `services` × `endpoints_per_service`, one
+/// client per service in parallel, on a thread of their own: agents run on
+/// other hosts than the proxies, and on this thread's runtime a thousand
+/// simulated proxies would starve a hundred registering clients.
+async fn register_table(meshd: &Meshd, args: &Args) -> u64 {
+    let (server, tls) = (meshd.listen.clone(), meshd.tls.clone());
+    let (services, per_service) = (args.services, args.endpoints_per_service);
+    let registering = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+        runtime.block_on(async move {
+            let channel = mesh_client::connect(&server, &tls, Duration::from_secs(5)).await.expect("connect");
+            let registry = RegistryClient::new(channel);
+            let mut registering = tokio::task::JoinSet::new();
+            for s in 0..services {
+                let mut registry = registry.clone();
+                registering.spawn(async move {
+                    let mut version = 0;
+                    for e in 0..per_service {
+                        let addr = format!("127.1.{}.{}:{}", s % 250, e % 250, 10_000 + e);
+                        version = register(&mut registry, &format!("svc-{s}"), "v1", &addr, true).await;
+                    }
+                    version
+                });
+            }
+            let mut version = 0;
+            while let Some(last) = registering.join_next().await {
+                version = version.max(last.expect("a registering client"));
+            }
+            version
+        })
+    });
+    tokio::task::spawn_blocking(move || registering.join().expect("the registering thread"))
+        .await
+        .expect("joined")
 }
 
 /// What a run of endpoint flaps cost, summed over every proxy.
@@ -373,22 +421,29 @@ struct Flapping<'a> {
 }
 
 impl Flapping<'_> {
-    /// Flaps `flaps` times, `pause` apart, and waits until every proxy has
-    /// the last state.
-    async fn run(&mut self, flaps: u32, pause: Duration) -> FlapRun {
+    /// Flaps `flaps` times, one every `interval` (not waiting for meshd's
+    /// replies, as health checks on many hosts do not), and waits until
+    /// every proxy has the last state.
+    async fn run(&mut self, flaps: u32, interval: Duration) -> FlapRun {
         let received = self.received;
         let (updates_before, bytes_before) =
             (received.updates.load(Ordering::Relaxed), received.bytes.load(Ordering::Relaxed));
         let cpu_before = procstat::cpu_seconds(self.pid);
         let started = Instant::now();
-        let mut version = 0;
-        for i in 0..flaps {
-            if i > 0 && !pause.is_zero() {
-                tokio::time::sleep(pause).await;
-            }
+        let mut ticks = tokio::time::interval(interval);
+        let mut replies = tokio::task::JoinSet::new();
+        for _ in 0..flaps {
+            ticks.tick().await;
             self.ready = !self.ready;
-            register(self.registry, "svc-0", "v1", "127.1.0.0:10000", self.ready).await;
-            version = self.admin.status(pb::Empty {}).await.expect("status").into_inner().version;
+            let (mut registry, ready) = (self.registry.clone(), self.ready);
+            // The reply's version, not a status call: listing 1000 proxies
+            // per flap would be counted as the flap's cost.
+            replies
+                .spawn(async move { register(&mut registry, "svc-0", "v1", "127.1.0.0:10000", ready).await });
+        }
+        let mut version = 0;
+        while let Some(reply) = replies.join_next().await {
+            version = version.max(reply.expect("a flap"));
         }
         let seconds = started.elapsed().as_secs_f64();
         let wait = pb::WaitRequest { version, timeout_ms: 60_000 };

@@ -162,7 +162,7 @@ impl Admin for AdminService {
     async fn status(&self, _: Request<pb::Empty>) -> Result<Response<pb::Convergence>, Status> {
         let version = self.control.current_version();
         let proxies = self.control.proxies();
-        let converged = crate::server::converged(&proxies, version);
+        let converged = crate::server::converged(proxies.iter().map(|(_, p)| p), version);
         Ok(Response::new(self.convergence(version, converged, &proxies, Duration::ZERO)))
     }
 

@@ -8,17 +8,17 @@ use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::SystemTime;
 
 use mesh_proto::mesh::v1 as pb;
-use mesh_proto::mesh::v1::discovery_server::Discovery;
 use mesh_proto::mesh::v1::subscribe_request::Message;
+use mesh_proto::mesh::v1::wire::discovery_server::Discovery;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::publish::{diff, Published};
+use crate::publish::{parts, record_sent, Published, PART_BYTES};
 use crate::server::ControlPlane;
 
 pub struct DiscoveryService {
@@ -27,7 +27,7 @@ pub struct DiscoveryService {
 
 static STREAMS: AtomicU64 = AtomicU64::new(1);
 
-type UpdateStream = Pin<Box<dyn Stream<Item = Result<pb::RoutingUpdate, Status>> + Send>>;
+type UpdateStream = Pin<Box<dyn Stream<Item = Result<pb::RoutingUpdateWire, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Discovery for DiscoveryService {
@@ -76,9 +76,11 @@ async fn push(
     control: Arc<ControlPlane>,
     id: String,
     have: Have,
-    tx: mpsc::Sender<Result<pb::RoutingUpdate, Status>>,
+    tx: mpsc::Sender<Result<pb::RoutingUpdateWire, Status>>,
 ) {
     let mut publications = control.subscribe();
+    // The publication the proxy holds, and its services' stamps.
+    let mut sent_version = 0;
     let mut sent: BTreeMap<String, u64> = BTreeMap::new();
     let mut sent_bundle = have.bundle;
     let mut first = true;
@@ -89,30 +91,27 @@ async fn push(
             // The proxy resumes on the current table: nothing to send.
             sent = current.services.iter().map(|(n, s)| (n.clone(), s.stamp)).collect();
         } else {
-            let (changed, removed) = diff(&sent, &current);
+            let (changed, removed) = current.since(sent_version, &sent);
             if first || !changed.is_empty() || !removed.is_empty() || bundle.is_some() {
-                let update = pb::RoutingUpdate {
-                    version: current.version,
-                    full: first,
-                    services: changed.iter().map(|s| pb::ServiceRoute::clone(&s.route)).collect(),
-                    removed_services: removed,
-                    bundle: bundle.map(|b| pb::Bundle::clone(b)),
-                };
+                let encoded_bundle =
+                    bundle.map(|b| prost::Message::encode_to_vec(&**b).into()).unwrap_or_default();
+                let parts =
+                    parts(current.version, first, &changed, removed.clone(), encoded_bundle, PART_BYTES);
                 if let Some(bundle) = bundle {
                     sent_bundle = bundle.version;
                 }
-                control.update_proxy(&id, |record| {
-                    let now = Instant::now();
-                    record.pushed = Some((current.version, now));
-                    record.unacked_since.get_or_insert(now);
-                });
-                control.metrics.count_push(prost::Message::encoded_len(&update) as u64);
-                if tx.send(Ok(update)).await.is_err() {
-                    return;
+                control.note_push(&id, current.version);
+                let bytes = parts.iter().map(prost::Message::encoded_len).sum::<usize>();
+                control.metrics.count_push(bytes as u64);
+                for part in parts {
+                    if tx.send(Ok(part)).await.is_err() {
+                        return;
+                    }
                 }
-                sent = current.services.iter().map(|(n, s)| (n.clone(), s.stamp)).collect();
+                record_sent(&mut sent, &changed, &removed);
             }
         }
+        sent_version = current.version;
         first = false;
         if publications.changed().await.is_err() {
             return;
@@ -180,6 +179,12 @@ mod tests {
         Change::ready_endpoint(service, "v1", addr)
     }
 
+    /// An update as the proxy decodes it.
+    fn decoded(update: Option<Result<pb::RoutingUpdateWire, Status>>) -> pb::RoutingUpdate {
+        let bytes = prost::Message::encode_to_vec(&update.expect("an update").expect("not an error"));
+        prost::Message::decode(bytes.as_slice()).expect("a RoutingUpdate")
+    }
+
     fn ack(version: u64) -> Result<pb::SubscribeRequest, Status> {
         let ack = pb::Ack { version, applied: true, ..Default::default() };
         Ok(pb::SubscribeRequest { message: Some(Message::Ack(ack)) })
@@ -189,14 +194,16 @@ mod tests {
     async fn a_proxy_gets_everything_then_only_what_changed_and_its_acks_converge() {
         let control = ControlPlane::new(Arc::new(MemoryStore::default())).unwrap();
         control.change(register("web", "127.0.0.2:1000")).await.unwrap();
-        control.change(register("api", "127.0.0.2:2000")).await.unwrap();
+        let both = control.change(register("api", "127.0.0.2:2000")).await.unwrap();
+        // The second change goes out a publish window after the first.
+        control.subscribe().wait_for(|published| published.version >= both).await.unwrap();
         control.update_proxy("p1", |record| record.connected = true);
         let (tx, mut updates) = mpsc::channel(1);
         tokio::spawn(push(control.clone(), "p1".into(), Have { version: 0, bundle: 0 }, tx));
         let (acks, acks_in) = mpsc::channel(4);
         tokio::spawn(read_acks(control.clone(), "p1".into(), 0, ReceiverStream::new(acks_in)));
 
-        let first = updates.recv().await.unwrap().unwrap();
+        let first = decoded(updates.recv().await);
         assert!(first.full);
         let names: Vec<&str> = first.services.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(names, ["api", "web"]);
@@ -210,7 +217,7 @@ mod tests {
 
         // One change: only the service it touched, not the whole table.
         let version = control.change(register("web", "127.0.0.2:1001")).await.unwrap();
-        let update = updates.recv().await.unwrap().unwrap();
+        let update = decoded(updates.recv().await);
         assert!(!update.full);
         assert_eq!(update.version, version);
         assert_eq!(update.services.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["web"]);
@@ -224,15 +231,15 @@ mod tests {
         control.change(register("web", "127.0.0.2:1000")).await.unwrap();
         let (tx, mut updates) = mpsc::channel(1);
         tokio::spawn(push(control.clone(), "p1".into(), Have { version: 0, bundle: 0 }, tx));
-        let first = updates.recv().await.unwrap().unwrap();
+        let first = decoded(updates.recv().await);
         // Twenty changes while the proxy reads nothing.
         let mut last = first.version;
         for port in 1..=20 {
             last = control.change(register("web", &format!("127.0.0.2:{}", 1000 + port))).await.unwrap();
         }
         let mut received = Vec::new();
-        while let Ok(Some(Ok(update))) = tokio::time::timeout(Duration::from_secs(1), updates.recv()).await {
-            received.push(update);
+        while let Ok(Some(update)) = tokio::time::timeout(Duration::from_secs(1), updates.recv()).await {
+            received.push(decoded(Some(update)));
         }
         // One update queued, one being sent, then one diffed against the
         // newest state: three at most, however many changes there were.

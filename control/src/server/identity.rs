@@ -228,11 +228,12 @@ impl TrustKeeper {
             let (done, proxies) = self
                 .control
                 .wait_for_proxies(next_report, |proxies| {
-                    lagging(trust.stage, version, &signer, &views(proxies)).is_empty()
+                    lagging(trust.stage, version, &signer, &views(proxies.iter())).is_empty()
                 })
                 .await;
             let counted = proxies.iter().filter(|(_, p)| p.counts_for_convergence()).count();
-            let behind = lagging(trust.stage, version, &signer, &views(&proxies));
+            let behind =
+                lagging(trust.stage, version, &signer, &views(proxies.iter().map(|(id, p)| (id, p))));
             if done {
                 say(stage, format!("{counted} of {counted} proxies caught up"), false, false);
                 return Ok(());
@@ -250,9 +251,8 @@ impl TrustKeeper {
     }
 }
 
-fn views(proxies: &[(String, super::ProxyRecord)]) -> Vec<ProxyView> {
+fn views<'a>(proxies: impl Iterator<Item = (&'a String, &'a super::ProxyRecord)>) -> Vec<ProxyView> {
     proxies
-        .iter()
         .map(|(id, p)| ProxyView {
             id: id.clone(),
             counts: p.counts_for_convergence(),

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use std::collections::BTreeSet;
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 use mesh_proto::mesh::v1 as pb;
 
@@ -89,6 +89,8 @@ pub struct ControlPlane {
     acks: watch::Sender<u64>,
     /// Changes go to the single writer task through here.
     writes: mpsc::Sender<PendingChange>,
+    /// Told when a committed state waits to be published.
+    publish_soon: Notify,
     pub metrics: ControlMetrics,
     /// Serials of the roots in the trust bundle: a proxy whose certificate
     /// is from another root fails every handshake, so its endpoint is not
@@ -114,6 +116,12 @@ const MAX_BATCH: usize = 256;
 impl ControlPlane {
     /// Loads the stored state and starts the writer task.
     pub fn new(store: Arc<dyn Store>) -> Result<Arc<ControlPlane>, StoreError> {
+        ControlPlane::with_window(store, PUBLISH_WINDOW)
+    }
+
+    /// A control plane that publishes changes made within `window` of a
+    /// publication together, at the window's end.
+    pub fn with_window(store: Arc<dyn Store>, window: Duration) -> Result<Arc<ControlPlane>, StoreError> {
         let state = store.load()?;
         let published = Published::build(&state, &Published::default());
         let metrics = ControlMetrics::default();
@@ -126,10 +134,12 @@ impl ControlPlane {
             proxies: Mutex::new(HashMap::new()),
             acks: watch::channel(0).0,
             writes,
+            publish_soon: Notify::new(),
             metrics,
             trusted_roots: Default::default(),
         });
         tokio::spawn(write_loop(control.clone(), pending));
+        tokio::spawn(publish_loop(control.clone(), window));
         Ok(control)
     }
 
@@ -182,10 +192,9 @@ impl ControlPlane {
                     }
                 }
             } else {
-                let published = Published::build(&next, &self.published.borrow());
                 *state = next;
                 self.metrics.set_version(state.version);
-                self.published.send_replace(Arc::new(published));
+                self.publish_soon.notify_one();
             }
         }
         drop(state);
@@ -277,14 +286,32 @@ impl ControlPlane {
     }
 
     pub fn update_proxy(&self, id: &str, update: impl FnOnce(&mut ProxyRecord)) {
-        {
-            let mut proxies = self.proxies.lock().expect("proxies lock");
-            let record = proxies.entry(id.to_owned()).or_default();
-            update(record);
-            let connected = proxies.values().filter(|p| p.connected).count();
-            self.metrics.set_connected(connected as u64);
-        }
+        self.edit_proxy(id, update);
         self.acks.send_modify(|n| *n += 1);
+    }
+
+    /// Records that `version` was pushed to a proxy. Nobody waiting for
+    /// acks is woken: a push changes no proxy's acked version.
+    pub fn note_push(&self, id: &str, version: u64) {
+        self.edit_proxy(id, |record| {
+            let now = Instant::now();
+            record.pushed = Some((version, now));
+            record.unacked_since.get_or_insert(now);
+        });
+    }
+
+    /// Edits a proxy's record in O(1): this runs for every push and ack.
+    fn edit_proxy(&self, id: &str, update: impl FnOnce(&mut ProxyRecord)) {
+        let mut proxies = self.proxies.lock().expect("proxies lock");
+        if !proxies.contains_key(id) {
+            proxies.insert(id.to_owned(), ProxyRecord::default());
+        }
+        let record = proxies.get_mut(id).expect("inserted above");
+        let was_connected = record.connected;
+        update(record);
+        if record.connected != was_connected {
+            self.metrics.count_connected(record.connected);
+        }
     }
 
     /// Waits until every connected proxy that is not stalled has applied
@@ -296,7 +323,7 @@ impl ControlPlane {
         timeout: Duration,
     ) -> (bool, Vec<(String, ProxyRecord)>) {
         let deadline = tokio::time::Instant::now() + timeout;
-        self.wait_for_proxies(deadline, |proxies| converged(proxies, version)).await
+        self.wait_for_proxies(deadline, |proxies| converged(proxies.values(), version)).await
     }
 
     /// Waits until `done` holds for the proxies or `deadline` passes;
@@ -304,16 +331,15 @@ impl ControlPlane {
     pub async fn wait_for_proxies(
         &self,
         deadline: tokio::time::Instant,
-        mut done: impl FnMut(&[(String, ProxyRecord)]) -> bool,
+        mut done: impl FnMut(&HashMap<String, ProxyRecord>) -> bool,
     ) -> (bool, Vec<(String, ProxyRecord)>) {
         let mut changes = self.acks.subscribe();
         loop {
-            let proxies = self.proxies();
-            if done(&proxies) {
-                return (true, proxies);
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return (false, proxies);
+            // Checked in place: a copy of every record on every ack would
+            // cost O(proxies²) for one change to reach them all.
+            let finished = done(&self.proxies.lock().expect("proxies lock"));
+            if finished || tokio::time::Instant::now() >= deadline {
+                return (finished, self.proxies());
             }
             // Wake on any ack, and now and then, since a proxy can become
             // stalled without sending anything.
@@ -324,11 +350,49 @@ impl ControlPlane {
 }
 
 /// Whether every proxy that counts has applied `version`.
-pub fn converged(proxies: &[(String, ProxyRecord)], version: u64) -> bool {
-    proxies.iter().filter(|(_, p)| p.counts_for_convergence()).all(|(_, p)| p.acked_version >= version)
+pub fn converged<'a>(proxies: impl IntoIterator<Item = &'a ProxyRecord>, version: u64) -> bool {
+    proxies.into_iter().filter(|p| p.counts_for_convergence()).all(|p| p.acked_version >= version)
 }
 
 /// The single writer: takes what is waiting, up to a batch, and commits it.
+/// How long after a publication further changes wait, to go out together.
+/// A change after a quiet spell is published at once; under churn every
+/// proxy gets at most one update per window, whatever the change rate.
+pub const PUBLISH_WINDOW: Duration = Duration::from_millis(50);
+
+/// After a burst of publications, how long without one before freed heap
+/// is handed back to the kernel.
+const TRIM_AFTER_QUIET: Duration = Duration::from_secs(1);
+
+/// Publishes the committed state: at once after a quiet spell, then at
+/// most once per `window`. Once a burst is over, the memory its updates
+/// passed through (every stream's send buffers) is handed back.
+async fn publish_loop(control: Arc<ControlPlane>, window: Duration) {
+    let mut burst = false;
+    loop {
+        if burst {
+            let quiet =
+                tokio::time::timeout(TRIM_AFTER_QUIET, control.publish_soon.notified()).await.is_err();
+            if quiet {
+                burst = false;
+                mesh_common::heap::give_back_freed_memory();
+                continue;
+            }
+        } else {
+            control.publish_soon.notified().await;
+        }
+        {
+            let state = control.state.lock().await;
+            if state.version != control.published.borrow().version {
+                let published = Published::build(&state, &control.published.borrow());
+                control.published.send_replace(Arc::new(published));
+                burst = true;
+            }
+        }
+        tokio::time::sleep(window).await;
+    }
+}
+
 async fn write_loop(control: Arc<ControlPlane>, mut pending: mpsc::Receiver<PendingChange>) {
     while let Some(first) = pending.recv().await {
         let mut batch = vec![first];
@@ -344,3 +408,5 @@ async fn write_loop(control: Arc<ControlPlane>, mut pending: mpsc::Receiver<Pend
 
 #[cfg(test)]
 mod group_commit_tests;
+#[cfg(test)]
+mod publish_window_tests;

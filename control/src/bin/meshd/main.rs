@@ -32,11 +32,11 @@ use mesh_control::server::{http, incoming, ControlPlane};
 use mesh_control::store::RedbStore;
 use mesh_proto::mesh::v1::access_server::AccessServer;
 use mesh_proto::mesh::v1::admin_server::AdminServer;
-use mesh_proto::mesh::v1::discovery_server::DiscoveryServer;
 use mesh_proto::mesh::v1::identity_server::IdentityServer;
 use mesh_proto::mesh::v1::jobs_server::JobsServer;
 use mesh_proto::mesh::v1::nodes_server::NodesServer;
 use mesh_proto::mesh::v1::registry_server::RegistryServer;
+use mesh_proto::mesh::v1::wire::discovery_server::DiscoveryServer;
 use mesh_proto::mesh::v1::NodeInfo;
 use std::os::unix::fs::OpenOptionsExt;
 use tokio::net::TcpListener;
@@ -181,6 +181,11 @@ struct ServerArgs {
     /// certificate (repeatable); the listen address is always in it.
     #[arg(long = "server-name")]
     server_names: Vec<String>,
+    /// Changes committed within this long of a routing update go to the
+    /// proxies together, at its end; a change after a quiet spell goes at
+    /// once. Longer: less CPU under churn, slower convergence under churn.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "50ms")]
+    publish_window: Duration,
 }
 
 fn parse_attribute(text: &str) -> Result<(String, String), String> {

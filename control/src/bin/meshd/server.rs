@@ -37,12 +37,13 @@ pub(crate) async fn serve(
         first_byte_timeout,
         reinitialize,
         server_names,
+        publish_window,
     } = args;
     let data_dir = data_dir.expect("a data dir was chosen");
     let heartbeat_interval = (heartbeat_ttl / 3).max(Duration::from_millis(100));
     let nodes = Arc::new(NodeRegistry::new(heartbeat_interval, heartbeat_ttl));
     let store = RedbStore::open(&data_dir, reinitialize).map_err(|e| e.to_string())?;
-    let control = ControlPlane::new(Arc::new(store)).map_err(|e| e.to_string())?;
+    let control = ControlPlane::with_window(Arc::new(store), publish_window).map_err(|e| e.to_string())?;
     let scheduler = Scheduler::start(control.clone(), nodes.clone())?;
     let operator_ca = ca_cert.is_some();
     let trust = trust_state(control.store(), &trust_domain, ca_cert, ca_key)?;

@@ -1,6 +1,6 @@
 //! Giving freed heap memory back to the kernel. glibc's allocator keeps
 //! freed pages for reuse, so after a burst of connections, or a table build
-//! (whose parse leaves much garbage), the proxy's RSS would stay at its
+//! (whose parse leaves much garbage), a process's RSS would stay at its
 //! peak. Called only after such events, never per request.
 
 /// Returns free pages at the top of the heap and in its arenas.
