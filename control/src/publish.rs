@@ -120,7 +120,7 @@ pub fn record_sent(sent: &mut BTreeMap<String, u64>, changed: &Changed<'_>, remo
 /// About the most route bytes one message carries. A larger update goes
 /// in parts, so no stream's send buffer grows to the size of the whole
 /// table and stays that size.
-pub const PART_BYTES: usize = 16 * 1024;
+pub const PART_BYTES: usize = 8 * 1024;
 
 /// The messages that carry one update: the routes in parts of about
 /// `part_bytes` (a route larger than that is a part of its own), the

@@ -15,10 +15,11 @@ pub async fn http_get(addr: &str, path: &str) -> Result<http::Response<hyper::bo
     sender.send_request(request).await.map_err(|e| e.to_string())
 }
 
-/// A proxy's metrics text.
+/// A proxy's metrics text, with every latency bucket: percentiles are
+/// read from them.
 pub async fn scrape(addr: &str) -> Result<String, String> {
     use http_body_util::BodyExt;
-    let response = http_get(addr, "/metrics").await?;
+    let response = http_get(addr, "/metrics?detail=full").await?;
     let body = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
     Ok(String::from_utf8_lossy(&body).into_owned())
 }

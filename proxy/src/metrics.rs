@@ -32,6 +32,41 @@ impl Direction {
 pub const BUCKETS: [f64; 14] =
     [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
+/// The bounds a default scrape shows of each service's latency histogram:
+/// every few of `BUCKETS`, so that a table of a thousand services scrapes
+/// in about a megabyte. Each is exact: the full histogram's cumulative
+/// count at that bound. `/metrics?detail=full` shows every bound.
+pub const DEFAULT_BUCKETS: [f64; 6] = [0.001, 0.005, 0.025, 0.1, 0.5, 2.5];
+
+/// How much a scrape shows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Detail {
+    /// Per-service latency histograms at `DEFAULT_BUCKETS`.
+    Default,
+    /// Every bound of `BUCKETS`.
+    Full,
+}
+
+impl Detail {
+    /// The detail a scrape's query string asks for (`detail=full`); the
+    /// default otherwise.
+    pub fn from_query(query: Option<&str>) -> Detail {
+        let full = query.is_some_and(|q| q.split('&').any(|pair| pair == "detail=full"));
+        if full {
+            Detail::Full
+        } else {
+            Detail::Default
+        }
+    }
+
+    fn bounds(self) -> &'static [f64] {
+        match self {
+            Detail::Default => &DEFAULT_BUCKETS,
+            Detail::Full => &BUCKETS,
+        }
+    }
+}
+
 const STATUS_CODES: usize = 500; // 100..=599
 const ERROR_SLOTS: usize = ProxyError::ALL.len() + 1;
 
@@ -95,14 +130,22 @@ impl DurationHistogram {
         self.sum_nanos.fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
     }
 
-    /// The `_bucket` (cumulative, then `+Inf`), `_sum` and `_count` lines
-    /// of `name` with `labels` (`key="value",...` or empty).
-    fn render(&self, out: &mut String, name: &str, labels: &str) {
+    /// How many durations were recorded.
+    fn count(&self) -> u64 {
+        self.buckets.iter().chain([&self.overflow]).map(|b| b.load(Ordering::Relaxed)).sum()
+    }
+
+    /// The `_bucket` (cumulative at each of `bounds`, a subset of
+    /// `BUCKETS`, then `+Inf`), `_sum` and `_count` lines of `name` with
+    /// `labels` (`key="value",...` or empty).
+    fn render(&self, out: &mut String, name: &str, labels: &str, bounds: &[f64]) {
         let sep = if labels.is_empty() { "" } else { "," };
         let mut cumulative = 0;
         for (bound, bucket) in BUCKETS.iter().zip(&self.buckets) {
             cumulative += bucket.load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}");
+            if bounds.contains(bound) {
+                let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}");
+            }
         }
         cumulative += self.overflow.load(Ordering::Relaxed);
         let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {cumulative}");
@@ -152,15 +195,18 @@ impl Metrics {
     }
 
     /// Renders the Prometheus text format. `endpoints` and `config_version`
-    /// come from the routing table in use at scrape time.
+    /// come from the routing table in use at scrape time. A service's
+    /// request, retry and TCP series appear once it has traffic: a large
+    /// table with a few busy services scrapes small.
     pub fn render(
         &self,
         endpoints: &[EndpointCount<'_>],
         config_version: u64,
         upstream: crate::snapshot::UpstreamConnections,
+        detail: Detail,
     ) -> String {
         let mut out = String::with_capacity(8192);
-        self.render_http(&mut out);
+        self.render_http(&mut out, detail);
         self.render_retries(&mut out);
         self.render_tcp(&mut out);
         header(
@@ -253,7 +299,7 @@ impl Metrics {
             "histogram",
             "Time to build and publish a routing table (file reload or control-plane update).",
         );
-        self.reload_duration.render(&mut out, "mesh_config_reload_duration_seconds", "");
+        self.reload_duration.render(&mut out, "mesh_config_reload_duration_seconds", "", &BUCKETS);
         header(
             &mut out,
             "mesh_connections_refused_total",
@@ -268,8 +314,9 @@ impl Metrics {
         out
     }
 
-    fn render_http(&self, out: &mut String) {
-        let map = self.http.lock().expect("metrics lock").clone();
+    fn render_http(&self, out: &mut String, detail: Detail) {
+        let mut map = self.http.lock().expect("metrics lock").clone();
+        map.retain(|_, m| m.latency.count() > 0);
         header(out, "mesh_http_requests_total", "counter", "HTTP requests by outcome.");
         for ((direction, service, version), m) in &map {
             let labels = format!(
@@ -301,13 +348,17 @@ impl Metrics {
                 escape(service),
                 escape(version)
             );
-            m.latency.render(out, "mesh_http_request_duration_seconds", &labels);
+            m.latency.render(out, "mesh_http_request_duration_seconds", &labels, detail.bounds());
         }
     }
 
     fn render_retries(&self, out: &mut String) {
         header(out, "mesh_http_retries_total", "counter", "Retries by reason.");
         for (service, m) in self.retries.lock().expect("metrics lock").iter() {
+            let counts = [&m.connect_failure, &m.server_error, &m.unavailable];
+            if counts.iter().all(|count| count.load(Ordering::Relaxed) == 0) {
+                continue;
+            }
             for (reason, count) in [
                 ("connect-failure", &m.connect_failure),
                 ("5xx", &m.server_error),
@@ -324,7 +375,12 @@ impl Metrics {
     }
 
     fn render_tcp(&self, out: &mut String) {
-        let map = self.tcp.lock().expect("metrics lock").clone();
+        let mut map = self.tcp.lock().expect("metrics lock").clone();
+        map.retain(|_, m| {
+            m.open.load(Ordering::Relaxed) != 0
+                || m.read_bytes.load(Ordering::Relaxed) != 0
+                || m.write_bytes.load(Ordering::Relaxed) != 0
+        });
         header(out, "mesh_tcp_connections_open", "gauge", "Open opaque TCP connections.");
         for ((direction, service), m) in &map {
             let _ = writeln!(
@@ -369,7 +425,7 @@ mod tests {
         handle.record(200, None, Duration::from_millis(3));
         handle.record(200, None, Duration::from_millis(30));
         handle.record(503, Some(ProxyError::BreakerOpen), Duration::from_micros(10));
-        let text = metrics.render(&[], 4, Default::default());
+        let text = metrics.render(&[], 4, Default::default(), Detail::Full);
         assert!(text.contains(
             "mesh_http_requests_total{direction=\"outbound\",service=\"echo\",version=\"v1\",code=\"200\",error=\"\"} 2"
         ));
@@ -377,5 +433,67 @@ mod tests {
         assert!(text.contains("le=\"0.005\"} 2"), "{text}");
         assert!(text.contains("le=\"+Inf\"} 3"));
         assert!(text.contains("mesh_config_version 4"));
+    }
+
+    /// The `le` bounds and cumulative counts of one histogram in a scrape.
+    fn buckets(text: &str, service: &str) -> Vec<(String, u64)> {
+        text.lines()
+            .filter(|line| line.starts_with("mesh_http_request_duration_seconds_bucket"))
+            .filter(|line| line.contains(&format!("service=\"{service}\"")))
+            .map(|line| {
+                let le = line.split("le=\"").nth(1).unwrap().split('"').next().unwrap().to_owned();
+                (le, line.rsplit(' ').next().unwrap().parse().unwrap())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_default_scrape_shows_fewer_bounds_each_exact_and_only_services_with_traffic() {
+        let metrics = Metrics::default();
+        let busy = metrics.http(Direction::Outbound, "busy", "v1");
+        for millis in [0.2, 0.7, 3.0, 7.0, 20.0, 60.0, 300.0, 4000.0, 20000.0] {
+            busy.record(200, None, Duration::from_secs_f64(millis / 1e3));
+        }
+        // Handles made by a table build, never used: nothing to show.
+        let _idle = metrics.http(Direction::Outbound, "idle", "v1");
+        let _idle_retries = metrics.retries("idle");
+        let _idle_tcp = metrics.tcp(Direction::Outbound, "idle");
+        metrics.retries("busy").server_error.fetch_add(1, Ordering::Relaxed);
+
+        let full = metrics.render(&[], 1, Default::default(), Detail::Full);
+        let default = metrics.render(&[], 1, Default::default(), Detail::Default);
+        for text in [&full, &default] {
+            assert!(!text.contains("service=\"idle\""), "{text}");
+            assert!(text.contains("mesh_http_retries_total{service=\"busy\",reason=\"5xx\"} 1"));
+            assert!(text.contains("mesh_http_request_duration_seconds_count{direction=\"outbound\",service=\"busy\",version=\"v1\"} 9"));
+        }
+        let full = buckets(&full, "busy");
+        let default = buckets(&default, "busy");
+        assert_eq!(full.len(), BUCKETS.len() + 1);
+        assert_eq!(default.len(), DEFAULT_BUCKETS.len() + 1);
+        // (bound, cumulative count) expected in the default scrape
+        let expected =
+            [("0.001", 2), ("0.005", 3), ("0.025", 5), ("0.1", 6), ("0.5", 7), ("2.5", 7), ("+Inf", 9)];
+        let expected: Vec<(String, u64)> = expected.iter().map(|(le, n)| (le.to_string(), *n)).collect();
+        assert_eq!(default, expected);
+        for row in &default {
+            assert!(full.contains(row), "{row:?} is the full histogram's count at that bound");
+        }
+    }
+
+    #[test]
+    fn a_scrape_asks_for_full_detail_by_its_query() {
+        // (query, detail)
+        let cases = [
+            (None, Detail::Default),
+            (Some(""), Detail::Default),
+            (Some("detail=full"), Detail::Full),
+            (Some("a=b&detail=full"), Detail::Full),
+            (Some("detail=fuller"), Detail::Default),
+            (Some("detail=default"), Detail::Default),
+        ];
+        for (query, detail) in cases {
+            assert_eq!(Detail::from_query(query), detail, "{query:?}");
+        }
     }
 }

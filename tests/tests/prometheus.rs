@@ -43,9 +43,26 @@ async fn promtool_accepts_the_metrics_and_prometheus_counts_requests() {
 
     let metrics = text(&proxy.admin()).await;
     mesh_tests::metrics::promtool_check(&metrics);
+    // The default shows six latency bounds and +Inf; `?detail=full` every
+    // bound; the counts agree.
+    let full = get(&http1(), &proxy.admin(), &proxy.admin(), "/metrics?detail=full").await.unwrap();
+    let full = String::from_utf8_lossy(&full.body).into_owned();
+    mesh_tests::metrics::promtool_check(&full);
+    let v1_buckets = |text: &str| -> Vec<String> {
+        let series = "mesh_http_request_duration_seconds_bucket{direction=\"outbound\",service=\"echo\",version=\"v1\"";
+        text.lines().filter(|line| line.starts_with(series)).map(str::to_owned).collect()
+    };
+    let (default_buckets, full_buckets) = (v1_buckets(&metrics), v1_buckets(&full));
+    assert_eq!((default_buckets.len(), full_buckets.len()), (7, 15), "{default_buckets:?}\n{full_buckets:?}");
+    assert!(
+        default_buckets.iter().all(|line| full_buckets.contains(line)),
+        "{default_buckets:?}\n{full_buckets:?}"
+    );
+    assert!(default_buckets.last().unwrap().ends_with("} 150"), "{default_buckets:?}");
 
+    // Prometheus scrapes the full set when its scrape config asks.
     let config = format!(
-        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: mesh-proxy\n    static_configs:\n      - targets: ['{}']\n",
+        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: mesh-proxy\n    params:\n      detail: [full]\n    static_configs:\n      - targets: ['{}']\n",
         proxy.admin()
     );
     let (_prometheus, api) = start_prometheus(&dir, &config);
@@ -60,6 +77,13 @@ async fn promtool_accepts_the_metrics_and_prometheus_counts_requests() {
     })
     .await;
     assert_eq!(value, 150.0, "Prometheus counts what the client sent");
+    let buckets = crate::query(
+        &api,
+        "count(mesh_http_request_duration_seconds_bucket{direction=\"outbound\",service=\"echo\",version=\"v1\"})",
+    )
+    .await
+    .expect("a bucket count");
+    assert_eq!(buckets[0]["value"][1], "15", "every bound: {buckets:?}");
 }
 
 /// One PromQL query's result vector from Prometheus's API.

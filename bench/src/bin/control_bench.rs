@@ -50,9 +50,9 @@ struct Args {
     /// The interval between two flaps in the churn run.
     #[arg(long, default_value_t = 10)]
     churn_interval_ms: u64,
-    /// meshd's --publish-window.
-    #[arg(long, default_value = "50ms")]
-    publish_window: String,
+    /// meshd's --publish-window (meshd's default when not given).
+    #[arg(long)]
+    publish_window: Option<String>,
 }
 
 /// meshd in its own process group, killed on drop.
@@ -94,9 +94,8 @@ fn start_meshd(args: &Args, name: &str) -> Meshd {
             "127.0.0.1:0",
             "--admin",
             "127.0.0.1:0",
-            "--publish-window",
-            &args.publish_window,
         ])
+        .args(args.publish_window.iter().flat_map(|window| ["--publish-window", window]))
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::piped());
     std::os::unix::process::CommandExt::process_group(&mut command, 0);
@@ -299,10 +298,8 @@ async fn main() {
     println!("| measure | value |");
     println!("|---|---:|");
     println!("| simulated proxies (one gRPC stream and connection each) | {} |", args.proxies);
-    println!(
-        "| meshd --publish-window (changes within it of an update go out together) | {} |",
-        args.publish_window
-    );
+    let window = args.publish_window.as_deref().unwrap_or("meshd's default");
+    println!("| meshd --publish-window (changes within it of an update go out together) | {window} |");
     println!("| split change → last ack, p50 | {:.1} ms |", percentile(&latencies, 0.5));
     println!("| split change → last ack, p99 | {:.1} ms |", percentile(&latencies, 0.99));
     println!("| changes timed | {} |", latencies.len());

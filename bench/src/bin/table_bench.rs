@@ -279,6 +279,9 @@ async fn main() {
     let calls_took = started.elapsed();
     let connections = backend.open.load(Ordering::Relaxed);
     let busy = rss_kb(pid);
+    // Every service has had traffic: the largest scrape.
+    let scrape_default = admin_get(admin, "/metrics").await.unwrap_or_default();
+    let scrape_full = admin_get(admin, "/metrics?detail=full").await.unwrap_or_default();
 
     // Idle past the timeout (bounded wait): the proxy closes them all.
     let waited = args.idle_timeout.map_or(Duration::from_secs(15), |t| t + Duration::from_secs(10));
@@ -309,6 +312,14 @@ async fn main() {
     );
     let mean = reloads.iter().sum::<Duration>() / reloads.len().max(1) as u32;
     let slowest = reloads.iter().max().copied().unwrap_or_default();
+    let lines = |body: &Bytes| body.iter().filter(|b| **b == b'\n').count();
+    println!(
+        "\n/metrics with traffic to every service: {:.2} MB, {} lines; /metrics?detail=full: {:.2} MB, {} lines",
+        scrape_default.len() as f64 / 1e6,
+        lines(&scrape_default),
+        scrape_full.len() as f64 / 1e6,
+        lines(&scrape_full)
+    );
     println!("\nOne endpoint moved, file written to new table served (5 reloads): mean {mean:.1?}, slowest {slowest:.1?}");
     if let Some(build) = build {
         println!("of which the table build (mesh_config_reload_duration_seconds, mean): {build:.1?}");

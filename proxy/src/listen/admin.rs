@@ -12,6 +12,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 use crate::clock;
+use crate::metrics::Detail;
 use crate::proxy::Proxy;
 
 /// Serves until the process exits: during a drain `/ready` answers 503 and
@@ -47,6 +48,7 @@ fn handle(proxy: &Proxy, request: Request<Incoming>) -> Response<Full<Bytes>> {
                 &snapshot.endpoint_counts(clock::now_millis()),
                 snapshot.version,
                 upstream,
+                Detail::from_query(request.uri().query()),
             );
             let mut response = text(StatusCode::OK, body);
             response.headers_mut().insert(
