@@ -1,7 +1,9 @@
 # Shared by bench/callgrind-hop and bench/syscalls-hop: one outbound
-# HTTP/1.1 hop of mesh-proxy in front of an nginx that answers "hello".
-# Both listen on loopback ports the kernel reports free (port 0), chosen in
-# hop_setup as $hop_backend_port and $hop_proxy_port.
+# HTTP/1.1 hop of mesh-proxy in front of an nginx that answers "hello"
+# (hop_setup), or the mTLS path, a caller's proxy and the callee's proxy
+# with certificates from a CA made here (hop_setup_mtls). All listen on
+# loopback ports the kernel reports free (port 0): $hop_backend_port,
+# $hop_proxy_port (where the load goes) and $hop_inbound_port.
 
 # free_port: a port the kernel just handed out for 127.0.0.1, released again.
 free_port() {
@@ -30,6 +32,60 @@ admin = "127.0.0.1:0"
 name = "backend"
 protocol = "http"
 endpoints = [ { addr = "127.0.0.1:$hop_backend_port", version = "v1" } ]
+PX
+}
+
+# hop_setup_mtls DIR: as hop_setup, and DIR/callee.toml, whose inbound takes
+# mTLS (HTTP/2) from DIR/proxy.toml's caller and passes it to nginx, with
+# SPIFFE certificates of a CA made in DIR/certs.
+hop_setup_mtls() {
+  local dir=$1
+  hop_setup "$dir"
+  hop_inbound_port=$(free_port)
+  local certs=$dir/certs
+  mkdir -p "$certs"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=hop-root \
+    -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign \
+    -keyout "$certs/ca.key" -out "$certs/ca.pem" 2> /dev/null
+  local service
+  for service in caller backend; do
+    openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=$service" \
+      -keyout "$certs/$service.key" -out "$certs/$service.csr" 2> /dev/null
+    printf 'subjectAltName=URI:spiffe://mesh.local/service/%s\n' "$service" > "$certs/$service.ext"
+    openssl x509 -req -in "$certs/$service.csr" -CA "$certs/ca.pem" -CAkey "$certs/ca.key" -CAcreateserial \
+      -days 2 -extfile "$certs/$service.ext" -out "$certs/$service.pem" 2> /dev/null
+  done
+  cat > "$dir/proxy.toml" <<PX
+service = "caller"
+[listen]
+outbound = "127.0.0.1:$hop_proxy_port"
+admin = "127.0.0.1:0"
+
+[identity]
+certificate = "$certs/caller.pem"
+key = "$certs/caller.key"
+roots = "$certs/ca.pem"
+
+[[services]]
+name = "backend"
+protocol = "http"
+endpoints = [ { addr = "127.0.0.1:$hop_inbound_port", version = "v1", meshed = true } ]
+PX
+  cat > "$dir/callee.toml" <<PX
+service = "backend"
+[listen]
+inbound = "127.0.0.1:$hop_inbound_port"
+app = "127.0.0.1:$hop_backend_port"
+admin = "127.0.0.1:0"
+
+[identity]
+certificate = "$certs/backend.pem"
+key = "$certs/backend.key"
+roots = "$certs/ca.pem"
+
+[[services]]
+name = "backend"
+protocol = "http"
 PX
 }
 
