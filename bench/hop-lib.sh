@@ -16,8 +16,8 @@ hop_setup() {
   hop_backend_port=$(free_port)
   hop_proxy_port=$(free_port)
   cat > "$dir/nginx.conf" <<NG
-daemon off; worker_processes 1; pid $dir/nginx.pid; error_log $dir/error.log;
-events { worker_connections 1024; }
+daemon off; worker_processes 1; worker_rlimit_nofile 20000; pid $dir/nginx.pid; error_log $dir/error.log;
+events { worker_connections 16384; }
 http { access_log off; client_body_temp_path $dir; proxy_temp_path $dir; fastcgi_temp_path $dir; uwsgi_temp_path $dir; scgi_temp_path $dir;
   server { listen 127.0.0.1:$hop_backend_port; keepalive_requests 1000000; location / { return 200 "hello\n"; } } }
 NG
@@ -89,6 +89,27 @@ protocol = "http"
 PX
 }
 
+# hop_setup_table DIR SERVICES: as hop_setup, with SERVICES services in the
+# proxy's table (svc-0 …), every one with nginx as its endpoint, and
+# DIR/spread.lua, a wrk script that sends each request to the next service
+# in a scattered order, so that every service carries traffic.
+hop_setup_table() {
+  local dir=$1 services=$2
+  hop_setup "$dir"
+  for i in $(seq 0 $((services - 1))); do
+    printf '\n[[services]]\nname = "svc-%s"\nprotocol = "http"\nendpoints = [ { addr = "127.0.0.1:%s", version = "v1" } ]\n' \
+      "$i" "$hop_backend_port"
+  done >> "$dir/proxy.toml"
+  cat > "$dir/spread.lua" <<LUA
+local next_service = 0
+request = function()
+  next_service = (next_service + 7919) % $services
+  return wrk.format("GET", "/", { Host = "svc-" .. next_service })
+end
+LUA
+  hop_script=$dir/spread.lua
+}
+
 # hop_wait_ready: until a request through the proxy is answered (bounded),
 # by this run's nginx (one that could not bind its port has exited).
 hop_wait_ready() {
@@ -101,9 +122,12 @@ hop_wait_ready() {
   return 1
 }
 
-# hop_load SECONDS: wrk -t1 -c32 through the proxy; prints the request count.
+# hop_load SECONDS: wrk -t1 -c32 through the proxy (to the service backend,
+# or spread over a table's with hop_setup_table); prints the request count.
 hop_load() {
-  wrk -t1 -c32 -d"$1"s -H 'Host: backend' http://127.0.0.1:$hop_proxy_port/ | awk '/requests in/ {print $1}'
+  local target=(-H 'Host: backend')
+  [[ -n ${hop_script:-} ]] && target=(-s "$hop_script")
+  wrk -t1 -c32 -d"$1"s "${target[@]}" http://127.0.0.1:$hop_proxy_port/ | awk '/requests in/ {print $1}'
 }
 
 hop_teardown() {
