@@ -124,7 +124,13 @@ hop_wait_ready() {
 
 # hop_load SECONDS: wrk -t1 -c32 through the proxy (to the service backend,
 # or spread over a table's with hop_setup_table); prints the request count.
+# With hop_h2=1, h2load -t1 -c32 -m10 (HTTP/2 without TLS to the proxy).
 hop_load() {
+  if [[ -n ${hop_h2:-} ]]; then
+    h2load -H ':authority: backend' -t1 -c32 -m10 --duration="$1" http://127.0.0.1:$hop_proxy_port/ \
+      | awk '/^requests:/ {print $8}'
+    return
+  fi
   local target=(-H 'Host: backend')
   [[ -n ${hop_script:-} ]] && target=(-s "$hop_script")
   wrk -t1 -c32 -d"$1"s "${target[@]}" http://127.0.0.1:$hop_proxy_port/ | awk '/requests in/ {print $1}'
