@@ -4,7 +4,14 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-const BUCKETS: [f64; 12] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+use mesh_common::histogram::{Bounds, DurationHistogram};
+
+/// Push-to-ack times, in seconds.
+struct AckBounds;
+
+impl Bounds<12> for AckBounds {
+    const BOUNDS: [f64; 12] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+}
 
 #[derive(Default)]
 pub struct ControlMetrics {
@@ -12,9 +19,7 @@ pub struct ControlMetrics {
     version: AtomicU64,
     pushes: AtomicU64,
     pushed_bytes: AtomicU64,
-    ack_buckets: [AtomicU64; BUCKETS.len()],
-    ack_overflow: AtomicU64,
-    ack_sum_nanos: AtomicU64,
+    push_to_ack: DurationHistogram<AckBounds, 12>,
     refused_unauthenticated: AtomicU64,
     refused_permission: AtomicU64,
     refused_impostor: AtomicU64,
@@ -41,12 +46,7 @@ impl ControlMetrics {
     }
 
     pub fn observe_push_to_ack(&self, elapsed: Duration) {
-        let seconds = elapsed.as_secs_f64();
-        match BUCKETS.iter().position(|b| seconds <= *b) {
-            Some(i) => self.ack_buckets[i].fetch_add(1, Ordering::Relaxed),
-            None => self.ack_overflow.fetch_add(1, Ordering::Relaxed),
-        };
-        self.ack_sum_nanos.fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
+        self.push_to_ack.record(elapsed);
     }
 
     /// A call refused at the gate: no (valid) credential, or not allowed.
@@ -119,15 +119,7 @@ impl ControlMetrics {
             out,
             "# HELP {name} Time from sending an update to the proxy's ack.\n# TYPE {name} histogram"
         );
-        let mut cumulative = 0;
-        for (bound, bucket) in BUCKETS.iter().zip(&self.ack_buckets) {
-            cumulative += bucket.load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
-        }
-        cumulative += self.ack_overflow.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
-        let _ = writeln!(out, "{name}_sum {}", self.ack_sum_nanos.load(Ordering::Relaxed) as f64 / 1e9);
-        let _ = writeln!(out, "{name}_count {cumulative}");
+        self.push_to_ack.render_all(&mut out, name, "");
         out
     }
 }

@@ -11,6 +11,8 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use mesh_common::histogram::{self, Bounds};
+
 use crate::errors::ProxyError;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -112,49 +114,14 @@ pub struct EndpointCount<'a> {
     pub ejections_total: u64,
 }
 
-/// Durations of one kind of event (routing-table builds), in the latency buckets.
-#[derive(Default)]
-pub struct DurationHistogram {
-    buckets: [AtomicU64; BUCKETS.len()],
-    overflow: AtomicU64,
-    sum_nanos: AtomicU64,
+/// Request and table-build durations, in `BUCKETS`.
+pub struct LatencyBounds;
+
+impl Bounds<{ BUCKETS.len() }> for LatencyBounds {
+    const BOUNDS: [f64; BUCKETS.len()] = BUCKETS;
 }
 
-impl DurationHistogram {
-    pub fn record(&self, elapsed: Duration) {
-        let seconds = elapsed.as_secs_f64();
-        match BUCKETS.iter().position(|bound| seconds <= *bound) {
-            Some(bucket) => self.buckets[bucket].fetch_add(1, Ordering::Relaxed),
-            None => self.overflow.fetch_add(1, Ordering::Relaxed),
-        };
-        self.sum_nanos.fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
-    }
-
-    /// How many durations were recorded.
-    fn count(&self) -> u64 {
-        self.buckets.iter().chain([&self.overflow]).map(|b| b.load(Ordering::Relaxed)).sum()
-    }
-
-    /// The `_bucket` (cumulative at each of `bounds`, a subset of
-    /// `BUCKETS`, then `+Inf`), `_sum` and `_count` lines of `name` with
-    /// `labels` (`key="value",...` or empty).
-    fn render(&self, out: &mut String, name: &str, labels: &str, bounds: &[f64]) {
-        let sep = if labels.is_empty() { "" } else { "," };
-        let mut cumulative = 0;
-        for (bound, bucket) in BUCKETS.iter().zip(&self.buckets) {
-            cumulative += bucket.load(Ordering::Relaxed);
-            if bounds.contains(bound) {
-                let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}");
-            }
-        }
-        cumulative += self.overflow.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {cumulative}");
-        let sum = self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
-        let labels = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
-        let _ = writeln!(out, "{name}_sum{labels} {sum}");
-        let _ = writeln!(out, "{name}_count{labels} {cumulative}");
-    }
-}
+pub type DurationHistogram = histogram::DurationHistogram<LatencyBounds, { BUCKETS.len() }>;
 
 type HttpKey = (Direction, String, String);
 
@@ -299,7 +266,7 @@ impl Metrics {
             "histogram",
             "Time to build and publish a routing table (file reload or control-plane update).",
         );
-        self.reload_duration.render(&mut out, "mesh_config_reload_duration_seconds", "", &BUCKETS);
+        self.reload_duration.render_all(&mut out, "mesh_config_reload_duration_seconds", "");
         header(
             &mut out,
             "mesh_connections_refused_total",
