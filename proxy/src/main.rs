@@ -259,7 +259,8 @@ async fn close_idle_connections(proxy: Arc<Proxy>, timeout: Duration) {
         interval.tick().await;
         advance_idle_clock();
         if proxy.long_lived.close_idle(ticks) > 0 {
-            mesh_common::heap::give_back_freed_memory();
+            // malloc_trim walks the heap: not on a thread that serves requests.
+            tokio::task::spawn_blocking(mesh_common::heap::give_back_freed_memory);
         }
     }
 }
