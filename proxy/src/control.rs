@@ -7,7 +7,7 @@
 use mesh_common::backoff::Backoff;
 use mesh_common::policy::check_retry_attempts;
 use mesh_proto::convert::{protocol_from_pb, retry_on_from_pb};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -19,11 +19,12 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::config::{
-    BreakerPolicy, EndpointConfig, Listen, Protocol, ProxyConfig, RetryPolicy, ServiceConfig, UpstreamConfig,
+    BreakerPolicy, EndpointConfig, Listen, Protocol, RetryPolicy, ServiceConfig, UpstreamConfig,
     DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT,
 };
 use crate::listen::{shutdown_started, ShutdownSignal};
-use crate::proxy::Proxy;
+use crate::proxy::{Proxy, Update};
+use crate::snapshot::Change;
 
 /// Who this proxy is and what it listens on; fixed for its life.
 #[derive(Clone, Debug)]
@@ -74,12 +75,13 @@ pub async fn run(options: ControlOptions, proxy: Arc<Proxy>, mut shutdown: Shutd
     }
 }
 
-/// The control plane's routes as received, and the route each service last
-/// ran with here.
+/// The control plane's routes as received, the services the table in force
+/// has, and why any received route cannot run here.
 #[derive(Default)]
 pub struct Routes {
     pub received: BTreeMap<String, pb::ServiceRoute>,
-    pub applied: BTreeMap<String, pb::ServiceRoute>,
+    pub applied: BTreeSet<String>,
+    pub refused: BTreeMap<String, String>,
 }
 
 /// Why a subscription ended. Whatever it was, the proxy serves its last
@@ -145,7 +147,7 @@ async fn session(
     let mut received = false;
     let mut parts: Vec<pb::RoutingUpdate> = Vec::new();
     // Why the table in force differs from the control plane's, if it does.
-    let mut refused = String::new();
+    let mut refused = refusals(routes);
     let mut identity_changes = proxy.identity_changes.subscribe();
     let mut keepalive = tokio::time::interval(options.keepalive);
     keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -182,16 +184,24 @@ async fn session(
         if more {
             continue;
         }
-        let update = merge_parts(&mut routes.received, &mut parts);
+        let mut touched = BTreeSet::new();
+        // A whole table also checks services gone from it whose upstream
+        // port serves opaque TCP.
+        if parts.iter().any(|part| part.full) {
+            touched.extend(
+                options.upstream_protocols.get().into_iter().flat_map(|started| started.keys().cloned()),
+            );
+        }
+        let update = merge_parts(&mut routes.received, &mut parts, &mut touched);
         let bundle = match update.bundle.map(crate::identity::TrustBundle::from_pb) {
             Some(bundle) => proxy.apply_bundle(bundle).map_err(|e| format!("trust bundle: {e}")),
             None => Ok(()),
         };
         let ack = match bundle {
             Ok(()) => {
-                let (config, errors) = convert_off_thread(routes, options).await;
-                proxy.apply_off_thread(config, Some(update.version)).await;
-                refused = errors.join("; ");
+                let change = convert_off_thread(routes, touched, options).await;
+                proxy.apply_off_thread(Update::Services(change), Some(update.version)).await;
+                refused = refusals(routes);
                 if refused.is_empty() {
                     tracing::info!(version = update.version, "routing table from the control plane applied");
                 } else {
@@ -226,26 +236,35 @@ async fn session(
 }
 
 /// Takes an update's parts into `received` (service → route), in order,
-/// and returns what the update says besides the routes: its version and
-/// bundle.
+/// adds the names of the services it sets or removes to `touched` (all of
+/// them, before and after, for a whole table), and returns what the update
+/// says besides the routes: its version and bundle.
 fn merge_parts(
     received: &mut BTreeMap<String, pb::ServiceRoute>,
     parts: &mut Vec<pb::RoutingUpdate>,
+    touched: &mut BTreeSet<String>,
 ) -> pb::RoutingUpdate {
     let mut last = pb::RoutingUpdate::default();
     for mut part in parts.drain(..) {
         if part.full {
-            received.clear();
+            touched.extend(std::mem::take(received).into_keys());
         }
         for route in part.services.drain(..) {
+            touched.insert(route.name.clone());
             received.insert(route.name.clone(), route);
         }
         for name in &part.removed_services {
+            touched.insert(name.clone());
             received.remove(name);
         }
         last = part;
     }
     last
+}
+
+/// Why the table in force differs from the control plane's view, for acks.
+fn refusals(routes: &Routes) -> String {
+    routes.refused.values().map(String::as_str).collect::<Vec<_>>().join("; ")
 }
 
 /// The ack for the table in force, sent again.
@@ -260,71 +279,65 @@ fn repeated_ack(proxy: &Proxy, refused: &str) -> pb::SubscribeRequest {
     pb::SubscribeRequest { message: Some(Message::Ack(ack)) }
 }
 
-/// The config for the control plane's view, and why any service in it
-/// cannot run here. A refused service keeps the route it last ran with
-/// (none, if it never ran), so one bad route holds back only itself: every
-/// other service takes its new route.
-/// `to_config` on the blocking pool: at a large table it walks every
-/// route, and the threads serving requests must not wait for it. The
-/// routes go there by value and come back.
-async fn convert_off_thread(routes: &mut Routes, options: &ControlOptions) -> (ProxyConfig, Vec<String>) {
+/// `to_change` on the blocking pool: a whole table walks every route, and
+/// the threads serving requests must not wait for it. The routes go there
+/// by value and come back.
+async fn convert_off_thread(
+    routes: &mut Routes,
+    touched: BTreeSet<String>,
+    options: &ControlOptions,
+) -> Change {
     let (mut taken, options) = (std::mem::take(routes), options.clone());
     let converted = tokio::task::spawn_blocking(move || {
-        let converted = to_config(&mut taken, &options);
-        (taken, converted)
+        let change = to_change(&mut taken, &touched, &options);
+        (taken, change)
     })
     .await;
     match converted {
-        Ok((back, converted)) => {
+        Ok((back, change)) => {
             *routes = back;
-            converted
+            change
         }
         // A panic in the conversion is a bug; it goes on as such.
         Err(error) => std::panic::resume_unwind(error.into_panic()),
     }
 }
 
-pub fn to_config(routes: &mut Routes, options: &ControlOptions) -> (ProxyConfig, Vec<String>) {
-    let mut services = Vec::new();
-    let mut errors = Vec::new();
+/// The change to the table in force that the `touched` services of the
+/// control plane's view make, recording in `routes.refused` why any of
+/// them cannot run here. A refused service keeps the route it last ran
+/// with (none, if it never ran), so one bad route holds back only itself.
+pub fn to_change(routes: &mut Routes, touched: &BTreeSet<String>, options: &ControlOptions) -> Change {
     let upstream_protocols = options.upstream_protocols.get();
-    for (name, route) in &routes.received {
-        let checked = service_config(route).and_then(|service| {
-            let started_as = upstream_protocols.and_then(|started| started.get(name));
-            check_upstream_protocol(name, service.protocol, started_as).map(|()| service)
-        });
+    let mut change = Change::default();
+    for name in touched {
+        let started_as = upstream_protocols.and_then(|started| started.get(name));
+        let checked = match routes.received.get(name) {
+            Some(route) => service_config(route).and_then(|service| {
+                check_upstream_protocol(name, service.protocol, started_as).map(|()| Some(service))
+            }),
+            // A service gone from the view while its upstream port serves
+            // TCP would turn that port into an HTTP one: it keeps its route.
+            None => check_upstream_protocol(name, Protocol::Http, started_as).map(|()| None),
+        };
         match checked {
-            Ok(service) => {
-                routes.applied.insert(name.clone(), route.clone());
-                services.push(service);
+            Ok(Some(service)) => {
+                routes.refused.remove(name);
+                routes.applied.insert(name.clone());
+                change.set.push(service);
+            }
+            Ok(None) => {
+                routes.refused.remove(name);
+                if routes.applied.remove(name) {
+                    change.removed.push(name.clone());
+                }
             }
             Err(error) => {
-                errors.push(error);
-                services.extend(routes.applied.get(name).and_then(|last| service_config(last).ok()));
+                routes.refused.insert(name.clone(), error);
             }
         }
     }
-    // A service gone from the view while its upstream port serves TCP
-    // would turn that port into an HTTP one: it keeps its last route.
-    for (name, started_as) in upstream_protocols.into_iter().flatten() {
-        if !routes.received.contains_key(name) {
-            if let Err(error) = check_upstream_protocol(name, Protocol::Http, Some(started_as)) {
-                errors.push(error);
-                services.extend(routes.applied.get(name).and_then(|last| service_config(last).ok()));
-            }
-        }
-    }
-    let kept: std::collections::BTreeSet<&String> = services.iter().map(|s| &s.name).collect();
-    routes.applied.retain(|name, _| kept.contains(name));
-    let config = ProxyConfig {
-        listen: options.listen.clone(),
-        local_service: options.service.clone(),
-        local_version: options.version.clone(),
-        services,
-        upstreams: options.upstreams.clone(),
-        identity: None,
-    };
-    (config, errors)
+    change
 }
 
 /// An upstream port's listener was started for one protocol; a change
@@ -431,13 +444,18 @@ mod tests {
             part(false, &["b"], &[], true),
             part(false, &["c"], &[], false),
         ];
-        let update = merge_parts(&mut received, &mut parts);
+        let mut touched = BTreeSet::new();
+        let update = merge_parts(&mut received, &mut parts, &mut touched);
         assert_eq!((update.version, names(&received)), (5, vec!["a".into(), "b".into(), "c".into()]));
         assert!(parts.is_empty());
-        // A change in two parts: the removal comes with the last.
+        assert_eq!(touched, BTreeSet::from(["old", "a", "b", "c"].map(String::from)), "a whole table");
+        // A change in two parts: the removal comes with the last. Only what
+        // it names is touched.
         let mut parts = vec![part(false, &["d"], &[], true), part(false, &["b"], &["a"], false)];
-        merge_parts(&mut received, &mut parts);
+        let mut touched = BTreeSet::new();
+        merge_parts(&mut received, &mut parts, &mut touched);
         assert_eq!(names(&received), ["b", "c", "d"]);
+        assert_eq!(touched, BTreeSet::from(["a", "b", "d"].map(String::from)));
     }
 
     #[test]
@@ -454,8 +472,11 @@ mod tests {
             keepalive: Duration::from_secs(10),
         };
         let mut routes = Routes::default();
-        let protocol_of = |config: &ProxyConfig, name: &str| {
-            config.services.iter().find(|s| s.name == name).map(|s| (s.protocol, s.retry.attempts))
+        let long_lived = crate::snapshot::LongLived::default();
+        let settings = crate::config::parse_config("[listen]\n").unwrap();
+        let mut table = long_lived.build(settings, None);
+        let protocol_of = |table: &crate::snapshot::Snapshot, name: &str| {
+            table.services.get(name).map(|s| (s.config.protocol, s.config.retry.attempts))
         };
         // (routes received, refused services, expected (protocol, attempts) of web and db)
         type Step =
@@ -492,17 +513,21 @@ mod tests {
             ),
         ];
         for (i, (received, refused, web, db)) in steps.into_iter().enumerate() {
+            let touched = received.iter().map(|route| route.name.clone()).collect();
             for route in received {
                 routes.received.insert(route.name.clone(), route);
             }
-            let (config, errors) = to_config(&mut routes, &options);
+            let change = to_change(&mut routes, &touched, &options);
+            table = long_lived.next(Some(&table), table.settings.clone(), change, None);
+            let errors: Vec<(&String, &String)> = routes.refused.iter().collect();
             assert_eq!(errors.len(), refused.len(), "step {i}: {errors:?}");
-            for (error, service) in errors.iter().zip(&refused) {
-                assert!(error.contains(&format!("{service:?}")), "step {i}: {error}");
+            for ((service, error), expected) in errors.iter().zip(&refused) {
+                assert_eq!(service, expected, "step {i}");
+                assert!(error.contains(&format!("{expected:?}")), "step {i}: {error}");
             }
-            assert_eq!(protocol_of(&config, "web"), web, "step {i}");
-            assert_eq!(protocol_of(&config, "db"), db, "step {i}");
-            assert_eq!(protocol_of(&config, "new"), None, "step {i}");
+            assert_eq!(protocol_of(&table, "web"), web, "step {i}");
+            assert_eq!(protocol_of(&table, "db"), db, "step {i}");
+            assert_eq!(protocol_of(&table, "new"), None, "step {i}");
         }
     }
 }

@@ -174,7 +174,7 @@ impl Listeners {
                 .table
                 .load()
                 .services
-                .get(&upstream.service)
+                .get(upstream.service.as_str())
                 .map_or(Protocol::Http, |s| s.config.protocol);
             protocols.insert(upstream.service.clone(), protocol);
             let listener = bind(&format!("upstream {}", upstream.service), upstream.listen).await?;

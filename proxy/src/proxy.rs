@@ -8,12 +8,22 @@ use arc_swap::ArcSwap;
 
 use crate::config::ProxyConfig;
 use crate::identity::{Identity, TrustBundle};
-use crate::snapshot::{LongLived, Snapshot};
+use crate::snapshot::{Change, LongLived, Snapshot};
+
+/// A routing table to publish: a whole config (a file), or a change to the
+/// services of the table in force (the control plane).
+pub enum Update {
+    Whole(Box<ProxyConfig>),
+    Services(Change),
+}
 
 pub struct Proxy {
     /// The routing table in use. Requests `load` it; a reload `store`s a
     /// whole new one. In-flight requests keep the `Arc` they started with.
     pub table: ArcSwap<Snapshot>,
+    /// Held while a table is built and stored, so no build starts from a
+    /// table another is about to replace. Never taken by requests.
+    publishing: std::sync::Mutex<()>,
     pub long_lived: LongLived,
     pub draining: AtomicBool,
     /// False until a routing table has been applied (under the control
@@ -48,6 +58,7 @@ impl Proxy {
         let snapshot = long_lived.build(config, None);
         Arc::new(Proxy {
             table: ArcSwap::from_pointee(snapshot),
+            publishing: std::sync::Mutex::new(()),
             long_lived,
             draining: AtomicBool::new(false),
             has_table: AtomicBool::new(false),
@@ -60,36 +71,33 @@ impl Proxy {
         })
     }
 
-    /// Builds and publishes the table for a validated config; returns its version.
+    /// Builds and publishes the table for a validated config; returns its
+    /// version. Only the services that differ from the table in force are
+    /// built.
     pub fn apply(&self, config: ProxyConfig) -> u64 {
-        self.publish(config, None)
+        self.publish(Update::Whole(Box::new(config)), None)
     }
 
-    /// Publishes a table the control plane sent as `version`.
-    pub fn apply_control(&self, config: ProxyConfig, version: u64) {
-        self.publish(config, Some(version));
+    /// Publishes `update` as the control plane's `version`.
+    pub fn apply_control(&self, update: Update, version: u64) {
+        self.publish(update, Some(version));
         self.control_version.store(version, Ordering::Release);
     }
 
     /// `apply` (no `control_version`) or `apply_control`, run on the
-    /// blocking pool: a large table takes milliseconds to build, and the
-    /// threads serving requests must not wait for it. Returns the version
-    /// published.
-    pub async fn apply_off_thread(
-        self: &Arc<Self>,
-        config: ProxyConfig,
-        control_version: Option<u64>,
-    ) -> u64 {
+    /// blocking pool: building services takes time, and the threads serving
+    /// requests must not wait for it. Returns the version published.
+    pub async fn apply_off_thread(self: &Arc<Self>, update: Update, control_version: Option<u64>) -> u64 {
         let proxy = self.clone();
         let build = move || {
             let version = match control_version {
                 Some(version) => {
-                    proxy.apply_control(config, version);
+                    proxy.apply_control(update, version);
                     version
                 }
-                None => proxy.apply(config),
+                None => proxy.publish(update, None),
             };
-            // The old table and the update's parse are garbage now.
+            // The replaced services and the update's parse are garbage now.
             mesh_common::heap::give_back_freed_memory();
             version
         };
@@ -103,14 +111,14 @@ impl Proxy {
     /// Whether the local app's service takes plaintext from outside the mesh.
     pub fn local_service_permissive(&self) -> bool {
         let table = self.table.load();
-        table.services.get(&table.config.local_service).is_some_and(|s| s.config.permissive)
+        table.services.get(table.settings.local_service.as_str()).is_some_and(|s| s.config.permissive)
     }
 
     /// Why `caller` (its SPIFFE ID; `None` for plaintext) may not call the
     /// local app under the policy in force, or `None` when it may.
     pub fn refuse_caller(&self, caller: Option<&str>) -> Option<String> {
         let table = self.table.load();
-        let service = table.services.get(&table.config.local_service)?;
+        let service = table.services.get(table.settings.local_service.as_str())?;
         let tls = self.long_lived.tls.load();
         let trust_domain = tls.as_ref().map_or("", |tls| tls.trust_domain.as_str());
         if crate::authz::allowed(&service.config.allow_from, caller, trust_domain) {
@@ -180,9 +188,20 @@ impl Proxy {
         self.control_version.load(Ordering::Acquire)
     }
 
-    fn publish(&self, config: ProxyConfig, version: Option<u64>) -> u64 {
+    fn publish(&self, update: Update, version: Option<u64>) -> u64 {
+        // One build at a time, each from the table the one before published.
+        let _writer = self.publishing.lock().expect("publish lock");
         let started = std::time::Instant::now();
-        let snapshot = self.long_lived.build(config, version);
+        let previous = self.table.load_full();
+        let (settings, change) = match update {
+            Update::Whole(config) => {
+                let (settings, services) = (*config).into_parts();
+                (Arc::new(settings), Change::between(&previous, services))
+            }
+            Update::Services(change) => (previous.settings.clone(), change),
+        };
+        let snapshot = self.long_lived.next(Some(&previous), settings, change, version);
+        drop(previous);
         let version = snapshot.version;
         self.table.store(Arc::new(snapshot));
         let metrics = &self.long_lived.metrics;

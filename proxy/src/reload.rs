@@ -12,7 +12,7 @@ use tokio::signal::unix::Signal;
 
 use crate::config::{parse_config, ConfigError, ProxyConfig};
 use crate::listen::{shutdown_started, ShutdownSignal};
-use crate::proxy::Proxy;
+use crate::proxy::{Proxy, Update};
 
 /// How often the file's content is compared with the applied one.
 const POLL_INTERVAL: Duration = Duration::from_millis(250);
@@ -89,11 +89,13 @@ pub async fn watch(
         match parsed {
             Ok(config) => {
                 let previous = proxy.table.load();
-                if config.listen != previous.config.listen || config.upstreams != previous.config.upstreams {
+                if config.listen != previous.settings.listen
+                    || config.upstreams != previous.settings.upstreams
+                {
                     tracing::warn!("listen addresses or upstream ports changed; they take effect at restart");
                 }
                 drop(previous);
-                let version = proxy.apply_off_thread(config, None).await;
+                let version = proxy.apply_off_thread(Update::Whole(Box::new(config)), None).await;
                 tracing::info!(version, "routing table reloaded");
                 applied_text = text;
             }

@@ -1,6 +1,8 @@
 //! The routing snapshot: every service with its policies, endpoints, their
 //! health and their metric handles, built off the hot path from a validated
-//! config and published whole with one atomic swap.
+//! config and published whole with one atomic swap. A new snapshot builds
+//! only the services an update changes and shares the rest with the one
+//! before it.
 //!
 //! State that must outlive a table swap (latency estimates, breakers,
 //! pooled connections, retry budgets) lives in [`LongLived`] and is shared
@@ -27,6 +29,8 @@ pub struct Endpoint {
     pub addr: SocketAddr,
     pub version: Arc<str>,
     pub ready: bool,
+    /// A mesh sidecar, reached over mTLS; part of its long-lived state's key.
+    pub meshed: bool,
     pub state: Arc<EndpointState>,
     pub metrics: Arc<HttpMetrics>,
 }
@@ -58,12 +62,18 @@ pub struct Inbound {
     pub tcp_metrics: Arc<TcpMetrics>,
 }
 
+/// Services by name. FNV rather than SipHash: every request looks its
+/// service up, and the keys come from the control plane, not from callers.
+/// Shared names and services make a copy of the map a copy of pointers.
+pub type ServiceMap = fnv::FnvHashMap<Arc<str>, Arc<Service>>;
+
 pub struct Snapshot {
     pub version: u64,
-    pub config: Arc<ProxyConfig>,
-    /// By name. FNV rather than SipHash: every request looks its service
-    /// up, and the keys come from the control plane, not from callers.
-    pub services: fnv::FnvHashMap<String, Arc<Service>>,
+    /// The config the table was built from, less its services: those are
+    /// built one by one into `services`, and only the changed ones are
+    /// built again.
+    pub settings: Arc<ProxyConfig>,
+    pub services: ServiceMap,
     pub inbound: Inbound,
     /// For requests naming a service the table does not have.
     pub unknown_service_metrics: Arc<HttpMetrics>,
@@ -196,11 +206,26 @@ impl LongLived {
             .clone()
     }
 
-    /// Builds the snapshot for a validated config. Endpoint state of
-    /// endpoints that are gone is dropped here, closing their idle
-    /// connections. The version is the control plane's when it sent the
-    /// table, else the next local one.
+    /// Builds the first table, from a whole config. The version is the
+    /// control plane's when it sent the table, else the next local one.
     pub fn build(&self, config: ProxyConfig, version: Option<u64>) -> Snapshot {
+        let (settings, services) = config.into_parts();
+        self.next(None, Arc::new(settings), Change { set: services, removed: Vec::new() }, version)
+    }
+
+    /// Builds the table that follows `previous` once `change` is applied.
+    /// Only the services the change names are built; every other one is
+    /// the previous table's, shared as it is, so an update costs what it
+    /// changes plus one copy of the index of names. Endpoint state of
+    /// endpoints the change takes away is dropped here, closing their idle
+    /// connections.
+    pub fn next(
+        &self,
+        previous: Option<&Snapshot>,
+        settings: Arc<ProxyConfig>,
+        change: Change,
+        version: Option<u64>,
+    ) -> Snapshot {
         let version = match version {
             Some(version) => {
                 self.next_version.store(version, Ordering::Relaxed);
@@ -208,88 +233,150 @@ impl LongLived {
             }
             None => self.next_version.fetch_add(1, Ordering::Relaxed) + 1,
         };
-        let mut services =
-            fnv::FnvHashMap::with_capacity_and_hasher(config.services.len(), Default::default());
-        // A set, not a list: tables with thousands of endpoints are rebuilt
-        // on every control-plane update.
-        let mut live_keys = HashSet::new();
-        let mut own = self.own_listeners.lock().expect("long-lived lock").clone();
-        let listen = &config.listen;
-        let configured = [listen.outbound, listen.inbound, listen.admin].into_iter().flatten();
-        let upstreams = config.upstreams.iter().map(|u| u.listen);
-        own.extend(configured.chain(upstreams).filter(|addr| addr.port() != 0));
-        for service in &config.services {
-            let name = service.name.as_str();
-            let endpoint = |e: &crate::config::EndpointConfig| {
-                live_keys.insert((name.to_owned(), e.addr, e.meshed));
-                let loops = is_own_listener(&own, e.addr);
-                if loops {
-                    tracing::warn!(service = name, endpoint = %e.addr, "an endpoint is this proxy's own listener; it gets no traffic");
-                }
-                let (ready, state) = (e.ready && !loops, self.endpoint(name, e.addr, e.meshed));
-                state.announce(ready);
-                Endpoint {
-                    addr: e.addr,
-                    version: Arc::from(e.version.as_str()),
-                    ready,
-                    state,
-                    metrics: self.metrics.http(Direction::Outbound, name, &e.version),
-                }
-            };
-            let (groups, weights) = if service.split.is_empty() {
-                (vec![Group { endpoints: service.endpoints.iter().map(endpoint).collect() }], vec![1])
-            } else {
-                let mut endpoint = endpoint;
-                service
-                    .split
-                    .iter()
-                    .map(|(version, weight)| {
-                        let endpoints = service
-                            .endpoints
-                            .iter()
-                            .filter(|e| &e.version == version)
-                            .map(&mut endpoint)
-                            .collect();
-                        (Group { endpoints }, *weight)
-                    })
-                    .unzip()
-            };
-            let budget =
-                self.budgets.lock().expect("long-lived lock").entry(name.to_owned()).or_default().clone();
-            services.insert(
-                name.to_owned(),
-                Arc::new(Service {
-                    config: service.clone(),
-                    groups,
-                    weights,
-                    budget,
-                    retry_metrics: self.metrics.retries(name),
-                    unrouted_metrics: self.metrics.http(Direction::Outbound, name, ""),
-                    tcp_metrics: self.metrics.tcp(Direction::Outbound, name),
-                }),
-            );
+        let mut services = previous.map(|p| p.services.clone()).unwrap_or_default();
+        for name in &change.removed {
+            if let Some(gone) = services.remove(name.as_str()) {
+                self.forget_endpoints(&gone, None);
+            }
         }
-        let app = config.listen.app;
-        let app_protocol =
-            config.services.iter().find(|s| s.name == config.local_service).map(|s| s.protocol);
-        let inbound = Inbound {
-            app,
-            app_protocol,
-            state: self.endpoint("", app.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))), false),
-            metrics: self.metrics.http(Direction::Inbound, &config.local_service, &config.local_version),
-            tcp_metrics: self.metrics.tcp(Direction::Inbound, &config.local_service),
-        };
-        if let Some(app) = app {
-            live_keys.insert((String::new(), app, false));
+        let own = self.own_listeners(&settings);
+        for config in change.set {
+            let name: Arc<str> = Arc::from(config.name.as_str());
+            let service = self.build_service(config, &own);
+            if let Some(replaced) = services.insert(name, service.clone()) {
+                self.forget_endpoints(&replaced, Some(&service));
+            }
         }
-        self.endpoints.lock().expect("long-lived lock").retain(|key, _| live_keys.contains(key));
+        let inbound = self.inbound(&settings, &services, previous.map(|p| &p.inbound));
         Snapshot {
             version,
-            config: Arc::new(config),
+            settings,
             services,
             inbound,
             unknown_service_metrics: self.metrics.http(Direction::Outbound, "", ""),
         }
+    }
+
+    /// The listeners this proxy has bound or will bind.
+    fn own_listeners(&self, settings: &ProxyConfig) -> Vec<SocketAddr> {
+        let mut own = self.own_listeners.lock().expect("long-lived lock").clone();
+        let listen = &settings.listen;
+        let configured = [listen.outbound, listen.inbound, listen.admin].into_iter().flatten();
+        let upstreams = settings.upstreams.iter().map(|u| u.listen);
+        own.extend(configured.chain(upstreams).filter(|addr| addr.port() != 0));
+        own
+    }
+
+    fn build_service(&self, config: ServiceConfig, own: &[SocketAddr]) -> Arc<Service> {
+        let name = config.name.as_str();
+        let endpoint = |e: &crate::config::EndpointConfig| {
+            let loops = is_own_listener(own, e.addr);
+            if loops {
+                tracing::warn!(service = name, endpoint = %e.addr, "an endpoint is this proxy's own listener; it gets no traffic");
+            }
+            let (ready, state) = (e.ready && !loops, self.endpoint(name, e.addr, e.meshed));
+            state.announce(ready);
+            Endpoint {
+                addr: e.addr,
+                version: Arc::from(e.version.as_str()),
+                ready,
+                meshed: e.meshed,
+                state,
+                metrics: self.metrics.http(Direction::Outbound, name, &e.version),
+            }
+        };
+        let (groups, weights) = if config.split.is_empty() {
+            (vec![Group { endpoints: config.endpoints.iter().map(endpoint).collect() }], vec![1])
+        } else {
+            let mut endpoint = endpoint;
+            config
+                .split
+                .iter()
+                .map(|(version, weight)| {
+                    let endpoints = config
+                        .endpoints
+                        .iter()
+                        .filter(|e| &e.version == version)
+                        .map(&mut endpoint)
+                        .collect();
+                    (Group { endpoints }, *weight)
+                })
+                .unzip()
+        };
+        let budget =
+            self.budgets.lock().expect("long-lived lock").entry(name.to_owned()).or_default().clone();
+        Arc::new(Service {
+            groups,
+            weights,
+            budget,
+            retry_metrics: self.metrics.retries(name),
+            unrouted_metrics: self.metrics.http(Direction::Outbound, name, ""),
+            tcp_metrics: self.metrics.tcp(Direction::Outbound, name),
+            config,
+        })
+    }
+
+    /// Drops the long-lived state of `old`'s endpoints that its successor
+    /// (`None` when the service is gone) no longer has.
+    fn forget_endpoints(&self, old: &Service, new: Option<&Service>) {
+        let name = old.config.name.as_str();
+        let keys = |service: &Service| -> HashSet<(SocketAddr, bool)> {
+            service.groups.iter().flat_map(|g| &g.endpoints).map(|e| (e.addr, e.meshed)).collect()
+        };
+        let kept = new.map(keys).unwrap_or_default();
+        let mut endpoints = self.endpoints.lock().expect("long-lived lock");
+        for (addr, meshed) in keys(old) {
+            if !kept.contains(&(addr, meshed)) {
+                endpoints.remove(&(name.to_owned(), addr, meshed));
+            }
+        }
+    }
+
+    /// The local app's side, rebuilt with every table: it is one endpoint.
+    fn inbound(&self, settings: &ProxyConfig, services: &ServiceMap, previous: Option<&Inbound>) -> Inbound {
+        let app = settings.listen.app;
+        if let Some(old) = previous.and_then(|p| p.app).filter(|old| Some(*old) != app) {
+            self.endpoints.lock().expect("long-lived lock").remove(&(String::new(), old, false));
+        }
+        let state = match app {
+            Some(app) => self.endpoint("", app, false),
+            None => Arc::new(EndpointState::new(SocketAddr::from(([127, 0, 0, 1], 0)), None)),
+        };
+        Inbound {
+            app,
+            app_protocol: services.get(settings.local_service.as_str()).map(|s| s.config.protocol),
+            state,
+            metrics: self.metrics.http(Direction::Inbound, &settings.local_service, &settings.local_version),
+            tcp_metrics: self.metrics.tcp(Direction::Inbound, &settings.local_service),
+        }
+    }
+}
+
+/// What an update changes in a routing table: services added or replaced,
+/// and services removed. A service it does not name stays as it is.
+#[derive(Debug, Default)]
+pub struct Change {
+    pub set: Vec<ServiceConfig>,
+    pub removed: Vec<String>,
+}
+
+impl Change {
+    /// The change that turns `table`'s services into `services`: those
+    /// that are new or differ, and the names that are gone. Comparing
+    /// walks the whole table; only what differs is built.
+    pub fn between(table: &Snapshot, services: Vec<ServiceConfig>) -> Change {
+        let wanted: HashSet<&str> = services.iter().map(|s| s.name.as_str()).collect();
+        let removed = table
+            .services
+            .keys()
+            .filter(|name| !wanted.contains(&***name))
+            .map(|name| name.to_string())
+            .collect();
+        let set = services
+            .into_iter()
+            .filter(|s| table.services.get(s.name.as_str()).is_none_or(|old| old.config != *s))
+            .collect();
+        Change { set, removed }
     }
 }
 
@@ -297,13 +384,13 @@ impl Snapshot {
     /// Rows for the `mesh_endpoints` gauges, per service and version.
     pub fn endpoint_counts(&self, now_ms: u64) -> Vec<EndpointCount<'_>> {
         let mut rows: Vec<EndpointCount<'_>> = Vec::new();
-        let mut names: Vec<&String> = self.services.keys().collect();
+        let mut names: Vec<&Arc<str>> = self.services.keys().collect();
         names.sort();
         for name in names {
             let service = &self.services[name];
             for endpoint in service.groups.iter().flat_map(|g| &g.endpoints) {
                 let index =
-                    match rows.iter().position(|r| r.service == name && r.version == &*endpoint.version) {
+                    match rows.iter().position(|r| r.service == &**name && r.version == &*endpoint.version) {
                         Some(index) => index,
                         None => {
                             rows.push(EndpointCount {
@@ -415,13 +502,64 @@ mod tests {
             None,
         );
         eject(&first.services["echo"].groups[0].endpoints[0], 10);
-        let second = long_lived.build(parse_config(&text("{ addr = \"127.0.0.1:1\" }")).unwrap(), None);
+        let second = reload(&long_lived, &first, &text("{ addr = \"127.0.0.1:1\" }"));
         assert!(
             second.services["echo"].groups[0].endpoints[0].state.breaker.load().is_ejected(),
             "kept across reload"
         );
         assert_eq!(second.version, first.version + 1);
         assert_eq!(long_lived.endpoints.lock().unwrap().len(), 1, "the removed endpoint's state is dropped");
+    }
+
+    /// The table after `previous` for a whole config, as a file reload makes it.
+    fn reload(long_lived: &LongLived, previous: &Snapshot, text: &str) -> Snapshot {
+        let (settings, services) = parse_config(text).unwrap().into_parts();
+        long_lived.next(Some(previous), Arc::new(settings), Change::between(previous, services), None)
+    }
+
+    #[test]
+    fn an_update_builds_only_the_services_it_changes() {
+        let service = |name: &str, port: u16| {
+            format!("[[services]]\nname = \"{name}\"\nendpoints = [{{ addr = \"127.0.0.1:{port}\" }}]\n")
+        };
+        let table = |services: &[(&str, u16)]| {
+            let services: String = services.iter().map(|(name, port)| service(name, *port)).collect();
+            format!("[listen]\n{services}")
+        };
+        let long_lived = LongLived::default();
+        let mut previous =
+            long_lived.build(parse_config(&table(&[("a", 1), ("b", 2), ("c", 3)])).unwrap(), None);
+        // (next table: (service, endpoint port), services built anew, services removed)
+        type Step<'a> = (&'a [(&'a str, u16)], &'a [&'a str], &'a [&'a str]);
+        let steps: &[Step] = &[
+            (&[("a", 1), ("b", 2), ("c", 3)], &[], &[]),
+            (&[("a", 1), ("b", 5), ("c", 3)], &["b"], &[]),
+            (&[("a", 1), ("b", 5)], &[], &["c"]),
+            (&[("d", 4), ("a", 1), ("b", 5)], &["d"], &[]),
+            (&[("a", 6), ("b", 5), ("d", 7)], &["a", "d"], &[]),
+        ];
+        for (i, (services, built, removed)) in steps.iter().enumerate() {
+            let (_, configs) = parse_config(&table(services)).unwrap().into_parts();
+            let change = Change::between(&previous, configs);
+            let mut set: Vec<&str> = change.set.iter().map(|s| s.name.as_str()).collect();
+            set.sort();
+            let gone: Vec<&str> = change.removed.iter().map(String::as_str).collect();
+            assert_eq!((&set[..], &gone[..]), (*built, *removed), "step {i}");
+            let next = long_lived.next(Some(&previous), previous.settings.clone(), change, None);
+            for (name, _) in services.iter() {
+                let shared =
+                    previous.services.get(*name).is_some_and(|old| Arc::ptr_eq(old, &next.services[*name]));
+                assert_eq!(shared, !built.contains(name), "step {i}: service {name}");
+            }
+            let mut names: Vec<&str> = next.services.keys().map(|name| &**name).collect();
+            names.sort();
+            let mut expected: Vec<&str> = services.iter().map(|(name, _)| *name).collect();
+            expected.sort();
+            assert_eq!(names, expected, "step {i}");
+            // Long-lived state is kept for exactly the endpoints in the table.
+            assert_eq!(long_lived.endpoints.lock().unwrap().len(), services.len(), "step {i}");
+            previous = next;
+        }
     }
 
     #[test]

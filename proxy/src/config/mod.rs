@@ -31,6 +31,14 @@ pub struct ProxyConfig {
     pub identity: Option<IdentityFiles>,
 }
 
+impl ProxyConfig {
+    /// The config less its services, and the services.
+    pub fn into_parts(mut self) -> (ProxyConfig, Vec<ServiceConfig>) {
+        let services = std::mem::take(&mut self.services);
+        (self, services)
+    }
+}
+
 /// Certificate (chain, leaf first; its URI SAN is the SPIFFE ID), PKCS#8
 /// key and trusted roots, all PEM.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]

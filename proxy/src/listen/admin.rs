@@ -70,7 +70,11 @@ fn handle(proxy: &Proxy, request: Request<Incoming>) -> Response<Full<Bytes>> {
         "/live" => text(StatusCode::OK, "live\n"),
         "/config" => {
             let snapshot = proxy.table.load();
-            let body = serde_json::json!({ "version": snapshot.version, "config": &*snapshot.config });
+            let mut config = serde_json::json!(&*snapshot.settings);
+            let mut services: Vec<_> = snapshot.services.values().map(|s| &s.config).collect();
+            services.sort_by(|a, b| a.name.cmp(&b.name));
+            config["services"] = serde_json::json!(services);
+            let body = serde_json::json!({ "version": snapshot.version, "config": config });
             let mut response = text(StatusCode::OK, format!("{body:#}\n"));
             response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
             response
