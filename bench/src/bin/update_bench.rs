@@ -55,7 +55,7 @@ fn route(index: usize, endpoints: usize, flapped: Option<usize>) -> pb::ServiceR
         let addr = SocketAddr::from((Ipv4Addr::new(10, (n >> 16) as u8, (n >> 8) as u8, n as u8), 8080));
         pb::Endpoint {
             addr: addr.to_string(),
-            version: if e % 2 == 0 { "v1" } else { "v2" }.into(),
+            version: if e.is_multiple_of(2) { "v1" } else { "v2" }.into(),
             ready: flapped != Some(e),
             meshed: true,
             ..Default::default()
@@ -116,7 +116,7 @@ fn main() {
     for round in 0..args.rounds {
         // Every round flaps one endpoint of the first service, then puts it back.
         let flapped = Some(round % args.endpoints);
-        if round % 10 == 0 {
+        if round.is_multiple_of(10) {
             full.push(apply(&proxy, &mut routes, whole(flapped), next_version()));
         } else {
             one.push(apply(&proxy, &mut routes, vec![route(0, args.endpoints, flapped)], next_version()));
