@@ -255,13 +255,17 @@ async fn close_idle_connections(proxy: Arc<Proxy>, timeout: Duration) {
     let ticks = (timeout.as_millis() / IDLE_TICK.as_millis()).clamp(1, u32::MAX as u128) as u32;
     let mut interval = tokio::time::interval(IDLE_TICK);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut closed_last_tick = false;
     loop {
         interval.tick().await;
         advance_idle_clock();
-        if proxy.long_lived.close_idle(ticks) > 0 {
-            // malloc_trim walks the heap: not on a thread that serves requests.
+        // A closed connection's buffers are freed when its task ends, after
+        // the sweep: the heap is handed back on the tick after a sweep that
+        // closed some. malloc_trim walks the heap: not on a serving thread.
+        if closed_last_tick {
             tokio::task::spawn_blocking(mesh_common::heap::give_back_freed_memory);
         }
+        closed_last_tick = proxy.long_lived.close_idle(ticks) > 0;
     }
 }
 

@@ -6,7 +6,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -45,12 +45,10 @@ pub fn advance_idle_clock() {
 
 pub struct ConnPool {
     addr: SocketAddr,
-    /// Made when the first connection is released: most endpoints of a
-    /// large table are never called, and an empty queue of this size is
-    /// most of an endpoint's memory.
-    /// Boxed: the queue's cache-padded ends are most of a pool's size, and
-    /// an unused endpoint should cost only the pointer.
-    idle_http1: OnceLock<Box<ArrayQueue<IdleHttp1>>>,
+    /// Made when a connection is released and none is pooled, and dropped
+    /// by the sweep that finds it empty: most endpoints of a large table are
+    /// idle, and an empty queue of this size is most of an endpoint's memory.
+    idle_http1: ArcSwapOption<ArrayQueue<IdleHttp1>>,
     http2: ArcSwapOption<SharedHttp2>,
     mesh: Option<MeshPeer>,
 }
@@ -87,7 +85,7 @@ pub struct ConnectError(pub io::Error);
 
 impl ConnPool {
     pub fn new(addr: SocketAddr, mesh: Option<MeshPeer>) -> Self {
-        ConnPool { addr, idle_http1: OnceLock::new(), http2: ArcSwapOption::empty(), mesh }
+        ConnPool { addr, idle_http1: ArcSwapOption::empty(), http2: ArcSwapOption::empty(), mesh }
     }
 
     /// The mTLS configuration to reach this endpoint with, when it is a
@@ -108,7 +106,8 @@ impl ConnPool {
 
     /// An idle HTTP/1 connection ready for a request, if one is pooled.
     pub fn take_http1(&self) -> Option<Http1Sender> {
-        let idle = self.idle_http1.get()?;
+        let idle = self.idle_http1.load();
+        let idle = idle.as_ref()?;
         while let Some(IdleHttp1 { sender, .. }) = idle.pop() {
             if sender.is_ready() {
                 return Some(sender);
@@ -118,10 +117,24 @@ impl ConnPool {
     }
 
     pub fn put_http1(&self, sender: Http1Sender) {
-        if sender.is_ready() {
-            let idle = self.idle_http1.get_or_init(|| Box::new(ArrayQueue::new(MAX_IDLE_HTTP1)));
-            // A full queue drops the sender, which closes that connection.
-            let _ = idle.push(IdleHttp1 { sender, since: idle_now() });
+        if !sender.is_ready() {
+            return;
+        }
+        let entry = IdleHttp1 { sender, since: idle_now() };
+        if let Some(idle) = self.idle_http1.load().as_ref() {
+            // A full queue hands the entry back; dropping it closes that connection.
+            let _ = idle.push(entry);
+            return;
+        }
+        let queue = Arc::new(ArrayQueue::new(MAX_IDLE_HTTP1));
+        let _ = queue.push(entry);
+        // Another release may have made a queue meanwhile: the
+        // connection goes into that one instead.
+        let made = self.idle_http1.compare_and_swap(&None::<Arc<_>>, Some(queue.clone()));
+        if let Some(other) = made.as_ref() {
+            if let Some(entry) = queue.pop() {
+                let _ = other.push(entry);
+            }
         }
     }
 
@@ -132,7 +145,7 @@ impl ConnPool {
     pub fn close_idle(&self, ticks: u32) -> usize {
         let now = idle_now();
         let mut closed = 0;
-        if let Some(idle) = self.idle_http1.get() {
+        if let Some(idle) = self.idle_http1.load_full() {
             // Bounded: each pooled connection is looked at once.
             for _ in 0..idle.len() {
                 let Some(entry) = idle.pop() else { break };
@@ -142,6 +155,11 @@ impl ConnPool {
                 } else {
                     closed += 1;
                 }
+            }
+            // An empty queue goes. A connection released into it at this
+            // very moment goes with it, closed early: rare, and harmless.
+            if idle.is_empty() {
+                self.idle_http1.compare_and_swap(&idle, None);
             }
         }
         let stale = self
@@ -158,7 +176,7 @@ impl ConnPool {
 
     /// Connections this endpoint holds open and unused now (for tests and metrics).
     pub fn idle_http1_count(&self) -> usize {
-        self.idle_http1.get().map_or(0, |idle| idle.len())
+        self.idle_http1.load().as_ref().map_or(0, |idle| idle.len())
     }
 
     /// Whether the shared HTTP/2 connection is open.
