@@ -17,6 +17,8 @@ impl Bounds<12> for AckBounds {
 pub struct ControlMetrics {
     connected: AtomicU64,
     version: AtomicU64,
+    /// The publish window in force, in microseconds.
+    publish_window_micros: AtomicU64,
     pushes: AtomicU64,
     pushed_bytes: AtomicU64,
     push_to_ack: DurationHistogram<AckBounds, 12>,
@@ -38,6 +40,10 @@ impl ControlMetrics {
 
     pub fn set_version(&self, version: u64) {
         self.version.store(version, Ordering::Relaxed);
+    }
+
+    pub fn set_publish_window(&self, window: std::time::Duration) {
+        self.publish_window_micros.store(window.as_micros() as u64, Ordering::Relaxed);
     }
 
     pub fn count_push(&self, bytes: u64) {
@@ -83,6 +89,12 @@ impl ControlMetrics {
             "Current routing-state version.",
             self.version.load(Ordering::Relaxed),
             "gauge",
+        );
+        let name = "meshd_publish_window_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} How long changes after a publication wait to go out together; grows under sustained churn.\n# TYPE {name} gauge\n{name} {}",
+            self.publish_window_micros.load(Ordering::Relaxed) as f64 / 1e6
         );
         gauge(
             &mut out,

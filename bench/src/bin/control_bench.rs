@@ -53,6 +53,9 @@ struct Args {
     /// meshd's --publish-window (meshd's default when not given).
     #[arg(long)]
     publish_window: Option<String>,
+    /// meshd's --publish-window-max (meshd's default when not given).
+    #[arg(long)]
+    publish_window_max: Option<String>,
 }
 
 /// meshd in its own process group, killed on drop.
@@ -96,6 +99,7 @@ fn start_meshd(args: &Args, name: &str) -> Meshd {
             "127.0.0.1:0",
         ])
         .args(args.publish_window.iter().flat_map(|window| ["--publish-window", window]))
+        .args(args.publish_window_max.iter().flat_map(|max| ["--publish-window-max", max]))
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::piped());
     std::os::unix::process::CommandExt::process_group(&mut command, 0);
@@ -264,10 +268,15 @@ async fn main() {
     // Churn: a large table, then one endpoint flapping. Services register
     // in parallel, as many agents would; the server commits them in groups,
     // and every registration reaches every proxy.
+    let proxies = f64::from(args.proxies);
     let (setup_started, setup_cpu) = (Instant::now(), procstat::cpu_seconds(pid));
+    let (updates_before, bytes_before) =
+        (received.updates.load(Ordering::Relaxed), received.bytes.load(Ordering::Relaxed));
     let settle = register_table(&meshd, &args).await;
     let setup_seconds = setup_started.elapsed().as_secs_f64();
     let setup_cpu = procstat::cpu_seconds(pid) - setup_cpu;
+    let setup_updates = (received.updates.load(Ordering::Relaxed) - updates_before) as f64 / proxies;
+    let setup_bytes = (received.bytes.load(Ordering::Relaxed) - bytes_before) as f64 / proxies;
     let table = admin.list_endpoints(pb::Empty {}).await.expect("endpoints").into_inner();
     let table_bytes = prost::Message::encoded_len(&table) as f64;
     // Every proxy, not only those convergence counts: one the server
@@ -294,12 +303,13 @@ async fn main() {
     let rss_loaded_alone = rss_mb(alone.child.id() as i32);
     drop(alone);
 
-    let proxies = f64::from(args.proxies);
     println!("| measure | value |");
     println!("|---|---:|");
     println!("| simulated proxies (one gRPC stream and connection each) | {} |", args.proxies);
     let window = args.publish_window.as_deref().unwrap_or("meshd's default");
     println!("| meshd --publish-window (changes within it of an update go out together) | {window} |");
+    let max = args.publish_window_max.as_deref().unwrap_or("meshd's default");
+    println!("| meshd --publish-window-max (the window under sustained churn) | {max} |");
     println!("| split change → last ack, p50 | {:.1} ms |", percentile(&latencies, 0.5));
     println!("| split change → last ack, p99 | {:.1} ms |", percentile(&latencies, 0.99));
     println!("| changes timed | {} |", latencies.len());
@@ -313,6 +323,10 @@ async fn main() {
         "| registering the churn table ({} endpoints, {} clients in parallel, each pushed to every proxy) | {setup_seconds:.1} s (meshd CPU {setup_cpu:.1} s) |",
         args.services * args.endpoints_per_service,
         args.services
+    );
+    println!(
+        "| while registering: updates and bytes each proxy received | {setup_updates:.1} updates, {:.2} MB |",
+        setup_bytes / 1e6
     );
     println!("| registering the same table in a meshd no proxy is connected to | {alone_seconds:.1} s |");
     for (label, run) in [("churn", &churn), ("paced", &paced)] {

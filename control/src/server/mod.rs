@@ -17,6 +17,7 @@ pub mod nodes;
 pub mod prometheus_sd;
 pub mod registry;
 pub mod tls;
+pub mod window;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -32,6 +33,7 @@ use crate::metrics::ControlMetrics;
 use crate::publish::Published;
 use crate::state::{Change, ChangeError, MeshState, ServiceState};
 use crate::store::{Store, StoreError};
+pub use window::PublishWindow;
 
 /// The status of a request the store could not make durable: nothing of
 /// it was applied. meshctl tells it from an unreachable server by the
@@ -121,11 +123,15 @@ impl ControlPlane {
 
     /// A control plane that publishes changes made within `window` of a
     /// publication together, at the window's end.
-    pub fn with_window(store: Arc<dyn Store>, window: Duration) -> Result<Arc<ControlPlane>, StoreError> {
+    pub fn with_window(
+        store: Arc<dyn Store>,
+        window: PublishWindow,
+    ) -> Result<Arc<ControlPlane>, StoreError> {
         let state = store.load()?;
         let published = Published::build(&state, &Published::default());
         let metrics = ControlMetrics::default();
         metrics.set_version(state.version);
+        metrics.set_publish_window(window.base);
         let (writes, pending) = mpsc::channel(MAX_BATCH * 4);
         let control = Arc::new(ControlPlane {
             store,
@@ -354,11 +360,12 @@ pub fn converged<'a>(proxies: impl IntoIterator<Item = &'a ProxyRecord>, version
     proxies.into_iter().filter(|p| p.counts_for_convergence()).all(|p| p.acked_version >= version)
 }
 
-/// The single writer: takes what is waiting, up to a batch, and commits it.
-/// How long after a publication further changes wait, to go out together.
-/// A change after a quiet spell is published at once; under churn every
+/// How long after a publication further changes wait, to go out together:
+/// 50 ms, growing to 400 ms under sustained churn (see `window.rs`). A
+/// change after a quiet spell is published at once; under churn every
 /// proxy gets at most one update per window, whatever the change rate.
-pub const PUBLISH_WINDOW: Duration = Duration::from_millis(50);
+pub const PUBLISH_WINDOW: PublishWindow =
+    PublishWindow { base: Duration::from_millis(50), max: Duration::from_millis(400) };
 
 /// After a burst of publications, how long without one before freed heap
 /// is handed back to the kernel.
@@ -367,14 +374,16 @@ const TRIM_AFTER_QUIET: Duration = Duration::from_secs(1);
 /// Publishes the committed state: at once after a quiet spell, then at
 /// most once per `window`. Once a burst is over, the memory its updates
 /// passed through (every stream's send buffers) is handed back.
-async fn publish_loop(control: Arc<ControlPlane>, window: Duration) {
+async fn publish_loop(control: Arc<ControlPlane>, window: PublishWindow) {
     let mut burst = false;
+    let mut pause = window.base;
     loop {
         if burst {
             let quiet =
                 tokio::time::timeout(TRIM_AFTER_QUIET, control.publish_soon.notified()).await.is_err();
             if quiet {
                 burst = false;
+                pause = window.base;
                 // malloc_trim walks the heap: not on an async worker.
                 tokio::task::spawn_blocking(mesh_common::heap::give_back_freed_memory);
                 continue;
@@ -384,16 +393,20 @@ async fn publish_loop(control: Arc<ControlPlane>, window: Duration) {
         }
         {
             let state = control.state.lock().await;
-            if state.version != control.published.borrow().version {
+            let before = control.published.borrow().version;
+            if state.version != before {
                 let published = Published::build(&state, &control.published.borrow());
                 control.published.send_replace(Arc::new(published));
                 burst = true;
+                pause = window.next(pause, state.version.saturating_sub(before));
+                control.metrics.set_publish_window(pause);
             }
         }
-        tokio::time::sleep(window).await;
+        tokio::time::sleep(pause).await;
     }
 }
 
+/// The single writer: takes what is waiting, up to a batch, and commits it.
 async fn write_loop(control: Arc<ControlPlane>, mut pending: mpsc::Receiver<PendingChange>) {
     while let Some(first) = pending.recv().await {
         let mut batch = vec![first];

@@ -1,13 +1,14 @@
 //! The publish window in process, on a paused clock: a change after a
 //! quiet spell goes out at once; changes that follow within the window go
-//! out together at its end, as one publication.
+//! out together at its end, as one publication; under sustained churn the
+//! window grows to its maximum, and one change alone brings it back.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::ControlPlane;
+use super::{ControlPlane, PublishWindow};
 use crate::state::Change;
 use crate::store::MemoryStore;
 
@@ -18,7 +19,8 @@ fn register(port: u16) -> Change {
 #[tokio::test(start_paused = true)]
 async fn a_quiet_change_goes_out_at_once_and_a_burst_together_at_the_window_end() {
     let window = Duration::from_millis(50);
-    let control = ControlPlane::with_window(Arc::new(MemoryStore::default()), window).unwrap();
+    let control =
+        ControlPlane::with_window(Arc::new(MemoryStore::default()), PublishWindow::fixed(window)).unwrap();
     let mut publications = control.subscribe();
 
     let started = Instant::now();
@@ -44,4 +46,49 @@ async fn a_quiet_change_goes_out_at_once_and_a_burst_together_at_the_window_end(
     let next = control.change(register(1004)).await.unwrap();
     publications.wait_for(|published| published.version >= next).await.unwrap();
     assert!(quiet.elapsed() < window, "{:?}", quiet.elapsed());
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_window_grows_under_sustained_churn_and_shrinks_when_it_stops() {
+    let ms = Duration::from_millis;
+    let window = PublishWindow { base: ms(50), max: ms(400) };
+    let control = ControlPlane::with_window(Arc::new(MemoryStore::default()), window).unwrap();
+    let mut publications = control.subscribe();
+    // A change every 10 ms for 3 s: each publication carries several.
+    let churn = {
+        let control = control.clone();
+        tokio::spawn(async move {
+            let mut last = 0;
+            for port in 2000..2300 {
+                last = control.change(register(port)).await.unwrap();
+                tokio::time::sleep(ms(10)).await;
+            }
+            last
+        })
+    };
+    let mut gaps = Vec::new();
+    let mut previous = Instant::now();
+    while !churn.is_finished() && gaps.len() < 100 {
+        if tokio::time::timeout(ms(1_000), publications.changed()).await.is_err() {
+            break;
+        }
+        publications.borrow_and_update();
+        gaps.push(previous.elapsed());
+        previous = Instant::now();
+    }
+    let last = churn.await.unwrap();
+    publications.wait_for(|published| published.version >= last).await.unwrap();
+    // Skip the first publication (at once) and look at the steady gaps.
+    let steady = &gaps[4..gaps.len() - 1];
+    assert!(steady.iter().all(|gap| *gap == ms(400)), "gaps under churn: {gaps:?}");
+    assert!(gaps[1] < ms(400), "it grows from the base window: {gaps:?}");
+
+    // One change alone, after the churn: the window is back at its base.
+    tokio::time::sleep(ms(2_000)).await;
+    let first = control.change(register(3000)).await.unwrap();
+    publications.wait_for(|published| published.version >= first).await.unwrap();
+    let started = Instant::now();
+    let next = control.change(register(3001)).await.unwrap();
+    publications.wait_for(|published| published.version >= next).await.unwrap();
+    assert!(started.elapsed() <= ms(50), "the base window again: {:?}", started.elapsed());
 }

@@ -38,7 +38,17 @@ pub(crate) async fn serve(
         reinitialize,
         server_names,
         publish_window,
+        publish_window_max,
     } = args;
+    if publish_window_max < publish_window {
+        return Err(Failure::from(format!(
+            "--publish-window-max ({}) is shorter than --publish-window ({})",
+            humantime::format_duration(publish_window_max),
+            humantime::format_duration(publish_window)
+        )));
+    }
+    let publish_window =
+        mesh_control::server::PublishWindow { base: publish_window, max: publish_window_max };
     let data_dir = data_dir.expect("a data dir was chosen");
     let heartbeat_interval = (heartbeat_ttl / 3).max(Duration::from_millis(100));
     let nodes = Arc::new(NodeRegistry::new(heartbeat_interval, heartbeat_ttl));
