@@ -177,22 +177,7 @@ async fn session(
         };
         let Some(update) = update else { break };
         received = true;
-        // A large update comes in parts: none is taken until the last one
-        // is here, so a stream cut between parts leaves the table as it was.
-        let more = update.more;
-        parts.push(update);
-        if more {
-            continue;
-        }
-        let mut touched = BTreeSet::new();
-        // A whole table also checks services gone from it whose upstream
-        // port serves opaque TCP.
-        if parts.iter().any(|part| part.full) {
-            touched.extend(
-                options.upstream_protocols.get().into_iter().flat_map(|started| started.keys().cloned()),
-            );
-        }
-        let update = merge_parts(&mut routes.received, &mut parts, &mut touched);
+        let Some((update, touched)) = take_part(routes, &mut parts, update, options) else { continue };
         let bundle = match update.bundle.map(crate::identity::TrustBundle::from_pb) {
             Some(bundle) => proxy.apply_bundle(bundle).map_err(|e| format!("trust bundle: {e}")),
             None => Ok(()),
@@ -233,6 +218,33 @@ async fn session(
         }
     }
     Ok(received)
+}
+
+/// Takes one part of an update. A large update comes in parts: none is
+/// taken until the last one is here (`parts` holds the others, and a new
+/// stream starts with none), so a stream cut between parts leaves the
+/// table as it was. At the last part, merges them all into the view and
+/// returns the update's version and bundle, and the services it touched.
+fn take_part(
+    routes: &mut Routes,
+    parts: &mut Vec<pb::RoutingUpdate>,
+    part: pb::RoutingUpdate,
+    options: &ControlOptions,
+) -> Option<(pb::RoutingUpdate, BTreeSet<String>)> {
+    let more = part.more;
+    parts.push(part);
+    if more {
+        return None;
+    }
+    let mut touched = BTreeSet::new();
+    // A whole table also checks services gone from it whose upstream port
+    // serves opaque TCP.
+    if parts.iter().any(|part| part.full) {
+        touched
+            .extend(options.upstream_protocols.get().into_iter().flat_map(|started| started.keys().cloned()));
+    }
+    let update = merge_parts(&mut routes.received, parts, &mut touched);
+    Some((update, touched))
 }
 
 /// Takes an update's parts into `received` (service → route), in order,
@@ -425,10 +437,23 @@ mod tests {
         pb::ServiceRoute { name: name.into(), policy: Some(policy), ..Default::default() }
     }
 
+    fn options(upstream_protocols: BTreeMap<String, Protocol>) -> ControlOptions {
+        ControlOptions {
+            control: crate::control_tls::ControlAccess::with_roots("", ""),
+            proxy_id: "p".into(),
+            service: "client".into(),
+            version: "v1".into(),
+            listen: Listen { outbound: None, inbound: None, admin: None, app: None },
+            upstreams: Vec::new(),
+            upstream_protocols: Arc::new(OnceLock::from(upstream_protocols)),
+            admin_addr: String::new(),
+            keepalive: Duration::from_secs(10),
+        }
+    }
+
     #[test]
     fn an_update_in_parts_is_taken_whole_and_in_order() {
-        let names =
-            |received: &BTreeMap<String, pb::ServiceRoute>| received.keys().cloned().collect::<Vec<_>>();
+        let names = |routes: &Routes| routes.received.keys().cloned().collect::<Vec<_>>();
         let part = |full: bool, services: &[&str], removed: &[&str], more: bool| pb::RoutingUpdate {
             version: 5,
             full,
@@ -437,40 +462,37 @@ mod tests {
             bundle: None,
             more,
         };
-        let mut received = BTreeMap::from([("old".to_owned(), route("old", "http", None))]);
-        // A full table in three parts replaces what was there.
-        let mut parts = vec![
-            part(true, &["a"], &[], true),
-            part(false, &["b"], &[], true),
-            part(false, &["c"], &[], false),
-        ];
-        let mut touched = BTreeSet::new();
-        let update = merge_parts(&mut received, &mut parts, &mut touched);
-        assert_eq!((update.version, names(&received)), (5, vec!["a".into(), "b".into(), "c".into()]));
+        let options = options(BTreeMap::from([("db".to_owned(), Protocol::Tcp)]));
+        let mut routes = Routes::default();
+        routes.received.insert("old".to_owned(), route("old", "http", None));
+        let mut parts = Vec::new();
+        // A whole table in three parts: nothing is taken before the last,
+        // which replaces what was there.
+        assert!(take_part(&mut routes, &mut parts, part(true, &["a"], &[], true), &options).is_none());
+        assert!(take_part(&mut routes, &mut parts, part(false, &["b"], &[], true), &options).is_none());
+        assert_eq!(names(&routes), ["old"], "the view waits for the last part");
+        let (update, touched) = take_part(&mut routes, &mut parts, part(false, &["c"], &[], false), &options)
+            .expect("the last part");
+        assert_eq!((update.version, names(&routes)), (5, vec!["a".into(), "b".into(), "c".into()]));
         assert!(parts.is_empty());
-        assert_eq!(touched, BTreeSet::from(["old", "a", "b", "c"].map(String::from)), "a whole table");
+        let whole = ["old", "a", "b", "c", "db"].map(String::from);
+        assert_eq!(
+            touched,
+            BTreeSet::from(whole),
+            "a whole table touches what was and is, and TCP upstreams"
+        );
         // A change in two parts: the removal comes with the last. Only what
         // it names is touched.
-        let mut parts = vec![part(false, &["d"], &[], true), part(false, &["b"], &["a"], false)];
-        let mut touched = BTreeSet::new();
-        merge_parts(&mut received, &mut parts, &mut touched);
-        assert_eq!(names(&received), ["b", "c", "d"]);
+        assert!(take_part(&mut routes, &mut parts, part(false, &["d"], &[], true), &options).is_none());
+        let (_, touched) = take_part(&mut routes, &mut parts, part(false, &["b"], &["a"], false), &options)
+            .expect("the last part");
+        assert_eq!(names(&routes), ["b", "c", "d"]);
         assert_eq!(touched, BTreeSet::from(["a", "b", "d"].map(String::from)));
     }
 
     #[test]
     fn a_refused_route_holds_back_only_its_own_service() {
-        let options = ControlOptions {
-            control: crate::control_tls::ControlAccess::with_roots("", ""),
-            proxy_id: "p".into(),
-            service: "client".into(),
-            version: "v1".into(),
-            listen: Listen { outbound: None, inbound: None, admin: None, app: None },
-            upstreams: Vec::new(),
-            upstream_protocols: Arc::new(OnceLock::from(BTreeMap::from([("db".to_owned(), Protocol::Tcp)]))),
-            admin_addr: String::new(),
-            keepalive: Duration::from_secs(10),
-        };
+        let options = options(BTreeMap::from([("db".to_owned(), Protocol::Tcp)]));
         let mut routes = Routes::default();
         let long_lived = crate::snapshot::LongLived::default();
         let settings = crate::config::parse_config("[listen]\n").unwrap();
