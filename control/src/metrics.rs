@@ -93,7 +93,7 @@ impl ControlMetrics {
         let name = "meshd_publish_window_seconds";
         let _ = writeln!(
             out,
-            "# HELP {name} How long changes after a publication wait to go out together; grows under sustained churn.\n# TYPE {name} gauge\n{name} {}",
+            "# HELP {name} How long changes after a publication wait to go out together; grows under fast churn.\n# TYPE {name} gauge\n{name} {}",
             self.publish_window_micros.load(Ordering::Relaxed) as f64 / 1e6
         );
         gauge(

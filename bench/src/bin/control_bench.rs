@@ -309,7 +309,7 @@ async fn main() {
     let window = args.publish_window.as_deref().unwrap_or("meshd's default");
     println!("| meshd --publish-window (changes within it of an update go out together) | {window} |");
     let max = args.publish_window_max.as_deref().unwrap_or("meshd's default");
-    println!("| meshd --publish-window-max (the window under sustained churn) | {max} |");
+    println!("| meshd --publish-window-max (the window under fast churn) | {max} |");
     println!("| split change → last ack, p50 | {:.1} ms |", percentile(&latencies, 0.5));
     println!("| split change → last ack, p99 | {:.1} ms |", percentile(&latencies, 0.99));
     println!("| changes timed | {} |", latencies.len());

@@ -361,7 +361,7 @@ pub fn converged<'a>(proxies: impl IntoIterator<Item = &'a ProxyRecord>, version
 }
 
 /// How long after a publication further changes wait, to go out together:
-/// 50 ms, growing to 400 ms under sustained churn (see `window.rs`). A
+/// 50 ms, growing to 400 ms under fast churn (see `window.rs`). A
 /// change after a quiet spell is published at once; under churn every
 /// proxy gets at most one update per window, whatever the change rate.
 pub const PUBLISH_WINDOW: PublishWindow =
@@ -377,6 +377,7 @@ const TRIM_AFTER_QUIET: Duration = Duration::from_secs(1);
 async fn publish_loop(control: Arc<ControlPlane>, window: PublishWindow) {
     let mut burst = false;
     let mut pause = window.base;
+    let mut last_publication = tokio::time::Instant::now();
     loop {
         if burst {
             let quiet =
@@ -398,7 +399,9 @@ async fn publish_loop(control: Arc<ControlPlane>, window: PublishWindow) {
                 let published = Published::build(&state, &control.published.borrow());
                 control.published.send_replace(Arc::new(published));
                 burst = true;
-                pause = window.next(pause, state.version.saturating_sub(before));
+                let changes = state.version.saturating_sub(before);
+                pause = window.next(pause, changes, last_publication.elapsed());
+                last_publication = tokio::time::Instant::now();
                 control.metrics.set_publish_window(pause);
             }
         }

@@ -186,9 +186,9 @@ struct ServerArgs {
     /// once. Longer: less CPU under churn, slower convergence under churn.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "50ms")]
     publish_window: Duration,
-    /// Under sustained churn (publications that each carry several
-    /// changes) the window doubles, up to this; one change alone brings it
-    /// back. Equal to --publish-window: a window that never grows.
+    /// While changes come faster than one per --publish-window, the window
+    /// doubles with each update, up to this; a slower rate brings it back.
+    /// Equal to --publish-window: a window that never grows.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "400ms")]
     publish_window_max: Duration,
 }
