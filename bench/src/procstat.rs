@@ -61,6 +61,18 @@ pub fn cpu_seconds(pgid: i32) -> f64 {
     cpu_times(pgid).total()
 }
 
+/// Bytes written through write-like system calls (files and sockets alike)
+/// so far by every process in a group (`wchar` of /proc/<pid>/io).
+pub fn written_bytes(pgid: i32) -> u64 {
+    group_pids(pgid)
+        .into_iter()
+        .filter_map(|pid| {
+            let io = fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+            io.lines().find_map(|line| line.strip_prefix("wchar:")?.trim().parse::<u64>().ok())
+        })
+        .sum()
+}
+
 /// Peak resident memory (VmHWM) summed over the group, in bytes.
 pub fn peak_rss_bytes(pgid: i32) -> u64 {
     group_pids(pgid)

@@ -272,7 +272,9 @@ async fn main() {
     let (setup_started, setup_cpu) = (Instant::now(), procstat::cpu_seconds(pid));
     let (updates_before, bytes_before) =
         (received.updates.load(Ordering::Relaxed), received.bytes.load(Ordering::Relaxed));
+    let written_before = procstat::written_bytes(pid);
     let settle = register_table(&meshd, &args).await;
+    let setup_written = procstat::written_bytes(pid).saturating_sub(written_before) as f64;
     let setup_seconds = setup_started.elapsed().as_secs_f64();
     let setup_cpu = procstat::cpu_seconds(pid) - setup_cpu;
     let setup_updates = (received.updates.load(Ordering::Relaxed) - updates_before) as f64 / proxies;
@@ -325,8 +327,9 @@ async fn main() {
         args.services
     );
     println!(
-        "| while registering: updates and bytes each proxy received | {setup_updates:.1} updates, {:.2} MB |",
-        setup_bytes / 1e6
+        "| while registering: updates and bytes each proxy received; meshd's writes (TLS and store) | {setup_updates:.1} updates, {:.2} MB; {:.0} MB |",
+        setup_bytes / 1e6,
+        setup_written / 1e6
     );
     println!("| registering the same table in a meshd no proxy is connected to | {alone_seconds:.1} s |");
     for (label, run) in [("churn", &churn), ("paced", &paced)] {

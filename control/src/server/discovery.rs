@@ -1,8 +1,11 @@
 //! The Discovery stream: one per proxy. A sender task pushes what the
 //! proxy lacks (everything first, then only changed services); a reader
-//! task records the proxy's acks. The sender holds at most one update in
-//! flight and always diffs against the newest publication, so a stuck
-//! proxy neither delays others nor makes the server buffer its backlog.
+//! task records the proxy's acks. The sender sends the next update only
+//! once the proxy has acked the last one (applied or refused), and then
+//! diffs against the newest publication: a slow proxy gets one update
+//! with everything it missed, not a backlog queued in its stream's
+//! window, and a stuck one neither delays others nor costs the server a
+//! push per publication.
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -13,7 +16,7 @@ use std::time::SystemTime;
 use mesh_proto::mesh::v1 as pb;
 use mesh_proto::mesh::v1::subscribe_request::Message;
 use mesh_proto::mesh::v1::wire::discovery_server::Discovery;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
@@ -58,9 +61,10 @@ impl Discovery for DiscoveryService {
             record.acked_version = hello.have_version;
         });
         let (tx, rx) = mpsc::channel(1);
+        let (acked, acks) = watch::channel(hello.have_version);
         let have = Have { version: hello.have_version, bundle: hello.bundle_version };
-        tokio::spawn(push(self.control.clone(), id.clone(), have, tx));
-        tokio::spawn(read_acks(self.control.clone(), id, stream, inbound));
+        tokio::spawn(push(self.control.clone(), id.clone(), have, tx, acks));
+        tokio::spawn(read_acks(self.control.clone(), id, stream, inbound, acked));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
@@ -71,12 +75,14 @@ struct Have {
     bundle: u64,
 }
 
-/// Sends the proxy what it lacks, each time the state changes.
+/// Sends the proxy what it lacks, each time the state changes and the
+/// proxy has acked (`acks`: the newest version it acked) what it was sent.
 async fn push(
     control: Arc<ControlPlane>,
     id: String,
     have: Have,
     tx: mpsc::Sender<Result<pb::RoutingUpdateWire, Status>>,
+    mut acks: watch::Receiver<u64>,
 ) {
     let mut publications = control.subscribe();
     // The publication the proxy holds, and its services' stamps.
@@ -109,6 +115,10 @@ async fn push(
                     }
                 }
                 record_sent(&mut sent, &changed, &removed);
+                // The stream ends when the proxy's side does.
+                if acks.wait_for(|acked| *acked >= current.version).await.is_err() {
+                    return;
+                }
             }
         }
         sent_version = current.version;
@@ -125,6 +135,7 @@ async fn read_acks(
     id: String,
     stream: u64,
     mut inbound: impl Stream<Item = Result<pb::SubscribeRequest, Status>> + Unpin,
+    acked: watch::Sender<u64>,
 ) {
     while let Some(Ok(message)) = inbound.next().await {
         let Some(Message::Ack(ack)) = message.message else { continue };
@@ -155,6 +166,12 @@ async fn read_acks(
         if newly_refused {
             tracing::warn!(proxy = %id, version = ack.version, reason = %ack.error, "a proxy refused an update");
         }
+        // Applied or refused, the proxy is done with it: the next may go.
+        acked.send_if_modified(|newest| {
+            let newer = ack.version > *newest;
+            *newest = (*newest).max(ack.version);
+            newer
+        });
     }
     control.update_proxy(&id, |record| {
         // A newer stream of the same proxy may already be connected.
@@ -199,9 +216,10 @@ mod tests {
         control.subscribe().wait_for(|published| published.version >= both).await.unwrap();
         control.update_proxy("p1", |record| record.connected = true);
         let (tx, mut updates) = mpsc::channel(1);
-        tokio::spawn(push(control.clone(), "p1".into(), Have { version: 0, bundle: 0 }, tx));
+        let (acked, acked_rx) = watch::channel(0);
+        tokio::spawn(push(control.clone(), "p1".into(), Have { version: 0, bundle: 0 }, tx, acked_rx));
         let (acks, acks_in) = mpsc::channel(4);
-        tokio::spawn(read_acks(control.clone(), "p1".into(), 0, ReceiverStream::new(acks_in)));
+        tokio::spawn(read_acks(control.clone(), "p1".into(), 0, ReceiverStream::new(acks_in), acked));
 
         let first = decoded(updates.recv().await);
         assert!(first.full);
@@ -229,23 +247,25 @@ mod tests {
     async fn a_slow_proxy_gets_the_newest_state_not_a_backlog() {
         let control = ControlPlane::new(Arc::new(MemoryStore::default())).unwrap();
         control.change(register("web", "127.0.0.2:1000")).await.unwrap();
-        let (tx, mut updates) = mpsc::channel(1);
-        tokio::spawn(push(control.clone(), "p1".into(), Have { version: 0, bundle: 0 }, tx));
+        let (tx, mut updates) = mpsc::channel(8);
+        let (acked, acked_rx) = watch::channel(0);
+        tokio::spawn(push(control.clone(), "p1".into(), Have { version: 0, bundle: 0 }, tx, acked_rx));
         let first = decoded(updates.recv().await);
-        // Twenty changes while the proxy reads nothing.
+        // Twenty changes while the proxy applies the first update: nothing
+        // more is sent before it acks, however much room the stream has.
         let mut last = first.version;
         for port in 1..=20 {
             last = control.change(register("web", &format!("127.0.0.2:{}", 1000 + port))).await.unwrap();
         }
-        let mut received = Vec::new();
-        while let Ok(Some(update)) = tokio::time::timeout(Duration::from_secs(1), updates.recv()).await {
-            received.push(decoded(Some(update)));
-        }
-        // One update queued, one being sent, then one diffed against the
-        // newest state: three at most, however many changes there were.
-        assert!(received.len() <= 3, "{} updates for 20 changes", received.len());
-        let newest = received.last().expect("an update");
+        let waited = tokio::time::timeout(Duration::from_secs(1), updates.recv()).await;
+        assert!(waited.is_err(), "an update before the ack: {waited:?}");
+        // Then one update with everything it missed.
+        acked.send(first.version).unwrap();
+        let newest = decoded(updates.recv().await);
         assert_eq!(newest.version, last);
         assert_eq!(newest.services[0].endpoints.len(), 21, "every endpoint registered so far");
+        acked.send(newest.version).unwrap();
+        let more = tokio::time::timeout(Duration::from_secs(1), updates.recv()).await;
+        assert!(more.is_err(), "one update for twenty changes, then nothing: {more:?}");
     }
 }
