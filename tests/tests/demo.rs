@@ -71,8 +71,20 @@ fn running_demo() -> (std::process::Child, String, String) {
     let bin_dir = bin("mesh-proxy").parent().unwrap().to_path_buf();
     let mut command = std::process::Command::new(workspace_dir().join("scripts/demo"));
     command.env("MESH_BIN_DIR", &bin_dir).stdout(std::process::Stdio::piped());
-    // Its own process group, as a shell gives a foreground job.
+    // Its own process group, as a shell gives a foreground job, and Ctrl-C
+    // and SIGTERM at their defaults, as a terminal's shell leaves them:
+    // whoever ran the suite (a background job, say) may have left them
+    // ignored, and bash cannot trap a signal ignored when it started.
     std::os::unix::process::CommandExt::process_group(&mut command, 0);
+    // SAFETY: between fork and exec only async-signal-safe calls are
+    // allowed; signal(2) is one.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            libc::signal(libc::SIGTERM, libc::SIG_DFL);
+            Ok(())
+        });
+    }
     let mut demo = command.spawn().expect("run scripts/demo");
     let stdout = demo.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();

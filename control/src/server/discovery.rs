@@ -115,9 +115,15 @@ async fn push(
                     }
                 }
                 record_sent(&mut sent, &changed, &removed);
-                // The stream ends when the proxy's side does.
-                if acks.wait_for(|acked| *acked >= current.version).await.is_err() {
-                    return;
+                // The push ends with the stream: when the proxy's side
+                // closes (no more acks) or the server drops the response.
+                tokio::select! {
+                    acked = acks.wait_for(|acked| *acked >= current.version) => {
+                        if acked.is_err() {
+                            return;
+                        }
+                    }
+                    () = tx.closed() => return,
                 }
             }
         }
