@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod metrics;
+pub mod netns;
 pub mod process;
 pub mod proxy_config;
 

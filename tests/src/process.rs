@@ -233,6 +233,30 @@ impl Agent {
         data_dir: &Path,
         extra: &[&str],
     ) -> Agent {
+        Agent::start_with(Command::new(crate::bin("meshd")), meshd, name, ip, cpu_millis, data_dir, extra)
+    }
+
+    /// An agent on `host` (a lab's network namespace), at its address.
+    pub fn start_in(
+        host: &crate::netns::Host,
+        meshd: &Meshd,
+        cpu_millis: u32,
+        data_dir: &Path,
+        extra: &[&str],
+    ) -> Agent {
+        let command = host.command(&crate::bin("meshd"));
+        Agent::start_with(command, meshd, &host.name, &host.ip.to_string(), cpu_millis, data_dir, extra)
+    }
+
+    fn start_with(
+        mut command: Command,
+        meshd: &Meshd,
+        name: &str,
+        ip: &str,
+        cpu_millis: u32,
+        data_dir: &Path,
+        extra: &[&str],
+    ) -> Agent {
         let cpu = cpu_millis.to_string();
         let joined = data_dir.join("node.credentials.toml").exists();
         let data_dir = data_dir.to_str().expect("utf-8 path");
@@ -252,7 +276,6 @@ impl Agent {
             data_dir,
         ];
         args.extend_from_slice(extra);
-        let mut command = Command::new(crate::bin("meshd"));
         command.args(&args);
         if !joined {
             command.env("MESH_JOIN_TOKEN", meshd.join_token());
@@ -280,6 +303,9 @@ pub struct Meshd {
     pub admin: String,
     /// The admin credential meshd wrote into its data dir.
     pub credentials: String,
+    /// The network namespace it runs in, when it runs in a lab's host:
+    /// meshctl runs there too.
+    pub namespace: Option<String>,
 }
 
 impl Meshd {
@@ -298,11 +324,25 @@ impl Meshd {
         Meshd::from_process(Process::start(&crate::bin("meshd"), &args))
     }
 
+    /// A `meshd server` on `host` (a lab's network namespace), listening
+    /// on the host's address.
+    pub fn start_in(host: &crate::netns::Host, data_dir: &Path, extra: &[&str]) -> Meshd {
+        let data_dir = data_dir.to_str().expect("utf-8 path");
+        let listen = format!("{}:0", host.ip);
+        let mut args = vec!["server", "--data-dir", data_dir, "--listen", &listen, "--admin", "127.0.0.1:0"];
+        args.extend_from_slice(extra);
+        let mut command = host.command(&crate::bin("meshd"));
+        command.args(&args);
+        let mut meshd = Meshd::from_process(Process::start_with(&mut command));
+        meshd.namespace = Some(host.namespace.clone());
+        meshd
+    }
+
     pub fn from_process(process: Process) -> Meshd {
         let listen = process.field("listen");
         let admin = process.field("admin");
         let credentials = process.field("credentials");
-        Meshd { process, listen, admin, credentials }
+        Meshd { process, listen, admin, credentials, namespace: None }
     }
 
     /// A join token for one node.
@@ -385,9 +425,18 @@ impl Meshd {
 
     /// Runs meshctl against this server: (exit code, stdout, stderr).
     pub fn ctl(&self, args: &[&str]) -> (i32, String, String) {
+        let meshctl = crate::bin("meshctl");
         let mut all = vec!["--server", self.listen.as_str(), "--credentials", self.credentials.as_str()];
         all.extend_from_slice(args);
-        run(&crate::bin("meshctl"), &all)
+        match &self.namespace {
+            Some(namespace) => {
+                let meshctl = meshctl.to_str().expect("utf-8 path");
+                let mut wrapped = vec!["netns", "exec", namespace.as_str(), meshctl];
+                wrapped.extend_from_slice(&all);
+                run(Path::new("ip"), &wrapped)
+            }
+            None => run(&meshctl, &all),
+        }
     }
 
     /// Runs meshctl and insists that it succeeds; returns stdout.
