@@ -48,8 +48,8 @@ const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 pub async fn run(options: ControlOptions, proxy: Arc<Proxy>, mut shutdown: ShutdownSignal) {
-    // The control plane's view, which can be ahead of the applied table
-    // when a service's route was refused, and the routes last applied.
+    // The control plane's view, which can be ahead of the table in force
+    // when a service's route was refused.
     let mut routes = Routes::default();
     let mut backoff = Backoff::new(MIN_BACKOFF, MAX_BACKOFF);
     loop {
@@ -75,12 +75,11 @@ pub async fn run(options: ControlOptions, proxy: Arc<Proxy>, mut shutdown: Shutd
     }
 }
 
-/// The control plane's routes as received, the services the table in force
-/// has, and why any received route cannot run here.
+/// The control plane's routes as received, and why any of them cannot run
+/// here.
 #[derive(Default)]
 pub struct Routes {
     pub received: BTreeMap<String, pb::ServiceRoute>,
-    pub applied: BTreeSet<String>,
     pub refused: BTreeMap<String, String>,
 }
 
@@ -335,14 +334,12 @@ pub fn to_change(routes: &mut Routes, touched: &BTreeSet<String>, options: &Cont
         match checked {
             Ok(Some(service)) => {
                 routes.refused.remove(name);
-                routes.applied.insert(name.clone());
                 change.set.push(service);
             }
+            // Removing a service the table does not have changes nothing.
             Ok(None) => {
                 routes.refused.remove(name);
-                if routes.applied.remove(name) {
-                    change.removed.push(name.clone());
-                }
+                change.removed.push(name.clone());
             }
             Err(error) => {
                 routes.refused.insert(name.clone(), error);

@@ -99,10 +99,10 @@ async fn push(
         } else {
             let (changed, removed) = current.since(sent_version, &sent);
             if first || !changed.is_empty() || !removed.is_empty() || bundle.is_some() {
+                record_sent(&mut sent, &changed, &removed);
                 let encoded_bundle =
                     bundle.map(|b| prost::Message::encode_to_vec(&**b).into()).unwrap_or_default();
-                let parts =
-                    parts(current.version, first, &changed, removed.clone(), encoded_bundle, PART_BYTES);
+                let parts = parts(current.version, first, &changed, removed, encoded_bundle, PART_BYTES);
                 if let Some(bundle) = bundle {
                     sent_bundle = bundle.version;
                 }
@@ -114,7 +114,6 @@ async fn push(
                         return;
                     }
                 }
-                record_sent(&mut sent, &changed, &removed);
                 // The push ends with the stream: when the proxy's side
                 // closes (no more acks) or the server drops the response.
                 tokio::select! {

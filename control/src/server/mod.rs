@@ -384,7 +384,6 @@ async fn publish_loop(control: Arc<ControlPlane>, window: PublishWindow) {
                 tokio::time::timeout(TRIM_AFTER_QUIET, control.publish_soon.notified()).await.is_err();
             if quiet {
                 burst = false;
-                pause = window.base;
                 // malloc_trim walks the heap: not on an async worker.
                 tokio::task::spawn_blocking(mesh_common::heap::give_back_freed_memory);
                 continue;

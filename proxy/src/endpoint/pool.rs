@@ -179,6 +179,12 @@ impl ConnPool {
         self.idle_http1.load().as_ref().map_or(0, |idle| idle.len())
     }
 
+    /// Whether the idle queue is allocated (it goes when a sweep empties it).
+    #[cfg(test)]
+    pub(crate) fn has_idle_queue(&self) -> bool {
+        self.idle_http1.load().is_some()
+    }
+
     /// Whether the shared HTTP/2 connection is open.
     pub fn has_http2(&self) -> bool {
         self.http2.load().as_ref().is_some_and(|shared| !shared.sender.is_closed())

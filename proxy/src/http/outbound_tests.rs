@@ -401,8 +401,10 @@ fn a_connection_idle_for_the_idle_time_is_closed_and_a_busy_one_stays() {
         advance_idle_clock();
         pool.close_idle(3);
         assert_eq!(pool.idle_http1_count(), 0, "still pooled after its idle time");
-        // The next request opens a new connection.
+        assert!(!pool.has_idle_queue(), "the emptied queue is kept: an idle endpoint's memory stays");
+        // The next request opens a new connection, pooled in a new queue.
         assert_eq!(call(service.clone(), Method::GET).await.status, StatusCode::OK);
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(pool.idle_http1_count(), 1);
     });
 }
