@@ -68,7 +68,10 @@ fn local(what: impl std::fmt::Display) -> impl Fn(&dyn std::fmt::Display) -> Lin
 }
 
 pub struct ControlLink {
+    /// The servers as given (comma-separated), passed on to sidecars.
     pub server: String,
+    /// The same, tried in turn; the leader first once one named it.
+    servers: Arc<mesh_client::ServerList>,
     node: String,
     file: PathBuf,
     roots_file: PathBuf,
@@ -110,9 +113,11 @@ impl ControlLink {
         };
         let roots_file = data_dir.join("control-roots.pem");
         std::fs::write(&roots_file, &credentials.roots).map_err(|e| local(roots_file.display())(&e))?;
-        let channel = mesh_client::connect_lazy(server, &credentials.tls()?, CONNECT_TIMEOUT)?;
+        let servers = mesh_client::ServerList::parse(server)?;
+        let channel = mesh_client::connect_lazy_to(servers.clone(), &credentials.tls()?, CONNECT_TIMEOUT)?;
         Ok(Arc::new(ControlLink {
             server: server.to_owned(),
+            servers,
             node: node.to_owned(),
             file,
             roots_file,
@@ -125,6 +130,37 @@ impl ControlLink {
     /// A channel that presents the node's current certificate.
     pub fn channel(&self) -> Channel {
         (**self.channel.load()).clone()
+    }
+
+    /// The server the node talks to now.
+    pub fn current_server(&self) -> &str {
+        self.servers.current()
+    }
+
+    /// When `status` is a follower's refusal naming the leader, moves the
+    /// node's connection to the leader; true if it did.
+    pub fn follow_leader(&self, status: &tonic::Status) -> bool {
+        let Some(leader) = leader_named(status) else { return false };
+        if !self.servers.prefer(&leader) {
+            tracing::warn!(%leader, servers = %self.server, "the leader is not in --server; cannot move to it");
+            return false;
+        }
+        let credentials = self.credentials.load_full();
+        match credentials
+            .tls()
+            .map_err(LinkError::from)
+            .and_then(|tls| Ok(mesh_client::connect_lazy_to(self.servers.clone(), &tls, CONNECT_TIMEOUT)?))
+        {
+            Ok(channel) => {
+                self.channel.store(Arc::new(channel));
+                tracing::info!(%leader, "moved to the leader");
+                true
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot connect to the leader");
+                false
+            }
+        }
     }
 
     /// The trust domain the node's certificate is from.
@@ -236,28 +272,71 @@ impl ControlLink {
         credentials.write(&self.file).map_err(|e| LinkError::Local(e.to_string()))?;
         std::fs::write(&self.roots_file, &credentials.roots)
             .map_err(|e| local(self.roots_file.display())(&e))?;
-        let channel = mesh_client::connect_lazy(&self.server, &credentials.tls()?, CONNECT_TIMEOUT)?;
+        let channel =
+            mesh_client::connect_lazy_to(self.servers.clone(), &credentials.tls()?, CONNECT_TIMEOUT)?;
         self.channel.store(Arc::new(channel));
         self.credentials.store(Arc::new(credentials));
         Ok(())
     }
 }
 
-/// Exchanges `token` for a node certificate.
+/// Whether `status` is a follower's refusal of a call only the leader serves.
+pub fn not_leader(status: &tonic::Status) -> bool {
+    status.metadata().get("mesh-failure").is_some_and(|v| v == "not-leader")
+}
+
+/// The leader a follower's refusal names, if it is one.
+pub fn leader_named(status: &tonic::Status) -> Option<String> {
+    status.metadata().get("mesh-leader").and_then(|v| v.to_str().ok()).map(str::to_owned)
+}
+
+/// Exchanges `token` for a node certificate, with the leader (which keeps
+/// the tokens): a follower that answers names it.
 async fn enroll(server: &str, node: &str, token: &str) -> Result<Credentials, LinkError> {
+    match enroll_with(server, node, token).await {
+        Err(EnrollError::Status(status)) => match leader_named(&status) {
+            Some(leader) => enroll_with(&leader, node, token)
+                .await
+                .map_err(|e| e.into_link_error())
+                .map(|credentials| Credentials { server: server.to_owned(), ..credentials }),
+            None => Err(refused_or_unreachable(&status, "the join")),
+        },
+        other => other.map_err(|e| e.into_link_error()),
+    }
+}
+
+enum EnrollError {
+    Link(LinkError),
+    Status(tonic::Status),
+}
+
+impl EnrollError {
+    fn into_link_error(self) -> LinkError {
+        match self {
+            EnrollError::Link(error) => error,
+            EnrollError::Status(status) => refused_or_unreachable(&status, "the join"),
+        }
+    }
+}
+
+impl From<LinkError> for EnrollError {
+    fn from(error: LinkError) -> Self {
+        EnrollError::Link(error)
+    }
+}
+
+async fn enroll_with(server: &str, node: &str, token: &str) -> Result<Credentials, EnrollError> {
     let (secret, ca) = parse_token(token).map_err(LinkError::Refused)?;
-    let channel = mesh_client::connect(server, &ClientTls::pinned(ca), CONNECT_TIMEOUT).await?;
+    let channel = mesh_client::connect(server, &ClientTls::pinned(ca), CONNECT_TIMEOUT)
+        .await
+        .map_err(LinkError::from)?;
     let key = KeyPair::generate().map_err(|e| local("a new node key")(&e))?;
     let request = pb::EnrollRequest {
         token_secret: secret.to_owned(),
         name: node.to_owned(),
         csr_pem: certificate_request(&key)?,
     };
-    let reply = NodesClient::new(channel)
-        .enroll(request)
-        .await
-        .map_err(|status| refused_or_unreachable(&status, "the join"))?
-        .into_inner();
+    let reply = NodesClient::new(channel).enroll(request).await.map_err(EnrollError::Status)?.into_inner();
     let roots = reply
         .bundle
         .map(|b| b.roots_pem)

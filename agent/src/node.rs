@@ -42,26 +42,46 @@ pub async fn run(
     }
 }
 
-/// Joins, then heartbeats until the server forgets the node (Ok) or fails.
+/// A follower refused: the node moves to the leader it named, or while an
+/// election is under way asks again soon (the caller's backoff is reset).
+fn follow_leader(link: &ControlLink, status: &tonic::Status) -> Result<(), LinkError> {
+    if !link.follow_leader(status) {
+        tracing::info!(server = %link.current_server(), reason = %status.message(), "waiting for a leader");
+    }
+    Ok(())
+}
+
+/// Joins, then heartbeats until the server forgets the node or sends it
+/// to the leader (Ok), or fails.
 async fn session(
     link: &ControlLink,
     info: &pb::NodeInfo,
     supervisor: &Supervisor,
     announced: &mut bool,
 ) -> Result<(), LinkError> {
-    let server = &link.server;
     let mut client = NodesClient::new(link.channel());
-    // A refusal is about the node description itself: retrying cannot help.
-    let reply = client.join(info.clone()).await.map_err(|status| match status.code() {
-        tonic::Code::InvalidArgument | tonic::Code::PermissionDenied => {
-            LinkError::Refused(status.message().to_owned())
+    let reply = match client.join(info.clone()).await {
+        Ok(reply) => reply,
+        Err(status) if super::link::not_leader(&status) => return follow_leader(link, &status),
+        // A refusal is about the node description itself: retrying cannot help.
+        Err(status) => {
+            return Err(match status.code() {
+                tonic::Code::InvalidArgument | tonic::Code::PermissionDenied => {
+                    LinkError::Refused(status.message().to_owned())
+                }
+                _ => LinkError::Unreachable(status.message().to_owned()),
+            })
         }
-        _ => LinkError::Unreachable(status.message().to_owned()),
-    })?;
+    };
     let interval = Duration::from_millis(reply.into_inner().heartbeat_interval_ms.max(50));
     if !*announced {
         // Tests and scripts read this line.
-        println!("meshd agent ready name={} advertise_ip={} server={server}", info.name, info.advertise_ip);
+        println!(
+            "meshd agent ready name={} advertise_ip={} server={}",
+            info.name,
+            info.advertise_ip,
+            link.current_server()
+        );
         *announced = true;
     }
     tracing::info!(node = %info.name, ?interval, "joined the control plane");
@@ -80,11 +100,11 @@ async fn session(
         };
         // A renewed certificate is presented from the next heartbeat on.
         let mut client = NodesClient::new(link.channel());
-        let reply = client
-            .heartbeat(heartbeat)
-            .await
-            .map_err(|e| LinkError::Unreachable(e.message().to_owned()))?
-            .into_inner();
+        let reply = match client.heartbeat(heartbeat).await {
+            Ok(reply) => reply.into_inner(),
+            Err(status) if super::link::not_leader(&status) => return follow_leader(link, &status),
+            Err(status) => return Err(LinkError::Unreachable(status.message().to_owned())),
+        };
         link.keep_fresh(reply.bundle_version).await;
         if reply.known {
             supervisor.apply(&reply.assignments);

@@ -16,6 +16,7 @@ use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme
 use tonic::transport::{Channel, Endpoint};
 
 use crate::pem;
+use crate::servers::{server_name, ServerList};
 
 /// What the client trusts, and who it is.
 #[derive(Debug)]
@@ -145,17 +146,6 @@ fn webpki_verifier(
         .map_err(|e| ClientError::Config(format!("the trust roots: {e}")))
 }
 
-/// The name the server's certificate must carry for `addr` (host:port).
-fn server_name(addr: &str) -> Result<ServerName<'static>, ClientError> {
-    let host = match addr.parse::<std::net::SocketAddr>() {
-        Ok(socket) => return Ok(ServerName::IpAddress(socket.ip().into())),
-        Err(_) => addr.rsplit_once(':').map_or(addr, |(host, _)| host),
-    };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    ServerName::try_from(host.to_owned())
-        .map_err(|e| ClientError::Config(format!("{addr:?} is not host:port: {e}")))
-}
-
 fn endpoint(addr: &str, connect_timeout: Duration) -> Result<Endpoint, ClientError> {
     Ok(Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| ClientError::Config(format!("{addr:?} is not host:port: {e}")))?
@@ -174,33 +164,69 @@ mod http_uri {
     pub use tonic::codegen::http::Uri;
 }
 
-fn connector(addr: &str, tls: &ClientTls) -> Result<Connector, ClientError> {
+/// Dials the servers of `servers` in turn, each within `attempt`, and
+/// keeps the first whose TLS handshake completes.
+fn connector(servers: Arc<ServerList>, tls: &ClientTls, attempt: Duration) -> Result<Connector, ClientError> {
     let config = tls.config()?;
-    let name = server_name(addr)?;
-    let addr = addr.to_owned();
     Ok(tower::util::BoxCloneSyncService::new(tower::service_fn(move |_: http_uri::Uri| {
-        let (config, name, addr) = (config.clone(), name.clone(), addr.clone());
+        let (config, servers) = (config.clone(), servers.clone());
         async move {
-            let stream = tokio::net::TcpStream::connect(&addr).await?;
-            let _ = stream.set_nodelay(true);
-            let stream = tokio_rustls::TlsConnector::from(config).connect(name, stream).await?;
-            Ok(TokioIo::new(stream))
+            let mut failures = Vec::new();
+            for (index, (addr, name)) in servers.in_turn() {
+                let dial = async {
+                    let stream = tokio::net::TcpStream::connect(addr).await?;
+                    let _ = stream.set_nodelay(true);
+                    tokio_rustls::TlsConnector::from(config.clone()).connect(name.clone(), stream).await
+                };
+                match tokio::time::timeout(attempt, dial).await {
+                    Ok(Ok(stream)) => {
+                        servers.answered(index);
+                        return Ok(TokioIo::new(stream));
+                    }
+                    Ok(Err(e)) if servers.len() == 1 => return Err(e),
+                    Ok(Err(e)) => failures.push(format!("{addr}: {e}")),
+                    Err(_) => failures.push(format!("{addr}: no answer within {attempt:?}")),
+                }
+            }
+            Err(std::io::Error::other(failures.join("; ")))
         }
     })))
 }
 
 /// Connects now: an unreachable server or a failed handshake is an error
-/// that says which.
+/// that says which. `addr` may list several servers, comma-separated.
 pub async fn connect(addr: &str, tls: &ClientTls, connect_timeout: Duration) -> Result<Channel, ClientError> {
-    let endpoint = endpoint(addr, connect_timeout)?;
-    let connector = connector(addr, tls)?;
-    endpoint.connect_with_connector(connector).await.map_err(|e| ClientError::Unreachable(describe(addr, &e)))
+    connect_to(ServerList::parse(addr)?, tls, connect_timeout).await
 }
 
-/// Connects at the first call, and again after a connection is lost.
+/// Connects now to the first of `servers` that answers.
+pub async fn connect_to(
+    servers: Arc<ServerList>,
+    tls: &ClientTls,
+    connect_timeout: Duration,
+) -> Result<Channel, ClientError> {
+    let listed = servers.in_turn().map(|(_, (addr, _))| addr.clone()).collect::<Vec<_>>().join(",");
+    let endpoint = endpoint(servers.current(), connect_timeout * servers.len() as u32)?;
+    let connector = connector(servers, tls, connect_timeout)?;
+    endpoint
+        .connect_with_connector(connector)
+        .await
+        .map_err(|e| ClientError::Unreachable(describe(&listed, &e)))
+}
+
+/// Connects at the first call, and again (to the first server that
+/// answers) after a connection is lost.
 pub fn connect_lazy(addr: &str, tls: &ClientTls, connect_timeout: Duration) -> Result<Channel, ClientError> {
-    let endpoint = endpoint(addr, connect_timeout)?;
-    Ok(endpoint.connect_with_connector_lazy(connector(addr, tls)?))
+    connect_lazy_to(ServerList::parse(addr)?, tls, connect_timeout)
+}
+
+pub fn connect_lazy_to(
+    servers: Arc<ServerList>,
+    tls: &ClientTls,
+    connect_timeout: Duration,
+) -> Result<Channel, ClientError> {
+    let endpoint = endpoint(servers.current(), connect_timeout * servers.len() as u32)?;
+    Ok(endpoint.connect_with_connector_lazy(connector(servers, tls, connect_timeout)?))
 }
 
 /// The certificate (DER) the server at `addr` presents, after verifying it

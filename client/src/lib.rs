@@ -8,7 +8,9 @@ pub mod channel;
 pub mod credentials;
 pub mod error;
 pub mod pem;
+pub mod servers;
 
-pub use channel::{connect, connect_lazy, ClientTls};
+pub use channel::{connect, connect_lazy, connect_lazy_to, connect_to, ClientTls};
 pub use credentials::Credentials;
 pub use error::ClientError;
+pub use servers::ServerList;

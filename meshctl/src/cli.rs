@@ -8,7 +8,9 @@ use mesh_common::policy::{Protocol, RetryOn};
 #[derive(Parser, Debug)]
 #[command(name = "meshctl", version, about = "Command line of the mesh")]
 pub struct Cli {
-    /// The control plane's gRPC address; default: the one in the
+    /// The control plane's gRPC address, or several servers' (comma-
+    /// separated: the first that answers is used, and a call only the
+    /// leader serves is sent on to it); default: the one in the
     /// credential, else 127.0.0.1:7400.
     #[arg(long, global = true, env = "MESH_SERVER")]
     pub server: Option<String>,

@@ -10,8 +10,19 @@ pub struct Failure(pub String, pub u8);
 /// was applied, and retrying will not help until the server's disk does.
 pub const EXIT_STORE_WRITE: u8 = 5;
 
+/// The leader a follower named when it refused a call only the leader
+/// serves: meshctl asks the same of the leader, once.
+static LEADER_HINT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+pub fn leader_hint() -> Option<&'static str> {
+    LEADER_HINT.get().map(String::as_str)
+}
+
 impl From<tonic::Status> for Failure {
     fn from(status: tonic::Status) -> Failure {
+        if let Some(leader) = status.metadata().get("mesh-leader").and_then(|v| v.to_str().ok()) {
+            let _ = LEADER_HINT.set(leader.to_owned());
+        }
         let store_write = status.metadata().get("mesh-failure").is_some_and(|v| v == "store-write");
         // One rule for every subcommand: what the caller asked for is wrong
         // (bad input, an unknown name, a request the state refuses) is 2;

@@ -19,7 +19,17 @@ use session::Session;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    match run(Cli::parse()).await {
+    let mut result = run(Cli::parse()).await;
+    if result.is_err() {
+        if let Some(leader) = failure::leader_hint() {
+            // Nothing was done by the follower that refused: ask the leader.
+            eprintln!("meshctl: asking the leader, {leader}");
+            let mut cli = Cli::parse();
+            cli.server = Some(leader.to_owned());
+            result = run(cli).await;
+        }
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure(message, code)) => {
             eprintln!("meshctl: {message}");

@@ -25,7 +25,13 @@ impl Session {
         let credentials = credentials(credentials_path.as_deref())?;
         let server = server.unwrap_or_else(|| credentials.server.clone());
         let server = if server.is_empty() { "127.0.0.1:7400".to_owned() } else { server };
-        let channel = connect(&server, &credentials).await?;
+        let servers = mesh_client::ServerList::parse(&server)?;
+        let first = servers.current().to_owned();
+        let channel = connect(servers.clone(), &credentials).await?;
+        let server = servers.current().to_owned();
+        if server != first {
+            eprintln!("meshctl: {first} did not answer; {server} did");
+        }
         Ok(Session { channel, server, credentials, credentials_path })
     }
 }
@@ -52,9 +58,12 @@ fn credentials(explicit: Option<&Path>) -> Result<mesh_client::Credentials, Fail
     ))
 }
 
-async fn connect(server: &str, credentials: &mesh_client::Credentials) -> Result<Channel, Failure> {
+async fn connect(
+    servers: std::sync::Arc<mesh_client::ServerList>,
+    credentials: &mesh_client::Credentials,
+) -> Result<Channel, Failure> {
     let tls = credentials.tls().map_err(|e| Failure(format!("the credential: {e}"), 2))?;
-    Ok(mesh_client::connect(server, &tls, Duration::from_secs(3)).await?)
+    Ok(mesh_client::connect_to(servers, &tls, Duration::from_secs(3)).await?)
 }
 
 /// After a root rotation, the credential in use is renewed under the new

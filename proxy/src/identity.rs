@@ -135,11 +135,16 @@ pub async fn obtain(control: &ControlAccess, proxy: &Proxy, token: &str) -> Resu
     let key = KeyPair::generate().map_err(|e| IdentityError::Local(format!("generating a key: {e}")))?;
     let csr_pem = certificate_request(&key)?;
     let request = pb::SignRequest { token: token.to_owned(), csr_pem };
-    let reply = client(control, proxy)
-        .await?
-        .sign(request)
-        .await
-        .map_err(|status| IdentityError::of_status("a certificate", status))?;
+    let reply = match client(control, proxy, &control.addr).await?.sign(request.clone()).await {
+        // The token is the leader's to redeem; a follower names it.
+        Err(status) if status.metadata().get("mesh-leader").is_some() => {
+            let leader =
+                status.metadata().get("mesh-leader").and_then(|v| v.to_str().ok()).unwrap_or_default();
+            client(control, proxy, leader).await?.sign(request).await
+        }
+        other => other,
+    };
+    let reply = reply.map_err(|status| IdentityError::of_status("a certificate", status))?;
     Ok(Identity::from_reply(reply.into_inner(), key.serialize_der()))
 }
 
@@ -153,7 +158,7 @@ pub async fn renew(
         KeyPair::try_from(current.key_der()).map_err(|e| IdentityError::Local(format!("the key: {e}")))?;
     let csr_pem = certificate_request(&key)?;
     let request = pb::RenewRequest { certificate_pem: current.certificate_pem.clone(), csr_pem };
-    let reply = client(control, proxy)
+    let reply = client(control, proxy, &control.addr)
         .await?
         .renew(request)
         .await
@@ -201,18 +206,20 @@ fn certificate_request(key: &KeyPair) -> Result<String, IdentityError> {
         .map_err(|e| IdentityError::Local(format!("the certificate request: {e}")))
 }
 
+/// A client of the control plane's identity API at `servers` (one, or a
+/// comma-separated list).
 async fn client(
     control: &ControlAccess,
     proxy: &Proxy,
+    servers: &str,
 ) -> Result<IdentityClient<tonic::transport::Channel>, IdentityError> {
     let tls = control.anonymous(proxy).map_err(|e| IdentityError::Local(e.to_string()))?;
-    let channel =
-        mesh_client::connect(&control.addr, &tls, Duration::from_secs(2)).await.map_err(|e| {
-            match e.is_retryable() {
-                true => IdentityError::Unreachable(e.to_string()),
-                false => IdentityError::Local(e.to_string()),
-            }
-        })?;
+    let channel = mesh_client::connect(servers, &tls, Duration::from_secs(2)).await.map_err(|e| {
+        match e.is_retryable() {
+            true => IdentityError::Unreachable(e.to_string()),
+            false => IdentityError::Local(e.to_string()),
+        }
+    })?;
     Ok(IdentityClient::new(channel))
 }
 

@@ -41,6 +41,19 @@ impl Users {
         }
     }
 
+    /// Another server stored `user` under `name` (or, `None`, revoked it).
+    pub fn follow(&self, name: &str, user: Option<StoredUser>) {
+        let mut users = self.users.write().expect("users lock");
+        match user {
+            Some(user) => users.insert(name.to_owned(), user),
+            None => users.remove(name),
+        };
+    }
+
+    pub fn replace_all(&self, all: Vec<(String, StoredUser)>) {
+        *self.users.write().expect("users lock") = all.into_iter().collect();
+    }
+
     pub fn get(&self, name: &str) -> Option<StoredUser> {
         self.users.read().expect("users lock").get(name).cloned()
     }

@@ -59,6 +59,7 @@ pub struct AccessService {
     pub join_tokens: Arc<Mutex<JoinTokens>>,
     /// The address written into new credentials.
     pub server: String,
+    pub leader: crate::server::leader::Leader,
 }
 
 impl AccessService {
@@ -147,6 +148,8 @@ impl Access for AccessService {
         &self,
         request: Request<pb::JoinTokenRequest>,
     ) -> Result<Response<pb::JoinToken>, Status> {
+        // Nodes enroll with the leader, which keeps the tokens.
+        self.leader.require()?;
         let request = request.into_inner();
         let ttl = match request.ttl_ms {
             0 => DEFAULT_JOIN_TTL,

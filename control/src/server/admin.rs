@@ -15,6 +15,7 @@ use crate::state::Change;
 pub struct AdminService {
     pub control: Arc<ControlPlane>,
     pub nodes: Arc<crate::server::liveness::NodeRegistry>,
+    pub leader: crate::server::leader::Leader,
 }
 
 /// The longest `--wait` the server accepts.
@@ -167,6 +168,8 @@ impl Admin for AdminService {
     }
 
     async fn list_nodes(&self, _: Request<pb::Empty>) -> Result<Response<pb::NodeList>, Status> {
+        // Nodes report to the leader.
+        self.leader.require()?;
         Ok(Response::new(pb::NodeList { nodes: self.nodes.list() }))
     }
 }

@@ -127,6 +127,30 @@ impl TrustKeeper {
         self.trust.read().expect("trust lock").clone()
     }
 
+    /// Takes the trust state another server stored (a rotation's step):
+    /// meshd's TLS follows it, and the bundle goes out with the version
+    /// that server publishes for it.
+    pub fn adopt(&self, stored: crate::identity::rotation::StoredTrust) {
+        let current = self.current();
+        if current.to_stored() == stored {
+            return;
+        }
+        let next = match Trust::from_stored(stored, current.signer.trust_domain()) {
+            Ok(next) => Arc::new(next),
+            Err(error) => {
+                tracing::error!(%error, "the trust state another server stored cannot be used");
+                return;
+            }
+        };
+        *self.trust.write().expect("trust lock") = next.clone();
+        if let Some(follower) = self.follower.get() {
+            follower(&next);
+        }
+        self.control.set_trusted_roots(root_serials(&next));
+        self.control.set_bundle(bundle_of(&next));
+        tracing::info!(bundle_version = next.bundle_version, "took the trust state another server stored");
+    }
+
     pub fn bundle(&self) -> pb::Bundle {
         bundle_of(&self.current())
     }
@@ -324,6 +348,8 @@ impl Identity for IdentityService {
     type RotateRootStream = ProgressStream;
 
     async fn issue_token(&self, request: Request<pb::TokenRequest>) -> Result<Response<pb::Token>, Status> {
+        // Tokens are the leader's: it placed the instances, and it redeems them.
+        self.scheduler.leader.require()?;
         super::nodes::calling_node(&request, &request.get_ref().node, &self.control)?;
         let request = request.into_inner();
         let Some(service) = self.scheduler.service_of(&request.node, &request.instance) else {
@@ -339,6 +365,7 @@ impl Identity for IdentityService {
     }
 
     async fn sign(&self, request: Request<pb::SignRequest>) -> Result<Response<pb::SignReply>, Status> {
+        self.scheduler.leader.require()?;
         let request = request.into_inner();
         // A bad request is refused before the token is spent.
         Authority::check_request(&request.csr_pem)?;

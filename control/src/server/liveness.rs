@@ -25,7 +25,8 @@ pub struct NodeRegistry {
     nodes: Mutex<Liveness>,
     pub interval: Duration,
     pub ttl: Duration,
-    started: Instant,
+    /// When this server started, or last became the leader.
+    started: Mutex<Instant>,
 }
 
 struct Liveness {
@@ -43,7 +44,7 @@ impl NodeRegistry {
     pub fn new(interval: Duration, ttl: Duration) -> NodeRegistry {
         let now = Instant::now();
         let nodes = Liveness { records: BTreeMap::new(), last_look: now };
-        NodeRegistry { nodes: Mutex::new(nodes), interval, ttl, started: now }
+        NodeRegistry { nodes: Mutex::new(nodes), interval, ttl, started: Mutex::new(now) }
     }
 
     /// Whether a node last heard of `since` ago is up: a pure rule.
@@ -70,7 +71,16 @@ impl NodeRegistry {
 
     /// Whether the server is still inside its start grace.
     pub fn settling(&self) -> bool {
-        self.started.elapsed() < self.start_grace()
+        self.started.lock().expect("start lock").elapsed() < self.start_grace()
+    }
+
+    /// Starts over as a new leader: nodes are known again as they join
+    /// this server, and the start grace runs from now.
+    pub fn restart_grace(&self) {
+        *self.started.lock().expect("start lock") = Instant::now();
+        let mut nodes = self.nodes.lock().expect("nodes lock");
+        nodes.records.clear();
+        nodes.last_look = Instant::now();
     }
 
     /// Records a node that joined (again): up from now.

@@ -11,11 +11,13 @@ pub mod http;
 pub mod identity;
 pub mod incoming;
 pub mod jobs;
+pub mod leader;
 pub mod liveness;
 pub mod logs;
 pub mod nodes;
 pub mod prometheus_sd;
 pub mod registry;
+pub mod replica;
 pub mod tls;
 pub mod window;
 
@@ -32,7 +34,7 @@ use mesh_proto::mesh::v1 as pb;
 use crate::metrics::ControlMetrics;
 use crate::publish::Published;
 use crate::state::{Change, ChangeError, MeshState, ServiceState};
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, StoreEvent, Stored, Writer};
 pub use window::PublishWindow;
 
 /// The status of a request the store could not make durable: nothing of
@@ -98,6 +100,14 @@ pub struct ControlPlane {
     /// is from another root fails every handshake, so its endpoint is not
     /// ready until it renews.
     trusted_roots: std::sync::RwLock<Vec<String>>,
+    /// Whether the store is shared with other servers: then a write is
+    /// applied from the store's feed, here as everywhere, not where made.
+    replicated: bool,
+    /// The newest version the state holds.
+    applied: watch::Sender<u64>,
+    /// Every version the feed applied, for what else follows the store
+    /// (jobs, operators, the CA).
+    events: tokio::sync::broadcast::Sender<Arc<StoreEvent>>,
 }
 
 #[derive(Debug)]
@@ -109,8 +119,16 @@ pub enum ChangeFailure {
 /// A change waiting for the writer, and where its answer goes.
 struct PendingChange {
     change: Change,
+    writer: Writer,
     reply: oneshot::Sender<Result<u64, ChangeFailure>>,
 }
+
+/// How often a write refused for a conflict with another server's is
+/// validated again on the newer state before it fails.
+const CONFLICT_ATTEMPTS: usize = 5;
+
+/// How long a write waits to come back through the store's feed.
+const FEED_WAIT: Duration = Duration::from_secs(10);
 
 /// Changes committed together in one store transaction at most.
 const MAX_BATCH: usize = 256;
@@ -128,6 +146,8 @@ impl ControlPlane {
         window: PublishWindow,
     ) -> Result<Arc<ControlPlane>, StoreError> {
         let state = store.load()?;
+        let feed = store.follow(state.version);
+        let version = state.version;
         let published = Published::build(&state, &Published::default());
         let metrics = ControlMetrics::default();
         metrics.set_version(state.version);
@@ -143,7 +163,13 @@ impl ControlPlane {
             publish_soon: Notify::new(),
             metrics,
             trusted_roots: Default::default(),
+            replicated: feed.is_some(),
+            applied: watch::channel(version).0,
+            events: tokio::sync::broadcast::channel(1024).0,
         });
+        if let Some(feed) = feed {
+            tokio::spawn(apply_feed(Arc::downgrade(&control), feed));
+        }
         tokio::spawn(write_loop(control.clone(), pending));
         tokio::spawn(publish_loop(control.clone(), window));
         Ok(control)
@@ -155,29 +181,100 @@ impl ControlPlane {
     /// commit): one durable write for the batch, each change still
     /// validated and answered on its own.
     pub async fn change(&self, change: Change) -> Result<u64, ChangeFailure> {
+        self.change_as(change, Writer::Any).await
+    }
+
+    /// A change only the leader may make (the scheduler's): with a shared
+    /// store it fails once this server has lost its lease.
+    pub async fn change_as_leader(&self, change: Change) -> Result<u64, ChangeFailure> {
+        self.change_as(change, Writer::Leader).await
+    }
+
+    async fn change_as(&self, change: Change, writer: Writer) -> Result<u64, ChangeFailure> {
         let (reply, answer) = oneshot::channel();
         let stopped = || ChangeFailure::Store(StoreError::new("the control plane's writer has stopped"));
-        self.writes.send(PendingChange { change, reply }).await.map_err(|_| stopped())?;
+        self.writes.send(PendingChange { change, writer, reply }).await.map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
     }
 
-    async fn commit(&self, batch: Vec<PendingChange>) {
-        let mut state = self.state.lock().await;
-        let mut next = state.clone();
-        let mut touched = BTreeSet::new();
-        let mut results = Vec::with_capacity(batch.len());
-        for pending in &batch {
-            match next.apply(&pending.change) {
-                Ok(applied) => {
-                    if applied.version != next.version {
-                        touched.insert(pending.change.service().to_owned());
+    /// Every version applied from the shared store's feed, from now on.
+    pub fn store_events(&self) -> tokio::sync::broadcast::Receiver<Arc<StoreEvent>> {
+        self.events.subscribe()
+    }
+
+    /// Whether other servers share the store.
+    pub fn replicated(&self) -> bool {
+        self.replicated
+    }
+
+    /// Waits until the state holds `version` (a write coming back through
+    /// the feed); false if it did not within the feed's wait.
+    pub async fn wait_applied(&self, version: u64) -> bool {
+        let mut applied = self.applied.subscribe();
+        let reached = tokio::time::timeout(FEED_WAIT, applied.wait_for(|applied| *applied >= version)).await;
+        matches!(reached, Ok(Ok(_)))
+    }
+
+    /// A batch for a shared store: validated on the state as this server
+    /// has it, written only if no service it touches changed since (else
+    /// validated again on the newer state), and applied from the feed.
+    async fn commit_replicated(&self, batch: Vec<PendingChange>) {
+        let writer = batch[0].writer;
+        let mut results = Vec::new();
+        for attempt in 1..=CONFLICT_ATTEMPTS {
+            let (tried, services, based_on) = {
+                let state = self.state.lock().await;
+                let (next, tried, touched) = apply_batch(&state, &batch);
+                let services: Vec<(String, Option<Arc<ServiceState>>)> =
+                    touched.iter().map(|name| (name.clone(), next.services.get(name).cloned())).collect();
+                (tried, services, state.version)
+            };
+            results = tried;
+            if services.is_empty() {
+                break;
+            }
+            let saved = self
+                .durably(move |store| {
+                    let services: Vec<(&str, Option<&ServiceState>)> =
+                        services.iter().map(|(name, service)| (name.as_str(), service.as_deref())).collect();
+                    store.save_services(&services, 0, based_on, writer)
+                })
+                .await;
+            match saved {
+                Ok(version) => {
+                    if !self.wait_applied(version).await {
+                        tracing::warn!(version, "a write did not come back through the store's feed in time");
                     }
-                    next = applied;
-                    results.push(Ok(next.version));
+                    for result in results.iter_mut().flatten() {
+                        *result = version;
+                    }
+                    break;
                 }
-                Err(refused) => results.push(Err(ChangeFailure::Refused(refused))),
+                Err(StoreError { conflict_at: Some(newer), .. }) if attempt < CONFLICT_ATTEMPTS => {
+                    self.wait_applied(newer).await;
+                }
+                Err(error) => {
+                    tracing::error!(%error, "store write failed; the batch is not applied");
+                    for result in &mut results {
+                        if result.is_ok() {
+                            *result = Err(ChangeFailure::Store(StoreError::new(error.message.clone())));
+                        }
+                    }
+                    break;
+                }
             }
         }
+        for (pending, result) in batch.into_iter().zip(results) {
+            let _ = pending.reply.send(result);
+        }
+    }
+
+    async fn commit(&self, batch: Vec<PendingChange>) {
+        if self.replicated {
+            return self.commit_replicated(batch).await;
+        }
+        let mut state = self.state.lock().await;
+        let (next, mut results, touched) = apply_batch(&state, &batch);
         if !touched.is_empty() {
             let services: Vec<(String, Option<Arc<ServiceState>>)> =
                 touched.iter().map(|name| (name.clone(), next.services.get(name).cloned())).collect();
@@ -186,7 +283,7 @@ impl ControlPlane {
                 .durably(move |store| {
                     let services: Vec<(&str, Option<&ServiceState>)> =
                         services.iter().map(|(name, service)| (name.as_str(), service.as_deref())).collect();
-                    store.save_services(&services, version)
+                    store.save_services(&services, version, version - 1, Writer::Any)
                 })
                 .await;
             if let Err(error) = saved {
@@ -213,12 +310,21 @@ impl ControlPlane {
     /// proxy's ack of that version proves it holds the bundle. Returns the
     /// version.
     pub async fn publish_bundle(&self, bundle: pb::Bundle) -> Result<u64, StoreError> {
+        if self.replicated {
+            // Every publication from the new version on carries the bundle.
+            self.set_bundle(bundle);
+            let based_on = self.current_version();
+            let version =
+                self.durably(move |store| store.save_services(&[], 0, based_on, Writer::Any)).await?;
+            self.wait_applied(version).await;
+            return Ok(version);
+        }
         let mut state = self.state.lock().await;
         let mut next = state.clone();
         next.version += 1;
         // Versions only grow, across restarts too.
         let version = next.version;
-        self.durably(move |store| store.save_services(&[], version)).await?;
+        self.durably(move |store| store.save_services(&[], version, version - 1, Writer::Any)).await?;
         let mut published = Published::build(&next, &self.published.borrow());
         published.bundle = Some(Arc::new(bundle));
         *state = next;
@@ -355,6 +461,54 @@ impl ControlPlane {
     }
 }
 
+/// Applies a batch's changes in order to a copy of `state`: the new state,
+/// each change's result and the services that changed.
+fn apply_batch(
+    state: &MeshState,
+    batch: &[PendingChange],
+) -> (MeshState, Vec<Result<u64, ChangeFailure>>, BTreeSet<String>) {
+    let mut next = state.clone();
+    let mut touched = BTreeSet::new();
+    let mut results = Vec::with_capacity(batch.len());
+    for pending in batch {
+        match next.apply(&pending.change) {
+            Ok(applied) => {
+                if applied.version != next.version {
+                    touched.insert(pending.change.service().to_owned());
+                }
+                next = applied;
+                results.push(Ok(next.version));
+            }
+            Err(refused) => results.push(Err(ChangeFailure::Refused(refused))),
+        }
+    }
+    (next, results, touched)
+}
+
+/// Applies every version the shared store's feed delivers, in order, and
+/// passes it on to what else follows the store.
+async fn apply_feed(control: std::sync::Weak<ControlPlane>, mut feed: mpsc::Receiver<StoreEvent>) {
+    while let Some(event) = feed.recv().await {
+        let Some(control) = control.upgrade() else { return };
+        {
+            let mut state = control.state.lock().await;
+            for change in &event.changes {
+                if let Stored::Service(name, service) = change {
+                    match service {
+                        Some(service) => state.services.insert(name.clone(), Arc::new(service.clone())),
+                        None => state.services.remove(name),
+                    };
+                }
+            }
+            state.version = state.version.max(event.version);
+            control.metrics.set_version(state.version);
+        }
+        control.publish_soon.notify_one();
+        control.applied.send_replace(event.version);
+        let _ = control.events.send(Arc::new(event));
+    }
+}
+
 /// Whether every proxy that counts has applied `version`.
 pub fn converged<'a>(proxies: impl IntoIterator<Item = &'a ProxyRecord>, version: u64) -> bool {
     proxies.into_iter().filter(|p| p.counts_for_convergence()).all(|p| p.acked_version >= version)
@@ -408,13 +562,28 @@ async fn publish_loop(control: Arc<ControlPlane>, window: PublishWindow) {
     }
 }
 
-/// The single writer: takes what is waiting, up to a batch, and commits it.
+/// The single writer: takes what is waiting, up to a batch, and commits
+/// it. A batch holds one kind of writer: a leader's write that fails for a
+/// lost lease takes no operator's change with it.
 async fn write_loop(control: Arc<ControlPlane>, mut pending: mpsc::Receiver<PendingChange>) {
-    while let Some(first) = pending.recv().await {
+    let mut carried: Option<PendingChange> = None;
+    loop {
+        let first = match carried.take() {
+            Some(first) => first,
+            None => match pending.recv().await {
+                Some(first) => first,
+                None => return,
+            },
+        };
+        let writer = first.writer;
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match pending.try_recv() {
-                Ok(next) => batch.push(next),
+                Ok(next) if next.writer == writer => batch.push(next),
+                Ok(next) => {
+                    carried = Some(next);
+                    break;
+                }
                 Err(_) => break,
             }
         }

@@ -58,7 +58,9 @@ impl Store for MemoryStore {
         &self,
         services: &[(&str, Option<&ServiceState>)],
         version: u64,
-    ) -> Result<(), StoreError> {
+        _based_on: u64,
+        _writer: super::Writer,
+    ) -> Result<u64, StoreError> {
         self.write(|saved| {
             for (name, service) in services {
                 match service {
@@ -69,7 +71,7 @@ impl Store for MemoryStore {
             saved.version = version;
         })?;
         self.service_writes.fetch_add(1, Ordering::Relaxed);
-        Ok(())
+        Ok(version)
     }
 
     fn load_jobs(&self) -> Result<Vec<(String, StoredJob)>, StoreError> {

@@ -1,14 +1,18 @@
 //! Durable state behind a narrow interface: the whole state is loaded
 //! once at start, and each change writes only the service it touched plus
-//! the version, in one transaction. redb is the embedded backend; an etcd
-//! backend for a multi-server control plane fits the same trait.
+//! the version, in one transaction. redb is the embedded backend for one
+//! server; etcd is the replicated one that several servers share. With
+//! etcd a write is not applied where it is made: every server, the writer
+//! included, applies it from the store's feed, in the store's order.
 
+pub mod etcd;
 mod memory;
 mod redb_store;
 pub mod snapshot;
 
 use std::fmt;
 
+pub use etcd::EtcdStore;
 pub use memory::MemoryStore;
 pub use redb_store::RedbStore;
 
@@ -32,12 +36,40 @@ pub struct StoreError {
     /// Another process (a running meshd) holds the store: nothing is
     /// wrong with it, and waiting for that process is the remedy.
     pub in_use: bool,
+    /// A replicated store refused the write because another server changed
+    /// what it was based on, by this version: apply that, then try again.
+    pub conflict_at: Option<u64>,
 }
 
 impl StoreError {
     pub fn new(message: impl Into<String>) -> StoreError {
-        StoreError { message: message.into(), in_use: false }
+        StoreError { message: message.into(), in_use: false, conflict_at: None }
     }
+}
+
+/// One version of a replicated store, as its feed delivers it.
+#[derive(Debug, Clone)]
+pub struct StoreEvent {
+    pub version: u64,
+    pub changes: Vec<Stored>,
+}
+
+/// One key's new value in a [`StoreEvent`]; `None`: deleted.
+#[derive(Debug, Clone)]
+pub enum Stored {
+    Service(String, Option<ServiceState>),
+    Job(String, Option<StoredJob>),
+    User(String, Option<StoredUser>),
+    Trust(Option<StoredTrust>),
+}
+
+/// Who may write what: scheduler decisions are fenced to the leader.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Writer {
+    /// Anyone: an operator's change, made on whichever server took it.
+    Any,
+    /// Only the current leader: the write fails if this server lost its lease.
+    Leader,
 }
 
 impl fmt::Display for StoreError {
@@ -52,13 +84,18 @@ pub trait Store: Send + Sync + 'static {
     /// Everything stored, as the state to serve.
     fn load(&self) -> Result<MeshState, StoreError>;
 
-    /// Writes the new state of some services (`None`: gone) and the state's
-    /// version in one transaction, durably, before returning.
+    /// Writes the new state of some services (`None`: gone) in one
+    /// transaction, durably, before returning; returns the version that
+    /// holds it. `version` is the version to write for a local store;
+    /// a replicated one chooses its own, and refuses the write if one of
+    /// the services changed after `based_on`.
     fn save_services(
         &self,
         services: &[(&str, Option<&ServiceState>)],
         version: u64,
-    ) -> Result<(), StoreError>;
+        based_on: u64,
+        writer: Writer,
+    ) -> Result<u64, StoreError>;
 
     /// Every stored job, by name.
     fn load_jobs(&self) -> Result<Vec<(String, StoredJob)>, StoreError>;
@@ -83,5 +120,12 @@ pub trait Store: Send + Sync + 'static {
     /// meshd is not ready while this is false.
     fn writable(&self) -> bool {
         true
+    }
+
+    /// For a replicated store, every version after `after`, in order, for
+    /// as long as the receiver is kept. `None`: writes apply where they are
+    /// made, and nothing changes the store behind this server's back.
+    fn follow(&self, _after: u64) -> Option<tokio::sync::mpsc::Receiver<StoreEvent>> {
+        None
     }
 }

@@ -97,6 +97,7 @@ impl RedbStore {
         let store = without_panics(|| {
             let db = Database::create(&path).map_err(|e| match e {
                 redb::DatabaseError::DatabaseAlreadyOpen => StoreError {
+                    conflict_at: None,
                     message: format!("{} is in use by another process (a running meshd?)", path.display()),
                     in_use: true,
                 },
@@ -274,7 +275,9 @@ impl Store for RedbStore {
         &self,
         services: &[(&str, Option<&ServiceState>)],
         version: u64,
-    ) -> Result<(), StoreError> {
+        _based_on: u64,
+        _writer: super::Writer,
+    ) -> Result<u64, StoreError> {
         self.write(|db| {
             let write = db.begin_write().map_err(error)?;
             {
@@ -295,7 +298,8 @@ impl Store for RedbStore {
             }
             // redb commits durably (fsync) by default.
             write.commit().map_err(error)
-        })
+        })?;
+        Ok(version)
     }
 
     fn load_jobs(&self) -> Result<Vec<(String, StoredJob)>, StoreError> {
@@ -393,7 +397,7 @@ mod tests {
         {
             let store = RedbStore::open(&dir, false).unwrap();
             let services = [("web", state.services.get("web").map(|s| &**s)), ("gone", None)];
-            store.save_services(&services, state.version).unwrap();
+            store.save_services(&services, state.version, 0, super::super::Writer::Any).unwrap();
         }
         let job = StoredJob { text: "name = \"web\"".into(), dir: "/srv".into() };
         RedbStore::open(&dir, false).unwrap().save_job("web", Some(&job)).unwrap();

@@ -50,7 +50,7 @@ pub fn restore(store: &dyn Store, snapshot: &Snapshot) -> Result<(), StoreError>
     }
     let services: Vec<(&str, Option<&ServiceState>)> =
         snapshot.services.iter().map(|(name, service)| (name.as_str(), Some(service))).collect();
-    store.save_services(&services, snapshot.version)?;
+    store.save_services(&services, snapshot.version, 0, super::Writer::Any)?;
     for (name, job) in &snapshot.jobs {
         store.save_job(name, Some(job))?;
     }

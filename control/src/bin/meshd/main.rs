@@ -24,12 +24,13 @@ use mesh_control::server::admin::AdminService;
 use mesh_control::server::discovery::DiscoveryService;
 use mesh_control::server::identity::{IdentityService, TrustKeeper};
 use mesh_control::server::jobs::{JobsService, Scheduler};
+use mesh_control::server::leader::Leader;
 use mesh_control::server::liveness::NodeRegistry;
 use mesh_control::server::nodes::NodesService;
 use mesh_control::server::registry::RegistryService;
 use mesh_control::server::tls::{self, ServerTls};
 use mesh_control::server::{http, incoming, ControlPlane};
-use mesh_control::store::RedbStore;
+use mesh_control::store::{EtcdStore, RedbStore};
 use mesh_proto::mesh::v1::access_server::AccessServer;
 use mesh_proto::mesh::v1::admin_server::AdminServer;
 use mesh_proto::mesh::v1::identity_server::IdentityServer;
@@ -191,6 +192,31 @@ struct ServerArgs {
     /// Equal to --publish-window: a window that never grows.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "400ms")]
     publish_window_max: Duration,
+    /// Where the state lives: `redb` (embedded, one server) or `etcd`
+    /// (shared by several servers, one of them elected leader).
+    #[arg(long, value_enum, default_value = "redb")]
+    store: StoreKind,
+    /// The etcd cluster's client URLs (host:port, comma-separated), for --store etcd.
+    #[arg(long, required_if_eq("store", "etcd"))]
+    etcd_endpoints: Option<String>,
+    /// A file of 32 random bytes, the same for every server, that seals the
+    /// CA's keys in etcd (`head -c 32 /dev/urandom > FILE`), for --store etcd.
+    #[arg(long, required_if_eq("store", "etcd"))]
+    store_key: Option<PathBuf>,
+    /// The address other servers, agents and meshctl reach this server's
+    /// gRPC port at (it must be one of theirs); default: --listen.
+    #[arg(long)]
+    advertise: Option<String>,
+    /// With --store etcd: the leader's lease; a dead leader is replaced
+    /// about this long after it stopped.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+    leader_ttl: Duration,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum StoreKind {
+    Redb,
+    Etcd,
 }
 
 fn parse_attribute(text: &str) -> Result<(String, String), String> {

@@ -39,6 +39,11 @@ pub(crate) async fn serve(
         server_names,
         publish_window,
         publish_window_max,
+        store: store_kind,
+        etcd_endpoints,
+        store_key,
+        advertise,
+        leader_ttl,
     } = args;
     if publish_window_max < publish_window {
         return Err(Failure::from(format!(
@@ -52,17 +57,38 @@ pub(crate) async fn serve(
     let data_dir = data_dir.expect("a data dir was chosen");
     let heartbeat_interval = (heartbeat_ttl / 3).max(Duration::from_millis(100));
     let nodes = Arc::new(NodeRegistry::new(heartbeat_interval, heartbeat_ttl));
-    let store = RedbStore::open(&data_dir, reinitialize).map_err(|e| e.to_string())?;
-    let control = ControlPlane::with_window(Arc::new(store), publish_window).map_err(|e| e.to_string())?;
-    let scheduler = Scheduler::start(control.clone(), nodes.clone())?;
+    let grpc = TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let grpc_addr = grpc.local_addr().map_err(|e| e.to_string())?;
+    let me = advertise.unwrap_or_else(|| grpc_addr.to_string());
+    let (store, leader, etcd): (Arc<dyn mesh_control::store::Store>, _, _) = match store_kind {
+        StoreKind::Redb => {
+            let store = RedbStore::open(&data_dir, reinitialize).map_err(|e| e.to_string())?;
+            (Arc::new(store), Leader::sole(&me), None)
+        }
+        StoreKind::Etcd => {
+            // The data dir holds only the admin credential here: private.
+            std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+                .create(&data_dir)
+                .map_err(|e| format!("{}: {e}", data_dir.display()))?;
+            let endpoints = etcd_endpoints.expect("clap requires --etcd-endpoints");
+            let key = store_key.expect("clap requires --store-key");
+            let store = Arc::new(EtcdStore::open(&endpoints, &key).map_err(|e| e.to_string())?);
+            tracing::info!(%endpoints, "the store is etcd, shared with the other servers");
+            let leader = Leader::elect(store.clone(), me.clone(), leader_ttl);
+            (store.clone() as Arc<dyn mesh_control::store::Store>, leader, Some(store))
+        }
+    };
+    let control = ControlPlane::with_window(store, publish_window).map_err(|e| e.to_string())?;
+    let scheduler = Scheduler::start(control.clone(), nodes.clone(), leader.clone())?;
     let operator_ca = ca_cert.is_some();
-    let trust = trust_state(control.store(), &trust_domain, ca_cert, ca_key)?;
+    let trust = trust_state(control.store(), etcd.as_deref(), &trust_domain, ca_cert, ca_key)?;
     let trust = TrustKeeper::new(trust, control.clone(), operator_ca, cert_ttl);
     let users = Arc::new(Users::load(control.store()).map_err(|e| e.to_string())?);
-    let grpc = TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    mesh_control::server::replica::follow_store(&control, scheduler.clone(), users.clone(), trust.clone());
     let http = TcpListener::bind(admin).await.map_err(|e| format!("cannot listen on {admin}: {e}"))?;
-    let grpc_addr = grpc.local_addr().map_err(|e| e.to_string())?;
     let http_addr = http.local_addr().map_err(|e| e.to_string())?;
+    let mut server_names = server_names;
+    server_names.extend(me.rsplit_once(':').map(|(host, _)| host.trim_matches(['[', ']']).to_owned()));
     let tls = Arc::new(ServerTls::new(tls::names_for(grpc_addr, &server_names), &trust.current())?);
     let follower = tls.clone();
     trust.follow_with(move |next| {
@@ -71,7 +97,7 @@ pub(crate) async fn serve(
         }
     });
     tokio::spawn(follow_trust(tls.clone(), trust.clone()));
-    let credential = first_admin_credential(&data_dir, &trust, &users, &control, &grpc_addr.to_string())?;
+    let credential = first_admin_credential(&data_dir, &trust, &users, &control, &me)?;
     tokio::spawn(http::serve(http, control.clone(), scheduler.clone()));
     // Tests and scripts read this line to learn the bound ports.
     println!(
@@ -107,7 +133,8 @@ pub(crate) async fn serve(
             trust: trust.clone(),
             tls,
             join_tokens,
-            server: grpc_addr.to_string(),
+            server: me.clone(),
+            leader: leader.clone(),
         }))
         .add_service(IdentityServer::new(IdentityService {
             control: control.clone(),
@@ -122,7 +149,7 @@ pub(crate) async fn serve(
             tls: tls_for_jobs,
             trust_domain: trust_domain.clone(),
         }))
-        .add_service(AdminServer::new(AdminService { control, nodes }))
+        .add_service(AdminServer::new(AdminService { control, nodes, leader }))
         .serve_with_incoming_shutdown(incoming, shutdown_signal())
         .await?;
     Ok(())
@@ -145,6 +172,7 @@ pub(crate) async fn follow_trust(tls: Arc<ServerTls>, trust: Arc<TrustKeeper>) {
 /// to the store. Keys are never logged.
 pub(crate) fn trust_state(
     store: &dyn mesh_control::store::Store,
+    shared: Option<&EtcdStore>,
     trust_domain: &str,
     ca_cert: Option<PathBuf>,
     ca_key: Option<PathBuf>,
@@ -161,6 +189,11 @@ pub(crate) fn trust_state(
         return Ok(Trust::from_stored(stored, trust_domain).map_err(|e| format!("the stored CA: {e}"))?);
     }
     let trust = Trust::steady(Authority::generate(trust_domain)?);
+    if let Some(shared) = shared {
+        // Servers starting together: the first CA stored is everyone's.
+        let stored = shared.create_trust(&trust.to_stored()).map_err(|e| e.to_string())?;
+        return Ok(Trust::from_stored(stored, trust_domain).map_err(|e| format!("the stored CA: {e}"))?);
+    }
     store.save_trust(&trust.to_stored()).map_err(|e| e.to_string())?;
     tracing::info!(%trust_domain, "generated a root CA and stored it");
     Ok(trust)

@@ -53,20 +53,13 @@ impl Jobs for JobsService {
         let key = name.clone();
         let delete = move |store: &dyn Store| store.save_job(&key, None);
         self.scheduler.control.durably(delete).await.map_err(crate::server::store_failure)?;
-        let mut state = self.scheduler.lock();
-        state.jobs.remove(&name);
-        state.held.remove(&name);
-        state.rollouts.remove(&name);
-        state.deployments.remove(&name);
-        state.completed.remove(&name);
-        state.pending.remove(&name);
-        drop(state);
-        tracing::info!(job = %name, "job stopped");
-        self.scheduler.wake.notify_one();
+        self.scheduler.forget(&name);
         Ok(Response::new(pb::JobName { name }))
     }
 
     async fn promote(&self, request: Request<pb::JobName>) -> Result<Response<pb::JobName>, Status> {
+        // Where instances run is the leader's knowledge.
+        self.scheduler.leader.require()?;
         let name = request.into_inner().name;
         let mut state = self.scheduler.lock();
         if !state.jobs.contains_key(&name) {
@@ -83,6 +76,8 @@ impl Jobs for JobsService {
     }
 
     async fn status(&self, request: Request<pb::JobName>) -> Result<Response<pb::JobStatus>, Status> {
+        // Where instances run is the leader's knowledge.
+        self.scheduler.leader.require()?;
         let name = request.into_inner().name;
         let state = self.scheduler.lock();
         self.scheduler
@@ -92,12 +87,16 @@ impl Jobs for JobsService {
     }
 
     async fn list(&self, _: Request<pb::Empty>) -> Result<Response<pb::JobList>, Status> {
+        // Where instances run is the leader's knowledge.
+        self.scheduler.leader.require()?;
         let state = self.scheduler.lock();
         let jobs = state.jobs.keys().filter_map(|name| self.scheduler.job_status(&state, name)).collect();
         Ok(Response::new(pb::JobList { jobs }))
     }
 
     async fn list_instances(&self, _: Request<pb::Empty>) -> Result<Response<pb::InstanceList>, Status> {
+        // Where instances run is the leader's knowledge.
+        self.scheduler.leader.require()?;
         let state = self.scheduler.lock();
         Ok(Response::new(pb::InstanceList { instances: self.scheduler.instances(&state) }))
     }
@@ -105,6 +104,8 @@ impl Jobs for JobsService {
     type LogsStream = crate::server::logs::LogStream;
 
     async fn logs(&self, request: Request<pb::LogsRequest>) -> Result<Response<Self::LogsStream>, Status> {
+        // Where instances run is the leader's knowledge.
+        self.scheduler.leader.require()?;
         let request = request.into_inner();
         let Some((node, addr)) = self.scheduler.logs_of(&request.instance) else {
             return Err(Status::not_found(format!("no instance {:?}", request.instance)));

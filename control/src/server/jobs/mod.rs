@@ -22,6 +22,7 @@ use mesh_proto::mesh::v1 as pb;
 use tokio::sync::Notify;
 use tonic::Status;
 
+use super::leader::Leader;
 use super::liveness::NodeRegistry;
 use super::ControlPlane;
 use crate::state::{Change, Policy};
@@ -84,26 +85,98 @@ pub struct Scheduler {
     nodes: Arc<NodeRegistry>,
     state: Mutex<SchedulerState>,
     wake: Notify,
+    /// Only the leader places, stops and registers; every server keeps the jobs.
+    pub leader: Leader,
+}
+
+/// A job file that no longer parses is left out, not fatal: the other
+/// jobs are still run, and the log names the job and the cause.
+fn parsed(name: &str, stored: &StoredJob) -> Option<Job> {
+    match parse_job(&stored.text) {
+        Ok(job) => Some(job),
+        Err(error) => {
+            tracing::error!(job = %name, %error, "a stored job does not parse; it is not run");
+            None
+        }
+    }
 }
 
 impl Scheduler {
-    /// Loads the stored jobs and starts the reconciliation loop.
-    pub fn start(control: Arc<ControlPlane>, nodes: Arc<NodeRegistry>) -> Result<Arc<Scheduler>, String> {
+    /// Loads the stored jobs and starts the reconciliation loop, which
+    /// acts while `leader` says this server leads.
+    pub fn start(
+        control: Arc<ControlPlane>,
+        nodes: Arc<NodeRegistry>,
+        leader: Leader,
+    ) -> Result<Arc<Scheduler>, String> {
         let mut state = SchedulerState::default();
         for (name, stored) in control.store().load_jobs().map_err(|e| e.to_string())? {
             let job = parse_job(&stored.text).map_err(|e| format!("stored job {name:?}: {e}"))?;
             state.held.insert(name.clone());
             state.jobs.insert(name, (stored, job));
         }
-        let scheduler = Arc::new(Scheduler { control, nodes, state: Mutex::new(state), wake: Notify::new() });
+        let scheduler =
+            Arc::new(Scheduler { control, nodes, state: Mutex::new(state), wake: Notify::new(), leader });
         tokio::spawn(run_loop(scheduler.clone()));
         Ok(scheduler)
+    }
+
+    /// Becomes the one that acts: what a former leader placed is learned
+    /// again from the nodes' reports, so every job waits for its instances
+    /// to be adopted (or the start grace to pass) before more are placed.
+    fn take_over(&self) {
+        let jobs = match self.control.store().load_jobs() {
+            Ok(jobs) => jobs,
+            Err(error) => {
+                tracing::error!(%error, "the new leader cannot read the jobs; keeping the ones it knows");
+                Vec::new()
+            }
+        };
+        let mut state = self.lock();
+        for (name, stored) in jobs {
+            if state.jobs.get(&name).is_none_or(|(known, _)| *known != stored) {
+                if let Some(job) = parsed(&name, &stored) {
+                    state.jobs.insert(name, (stored, job));
+                }
+            }
+        }
+        state.allocations.clear();
+        state.reports.clear();
+        state.ready_since.clear();
+        state.registered.clear();
+        state.held = state.jobs.keys().cloned().collect();
+        drop(state);
+        self.nodes.restart_grace();
+    }
+
+    /// Puts a job from the store in force, as another server took it; or
+    /// with `None`, a job another server stopped.
+    pub fn follow_job(&self, name: &str, stored: Option<StoredJob>) {
+        match stored {
+            Some(stored) => {
+                if let Some(job) = parsed(name, &stored) {
+                    self.adopt(stored, job);
+                }
+            }
+            None => self.forget(name),
+        }
+    }
+
+    /// Makes the jobs in force exactly `jobs`, as read from the store.
+    pub fn follow_all_jobs(&self, jobs: Vec<(String, StoredJob)>) {
+        let known: Vec<String> = self.lock().jobs.keys().cloned().collect();
+        for name in known.iter().filter(|name| !jobs.iter().any(|(stored, _)| stored == *name)) {
+            self.forget(name);
+        }
+        for (name, stored) in jobs {
+            self.follow_job(&name, Some(stored));
+        }
     }
 
     /// Takes a job as submitted: its service's protocol published, the
     /// file stored durably, then the job (and for a new version or task,
     /// the rollout) in force. False when the same file was already.
-    pub async fn submit(&self, stored: StoredJob, mut job: Job) -> Result<bool, Status> {
+    pub async fn submit(&self, stored: StoredJob, job: Job) -> Result<bool, Status> {
         let name = job.name.clone();
         let changed = {
             let state = self.lock();
@@ -121,7 +194,20 @@ impl Scheduler {
             let (key, value) = (name.clone(), stored.clone());
             let save = move |store: &dyn Store| store.save_job(&key, Some(&value));
             self.control.durably(save).await.map_err(super::store_failure)?;
+            self.adopt(stored, job);
+        }
+        Ok(changed)
+    }
+
+    /// Puts a stored job in force (and for a new version or task, its
+    /// rollout); false when the same file already was.
+    fn adopt(&self, stored: StoredJob, mut job: Job) -> bool {
+        let name = job.name.clone();
+        {
             let mut state = self.lock();
+            if state.jobs.get(&name).is_some_and(|(known, _)| *known == stored) {
+                return false;
+            }
             let version_changed = state.jobs.get(&name).is_some_and(|(_, old)| old.version != job.version);
             // The same version with another task is an update too: its
             // instances are replaced as a new version's would be.
@@ -144,11 +230,26 @@ impl Scheduler {
             }
             state.completed.remove(&name);
             state.jobs.insert(name.clone(), (stored, job));
-            drop(state);
-            tracing::info!(job = %name, "job submitted");
-            self.wake.notify_one();
         }
-        Ok(changed)
+        tracing::info!(job = %name, "job in force");
+        self.wake.notify_one();
+        true
+    }
+
+    /// Stops running `name`: its instances are stopped at the next round.
+    pub fn forget(&self, name: &str) {
+        let mut state = self.lock();
+        if state.jobs.remove(name).is_none() {
+            return;
+        }
+        state.held.remove(name);
+        state.rollouts.remove(name);
+        state.deployments.remove(name);
+        state.completed.remove(name);
+        state.pending.remove(name);
+        drop(state);
+        tracing::info!(job = %name, "job stopped");
+        self.wake.notify_one();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, SchedulerState> {
@@ -318,7 +419,7 @@ impl Scheduler {
             }
         }
         for change in changes {
-            if let Err(error) = self.control.change(change).await {
+            if let Err(error) = self.control.change_as_leader(change).await {
                 tracing::warn!(?error, "the scheduler could not update an endpoint");
             }
         }
@@ -477,9 +578,20 @@ fn fresh_id(job: &str, used: &std::collections::HashSet<String>) -> String {
     (0u64..).map(|n| format!("{job}-{n}")).find(|id| !used.contains(id)).expect("an unused id")
 }
 
+/// Rounds while this server leads. Each time it becomes the leader again
+/// it takes over afresh: what it knew before may be stale.
 async fn run_loop(scheduler: Arc<Scheduler>) {
+    let mut term = scheduler.leader.current().term;
     loop {
-        scheduler.round().await;
+        let now = scheduler.leader.current();
+        if now.leading {
+            if now.term != term {
+                term = now.term;
+                tracing::info!(term, "taking over the scheduling");
+                scheduler.take_over();
+            }
+            scheduler.round().await;
+        }
         let _ = tokio::time::timeout(TICK, scheduler.wake.notified()).await;
     }
 }

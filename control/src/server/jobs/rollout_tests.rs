@@ -35,7 +35,8 @@ impl Cluster {
         let store = Arc::new(MemoryStore::default());
         let control = ControlPlane::new(store.clone()).unwrap();
         let nodes = Arc::new(NodeRegistry::new(Duration::from_millis(500), Duration::from_secs(3)));
-        let scheduler = Scheduler::start(control, nodes.clone()).unwrap();
+        let leader = crate::server::leader::Leader::sole("127.0.0.1:7400");
+        let scheduler = Scheduler::start(control, nodes.clone(), leader).unwrap();
         let cluster = Cluster { store, nodes, scheduler, assigned: Vec::new() };
         cluster.join();
         cluster
