@@ -16,6 +16,8 @@ pub struct AdminService {
     pub control: Arc<ControlPlane>,
     pub nodes: Arc<crate::server::liveness::NodeRegistry>,
     pub leader: crate::server::leader::Leader,
+    /// This server's address, as clients reach it.
+    pub me: String,
 }
 
 /// The longest `--wait` the server accepts.
@@ -59,6 +61,8 @@ impl AdminService {
             converged,
             proxies: proxies.iter().map(|(id, record)| proxy_status(id, record)).collect(),
             waited_ms: waited.as_millis() as u64,
+            server: self.me.clone(),
+            leader: self.leader.current().leader.unwrap_or_default(),
         }
     }
 }

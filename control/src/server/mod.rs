@@ -18,6 +18,7 @@ pub mod nodes;
 pub mod prometheus_sd;
 pub mod registry;
 pub mod replica;
+pub mod shared_proxies;
 pub mod tls;
 pub mod window;
 
@@ -108,6 +109,10 @@ pub struct ControlPlane {
     /// Every version the feed applied, for what else follows the store
     /// (jobs, operators, the CA).
     events: tokio::sync::broadcast::Sender<Arc<StoreEvent>>,
+    /// The proxies other servers sharing the store have, by server.
+    remote_proxies: Mutex<HashMap<String, HashMap<String, ProxyRecord>>>,
+    /// Set when a proxy of this server's changed, for sharing them.
+    pub(crate) local_changed: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug)]
@@ -166,6 +171,8 @@ impl ControlPlane {
             replicated: feed.is_some(),
             applied: watch::channel(version).0,
             events: tokio::sync::broadcast::channel(1024).0,
+            remote_proxies: Mutex::new(HashMap::new()),
+            local_changed: Default::default(),
         });
         if let Some(feed) = feed {
             tokio::spawn(apply_feed(Arc::downgrade(&control), feed));
@@ -390,11 +397,32 @@ impl ControlPlane {
         self.published.borrow().version
     }
 
+    /// Every proxy, this server's and (with a shared store) the other
+    /// servers', by id.
     pub fn proxies(&self) -> Vec<(String, ProxyRecord)> {
+        let local = self.proxies.lock().expect("proxies lock");
+        let remote = self.remote_proxies.lock().expect("remote proxies lock");
         let mut list: Vec<(String, ProxyRecord)> =
-            self.proxies.lock().expect("proxies lock").iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            merge_proxies(&local, &remote).into_iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         list.sort_by(|a, b| a.0.cmp(&b.0));
         list
+    }
+
+    /// This server's own proxies, for sharing with the others.
+    pub fn local_proxies(&self) -> Vec<(String, ProxyRecord)> {
+        let proxies = self.proxies.lock().expect("proxies lock");
+        proxies.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
+    /// The proxies another server has now (`None`: it is gone).
+    pub fn set_remote_proxies(&self, server: &str, proxies: Option<HashMap<String, ProxyRecord>>) {
+        let mut remote = self.remote_proxies.lock().expect("remote proxies lock");
+        match proxies {
+            Some(proxies) => remote.insert(server.to_owned(), proxies),
+            None => remote.remove(server),
+        };
+        drop(remote);
+        self.acks.send_modify(|n| *n += 1);
     }
 
     pub fn update_proxy(&self, id: &str, update: impl FnOnce(&mut ProxyRecord)) {
@@ -421,6 +449,7 @@ impl ControlPlane {
         let record = proxies.get_mut(id).expect("inserted above");
         let was_connected = record.connected;
         update(record);
+        self.local_changed.store(true, std::sync::atomic::Ordering::Relaxed);
         if record.connected != was_connected {
             self.metrics.count_connected(record.connected);
         }
@@ -449,7 +478,16 @@ impl ControlPlane {
         loop {
             // Checked in place: a copy of every record on every ack would
             // cost O(proxies²) for one change to reach them all.
-            let finished = done(&self.proxies.lock().expect("proxies lock"));
+            let shared = !self.remote_proxies.lock().expect("remote proxies lock").is_empty();
+            let finished = if shared {
+                let local = self.proxies.lock().expect("proxies lock");
+                let remote = self.remote_proxies.lock().expect("remote proxies lock");
+                let merged: HashMap<String, ProxyRecord> =
+                    merge_proxies(&local, &remote).into_iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                done(&merged)
+            } else {
+                done(&self.proxies.lock().expect("proxies lock"))
+            };
             if finished || tokio::time::Instant::now() >= deadline {
                 return (finished, self.proxies());
             }
@@ -457,6 +495,10 @@ impl ControlPlane {
             // stalled without sending anything.
             let tick = (tokio::time::Instant::now() + Duration::from_millis(250)).min(deadline);
             let _ = tokio::time::timeout_at(tick, changes.changed()).await;
+            if shared {
+                // Merging costs O(proxies): acks arriving together are checked once.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
         }
     }
 }
@@ -507,6 +549,30 @@ async fn apply_feed(control: std::sync::Weak<ControlPlane>, mut feed: mpsc::Rece
         control.applied.send_replace(event.version);
         let _ = control.events.send(Arc::new(event));
     }
+}
+
+/// This server's proxies and the other servers', one record per proxy: a
+/// proxy connected here is taken from here; otherwise the record heard
+/// from most recently (a proxy that moved is still listed, for a while,
+/// by the server it left).
+fn merge_proxies<'a>(
+    local: &'a HashMap<String, ProxyRecord>,
+    remote: &'a HashMap<String, HashMap<String, ProxyRecord>>,
+) -> HashMap<&'a String, &'a ProxyRecord> {
+    let mut merged: HashMap<&String, &ProxyRecord> = local.iter().collect();
+    for (id, record) in remote.values().flatten() {
+        match merged.get(id) {
+            Some(mine) if mine.connected && !record.connected => {}
+            Some(mine) if mine.connected && local.contains_key(id) => {}
+            Some(other) if other.connected && !record.connected => {}
+            Some(other)
+                if other.connected == record.connected && other.last_contact >= record.last_contact => {}
+            _ => {
+                merged.insert(id, record);
+            }
+        }
+    }
+    merged
 }
 
 /// Whether every proxy that counts has applied `version`.

@@ -14,6 +14,10 @@ pub async fn run(session: &Session, output: Output) -> Result<(), Failure> {
     if output == Output::Table {
         let state = if status.converged { "converged" } else { "converging" };
         println!("version {} ({state})", status.version);
+        if status.leader != status.server {
+            let leader = if status.leader.is_empty() { "being elected" } else { status.leader.as_str() };
+            println!("server {} (leader: {leader})", status.server);
+        }
     }
     print_rows(output, &status_rows(&status));
     Ok(())

@@ -85,6 +85,9 @@ pub(crate) async fn serve(
     let trust = TrustKeeper::new(trust, control.clone(), operator_ca, cert_ttl);
     let users = Arc::new(Users::load(control.store()).map_err(|e| e.to_string())?);
     mesh_control::server::replica::follow_store(&control, scheduler.clone(), users.clone(), trust.clone());
+    if let Some(etcd) = &etcd {
+        mesh_control::server::shared_proxies::share(control.clone(), etcd.clone(), me.clone());
+    }
     let http = TcpListener::bind(admin).await.map_err(|e| format!("cannot listen on {admin}: {e}"))?;
     let http_addr = http.local_addr().map_err(|e| e.to_string())?;
     let mut server_names = server_names;
@@ -149,7 +152,7 @@ pub(crate) async fn serve(
             tls: tls_for_jobs,
             trust_domain: trust_domain.clone(),
         }))
-        .add_service(AdminServer::new(AdminService { control, nodes, leader }))
+        .add_service(AdminServer::new(AdminService { control, nodes, leader, me }))
         .serve_with_incoming_shutdown(incoming, shutdown_signal())
         .await?;
     Ok(())
