@@ -3,6 +3,7 @@
 //! conditions with deadlines, and clean every process up on drop.
 
 pub mod client;
+pub mod etcd;
 pub mod metrics;
 pub mod netns;
 pub mod process;

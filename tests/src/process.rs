@@ -248,8 +248,37 @@ impl Agent {
         Agent::start_with(command, meshd, &host.name, &host.ip.to_string(), cpu_millis, data_dir, extra)
     }
 
+    /// An agent on `host` given `servers` (one address or several,
+    /// comma-separated), joining with a token from `meshd`.
+    pub fn start_in_cluster(
+        host: &crate::netns::Host,
+        servers: &str,
+        meshd: &Meshd,
+        cpu_millis: u32,
+        data_dir: &Path,
+    ) -> Agent {
+        let mut command = host.command(&crate::bin("meshd"));
+        let ip = host.ip.to_string();
+        Agent::start_on(&mut command, servers, meshd, &host.name, &ip, cpu_millis, data_dir, &[])
+    }
+
     fn start_with(
         mut command: Command,
+        meshd: &Meshd,
+        name: &str,
+        ip: &str,
+        cpu_millis: u32,
+        data_dir: &Path,
+        extra: &[&str],
+    ) -> Agent {
+        let server = meshd.listen.clone();
+        Agent::start_on(&mut command, &server, meshd, name, ip, cpu_millis, data_dir, extra)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start_on(
+        command: &mut Command,
+        server: &str,
         meshd: &Meshd,
         name: &str,
         ip: &str,
@@ -263,7 +292,7 @@ impl Agent {
         let mut args = vec![
             "agent",
             "--server",
-            &meshd.listen,
+            server,
             "--name",
             name,
             "--advertise-ip",
@@ -280,7 +309,7 @@ impl Agent {
         if !joined {
             command.env("MESH_JOIN_TOKEN", meshd.join_token());
         }
-        Agent(Process::start_with(&mut command))
+        Agent(Process::start_with(command))
     }
 
     /// SIGKILL, as a node that dies.
@@ -425,8 +454,14 @@ impl Meshd {
 
     /// Runs meshctl against this server: (exit code, stdout, stderr).
     pub fn ctl(&self, args: &[&str]) -> (i32, String, String) {
+        self.ctl_via(&self.listen, args)
+    }
+
+    /// Runs meshctl with this server's admin credential against `servers`
+    /// (one address or several, comma-separated).
+    pub fn ctl_via(&self, servers: &str, args: &[&str]) -> (i32, String, String) {
         let meshctl = crate::bin("meshctl");
-        let mut all = vec!["--server", self.listen.as_str(), "--credentials", self.credentials.as_str()];
+        let mut all = vec!["--server", servers, "--credentials", self.credentials.as_str()];
         all.extend_from_slice(args);
         match &self.namespace {
             Some(namespace) => {

@@ -23,7 +23,7 @@ pub struct AdminService {
 /// The longest `--wait` the server accepts.
 const MAX_WAIT: Duration = Duration::from_secs(600);
 
-pub fn proxy_status(id: &str, record: &ProxyRecord) -> pb::ProxyStatus {
+pub fn proxy_status(id: &str, record: &ProxyRecord, me: &str) -> pb::ProxyStatus {
     let (rejected_version, rejected_reason) = record.rejected.clone().unwrap_or_default();
     pb::ProxyStatus {
         proxy_id: id.to_owned(),
@@ -40,6 +40,7 @@ pub fn proxy_status(id: &str, record: &ProxyRecord) -> pb::ProxyStatus {
         stalled: record.stalled(),
         certificate_root: record.certificate_root.clone(),
         bundle_version: record.bundle_version,
+        server: if record.server.is_empty() { me.to_owned() } else { record.server.clone() },
     }
 }
 
@@ -59,7 +60,7 @@ impl AdminService {
         pb::Convergence {
             version,
             converged,
-            proxies: proxies.iter().map(|(id, record)| proxy_status(id, record)).collect(),
+            proxies: proxies.iter().map(|(id, record)| proxy_status(id, record, &self.me)).collect(),
             waited_ms: waited.as_millis() as u64,
             server: self.me.clone(),
             leader: self.leader.current().leader.unwrap_or_default(),
@@ -96,7 +97,8 @@ impl Admin for AdminService {
     }
 
     async fn list_proxies(&self, _: Request<pb::Empty>) -> Result<Response<pb::ProxyList>, Status> {
-        let proxies = self.control.proxies().iter().map(|(id, record)| proxy_status(id, record)).collect();
+        let proxies =
+            self.control.proxies().iter().map(|(id, record)| proxy_status(id, record, &self.me)).collect();
         Ok(Response::new(pb::ProxyList { proxies }))
     }
 

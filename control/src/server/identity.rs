@@ -349,7 +349,7 @@ impl Identity for IdentityService {
 
     async fn issue_token(&self, request: Request<pb::TokenRequest>) -> Result<Response<pb::Token>, Status> {
         // Tokens are the leader's: it placed the instances, and it redeems them.
-        self.scheduler.leader.require()?;
+        self.scheduler.require_leader()?;
         super::nodes::calling_node(&request, &request.get_ref().node, &self.control)?;
         let request = request.into_inner();
         let Some(service) = self.scheduler.service_of(&request.node, &request.instance) else {
@@ -365,7 +365,7 @@ impl Identity for IdentityService {
     }
 
     async fn sign(&self, request: Request<pb::SignRequest>) -> Result<Response<pb::SignReply>, Status> {
-        self.scheduler.leader.require()?;
+        self.scheduler.require_leader()?;
         let request = request.into_inner();
         // A bad request is refused before the token is spent.
         Authority::check_request(&request.csr_pem)?;

@@ -105,6 +105,7 @@ async fn campaign(store: Arc<EtcdStore>, me: String, ttl: Duration, view: watch:
             Ok(()) => {}
             Err(error) => {
                 tracing::warn!(%error, "the leader election could not reach etcd; trying again");
+                store.next_member();
                 step_down(&store, &view, None);
                 tokio::time::sleep(FOLLOWER_POLL).await;
             }
@@ -154,39 +155,54 @@ async fn try_lead(
     result
 }
 
-/// Keeps the lease alive; returns once it may be lost.
+/// Keeps the lease alive, through another member when one fails;
+/// returns once the lease may be lost.
 async fn hold(store: &EtcdStore, lease: i64, ttl: Duration) -> Result<(), etcd_client::Error> {
-    let mut client = store.client();
-    let (mut keeper, mut answers) = client.lease_keep_alive(lease).await?;
     // Safe until this long after the last renewal was sent.
     let margin = (ttl / 4).max(Duration::from_millis(300));
     let mut safe_until = Instant::now() + ttl.saturating_sub(margin);
-    let mut tick = tokio::time::interval(ttl / 4);
+    let mut renewing = None;
     loop {
-        let sent = Instant::now();
-        keeper.keep_alive().await?;
-        let answer = tokio::time::timeout_at(safe_until, answers.message()).await;
-        match answer {
-            Ok(Ok(Some(renewed))) if renewed.ttl() > 0 => {
-                safe_until = sent + ttl.saturating_sub(margin);
+        if Instant::now() >= safe_until {
+            tracing::warn!("the leader's lease was not renewed in time");
+            return Ok(());
+        }
+        let (keeper, answers) = match &mut renewing {
+            Some(stream) => stream,
+            None => {
+                let mut client = store.client();
+                match tokio::time::timeout_at(safe_until, client.lease_keep_alive(lease)).await {
+                    Ok(Ok(stream)) => renewing.insert(stream),
+                    Ok(Err(_)) => {
+                        store.next_member();
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                    Err(_) => continue,
+                }
             }
-            Ok(Ok(_)) => {
+        };
+        let sent = Instant::now();
+        let renewal = async {
+            keeper.keep_alive().await?;
+            answers.message().await
+        };
+        match tokio::time::timeout_at(safe_until, renewal).await {
+            Ok(Ok(Some(renewed))) if renewed.ttl() > 0 => safe_until = sent + ttl.saturating_sub(margin),
+            Ok(Ok(Some(_))) => {
                 tracing::warn!("the leader's lease expired");
                 return Ok(());
             }
-            Ok(Err(error)) => return Err(error),
-            Err(_) => {
-                tracing::warn!("the leader's lease was not renewed in time");
-                return Ok(());
+            Ok(Ok(None) | Err(_)) => {
+                // That member failed: renew through another.
+                renewing = None;
+                store.next_member();
+                continue;
             }
+            Err(_) => continue,
         }
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = tokio::time::sleep_until(safe_until) => {
-                tracing::warn!("the leader's lease was not renewed in time");
-                return Ok(());
-            }
-        }
+        let next = (Instant::now() + ttl / 4).min(safe_until);
+        tokio::time::sleep_until(next).await;
     }
 }
 

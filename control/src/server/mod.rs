@@ -67,6 +67,8 @@ pub struct ProxyRecord {
     pub certificate_root: String,
     /// The trust bundle version the proxy holds.
     pub bundle_version: u64,
+    /// The other server it is connected to; "" for this one.
+    pub server: String,
 }
 
 /// A connected proxy that has left an update unacknowledged this long is

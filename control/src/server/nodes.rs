@@ -68,7 +68,7 @@ fn check_node(info: &pb::NodeInfo) -> Result<(), Status> {
 #[tonic::async_trait]
 impl Nodes for NodesService {
     async fn enroll(&self, request: Request<pb::EnrollRequest>) -> Result<Response<pb::EnrollReply>, Status> {
-        self.scheduler.leader.require()?;
+        self.scheduler.require_leader()?;
         let request = request.into_inner();
         check_name("node", &request.name).map_err(|e| Status::invalid_argument(e.0))?;
         // A bad request is refused before the token is spent.
@@ -91,7 +91,7 @@ impl Nodes for NodesService {
     }
 
     async fn join(&self, request: Request<pb::NodeInfo>) -> Result<Response<pb::JoinReply>, Status> {
-        self.scheduler.leader.require()?;
+        self.scheduler.require_leader()?;
         calling_node(&request, &request.get_ref().name, &self.control)?;
         let info = request.into_inner();
         check_node(&info)?;
@@ -107,7 +107,7 @@ impl Nodes for NodesService {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatReply>, Status> {
-        self.scheduler.leader.require()?;
+        self.scheduler.require_leader()?;
         calling_node(&request, &request.get_ref().name, &self.control)?;
         let mut request = request.into_inner();
         let foreign = self.scheduler.foreign_reports(&request.name, &request.instances);

@@ -44,6 +44,7 @@ mod tests {
             stream: 0,
             certificate_root: String::new(),
             bundle_version: 0,
+            server: String::new(),
         }
     }
 

@@ -62,7 +62,7 @@ impl Shared {
         }
     }
 
-    fn record(self) -> ProxyRecord {
+    fn record(self, server: &str) -> ProxyRecord {
         // A stalled proxy is one whose update has waited past STALL_AFTER.
         let waited = STALL_AFTER * 2;
         ProxyRecord {
@@ -77,6 +77,7 @@ impl Shared {
             stream: 0,
             certificate_root: self.certificate_root,
             bundle_version: self.bundle_version,
+            server: server.to_owned(),
         }
     }
 
@@ -97,6 +98,7 @@ async fn publish(control: Arc<ControlPlane>, store: Arc<EtcdStore>, me: String) 
     loop {
         if let Err(error) = publish_under_lease(&control, &store, &me).await {
             tracing::warn!(%error, "cannot share this server's proxies through etcd; trying again");
+            store.next_member();
         }
         tokio::time::sleep(RETRY).await;
     }
@@ -147,6 +149,7 @@ async fn follow(control: Arc<ControlPlane>, store: Arc<EtcdStore>, me: String) {
     loop {
         if let Err(error) = follow_once(&control, &store, &me).await {
             tracing::warn!(%error, "lost the other servers' proxies; reading them again");
+            store.next_member();
         }
         tokio::time::sleep(RETRY).await;
     }
@@ -176,15 +179,16 @@ fn apply(control: &ControlPlane, me: &str, key: &[u8], value: Option<&[u8]>) {
     if server == me {
         return;
     }
-    let records: Option<HashMap<String, ProxyRecord>> = match value
-        .map(serde_json::from_slice::<BTreeMap<String, Shared>>)
-    {
-        None => None,
-        Some(Ok(records)) => Some(records.into_iter().map(|(id, shared)| (id, shared.record())).collect()),
-        Some(Err(error)) => {
-            tracing::warn!(%server, %error, "another server's proxy records are unreadable");
-            return;
-        }
-    };
+    let records: Option<HashMap<String, ProxyRecord>> =
+        match value.map(serde_json::from_slice::<BTreeMap<String, Shared>>) {
+            None => None,
+            Some(Ok(records)) => {
+                Some(records.into_iter().map(|(id, shared)| (id, shared.record(&server))).collect())
+            }
+            Some(Err(error)) => {
+                tracing::warn!(%server, %error, "another server's proxy records are unreadable");
+                return;
+            }
+        };
     control.set_remote_proxies(&server, records);
 }

@@ -12,7 +12,7 @@
 //! given, so etcd and its backups never hold them in the clear.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use etcd_client::{
@@ -43,7 +43,11 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 const FEED_RETRY: Duration = Duration::from_millis(200);
 
 pub struct EtcdStore {
-    client: Client,
+    /// One client per member: etcd-client's balanced channel keeps sending
+    /// to a member that died, so failing over is done here, by member.
+    clients: Vec<Client>,
+    /// The member asked first: the one that answered last.
+    current: AtomicUsize,
     /// etcd-client runs on a runtime of its own: the `Store` trait is
     /// synchronous (called on the blocking pool), and the feed and the
     /// election outlive any one request.
@@ -85,10 +89,16 @@ impl EtcdStore {
             .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
             .with_keep_alive_while_idle(true)
             .with_require_leader(true);
-        let connect = Client::connect(list, Some(options));
-        let client = run_on(&runtime, connect).map_err(|e| error(format!("{endpoints}: {e}")))?;
+        let mut clients = Vec::with_capacity(list.len());
+        for endpoint in list {
+            // Connections are made at the first request, so a member that
+            // is down now does not keep the server from starting.
+            let connect = Client::connect([endpoint.clone()], Some(options.clone()));
+            clients.push(run_on(&runtime, connect).map_err(|e| error(format!("{endpoint}: {e}")))?);
+        }
         let store = EtcdStore {
-            client,
+            clients,
+            current: AtomicUsize::new(0),
             runtime: Some(runtime),
             sealer,
             endpoints: endpoints.to_owned(),
@@ -115,8 +125,40 @@ impl EtcdStore {
         self.runtime.as_ref().expect("the runtime lives as long as the store").handle().clone()
     }
 
+    /// A client of the member that answered last.
     pub fn client(&self) -> Client {
-        self.client.clone()
+        self.clients[self.current.load(Ordering::Relaxed) % self.clients.len()].clone()
+    }
+
+    /// Moves on to the next member, after the current one failed.
+    pub fn next_member(&self) {
+        self.current.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Runs `request` against the members in turn until one answers or
+    /// each has failed; a request refused for what it asks is not retried.
+    fn request<T, F, Fut>(&self, request: F) -> Result<T, StoreError>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let mut failures = Vec::new();
+        for _ in 0..self.clients.len() {
+            match self.run(request(self.client())) {
+                Ok(answer) => return Ok(answer),
+                Err(e) if member_failed(&e) => {
+                    failures.push(e.to_string());
+                    self.next_member();
+                }
+                Err(e) => return Err(error(e)),
+            }
+        }
+        Err(StoreError::new(format!(
+            "etcd is unavailable ({}): {}",
+            self.endpoints,
+            failures.last().map_or("no member answered", String::as_str)
+        )))
     }
 
     pub fn endpoints(&self) -> &str {
@@ -129,10 +171,9 @@ impl EtcdStore {
     }
 
     fn get_prefix(&self, prefix: &'static str) -> Result<(u64, Vec<KeyValue>), StoreError> {
-        let mut client = self.client.clone();
-        let mut response = self
-            .run(async move { client.get(prefix, Some(GetOptions::new().with_prefix())).await })
-            .map_err(error)?;
+        let mut response = self.request(move |mut client| async move {
+            client.get(prefix, Some(GetOptions::new().with_prefix())).await
+        })?;
         let revision = response.take_header().map_or(0, |h| h.revision().max(0) as u64);
         Ok((revision, response.take_kvs()))
     }
@@ -155,8 +196,10 @@ impl EtcdStore {
 
     /// Commits `txn`; a failed write leaves meshd unready until one succeeds.
     fn commit(&self, txn: Txn) -> Result<etcd_client::TxnResponse, StoreError> {
-        let mut client = self.client.clone();
-        let result = self.run(async move { client.txn(txn).await }).map_err(error);
+        let result = self.request(move |mut client| {
+            let txn = txn.clone();
+            async move { client.txn(txn).await }
+        });
         self.failing.store(result.is_err(), Ordering::Relaxed);
         result
     }
@@ -191,6 +234,22 @@ where
         let _ = tx.send(future.await);
     });
     rx.recv().expect("the etcd client's runtime runs until the store is dropped")
+}
+
+/// Whether `e` says the member (or its link) failed, not the request:
+/// then another member may answer.
+fn member_failed(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(status) => matches!(
+            status.code(),
+            tonic::Code::Unavailable
+                | tonic::Code::Unknown
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::Cancelled
+        ),
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        _ => false,
+    }
 }
 
 fn name_of(key: &[u8], prefix: &str) -> String {
@@ -290,7 +349,13 @@ impl Store for EtcdStore {
 
     fn follow(&self, after: u64) -> Option<mpsc::Receiver<StoreEvent>> {
         let (tx, rx) = mpsc::channel(1024);
-        let feed = Feed { client: self.client.clone(), sealer: self.sealer.clone(), next: after + 1, tx };
+        let feed = Feed {
+            clients: self.clients.clone(),
+            member: 0,
+            sealer: self.sealer.clone(),
+            next: after + 1,
+            tx,
+        };
         self.handle().spawn(feed.run());
         Some(rx)
     }
@@ -312,8 +377,7 @@ impl EtcdStore {
 
     fn holds_leader_key(&self) -> Result<bool, StoreError> {
         let lease = self.leader_lease.load(Ordering::SeqCst);
-        let mut client = self.client.clone();
-        let response = self.run(async move { client.get(LEADER_KEY, None).await }).map_err(error)?;
+        let response = self.request(|mut client| async move { client.get(LEADER_KEY, None).await })?;
         Ok(response.kvs().first().is_some_and(|kv| kv.lease() == lease && lease != 0))
     }
 }
@@ -321,7 +385,9 @@ impl EtcdStore {
 /// The watch that delivers every version after `next - 1`, re-established
 /// from where it stopped when an etcd member goes away.
 struct Feed {
-    client: Client,
+    clients: Vec<Client>,
+    /// The member watched; the next one after a failure.
+    member: usize,
     sealer: Sealer,
     next: u64,
     tx: mpsc::Sender<StoreEvent>,
@@ -334,6 +400,7 @@ impl Feed {
                 Ok(()) => return,
                 Err(e) => {
                     tracing::warn!(error = %e, from = self.next, "the store's feed broke; re-establishing it");
+                    self.member += 1;
                     tokio::time::sleep(FEED_RETRY).await;
                 }
             }
@@ -343,7 +410,8 @@ impl Feed {
     /// Watches until the receiver is gone (`Ok`) or the watch fails.
     async fn watch(&mut self) -> Result<(), String> {
         let options = WatchOptions::new().with_prefix().with_start_revision(self.next as i64);
-        let mut stream = self.client.watch(STATE, Some(options)).await.map_err(|e| e.to_string())?;
+        let mut client = self.clients[self.member % self.clients.len()].clone();
+        let mut stream = client.watch(STATE, Some(options)).await.map_err(|e| e.to_string())?;
         loop {
             let Some(response) = stream.message().await.map_err(|e| e.to_string())? else {
                 return Err("the watch ended".into());

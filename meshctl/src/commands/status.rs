@@ -38,6 +38,7 @@ fn status_rows(status: &pb::Convergence) -> Rows {
                 ("last_contact_ms_ago", ago(p.last_contact_unix_ms)),
                 ("rejected_version", json!(p.rejected_version)),
                 ("rejected_reason", json!(p.rejected_reason)),
+                ("server", json!(p.server)),
             ]
         })
         .collect()

@@ -59,7 +59,7 @@ impl Jobs for JobsService {
 
     async fn promote(&self, request: Request<pb::JobName>) -> Result<Response<pb::JobName>, Status> {
         // Where instances run is the leader's knowledge.
-        self.scheduler.leader.require()?;
+        self.scheduler.require_leader()?;
         let name = request.into_inner().name;
         let mut state = self.scheduler.lock();
         if !state.jobs.contains_key(&name) {
@@ -77,7 +77,7 @@ impl Jobs for JobsService {
 
     async fn status(&self, request: Request<pb::JobName>) -> Result<Response<pb::JobStatus>, Status> {
         // Where instances run is the leader's knowledge.
-        self.scheduler.leader.require()?;
+        self.scheduler.require_leader()?;
         let name = request.into_inner().name;
         let state = self.scheduler.lock();
         self.scheduler
@@ -88,7 +88,7 @@ impl Jobs for JobsService {
 
     async fn list(&self, _: Request<pb::Empty>) -> Result<Response<pb::JobList>, Status> {
         // Where instances run is the leader's knowledge.
-        self.scheduler.leader.require()?;
+        self.scheduler.require_leader()?;
         let state = self.scheduler.lock();
         let jobs = state.jobs.keys().filter_map(|name| self.scheduler.job_status(&state, name)).collect();
         Ok(Response::new(pb::JobList { jobs }))
@@ -96,7 +96,7 @@ impl Jobs for JobsService {
 
     async fn list_instances(&self, _: Request<pb::Empty>) -> Result<Response<pb::InstanceList>, Status> {
         // Where instances run is the leader's knowledge.
-        self.scheduler.leader.require()?;
+        self.scheduler.require_leader()?;
         let state = self.scheduler.lock();
         Ok(Response::new(pb::InstanceList { instances: self.scheduler.instances(&state) }))
     }
@@ -105,7 +105,7 @@ impl Jobs for JobsService {
 
     async fn logs(&self, request: Request<pb::LogsRequest>) -> Result<Response<Self::LogsStream>, Status> {
         // Where instances run is the leader's knowledge.
-        self.scheduler.leader.require()?;
+        self.scheduler.require_leader()?;
         let request = request.into_inner();
         let Some((node, addr)) = self.scheduler.logs_of(&request.instance) else {
             return Err(Status::not_found(format!("no instance {:?}", request.instance)));

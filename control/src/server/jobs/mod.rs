@@ -87,6 +87,8 @@ pub struct Scheduler {
     wake: Notify,
     /// Only the leader places, stops and registers; every server keeps the jobs.
     pub leader: Leader,
+    /// The leader's term this scheduler has taken over for.
+    taken_over: std::sync::atomic::AtomicU64,
 }
 
 /// A job file that no longer parses is left out, not fatal: the other
@@ -115,10 +117,32 @@ impl Scheduler {
             state.held.insert(name.clone());
             state.jobs.insert(name, (stored, job));
         }
-        let scheduler =
-            Arc::new(Scheduler { control, nodes, state: Mutex::new(state), wake: Notify::new(), leader });
+        let taken_over = std::sync::atomic::AtomicU64::new(leader.current().term);
+        let scheduler = Arc::new(Scheduler {
+            control,
+            nodes,
+            state: Mutex::new(state),
+            wake: Notify::new(),
+            leader,
+            taken_over,
+        });
         tokio::spawn(run_loop(scheduler.clone()));
         Ok(scheduler)
+    }
+
+    /// Ok when this server leads and its scheduler has taken over: before
+    /// that, what a node reports would be forgotten by the take-over.
+    pub fn require_leader(&self) -> Result<(), Status> {
+        self.leader.require()?;
+        let term = self.leader.current().term;
+        if self.taken_over.load(std::sync::atomic::Ordering::SeqCst) != term {
+            let mut status = Status::unavailable("this server is taking over as the leader; try again");
+            status
+                .metadata_mut()
+                .insert("mesh-failure", tonic::metadata::MetadataValue::from_static("not-leader"));
+            return Err(status);
+        }
+        Ok(())
     }
 
     /// Becomes the one that acts: what a former leader placed is learned
@@ -144,6 +168,9 @@ impl Scheduler {
         state.reports.clear();
         state.ready_since.clear();
         state.registered.clear();
+        // Ids are learned again from the reports: one this server handed
+        // out in an earlier term may have been adopted by another leader.
+        state.used_ids.clear();
         state.held = state.jobs.keys().cloned().collect();
         drop(state);
         self.nodes.restart_grace();
@@ -581,17 +608,22 @@ fn fresh_id(job: &str, used: &std::collections::HashSet<String>) -> String {
 /// Rounds while this server leads. Each time it becomes the leader again
 /// it takes over afresh: what it knew before may be stale.
 async fn run_loop(scheduler: Arc<Scheduler>) {
-    let mut term = scheduler.leader.current().term;
+    let mut leadership = scheduler.leader.watch();
     loop {
         let now = scheduler.leader.current();
         if now.leading {
-            if now.term != term {
-                term = now.term;
-                tracing::info!(term, "taking over the scheduling");
+            let taken = scheduler.taken_over.load(std::sync::atomic::Ordering::SeqCst);
+            if now.term != taken {
+                tracing::info!(term = now.term, "taking over the scheduling");
                 scheduler.take_over();
+                scheduler.taken_over.store(now.term, std::sync::atomic::Ordering::SeqCst);
             }
             scheduler.round().await;
         }
-        let _ = tokio::time::timeout(TICK, scheduler.wake.notified()).await;
+        tokio::select! {
+            _ = tokio::time::sleep(TICK) => {}
+            _ = scheduler.wake.notified() => {}
+            _ = leadership.changed() => {}
+        }
     }
 }
