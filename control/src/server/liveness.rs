@@ -105,6 +105,11 @@ impl NodeRegistry {
         true
     }
 
+    /// What `name` said of itself when it joined.
+    pub fn info(&self, name: &str) -> Option<pb::NodeInfo> {
+        self.nodes.lock().expect("nodes lock").records.get(name).map(|record| record.info.clone())
+    }
+
     pub fn list(&self) -> Vec<pb::NodeStatus> {
         let mut nodes = self.nodes.lock().expect("nodes lock");
         let now = Instant::now();

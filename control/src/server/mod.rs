@@ -14,8 +14,10 @@ pub mod jobs;
 pub mod leader;
 pub mod liveness;
 pub mod logs;
+pub mod node_leases;
 pub mod nodes;
 pub mod prometheus_sd;
+mod proxy_records;
 pub mod registry;
 pub mod replica;
 pub mod shared_proxies;
@@ -36,6 +38,7 @@ use crate::metrics::ControlMetrics;
 use crate::publish::Published;
 use crate::state::{Change, ChangeError, MeshState, ServiceState};
 use crate::store::{Store, StoreError, StoreEvent, Stored, Writer};
+use proxy_records::merge_proxies;
 pub use window::PublishWindow;
 
 /// The status of a request the store could not make durable: nothing of
@@ -551,30 +554,6 @@ async fn apply_feed(control: std::sync::Weak<ControlPlane>, mut feed: mpsc::Rece
         control.applied.send_replace(event.version);
         let _ = control.events.send(Arc::new(event));
     }
-}
-
-/// This server's proxies and the other servers', one record per proxy: a
-/// proxy connected here is taken from here; otherwise the record heard
-/// from most recently (a proxy that moved is still listed, for a while,
-/// by the server it left).
-fn merge_proxies<'a>(
-    local: &'a HashMap<String, ProxyRecord>,
-    remote: &'a HashMap<String, HashMap<String, ProxyRecord>>,
-) -> HashMap<&'a String, &'a ProxyRecord> {
-    let mut merged: HashMap<&String, &ProxyRecord> = local.iter().collect();
-    for (id, record) in remote.values().flatten() {
-        match merged.get(id) {
-            Some(mine) if mine.connected && !record.connected => {}
-            Some(mine) if mine.connected && local.contains_key(id) => {}
-            Some(other) if other.connected && !record.connected => {}
-            Some(other)
-                if other.connected == record.connected && other.last_contact >= record.last_contact => {}
-            _ => {
-                merged.insert(id, record);
-            }
-        }
-    }
-    merged
 }
 
 /// Whether every proxy that counts has applied `version`.

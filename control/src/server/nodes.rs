@@ -96,6 +96,9 @@ impl Nodes for NodesService {
         let info = request.into_inner();
         check_node(&info)?;
         tracing::info!(node = %info.name, ip = %info.advertise_ip, "node joined");
+        if let Some(leases) = self.scheduler.node_leases() {
+            leases.heard(info.clone(), true);
+        }
         self.registry.joined(info);
         Ok(Response::new(pb::JoinReply {
             heartbeat_interval_ms: self.registry.interval.as_millis() as u64,
@@ -124,6 +127,11 @@ impl Nodes for NodesService {
             request.certificate_expires_unix_ms,
             request.bundle_version,
         );
+        if let Some((leases, info)) = self.scheduler.node_leases().zip(self.registry.info(&request.name)) {
+            if known {
+                leases.heard(info, false);
+            }
+        }
         // An unknown node joins again first; until then it gets no work.
         let assignments =
             if known { self.scheduler.heartbeat(&request.name, request.instances) } else { Vec::new() };

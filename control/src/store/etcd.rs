@@ -170,7 +170,7 @@ impl EtcdStore {
         self.leader_lease.store(lease.unwrap_or(0), Ordering::SeqCst);
     }
 
-    fn get_prefix(&self, prefix: &'static str) -> Result<(u64, Vec<KeyValue>), StoreError> {
+    pub fn get_prefix(&self, prefix: &'static str) -> Result<(u64, Vec<KeyValue>), StoreError> {
         let mut response = self.request(move |mut client| async move {
             client.get(prefix, Some(GetOptions::new().with_prefix())).await
         })?;

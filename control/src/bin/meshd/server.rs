@@ -87,6 +87,8 @@ pub(crate) async fn serve(
     mesh_control::server::replica::follow_store(&control, scheduler.clone(), users.clone(), trust.clone());
     if let Some(etcd) = &etcd {
         mesh_control::server::shared_proxies::share(control.clone(), etcd.clone(), me.clone());
+        scheduler
+            .set_node_leases(mesh_control::server::node_leases::NodeLeases::new(etcd.clone(), heartbeat_ttl));
     }
     let http = TcpListener::bind(admin).await.map_err(|e| format!("cannot listen on {admin}: {e}"))?;
     let http_addr = http.local_addr().map_err(|e| e.to_string())?;

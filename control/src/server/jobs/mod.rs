@@ -70,6 +70,11 @@ struct SchedulerState {
     /// until their instances are adopted or the start grace is over: their
     /// nodes may still be on their way back.
     held: std::collections::BTreeSet<String>,
+    /// After a take-over with node leases: the nodes that were up, and
+    /// those of them that have reported since. Once all have, nothing
+    /// more can come back, and jobs are no longer held.
+    expected: Option<std::collections::BTreeSet<String>>,
+    reported: std::collections::BTreeSet<String>,
     rounds: u64,
 }
 
@@ -89,6 +94,8 @@ pub struct Scheduler {
     pub leader: Leader,
     /// The leader's term this scheduler has taken over for.
     taken_over: std::sync::atomic::AtomicU64,
+    /// With a shared store: node liveness on etcd leases.
+    node_leases: std::sync::OnceLock<Arc<super::node_leases::NodeLeases>>,
 }
 
 /// A job file that no longer parses is left out, not fatal: the other
@@ -125,6 +132,7 @@ impl Scheduler {
             wake: Notify::new(),
             leader,
             taken_over,
+            node_leases: std::sync::OnceLock::new(),
         });
         tokio::spawn(run_loop(scheduler.clone()));
         Ok(scheduler)
@@ -145,10 +153,35 @@ impl Scheduler {
         Ok(())
     }
 
+    /// Keeps node liveness on etcd leases (a shared store).
+    pub fn set_node_leases(&self, leases: Arc<super::node_leases::NodeLeases>) {
+        let _ = self.node_leases.set(leases);
+    }
+
+    pub fn node_leases(&self) -> Option<&Arc<super::node_leases::NodeLeases>> {
+        self.node_leases.get()
+    }
+
     /// Becomes the one that acts: what a former leader placed is learned
     /// again from the nodes' reports, so every job waits for its instances
     /// to be adopted (or the start grace to pass) before more are placed.
-    fn take_over(&self) {
+    /// With node leases, the nodes that are up are known at once, and
+    /// jobs wait only until each of them has reported.
+    async fn take_over(&self) {
+        let live = match self.node_leases.get() {
+            Some(leases) => {
+                let leases = leases.clone();
+                match tokio::task::spawn_blocking(move || leases.live()).await {
+                    Ok(Ok(live)) => Some(live),
+                    Ok(Err(error)) => {
+                        tracing::warn!(%error, "cannot read the nodes' leases; waiting out the start grace");
+                        None
+                    }
+                    Err(_) => None,
+                }
+            }
+            None => None,
+        };
         let jobs = match self.control.store().load_jobs() {
             Ok(jobs) => jobs,
             Err(error) => {
@@ -172,8 +205,13 @@ impl Scheduler {
         // out in an earlier term may have been adopted by another leader.
         state.used_ids.clear();
         state.held = state.jobs.keys().cloned().collect();
+        state.reported.clear();
+        state.expected = live.as_ref().map(|live| live.iter().map(|info| info.name.clone()).collect());
         drop(state);
         self.nodes.restart_grace();
+        for info in live.into_iter().flatten() {
+            self.nodes.joined(info);
+        }
     }
 
     /// Puts a job from the store in force, as another server took it; or
@@ -321,6 +359,7 @@ impl Scheduler {
     /// Records a node's heartbeat report and answers with what it should run.
     pub fn heartbeat(&self, node: &str, reports: Vec<pb::InstanceReport>) -> Vec<pb::Assignment> {
         let mut state = self.lock();
+        state.reported.insert(node.to_owned());
         let mut woke = false;
         for report in reports {
             let known = state.allocations.iter().any(|a| a.id == report.id);
@@ -461,7 +500,12 @@ impl Scheduler {
         specs: &[JobSpec],
         plan: &mut mesh_scheduler::reconcile::Plan,
     ) -> Vec<(String, String)> {
-        if !self.nodes.settling() {
+        // With no node known to be up, any may still come back: wait.
+        let all_reported = state
+            .expected
+            .as_ref()
+            .is_some_and(|expected| !expected.is_empty() && expected.is_subset(&state.reported));
+        if !self.nodes.settling() || all_reported {
             state.held.clear();
         }
         let allocations = &state.allocations;
@@ -615,7 +659,7 @@ async fn run_loop(scheduler: Arc<Scheduler>) {
             let taken = scheduler.taken_over.load(std::sync::atomic::Ordering::SeqCst);
             if now.term != taken {
                 tracing::info!(term = now.term, "taking over the scheduling");
-                scheduler.take_over();
+                scheduler.take_over().await;
                 scheduler.taken_over.store(now.term, std::sync::atomic::Ordering::SeqCst);
             }
             scheduler.round().await;
