@@ -6,6 +6,11 @@
 //!
 //! `GET /logs/<instance>?stream=stdout|stderr[&follow=true]`: the file as it
 //! is, then (with follow) what is appended, until the caller hangs up.
+//!
+//! `GET /proxy-metrics?admin=127.0.0.1:PORT`: the /metrics of a sidecar on
+//! this node, whose admin port listens on loopback only, for meshd to
+//! gather (`meshctl top` and `check` across hosts). Loopback addresses
+//! only: the agent fetches nothing elsewhere for anyone.
 
 use std::convert::Infallible;
 use std::path::PathBuf;
@@ -88,7 +93,51 @@ pub fn parse_request(path: &str, query: Option<&str>) -> Result<(String, String,
     Ok((instance.to_owned(), stream, follow))
 }
 
+/// The sidecar admin address a metrics request names, if it is one on
+/// this node's loopback.
+pub fn parse_metrics_request(query: Option<&str>) -> Result<std::net::SocketAddr, String> {
+    let admin = query
+        .unwrap_or_default()
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("admin="))
+        .ok_or("the query is admin=127.0.0.1:PORT")?;
+    let addr: std::net::SocketAddr = admin.parse().map_err(|_| format!("{admin:?} is not IP:port"))?;
+    if !addr.ip().is_loopback() {
+        return Err(format!("{addr} is not a loopback address: sidecar admin ports listen on loopback"));
+    }
+    Ok(addr)
+}
+
+async fn proxy_metrics(query: Option<&str>) -> Response<Body> {
+    let addr = match parse_metrics_request(query) {
+        Ok(addr) => addr,
+        Err(message) => return text(StatusCode::BAD_REQUEST, message),
+    };
+    let fetch = async {
+        let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
+        tokio::spawn(connection);
+        let get = Request::get("/metrics?detail=full")
+            .header(http::header::HOST, addr.to_string())
+            .body(http_body_util::Empty::<Bytes>::new())
+            .map_err(|e| e.to_string())?;
+        let response = sender.send_request(get).await.map_err(|e| e.to_string())?;
+        response.into_body().collect().await.map(|b| b.to_bytes()).map_err(|e| e.to_string())
+    };
+    match tokio::time::timeout(Duration::from_secs(2), fetch).await {
+        Ok(Ok(body)) => Response::new(Full::new(body).map_err(|never| match never {}).boxed()),
+        Ok(Err(e)) => text(StatusCode::BAD_GATEWAY, format!("the sidecar at {addr}: {e}")),
+        Err(_) => {
+            text(StatusCode::GATEWAY_TIMEOUT, format!("the sidecar at {addr} did not answer within 2s"))
+        }
+    }
+}
+
 async fn handle(data_dir: Arc<PathBuf>, request: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    if request.uri().path() == "/proxy-metrics" {
+        return Ok(proxy_metrics(request.uri().query()).await);
+    }
     let (instance, stream, follow) = match parse_request(request.uri().path(), request.uri().query()) {
         Ok(parsed) => parsed,
         Err(message) => return Ok(text(StatusCode::BAD_REQUEST, message)),
@@ -167,6 +216,25 @@ mod tests {
                 (Ok((i, s, f)), Ok((ei, es, ef))) => assert_eq!((i.as_str(), s.as_str(), f), (*ei, *es, *ef)),
                 (Err(message), Err(part)) => assert!(message.contains(part), "{path}: {message}"),
                 (got, _) => panic!("{path} {query:?}: {got:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn metrics_are_fetched_only_from_loopback() {
+        // (query, Ok(address) or a part of the refusal)
+        let cases: &[(Option<&str>, Result<&str, &str>)] = &[
+            (Some("admin=127.0.0.1:9000"), Ok("127.0.0.1:9000")),
+            (Some("admin=[::1]:9000"), Ok("[::1]:9000")),
+            (Some("admin=10.0.0.5:9000"), Err("not a loopback address")),
+            (Some("admin=metadata.internal:80"), Err("not IP:port")),
+            (None, Err("admin=127.0.0.1:PORT")),
+        ];
+        for (query, expected) in cases {
+            match (parse_metrics_request(*query), expected) {
+                (Ok(addr), Ok(want)) => assert_eq!(addr.to_string(), *want),
+                (Err(message), Err(part)) => assert!(message.contains(part), "{query:?}: {message}"),
+                (got, _) => panic!("{query:?}: {got:?}"),
             }
         }
     }

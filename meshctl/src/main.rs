@@ -5,7 +5,6 @@ mod cli;
 mod commands;
 mod failure;
 mod render;
-mod scrape;
 mod session;
 mod top;
 

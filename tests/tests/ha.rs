@@ -18,7 +18,7 @@ use serde_json::Value;
 
 fn echo_job(name: &str, replicas: u32) -> String {
     format!(
-        "name = \"{name}\"\nversion = \"v1\"\nreplicas = {replicas}\n\n[task]\ncommand = \"mesh-echo\"\nargs = [\"--version\", \"v1\"]\n\n[resources]\ncpu_millis = 100\nmemory_mb = 32\n\n[health]\nreadiness = {{ http = \"/ready\", interval = \"200ms\", timeout = \"500ms\", failures = 1 }}\n"
+        "name = \"{name}\"\nversion = \"v1\"\nreplicas = {replicas}\n\n[placement]\nanti_affinity = true\n\n[task]\ncommand = \"mesh-echo\"\nargs = [\"--version\", \"v1\"]\n\n[resources]\ncpu_millis = 100\nmemory_mb = 32\n\n[health]\nreadiness = {{ http = \"/ready\", interval = \"200ms\", timeout = \"500ms\", failures = 1 }}\n"
     )
 }
 
@@ -273,6 +273,31 @@ async fn the_mesh_survives_losing_its_leader_and_etcd_members() {
     let instances = json_via(admin, &rest, &["get", "instances"]).unwrap();
     let twice = instances.as_array().unwrap().iter().filter(|i| i["job"] == "twice").count();
     assert_eq!(twice, 2, "placed once, not once per server: {instances}");
+
+    // meshctl top and check read every proxy, on every host, through meshd.
+    let top = json_via(admin, &rest, &["top", "--interval", "1s"]).expect("meshctl top answers");
+    let web_rps = top
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|row| row["service"] == "web")
+        .map(|row| row["requests_per_second"].clone());
+    assert!(
+        web_rps.as_ref().and_then(Value::as_f64).is_some_and(|rps| rps > 0.0),
+        "web's traffic shows: {top}"
+    );
+    let (_, checked, stderr) = admin.ctl_via(&rest, &["check", "-o", "json"]);
+    let checked: Value =
+        serde_json::from_str(&checked).unwrap_or_else(|_| panic!("check prints JSON: {stderr}"));
+    let proxy_rows: Vec<&Value> =
+        checked.as_array().unwrap().iter().filter(|row| row["what"] == "proxy").collect();
+    let web_hosts: std::collections::BTreeSet<String> =
+        running(admin, &rest, "web").iter().map(|i| i["node"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(web_hosts.len(), 3, "web runs on the three node hosts");
+    assert!(
+        proxy_rows.len() >= 4 && proxy_rows.iter().all(|row| row["expires_unix"].is_u64()),
+        "every proxy's certificate expiry, read through meshd: {checked}"
+    );
 
     // One etcd member lost: writes still succeed.
     let member_of_dead_server = leader_index;

@@ -74,6 +74,7 @@ pub const METHODS: &[(&str, Requirement)] = &[
     ("/mesh.v1.Jobs/List", Requirement::Role(Viewer)),
     ("/mesh.v1.Jobs/ListInstances", Requirement::Role(Viewer)),
     ("/mesh.v1.Jobs/Logs", Requirement::Role(Viewer)),
+    ("/mesh.v1.Jobs/ScrapeProxies", Requirement::Role(Viewer)),
     ("/mesh.v1.Discovery/Subscribe", Proxy),
     ("/mesh.v1.Admin/ListServices", Requirement::Role(Viewer)),
     ("/mesh.v1.Admin/ListEndpoints", Requirement::Role(Viewer)),

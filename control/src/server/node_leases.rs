@@ -51,6 +51,40 @@ impl NodeLeases {
         });
     }
 
+    /// A follower heard from node `name`: its lease, if it has one, is
+    /// renewed (a follower makes none: the leader does, when it joins).
+    pub fn keep(self: &Arc<Self>, name: &str) {
+        let (this, name) = (self.clone(), name.to_owned());
+        self.store.handle().spawn(async move {
+            if let Err(error) = this.renew_existing(&name).await {
+                tracing::warn!(node = %name, %error, "cannot renew the node's lease in etcd");
+                this.store.next_member();
+            }
+        });
+    }
+
+    async fn renew_existing(&self, name: &str) -> Result<(), etcd_client::Error> {
+        let mut renewals = self.renewals.lock().await;
+        if let Some(renewal) = renewals.get_mut(name) {
+            renewal.keeper.keep_alive().await?;
+            if renewal.answers.message().await?.is_some_and(|answer| answer.ttl() > 0) {
+                return Ok(());
+            }
+            renewals.remove(name);
+        }
+        let mut client = self.store.client();
+        let existing = client.get(format!("{PREFIX}{name}"), None).await?;
+        let Some(lease) = existing.kvs().first().map(|kv| kv.lease()).filter(|lease| *lease != 0) else {
+            return Ok(());
+        };
+        let (mut keeper, mut answers) = client.lease_keep_alive(lease).await?;
+        keeper.keep_alive().await?;
+        if answers.message().await?.is_some_and(|answer| answer.ttl() > 0) {
+            renewals.insert(name.to_owned(), Renewal { keeper, answers });
+        }
+        Ok(())
+    }
+
     async fn renew(&self, info: &pb::NodeInfo, joined: bool) -> Result<(), etcd_client::Error> {
         let mut renewals = self.renewals.lock().await;
         if let Some(renewal) = renewals.get_mut(&info.name).filter(|_| !joined) {

@@ -110,8 +110,15 @@ impl Nodes for NodesService {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatReply>, Status> {
-        self.scheduler.require_leader()?;
         calling_node(&request, &request.get_ref().name, &self.control)?;
+        if let Err(not_leader) = self.scheduler.require_leader() {
+            // The node is alive, whichever server it reached: its lease is
+            // kept while it finds the leader (or one is elected).
+            if let Some(leases) = self.scheduler.node_leases() {
+                leases.keep(&request.get_ref().name);
+            }
+            return Err(not_leader);
+        }
         let mut request = request.into_inner();
         let foreign = self.scheduler.foreign_reports(&request.name, &request.instances);
         if !foreign.is_empty() {

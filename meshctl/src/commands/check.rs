@@ -11,8 +11,8 @@ use serde_json::json;
 use crate::cli::Output;
 use crate::failure::Failure;
 use crate::render::{print_rows, Rows};
-use crate::scrape::scrape;
 use crate::session::Session;
+use mesh_proto::mesh::v1::jobs_client::JobsClient;
 
 pub async fn run(session: &Session, warn_within: Duration, output: Output) -> Result<(), Failure> {
     let bundle = IdentityClient::new(session.channel.clone()).trust_bundle(pb::Empty {}).await?.into_inner();
@@ -89,14 +89,17 @@ pub async fn run(session: &Session, warn_within: Duration, output: Output) -> Re
     }
     let proxies =
         AdminClient::new(session.channel.clone()).list_proxies(pb::Empty {}).await?.into_inner().proxies;
+    // meshd gathers every proxy's metrics (through each node's agent).
+    let scrapes = JobsClient::new(session.channel.clone()).scrape_proxies(pb::Empty {}).await?.into_inner();
+    let metrics: std::collections::HashMap<String, String> =
+        scrapes.proxies.into_iter().map(|s| (s.proxy_id, s.metrics)).collect();
     for proxy in proxies.iter().filter(|p| p.connected && !p.admin_addr.is_empty()) {
-        let expires = match tokio::time::timeout(Duration::from_secs(2), scrape(&proxy.admin_addr)).await {
-            Ok(Ok(text)) => text.lines().find_map(|line| {
+        let expires = metrics.get(&proxy.proxy_id).and_then(|text| {
+            text.lines().find_map(|line| {
                 let value = line.strip_prefix("mesh_identity_cert_expiry_timestamp_seconds ")?;
                 value.trim().parse::<f64>().ok().map(|v| v as u64)
-            }),
-            _ => None,
-        };
+            })
+        });
         let (id, root) = (proxy.proxy_id.clone(), proxy.certificate_root.clone());
         // A proxy whose certificate no trusted root vouches for fails
         // every handshake until it renews; a stalled one may be next.

@@ -101,6 +101,36 @@ impl Jobs for JobsService {
         Ok(Response::new(pb::InstanceList { instances: self.scheduler.instances(&state) }))
     }
 
+    async fn scrape_proxies(&self, _: Request<pb::Empty>) -> Result<Response<pb::ProxyScrapes>, Status> {
+        // Where sidecars run is the leader's knowledge.
+        self.scheduler.require_leader()?;
+        let mut scrapes = tokio::task::JoinSet::new();
+        let connected = self.scheduler.control.proxies().into_iter().filter(|(_, p)| p.connected);
+        for (id, record) in connected.filter(|(_, p)| !p.admin_addr.is_empty()) {
+            let through = match self.scheduler.logs_of(&id) {
+                Some((node, agent)) if !agent.is_empty() => {
+                    Some((self.tls.to_node(&self.trust_domain, &node).map_err(Status::internal)?, agent))
+                }
+                _ => None,
+            };
+            scrapes.spawn(async move {
+                let admin = record.admin_addr.clone();
+                let fetched = match through {
+                    Some((tls, agent)) => crate::server::logs::proxy_metrics(tls, &agent, &admin).await,
+                    None => crate::server::logs::direct_metrics(&admin).await,
+                };
+                let (metrics, error) = match fetched {
+                    Ok(metrics) => (metrics, String::new()),
+                    Err(error) => (String::new(), error),
+                };
+                pb::ProxyScrape { proxy_id: id, service: record.service, metrics, error }
+            });
+        }
+        let mut proxies = scrapes.join_all().await;
+        proxies.sort_by(|a, b| a.proxy_id.cmp(&b.proxy_id));
+        Ok(Response::new(pb::ProxyScrapes { proxies }))
+    }
+
     type LogsStream = crate::server::logs::LogStream;
 
     async fn logs(&self, request: Request<pb::LogsRequest>) -> Result<Response<Self::LogsStream>, Status> {
