@@ -1,3 +1,4 @@
 //! Pieces shared by the benchmarks.
 
 pub mod procstat;
+pub mod simulated;

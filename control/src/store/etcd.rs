@@ -39,6 +39,8 @@ pub const LEADER_KEY: &str = "/mesh/leader";
 
 /// How long one request to etcd may take before it counts as failed.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a starting meshd waits for etcd to answer.
+const STARTUP_WAIT: Duration = Duration::from_secs(30);
 /// Between two attempts to re-establish the feed.
 const FEED_RETRY: Duration = Duration::from_millis(200);
 
@@ -105,8 +107,19 @@ impl EtcdStore {
             leader_lease: AtomicI64::new(0),
             failing: AtomicBool::new(false),
         };
-        // Read once: an unreachable cluster or a wrong key file shows now.
-        store.load()?;
+        // Read once: a wrong key file shows now. A cluster that is not up
+        // yet (started together with meshd) is waited for, a while.
+        let deadline = std::time::Instant::now() + STARTUP_WAIT;
+        loop {
+            match store.load() {
+                Ok(_) => break,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    tracing::warn!(error = %e.message, "waiting for etcd");
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                Err(e) => return Err(e),
+            }
+        }
         store.load_trust()?;
         Ok(store)
     }

@@ -55,8 +55,6 @@ pub(crate) async fn serve(
     let publish_window =
         mesh_control::server::PublishWindow { base: publish_window, max: publish_window_max };
     let data_dir = data_dir.expect("a data dir was chosen");
-    let heartbeat_interval = (heartbeat_ttl / 3).max(Duration::from_millis(100));
-    let nodes = Arc::new(NodeRegistry::new(heartbeat_interval, heartbeat_ttl));
     let grpc = TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let grpc_addr = grpc.local_addr().map_err(|e| e.to_string())?;
     let me = advertise.unwrap_or_else(|| grpc_addr.to_string());
@@ -79,6 +77,9 @@ pub(crate) async fn serve(
         }
     };
     let control = ControlPlane::with_window(store, publish_window).map_err(|e| e.to_string())?;
+    // Made once the store is open: waiting for etcd is not meshd stalling.
+    let heartbeat_interval = (heartbeat_ttl / 3).max(Duration::from_millis(100));
+    let nodes = Arc::new(NodeRegistry::new(heartbeat_interval, heartbeat_ttl));
     let scheduler = Scheduler::start(control.clone(), nodes.clone(), leader.clone())?;
     let operator_ca = ca_cert.is_some();
     let trust = trust_state(control.store(), etcd.as_deref(), &trust_domain, ca_cert, ca_key)?;
