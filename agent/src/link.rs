@@ -113,7 +113,7 @@ impl ControlLink {
         };
         let roots_file = data_dir.join("control-roots.pem");
         std::fs::write(&roots_file, &credentials.roots).map_err(|e| local(roots_file.display())(&e))?;
-        let servers = mesh_client::ServerList::parse(server)?;
+        let servers = mesh_client::ServerList::parse_spread_by(server, node)?;
         let channel = mesh_client::connect_lazy_to(servers.clone(), &credentials.tls()?, CONNECT_TIMEOUT)?;
         Ok(Arc::new(ControlLink {
             server: server.to_owned(),

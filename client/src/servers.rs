@@ -10,6 +10,7 @@ use rustls::pki_types::ServerName;
 
 use crate::error::ClientError;
 
+#[derive(Debug)]
 pub struct ServerList {
     servers: Vec<(String, ServerName<'static>)>,
     /// The index of the server to try first.
@@ -33,6 +34,15 @@ impl ServerList {
         }
         let first = if servers.len() > 1 { spread(servers.len()) } else { 0 };
         Ok(Arc::new(ServerList { servers, current: AtomicUsize::new(first) }))
+    }
+
+    /// Parses `list` with the first server chosen by `key` (a proxy's id,
+    /// a node's name): clients spread over the servers, and a given client
+    /// starts at the same one every time.
+    pub fn parse_spread_by(list: &str, key: &str) -> Result<Arc<ServerList>, ClientError> {
+        let servers = ServerList::parse(list)?;
+        servers.current.store(first_index(key, servers.len()), Ordering::Relaxed);
+        Ok(servers)
     }
 
     /// The server tried first: the one that answered last.
@@ -73,6 +83,15 @@ impl ServerList {
     }
 }
 
+/// Where a client keyed `key` starts in a list of `n` servers: FNV-1a, a
+/// hash that never changes between versions.
+pub fn first_index(key: &str, n: usize) -> usize {
+    let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    (hash % n.max(1) as u64) as usize
+}
+
 /// A start index in `0..n`, different from process to process.
 fn spread(n: usize) -> usize {
     let mut bytes = [0u8; 8];
@@ -107,6 +126,17 @@ mod tests {
         assert_eq!(list.current(), "127.0.0.3:3");
         assert!(!list.prefer("127.0.0.9:9"), "a server outside the list is not preferred");
         assert_eq!(list.current(), "127.0.0.3:3");
+    }
+
+    #[test]
+    fn a_key_chooses_the_first_server_and_keys_spread() {
+        let list = ServerList::parse_spread_by("a:1,b:2,c:3", "web-0").unwrap();
+        assert_eq!(list.current(), ["a:1", "b:2", "c:3"][first_index("web-0", 3)]);
+        let mut counts = [0usize; 3];
+        for i in 0..300 {
+            counts[first_index(&format!("web-{i}"), 3)] += 1;
+        }
+        assert!(counts.iter().all(|&c| c > 60), "300 keys spread over 3 servers: {counts:?}");
     }
 
     #[test]

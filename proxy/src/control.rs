@@ -31,6 +31,9 @@ use crate::snapshot::Change;
 pub struct ControlOptions {
     pub control: crate::control_tls::ControlAccess,
     pub proxy_id: String,
+    /// The control plane's servers, first the one this proxy's id chooses,
+    /// then the one that answered last: kept across reconnections.
+    pub servers: Arc<mesh_client::ServerList>,
     pub service: String,
     pub version: String,
     pub listen: Listen,
@@ -127,7 +130,7 @@ async fn session(
         }
     }
     let tls = options.control.authenticated(proxy)?;
-    let channel = mesh_client::connect(&options.control.addr, &tls, Duration::from_secs(2)).await?;
+    let channel = mesh_client::connect_to(options.servers.clone(), &tls, Duration::from_secs(2)).await?;
     let (acks, outgoing) = mpsc::channel(8);
     let have_version = proxy.control_version();
     let hello = pb::Hello {
@@ -438,6 +441,7 @@ mod tests {
         ControlOptions {
             control: crate::control_tls::ControlAccess::with_roots("", ""),
             proxy_id: "p".into(),
+            servers: mesh_client::ServerList::parse("127.0.0.1:7400").unwrap(),
             service: "client".into(),
             version: "v1".into(),
             listen: Listen { outbound: None, inbound: None, admin: None, app: None },

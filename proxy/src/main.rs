@@ -373,9 +373,13 @@ async fn start_under_control(
     let listen = Listen { outbound: args.outbound, inbound: args.inbound, admin: args.admin, app: args.app };
     let access = ControlAccess::new(control_addr, args.control_ca.as_deref(), args.credentials.as_deref())
         .map_err(|e| (2, e.to_string()))?;
+    let proxy_id = args.proxy_id.clone().unwrap_or_else(|| format!("{service}-{}", std::process::id()));
+    let servers = mesh_client::ServerList::parse_spread_by(&access.addr, &proxy_id)
+        .map_err(|e| (2, format!("--control: {e}")))?;
     let mut options = ControlOptions {
         control: access.clone(),
-        proxy_id: args.proxy_id.clone().unwrap_or_else(|| format!("{service}-{}", std::process::id())),
+        proxy_id,
+        servers,
         service: service.clone(),
         version: args.app_version.clone(),
         listen: listen.clone(),

@@ -174,9 +174,21 @@ async fn the_mesh_survives_losing_its_leader_and_etcd_members() {
         servers.iter().position(|m| m.listen == leader).expect("the leader is one of the servers");
     let answered = ctl_ok_via(admin, &leader, &["split", "web", "v1=100", "--wait"]);
     assert!(answered.contains("applied"), "{answered}");
-    let status = json_via(admin, &all, &["status"]).unwrap();
-    let proxies = status.as_array().unwrap().len();
-    assert_eq!(proxies, 4, "three web sidecars and the client's are counted, whichever server: {status}");
+    // A proxy that starts on the leader (a proxy's id chooses where in the
+    // list it starts), so that the kill always leaves one to reconnect.
+    let probe_id = (0..)
+        .map(|n| format!("probe-{n}"))
+        .find(|id| mesh_client::servers::first_index(id, servers.len()) == leader_index)
+        .unwrap();
+    let mut probe = node_hosts[0].command(&mesh_tests::bin("mesh-proxy"));
+    probe.args(["--control", &all, "--credentials", &admin.credentials, "--service", "probe"]);
+    probe.args(["--proxy-id", &probe_id, "--outbound", "127.0.0.1:0", "--admin", "127.0.0.1:0"]);
+    let _probe = mesh_tests::process::Process::start_with(&mut probe);
+    let status = eventually("five proxies are counted, whichever server", Duration::from_secs(10), || {
+        let status = json_via(admin, &all, &["status"]).filter(|s| s.as_array().unwrap().len() == 5);
+        async move { status }
+    })
+    .await;
     let orphans: Vec<String> = status
         .as_array()
         .unwrap()
@@ -184,6 +196,7 @@ async fn the_mesh_survives_losing_its_leader_and_etcd_members() {
         .filter(|p| p["server"] == leader.as_str())
         .map(|p| p["proxy_id"].as_str().unwrap().to_owned())
         .collect();
+    assert!(orphans.contains(&probe_id), "the probe is on the leader: {status}");
 
     let killed = Instant::now();
     servers[leader_index].process.signal(libc::SIGKILL);
@@ -289,8 +302,12 @@ async fn the_mesh_survives_losing_its_leader_and_etcd_members() {
     let (_, checked, stderr) = admin.ctl_via(&rest, &["check", "-o", "json"]);
     let checked: Value =
         serde_json::from_str(&checked).unwrap_or_else(|_| panic!("check prints JSON: {stderr}"));
-    let proxy_rows: Vec<&Value> =
-        checked.as_array().unwrap().iter().filter(|row| row["what"] == "proxy").collect();
+    let proxy_rows: Vec<&Value> = checked
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|row| row["what"] == "proxy" && row["name"] != probe_id.as_str())
+        .collect();
     let web_hosts: std::collections::BTreeSet<String> =
         running(admin, &rest, "web").iter().map(|i| i["node"].as_str().unwrap().to_owned()).collect();
     assert_eq!(web_hosts.len(), 3, "web runs on the three node hosts");
@@ -331,4 +348,52 @@ async fn the_mesh_survives_losing_its_leader_and_etcd_members() {
     eprintln!("load: {} requests answered, {} failed", tally.ok, tally.failed.len());
     assert!(tally.failed.is_empty(), "no request failed: {:?}", &tally.failed[..tally.failed.len().min(10)]);
     assert!(tally.ok > 100, "the load ran: {} requests", tally.ok);
+    drop(tally);
+
+    // A node's link cut: it is down within its TTL, its instance runs
+    // elsewhere, and after the heal one copy runs, not two.
+    let api_node = eventually("api runs once etcd is back", Duration::from_secs(30), || {
+        let node = running(admin, &rest, "api").first().and_then(|i| i["node"].as_str().map(str::to_owned));
+        async move { node }
+    })
+    .await;
+    let cut = node_hosts.iter().find(|h| h.name == api_node).unwrap();
+    cut.cut_link();
+    let node_up = |name: &str| {
+        let nodes =
+            json_via(admin, &rest, &["get", "nodes"]).and_then(|n| n.as_array().cloned()).unwrap_or_default();
+        nodes.iter().find(|n| n["name"] == name).map(|n| n["up"] == true)
+    };
+    eventually("the cut node is down within its heartbeat TTL", Duration::from_secs(15), || {
+        let down = node_up(&api_node) == Some(false);
+        async move { down.then_some(()) }
+    })
+    .await;
+    eventually("api runs on another node", Duration::from_secs(30), || {
+        let moved = running(admin, &rest, "api").iter().any(|i| i["node"] != api_node.as_str());
+        async move { moved.then_some(()) }
+    })
+    .await;
+    let endpoints = json_via(admin, &rest, &["get", "endpoints"]).unwrap();
+    let cut_ip = format!("{}:", cut.ip);
+    let stale = endpoints.as_array().unwrap().iter().any(|e| {
+        e["service"] == "api" && e["ready"] == true && e["addr"].as_str().unwrap().starts_with(&cut_ip)
+    });
+    assert!(!stale, "no ready endpoint on the cut-off host: {endpoints}");
+    cut.restore_link();
+    eventually("the node is up again", Duration::from_secs(20), || {
+        let up = node_up(&api_node) == Some(true);
+        async move { up.then_some(()) }
+    })
+    .await;
+    eventually("one copy of api runs after the heal", Duration::from_secs(20), || {
+        let instances = json_via(admin, &rest, &["get", "instances"])
+            .and_then(|i| i.as_array().cloned())
+            .unwrap_or_default();
+        let api: Vec<&Value> =
+            instances.iter().filter(|i| i["job"] == "api" && i["state"] == "running").collect();
+        let one = api.len() == 1 && api[0]["node"] != api_node.as_str();
+        async move { one.then_some(()) }
+    })
+    .await;
 }

@@ -73,6 +73,7 @@ fn options() -> ControlOptions {
     ControlOptions {
         control: ControlAccess::with_roots("", ""),
         proxy_id: "bench".into(),
+        servers: mesh_client::ServerList::parse("127.0.0.1:7400").unwrap(),
         service: "client".into(),
         version: "v1".into(),
         listen: Listen { outbound: None, inbound: None, admin: None, app: None },

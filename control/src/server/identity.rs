@@ -410,6 +410,8 @@ impl Identity for IdentityService {
         &self,
         request: Request<pb::RotateRootRequest>,
     ) -> Result<Response<ProgressStream>, Status> {
+        // The signing key's rotation happens once, on the leader.
+        self.scheduler.require_leader()?;
         let timeout = match request.into_inner().stage_timeout_ms {
             0 => DEFAULT_STAGE_TIMEOUT,
             ms => Duration::from_millis(ms),

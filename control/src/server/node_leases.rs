@@ -31,6 +31,24 @@ struct Renewal {
     answers: LeaseKeepAliveStream,
 }
 
+/// How long one renewal may take before its stream counts as broken (its
+/// etcd member gone) and a new one is opened.
+const RENEWAL_WITHIN: Duration = Duration::from_secs(1);
+
+impl Renewal {
+    /// Renews the lease; false when the lease is gone or the stream broke.
+    async fn renew(&mut self) -> bool {
+        let renewal = async {
+            self.keeper.keep_alive().await?;
+            self.answers.message().await
+        };
+        matches!(
+            tokio::time::timeout(RENEWAL_WITHIN, renewal).await,
+            Ok(Ok(Some(answer))) if answer.ttl() > 0
+        )
+    }
+}
+
 impl NodeLeases {
     /// Leases of `ttl` (whole seconds, at least etcd's minimum of 2).
     pub fn new(store: Arc<EtcdStore>, ttl: Duration) -> Arc<NodeLeases> {
@@ -66,8 +84,7 @@ impl NodeLeases {
     async fn renew_existing(&self, name: &str) -> Result<(), etcd_client::Error> {
         let mut renewals = self.renewals.lock().await;
         if let Some(renewal) = renewals.get_mut(name) {
-            renewal.keeper.keep_alive().await?;
-            if renewal.answers.message().await?.is_some_and(|answer| answer.ttl() > 0) {
+            if renewal.renew().await {
                 return Ok(());
             }
             renewals.remove(name);
@@ -88,8 +105,7 @@ impl NodeLeases {
     async fn renew(&self, info: &pb::NodeInfo, joined: bool) -> Result<(), etcd_client::Error> {
         let mut renewals = self.renewals.lock().await;
         if let Some(renewal) = renewals.get_mut(&info.name).filter(|_| !joined) {
-            renewal.keeper.keep_alive().await?;
-            if renewal.answers.message().await?.is_some_and(|answer| answer.ttl() > 0) {
+            if renewal.renew().await {
                 return Ok(());
             }
         }

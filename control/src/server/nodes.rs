@@ -65,6 +65,21 @@ fn check_node(info: &pb::NodeInfo) -> Result<(), Status> {
     Ok(())
 }
 
+impl NodesService {
+    /// Ok on the leader. On a follower, the refusal that names the leader;
+    /// the node is alive, whichever server it reached, so its lease is
+    /// kept while it finds the leader (or one is elected).
+    fn leader_or_keep_lease(&self, node: &str) -> Result<(), Status> {
+        let not_leader = self.scheduler.require_leader();
+        if not_leader.is_err() {
+            if let Some(leases) = self.scheduler.node_leases() {
+                leases.keep(node);
+            }
+        }
+        not_leader
+    }
+}
+
 #[tonic::async_trait]
 impl Nodes for NodesService {
     async fn enroll(&self, request: Request<pb::EnrollRequest>) -> Result<Response<pb::EnrollReply>, Status> {
@@ -91,8 +106,8 @@ impl Nodes for NodesService {
     }
 
     async fn join(&self, request: Request<pb::NodeInfo>) -> Result<Response<pb::JoinReply>, Status> {
-        self.scheduler.require_leader()?;
         calling_node(&request, &request.get_ref().name, &self.control)?;
+        self.leader_or_keep_lease(&request.get_ref().name)?;
         let info = request.into_inner();
         check_node(&info)?;
         tracing::info!(node = %info.name, ip = %info.advertise_ip, "node joined");
@@ -111,14 +126,7 @@ impl Nodes for NodesService {
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatReply>, Status> {
         calling_node(&request, &request.get_ref().name, &self.control)?;
-        if let Err(not_leader) = self.scheduler.require_leader() {
-            // The node is alive, whichever server it reached: its lease is
-            // kept while it finds the leader (or one is elected).
-            if let Some(leases) = self.scheduler.node_leases() {
-                leases.keep(&request.get_ref().name);
-            }
-            return Err(not_leader);
-        }
+        self.leader_or_keep_lease(&request.get_ref().name)?;
         let mut request = request.into_inner();
         let foreign = self.scheduler.foreign_reports(&request.name, &request.instances);
         if !foreign.is_empty() {
