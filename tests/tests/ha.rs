@@ -344,11 +344,16 @@ async fn the_mesh_survives_losing_its_leader_and_etcd_members() {
 
     stop.store(true, Ordering::Relaxed);
     load_thread.join().unwrap();
-    let tally = tally.lock().unwrap();
-    eprintln!("load: {} requests answered, {} failed", tally.ok, tally.failed.len());
-    assert!(tally.failed.is_empty(), "no request failed: {:?}", &tally.failed[..tally.failed.len().min(10)]);
-    assert!(tally.ok > 100, "the load ran: {} requests", tally.ok);
-    drop(tally);
+    {
+        let tally = tally.lock().unwrap();
+        eprintln!("load: {} requests answered, {} failed", tally.ok, tally.failed.len());
+        assert!(
+            tally.failed.is_empty(),
+            "no request failed: {:?}",
+            &tally.failed[..tally.failed.len().min(10)]
+        );
+        assert!(tally.ok > 100, "the load ran: {} requests", tally.ok);
+    }
 
     // A node's link cut: it is down within its TTL, its instance runs
     // elsewhere, and after the heal one copy runs, not two.
