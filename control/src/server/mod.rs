@@ -41,6 +41,15 @@ use crate::store::{Store, StoreError, StoreEvent, Stored, Writer};
 use proxy_records::merge_proxies;
 pub use window::PublishWindow;
 
+/// The status of a write refused because another server changed what it
+/// was decided on; else as `store_failure`.
+pub fn write_failure(error: StoreError) -> tonic::Status {
+    match error.conflict_at {
+        Some(_) => tonic::Status::aborted(error.message),
+        None => store_failure(error),
+    }
+}
+
 /// The status of a request the store could not make durable: nothing of
 /// it was applied. meshctl tells it from an unreachable server by the
 /// `mesh-failure: store-write` metadata.
@@ -396,6 +405,11 @@ impl ControlPlane {
     /// The store, for reads and for start-up, before any request is served.
     pub fn store(&self) -> &dyn Store {
         &*self.store
+    }
+
+    /// The newest version the state holds (published or about to be).
+    pub fn applied_version(&self) -> u64 {
+        *self.applied.borrow()
     }
 
     pub fn current_version(&self) -> u64 {

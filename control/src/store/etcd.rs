@@ -337,6 +337,24 @@ impl Store for EtcdStore {
         self.put_json(format!("{JOBS}{name}"), job)
     }
 
+    fn save_job_checked(&self, name: &str, job: Option<&StoredJob>, based_on: u64) -> Result<(), StoreError> {
+        let key = format!("{JOBS}{name}");
+        let unchanged = Compare::mod_revision(key.clone(), CompareOp::Less, based_on as i64 + 1);
+        let write = match job {
+            Some(job) => TxnOp::put(key, serde_json::to_vec(job).map_err(error)?, None),
+            None => TxnOp::delete(key, None),
+        };
+        let mut response = self.commit(Txn::new().when(vec![unchanged]).and_then(vec![write]))?;
+        if response.succeeded() {
+            return Ok(());
+        }
+        let mut conflict = StoreError::new(format!(
+            "job {name:?} was changed on another server meanwhile: look at it again (meshctl job status {name}) and resubmit"
+        ));
+        conflict.conflict_at = response.take_header().map(|h| h.revision().max(0) as u64);
+        Err(conflict)
+    }
+
     fn load_users(&self) -> Result<Vec<(String, StoredUser)>, StoreError> {
         self.load_json(USERS, "user")
     }

@@ -103,6 +103,14 @@ pub trait Store: Send + Sync + 'static {
     /// Writes (or with `None` deletes) one job durably before returning.
     fn save_job(&self, name: &str, job: Option<&StoredJob>) -> Result<(), StoreError>;
 
+    /// `save_job` for a change decided on the jobs as of `based_on`: a
+    /// shared store refuses it (`conflict_at`) if another server changed
+    /// the job after that version.
+    fn save_job_checked(&self, name: &str, job: Option<&StoredJob>, based_on: u64) -> Result<(), StoreError> {
+        let _ = based_on;
+        self.save_job(name, job)
+    }
+
     /// Every operator, by name.
     fn load_users(&self) -> Result<Vec<(String, StoredUser)>, StoreError>;
 

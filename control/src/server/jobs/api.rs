@@ -51,8 +51,9 @@ impl Jobs for JobsService {
             return Err(Status::not_found(format!("no job {name:?}")));
         }
         let key = name.clone();
-        let delete = move |store: &dyn Store| store.save_job(&key, None);
-        self.scheduler.control.durably(delete).await.map_err(crate::server::store_failure)?;
+        let based_on = self.scheduler.control.applied_version();
+        let delete = move |store: &dyn Store| store.save_job_checked(&key, None, based_on);
+        self.scheduler.control.durably(delete).await.map_err(crate::server::write_failure)?;
         self.scheduler.forget(&name);
         Ok(Response::new(pb::JobName { name }))
     }

@@ -42,6 +42,10 @@ mod status;
 #[cfg(test)]
 mod rollout_tests;
 
+/// How often a job change that lost a race with another server's is
+/// decided again before it fails.
+const CONFLICT_ATTEMPTS: usize = 3;
+
 /// How often the loop looks again when nothing woke it.
 const TICK: Duration = Duration::from_millis(250);
 
@@ -243,25 +247,41 @@ impl Scheduler {
     /// the rollout) in force. False when the same file was already.
     pub async fn submit(&self, stored: StoredJob, job: Job) -> Result<bool, Status> {
         let name = job.name.clone();
-        let changed = {
-            let state = self.lock();
-            if let Some((_, old)) = state.jobs.get(&name) {
-                check_service_change(old, &job).map_err(Status::failed_precondition)?;
+        for attempt in 1..=CONFLICT_ATTEMPTS {
+            // The version the decision below is made on.
+            let based_on = self.control.applied_version();
+            let changed = {
+                let state = self.lock();
+                if let Some((_, old)) = state.jobs.get(&name) {
+                    check_service_change(old, &job).map_err(Status::failed_precondition)?;
+                }
+                state.jobs.get(&name).is_none_or(|(old, _)| *old != stored)
+            };
+            if !changed {
+                return Ok(false);
             }
-            state.jobs.get(&name).is_none_or(|(old, _)| *old != stored)
-        };
-        if changed {
             // The job's port protocol is its service's: proxies on both hops need it.
             let protocol = Policy { protocol: Some(job.protocol), ..Policy::default() };
             let change = Change::SetPolicy { service: job.service.clone(), policy: protocol };
             self.control.change(change).await.map_err(super::registry::status_of)?;
             // Durable before it is acted on or answered.
             let (key, value) = (name.clone(), stored.clone());
-            let save = move |store: &dyn Store| store.save_job(&key, Some(&value));
-            self.control.durably(save).await.map_err(super::store_failure)?;
-            self.adopt(stored, job);
+            let save = move |store: &dyn Store| store.save_job_checked(&key, Some(&value), based_on);
+            match self.control.durably(save).await {
+                Ok(()) => {
+                    self.adopt(stored, job);
+                    return Ok(true);
+                }
+                // Another server changed this job first: decide again on what it stored.
+                Err(error) if error.conflict_at.is_some() && attempt < CONFLICT_ATTEMPTS => {
+                    let jobs = self.control.durably(|store: &dyn Store| store.load_jobs()).await;
+                    let now = jobs.map_err(super::store_failure)?.into_iter().find(|(n, _)| *n == name);
+                    self.follow_job(&name, now.map(|(_, stored)| stored));
+                }
+                Err(error) => return Err(super::write_failure(error)),
+            }
         }
-        Ok(changed)
+        Err(Status::aborted(format!("job {name:?} kept changing on other servers; submit it again")))
     }
 
     /// Puts a stored job in force (and for a new version or task, its
