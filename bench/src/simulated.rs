@@ -7,6 +7,23 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mesh_proto::mesh::v1 as pb;
+
+/// What every control-plane benchmark takes.
+#[derive(clap::Args, Debug)]
+pub struct CommonArgs {
+    /// Where meshd (and for the HA benchmark mesh-proxy) is.
+    #[arg(long)]
+    pub bin_dir: std::path::PathBuf,
+    /// Small numbers: checks that the benchmark works.
+    #[arg(long)]
+    pub quick: bool,
+    /// Simulated proxies.
+    #[arg(long, default_value_t = 1000)]
+    pub proxies: u32,
+    /// Split changes timed from the API call to the last ack.
+    #[arg(long, default_value_t = 50)]
+    pub changes: u32,
+}
 use pb::admin_client::AdminClient;
 use pb::discovery_client::DiscoveryClient;
 use pb::subscribe_request::Message;

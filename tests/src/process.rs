@@ -233,7 +233,8 @@ impl Agent {
         data_dir: &Path,
         extra: &[&str],
     ) -> Agent {
-        Agent::start_with(Command::new(crate::bin("meshd")), meshd, name, ip, cpu_millis, data_dir, extra)
+        let mut command = Command::new(crate::bin("meshd"));
+        Agent::start_on(&mut command, &meshd.listen, meshd, name, ip, cpu_millis, data_dir, extra)
     }
 
     /// An agent on `host` (a lab's network namespace), at its address.
@@ -244,8 +245,9 @@ impl Agent {
         data_dir: &Path,
         extra: &[&str],
     ) -> Agent {
-        let command = host.command(&crate::bin("meshd"));
-        Agent::start_with(command, meshd, &host.name, &host.ip.to_string(), cpu_millis, data_dir, extra)
+        let mut command = host.command(&crate::bin("meshd"));
+        let ip = host.ip.to_string();
+        Agent::start_on(&mut command, &meshd.listen, meshd, &host.name, &ip, cpu_millis, data_dir, extra)
     }
 
     /// An agent on `host` given `servers` (one address or several,
@@ -260,19 +262,6 @@ impl Agent {
         let mut command = host.command(&crate::bin("meshd"));
         let ip = host.ip.to_string();
         Agent::start_on(&mut command, servers, meshd, &host.name, &ip, cpu_millis, data_dir, &[])
-    }
-
-    fn start_with(
-        mut command: Command,
-        meshd: &Meshd,
-        name: &str,
-        ip: &str,
-        cpu_millis: u32,
-        data_dir: &Path,
-        extra: &[&str],
-    ) -> Agent {
-        let server = meshd.listen.clone();
-        Agent::start_on(&mut command, &server, meshd, name, ip, cpu_millis, data_dir, extra)
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -44,6 +44,14 @@ fn the_quick_benchmark_runs_every_contender() {
     ] {
         assert!(stdout.contains(measure), "the control-plane benchmark reports {measure:?}:\n{stdout}");
     }
+    // Three servers on etcd: the failover is measured, not "never".
+    for measure in ["first placement by the new leader: ", "connected to another: "] {
+        let line = stdout
+            .lines()
+            .find(|line| line.contains(measure))
+            .unwrap_or_else(|| panic!("{measure}:\n{stdout}"));
+        assert!(line.ends_with(" ms"), "the failover completed: {line}");
+    }
     let svg = std::fs::read_to_string(workspace_dir().join("bench/results/http1-quick.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("mesh-proxy"), "the chart is written");
 }

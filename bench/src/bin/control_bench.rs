@@ -20,18 +20,8 @@ use tonic::transport::Channel;
 #[derive(Parser, Debug)]
 #[command(name = "mesh-control-bench", about = "Control-plane convergence, churn and memory")]
 struct Args {
-    /// Where meshd is.
-    #[arg(long)]
-    bin_dir: std::path::PathBuf,
-    /// Small numbers: checks that the benchmark works.
-    #[arg(long)]
-    quick: bool,
-    /// Simulated proxies.
-    #[arg(long, default_value_t = 1000)]
-    proxies: u32,
-    /// Split changes timed from the API call to the last ack.
-    #[arg(long, default_value_t = 50)]
-    changes: u32,
+    #[command(flatten)]
+    common: mesh_bench::simulated::CommonArgs,
     /// Services and endpoints per service for the churn test.
     #[arg(long, default_value_t = 100)]
     services: u32,
@@ -85,7 +75,7 @@ fn start_meshd(args: &Args, name: &str) -> Meshd {
     let mut command = std::process::Command::new("taskset");
     command
         .args(["-c", &args.server_core])
-        .arg(args.bin_dir.join("meshd"))
+        .arg(args.common.bin_dir.join("meshd"))
         .args([
             "server",
             "--data-dir",
@@ -154,8 +144,9 @@ async fn register(
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let mut args = Args::parse();
-    if args.quick {
-        (args.proxies, args.changes, args.services, args.endpoints_per_service) = (20, 5, 5, 10);
+    if args.common.quick {
+        (args.common.proxies, args.common.changes, args.services, args.endpoints_per_service) =
+            (20, 5, 5, 10);
     }
     raise_fd_limit();
     let meshd = start_meshd(&args, "measured");
@@ -170,7 +161,7 @@ async fn main() {
 
     let received = Arc::new(Received::default());
     let mut simulated = tokio::task::JoinSet::new();
-    for id in 0..args.proxies {
+    for id in 0..args.common.proxies {
         let (server, received, tls) = (meshd.listen.clone(), received.clone(), meshd.tls.clone());
         // A real proxy reconnects when its stream fails; so does this one (bounded).
         simulated.spawn(async move {
@@ -184,12 +175,12 @@ async fn main() {
         });
     }
     let initial = admin.status(pb::Empty {}).await.expect("status").into_inner().version;
-    wait_all_acked(&mut admin, initial, args.proxies).await;
+    wait_all_acked(&mut admin, initial, args.common.proxies).await;
     let rss_connected = rss_mb(pid);
 
     // Convergence: API call to the last ack.
     let mut latencies = Vec::new();
-    for i in 0..args.changes {
+    for i in 0..args.common.changes {
         let v2 = if i % 2 == 0 { 10 } else { 20 };
         let weights = [("v1".to_owned(), 100 - v2), ("v2".to_owned(), v2)].into_iter().collect();
         let started = Instant::now();
@@ -209,7 +200,7 @@ async fn main() {
     // Churn: a large table, then one endpoint flapping. Services register
     // in parallel, as many agents would; the server commits them in groups,
     // and every registration reaches every proxy.
-    let proxies = f64::from(args.proxies);
+    let proxies = f64::from(args.common.proxies);
     let (setup_started, setup_cpu) = (Instant::now(), procstat::cpu_seconds(pid));
     let (updates_before, bytes_before) =
         (received.updates.load(Ordering::Relaxed), received.bytes.load(Ordering::Relaxed));
@@ -224,12 +215,12 @@ async fn main() {
     let table_bytes = prost::Message::encoded_len(&table) as f64;
     // Every proxy, not only those convergence counts: one the server
     // deems stalled would still be taking the table during the flaps.
-    wait_all_acked(&mut admin, settle, args.proxies).await;
+    wait_all_acked(&mut admin, settle, args.common.proxies).await;
     let rss_loaded = rss_mb(pid);
     let mut flapping =
         Flapping { registry: &mut registry, admin: &mut admin, received: &received, pid, ready: true };
-    let churn = flapping.run(args.changes, Duration::from_millis(args.churn_interval_ms)).await;
-    let paced = flapping.run(args.changes, Duration::from_millis(args.flap_interval_ms)).await;
+    let churn = flapping.run(args.common.changes, Duration::from_millis(args.churn_interval_ms)).await;
+    let paced = flapping.run(args.common.changes, Duration::from_millis(args.flap_interval_ms)).await;
     simulated.abort_all();
     drop(meshd);
 
@@ -248,7 +239,7 @@ async fn main() {
 
     println!("| measure | value |");
     println!("|---|---:|");
-    println!("| simulated proxies (one gRPC stream and connection each) | {} |", args.proxies);
+    println!("| simulated proxies (one gRPC stream and connection each) | {} |", args.common.proxies);
     let window = args.publish_window.as_deref().unwrap_or("meshd's default");
     println!("| meshd --publish-window (changes within it of an update go out together) | {window} |");
     let max = args.publish_window_max.as_deref().unwrap_or("meshd's default");

@@ -22,17 +22,8 @@ use tonic::transport::Channel;
 #[derive(Parser, Debug)]
 #[command(name = "mesh-ha-bench", about = "Several meshd servers on etcd against one on redb")]
 struct Args {
-    /// Where meshd, mesh-proxy and mesh-echo are.
-    #[arg(long)]
-    bin_dir: std::path::PathBuf,
-    /// Small numbers: checks that the benchmark works.
-    #[arg(long)]
-    quick: bool,
-    #[arg(long, default_value_t = 1000)]
-    proxies: u32,
-    /// Split changes timed from the API call to the last ack.
-    #[arg(long, default_value_t = 50)]
-    changes: u32,
+    #[command(flatten)]
+    common: mesh_bench::simulated::CommonArgs,
     /// Endpoint registrations for the write rate.
     #[arg(long, default_value_t = 2000)]
     writes: u32,
@@ -122,7 +113,7 @@ struct Server {
 }
 
 fn start_meshd(args: &Args, dir: &std::path::Path, name: &str, store: &[&str]) -> Server {
-    let mut command = std::process::Command::new(args.bin_dir.join("meshd"));
+    let mut command = std::process::Command::new(args.common.bin_dir.join("meshd"));
     command.arg("server").arg("--data-dir").arg(dir.join(name));
     command.args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--heartbeat-ttl", "2s"]);
     command.args(store);
@@ -241,8 +232,8 @@ fn tls_of(server: &Server) -> mesh_client::ClientTls {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let mut args = Args::parse();
-    if args.quick {
-        (args.proxies, args.changes, args.writes) = (30, 5, 100);
+    if args.common.quick {
+        (args.common.proxies, args.common.changes, args.writes) = (30, 5, 100);
     }
     let dir = std::env::temp_dir().join(format!("mesh-ha-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("a work dir");
@@ -256,12 +247,12 @@ async fn main() {
     setup(&single_addr, &single_tls).await;
     let received = Arc::new(Received::default());
     let rss_before = rss_mb(single.process.pid());
-    let mut sims = subscribe(&single_addr, &single_tls, args.proxies, &received);
+    let mut sims = subscribe(&single_addr, &single_tls, args.common.proxies, &received);
     let mut admins = vec![AdminClient::new(channel(&single.listen, &single_tls).await)];
     let version = admins[0].status(pb::Empty {}).await.expect("status").into_inner().version;
-    wait_all_acked(&mut admins[0], version, args.proxies).await;
-    let single_memory = (rss_mb(single.process.pid()) - rss_before) * 1024.0 / f64::from(args.proxies);
-    let (single_p50, single_p99) = convergence(&mut admins, args.changes).await;
+    wait_all_acked(&mut admins[0], version, args.common.proxies).await;
+    let single_memory = (rss_mb(single.process.pid()) - rss_before) * 1024.0 / f64::from(args.common.proxies);
+    let (single_p50, single_p99) = convergence(&mut admins, args.common.changes).await;
     sims.abort_all();
     let single_writes = write_rate(&single_addr, &single_tls, args.writes).await;
     drop(single);
@@ -278,16 +269,16 @@ async fn main() {
     setup(&addrs, &tls).await;
     let before: Vec<f64> = servers.iter().map(|s| rss_mb(s.process.pid())).collect();
     let received = Arc::new(Received::default());
-    let _sims = subscribe(&addrs, &tls, args.proxies, &received);
+    let _sims = subscribe(&addrs, &tls, args.common.proxies, &received);
     let mut admins = Vec::new();
     for addr in &addrs {
         admins.push(AdminClient::new(channel(addr, &tls).await));
     }
     let version = admins[0].status(pb::Empty {}).await.expect("status").into_inner().version;
-    wait_all_acked(&mut admins[0], version, args.proxies).await;
+    wait_all_acked(&mut admins[0], version, args.common.proxies).await;
     let grown: f64 = servers.iter().zip(&before).map(|(s, b)| rss_mb(s.process.pid()) - b).sum();
-    let cluster_memory = grown * 1024.0 / f64::from(args.proxies);
-    let (cluster_p50, cluster_p99) = convergence(&mut admins, args.changes).await;
+    let cluster_memory = grown * 1024.0 / f64::from(args.common.proxies);
+    let (cluster_p50, cluster_p99) = convergence(&mut admins, args.common.changes).await;
     let cluster_writes = write_rate(&addrs, &tls, args.writes).await;
 
     // A node to place on, then the leader's kill -9.
@@ -308,7 +299,7 @@ async fn main() {
                 .token
         }
     };
-    let mut agent_command = std::process::Command::new(args.bin_dir.join("meshd"));
+    let mut agent_command = std::process::Command::new(args.common.bin_dir.join("meshd"));
     agent_command.args(["agent", "--server", &all, "--name", "bench-node", "--advertise-ip", "127.0.0.1"]);
     agent_command
         .args(["--cpu-millis", "4000", "--memory-mb", "4096"])
@@ -363,7 +354,7 @@ async fn main() {
     println!("|---|---:|---:|---:|");
     println!(
         "| split change acked by all {} proxies, p50 | {single_p50:.1} ms | {cluster_p50:.1} ms | {:.2} |",
-        args.proxies,
+        args.common.proxies,
         cluster_p50 / single_p50
     );
     println!("| same, p99 | {single_p99:.1} ms | {cluster_p99:.1} ms | {:.2} |", cluster_p99 / single_p99);

@@ -64,17 +64,15 @@ impl Users {
 
     /// Stores `user` under `name` (a new user, or a new credential for one).
     pub fn put(&self, store: &dyn Store, name: &str, user: StoredUser) -> Result<(), StoreError> {
-        store.save_user(name, Some(&user))?;
+        store.swap_user(name, self.get(name).as_ref(), Some(&user))?;
         self.users.write().expect("users lock").insert(name.to_owned(), user);
         Ok(())
     }
 
     /// Revokes `name`'s credential; false if there was no such user.
     pub fn remove(&self, store: &dyn Store, name: &str) -> Result<bool, StoreError> {
-        if self.get(name).is_none() {
-            return Ok(false);
-        }
-        store.save_user(name, None)?;
+        let Some(previous) = self.get(name) else { return Ok(false) };
+        store.swap_user(name, Some(&previous), None)?;
         self.users.write().expect("users lock").remove(name);
         Ok(true)
     }

@@ -124,7 +124,7 @@ impl Access for AccessService {
         let name = request.into_inner().name;
         let (users, key) = (self.users.clone(), name.clone());
         let removed = self.control.durably(move |store| users.remove(store, &key)).await;
-        if !removed.map_err(super::store_failure)? {
+        if !removed.map_err(super::write_failure)? {
             return Err(Status::not_found(format!("no user {name:?}")));
         }
         tracing::info!(user = %name, %by, "user credential revoked");

@@ -105,6 +105,13 @@ impl NodeRegistry {
         true
     }
 
+    /// `name` is known to be alive elsewhere (its lease): up from now.
+    pub fn kept_alive(&self, name: &str) {
+        if let Some(record) = self.nodes.lock().expect("nodes lock").records.get_mut(name) {
+            record.last_heartbeat = Instant::now();
+        }
+    }
+
     /// What `name` said of itself when it joined.
     pub fn info(&self, name: &str) -> Option<pb::NodeInfo> {
         self.nodes.lock().expect("nodes lock").records.get(name).map(|record| record.info.clone())

@@ -363,6 +363,33 @@ impl Store for EtcdStore {
         self.put_json(format!("{USERS}{name}"), user)
     }
 
+    fn swap_user(
+        &self,
+        name: &str,
+        previous: Option<&StoredUser>,
+        user: Option<&StoredUser>,
+    ) -> Result<(), StoreError> {
+        let key = format!("{USERS}{name}");
+        let unchanged = match previous {
+            Some(previous) => {
+                Compare::value(key.clone(), CompareOp::Equal, serde_json::to_vec(previous).map_err(error)?)
+            }
+            None => Compare::create_revision(key.clone(), CompareOp::Equal, 0),
+        };
+        let write = match user {
+            Some(user) => TxnOp::put(key, serde_json::to_vec(user).map_err(error)?, None),
+            None => TxnOp::delete(key, None),
+        };
+        let mut response = self.commit(Txn::new().when(vec![unchanged]).and_then(vec![write]))?;
+        if response.succeeded() {
+            return Ok(());
+        }
+        let mut conflict =
+            StoreError::new(format!("user {name:?} was changed on another server meanwhile: try again"));
+        conflict.conflict_at = response.take_header().map(|h| h.revision().max(0) as u64);
+        Err(conflict)
+    }
+
     fn load_trust(&self) -> Result<Option<StoredTrust>, StoreError> {
         let (_, kvs) = self.get_prefix(TRUST)?;
         let Some(kv) = kvs.iter().find(|kv| kv.key() == TRUST.as_bytes()) else { return Ok(None) };

@@ -117,6 +117,18 @@ pub trait Store: Send + Sync + 'static {
     /// Writes (or with `None` deletes) one operator durably before returning.
     fn save_user(&self, name: &str, user: Option<&StoredUser>) -> Result<(), StoreError>;
 
+    /// `save_user` if the operator is still `previous` (`None`: absent): a
+    /// shared store refuses it when another server changed them meanwhile.
+    fn swap_user(
+        &self,
+        name: &str,
+        previous: Option<&StoredUser>,
+        user: Option<&StoredUser>,
+    ) -> Result<(), StoreError> {
+        let _ = previous;
+        self.save_user(name, user)
+    }
+
     /// The trust state (the signing CA and, during a root rotation, the
     /// other root), if one was saved.
     fn load_trust(&self) -> Result<Option<StoredTrust>, StoreError>;

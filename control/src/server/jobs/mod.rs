@@ -450,7 +450,7 @@ impl Scheduler {
     /// One round: place and stop, then bring the registry in line with what
     /// agents report.
     async fn round(&self) {
-        let node_status = self.nodes.list();
+        let node_status = self.nodes_by_lease(self.nodes.list()).await;
         let nodes: Vec<Node> = node_status
             .iter()
             .filter_map(|status| {
@@ -509,6 +509,29 @@ impl Scheduler {
                 tracing::warn!(?error, "the scheduler could not update an endpoint");
             }
         }
+    }
+
+    /// With node leases, a node this server has not heard from for the TTL
+    /// is down only once its lease has expired too: it may be heartbeating
+    /// to another server (a follower keeps its lease while it looks for the
+    /// leader). The lease's expiry marks it down, whichever server it reached.
+    async fn nodes_by_lease(&self, mut nodes: Vec<pb::NodeStatus>) -> Vec<pb::NodeStatus> {
+        let Some(leases) = self.node_leases.get().cloned() else { return nodes };
+        if nodes.iter().all(|node| node.up) {
+            return nodes;
+        }
+        let live = match tokio::task::spawn_blocking(move || leases.live()).await {
+            Ok(Ok(live)) => live,
+            _ => return nodes,
+        };
+        for node in nodes.iter_mut().filter(|node| !node.up) {
+            let Some(name) = node.info.as_ref().map(|info| info.name.clone()) else { continue };
+            if live.iter().any(|info| info.name == name) {
+                self.nodes.kept_alive(&name);
+                node.up = true;
+            }
+        }
+        nodes
     }
 
     /// Inside the start grace, keeps the plan from placing instances of
