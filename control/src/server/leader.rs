@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
+use etcd_client::{Compare, CompareOp, EventType, PutOptions, Txn, TxnOp, WatchOptions};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -38,8 +38,10 @@ pub struct Leader {
     _fixed: Option<Arc<watch::Sender<Leadership>>>,
 }
 
-/// How often a follower looks whether the leader key is free.
+/// Between two attempts to reach etcd for the election.
 const FOLLOWER_POLL: Duration = Duration::from_millis(200);
+/// How long a follower trusts a quiet watch of the leader key.
+const FOLLOWER_RECHECK: Duration = Duration::from_secs(5);
 
 impl Leader {
     /// The only server: always the leader.
@@ -206,14 +208,27 @@ async fn hold(store: &EtcdStore, lease: i64, ttl: Duration) -> Result<(), etcd_c
     }
 }
 
-/// Follows the current leader until its key is gone.
+/// Follows the current leader until its key is gone: watched, so a
+/// follower campaigns as soon as etcd expires a dead leader's lease.
 async fn follow(store: &EtcdStore, view: &watch::Sender<Leadership>) -> Result<(), etcd_client::Error> {
     let mut client = store.client();
+    let mut response = client.get(LEADER_KEY, None).await?;
+    let revision = response.take_header().map_or(0, |h| h.revision());
+    let Some(kv) = response.kvs().first() else { return Ok(()) };
+    step_down(store, view, Some(String::from_utf8_lossy(kv.value()).into_owned()));
+    let options = WatchOptions::new().with_start_revision(revision + 1);
+    let mut watch = client.watch(LEADER_KEY, Some(options)).await?;
     loop {
-        let response = client.get(LEADER_KEY, None).await?;
-        let Some(kv) = response.kvs().first() else { return Ok(()) };
-        let leader = String::from_utf8_lossy(kv.value()).into_owned();
-        step_down(store, view, Some(leader));
-        tokio::time::sleep(FOLLOWER_POLL).await;
+        // A watch that stays quiet is checked against a fresh read now and then.
+        let Ok(message) = tokio::time::timeout(FOLLOWER_RECHECK, watch.message()).await else { return Ok(()) };
+        let Some(response) = message? else { return Ok(()) };
+        for event in response.events() {
+            match (event.event_type(), event.kv()) {
+                (EventType::Put, Some(kv)) => {
+                    step_down(store, view, Some(String::from_utf8_lossy(kv.value()).into_owned()))
+                }
+                _ => return Ok(()),
+            }
+        }
     }
 }
