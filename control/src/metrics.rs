@@ -26,6 +26,7 @@ pub struct ControlMetrics {
     refused_permission: AtomicU64,
     refused_impostor: AtomicU64,
     handshake_failures: AtomicU64,
+    write_conflicts: AtomicU64,
 }
 
 impl ControlMetrics {
@@ -64,6 +65,12 @@ impl ControlMetrics {
     /// A node that spoke of another node or of instances not its own.
     pub fn count_impostor(&self) {
         self.refused_impostor.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A write to the shared store refused because another server changed
+    /// a service it touched first (it is validated again and retried).
+    pub fn count_write_conflict(&self) {
+        self.write_conflicts.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A TLS handshake on the gRPC port that failed (plaintext, a foreign CA).
@@ -124,6 +131,13 @@ impl ControlMetrics {
             "meshd_tls_handshake_failures_total",
             "TLS handshakes on the gRPC port that failed (plaintext or foreign-CA clients).",
             self.handshake_failures.load(Ordering::Relaxed),
+            "counter",
+        );
+        gauge(
+            &mut out,
+            "meshd_store_write_conflicts_total",
+            "Writes to the shared store (etcd) that lost a race with another server's and were retried.",
+            self.write_conflicts.load(Ordering::Relaxed),
             "counter",
         );
         let name = "meshd_push_to_ack_seconds";

@@ -220,7 +220,9 @@ async fn follow(store: &EtcdStore, view: &watch::Sender<Leadership>) -> Result<(
     let mut watch = client.watch(LEADER_KEY, Some(options)).await?;
     loop {
         // A watch that stays quiet is checked against a fresh read now and then.
-        let Ok(message) = tokio::time::timeout(FOLLOWER_RECHECK, watch.message()).await else { return Ok(()) };
+        let Ok(message) = tokio::time::timeout(FOLLOWER_RECHECK, watch.message()).await else {
+            return Ok(());
+        };
         let Some(response) = message? else { return Ok(()) };
         for event in response.events() {
             match (event.event_type(), event.kv()) {
