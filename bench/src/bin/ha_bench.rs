@@ -37,7 +37,10 @@ struct Child {
 
 impl Child {
     fn start(command: &mut std::process::Command, wait_for_line: bool) -> Child {
-        command.env("RUST_LOG", "warn").stdout(std::process::Stdio::piped());
+        if std::env::var_os("RUST_LOG").is_none() {
+            command.env("RUST_LOG", "warn");
+        }
+        command.stdout(std::process::Stdio::piped());
         std::os::unix::process::CommandExt::process_group(command, 0);
         let mut child = command.spawn().expect("start a child");
         let stdout = child.stdout.take().expect("piped");
@@ -176,7 +179,7 @@ async fn convergence(admins: &mut [AdminClient<Channel>], changes: u32) -> (f64,
 /// Endpoint registrations, 64 in flight, spread over `servers`: per second.
 /// Also returns how many failed (none should: a write that loses a race
 /// with another server's is retried by meshd).
-async fn write_rate(servers: &[String], tls: &mesh_client::ClientTls, writes: u32) -> (f64, u32) {
+async fn write_rate(servers: &[String], tls: &mesh_client::ClientTls, writes: u32, first: u32) -> (f64, u32) {
     let mut clients = Vec::new();
     for server in servers {
         clients.push(RegistryClient::new(channel(server, tls).await));
@@ -189,11 +192,13 @@ async fn write_rate(servers: &[String], tls: &mesh_client::ClientTls, writes: u3
             failed += u32::from(!flying.join_next().await.and_then(Result::ok).unwrap_or(false));
         }
         let mut client = clients[i as usize % clients.len()].clone();
+        // Every registration is of a new endpoint: none is a no-op.
+        let n = first + i;
         flying.spawn(async move {
             let endpoint = pb::Endpoint {
-                service: format!("w{}", i % 50),
+                service: format!("w{}", n % 50),
                 version: "v1".into(),
-                addr: format!("127.0.1.{}:{}", 1 + i / 60_000, 1 + i % 60_000),
+                addr: format!("127.0.{}.{}:{}", 1 + n / 60_000 / 250, 1 + (n / 60_000) % 250, 1 + n % 60_000),
                 ready: true,
                 meshed: false,
             };
@@ -261,7 +266,7 @@ async fn main() {
     let single_memory = (rss_mb(single.process.pid()) - rss_before) * 1024.0 / f64::from(args.common.proxies);
     let (single_p50, single_p99) = convergence(&mut admins, args.common.changes).await;
     sims.abort_all();
-    let (single_writes, single_failed) = write_rate(&single_addr, &single_tls, args.writes).await;
+    let (single_writes, single_failed) = write_rate(&single_addr, &single_tls, args.writes, 0).await;
     drop(single);
 
     // Three servers on a three-member etcd.
@@ -274,6 +279,11 @@ async fn main() {
     let tls = tls_of(&servers[0]);
     let addrs: Vec<String> = servers.iter().map(|s| s.listen.clone()).collect();
     setup(&addrs, &tls).await;
+    // Writes with no proxy connected, as for the single server: through one
+    // server (as the leader's scheduler registers its instances), then
+    // spread over all three, each racing the others for the same services.
+    let (cluster_writes, cluster_failed) = write_rate(&addrs[..1], &tls, args.writes, 0).await;
+    let (spread_writes, spread_failed) = write_rate(&addrs, &tls, args.writes, args.writes).await;
     let before: Vec<f64> = servers.iter().map(|s| rss_mb(s.process.pid())).collect();
     let received = Arc::new(Received::default());
     let _sims = subscribe(&addrs, &tls, args.common.proxies, &received);
@@ -286,7 +296,6 @@ async fn main() {
     let grown: f64 = servers.iter().zip(&before).map(|(s, b)| rss_mb(s.process.pid()) - b).sum();
     let cluster_memory = grown * 1024.0 / f64::from(args.common.proxies);
     let (cluster_p50, cluster_p99) = convergence(&mut admins, args.common.changes).await;
-    let (cluster_writes, cluster_failed) = write_rate(&addrs, &tls, args.writes).await;
 
     // A node to place on, then the leader's kill -9.
     let all = addrs.join(",");
@@ -314,6 +323,9 @@ async fn main() {
         .arg(dir.join("agent"));
     agent_command.env("MESH_JOIN_TOKEN", token);
     let _agent = Child::start(&mut agent_command, true);
+    // A node that has been up a while (its lease in etcd, kept by several
+    // heartbeats), as the nodes of a cluster that loses its leader are.
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let status = admins[0].status(pb::Empty {}).await.expect("status").into_inner();
     let leader = addrs.iter().position(|a| *a == status.leader).expect("the leader is one of the servers");
     let orphans: Vec<String> =
@@ -365,7 +377,8 @@ async fn main() {
         cluster_p50 / single_p50
     );
     println!("| same, p99 | {single_p99:.1} ms | {cluster_p99:.1} ms | {:.2} |", cluster_p99 / single_p99);
-    println!("| endpoint registrations per second (64 in flight; failed) | {single_writes:.0} ({single_failed}) | {cluster_writes:.0} ({cluster_failed}) | {:.2} |", cluster_writes / single_writes);
+    println!("| endpoint registrations per second through one server (64 in flight; failed) | {single_writes:.0} ({single_failed}) | {cluster_writes:.0} ({cluster_failed}) | {:.2} |", cluster_writes / single_writes);
+    println!("| same, spread over the three servers (50 services, each written by all three) | | {spread_writes:.0} ({spread_failed}) | {:.2} |", spread_writes / single_writes);
     println!("| server memory per subscription (RSS growth, all servers) | {single_memory:.1} KB | {cluster_memory:.1} KB | {:.2} |", cluster_memory / single_memory);
     println!();
     println!("failover (leader kill -9, heartbeat TTL 2s, leader TTL 2s):");

@@ -127,6 +127,8 @@ pub struct ControlPlane {
     remote_proxies: Mutex<HashMap<String, HashMap<String, ProxyRecord>>>,
     /// Set when a proxy of this server's changed, for sharing them.
     pub(crate) local_changed: std::sync::atomic::AtomicBool,
+    /// With a shared store: routing changes applied since the last publication.
+    unpublished: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug)]
@@ -190,6 +192,7 @@ impl ControlPlane {
             events: tokio::sync::broadcast::channel(1024).0,
             remote_proxies: Mutex::new(HashMap::new()),
             local_changed: Default::default(),
+            unpublished: Default::default(),
         });
         if let Some(feed) = feed {
             tokio::spawn(apply_feed(Arc::downgrade(&control), feed));
@@ -561,7 +564,12 @@ fn apply_batch(
 async fn apply_feed(control: std::sync::Weak<ControlPlane>, mut feed: mpsc::Receiver<StoreEvent>) {
     while let Some(event) = feed.recv().await {
         let Some(control) = control.upgrade() else { return };
-        {
+        // A version of the routing state: services changed, or none did
+        // (a bump that carries a new trust bundle). Jobs, operators and the
+        // CA alone make no new routing version.
+        let routing =
+            event.changes.is_empty() || event.changes.iter().any(|c| matches!(c, Stored::Service(..)));
+        if routing {
             let mut state = control.state.lock().await;
             for change in &event.changes {
                 if let Stored::Service(name, service) = change {
@@ -573,8 +581,10 @@ async fn apply_feed(control: std::sync::Weak<ControlPlane>, mut feed: mpsc::Rece
             }
             state.version = state.version.max(event.version);
             control.metrics.set_version(state.version);
+            control.unpublished.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            drop(state);
+            control.publish_soon.notify_one();
         }
-        control.publish_soon.notify_one();
         control.applied.send_replace(event.version);
         let _ = control.events.send(Arc::new(event));
     }
@@ -623,7 +633,12 @@ async fn publish_loop(control: Arc<ControlPlane>, window: PublishWindow) {
                 let published = Published::build(&state, &control.published.borrow());
                 control.published.send_replace(Arc::new(published));
                 burst = true;
-                let changes = state.version.saturating_sub(before);
+                // Versions count changes here, but not with a shared store,
+                // whose revisions also count other servers' bookkeeping.
+                let changes = match control.replicated {
+                    true => control.unpublished.swap(0, std::sync::atomic::Ordering::Relaxed).max(1),
+                    false => state.version.saturating_sub(before),
+                };
                 pause = window.next(pause, changes, last_publication.elapsed());
                 last_publication = tokio::time::Instant::now();
                 control.metrics.set_publish_window(pause);
