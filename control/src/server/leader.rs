@@ -234,3 +234,37 @@ async fn follow(store: &EtcdStore, view: &watch::Sender<Leadership>) -> Result<(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seen(leading: bool, leader: Option<&str>) -> Leader {
+        let view = Leadership { leading, leader: leader.map(str::to_owned), term: 1 };
+        let (fixed, view) = watch::channel(view);
+        Leader { view, _fixed: Some(Arc::new(fixed)) }
+    }
+
+    #[test]
+    fn a_follower_refuses_leader_calls_and_names_the_leader() {
+        // (leading?, leader seen, refused?, leader named in the metadata)
+        let cases = [
+            (true, Some("10.0.0.1:7400"), false, None),
+            (false, Some("10.0.0.2:7400"), true, Some("10.0.0.2:7400")),
+            (false, None, true, None),
+        ];
+        for (i, (leading, leader, refused, named)) in cases.into_iter().enumerate() {
+            match seen(leading, leader).require() {
+                Ok(()) => assert!(!refused, "case {i}: refused"),
+                Err(status) => {
+                    assert!(refused, "case {i}: not refused");
+                    assert_eq!(status.code(), tonic::Code::Unavailable, "case {i}");
+                    let failure = status.metadata().get("mesh-failure").and_then(|v| v.to_str().ok());
+                    assert_eq!(failure, Some("not-leader"), "case {i}");
+                    let leader = status.metadata().get(LEADER_METADATA).and_then(|v| v.to_str().ok());
+                    assert_eq!(leader, named, "case {i}");
+                }
+            }
+        }
+    }
+}
