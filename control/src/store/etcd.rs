@@ -218,11 +218,23 @@ impl EtcdStore {
     }
 
     fn put_json<T: serde::Serialize>(&self, key: String, value: Option<&T>) -> Result<(), StoreError> {
-        let op = match value {
-            Some(value) => TxnOp::put(key, serde_json::to_vec(value).map_err(error)?, None),
-            None => TxnOp::delete(key, None),
-        };
-        self.commit(Txn::new().and_then(vec![op])).map(|_| ())
+        self.commit(Txn::new().and_then(vec![json_op(key, value)?])).map(|_| ())
+    }
+
+    /// Commits `write` if `check` holds; else a conflict saying `why`.
+    fn commit_checked(
+        &self,
+        check: Compare,
+        write: TxnOp,
+        why: impl FnOnce() -> String,
+    ) -> Result<(), StoreError> {
+        let mut response = self.commit(Txn::new().when(vec![check]).and_then(vec![write]))?;
+        if response.succeeded() {
+            return Ok(());
+        }
+        let mut conflict = StoreError::new(why());
+        conflict.conflict_at = response.take_header().map(|h| h.revision().max(0) as u64);
+        Err(conflict)
     }
 }
 
@@ -269,6 +281,14 @@ fn name_of(key: &[u8], prefix: &str) -> String {
     String::from_utf8_lossy(&key[prefix.len().min(key.len())..]).into_owned()
 }
 
+/// A put of `value` as JSON under `key`, or with `None` a delete.
+fn json_op<T: serde::Serialize>(key: String, value: Option<&T>) -> Result<TxnOp, StoreError> {
+    Ok(match value {
+        Some(value) => TxnOp::put(key, serde_json::to_vec(value).map_err(error)?, None),
+        None => TxnOp::delete(key, None),
+    })
+}
+
 fn revision_of(kv: &KeyValue) -> u64 {
     kv.mod_revision().max(0) as u64
 }
@@ -300,10 +320,7 @@ impl Store for EtcdStore {
             let key = format!("{SERVICES}{name}");
             // Unchanged since the version the change was validated against.
             checks.push(Compare::mod_revision(key.clone(), CompareOp::Less, based_on as i64 + 1));
-            writes.push(match service {
-                Some(service) => TxnOp::put(key, serde_json::to_vec(service).map_err(error)?, None),
-                None => TxnOp::delete(key, None),
-            });
+            writes.push(json_op(key, *service)?);
         }
         if writes.is_empty() {
             writes.push(TxnOp::put(BUMP, Vec::new(), None));
@@ -340,19 +357,9 @@ impl Store for EtcdStore {
     fn save_job_checked(&self, name: &str, job: Option<&StoredJob>, based_on: u64) -> Result<(), StoreError> {
         let key = format!("{JOBS}{name}");
         let unchanged = Compare::mod_revision(key.clone(), CompareOp::Less, based_on as i64 + 1);
-        let write = match job {
-            Some(job) => TxnOp::put(key, serde_json::to_vec(job).map_err(error)?, None),
-            None => TxnOp::delete(key, None),
-        };
-        let mut response = self.commit(Txn::new().when(vec![unchanged]).and_then(vec![write]))?;
-        if response.succeeded() {
-            return Ok(());
-        }
-        let mut conflict = StoreError::new(format!(
-            "job {name:?} was changed on another server meanwhile: look at it again (meshctl job status {name}) and resubmit"
-        ));
-        conflict.conflict_at = response.take_header().map(|h| h.revision().max(0) as u64);
-        Err(conflict)
+        self.commit_checked(unchanged, json_op(key, job)?, || {
+            format!("job {name:?} was changed on another server meanwhile: look at it again (meshctl job status {name}) and resubmit")
+        })
     }
 
     fn load_users(&self) -> Result<Vec<(String, StoredUser)>, StoreError> {
@@ -376,18 +383,9 @@ impl Store for EtcdStore {
             }
             None => Compare::create_revision(key.clone(), CompareOp::Equal, 0),
         };
-        let write = match user {
-            Some(user) => TxnOp::put(key, serde_json::to_vec(user).map_err(error)?, None),
-            None => TxnOp::delete(key, None),
-        };
-        let mut response = self.commit(Txn::new().when(vec![unchanged]).and_then(vec![write]))?;
-        if response.succeeded() {
-            return Ok(());
-        }
-        let mut conflict =
-            StoreError::new(format!("user {name:?} was changed on another server meanwhile: try again"));
-        conflict.conflict_at = response.take_header().map(|h| h.revision().max(0) as u64);
-        Err(conflict)
+        self.commit_checked(unchanged, json_op(key, user)?, || {
+            format!("user {name:?} was changed on another server meanwhile: try again")
+        })
     }
 
     fn load_trust(&self) -> Result<Option<StoredTrust>, StoreError> {
