@@ -212,25 +212,31 @@ impl ControlLink {
         expires_unix_ms(&self.credentials.load().certificate)
     }
 
+    /// The serial (hex) of the root the node's certificate is from.
+    pub fn certificate_root(&self) -> String {
+        let credentials = self.credentials.load();
+        mesh_client::pem::root_of(&credentials.certificate, &credentials.roots)
+    }
+
     /// The file of trust roots for the sidecars (`mesh-proxy --control-ca`).
     pub fn roots_file(&self) -> &Path {
         &self.roots_file
     }
 
     /// Renews the node certificate when 70 % of its life has passed, and
-    /// fetches the trust bundle when `bundle_version` is newer than the one
-    /// held; then later connections use the new ones.
+    /// with the trust bundle when `bundle_version` differs from the one
+    /// held; then later connections use the new ones. The first heartbeat
+    /// after a start renews too: the stored certificate and roots may be
+    /// from before a root rotation, and the version they came with is not
+    /// kept. The version is taken only with a renewal, so the one a node
+    /// reports says its certificate is from that bundle's signer.
     pub async fn keep_fresh(&self, bundle_version: u64) {
         let held = self.bundle_version.load(std::sync::atomic::Ordering::Relaxed);
         let credentials = self.credentials.load_full();
         let issued = not_before_unix_ms(&credentials.certificate);
         let expires = expires_unix_ms(&credentials.certificate);
         let due = issued + (expires.saturating_sub(issued)) * 7 / 10;
-        let bundle_changed = held != 0 && bundle_version != held;
-        if held == 0 {
-            self.bundle_version.store(bundle_version, std::sync::atomic::Ordering::Relaxed);
-        }
-        if now_ms() < due && !bundle_changed {
+        if now_ms() < due && bundle_version == held {
             return;
         }
         match self.renew(&credentials).await {

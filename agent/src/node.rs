@@ -97,6 +97,7 @@ async fn session(
             instances: supervisor.reports(),
             certificate_expires_unix_ms: link.certificate_expires_unix_ms(),
             bundle_version: link.bundle_version(),
+            certificate_root: link.certificate_root(),
         };
         // A renewed certificate is presented from the next heartbeat on.
         let mut client = NodesClient::new(link.channel());

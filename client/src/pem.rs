@@ -82,6 +82,16 @@ pub fn signing_root(cert: &x509_parser::certificate::X509Certificate<'_>, roots_
     })
 }
 
+/// The serial (hex) of the root among `roots_pem` that signed the first
+/// certificate of `certificate_pem`; "" when it does not parse or no root did.
+pub fn root_of(certificate_pem: &str, roots_pem: &str) -> String {
+    let Ok((_, pem)) = x509_parser::pem::parse_x509_pem(certificate_pem.as_bytes()) else {
+        return String::new();
+    };
+    let Ok(cert) = pem.parse_x509() else { return String::new() };
+    signing_root(&cert, roots_pem).unwrap_or_default()
+}
+
 /// One certificate of a PEM bundle, as `meshctl check` shows it.
 pub struct CertificateSummary {
     pub subject: String,

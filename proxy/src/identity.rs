@@ -57,22 +57,12 @@ impl Identity {
             certificate_pem: self.certificate_pem.clone(),
             roots_pem: bundle.roots_pem.clone(),
             bundle_version: bundle.version,
-            certificate_root: root_of(&self.certificate_pem, &bundle.roots_pem),
+            certificate_root: mesh_client::pem::root_of(&self.certificate_pem, &bundle.roots_pem),
             issued_unix_ms: self.issued_unix_ms,
             expires_unix_ms: self.expires_unix_ms,
             key_der: self.key_der.clone(),
         }
     }
-}
-
-/// The serial (hex) of the root in `roots_pem` whose key signed
-/// `certificate_pem`, or "" if none did.
-pub fn root_of(certificate_pem: &str, roots_pem: &str) -> String {
-    let Ok((_, pem)) = x509_parser::pem::parse_x509_pem(certificate_pem.as_bytes()) else {
-        return String::new();
-    };
-    let Ok(cert) = pem.parse_x509() else { return String::new() };
-    mesh_client::pem::signing_root(&cert, roots_pem).unwrap_or_default()
 }
 
 impl std::fmt::Debug for Identity {
@@ -188,7 +178,7 @@ pub fn from_files(files: &crate::config::IdentityFiles) -> Result<Identity, Iden
     let expires = expires.validity().not_after.timestamp().max(0) as u64;
     Ok(Identity {
         spiffe_id,
-        certificate_root: root_of(&certificate_pem, &roots_pem),
+        certificate_root: mesh_client::pem::root_of(&certificate_pem, &roots_pem),
         certificate_pem,
         roots_pem,
         bundle_version: 0,
@@ -228,7 +218,7 @@ impl Identity {
         let bundle = reply.bundle.unwrap_or_default();
         Identity {
             spiffe_id: reply.spiffe_id,
-            certificate_root: root_of(&reply.certificate_pem, &bundle.roots_pem),
+            certificate_root: mesh_client::pem::root_of(&reply.certificate_pem, &bundle.roots_pem),
             certificate_pem: reply.certificate_pem,
             roots_pem: bundle.roots_pem,
             bundle_version: bundle.version,

@@ -558,12 +558,15 @@ async fn the_root_rotates_in_stages_under_load_without_a_failed_request() {
     assert_ne!(new_root, old_root);
     assert!(proxies.len() >= 3, "{proxies:?}");
     assert!(proxies.iter().all(|root| *root == new_root), "{proxies:?} vs {new_root}");
-    // Every proxy holds the final bundle (versions 2, 3, 4: one per stage);
-    // nodes follow at their next heartbeat.
+    // Every proxy and node holds the final bundle (versions 2, 3, 4: one
+    // per stage), and the node's certificate is from the new root too.
     let rows = meshd.ctl_json(&["check"]);
-    for row in rows.as_array().unwrap().iter().filter(|r| r["what"] != "node") {
+    let rows = rows.as_array().unwrap();
+    for row in rows {
         assert_eq!(row["bundle_version"], 4, "{row}");
     }
+    let nodes: Vec<_> = rows.iter().filter(|r| r["what"] == "node").collect();
+    assert!(!nodes.is_empty() && nodes.iter().all(|n| n["root"] == new_root.as_str()), "{nodes:?}");
 
     // A proxy that starts now gets a certificate from the new root and its
     // new connections are accepted by sidecars that trust only that root.

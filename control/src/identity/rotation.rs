@@ -211,6 +211,43 @@ pub fn lagging(
         .collect()
 }
 
+/// What a stage waits on, per node: its agent calls meshd with the node's
+/// certificate and hands the roots to its sidecars.
+#[derive(Clone, Debug, Default)]
+pub struct NodeView {
+    pub name: String,
+    /// Heard from within the TTL: a node that is down does not hold up a
+    /// stage.
+    pub up: bool,
+    /// The bundle version the node last renewed with (0: not yet).
+    pub bundle_version: u64,
+    /// The root of its certificate (serial), "" if it has not said.
+    pub certificate_root: String,
+}
+
+/// The nodes a stage still waits for: every node that is up must have
+/// renewed with `bundle_version` (so it holds this stage's roots and a
+/// certificate from its signer), and in `Switched` must hold a certificate
+/// from `signer_serial`: once the old root leaves, meshd refuses any other.
+pub fn lagging_nodes(
+    stage: Stage,
+    bundle_version: u64,
+    signer_serial: &str,
+    nodes: &[NodeView],
+) -> Vec<String> {
+    nodes
+        .iter()
+        .filter(|n| {
+            let behind = n.bundle_version < bundle_version;
+            let old_certificate = stage == Stage::Switched
+                && !n.certificate_root.is_empty()
+                && n.certificate_root != signer_serial;
+            n.up && (behind || old_certificate)
+        })
+        .map(|n| n.name.clone())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -283,6 +320,31 @@ mod tests {
         ];
         for (stage, proxies, want) in table {
             assert_eq!(lagging(stage, 10, "new", &proxies), want, "{stage:?} {proxies:?}");
+        }
+    }
+
+    #[test]
+    fn a_stage_waits_for_every_node_that_is_up() {
+        let node = |name: &str, up: bool, version: u64, root: &str| NodeView {
+            name: name.into(),
+            up,
+            bundle_version: version,
+            certificate_root: root.into(),
+        };
+        // (stage, nodes, lagging); the stage's bundle version is 3, its signer "new".
+        let table: Vec<(Stage, Vec<NodeView>, Vec<&str>)> = vec![
+            (Stage::Staged, vec![node("a", true, 3, "old"), node("b", true, 2, "old")], vec!["b"]),
+            // A node that is down is not waited for.
+            (Stage::Staged, vec![node("down", false, 1, "old")], vec![]),
+            // One that has not renewed since it started is.
+            (Stage::Staged, vec![node("fresh", true, 0, "old")], vec!["fresh"]),
+            (Stage::Switched, vec![node("a", true, 3, "new"), node("b", true, 3, "old")], vec!["b"]),
+            // An agent that does not say its root is judged by its version alone.
+            (Stage::Switched, vec![node("quiet", true, 3, "")], vec![]),
+            (Stage::Steady, vec![node("a", true, 3, "new"), node("b", true, 2, "new")], vec!["b"]),
+        ];
+        for (stage, nodes, want) in table {
+            assert_eq!(lagging_nodes(stage, 3, "new", &nodes), want, "{stage:?} {nodes:?}");
         }
     }
 }

@@ -13,9 +13,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::jobs::Scheduler;
+use super::liveness::NodeRegistry;
 use super::ControlPlane;
 use crate::identity::ca::{self, Authority, CaError};
-use crate::identity::rotation::{lagging, ProxyView, Stage, Trust};
+use crate::identity::rotation::{lagging, lagging_nodes, NodeView, ProxyView, Stage, Trust};
 use crate::identity::tokens::{new_token, Grant, Tokens};
 use crate::store::StoreError;
 
@@ -73,7 +74,7 @@ impl From<TrustError> for Status {
 
 /// How long a token waits to be redeemed: the sidecar's start.
 const TOKEN_TTL: Duration = Duration::from_secs(120);
-/// How long a rotation stage waits for the proxies unless told otherwise.
+/// How long a rotation stage waits for the proxies and nodes unless told otherwise.
 const DEFAULT_STAGE_TIMEOUT: Duration = Duration::from_secs(120);
 /// How often a waiting stage says who it waits for.
 const PROGRESS_EVERY: Duration = Duration::from_secs(2);
@@ -85,6 +86,9 @@ type Follower = Box<dyn Fn(&Trust) + Send + Sync>;
 pub struct TrustKeeper {
     trust: RwLock<Arc<Trust>>,
     control: Arc<ControlPlane>,
+    /// A stage waits for the nodes too: their agents call meshd with
+    /// certificates from the CA and give the roots to their sidecars.
+    nodes: Arc<NodeRegistry>,
     /// Rotations replace roots one at a time.
     rotating: tokio::sync::Mutex<()>,
     /// An operator's CA (from files) is rotated by the operator.
@@ -102,12 +106,14 @@ impl TrustKeeper {
     pub fn new(
         trust: Trust,
         control: Arc<ControlPlane>,
+        nodes: Arc<NodeRegistry>,
         operator_ca: bool,
         cert_ttl: Duration,
     ) -> Arc<TrustKeeper> {
         let keeper = TrustKeeper {
             trust: RwLock::new(Arc::new(trust)),
             control,
+            nodes,
             rotating: Default::default(),
             operator_ca,
             cert_ttl,
@@ -216,7 +222,7 @@ impl TrustKeeper {
             say(stage, stage_started(&trust, version), false, false);
             if let Err(waiting_for) = self.wait_stage(&trust, version, stage_timeout, &say).await {
                 let message = format!(
-                    "stopped: after {} these proxies still lag: {}; both roots stay trusted and traffic is unaffected; run `meshctl identity rotate-root` again to resume",
+                    "stopped: after {} these still lag: {}; both roots stay trusted and traffic is unaffected; run `meshctl identity rotate-root` again to resume",
                     humantime::format_duration(stage_timeout),
                     waiting_for.join(", ")
                 );
@@ -236,7 +242,8 @@ impl TrustKeeper {
     }
 
     /// Waits until no proxy lags behind `trust`'s stage published in
-    /// `version`; on timeout, the proxies that lag.
+    /// `version`, then until no node that is up lags behind its bundle; on
+    /// timeout, the proxies and nodes that lag.
     async fn wait_stage(
         &self,
         trust: &Trust,
@@ -247,7 +254,7 @@ impl TrustKeeper {
         let deadline = tokio::time::Instant::now() + timeout;
         let signer = trust.signer.serial();
         let stage = trust.stage.step_name();
-        loop {
+        let counted = loop {
             let next_report = (tokio::time::Instant::now() + PROGRESS_EVERY).min(deadline);
             let (done, proxies) = self
                 .control
@@ -256,23 +263,63 @@ impl TrustKeeper {
                 })
                 .await;
             let counted = proxies.iter().filter(|(_, p)| p.counts_for_convergence()).count();
+            if done {
+                break counted;
+            }
             let behind =
                 lagging(trust.stage, version, &signer, &views(proxies.iter().map(|(id, p)| (id, p))));
-            if done {
-                say(stage, format!("{counted} of {counted} proxies caught up"), false, false);
-                return Ok(());
-            }
             if tokio::time::Instant::now() >= deadline {
                 return Err(behind);
             }
-            say(
-                stage,
-                format!("waiting for {} of {counted} proxies: {}", behind.len(), behind.join(", ")),
-                false,
-                false,
-            );
+            let waiting = format!("waiting for {} of {counted} proxies: {}", behind.len(), behind.join(", "));
+            say(stage, waiting, false, false);
+        };
+        // Nodes say what they hold in their heartbeats: polled, not pushed.
+        let mut next_report = tokio::time::Instant::now() + PROGRESS_EVERY;
+        loop {
+            let nodes = node_views(&self.nodes);
+            let up = nodes.iter().filter(|n| n.up).count();
+            let behind: Vec<String> = lagging_nodes(trust.stage, trust.bundle_version, &signer, &nodes)
+                .into_iter()
+                .map(|name| format!("node {name}"))
+                .collect();
+            if behind.is_empty() {
+                let message = format!("{counted} of {counted} proxies caught up, and {up} of {up} nodes");
+                say(stage, message, false, false);
+                return Ok(());
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Err(behind);
+            }
+            if now >= next_report {
+                say(
+                    stage,
+                    format!("waiting for {} of {up} nodes: {}", behind.len(), behind.join(", ")),
+                    false,
+                    false,
+                );
+                next_report = now + PROGRESS_EVERY;
+            }
+            tokio::time::sleep(NODE_POLL.min(deadline - now)).await;
         }
     }
+}
+
+/// How often a stage looks at the nodes' heartbeats again.
+const NODE_POLL: Duration = Duration::from_millis(100);
+
+fn node_views(nodes: &NodeRegistry) -> Vec<NodeView> {
+    nodes
+        .list()
+        .into_iter()
+        .map(|n| NodeView {
+            name: n.info.map(|info| info.name).unwrap_or_default(),
+            up: n.up,
+            bundle_version: n.bundle_version,
+            certificate_root: n.certificate_root,
+        })
+        .collect()
 }
 
 fn views<'a>(proxies: impl Iterator<Item = (&'a String, &'a super::ProxyRecord)>) -> Vec<ProxyView> {
@@ -293,14 +340,14 @@ fn stage_started(trust: &Trust, version: u64) -> String {
         Stage::Staged => {
             let next =
                 trust.other.as_ref().and_then(|o| ca::serial_hex(&o.cert_pem).ok()).unwrap_or_default();
-            format!("new root {next} joins the trust bundle (bundle version {}, routing version {version}); waiting for every proxy to trust it", trust.bundle_version)
+            format!("new root {next} joins the trust bundle (bundle version {}, routing version {version}); waiting for every proxy and node to trust it", trust.bundle_version)
         }
         Stage::Switched => format!(
-            "root {new} signs now (bundle version {}); waiting for every proxy to hold a certificate from it",
+            "root {new} signs now (bundle version {}); waiting for every proxy and node to hold a certificate from it",
             trust.bundle_version
         ),
         Stage::Steady => format!(
-            "the old root leaves the trust bundle (bundle version {}); waiting for every proxy to ack",
+            "the old root leaves the trust bundle (bundle version {}); waiting for every proxy and node to ack",
             trust.bundle_version
         ),
     }

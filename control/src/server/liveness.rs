@@ -18,6 +18,8 @@ pub struct NodeRecord {
     pub last_heartbeat: Instant,
     pub certificate_expires_unix_ms: u64,
     pub bundle_version: u64,
+    /// The serial of the root its certificate is from ("" until it says).
+    pub certificate_root: String,
 }
 
 /// Every node that joined since the server started.
@@ -90,18 +92,20 @@ impl NodeRegistry {
             last_heartbeat: Instant::now(),
             certificate_expires_unix_ms: 0,
             bundle_version: 0,
+            certificate_root: String::new(),
         };
         self.nodes.lock().expect("nodes lock").records.insert(record.info.name.clone(), record);
     }
 
     /// A heartbeat from `name`; false for a node that has not joined (since
     /// this server started).
-    pub fn heard_from(&self, name: &str, certificate_expires_unix_ms: u64, bundle_version: u64) -> bool {
+    pub fn heard_from(&self, heartbeat: &pb::HeartbeatRequest) -> bool {
         let mut nodes = self.nodes.lock().expect("nodes lock");
-        let Some(record) = nodes.records.get_mut(name) else { return false };
+        let Some(record) = nodes.records.get_mut(&heartbeat.name) else { return false };
         record.last_heartbeat = Instant::now();
-        record.certificate_expires_unix_ms = certificate_expires_unix_ms;
-        record.bundle_version = bundle_version;
+        record.certificate_expires_unix_ms = heartbeat.certificate_expires_unix_ms;
+        record.bundle_version = heartbeat.bundle_version;
+        record.certificate_root.clone_from(&heartbeat.certificate_root);
         true
     }
 
@@ -139,6 +143,7 @@ impl NodeRegistry {
                     last_heartbeat_ms_ago: since.as_millis() as u64,
                     certificate_expires_unix_ms: record.certificate_expires_unix_ms,
                     bundle_version: record.bundle_version,
+                    certificate_root: record.certificate_root.clone(),
                 }
             })
             .collect()

@@ -137,11 +137,7 @@ impl Nodes for NodesService {
             tracing::warn!(node = %request.name, instances = ?foreign, "a node reported instances placed on other nodes: ignored");
             request.instances.retain(|report| !foreign.contains(&report.id));
         }
-        let known = self.registry.heard_from(
-            &request.name,
-            request.certificate_expires_unix_ms,
-            request.bundle_version,
-        );
+        let known = self.registry.heard_from(&request);
         if let Some((leases, info)) = self.scheduler.node_leases().zip(self.registry.info(&request.name)) {
             if known {
                 leases.heard(info, false);

@@ -84,8 +84,15 @@ pub async fn run(session: &Session, warn_within: Duration, output: Output) -> Re
         let name = node.info.as_ref().map(|i| i.name.clone()).unwrap_or_default();
         let expires =
             (node.certificate_expires_unix_ms > 0).then_some(node.certificate_expires_unix_ms / 1000);
-        let down = (!node.up).then(|| "DOWN: no heartbeat within the TTL".to_owned());
-        row("node", name, String::new(), node.bundle_version, expires, warn_within, down);
+        let root = node.certificate_root.clone();
+        let problem = if !node.up {
+            Some("DOWN: no heartbeat within the TTL".to_owned())
+        } else if !root.is_empty() && !trusted.contains(&root) {
+            Some(format!("BEHIND: its certificate is from root {root}, which the bundle no longer holds"))
+        } else {
+            None
+        };
+        row("node", name, root, node.bundle_version, expires, warn_within, problem);
     }
     let proxies =
         AdminClient::new(session.channel.clone()).list_proxies(pb::Empty {}).await?.into_inner().proxies;

@@ -83,7 +83,7 @@ pub(crate) async fn serve(
     let scheduler = Scheduler::start(control.clone(), nodes.clone(), leader.clone())?;
     let operator_ca = ca_cert.is_some();
     let trust = trust_state(control.store(), etcd.as_deref(), &trust_domain, ca_cert, ca_key)?;
-    let trust = TrustKeeper::new(trust, control.clone(), operator_ca, cert_ttl);
+    let trust = TrustKeeper::new(trust, control.clone(), nodes.clone(), operator_ca, cert_ttl);
     let users = Arc::new(Users::load(control.store()).map_err(|e| e.to_string())?);
     mesh_control::server::replica::follow_store(&control, scheduler.clone(), users.clone(), trust.clone());
     if let Some(etcd) = &etcd {

@@ -108,12 +108,11 @@ impl Jobs for JobsService {
         let mut scrapes = tokio::task::JoinSet::new();
         let connected = self.scheduler.control.proxies().into_iter().filter(|(_, p)| p.connected);
         for (id, record) in connected.filter(|(_, p)| !p.admin_addr.is_empty()) {
-            // A node on a loopback address is on meshd's own host: its
-            // sidecars' admin ports are reachable from here, as they are
-            // during a root rotation, before the node's endpoint has a
-            // certificate from the new root.
+            // Through the node's agent, which reaches its sidecars' admin
+            // ports on its own host; a proxy no node runs (one started by
+            // hand) is scraped directly.
             let through = match self.scheduler.logs_of(&id) {
-                Some((node, agent)) if !agent.is_empty() && !on_this_host(&agent) => {
+                Some((node, agent)) if !agent.is_empty() => {
                     Some((self.tls.to_node(&self.trust_domain, &node).map_err(Status::internal)?, agent))
                 }
                 _ => None,
@@ -151,9 +150,4 @@ impl Jobs for JobsService {
         let tls = self.tls.to_node(&self.trust_domain, &node).map_err(Status::internal)?;
         Ok(Response::new(crate::server::logs::fetch(tls, &addr, &request).await?))
     }
-}
-
-/// Whether an agent listening at `addr` runs on this host (a loopback address).
-fn on_this_host(addr: &str) -> bool {
-    addr.parse::<std::net::SocketAddr>().is_ok_and(|addr| addr.ip().is_loopback())
 }
