@@ -27,6 +27,16 @@ pub struct ControlMetrics {
     refused_impostor: AtomicU64,
     handshake_failures: AtomicU64,
     write_conflicts: AtomicU64,
+    handed_on: PerMethod,
+}
+
+/// A count per gRPC method, in the order of `policy::METHODS`.
+struct PerMethod([AtomicU64; crate::auth::policy::METHODS.len()]);
+
+impl Default for PerMethod {
+    fn default() -> Self {
+        PerMethod(std::array::from_fn(|_| AtomicU64::new(0)))
+    }
 }
 
 impl ControlMetrics {
@@ -71,6 +81,13 @@ impl ControlMetrics {
     /// a service it touched first (it is validated again and retried).
     pub fn count_write_conflict(&self) {
         self.write_conflicts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A call of the method at `path`, handed on to the leader by this follower.
+    pub fn count_handed_on(&self, path: &str) {
+        if let Some(index) = crate::auth::policy::METHODS.iter().position(|(method, ..)| *method == path) {
+            self.handed_on.0[index].fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// A TLS handshake on the gRPC port that failed (plaintext, a foreign CA).
@@ -140,6 +157,17 @@ impl ControlMetrics {
             self.write_conflicts.load(Ordering::Relaxed),
             "counter",
         );
+        let name = "meshd_calls_handed_to_leader_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Calls only the leader serves (node heartbeats, scheduler reads, tokens) that this follower handed on to it, by method.\n# TYPE {name} counter"
+        );
+        for ((method, ..), count) in crate::auth::policy::METHODS.iter().zip(&self.handed_on.0) {
+            let count = count.load(Ordering::Relaxed);
+            if count > 0 {
+                let _ = writeln!(out, "{name}{{method=\"{method}\"}} {count}");
+            }
+        }
         let name = "meshd_push_to_ack_seconds";
         let _ = writeln!(
             out,

@@ -52,9 +52,9 @@ async fn every_method_is_refused_without_a_credential_and_every_write_for_a_view
     let (stranger, viewer) = (anonymous(&meshd).await, meshd.channel_as(&viewer).await);
     // Renewing replaces the caller's credential: it comes last.
     const RENEW: &str = "/mesh.v1.Access/RenewCredential";
-    let mut methods: Vec<_> = METHODS.iter().filter(|(path, _)| *path != RENEW).collect();
-    methods.extend(METHODS.iter().filter(|(path, _)| *path == RENEW));
-    for (path, requirement) in methods {
+    let mut methods: Vec<_> = METHODS.iter().filter(|(path, ..)| *path != RENEW).collect();
+    methods.extend(METHODS.iter().filter(|(path, ..)| *path == RENEW));
+    for (path, requirement, _) in methods {
         let code = call(stranger.clone(), path).await;
         if *requirement == Requirement::Public {
             // The request carries its proof; an empty one is refused for what it lacks.

@@ -91,6 +91,21 @@ fn running(meshd: &Meshd, servers: &str, job: &str) -> Vec<Value> {
     list.into_iter().filter(|i| i["job"] == job && i["state"] == "running" && i["ready"] == true).collect()
 }
 
+/// How many node heartbeats `meshd` on `host` handed on to the leader, from
+/// its own metrics.
+fn heartbeats_handed_on(host: &Host, meshd: &Meshd) -> u64 {
+    let url = format!("http://{}/metrics", meshd.admin);
+    let output = host.command(Path::new("curl")).args(["-s", "--max-time", "5", &url]).output().unwrap();
+    let metrics = String::from_utf8_lossy(&output.stdout);
+    metrics
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix("meshd_calls_handed_to_leader_total{method=\"/mesh.v1.Nodes/Heartbeat\"} ")
+        })
+        .and_then(|count| count.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// The leader, as `meshctl status` on `server` names it.
 fn leader_seen_by(meshd: &Meshd, server: &str) -> Option<String> {
     let (code, stdout, _) = meshd.ctl_via(server, &["status"]);
@@ -172,6 +187,29 @@ async fn the_mesh_survives_losing_its_leader_and_etcd_members() {
     let leader = leader_seen_by(admin, &servers[1].listen).expect("a leader");
     let leader_index =
         servers.iter().position(|m| m.listen == leader).expect("the leader is one of the servers");
+
+    // Followers serve what only the leader knows by handing it on: meshctl
+    // given one follower alone reads instances and nodes, and the node
+    // that started on each follower (a node's name chooses where in the
+    // list it starts: node-N on server N) keeps heartbeating through it.
+    for (index, follower) in servers.iter().enumerate().filter(|(i, _)| *i != leader_index) {
+        let only = follower.listen.as_str();
+        let (code, out, err) = admin.ctl_via(only, &["get", "nodes", "-o", "json"]);
+        assert_eq!(code, 0, "the follower {only} answers `get nodes`: {out}{err}");
+        let nodes: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(nodes.as_array().unwrap().iter().filter(|n| n["up"] == true).count(), 3, "{nodes}");
+        assert_eq!(running(admin, only, "web").len(), 3, "the follower {only} lists web's instances");
+        // Logs come from the agent on the instance's host, through the follower and the leader.
+        let logs = ctl_ok_via(admin, only, &["logs", "web"]);
+        assert!(logs.contains("mesh-echo listening on"), "web's logs through {only}: {logs}");
+        let host = &server_hosts[index];
+        let before = heartbeats_handed_on(host, follower);
+        eventually("a follower keeps handing on its node's heartbeats", Duration::from_secs(10), || {
+            let now = heartbeats_handed_on(host, follower);
+            async move { (now > before && before > 0).then_some(()) }
+        })
+        .await;
+    }
     let answered = ctl_ok_via(admin, &leader, &["split", "web", "v1=100", "--wait"]);
     assert!(answered.contains("applied"), "{answered}");
     // A proxy that starts on the leader (a proxy's id chooses where in the

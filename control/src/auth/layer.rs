@@ -1,5 +1,6 @@
 //! The one gate in front of every meshd service: decides each call by the
-//! method table before any handler runs, and hands the handler the caller.
+//! method table before any handler runs, and hands the handler the caller;
+//! on a follower, hands a call only the leader serves on to the leader.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -8,15 +9,17 @@ use tonic::body::Body;
 use tonic::codegen::http;
 use tower::{Layer, Service};
 
-use super::policy::{self, Denial};
+use super::policy::{self, Denial, Serves};
 use super::principal::{Peer, Principal};
 use super::users::Users;
+use crate::server::forward::{self, ToLeader};
 use crate::server::ControlPlane;
 
 #[derive(Clone)]
 pub struct AuthLayer {
     pub users: Arc<Users>,
     pub control: Arc<ControlPlane>,
+    pub to_leader: Arc<ToLeader>,
 }
 
 impl<S> Layer<S> for AuthLayer {
@@ -40,7 +43,8 @@ where
     S: Service<http::Request<B>, Response = http::Response<Body>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
-    B: Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     type Response = http::Response<Body>;
     type Error = S::Error;
@@ -52,7 +56,13 @@ where
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         let peer = request.extensions().get::<Peer>().cloned();
-        let principal = peer.as_ref().map_or(Principal::Anonymous, |p| p.principal.clone());
+        let mut principal = peer.as_ref().map_or(Principal::Anonymous, |p| p.principal.clone());
+        // Another server calls only to hand on a call: it is decided as
+        // the caller that server named.
+        let handed_on = principal == Principal::ControlPlane;
+        if handed_on {
+            principal = forward::named_caller(request.headers(), &self.gate.to_leader.trust_domain);
+        }
         let path = request.uri().path().to_owned();
         let decision =
             policy::decide(&path, &principal, |name, serial| self.gate.users.role_of(name, serial));
@@ -70,6 +80,17 @@ where
                 }
             };
             return Box::pin(std::future::ready(Ok(status.into_http())));
+        }
+        if !handed_on && policy::serves(&path) == Serves::Leader {
+            if let Some((leader, channel)) = self.gate.to_leader.channel() {
+                let trust_domain = &self.gate.to_leader.trust_domain;
+                forward::name_caller(request.headers_mut(), &principal, trust_domain);
+                self.gate.control.metrics.count_handed_on(&path);
+                let to_leader = self.gate.to_leader.clone();
+                return Box::pin(async move {
+                    Ok(to_leader.hand_on(channel, leader, principal, request.map(Body::new)).await)
+                });
+            }
         }
         request.extensions_mut().insert(principal);
         // The clone that was made ready is the one called.

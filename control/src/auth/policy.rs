@@ -55,48 +55,68 @@ pub enum Requirement {
 use Requirement::{Node, Proxy, Public};
 use Role::{Admin, Operator, Viewer};
 
-/// Every method meshd serves. A method not listed is refused.
-pub const METHODS: &[(&str, Requirement)] = &[
-    ("/mesh.v1.Registry/Register", Requirement::Role(Operator)),
-    ("/mesh.v1.Registry/Deregister", Requirement::Role(Operator)),
-    ("/mesh.v1.Nodes/Enroll", Public),
-    ("/mesh.v1.Nodes/Join", Node),
-    ("/mesh.v1.Nodes/Heartbeat", Node),
-    ("/mesh.v1.Identity/IssueToken", Node),
-    ("/mesh.v1.Identity/Sign", Public),
-    ("/mesh.v1.Identity/Renew", Public),
-    ("/mesh.v1.Identity/TrustBundle", Public),
-    ("/mesh.v1.Identity/RotateRoot", Requirement::Role(Admin)),
-    ("/mesh.v1.Jobs/Run", Requirement::Role(Operator)),
-    ("/mesh.v1.Jobs/Stop", Requirement::Role(Operator)),
-    ("/mesh.v1.Jobs/Promote", Requirement::Role(Operator)),
-    ("/mesh.v1.Jobs/Status", Requirement::Role(Viewer)),
-    ("/mesh.v1.Jobs/List", Requirement::Role(Viewer)),
-    ("/mesh.v1.Jobs/ListInstances", Requirement::Role(Viewer)),
-    ("/mesh.v1.Jobs/Logs", Requirement::Role(Viewer)),
-    ("/mesh.v1.Jobs/ScrapeProxies", Requirement::Role(Viewer)),
-    ("/mesh.v1.Discovery/Subscribe", Proxy),
-    ("/mesh.v1.Admin/ListServices", Requirement::Role(Viewer)),
-    ("/mesh.v1.Admin/ListEndpoints", Requirement::Role(Viewer)),
-    ("/mesh.v1.Admin/ListProxies", Requirement::Role(Viewer)),
-    ("/mesh.v1.Admin/SetSplit", Requirement::Role(Operator)),
-    ("/mesh.v1.Admin/ClearSplit", Requirement::Role(Operator)),
-    ("/mesh.v1.Admin/ListSplits", Requirement::Role(Viewer)),
-    ("/mesh.v1.Admin/SetPolicy", Requirement::Role(Admin)),
-    ("/mesh.v1.Admin/WaitConverged", Requirement::NodeOrRole(Viewer)),
-    ("/mesh.v1.Admin/Status", Requirement::NodeOrRole(Viewer)),
-    ("/mesh.v1.Admin/ListNodes", Requirement::Role(Viewer)),
-    ("/mesh.v1.Access/WhoAmI", Requirement::Role(Viewer)),
-    ("/mesh.v1.Access/ListUsers", Requirement::Role(Admin)),
-    ("/mesh.v1.Access/CreateUser", Requirement::Role(Admin)),
-    ("/mesh.v1.Access/RevokeUser", Requirement::Role(Admin)),
-    ("/mesh.v1.Access/RenewCredential", Requirement::Role(Viewer)),
-    ("/mesh.v1.Access/CreateJoinToken", Requirement::Role(Admin)),
+/// Which server answers a method.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Serves {
+    /// Every server: what it reads is in the shared store, or in its
+    /// watch of it, and its writes are transactions on the store.
+    Any,
+    /// The leader: the scheduler's placements, node liveness, tokens in
+    /// memory, the signing key's rotation. A follower hands the call on.
+    Leader,
+}
+
+use Serves::{Any, Leader};
+
+/// Every method meshd serves, who may call it and which server answers
+/// it. A method not listed is refused.
+pub const METHODS: &[(&str, Requirement, Serves)] = &[
+    ("/mesh.v1.Registry/Register", Requirement::Role(Operator), Any),
+    ("/mesh.v1.Registry/Deregister", Requirement::Role(Operator), Any),
+    ("/mesh.v1.Nodes/Enroll", Public, Leader),
+    ("/mesh.v1.Nodes/Join", Node, Leader),
+    ("/mesh.v1.Nodes/Heartbeat", Node, Leader),
+    ("/mesh.v1.Identity/IssueToken", Node, Leader),
+    ("/mesh.v1.Identity/Sign", Public, Leader),
+    ("/mesh.v1.Identity/Renew", Public, Any),
+    ("/mesh.v1.Identity/TrustBundle", Public, Any),
+    ("/mesh.v1.Identity/RotateRoot", Requirement::Role(Admin), Leader),
+    ("/mesh.v1.Jobs/Run", Requirement::Role(Operator), Any),
+    ("/mesh.v1.Jobs/Stop", Requirement::Role(Operator), Any),
+    ("/mesh.v1.Jobs/Promote", Requirement::Role(Operator), Leader),
+    ("/mesh.v1.Jobs/Status", Requirement::Role(Viewer), Leader),
+    ("/mesh.v1.Jobs/List", Requirement::Role(Viewer), Leader),
+    ("/mesh.v1.Jobs/ListInstances", Requirement::Role(Viewer), Leader),
+    ("/mesh.v1.Jobs/Logs", Requirement::Role(Viewer), Leader),
+    ("/mesh.v1.Jobs/ScrapeProxies", Requirement::Role(Viewer), Leader),
+    ("/mesh.v1.Discovery/Subscribe", Proxy, Any),
+    ("/mesh.v1.Admin/ListServices", Requirement::Role(Viewer), Any),
+    ("/mesh.v1.Admin/ListEndpoints", Requirement::Role(Viewer), Any),
+    ("/mesh.v1.Admin/ListProxies", Requirement::Role(Viewer), Any),
+    ("/mesh.v1.Admin/SetSplit", Requirement::Role(Operator), Any),
+    ("/mesh.v1.Admin/ClearSplit", Requirement::Role(Operator), Any),
+    ("/mesh.v1.Admin/ListSplits", Requirement::Role(Viewer), Any),
+    ("/mesh.v1.Admin/SetPolicy", Requirement::Role(Admin), Any),
+    ("/mesh.v1.Admin/WaitConverged", Requirement::NodeOrRole(Viewer), Any),
+    ("/mesh.v1.Admin/Status", Requirement::NodeOrRole(Viewer), Any),
+    ("/mesh.v1.Admin/ListNodes", Requirement::Role(Viewer), Leader),
+    ("/mesh.v1.Access/WhoAmI", Requirement::Role(Viewer), Any),
+    ("/mesh.v1.Access/ListUsers", Requirement::Role(Admin), Any),
+    ("/mesh.v1.Access/CreateUser", Requirement::Role(Admin), Any),
+    ("/mesh.v1.Access/RevokeUser", Requirement::Role(Admin), Any),
+    ("/mesh.v1.Access/RenewCredential", Requirement::Role(Viewer), Any),
+    ("/mesh.v1.Access/CreateJoinToken", Requirement::Role(Admin), Leader),
 ];
 
 /// The requirement of the method at `path` (`/package.Service/Method`).
 pub fn requirement(path: &str) -> Option<Requirement> {
-    METHODS.iter().find(|(method, _)| *method == path).map(|(_, requirement)| *requirement)
+    METHODS.iter().find(|(method, ..)| *method == path).map(|(_, requirement, _)| *requirement)
+}
+
+/// Which server answers the method at `path`; Any for one not listed (the
+/// gate refuses it anyway).
+pub fn serves(path: &str) -> Serves {
+    METHODS.iter().find(|(method, ..)| *method == path).map_or(Any, |(.., serves)| *serves)
 }
 
 /// Why a call is refused.
@@ -238,7 +258,7 @@ mod tests {
                 declared.push(format!("/mesh.v1.{service}/{method}"));
             }
         }
-        let mut listed: Vec<String> = METHODS.iter().map(|(path, _)| path.to_string()).collect();
+        let mut listed: Vec<String> = METHODS.iter().map(|(path, ..)| path.to_string()).collect();
         declared.sort();
         listed.sort();
         assert_eq!(declared, listed);

@@ -17,6 +17,9 @@ pub enum Principal {
     Node(String),
     /// A sidecar: `spiffe://<domain>/service/<service>`.
     Workload(String),
+    /// Another meshd server: it calls only to hand on a call it received
+    /// (a follower to the leader), naming that call's caller.
+    ControlPlane,
 }
 
 impl std::fmt::Display for Principal {
@@ -26,6 +29,7 @@ impl std::fmt::Display for Principal {
             Principal::User { name, .. } => write!(f, "user {name:?}"),
             Principal::Node(name) => write!(f, "node {name:?}"),
             Principal::Workload(service) => write!(f, "a sidecar of service {service:?}"),
+            Principal::ControlPlane => f.write_str("another meshd server"),
         }
     }
 }
@@ -63,13 +67,27 @@ pub fn of_certificate(der: &[u8], trust_domain: &str) -> Principal {
         .unwrap_or(Principal::Anonymous)
 }
 
-/// The caller a SPIFFE ID names; meshd's own ID calls no method.
-fn of_id(id: SpiffeId, serial: &str) -> Option<Principal> {
+/// The caller a SPIFFE ID names.
+pub fn of_id(id: SpiffeId, serial: &str) -> Option<Principal> {
     match id.subject {
         Subject::User(name) => Some(Principal::User { name, serial: serial.to_owned() }),
         Subject::Node(name) => Some(Principal::Node(name)),
         Subject::Service(name) => Some(Principal::Workload(name)),
-        Subject::ControlPlane => None,
+        Subject::ControlPlane => Some(Principal::ControlPlane),
+    }
+}
+
+/// The SPIFFE ID and credential serial that name `principal` to another
+/// server; None for an anonymous caller (and for meshd itself, which
+/// never hands on its own calls).
+pub fn to_id(principal: &Principal, trust_domain: &str) -> Option<(String, String)> {
+    match principal {
+        Principal::User { name, serial } => Some((user_id(trust_domain, name), serial.clone())),
+        Principal::Node(name) => Some((node_id(trust_domain, name), String::new())),
+        Principal::Workload(service) => {
+            Some((SpiffeId::service(trust_domain, service).to_string(), String::new()))
+        }
+        Principal::Anonymous | Principal::ControlPlane => None,
     }
 }
 
@@ -84,11 +102,18 @@ mod tests {
             ("user/ci", user("ci")),
             ("node/a", Some(Principal::Node("a".into()))),
             ("service/web", Some(Principal::Workload("web".into()))),
-            ("control-plane", None),
+            ("control-plane", Some(Principal::ControlPlane)),
         ];
         for (path, expected) in cases {
             let id = SpiffeId::parse(&format!("spiffe://mesh.local/{path}")).unwrap();
-            assert_eq!(of_id(id, "0a"), expected, "{path}");
+            let principal = of_id(id, "0a");
+            assert_eq!(principal, expected, "{path}");
+            // What names a caller to another server names the same caller there.
+            let principal = principal.unwrap();
+            if let Some((id, serial)) = to_id(&principal, "mesh.local") {
+                let back = of_id(SpiffeId::parse_in(&id, "mesh.local").unwrap(), &serial);
+                assert_eq!(back, Some(principal), "{path}");
+            }
         }
     }
 }

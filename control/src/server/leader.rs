@@ -87,9 +87,7 @@ impl Leader {
                 "no server is the leader yet (an election is under way); try again",
             ),
         };
-        status
-            .metadata_mut()
-            .insert("mesh-failure", tonic::metadata::MetadataValue::from_static("not-leader"));
+        status.metadata_mut().insert(NOT_LEADER.0, tonic::metadata::MetadataValue::from_static(NOT_LEADER.1));
         if let Some(value) = view.leader.as_deref().and_then(|l| l.parse().ok()) {
             status.metadata_mut().insert(LEADER_METADATA, value);
         }
@@ -99,6 +97,10 @@ impl Leader {
 
 /// The metadata of a follower's refusal that names the leader.
 pub const LEADER_METADATA: &str = "mesh-leader";
+
+/// The metadata that marks a call only the leader serves, refused because
+/// this server is not it (or cannot reach it): ask again.
+pub const NOT_LEADER: (&str, &str) = ("mesh-failure", "not-leader");
 
 async fn campaign(store: Arc<EtcdStore>, me: String, ttl: Duration, view: watch::Sender<Leadership>) {
     let mut term = 0;

@@ -7,6 +7,7 @@
 pub mod access;
 pub mod admin;
 pub mod discovery;
+pub mod forward;
 pub mod http;
 pub mod identity;
 pub mod incoming;

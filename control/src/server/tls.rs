@@ -64,6 +64,14 @@ impl ServerTls {
         Ok(tls)
     }
 
+    /// TLS for meshd's calls to another server (a follower handing a call
+    /// on to the leader): meshd's client certificate, and the roots.
+    pub fn to_server(&self) -> Result<mesh_client::ClientTls, ClientError> {
+        let issued = self.issued.lock().expect("tls lock");
+        mesh_client::ClientTls::from_roots_pem(&issued.roots_pem)?
+            .with_identity(&issued.client.0, &issued.client.1)
+    }
+
     pub fn config(&self) -> Arc<ServerConfig> {
         self.config.load_full()
     }

@@ -1,6 +1,7 @@
 //! `meshd server`: the store, the CA, the gRPC services and the admin port.
 
 use super::*;
+use mesh_control::server::forward::ToLeader;
 
 /// Writes the admin credential into the data dir on the first start (no
 /// user yet), and says where. Returns its path.
@@ -121,8 +122,15 @@ pub(crate) async fn serve(
     let incoming = incoming::admit(grpc, limits, gate);
     let join_tokens = Arc::new(std::sync::Mutex::new(JoinTokens::default()));
     let tls_for_jobs = tls.clone();
+    let to_leader = Arc::new(ToLeader::new(
+        leader.clone(),
+        me.clone(),
+        tls.clone(),
+        trust_domain.clone(),
+        scheduler.node_leases().cloned(),
+    ));
     tonic::transport::Server::builder()
-        .layer(AuthLayer { users: users.clone(), control: control.clone() })
+        .layer(AuthLayer { users: users.clone(), control: control.clone(), to_leader })
         .add_service(RegistryServer::new(RegistryService { control: control.clone(), users: users.clone() }))
         .add_service(DiscoveryServer::new(DiscoveryService { control: control.clone() }))
         .add_service(NodesServer::new(NodesService {
