@@ -46,6 +46,11 @@ impl<B: Bounds<N>, const N: usize> DurationHistogram<B, N> {
         self.buckets.iter().chain([&self.overflow]).map(|b| b.load(Ordering::Relaxed)).sum()
     }
 
+    /// The count in each bucket (not cumulative), the unbounded one last.
+    pub fn buckets(&self) -> Vec<u64> {
+        self.buckets.iter().chain([&self.overflow]).map(|b| b.load(Ordering::Relaxed)).collect()
+    }
+
     /// The `_bucket` (cumulative at each of the bounds that `shown` also
     /// holds, then `+Inf`), `_sum` and `_count` lines of `name` with
     /// `labels` (`key="value",...` or empty).

@@ -10,3 +10,4 @@ pub mod publish;
 pub mod server;
 pub mod state;
 pub mod store;
+pub mod traffic;

@@ -87,11 +87,21 @@ pub enum Command {
         #[arg(long)]
         stderr: bool,
     },
-    /// Per service and version: request rate, success rate, p50/p99 latency, from every proxy's metrics.
+    /// Per service and version, as callers saw it: request rate, success rate, p50/p99 latency and
+    /// requests in flight at the instances, from the summaries proxies send meshd every second.
     Top {
-        /// How long to measure (at least 100ms).
-        #[arg(long, value_parser = parse_interval, default_value = "2s")]
-        interval: Duration,
+        /// How far back to look (1s to 60s).
+        #[arg(long, alias = "interval", value_parser = parse_window, default_value = "10s")]
+        window: Duration,
+    },
+    /// One service's traffic (or every service's), both ways: what its instances served
+    /// (inbound) and what its callers got (outbound), by version, with status classes and
+    /// the mesh's own errors by reason.
+    Stat {
+        service: Option<String>,
+        /// How far back to look (1s to 60s).
+        #[arg(long, value_parser = parse_window, default_value = "10s")]
+        window: Duration,
     },
     /// Register an endpoint that runs outside the scheduler.
     Register {
@@ -315,10 +325,14 @@ pub fn parse_weight(text: &str) -> Result<(String, u32), String> {
 }
 
 /// A measuring interval: long enough to see requests in.
-pub fn parse_interval(text: &str) -> Result<Duration, String> {
-    let interval = humantime::parse_duration(text).map_err(|e| e.to_string())?;
-    if interval < Duration::from_millis(100) {
-        return Err(format!("{text:?} is too short to measure anything; give 100ms or more"));
+/// A traffic window: meshd keeps a minute of summaries, which come every second.
+pub fn parse_window(text: &str) -> Result<Duration, String> {
+    let window = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if window < Duration::from_secs(1) {
+        return Err(format!("{text:?} is too short: proxies report every second; give 1s or more"));
     }
-    Ok(interval)
+    if window > Duration::from_secs(60) {
+        return Err(format!("{text:?} is too long: meshd keeps the last 60s of traffic"));
+    }
+    Ok(window)
 }

@@ -6,7 +6,6 @@ mod commands;
 mod failure;
 mod render;
 mod session;
-mod top;
 
 use std::process::ExitCode;
 
@@ -65,7 +64,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             commands::identity::rotate_root(&session, stage_timeout, output).await
         }
         Command::Check { warn_within } => commands::check::run(&session, warn_within, output).await,
-        Command::Top { interval } => commands::top::run(&session, interval, output).await,
+        Command::Top { window } => commands::top::top(&session, window, output).await,
+        Command::Stat { service, window } => commands::top::stat(&session, service, window, output).await,
         Command::Status => commands::status::run(&session, output).await,
         Command::Register { service, version, addr, not_ready, plaintext_ok } => {
             commands::registry::register(&session, service, version, addr, !not_ready, plaintext_ok).await

@@ -115,6 +115,9 @@ impl From<mesh_client::ClientError> for SessionEnd {
 }
 
 /// One subscription; returns whether any update arrived.
+/// How often a proxy tells meshd what its traffic has been.
+const TRAFFIC_SUMMARY_EVERY: Duration = Duration::from_secs(1);
+
 async fn session(
     options: &ControlOptions,
     proxy: &Arc<Proxy>,
@@ -154,6 +157,10 @@ async fn session(
     let mut keepalive = tokio::time::interval(options.keepalive);
     keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     keepalive.tick().await;
+    // Each stream starts its summaries afresh: the server may be another.
+    let mut summarizer = crate::traffic::Summarizer::default();
+    let mut summary_tick = tokio::time::interval(TRAFFIC_SUMMARY_EVERY);
+    summary_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let update = tokio::select! {
             update = updates.message() => update.map_err(|status| SessionEnd::Stream("stream", status))?,
@@ -172,6 +179,13 @@ async fn session(
             }
             _ = keepalive.tick() => {
                 if acks.send(repeated_ack(proxy, &refused)).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+            _ = summary_tick.tick() => {
+                let summary = summarizer.next(&proxy.long_lived.metrics);
+                if acks.send(pb::SubscribeRequest { message: Some(Message::Traffic(summary)) }).await.is_err() {
                     break;
                 }
                 continue;

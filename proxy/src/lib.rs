@@ -18,4 +18,5 @@ pub mod reload;
 pub mod retry_budget;
 pub mod snapshot;
 pub mod tls;
+pub mod traffic;
 pub mod transport;

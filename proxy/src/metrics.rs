@@ -77,6 +77,23 @@ const ERROR_SLOTS: usize = ProxyError::ALL.len() + 1;
 pub struct HttpMetrics {
     counts: [OnceLock<Box<[AtomicU64; STATUS_CODES]>>; ERROR_SLOTS],
     latency: DurationHistogram,
+    /// Requests waiting for their answer's head (kept for inbound only).
+    pub in_flight: AtomicI64,
+}
+
+/// The counts of one `HttpMetrics` since the proxy started, as the traffic
+/// summary sends them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HttpTotals {
+    pub requests: u64,
+    /// Below 500, and not an answer the mesh made itself.
+    pub successes: u64,
+    /// 1xx, 2xx, 3xx, 4xx, 5xx.
+    pub status_classes: [u64; 5],
+    /// By `x-mesh-error` reason.
+    pub mesh_errors: BTreeMap<&'static str, u64>,
+    /// Per bucket of `BUCKETS`, then the unbounded one.
+    pub latency_buckets: Vec<u64>,
 }
 
 impl HttpMetrics {
@@ -86,6 +103,33 @@ impl HttpMetrics {
         let counts = self.counts[slot].get_or_init(|| Box::new(std::array::from_fn(|_| AtomicU64::new(0))));
         counts[code].fetch_add(1, Ordering::Relaxed);
         self.latency.record(elapsed);
+    }
+
+    /// How many requests were recorded (cheap: the histogram's buckets).
+    pub fn requests(&self) -> u64 {
+        self.latency.count()
+    }
+
+    /// Everything recorded so far; read off the request path.
+    pub fn totals(&self) -> HttpTotals {
+        let mut totals = HttpTotals { latency_buckets: self.latency.buckets(), ..HttpTotals::default() };
+        for (slot, counts) in self.counts.iter().enumerate() {
+            let Some(counts) = counts.get() else { continue };
+            for (code, count) in counts.iter().enumerate() {
+                let count = count.load(Ordering::Relaxed);
+                if count == 0 {
+                    continue;
+                }
+                totals.requests += count;
+                totals.status_classes[(code / 100).min(4)] += count;
+                match slot.checked_sub(1).and_then(|i| ProxyError::ALL.get(i)) {
+                    Some(error) => *totals.mesh_errors.entry(error.reason()).or_default() += count,
+                    None if code + 100 < 500 => totals.successes += count,
+                    None => {}
+                }
+            }
+        }
+        totals
     }
 }
 
@@ -123,7 +167,7 @@ impl Bounds<{ BUCKETS.len() }> for LatencyBounds {
 
 pub type DurationHistogram = histogram::DurationHistogram<LatencyBounds, { BUCKETS.len() }>;
 
-type HttpKey = (Direction, String, String);
+pub type HttpKey = (Direction, String, String);
 
 #[derive(Default)]
 pub struct Metrics {
@@ -151,6 +195,12 @@ impl Metrics {
 
     pub fn retries(&self, service: &str) -> Arc<RetryMetrics> {
         self.retries.lock().expect("metrics lock").entry(service.to_owned()).or_default().clone()
+    }
+
+    /// Every (direction, service, version) with HTTP metrics, and them.
+    pub fn http_rows(&self) -> Vec<(HttpKey, Arc<HttpMetrics>)> {
+        let map = self.http.lock().expect("metrics lock");
+        map.iter().map(|(key, metrics)| (key.clone(), metrics.clone())).collect()
     }
 
     pub fn tcp(&self, direction: Direction, service: &str) -> Arc<TcpMetrics> {

@@ -326,7 +326,7 @@ async fn the_mesh_survives_losing_its_leader_and_etcd_members() {
     assert_eq!(twice, 2, "placed once, not once per server: {instances}");
 
     // meshctl top and check read every proxy, on every host, through meshd.
-    let top = json_via(admin, &rest, &["top", "--interval", "1s"]).expect("meshctl top answers");
+    let top = json_via(admin, &rest, &["top", "--window", "5s"]).expect("meshctl top answers");
     let web_rps = top
         .as_array()
         .unwrap()

@@ -12,14 +12,14 @@ use tower::{Layer, Service};
 use super::policy::{self, Denial, Serves};
 use super::principal::{Peer, Principal};
 use super::users::Users;
-use crate::server::forward::{self, ToLeader};
+use crate::server::forward::{self, Peers};
 use crate::server::ControlPlane;
 
 #[derive(Clone)]
 pub struct AuthLayer {
     pub users: Arc<Users>,
     pub control: Arc<ControlPlane>,
-    pub to_leader: Arc<ToLeader>,
+    pub peers: Arc<Peers>,
 }
 
 impl<S> Layer<S> for AuthLayer {
@@ -61,7 +61,7 @@ where
         // the caller that server named.
         let handed_on = principal == Principal::ControlPlane;
         if handed_on {
-            principal = forward::named_caller(request.headers(), &self.gate.to_leader.trust_domain);
+            principal = forward::named_caller(request.headers(), &self.gate.peers.trust_domain);
         }
         let path = request.uri().path().to_owned();
         let decision =
@@ -82,13 +82,13 @@ where
             return Box::pin(std::future::ready(Ok(status.into_http())));
         }
         if !handed_on && policy::serves(&path) == Serves::Leader {
-            if let Some((leader, channel)) = self.gate.to_leader.channel() {
-                let trust_domain = &self.gate.to_leader.trust_domain;
+            if let Some((leader, channel)) = self.gate.peers.leader() {
+                let trust_domain = &self.gate.peers.trust_domain;
                 forward::name_caller(request.headers_mut(), &principal, trust_domain);
                 self.gate.control.metrics.count_handed_on(&path);
-                let to_leader = self.gate.to_leader.clone();
+                let peers = self.gate.peers.clone();
                 return Box::pin(async move {
-                    Ok(to_leader.hand_on(channel, leader, principal, request.map(Body::new)).await)
+                    Ok(peers.hand_on(channel, leader, principal, request.map(Body::new)).await)
                 });
             }
         }

@@ -100,6 +100,7 @@ pub const METHODS: &[(&str, Requirement, Serves)] = &[
     ("/mesh.v1.Admin/WaitConverged", Requirement::NodeOrRole(Viewer), Any),
     ("/mesh.v1.Admin/Status", Requirement::NodeOrRole(Viewer), Any),
     ("/mesh.v1.Admin/ListNodes", Requirement::Role(Viewer), Leader),
+    ("/mesh.v1.Admin/Traffic", Requirement::Role(Viewer), Any),
     ("/mesh.v1.Access/WhoAmI", Requirement::Role(Viewer), Any),
     ("/mesh.v1.Access/ListUsers", Requirement::Role(Admin), Any),
     ("/mesh.v1.Access/CreateUser", Requirement::Role(Admin), Any),

@@ -4,9 +4,11 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use mesh_proto::mesh::v1 as pb;
+use mesh_proto::mesh::v1::admin_client::AdminClient;
 use mesh_proto::mesh::v1::admin_server::Admin;
 use tonic::{Request, Response, Status};
 
+use crate::auth::principal::Principal;
 use crate::convert::{policy_from_pb, policy_to_pb};
 use crate::server::registry::status_of;
 use crate::server::{ControlPlane, ProxyRecord};
@@ -18,6 +20,8 @@ pub struct AdminService {
     pub leader: crate::server::leader::Leader,
     /// This server's address, as clients reach it.
     pub me: String,
+    /// The other servers sharing the store, for their proxies' traffic.
+    pub peers: Arc<crate::server::forward::Peers>,
 }
 
 /// The longest `--wait` the server accepts.
@@ -94,6 +98,63 @@ impl Admin for AdminService {
             .flat_map(|(name, service)| crate::convert::route(name, service).endpoints)
             .collect();
         Ok(Response::new(pb::EndpointList { endpoints }))
+    }
+
+    async fn traffic(
+        &self,
+        request: Request<pb::TrafficRequest>,
+    ) -> Result<Response<pb::TrafficStats>, Status> {
+        let caller = request.extensions().get::<Principal>().cloned().unwrap_or(Principal::Anonymous);
+        let request = request.into_inner();
+        let window_ms = match request.window_ms {
+            0 => crate::traffic::DEFAULT_WINDOW_MS,
+            ms if ms > crate::traffic::KEEP_MS => {
+                return Err(Status::invalid_argument(format!(
+                    "a window of {ms} ms is longer than the {} s of traffic meshd keeps",
+                    crate::traffic::KEEP_MS / 1000
+                )))
+            }
+            ms => ms,
+        };
+        let service = Some(request.service.as_str()).filter(|s| !s.is_empty());
+        let (mut sums, mut bounds, mut proxies) = {
+            let now = super::monotonic_ms();
+            let traffic = self.control.traffic.lock().expect("traffic lock");
+            (
+                traffic.sums(now, window_ms, service),
+                traffic.latency_bounds().to_vec(),
+                traffic.live_proxies(now),
+            )
+        };
+        let mut left_out = Vec::new();
+        if !request.local {
+            let others = self.control.other_servers();
+            let asked = pb::TrafficRequest { local: true, ..request.clone() };
+            for (server, answer) in gather_traffic(&self.peers, &caller, others, asked).await {
+                match answer {
+                    Ok(stats) => {
+                        proxies += stats.proxies as usize;
+                        if bounds.is_empty() {
+                            bounds = stats.latency_bounds_seconds.clone();
+                        }
+                        for row in stats.rows {
+                            let (key, sum) = sum_of(row);
+                            crate::traffic::add(&mut sums, key, sum);
+                        }
+                    }
+                    Err(error) => left_out.push(format!("{server}: {error}")),
+                }
+            }
+        }
+        let rows = crate::traffic::finish(sums, &bounds).into_iter().map(stat_to_pb).collect();
+        let proxies = proxies as u32;
+        Ok(Response::new(pb::TrafficStats {
+            window_ms,
+            proxies,
+            rows,
+            latency_bounds_seconds: bounds,
+            left_out,
+        }))
     }
 
     async fn list_proxies(&self, _: Request<pb::Empty>) -> Result<Response<pb::ProxyList>, Status> {
@@ -178,4 +239,77 @@ impl Admin for AdminService {
         self.leader.require()?;
         Ok(Response::new(pb::NodeList { nodes: self.nodes.list() }))
     }
+}
+
+fn stat_to_pb(stat: crate::traffic::Stat) -> pb::TrafficStat {
+    pb::TrafficStat {
+        inbound: stat.key.inbound,
+        service: stat.key.service,
+        version: stat.key.version,
+        requests: stat.counts.requests,
+        requests_per_second: stat.requests_per_second,
+        success_rate: stat.success_rate,
+        p50_seconds: stat.p50_seconds,
+        p99_seconds: stat.p99_seconds,
+        in_flight: stat.in_flight,
+        mesh_errors: stat.counts.mesh_errors.into_iter().collect(),
+        status_classes: stat.counts.status_classes.to_vec(),
+        proxies: stat.proxies,
+        successes: stat.counts.successes,
+        latency_buckets: stat.counts.latency_buckets,
+    }
+}
+
+/// A row another server summed, to add to this one's.
+fn sum_of(row: pb::TrafficStat) -> (crate::traffic::RowKey, crate::traffic::Sum) {
+    let key = crate::traffic::RowKey { inbound: row.inbound, service: row.service, version: row.version };
+    let mut status_classes = [0; 5];
+    for (class, count) in status_classes.iter_mut().zip(&row.status_classes) {
+        *class = *count;
+    }
+    let counts = crate::traffic::Counts {
+        requests: row.requests,
+        successes: row.successes,
+        status_classes,
+        mesh_errors: row.mesh_errors.into_iter().collect(),
+        latency_buckets: row.latency_buckets,
+    };
+    let requests_per_second = row.requests_per_second;
+    (key, crate::traffic::Sum { counts, in_flight: row.in_flight, proxies: row.proxies, requests_per_second })
+}
+
+/// How long another server has to answer with its proxies' traffic.
+const GATHER_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Asks each of `servers` for its own proxies' traffic, all at once, in
+/// the name of `caller`.
+async fn gather_traffic(
+    peers: &super::forward::Peers,
+    caller: &Principal,
+    servers: Vec<String>,
+    asked: pb::TrafficRequest,
+) -> Vec<(String, Result<pb::TrafficStats, String>)> {
+    let mut calls = tokio::task::JoinSet::new();
+    for server in servers {
+        let Some(channel) = peers.channel_to(&server) else {
+            calls.spawn(async move { (server, Err("no channel to it".to_owned())) });
+            continue;
+        };
+        let mut headers = tonic::codegen::http::HeaderMap::new();
+        super::forward::name_caller(&mut headers, caller, &peers.trust_domain);
+        let mut request = tonic::Request::new(asked.clone());
+        *request.metadata_mut() = tonic::metadata::MetadataMap::from_headers(headers);
+        request.set_timeout(GATHER_WITHIN);
+        calls.spawn(async move {
+            let answer =
+                tokio::time::timeout(GATHER_WITHIN, AdminClient::new(channel).traffic(request)).await;
+            let answer = match answer {
+                Ok(Ok(reply)) => Ok(reply.into_inner()),
+                Ok(Err(status)) => Err(status.message().to_owned()),
+                Err(_) => Err(format!("no answer within {}", humantime::format_duration(GATHER_WITHIN))),
+            };
+            (server, answer)
+        });
+    }
+    calls.join_all().await
 }

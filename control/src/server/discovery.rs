@@ -134,6 +134,28 @@ async fn push(
     }
 }
 
+/// Keeps a proxy's traffic summary (rows it left out did not change).
+fn record_traffic(control: &ControlPlane, proxy: &str, summary: pb::TrafficSummary) {
+    let rows = summary.rows.into_iter().map(|row| {
+        let key = crate::traffic::RowKey { inbound: row.inbound, service: row.service, version: row.version };
+        let mut status_classes = [0; 5];
+        for (class, count) in status_classes.iter_mut().zip(&row.status_classes) {
+            *class = *count;
+        }
+        let counts = crate::traffic::Counts {
+            requests: row.requests,
+            successes: row.successes,
+            status_classes,
+            mesh_errors: row.mesh_errors.into_iter().collect(),
+            latency_buckets: row.latency_buckets,
+        };
+        (key, counts, row.in_flight)
+    });
+    let now = super::monotonic_ms();
+    let mut traffic = control.traffic.lock().expect("traffic lock");
+    traffic.record(proxy, now, &summary.latency_bounds_seconds, rows.collect());
+}
+
 /// Records acks until the stream ends, then marks the proxy disconnected.
 async fn read_acks(
     control: Arc<ControlPlane>,
@@ -143,7 +165,14 @@ async fn read_acks(
     acked: watch::Sender<u64>,
 ) {
     while let Some(Ok(message)) = inbound.next().await {
-        let Some(Message::Ack(ack)) = message.message else { continue };
+        let ack = match message.message {
+            Some(Message::Ack(ack)) => ack,
+            Some(Message::Traffic(summary)) => {
+                record_traffic(&control, &id, summary);
+                continue;
+            }
+            _ => continue,
+        };
         // Proxies repeat their ack on a quiet stream: a refusal is logged once.
         let mut newly_refused = false;
         control.update_proxy(&id, |record| {

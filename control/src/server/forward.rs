@@ -8,6 +8,7 @@
 //! server that lost the lead meanwhile answers with the refusal that names
 //! the new leader, and the client moves there.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,69 +30,80 @@ pub const FORWARDED_SERIAL: &str = "mesh-forwarded-serial";
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The way from this server to the leader.
-pub struct ToLeader {
+/// The ways from this server to the others sharing its store: to the
+/// leader, to hand calls on, and to each server, to gather what only it
+/// holds (its proxies' traffic).
+pub struct Peers {
     leader: Leader,
     /// This server's own address, as the leader key names servers.
     me: String,
     tls: Arc<ServerTls>,
     pub trust_domain: String,
-    channel: Mutex<Option<Cached>>,
+    channels: Mutex<HashMap<String, Cached>>,
     /// With etcd: a node heard from while the leader cannot be reached
     /// keeps its lease, since it is alive whichever server it reached.
     node_leases: Option<Arc<NodeLeases>>,
 }
 
-/// A channel to one leader, made with one TLS configuration of meshd's.
+/// A channel to one server, made with one TLS configuration of meshd's.
 struct Cached {
-    leader: String,
     made_with: Arc<ServerConfig>,
     channel: Channel,
 }
 
-impl ToLeader {
+impl Peers {
     pub fn new(
         leader: Leader,
         me: String,
         tls: Arc<ServerTls>,
         trust_domain: String,
         node_leases: Option<Arc<NodeLeases>>,
-    ) -> ToLeader {
-        ToLeader { leader, me, tls, trust_domain, channel: Mutex::new(None), node_leases }
+    ) -> Peers {
+        Peers { leader, me, tls, trust_domain, channels: Mutex::new(HashMap::new()), node_leases }
     }
 
     /// A channel to the leader, when this server follows one it knows;
     /// None on the leader, during an election, or when no channel can be
     /// made (the call is then answered here, with the refusal that says so).
-    pub fn channel(&self) -> Option<(String, Channel)> {
+    pub fn leader(&self) -> Option<(String, Channel)> {
         let view = self.leader.current();
         let leader = view.leader.filter(|leader| !view.leading && *leader != self.me)?;
-        // A new certificate or new roots (a rotation) make a new channel.
+        let channel = self.channel_to(&leader)?;
+        Some((leader, channel))
+    }
+
+    /// This server's own address.
+    pub fn me(&self) -> &str {
+        &self.me
+    }
+
+    /// A channel to the server at `addr`, over meshd's control-plane
+    /// certificate; a new certificate or new roots (a rotation) make a
+    /// new one.
+    pub fn channel_to(&self, addr: &str) -> Option<Channel> {
         let config = self.tls.config();
-        let mut cached = self.channel.lock().expect("leader channel lock");
-        if let Some(c) = cached.as_ref().filter(|c| c.leader == leader && Arc::ptr_eq(&c.made_with, &config))
-        {
-            return Some((leader, c.channel.clone()));
+        let mut channels = self.channels.lock().expect("peer channels lock");
+        if let Some(cached) = channels.get(addr).filter(|c| Arc::ptr_eq(&c.made_with, &config)) {
+            return Some(cached.channel.clone());
         }
         let made = self
             .tls
             .to_server()
-            .and_then(|tls| mesh_client::channel::connect_lazy(&leader, &tls, CONNECT_TIMEOUT));
+            .and_then(|tls| mesh_client::channel::connect_lazy(addr, &tls, CONNECT_TIMEOUT));
         match made {
             Ok(channel) => {
-                *cached =
-                    Some(Cached { leader: leader.clone(), made_with: config, channel: channel.clone() });
-                Some((leader, channel))
+                channels.insert(addr.to_owned(), Cached { made_with: config, channel: channel.clone() });
+                Some(channel)
             }
             Err(error) => {
-                tracing::warn!(%leader, %error, "cannot make a channel to the leader");
+                tracing::warn!(server = %addr, %error, "cannot make a channel to another server");
                 None
             }
         }
     }
 }
 
-impl ToLeader {
+impl Peers {
     /// The leader's answer to `request` from `caller`, streamed through.
     /// A leader that cannot be reached (it died; its lease has not yet
     /// run out) is answered as an election is: UNAVAILABLE, marked

@@ -130,6 +130,8 @@ pub struct ControlPlane {
     pub(crate) local_changed: std::sync::atomic::AtomicBool,
     /// With a shared store: routing changes applied since the last publication.
     unpublished: std::sync::atomic::AtomicU64,
+    /// The traffic summaries of this server's proxies, for a minute.
+    pub traffic: Mutex<crate::traffic::Traffic>,
 }
 
 #[derive(Debug)]
@@ -192,6 +194,7 @@ impl ControlPlane {
             applied: watch::channel(version).0,
             events: tokio::sync::broadcast::channel(1024).0,
             remote_proxies: Mutex::new(HashMap::new()),
+            traffic: Mutex::new(Default::default()),
             local_changed: Default::default(),
             unpublished: Default::default(),
         });
@@ -448,6 +451,11 @@ impl ControlPlane {
     }
 
     /// The proxies another server has now (`None`: it is gone).
+    /// The other servers sharing the store that have shared their proxies.
+    pub fn other_servers(&self) -> Vec<String> {
+        self.remote_proxies.lock().expect("remote proxies lock").keys().cloned().collect()
+    }
+
     pub fn set_remote_proxies(&self, server: &str, proxies: Option<HashMap<String, ProxyRecord>>) {
         let mut remote = self.remote_proxies.lock().expect("remote proxies lock");
         match proxies {
@@ -682,3 +690,10 @@ async fn write_loop(control: Arc<ControlPlane>, mut pending: mpsc::Receiver<Pend
 mod group_commit_tests;
 #[cfg(test)]
 mod publish_window_tests;
+
+/// Milliseconds on a clock that only goes forward (since this process
+/// first asked): what traffic windows are measured on.
+pub fn monotonic_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START.get_or_init(std::time::Instant::now).elapsed().as_millis() as u64
+}

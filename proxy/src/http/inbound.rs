@@ -25,6 +25,7 @@ pub async fn forward_inbound(
 ) -> Response<ResponseBody> {
     let inbound = &snapshot.inbound;
     let started = Instant::now();
+    let _in_flight = crate::traffic::InFlight::start(&inbound.metrics.in_flight);
     let grpc = is_grpc(request.headers());
     let version = request.version();
     let Some(app) = inbound.app else {

@@ -1,7 +1,7 @@
 //! `meshd server`: the store, the CA, the gRPC services and the admin port.
 
 use super::*;
-use mesh_control::server::forward::ToLeader;
+use mesh_control::server::forward::Peers;
 
 /// Writes the admin credential into the data dir on the first start (no
 /// user yet), and says where. Returns its path.
@@ -122,7 +122,7 @@ pub(crate) async fn serve(
     let incoming = incoming::admit(grpc, limits, gate);
     let join_tokens = Arc::new(std::sync::Mutex::new(JoinTokens::default()));
     let tls_for_jobs = tls.clone();
-    let to_leader = Arc::new(ToLeader::new(
+    let peers = Arc::new(Peers::new(
         leader.clone(),
         me.clone(),
         tls.clone(),
@@ -130,7 +130,7 @@ pub(crate) async fn serve(
         scheduler.node_leases().cloned(),
     ));
     tonic::transport::Server::builder()
-        .layer(AuthLayer { users: users.clone(), control: control.clone(), to_leader })
+        .layer(AuthLayer { users: users.clone(), control: control.clone(), peers: peers.clone() })
         .add_service(RegistryServer::new(RegistryService { control: control.clone(), users: users.clone() }))
         .add_service(DiscoveryServer::new(DiscoveryService { control: control.clone() }))
         .add_service(NodesServer::new(NodesService {
@@ -163,7 +163,7 @@ pub(crate) async fn serve(
             tls: tls_for_jobs,
             trust_domain: trust_domain.clone(),
         }))
-        .add_service(AdminServer::new(AdminService { control, nodes, leader, me }))
+        .add_service(AdminServer::new(AdminService { control, nodes, leader, me, peers: peers.clone() }))
         .serve_with_incoming_shutdown(incoming, shutdown_signal())
         .await?;
     Ok(())
