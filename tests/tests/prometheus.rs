@@ -102,12 +102,21 @@ async fn prometheus_pointed_at_meshd_finds_every_sidecar_and_sees_the_split() {
     let dir = TempDir::new("prometheus-sd");
     // The shipped configuration and rules are valid.
     let shipped = mesh_tests::workspace_dir().join("docs/prometheus");
-    for (what, file) in [("config", "prometheus.yml"), ("rules", "mesh-rules.yml")] {
-        let output = Command::new("promtool").args(["check", what]).arg(shipped.join(file)).output().unwrap();
+    let checks = [
+        ("check", "config", "prometheus.yml"),
+        ("check", "rules", "mesh-rules.yml"),
+        ("check", "rules", "mesh-alerts.yml"),
+        // The alerts fire on the series they are meant for, and only then.
+        ("test", "rules", "mesh-alerts.test.yml"),
+    ];
+    for (verb, what, file) in checks {
+        let output =
+            Command::new("promtool").args([verb, what]).arg(file).current_dir(&shipped).output().unwrap();
         assert!(
             output.status.success(),
-            "promtool check {what} {file}: {}",
-            String::from_utf8_lossy(&output.stdout)
+            "promtool {verb} {what} {file}: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
         );
     }
     let meshd = mesh_tests::process::Meshd::start_dev_demo(&dir.path("data"));
@@ -124,12 +133,13 @@ async fn prometheus_pointed_at_meshd_finds_every_sidecar_and_sees_the_split() {
         })
         .await;
 
-    let rules = mesh_tests::workspace_dir().join("docs/prometheus/mesh-rules.yml");
-    let config = format!(
-        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: mesh\n    http_sd_configs:\n      - url: http://{}/prometheus/targets\n        refresh_interval: 1s\n",
-        rules.display(),
-        meshd.admin
-    );
+    // The shipped configuration, pointed at this meshd and scraping faster.
+    let config = std::fs::read_to_string(shipped.join("prometheus.yml"))
+        .unwrap()
+        .replace("127.0.0.1:7401", &meshd.admin)
+        .replace("15s", "1s")
+        .replace("5s", "1s")
+        .replace("- mesh-", &format!("- {}/mesh-", shipped.display()));
     let (_prometheus, api) = start_prometheus(&dir, &config);
 
     // `up` for meshd and for every sidecar, found through meshd alone.
@@ -162,6 +172,17 @@ async fn prometheus_pointed_at_meshd_finds_every_sidecar_and_sees_the_split() {
             };
             let (v1, v2) = (count("v1")?, count("v2")?);
             (v1 + v2 >= 200.0).then_some((v1, v2))
+        }
+    })
+    .await;
+    // The callers' side names the service called, not the caller's own:
+    // the traffic job's sidecar reports its calls to echo as echo's.
+    eventually("the callers' view of echo is recorded", Duration::from_secs(30), || {
+        let api = api.clone();
+        async move {
+            let series =
+                query(&api, "mesh:http_requests:total{service=\"echo\",direction=\"outbound\"} > 0").await?;
+            (!series.is_empty()).then_some(())
         }
     })
     .await;
