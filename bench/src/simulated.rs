@@ -31,11 +31,64 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
-/// What every simulated proxy received, summed.
+/// What every simulated proxy received, summed; and whether they send
+/// traffic summaries.
 #[derive(Default)]
 pub struct Received {
     pub bytes: AtomicU64,
     pub updates: AtomicU64,
+    /// Set: each proxy sends a traffic summary every second, as sidecars do.
+    pub summaries: std::sync::atomic::AtomicBool,
+}
+
+/// The rows a busy sidecar's summary carries: its own service's inbound
+/// and three services it calls, each moving every second.
+const SUMMARY_ROWS: [(bool, &str, &str); 4] =
+    [(true, "sim", "v1"), (false, "echo", "v1"), (false, "echo", "v2"), (false, "api", "v1")];
+
+/// The `seconds`-th summary of a proxy serving and calling 50 requests a
+/// second per row, 1 % of them failing.
+fn summary(seconds: u64) -> pb::TrafficSummary {
+    let requests = seconds * 50;
+    let rows = SUMMARY_ROWS
+        .iter()
+        .map(|(inbound, service, version)| {
+            let mut latency_buckets = vec![0; 15];
+            latency_buckets[2] = requests * 9 / 10;
+            latency_buckets[5] = requests - requests * 9 / 10;
+            pb::TrafficRow {
+                inbound: *inbound,
+                service: (*service).to_owned(),
+                version: (*version).to_owned(),
+                requests,
+                successes: requests - requests / 100,
+                status_classes: vec![0, requests - requests / 100, 0, 0, requests / 100],
+                mesh_errors: Default::default(),
+                latency_buckets,
+                in_flight: 3,
+            }
+        })
+        .collect();
+    let bounds = vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+    pb::TrafficSummary { latency_bounds_seconds: bounds, rows }
+}
+
+/// Sends a summary each second while `received.summaries` is set, until
+/// the stream is gone.
+async fn send_summaries(tx: mpsc::Sender<pb::SubscribeRequest>, received: Arc<Received>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut seconds = 0;
+    loop {
+        tick.tick().await;
+        if !received.summaries.load(Ordering::Relaxed) {
+            continue;
+        }
+        seconds += 1;
+        let message = Some(Message::Traffic(summary(seconds)));
+        if tx.send(pb::SubscribeRequest { message }).await.is_err() {
+            return;
+        }
+    }
 }
 
 /// One simulated proxy: its own TLS connection with a client certificate,
@@ -55,6 +108,8 @@ pub async fn simulated_proxy(
         .await
         .map_err(|e| e.to_string())?
         .into_inner();
+    let summaries = tokio::spawn(send_summaries(tx.clone(), received.clone()));
+    let _stop_summaries = AbortOnDrop(summaries);
     while let Some(update) = updates.message().await.map_err(|e| e.to_string())? {
         received.bytes.fetch_add(prost::Message::encoded_len(&update) as u64, Ordering::Relaxed);
         // A large update comes in parts; a proxy acks it after the last.
@@ -68,6 +123,15 @@ pub async fn simulated_proxy(
         }
     }
     Ok(())
+}
+
+/// Ends a task when the stream it serves ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 pub fn rss_mb(pid: i32) -> f64 {

@@ -261,8 +261,9 @@ async fn an_inbound_port_takes_only_mesh_peers_unless_permissive() {
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
 }
 
-/// One request on an open HTTP/1.1 connection; returns the status code.
-async fn status_on(stream: &mut tokio::net::TcpStream) -> u16 {
+/// One request on an open HTTP/1.1 connection; returns the status code
+/// and the whole answer (its head and body), for a failure to show.
+async fn status_on(stream: &mut tokio::net::TcpStream) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     stream.write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n").await.expect("the connection is open");
     let mut head = Vec::new();
@@ -279,7 +280,7 @@ async fn status_on(stream: &mut tokio::net::TcpStream) -> u16 {
         .expect("a sized answer");
     let mut body = vec![0u8; length];
     stream.read_exact(&mut body).await.unwrap();
-    head[9..12].parse().unwrap()
+    (head[9..12].parse().unwrap(), format!("{head}{}", String::from_utf8_lossy(&body)))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -288,7 +289,8 @@ async fn a_policy_change_holds_for_the_next_request_on_a_kept_alive_connection()
     let (meshd, _agent, _instance) = cluster(&dir).await;
     let (inbound, _) = sidecar(&meshd, "web");
     let mut plaintext = tokio::net::TcpStream::connect(&inbound).await.unwrap();
-    assert_eq!(status_on(&mut plaintext).await, 403, "mTLS only at first");
+    let (status, answer) = status_on(&mut plaintext).await;
+    assert_eq!(status, 403, "mTLS only at first: {answer}");
     // (policy change, status of the next request on the same connection)
     let steps: [(&[&str], u16); 4] = [
         (&["--permissive"], 200),
@@ -301,7 +303,8 @@ async fn a_policy_change_holds_for_the_next_request_on_a_kept_alive_connection()
         args.extend_from_slice(change);
         args.push("--wait");
         meshd.ctl_ok(&args);
-        assert_eq!(status_on(&mut plaintext).await, expected, "after {change:?}");
+        let (status, answer) = status_on(&mut plaintext).await;
+        assert_eq!(status, expected, "after {change:?}: {answer}");
     }
 }
 

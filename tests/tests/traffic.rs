@@ -44,7 +44,6 @@ async fn top_and_stat_show_what_callers_got_and_instances_served_from_meshd() {
         async move { filled.then_some(top) }
     })
     .await;
-    let stat = meshd.ctl_json(&["stat", "web", "--window", "5s"]);
     // Four callers wait on the two instances nearly all the time: the
     // instances' sidecars count them in flight.
     eventually("requests in flight at web's instances show", Duration::from_secs(10), || {
@@ -54,30 +53,38 @@ async fn top_and_stat_show_what_callers_got_and_instances_served_from_meshd() {
         async move { busy.then_some(()) }
     })
     .await;
-    let sent_before = load.sent();
     let tally = load.stop().await;
     let web = row(&top, None).unwrap().clone();
-    eprintln!("top: {web}\nstat: {stat}\nthe load: {} answered, {} failed", tally.answered(), tally.failed());
+    eprintln!("top: {web}\nthe load: {} ok, {} failed", tally.ok, tally.failed());
 
     // The callers' success rate is the load's own, about 80 % (a fifth fail).
     let success = number(&web, "success_rate");
     assert!((65.0..=92.0).contains(&success), "success rate {success} %: {web}");
-    let seen = tally.failed() as f64 / sent_before.max(1) as f64;
-    assert!((0.08..=0.35).contains(&seen), "the load itself saw {seen} fail");
     // Latency: the 30 ms the app takes, in the 25–50 ms bucket.
     assert_eq!(number(&web, "p50_ms"), 50.0, "{web}");
 
-    // Both directions in `stat`: the instances served what the callers got,
-    // 5xx from the app, not from the mesh.
-    let inbound = row(&stat, Some("inbound")).expect("the instances' side");
-    let outbound = row(&stat, Some("outbound")).expect("the callers' side");
+    // Once every sidecar has reported, a window over the whole run counts
+    // each request once on each side: what the callers got is what the
+    // load saw, and what the instances served is the same; 5xx from the
+    // app, none from the mesh.
+    let sent = tally.ok + tally.failed();
+    let stat =
+        eventually("every request of the load is counted on both sides", Duration::from_secs(10), || {
+            let stat = meshd.ctl_json(&["stat", "web", "--window", "60s"]);
+            let count =
+                |direction: &str| row(&stat, Some(direction)).map(|r| r["requests"].as_u64().unwrap());
+            let settled = count("outbound") == Some(sent) && count("inbound") == Some(sent);
+            async move { settled.then_some(stat) }
+        })
+        .await;
+    eprintln!("stat: {stat}");
+    let (inbound, outbound) = (row(&stat, Some("inbound")).unwrap(), row(&stat, Some("outbound")).unwrap());
+    let failed = format!("5xx={}", tally.failed());
     for side in [inbound, outbound] {
-        assert!(side["status_classes"].as_str().unwrap().contains("5xx="), "{side}");
+        assert!(side["status_classes"].as_str().unwrap().contains(&failed), "{failed}: {side}");
         assert_eq!(side["mesh_errors"], "", "no error of the mesh's own: {side}");
     }
     assert_eq!(inbound["proxies"], 2, "both instances' sidecars report: {inbound}");
-    let (served, got) = (number(inbound, "requests_per_second"), number(outbound, "requests_per_second"));
-    assert!((served - got).abs() <= got * 0.25, "served {served}/s, got {got}/s");
 
     // Once the load stops, a short window shows none, and nothing in flight.
     eventually("web's traffic leaves a short window", Duration::from_secs(10), || {

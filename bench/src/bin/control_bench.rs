@@ -221,6 +221,7 @@ async fn main() {
         Flapping { registry: &mut registry, admin: &mut admin, received: &received, pid, ready: true };
     let churn = flapping.run(args.common.changes, Duration::from_millis(args.churn_interval_ms)).await;
     let paced = flapping.run(args.common.changes, Duration::from_millis(args.flap_interval_ms)).await;
+    let traffic = traffic_summaries(&mut admin, &received, pid, &args).await;
     simulated.abort_all();
     drop(meshd);
 
@@ -284,6 +285,18 @@ async fn main() {
         );
     }
     println!(
+        "| traffic summaries (4 moving rows per proxy each second): meshd CPU per proxy-second, beyond quiet | {:.1} µs |",
+        traffic.cpu_micros_per_proxy_second
+    );
+    println!(
+        "| traffic summaries: meshd memory per proxy with a full minute kept | {:.1} KB |",
+        traffic.kb_per_proxy
+    );
+    println!(
+        "| `Admin.Traffic` over 10 s of every proxy ({} rows) | {:.1} ms |",
+        traffic.rows, traffic.query_ms
+    );
+    println!(
         "| meshd memory per connected proxy, 2-endpoint table | {:.1} KB |",
         (rss_connected - rss_before) * 1024.0 / proxies
     );
@@ -294,6 +307,56 @@ async fn main() {
         rss_loaded,
         rss_loaded_alone
     );
+}
+
+/// What the proxies' traffic summaries cost meshd.
+struct TrafficCost {
+    /// meshd's CPU per proxy per second of summaries, less its CPU with
+    /// the same proxies quiet.
+    cpu_micros_per_proxy_second: f64,
+    /// RSS growth once a full minute of summaries is kept, per proxy.
+    kb_per_proxy: f64,
+    /// `Admin.Traffic` over a 10 s window of every proxy.
+    query_ms: f64,
+    rows: usize,
+}
+
+/// Measures meshd quiet, then with every proxy sending a summary each
+/// second (four rows that move), once the minute meshd keeps is full.
+async fn traffic_summaries(
+    admin: &mut AdminClient<Channel>,
+    received: &Received,
+    pid: i32,
+    args: &Args,
+) -> TrafficCost {
+    let measure = Duration::from_secs(if args.common.quick { 2 } else { 10 });
+    let fill = Duration::from_secs(if args.common.quick { 3 } else { 62 });
+    let cpu_over = |seconds: Duration| async move {
+        let before = procstat::cpu_seconds(pid);
+        tokio::time::sleep(seconds).await;
+        procstat::cpu_seconds(pid) - before
+    };
+    let quiet = cpu_over(measure).await;
+    let rss_quiet = rss_mb(pid);
+    received.summaries.store(true, Ordering::Relaxed);
+    tokio::time::sleep(fill).await;
+    let busy = cpu_over(measure).await;
+    let rss_full = rss_mb(pid);
+    let started = Instant::now();
+    let mut rows = 0;
+    for _ in 0..10 {
+        let request = pb::TrafficRequest { window_ms: 10_000, ..Default::default() };
+        rows = admin.traffic(request).await.expect("traffic").into_inner().rows.len();
+    }
+    let query_ms = started.elapsed().as_secs_f64() * 1e3 / 10.0;
+    received.summaries.store(false, Ordering::Relaxed);
+    let proxy_seconds = f64::from(args.common.proxies) * measure.as_secs_f64();
+    TrafficCost {
+        cpu_micros_per_proxy_second: (busy - quiet).max(0.0) * 1e6 / proxy_seconds,
+        kb_per_proxy: (rss_full - rss_quiet) * 1024.0 / f64::from(args.common.proxies),
+        query_ms,
+        rows,
+    }
 }
 
 /// Registers the churn table: `services` × `endpoints_per_service`, one

@@ -194,7 +194,11 @@ impl ControlPlane {
             applied: watch::channel(version).0,
             events: tokio::sync::broadcast::channel(1024).0,
             remote_proxies: Mutex::new(HashMap::new()),
-            traffic: Mutex::new(Default::default()),
+            traffic: {
+                // Traffic windows are measured from meshd's start.
+                monotonic_ms();
+                Mutex::new(Default::default())
+            },
             local_changed: Default::default(),
             unpublished: Default::default(),
         });

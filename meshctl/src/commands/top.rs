@@ -98,6 +98,7 @@ fn measured(row: &pb::TrafficStat) -> Vec<(&'static str, Value)> {
     let round = |v: f64, places: i32| (v * 10f64.powi(places)).round() / 10f64.powi(places);
     let some = row.requests > 0;
     vec![
+        ("requests", json!(row.requests)),
         ("requests_per_second", json!(round(row.requests_per_second, 1))),
         ("success_rate", json!(some.then(|| round(row.success_rate * 100.0, 2)))),
         ("p50_ms", json!(some.then(|| round(row.p50_seconds * 1000.0, 2)))),
