@@ -49,6 +49,22 @@ pub struct Counts {
 }
 
 impl Counts {
+    /// Counts as the wire carries them (status classes as a list).
+    pub fn from_wire(
+        requests: u64,
+        successes: u64,
+        status_classes: &[u64],
+        mesh_errors: impl IntoIterator<Item = (String, u64)>,
+        latency_buckets: Vec<u64>,
+    ) -> Counts {
+        let mut classes = [0; 5];
+        for (class, count) in classes.iter_mut().zip(status_classes) {
+            *class = *count;
+        }
+        let mesh_errors = mesh_errors.into_iter().collect();
+        Counts { requests, successes, status_classes: classes, mesh_errors, latency_buckets }
+    }
+
     /// What was added since `base`; None when a count went down (not the
     /// same proxy's counts: they only grow).
     fn since(&self, base: &Counts) -> Option<Counts> {

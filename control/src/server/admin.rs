@@ -263,17 +263,13 @@ fn stat_to_pb(stat: crate::traffic::Stat) -> pb::TrafficStat {
 /// A row another server summed, to add to this one's.
 fn sum_of(row: pb::TrafficStat) -> (crate::traffic::RowKey, crate::traffic::Sum) {
     let key = crate::traffic::RowKey { inbound: row.inbound, service: row.service, version: row.version };
-    let mut status_classes = [0; 5];
-    for (class, count) in status_classes.iter_mut().zip(&row.status_classes) {
-        *class = *count;
-    }
-    let counts = crate::traffic::Counts {
-        requests: row.requests,
-        successes: row.successes,
-        status_classes,
-        mesh_errors: row.mesh_errors.into_iter().collect(),
-        latency_buckets: row.latency_buckets,
-    };
+    let counts = crate::traffic::Counts::from_wire(
+        row.requests,
+        row.successes,
+        &row.status_classes,
+        row.mesh_errors,
+        row.latency_buckets,
+    );
     let requests_per_second = row.requests_per_second;
     (key, crate::traffic::Sum { counts, in_flight: row.in_flight, proxies: row.proxies, requests_per_second })
 }

@@ -138,17 +138,13 @@ async fn push(
 fn record_traffic(control: &ControlPlane, proxy: &str, summary: pb::TrafficSummary) {
     let rows = summary.rows.into_iter().map(|row| {
         let key = crate::traffic::RowKey { inbound: row.inbound, service: row.service, version: row.version };
-        let mut status_classes = [0; 5];
-        for (class, count) in status_classes.iter_mut().zip(&row.status_classes) {
-            *class = *count;
-        }
-        let counts = crate::traffic::Counts {
-            requests: row.requests,
-            successes: row.successes,
-            status_classes,
-            mesh_errors: row.mesh_errors.into_iter().collect(),
-            latency_buckets: row.latency_buckets,
-        };
+        let counts = crate::traffic::Counts::from_wire(
+            row.requests,
+            row.successes,
+            &row.status_classes,
+            row.mesh_errors,
+            row.latency_buckets,
+        );
         (key, counts, row.in_flight)
     });
     let now = super::monotonic_ms();
