@@ -51,6 +51,17 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// A loopback address of its own for a node of one test (127.0.N.2).
+/// Tests of one binary run in parallel, and an agent hands its apps ports
+/// the kernel says are free on its address: two agents on one address
+/// could hand out the same port, and one test's sidecar would forward to
+/// another test's app. A real node has its address to itself.
+pub fn node_ip() -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(100);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 250;
+    format!("127.0.{n}.2")
+}
+
 /// A fresh directory under the system temp dir, removed on drop.
 pub struct TempDir(pub PathBuf);
 

@@ -417,7 +417,7 @@ fn uid_of(pid: i64) -> Option<u32> {
 async fn apps_run_unprivileged_and_cannot_read_the_nodes_secrets() {
     let dir = TempDir::new("access-unprivileged");
     let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", &["--heartbeat-ttl", "1s"]);
-    let _agent = Agent::start(&meshd, "node-a", "127.0.0.2", 1000, &dir.path("a"), &[]);
+    let _agent = Agent::start(&meshd, "node-a", &mesh_tests::node_ip(), 1000, &dir.path("a"), &[]);
     // From inside an instance: the node's credential, the store, the admin credential, the agent's folder.
     let secrets = [
         dir.path("a").join("node.credentials.toml"),
@@ -530,7 +530,7 @@ async fn no_key_or_token_reaches_meshds_log() {
         .env("MESHD_LOG", &log);
     let meshd = Meshd::from_process(mesh_tests::process::Process::start_with(&mut command));
     let token = meshd.join_token();
-    let _agent = Agent::start(&meshd, "node-a", "127.0.0.2", 1000, &dir.path("a"), &[]);
+    let _agent = Agent::start(&meshd, "node-a", &mesh_tests::node_ip(), 1000, &dir.path("a"), &[]);
     let file = dir.path("web.toml");
     std::fs::write(
         &file,

@@ -23,7 +23,7 @@ async fn pid_records_that_are_not_the_agents_own_processes_kill_nothing() {
         std::fs::create_dir_all(instances.join(name)).unwrap();
         std::fs::write(instances.join(name).join("pids"), record).unwrap();
     }
-    let _agent = Agent::start(&meshd, "node-a", "127.0.0.2", 1000, &dir.path("agent"), &[]);
+    let _agent = Agent::start(&meshd, "node-a", &mesh_tests::node_ip(), 1000, &dir.path("agent"), &[]);
     eventually("the agent joined", Duration::from_secs(10), || {
         let nodes = meshd.ctl_json(&["get", "nodes"]);
         async move { (nodes.as_array().map(Vec::len) == Some(1)).then_some(()) }
@@ -70,7 +70,7 @@ async fn logs_are_never_read_through_a_planted_symlink() {
     let instance = dir.path("agent").join("instances").join("web-0");
     std::fs::create_dir_all(&instance).unwrap();
     std::os::unix::fs::symlink(&secret, instance.join("app.stdout.log")).unwrap();
-    let _agent = Agent::start(&meshd, "node-a", "127.0.0.2", 1000, &dir.path("agent"), &[]);
+    let _agent = Agent::start(&meshd, "node-a", &mesh_tests::node_ip(), 1000, &dir.path("agent"), &[]);
     // web-0 is placed on the node; its log is the planted link.
     let job = dir.path("web.toml");
     std::fs::write(&job, "name = \"web\"\nversion = \"v1\"\nreplicas = 1\n\n[task]\ncommand = \"/bin/sleep\"\nargs = [\"600\"]\n").unwrap();
@@ -90,7 +90,7 @@ async fn logs_are_never_read_through_a_planted_symlink() {
 async fn nothing_an_app_starts_outlives_an_agent_killed_with_sigkill() {
     let dir = TempDir::new("escapees");
     let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", &["--heartbeat-ttl", "1s"]);
-    let agent = Agent::start(&meshd, "node-a", "127.0.0.2", 1000, &dir.path("agent"), &[]);
+    let agent = Agent::start(&meshd, "node-a", &mesh_tests::node_ip(), 1000, &dir.path("agent"), &[]);
     // The app forks a grandchild into a session and process group of its own.
     let pid_file = dir.path("grandchild.pid");
     let script = format!("setsid sleep 600 & echo $! > {}; exec sleep 600", pid_file.display());
@@ -136,7 +136,7 @@ fn in_group(pgid: i64) -> Vec<i64> {
 async fn killing_an_instances_pid_leaves_nothing_running_and_it_restarts() {
     let dir = TempDir::new("kill-instance");
     let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", &["--heartbeat-ttl", "1s"]);
-    let _agent = Agent::start(&meshd, "node-a", "127.0.0.2", 1000, &dir.path("agent"), &[]);
+    let _agent = Agent::start(&meshd, "node-a", &mesh_tests::node_ip(), 1000, &dir.path("agent"), &[]);
     let job = "name = \"web\"\nversion = \"v1\"\nreplicas = 1\n\n[task]\ncommand = \"mesh-echo\"\n\n[resources]\ncpu_millis = 10\nmemory_mb = 32\n";
     let file = dir.path("web.toml");
     std::fs::write(&file, job).unwrap();

@@ -50,8 +50,8 @@ async fn web_on_two_nodes(
     meshd_args: &[&str],
 ) -> (Meshd, Agent, Agent, BTreeMap<String, (String, i64)>) {
     let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", meshd_args);
-    let a = agent(&meshd, "node-a", "127.0.0.2", &dir.path("a"));
-    let b = agent(&meshd, "node-b", "127.0.0.3", &dir.path("b"));
+    let a = agent(&meshd, "node-a", &mesh_tests::node_ip(), &dir.path("a"));
+    let b = agent(&meshd, "node-b", &mesh_tests::node_ip(), &dir.path("b"));
     nodes_up(&meshd, 2).await;
     let file = dir.path("web.toml");
     std::fs::write(&file, spread_job("web", 2)).unwrap();
@@ -148,7 +148,7 @@ fn endpoints(meshd: &Meshd) -> Vec<(String, String, bool)> {
 async fn a_job_changes_service_only_with_a_new_version() {
     let dir = TempDir::new("service-change");
     let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", &["--heartbeat-ttl", "1s"]);
-    let _a = agent(&meshd, "node-a", "127.0.0.2", &dir.path("a"));
+    let _a = agent(&meshd, "node-a", &mesh_tests::node_ip(), &dir.path("a"));
     let file = dir.path("shop.toml");
     let path = file.to_str().unwrap();
     std::fs::write(&file, echo_job("web", "v1")).unwrap();

@@ -18,22 +18,31 @@ fn the_demo_serves_traffic_and_cleans_up() {
     // The last `meshctl top` table: echo v1 and v2 both serve, v1 the most
     // (split 90/10), all requests succeed.
     let last_table = stdout.rsplit("--- meshctl top").next().expect("the demo shows meshctl top");
+    // Columns by their header, so that a new column moves nothing.
+    let header: Vec<&str> = last_table
+        .lines()
+        .find(|l| l.starts_with("SERVICE"))
+        .unwrap_or_else(|| panic!("no header in: {last_table}"))
+        .split_whitespace()
+        .collect();
+    let column = |name: &str| header.iter().position(|h| *h == name).unwrap_or_else(|| panic!("no {name}"));
     let row = |version: &str| -> Vec<String> {
         last_table
             .lines()
             .map(|l| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
-            .find(|cols| cols.len() >= 6 && cols[0] == "echo" && cols[1] == version)
+            .find(|cols| cols.len() == header.len() && cols[0] == "echo" && cols[1] == version)
             .unwrap_or_else(|| panic!("no echo {version} row in: {last_table}"))
     };
     let (v1, v2) = (row("v1"), row("v2"));
-    let rate = |cols: &[String]| cols[2].parse::<f64>().unwrap();
+    let value = |cols: &[String], name: &str| cols[column(name)].parse::<f64>().unwrap();
+    let rate = |cols: &[String]| value(cols, "REQUESTS_PER_SECOND");
     assert!(rate(&v1) + rate(&v2) > 20.0, "the traffic job's 50/s reach echo: {last_table}");
-    // The table's rates are over its 2 s window: that many weighted picks.
-    let picks = ((rate(&v1) + rate(&v2)) * 2.0).round() as u64;
-    let v2_share = 100.0 * rate(&v2) / (rate(&v1) + rate(&v2));
-    let bound = split_tolerance(picks, 10.0);
-    assert!(rate(&v2) > 0.0 && (v2_share - 10.0).abs() <= bound, "v2 gets 10 % (±{bound:.1}): {last_table}");
-    let success = |cols: &[String]| cols[3].parse::<f64>().unwrap();
+    // Each request in the table's window is one weighted pick.
+    let (n1, n2) = (value(&v1, "REQUESTS"), value(&v2, "REQUESTS"));
+    let v2_share = 100.0 * n2 / (n1 + n2);
+    let bound = split_tolerance((n1 + n2) as u64, 10.0);
+    assert!(n2 > 0.0 && (v2_share - 10.0).abs() <= bound, "v2 gets 10 % (±{bound:.1}): {last_table}");
+    let success = |cols: &[String]| value(cols, "SUCCESS_RATE");
     assert_eq!((success(&v1), success(&v2)), (100.0, 100.0), "success rates: {last_table}");
     let work_dir = stdout
         .lines()

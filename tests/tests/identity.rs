@@ -18,7 +18,7 @@ const JOB: &str = "name = \"web\"\nversion = \"v1\"\nreplicas = 1\n\n[task]\ncom
 /// A running `web` instance beside its certified sidecar.
 async fn cluster(dir: &TempDir) -> (Meshd, Agent, Value) {
     let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", &["--heartbeat-ttl", "1s"]);
-    let agent = Agent::start(&meshd, "node-a", "127.0.0.2", 1000, &dir.path("agent"), &[]);
+    let agent = Agent::start(&meshd, "node-a", &mesh_tests::node_ip(), 1000, &dir.path("agent"), &[]);
     let file = dir.path("web.toml");
     std::fs::write(&file, JOB).unwrap();
     meshd.ctl_ok(&["job", "run", file.to_str().unwrap()]);
@@ -39,7 +39,7 @@ async fn two_webs_and_a_client(dir: &TempDir, meshd_args: &[&str]) -> (Meshd, Ag
     let mut args = vec!["--heartbeat-ttl", "1s"];
     args.extend_from_slice(meshd_args);
     let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", &args);
-    let agent = Agent::start(&meshd, "node-a", "127.0.0.2", 1000, &dir.path("agent"), &[]);
+    let agent = Agent::start(&meshd, "node-a", &mesh_tests::node_ip(), 1000, &dir.path("agent"), &[]);
     let file = dir.path("web.toml");
     std::fs::write(&file, JOB.replace("replicas = 1", "replicas = 2")).unwrap();
     meshd.ctl_ok(&["job", "run", file.to_str().unwrap()]);

@@ -26,7 +26,7 @@ fn stat(file: &Path, key: &str) -> Option<u64> {
 async fn a_memory_hog_is_killed_by_its_cgroup_and_never_swaps() {
     let dir = TempDir::new("memory-hog");
     let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", &["--heartbeat-ttl", "1s"]);
-    let _agent = Agent::start(&meshd, "limits-mem", "127.0.0.2", 1000, &dir.path("a"), &[]);
+    let _agent = Agent::start(&meshd, "limits-mem", &mesh_tests::node_ip(), 1000, &dir.path("a"), &[]);
     // After a second's pause (to be found), 256 MB written against a 32 MB limit.
     let file = dir.path("hog.toml");
     let args = r#"["-c", "import time; time.sleep(1); b = b'x' * (256 << 20); print('survived')"]"#;
@@ -91,7 +91,7 @@ fn cpu_ticks(pid: i64) -> Option<u64> {
 async fn a_cpu_hog_is_held_to_its_share() {
     let dir = TempDir::new("cpu-hog");
     let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", &["--heartbeat-ttl", "1s"]);
-    let _agent = Agent::start(&meshd, "limits-cpu", "127.0.0.2", 1000, &dir.path("a"), &[]);
+    let _agent = Agent::start(&meshd, "limits-cpu", &mesh_tests::node_ip(), 1000, &dir.path("a"), &[]);
     let file = dir.path("spin.toml");
     std::fs::write(&file, job("spin", "/bin/sh", r#"["-c", "while :; do :; done"]"#, 100, 32)).unwrap();
     meshd.ctl_ok(&["job", "run", file.to_str().unwrap()]);

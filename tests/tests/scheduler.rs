@@ -220,7 +220,7 @@ async fn a_job_runs_beside_sidecars_heals_and_moves_off_a_dead_node() {
 async fn a_killed_sidecar_is_restarted_beside_its_running_app() {
     let dir = TempDir::new("sidecar-death");
     let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", &["--heartbeat-ttl", "1s"]);
-    let _node = agent(&meshd, "node-a", "127.0.0.2", &dir.path("a"), 2000);
+    let _node = agent(&meshd, "node-a", &mesh_tests::node_ip(), &dir.path("a"), 2000);
     let job_file = dir.path("web.toml");
     std::fs::write(&job_file, echo_job("web", "v1", 2, "")).unwrap();
     meshd.ctl_ok(&["job", "run", job_file.to_str().unwrap()]);
@@ -275,7 +275,7 @@ async fn a_killed_sidecar_is_restarted_beside_its_running_app() {
 async fn a_batch_job_completes_and_its_sidecar_exits_with_it() {
     let dir = TempDir::new("batch");
     let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", &["--heartbeat-ttl", "1s"]);
-    let _node = agent(&meshd, "node-a", "127.0.0.2", &dir.path("a"), 1000);
+    let _node = agent(&meshd, "node-a", &mesh_tests::node_ip(), &dir.path("a"), 1000);
     let job = "name = \"report\"\nversion = \"v1\"\nkind = \"batch\"\nreplicas = 1\n\n[task]\ncommand = \"/bin/sh\"\nargs = [\"-c\", \"echo finished $MESH_INSTANCE\"]\n";
     let job_file = dir.path("report.toml");
     std::fs::write(&job_file, job).unwrap();
@@ -338,7 +338,7 @@ fn a_bad_job_file_changes_nothing_and_names_the_field() {
 async fn an_overcommitted_job_waits_with_the_reason() {
     let dir = TempDir::new("overcommit");
     let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", &["--heartbeat-ttl", "1s"]);
-    let _node = agent(&meshd, "node-a", "127.0.0.2", &dir.path("a"), 250);
+    let _node = agent(&meshd, "node-a", &mesh_tests::node_ip(), &dir.path("a"), 250);
     let job_file = dir.path("big.toml");
     // 3 × 100 CPU millis on a node with 250: two fit, one waits.
     std::fs::write(&job_file, echo_job("big", "v1", 3, "")).unwrap();
@@ -389,8 +389,8 @@ fn all_running(version: &str, count: usize) -> Vec<(String, String, bool)> {
 async fn rolling_updates_fail_no_request_and_a_bad_version_rolls_back() {
     let dir = TempDir::new("rolling");
     let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", &["--heartbeat-ttl", "1s"]);
-    let _a = agent(&meshd, "node-a", "127.0.0.2", &dir.path("a"), 2000);
-    let _b = agent(&meshd, "node-b", "127.0.0.3", &dir.path("b"), 2000);
+    let _a = agent(&meshd, "node-a", &mesh_tests::node_ip(), &dir.path("a"), 2000);
+    let _b = agent(&meshd, "node-b", &mesh_tests::node_ip(), &dir.path("b"), 2000);
     let update = |canary: u32| {
         format!("\n[update]\nmax_parallel = 1\nmin_healthy = \"500ms\"\nhealthy_deadline = \"4s\"\ncanary = {canary}\nauto_revert = true\n")
     };
@@ -513,10 +513,7 @@ async fn six_replicas_on_three_nodes_go_where_the_policy_says() {
     let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", &["--heartbeat-ttl", "1s"]);
     let _agents: Vec<Agent> = ["a", "b", "c"]
         .iter()
-        .enumerate()
-        .map(|(i, name)| {
-            agent(&meshd, &format!("node-{name}"), &format!("127.0.0.{}", i + 2), &dir.path(name), 1000)
-        })
+        .map(|name| agent(&meshd, &format!("node-{name}"), &mesh_tests::node_ip(), &dir.path(name), 1000))
         .collect();
     eventually("three nodes up", Duration::from_secs(10), || {
         let up =
@@ -560,7 +557,7 @@ async fn six_replicas_on_three_nodes_go_where_the_policy_says() {
 async fn an_agent_that_restarts_neither_orphans_nor_duplicates_instances() {
     let dir = TempDir::new("agent-restart");
     let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", &["--heartbeat-ttl", "2s"]);
-    let node = agent(&meshd, "node-a", "127.0.0.2", &dir.path("a"), 1000);
+    let node = agent(&meshd, "node-a", &mesh_tests::node_ip(), &dir.path("a"), 1000);
     let file = dir.path("job.toml");
     std::fs::write(&file, echo_job("web", "v1", 2, "")).unwrap();
     meshd.ctl_ok(&["job", "run", file.to_str().unwrap()]);
@@ -570,7 +567,7 @@ async fn an_agent_that_restarts_neither_orphans_nor_duplicates_instances() {
 
     // The agent dies and comes back at once, before its node is declared down.
     node.kill();
-    let _node = agent(&meshd, "node-a", "127.0.0.2", &dir.path("a"), 1000);
+    let _node = agent(&meshd, "node-a", &mesh_tests::node_ip(), &dir.path("a"), 1000);
     eventually("the old processes are gone", Duration::from_secs(10), || {
         let gone = old_pids.iter().all(|pid| !alive(*pid));
         async move { gone.then_some(()) }
@@ -614,7 +611,7 @@ async fn an_agent_that_restarts_neither_orphans_nor_duplicates_instances() {
 async fn a_grpc_server_is_ready_only_once_its_health_service_says_serving() {
     let dir = TempDir::new("grpc-health");
     let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", &["--heartbeat-ttl", "1s"]);
-    let _node = agent(&meshd, "node-a", "127.0.0.2", &dir.path("a"), 1000);
+    let _node = agent(&meshd, "node-a", &mesh_tests::node_ip(), &dir.path("a"), 1000);
     let flag = dir.path("serving");
     let script = mesh_tests::workspace_dir().join("tests/python/grpc_health_server.py");
     let job = format!(
@@ -664,7 +661,7 @@ async fn a_grpc_server_is_ready_only_once_its_health_service_says_serving() {
 async fn an_app_that_keeps_exiting_backs_off_and_shows_a_crash_loop() {
     let dir = TempDir::new("crash-loop");
     let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", &["--heartbeat-ttl", "1s"]);
-    let _node = agent(&meshd, "node-a", "127.0.0.2", &dir.path("a"), 1000);
+    let _node = agent(&meshd, "node-a", &mesh_tests::node_ip(), &dir.path("a"), 1000);
     let job = "name = \"flaky\"\nversion = \"v1\"\nreplicas = 1\n\n[task]\ncommand = \"/bin/sh\"\nargs = [\"-c\", \"echo starting $(date +%s%N); exit 3\"]\n";
     let file = dir.path("flaky.toml");
     std::fs::write(&file, job).unwrap();
@@ -710,7 +707,7 @@ async fn an_app_that_keeps_exiting_backs_off_and_shows_a_crash_loop() {
 async fn a_fixed_job_file_at_the_same_version_rolls_out_and_an_identical_one_changes_nothing() {
     let dir = TempDir::new("same-version");
     let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", &["--heartbeat-ttl", "1s"]);
-    let _node = agent(&meshd, "node-a", "127.0.0.2", &dir.path("a"), 1000);
+    let _node = agent(&meshd, "node-a", &mesh_tests::node_ip(), &dir.path("a"), 1000);
     let job = |script: &str, replicas: u32| {
         format!("name = \"fixme\"\nversion = \"v1\"\nreplicas = {replicas}\n\n[task]\ncommand = \"/bin/sh\"\nargs = [\"-c\", \"{script}\"]\n\n[resources]\ncpu_millis = 10\nmemory_mb = 16\n\n[update]\nmin_healthy = \"200ms\"\n")
     };
@@ -766,7 +763,7 @@ async fn a_fixed_job_file_at_the_same_version_rolls_out_and_an_identical_one_cha
 async fn logs_come_from_the_node_that_ran_the_instance_and_follow_new_output() {
     let dir = TempDir::new("logs");
     let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", &["--heartbeat-ttl", "1s"]);
-    let _node = agent(&meshd, "node-a", "127.0.0.2", &dir.path("a"), 1000);
+    let _node = agent(&meshd, "node-a", &mesh_tests::node_ip(), &dir.path("a"), 1000);
     // Prints a line, then one more for each line appended to a file the test writes.
     let feed = dir.path("feed");
     std::fs::write(&feed, "").unwrap();
@@ -821,7 +818,7 @@ async fn logs_come_from_the_node_that_ran_the_instance_and_follow_new_output() {
 async fn a_failing_liveness_check_restarts_the_app() {
     let dir = TempDir::new("liveness");
     let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", &["--heartbeat-ttl", "1s"]);
-    let _node = agent(&meshd, "node-a", "127.0.0.2", &dir.path("a"), 1000);
+    let _node = agent(&meshd, "node-a", &mesh_tests::node_ip(), &dir.path("a"), 1000);
     let liveness =
         "liveness = { http = \"/live\", interval = \"200ms\", timeout = \"500ms\", failures = 2 }\n";
     let file = dir.path("web.toml");
@@ -857,7 +854,7 @@ async fn a_failing_liveness_check_restarts_the_app() {
 async fn jobs_survive_a_server_restart_and_running_instances_are_kept() {
     let dir = TempDir::new("server-restart");
     let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", &["--heartbeat-ttl", "1s"]);
-    let _node = agent(&meshd, "node-a", "127.0.0.2", &dir.path("a"), 1000);
+    let _node = agent(&meshd, "node-a", &mesh_tests::node_ip(), &dir.path("a"), 1000);
     let file = dir.path("web.toml");
     std::fs::write(&file, echo_job("web", "v1", 2, "")).unwrap();
     meshd.ctl_ok(&["job", "run", file.to_str().unwrap()]);

@@ -27,7 +27,7 @@ fn number(row: &Value, field: &str) -> f64 {
 async fn top_and_stat_show_what_callers_got_and_instances_served_from_meshd() {
     let dir = TempDir::new("traffic");
     let meshd = Meshd::start(&dir.path("data"));
-    let _agent = Agent::start(&meshd, "node-a", "127.0.0.2", 1000, &dir.path("agent"), &[]);
+    let _agent = Agent::start(&meshd, "node-a", &mesh_tests::node_ip(), 1000, &dir.path("agent"), &[]);
     let file = dir.path("web.toml");
     std::fs::write(&file, JOB).unwrap();
     meshd.ctl_ok(&["job", "run", file.to_str().unwrap()]);
