@@ -44,6 +44,14 @@ fn the_quick_benchmark_runs_every_contender() {
     ] {
         assert!(stdout.contains(measure), "the control-plane benchmark reports {measure:?}:\n{stdout}");
     }
+    // The simulated proxies' traffic summaries reach meshd: its window
+    // over them has the four rows each proxy sends.
+    let traffic = stdout
+        .lines()
+        .find(|line| line.starts_with("| `Admin.Traffic` over 10 s of every proxy ("))
+        .unwrap_or_else(|| panic!("no traffic summaries row:\n{stdout}"));
+    let rows: u32 = traffic.split('(').nth(1).and_then(|r| r.split(' ').next()?.parse().ok()).unwrap_or(0);
+    assert_eq!(rows, 4, "{traffic}");
     // Three servers on etcd: the failover is measured, not "never".
     for measure in ["first placement by the new leader: ", "connected to another: "] {
         let line = stdout
