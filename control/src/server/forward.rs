@@ -6,7 +6,9 @@
 //! servers hold (they hold the CA's key, so the headers give them no power
 //! they lack). A call that arrives handed on is never handed on again: a
 //! server that lost the lead meanwhile answers with the refusal that names
-//! the new leader, and the client moves there.
+//! the new leader, and the client moves there. The same channels, and the
+//! same naming of the caller, let a server ask the others for what only
+//! they hold (their proxies' traffic, `Admin.Traffic` with `local`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
