@@ -328,13 +328,9 @@ impl Traffic {
     }
 
     /// The traffic of the last `window_ms` (at most `KEEP_MS`) before
-    /// `now_ms`, per direction, service and version, for `service` or all.
-    pub fn query(&self, now_ms: u64, window_ms: u64, service: Option<&str>) -> Vec<Stat> {
-        finish(self.sums(now_ms, window_ms, service), &self.latency_bounds)
-    }
-
-    /// What `query` sums, before success rates and quantiles: what another
-    /// server adds its own proxies' to.
+    /// `now_ms`, per direction, service and version, for `service` or all,
+    /// before success rates and quantiles (`finish`): what another server
+    /// adds its own proxies' to.
     pub fn sums(&self, now_ms: u64, window_ms: u64, service: Option<&str>) -> Sums {
         let window_ms = window_ms.clamp(1, KEEP_MS);
         let latency_buckets = self.latency_bounds.len() + 1;
@@ -408,6 +404,13 @@ pub fn finish(sums: Sums, latency_bounds: &[f64]) -> Vec<Stat> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl Traffic {
+        /// A window as `meshctl top` gets it from one server.
+        fn query(&self, now_ms: u64, window_ms: u64, service: Option<&str>) -> Vec<Stat> {
+            finish(self.sums(now_ms, window_ms, service), &self.latency_bounds)
+        }
+    }
 
     const BOUNDS: [f64; 3] = [0.01, 0.1, 1.0];
 

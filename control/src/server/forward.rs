@@ -74,11 +74,6 @@ impl Peers {
         Some((leader, channel))
     }
 
-    /// This server's own address.
-    pub fn me(&self) -> &str {
-        &self.me
-    }
-
     /// A channel to the server at `addr`, over meshd's control-plane
     /// certificate; a new certificate or new roots (a rotation) make a
     /// new one.
