@@ -111,7 +111,7 @@ impl Counts {
 
     /// The upper bound (seconds) of the bucket the `q` quantile falls in;
     /// the largest bound for the unbounded bucket, 0 without requests.
-    fn quantile(&self, q: f64, bounds: &[f64]) -> f64 {
+    pub fn quantile(&self, q: f64, bounds: &[f64]) -> f64 {
         let total: u64 = self.latency_buckets.iter().sum();
         if total == 0 {
             return 0.0;

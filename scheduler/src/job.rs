@@ -36,6 +36,9 @@ pub struct Job {
     pub constraints: Vec<Constraint>,
     pub strategy: Strategy,
     pub anti_affinity: bool,
+    /// Replicas follow the traffic within these bounds; `replicas` is then
+    /// only the count to start with.
+    pub scale: Option<ScalePolicy>,
     /// The task revision of this version: not in the file, counted by the
     /// server as the task changes under one version (see `same_task`).
     pub revision: u64,
@@ -74,6 +77,26 @@ pub struct UpdatePolicy {
     pub healthy_deadline: Duration,
 }
 
+/// How a job scales on the traffic its sidecars report (`[scale]`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ScalePolicy {
+    pub min: u32,
+    pub max: u32,
+    pub target: ScaleTarget,
+    /// Instances are removed only when every recommendation over this
+    /// long asked for fewer.
+    pub scale_down_after: Duration,
+}
+
+/// What one instance should carry.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ScaleTarget {
+    InFlightPerInstance(f64),
+    RpsPerInstance(f64),
+    /// The service's p99 latency, as its own sidecars measure it.
+    P99(Duration),
+}
+
 /// A job file that cannot be used, with where and why.
 pub type JobError = FileError;
 
@@ -96,6 +119,24 @@ struct RawJob {
     #[serde(default)]
     constraints: Vec<RawConstraint>,
     placement: Option<RawPlacement>,
+    scale: Option<Spanned<RawScale>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawScale {
+    min: Option<u32>,
+    max: u32,
+    target: RawScaleTarget,
+    scale_down_after: Option<Dur>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawScaleTarget {
+    in_flight_per_instance: Option<f64>,
+    rps_per_instance: Option<f64>,
+    p99: Option<Dur>,
 }
 
 #[derive(Deserialize, Clone, Copy)]
@@ -202,8 +243,10 @@ pub fn parse_job(text: &str) -> Result<Job, JobError> {
     if let Some(service) = &raw.service {
         named("service", service)?;
     }
+    let starts_at_zero = raw.scale.as_ref().is_some_and(|s| s.get_ref().min == Some(0));
     let replicas = match &raw.replicas {
-        Some(r) if *r.get_ref() == 0 || *r.get_ref() > 1000 => {
+        // Zero instances only for a job that scales from zero.
+        Some(r) if *r.get_ref() > 1000 || (*r.get_ref() == 0 && !starts_at_zero) => {
             return Err(error(
                 Some(r.span()),
                 "replicas",
@@ -319,6 +362,41 @@ pub fn parse_job(text: &str) -> Result<Job, JobError> {
         update.auto_revert = u.auto_revert.unwrap_or(true);
         update.healthy_deadline = u.healthy_deadline.as_ref().map_or(update.healthy_deadline, |d| d.0);
     }
+    let kind = match raw.kind.unwrap_or(RawKind::Service) {
+        RawKind::Service => JobKind::Service,
+        RawKind::Batch => JobKind::Batch,
+    };
+    let scale = match &raw.scale {
+        Some(raw_scale) => {
+            let span = Some(raw_scale.span());
+            let policy =
+                scale_policy(raw_scale.get_ref()).map_err(|(field, e)| error(span.clone(), field, e))?;
+            if kind == JobKind::Batch {
+                return Err(error(span, "scale", "a batch job runs to completion and does not scale".into()));
+            }
+            if let Some(r) = &raw.replicas {
+                if !(policy.min..=policy.max).contains(r.get_ref()) {
+                    return Err(error(
+                        Some(r.span()),
+                        "replicas",
+                        format!(
+                            "with [scale], replicas is the count to start with and must be from min {} to max {}, got {}",
+                            policy.min,
+                            policy.max,
+                            r.get_ref()
+                        ),
+                    ));
+                }
+            }
+            Some(policy)
+        }
+        None => None,
+    };
+    // A scaled job starts at its minimum unless it names a count.
+    let replicas = match (&scale, &raw.replicas) {
+        (Some(policy), None) => policy.min,
+        _ => replicas,
+    };
     let mut upstreams = Vec::new();
     for (index, upstream) in raw.upstreams.iter().enumerate() {
         named(&format!("upstreams[{index}].service"), &upstream.service)?;
@@ -330,10 +408,7 @@ pub fn parse_job(text: &str) -> Result<Job, JobError> {
         name,
         version: raw.version.into_inner(),
         replicas,
-        kind: match raw.kind.unwrap_or(RawKind::Service) {
-            RawKind::Service => JobKind::Service,
-            RawKind::Batch => JobKind::Batch,
-        },
+        kind,
         command: raw.task.command.into_inner(),
         args: raw.task.args,
         user: raw.task.user.map(Spanned::into_inner),
@@ -354,8 +429,40 @@ pub fn parse_job(text: &str) -> Result<Job, JobError> {
             _ => Strategy::BinPack,
         },
         anti_affinity: raw.placement.as_ref().and_then(|p| p.anti_affinity).unwrap_or(false),
+        scale,
         revision: 0,
     })
+}
+
+/// Checks a `[scale]` table; an error names the field inside it.
+fn scale_policy(raw: &RawScale) -> Result<ScalePolicy, (&'static str, String)> {
+    let min = raw.min.unwrap_or(1);
+    if raw.max == 0 || raw.max > 1000 {
+        return Err(("scale.max", format!("must be from 1 to 1000, got {}", raw.max)));
+    }
+    if min > raw.max {
+        return Err(("scale.min", format!("{min} is more than max {}", raw.max)));
+    }
+    let t = &raw.target;
+    let target = match (t.in_flight_per_instance, t.rps_per_instance, &t.p99) {
+        (Some(n), None, None) if n > 0.0 && n.is_finite() => ScaleTarget::InFlightPerInstance(n),
+        (None, Some(n), None) if n > 0.0 && n.is_finite() => ScaleTarget::RpsPerInstance(n),
+        (None, None, Some(p99)) if !p99.0.is_zero() => ScaleTarget::P99(p99.0),
+        (None, None, None) => {
+            return Err(("scale.target", "needs one of in_flight_per_instance, rps_per_instance, p99".into()))
+        }
+        (Some(_), None, None) | (None, Some(_), None) | (None, None, Some(_)) => {
+            return Err(("scale.target", "must be more than zero".into()))
+        }
+        _ => {
+            return Err((
+                "scale.target",
+                "takes exactly one of in_flight_per_instance, rps_per_instance, p99".into(),
+            ))
+        }
+    };
+    let scale_down_after = raw.scale_down_after.as_ref().map_or(Duration::from_secs(60), |d| d.0);
+    Ok(ScalePolicy { min, max: raw.max, target, scale_down_after })
 }
 
 impl Job {
@@ -459,6 +566,68 @@ service = "api"
             let changed = parse_job(&WEB.replace(from, to)).unwrap();
             assert_eq!(base.same_task(&changed), same, "{from} -> {to}");
         }
+    }
+
+    const SCALED: &str = r#"
+name = "web"
+version = "v1"
+
+[task]
+command = "mesh-echo"
+
+[scale]
+min = 2
+max = 10
+target = { in_flight_per_instance = 20 }
+scale_down_after = "30s"
+"#;
+
+    #[test]
+    fn scale_tables_parse_and_bad_ones_say_why() {
+        let job = parse_job(SCALED).unwrap();
+        let policy = job.scale.clone().unwrap();
+        assert_eq!((job.replicas, policy.min, policy.max), (2, 2, 10), "starts at min");
+        assert_eq!(policy.target, ScaleTarget::InFlightPerInstance(20.0));
+        assert_eq!(policy.scale_down_after, Duration::from_secs(30));
+        let p99 = parse_job(&SCALED.replace("in_flight_per_instance = 20", "p99 = \"250ms\"")).unwrap();
+        assert_eq!(p99.scale.unwrap().target, ScaleTarget::P99(Duration::from_millis(250)));
+        let zero = parse_job(&SCALED.replace("min = 2", "min = 0")).unwrap();
+        assert_eq!(zero.replicas, 0);
+        // (replace, with, field, message part)
+        let cases = [
+            ("min = 2", "min = 11", "scale.min", "more than max 10"),
+            ("max = 10", "max = 0", "scale.max", "from 1 to 1000"),
+            ("in_flight_per_instance = 20", "in_flight_per_instance = 0", "scale.target", "more than zero"),
+            ("{ in_flight_per_instance = 20 }", "{ }", "scale.target", "needs one of"),
+            (
+                "in_flight_per_instance = 20",
+                "in_flight_per_instance = 20, rps_per_instance = 5",
+                "scale.target",
+                "exactly one",
+            ),
+            ("name = \"web\"", "name = \"web\"\nreplicas = 12", "replicas", "from min 2 to max 10"),
+            ("name = \"web\"", "name = \"web\"\nkind = \"batch\"", "scale", "does not scale"),
+            (
+                "scale_down_after = \"30s\"",
+                "scale_down_after = \"later\"",
+                "scale.scale_down_after",
+                "unparsable",
+            ),
+        ];
+        for (from, to, field, message) in cases {
+            let text = SCALED.replacen(from, to, 1);
+            assert_ne!(text, SCALED, "{to}");
+            let error = parse_job(&text).expect_err(to);
+            assert!(error.field.starts_with(field), "{to}: field {:?} should be {field:?}", error.field);
+            assert!(error.to_string().contains(message), "{to}: {error}");
+        }
+        // Without [scale], zero replicas is still refused.
+        assert!(parse_job(
+            &SCALED.replace("name = \"web\"", "name = \"web\"\nreplicas = 0").replace("min = 2", "min = 0")
+        )
+        .is_ok());
+        let unscaled = WEB.replace("replicas = 3", "replicas = 0");
+        assert!(parse_job(&unscaled).is_err());
     }
 
     #[test]

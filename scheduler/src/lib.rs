@@ -7,6 +7,7 @@
 //! feasibility (which nodes could take an instance) → rank (which node is
 //! best) → plan (the placements and stops to carry out).
 
+pub mod autoscale;
 pub mod job;
 pub mod placement;
 pub mod reconcile;

@@ -57,10 +57,11 @@ where
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         let peer = request.extensions().get::<Peer>().cloned();
         let mut principal = peer.as_ref().map_or(Principal::Anonymous, |p| p.principal.clone());
-        // Another server calls only to hand on a call: it is decided as
-        // the caller that server named.
+        // Another server hands on a call in the name of the caller it
+        // names, and it is decided as that caller's; one that names no
+        // caller asks in its own name (for its proxies' traffic).
         let handed_on = principal == Principal::ControlPlane;
-        if handed_on {
+        if handed_on && request.headers().contains_key(forward::FORWARDED_FOR) {
             principal = forward::named_caller(request.headers(), &self.gate.peers.trust_domain);
         }
         let path = request.uri().path().to_owned();

@@ -50,6 +50,9 @@ pub enum Requirement {
     /// A node (an agent waits for convergence as it drains), or a user
     /// with this role.
     NodeOrRole(Role),
+    /// Another meshd server asking in its own name (the leader's
+    /// autoscaler reads every server's traffic), or a user with this role.
+    ServerOrRole(Role),
 }
 
 use Requirement::{Node, Proxy, Public};
@@ -100,7 +103,7 @@ pub const METHODS: &[(&str, Requirement, Serves)] = &[
     ("/mesh.v1.Admin/WaitConverged", Requirement::NodeOrRole(Viewer), Any),
     ("/mesh.v1.Admin/Status", Requirement::NodeOrRole(Viewer), Any),
     ("/mesh.v1.Admin/ListNodes", Requirement::Role(Viewer), Leader),
-    ("/mesh.v1.Admin/Traffic", Requirement::Role(Viewer), Any),
+    ("/mesh.v1.Admin/Traffic", Requirement::ServerOrRole(Viewer), Any),
     ("/mesh.v1.Access/WhoAmI", Requirement::Role(Viewer), Any),
     ("/mesh.v1.Access/ListUsers", Requirement::Role(Admin), Any),
     ("/mesh.v1.Access/CreateUser", Requirement::Role(Admin), Any),
@@ -157,12 +160,15 @@ pub fn decide(
         }
         (Proxy, _) => Err(needs("a sidecar's workload certificate or an operator's credential")),
         (Requirement::NodeOrRole(_), Principal::Node(_)) => Ok(()),
-        (Requirement::Role(needed) | Requirement::NodeOrRole(needed), Principal::User { name, serial }) => {
-            check_role(path, name, role_of(name, serial).map_err(Denial::Unauthenticated)?, needed)
-        }
-        (Requirement::Role(needed) | Requirement::NodeOrRole(needed), _) => {
-            Err(needs(&format!("a user credential with the {} role", needed.name())))
-        }
+        (Requirement::ServerOrRole(_), Principal::ControlPlane) => Ok(()),
+        (
+            Requirement::Role(needed) | Requirement::NodeOrRole(needed) | Requirement::ServerOrRole(needed),
+            Principal::User { name, serial },
+        ) => check_role(path, name, role_of(name, serial).map_err(Denial::Unauthenticated)?, needed),
+        (
+            Requirement::Role(needed) | Requirement::NodeOrRole(needed) | Requirement::ServerOrRole(needed),
+            _,
+        ) => Err(needs(&format!("a user credential with the {} role", needed.name()))),
     }
 }
 
@@ -202,6 +208,7 @@ mod tests {
         let node = Principal::Node("a".into());
         let sidecar = Principal::Workload("web".into());
         let (v, o, a, gone) = (user("v"), user("o"), user("a"), user("gone"));
+        let server = Principal::ControlPlane;
         let ok = || Ok(());
         let unauth = "unauthenticated";
         let denied = "denied";
@@ -232,6 +239,12 @@ mod tests {
             ("/mesh.v1.Access/CreateUser", &o, Err(denied)),
             ("/mesh.v1.Access/CreateUser", &a, ok()),
             ("/mesh.v1.Admin/NotAMethod", &a, Err(denied)),
+            // Another server, asking in its own name: only for traffic.
+            ("/mesh.v1.Admin/Traffic", &server, ok()),
+            ("/mesh.v1.Admin/Traffic", &v, ok()),
+            ("/mesh.v1.Admin/Traffic", &sidecar, Err(denied)),
+            ("/mesh.v1.Admin/ListServices", &server, Err(denied)),
+            ("/mesh.v1.Jobs/Run", &server, Err(denied)),
         ];
         for (path, caller, expected) in cases {
             let got = decide(path, caller, role_of).map_err(|denial| match denial {

@@ -4,7 +4,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use mesh_proto::mesh::v1 as pb;
-use mesh_proto::mesh::v1::admin_client::AdminClient;
 use mesh_proto::mesh::v1::admin_server::Admin;
 use tonic::{Request, Response, Status};
 
@@ -116,36 +115,9 @@ impl Admin for AdminService {
             }
             ms => ms,
         };
-        let service = Some(request.service.as_str()).filter(|s| !s.is_empty());
-        let (mut sums, mut bounds, mut proxies) = {
-            let now = super::monotonic_ms();
-            let traffic = self.control.traffic.lock().expect("traffic lock");
-            (
-                traffic.sums(now, window_ms, service),
-                traffic.latency_bounds().to_vec(),
-                traffic.live_proxies(now),
-            )
-        };
-        let mut left_out = Vec::new();
-        if !request.local {
-            let others = self.control.other_servers();
-            let asked = pb::TrafficRequest { local: true, ..request.clone() };
-            for (server, answer) in gather_traffic(&self.peers, &caller, others, asked).await {
-                match answer {
-                    Ok(stats) => {
-                        proxies += stats.proxies as usize;
-                        if bounds.is_empty() {
-                            bounds = stats.latency_bounds_seconds.clone();
-                        }
-                        for row in stats.rows {
-                            let (key, sum) = sum_of(row);
-                            crate::traffic::add(&mut sums, key, sum);
-                        }
-                    }
-                    Err(error) => left_out.push(format!("{server}: {error}")),
-                }
-            }
-        }
+        let everywhere =
+            super::gather::traffic(&self.control, Some(&self.peers), &caller, window_ms, &request).await;
+        let super::gather::Everywhere { sums, bounds, proxies, left_out } = everywhere;
         let rows = crate::traffic::finish(sums, &bounds).into_iter().map(stat_to_pb).collect();
         let proxies = proxies as u32;
         Ok(Response::new(pb::TrafficStats {
@@ -258,54 +230,4 @@ fn stat_to_pb(stat: crate::traffic::Stat) -> pb::TrafficStat {
         successes: stat.counts.successes,
         latency_buckets: stat.counts.latency_buckets,
     }
-}
-
-/// A row another server summed, to add to this one's.
-fn sum_of(row: pb::TrafficStat) -> (crate::traffic::RowKey, crate::traffic::Sum) {
-    let key = crate::traffic::RowKey { inbound: row.inbound, service: row.service, version: row.version };
-    let counts = crate::traffic::Counts::from_wire(
-        row.requests,
-        row.successes,
-        &row.status_classes,
-        row.mesh_errors,
-        row.latency_buckets,
-    );
-    let requests_per_second = row.requests_per_second;
-    (key, crate::traffic::Sum { counts, in_flight: row.in_flight, proxies: row.proxies, requests_per_second })
-}
-
-/// How long another server has to answer with its proxies' traffic.
-const GATHER_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// Asks each of `servers` for its own proxies' traffic, all at once, in
-/// the name of `caller`.
-async fn gather_traffic(
-    peers: &super::forward::Peers,
-    caller: &Principal,
-    servers: Vec<String>,
-    asked: pb::TrafficRequest,
-) -> Vec<(String, Result<pb::TrafficStats, String>)> {
-    let mut calls = tokio::task::JoinSet::new();
-    for server in servers {
-        let Some(channel) = peers.channel_to(&server) else {
-            calls.spawn(async move { (server, Err("no channel to it".to_owned())) });
-            continue;
-        };
-        let mut headers = tonic::codegen::http::HeaderMap::new();
-        super::forward::name_caller(&mut headers, caller, &peers.trust_domain);
-        let mut request = tonic::Request::new(asked.clone());
-        *request.metadata_mut() = tonic::metadata::MetadataMap::from_headers(headers);
-        request.set_timeout(GATHER_WITHIN);
-        calls.spawn(async move {
-            let answer =
-                tokio::time::timeout(GATHER_WITHIN, AdminClient::new(channel).traffic(request)).await;
-            let answer = match answer {
-                Ok(Ok(reply)) => Ok(reply.into_inner()),
-                Ok(Err(status)) => Err(status.message().to_owned()),
-                Err(_) => Err(format!("no answer within {}", humantime::format_duration(GATHER_WITHIN))),
-            };
-            (server, answer)
-        });
-    }
-    calls.join_all().await
 }

@@ -8,6 +8,7 @@ pub mod access;
 pub mod admin;
 pub mod discovery;
 pub mod forward;
+pub mod gather;
 pub mod http;
 pub mod identity;
 pub mod incoming;

@@ -31,7 +31,9 @@ pub async fn run(session: &Session, what: Listing, output: Output) -> Result<(),
             if output == Output::Table {
                 // Reasons are long: `job status` and `-o json` give them.
                 for row in &mut rows {
-                    row.retain(|(column, _)| !matches!(*column, "pending" | "deployment"));
+                    row.retain(|(column, _)| {
+                        !matches!(*column, "pending" | "deployment" | "scale" | "scale_decisions")
+                    });
                 }
             }
             rows

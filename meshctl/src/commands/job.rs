@@ -56,6 +56,12 @@ pub async fn run(session: &Session, command: JobCommand, output: Output) -> Resu
                 if !status.deployment.is_empty() {
                     println!("update: {}", status.deployment);
                 }
+                if !status.scale.is_empty() {
+                    println!("scale: {}", status.scale);
+                }
+                for decision in &status.scale_decisions {
+                    println!("scaled {decision}");
+                }
                 let rows: Rows = status.instances.iter().map(instance_row).collect();
                 print_rows(output, &rows);
             } else {
@@ -125,6 +131,8 @@ pub fn job_row(status: &pb::JobStatus) -> Vec<(&'static str, Value)> {
         ("ready", json!(status.ready)),
         ("pending", json!(status.pending_reason)),
         ("deployment", json!(status.deployment)),
+        ("scale", json!(status.scale)),
+        ("scale_decisions", json!(status.scale_decisions)),
     ]
 }
 

@@ -129,6 +129,7 @@ pub(crate) async fn serve(
         trust_domain.clone(),
         scheduler.node_leases().cloned(),
     ));
+    scheduler.set_peers(peers.clone());
     tonic::transport::Server::builder()
         .layer(AuthLayer { users: users.clone(), control: control.clone(), peers: peers.clone() })
         .add_service(RegistryServer::new(RegistryService { control: control.clone(), users: users.clone() }))

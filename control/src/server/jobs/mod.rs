@@ -34,9 +34,12 @@ use mesh_scheduler::{Allocation, JobSpec, Node};
 
 pub use api::JobsService;
 use endpoints::endpoint_changes;
+pub use scale::load_of;
+use scale::{replicas_of, Scaling};
 
 mod api;
 mod endpoints;
+mod scale;
 mod status;
 
 #[cfg(test)]
@@ -80,6 +83,10 @@ struct SchedulerState {
     expected: Option<std::collections::BTreeSet<String>>,
     reported: std::collections::BTreeSet<String>,
     rounds: u64,
+    /// Scaled jobs' autoscalers.
+    scaling: BTreeMap<String, Scaling>,
+    /// When scaled jobs were last decided.
+    scaled_at: Option<Instant>,
 }
 
 /// A job moving from one version to another.
@@ -100,6 +107,11 @@ pub struct Scheduler {
     taken_over: std::sync::atomic::AtomicU64,
     /// With a shared store: node liveness on etcd leases.
     node_leases: std::sync::OnceLock<Arc<super::node_leases::NodeLeases>>,
+    /// With a shared store: the other servers, whose proxies' traffic
+    /// the autoscaler adds to this one's.
+    peers: std::sync::OnceLock<Arc<super::forward::Peers>>,
+    /// The autoscaler's clock starts here.
+    epoch: Instant,
 }
 
 /// A job file that no longer parses is left out, not fatal: the other
@@ -137,6 +149,8 @@ impl Scheduler {
             leader,
             taken_over,
             node_leases: std::sync::OnceLock::new(),
+            peers: std::sync::OnceLock::new(),
+            epoch: Instant::now(),
         });
         tokio::spawn(run_loop(scheduler.clone()));
         Ok(scheduler)
@@ -160,6 +174,11 @@ impl Scheduler {
     /// Keeps node liveness on etcd leases (a shared store).
     pub fn set_node_leases(&self, leases: Arc<super::node_leases::NodeLeases>) {
         let _ = self.node_leases.set(leases);
+    }
+
+    /// Reads the other servers' traffic too when scaling.
+    pub fn set_peers(&self, peers: Arc<super::forward::Peers>) {
+        let _ = self.peers.set(peers);
     }
 
     pub fn node_leases(&self) -> Option<&Arc<super::node_leases::NodeLeases>> {
@@ -208,6 +227,8 @@ impl Scheduler {
         // Ids are learned again from the reports: one this server handed
         // out in an earlier term may have been adopted by another leader.
         state.used_ids.clear();
+        // Counts are learned again from what runs, once it is back.
+        state.scaling.clear();
         state.held = state.jobs.keys().cloned().collect();
         state.reported.clear();
         state.expected = live.as_ref().map(|live| live.iter().map(|info| info.name.clone()).collect());
@@ -332,6 +353,7 @@ impl Scheduler {
         state.deployments.remove(name);
         state.completed.remove(name);
         state.pending.remove(name);
+        state.scaling.remove(name);
         drop(state);
         tracing::info!(job = %name, "job stopped");
         self.wake.notify_one();
@@ -465,6 +487,7 @@ impl Scheduler {
             })
             .collect();
         let behind = self.control.proxies_behind();
+        let scaled = self.autoscale().await;
         let mut reverted = Vec::new();
         let changes = {
             let mut state = self.lock();
@@ -492,6 +515,7 @@ impl Scheduler {
                 .map(|(job, count, why)| (job, format!("{count} unplaced: {why}")))
                 .chain(held)
                 .collect();
+            Self::note_unplaced(&mut state, &scaled);
             let live: Vec<String> = state.allocations.iter().map(|a| a.id.clone()).collect();
             state
                 .reports
@@ -574,7 +598,8 @@ impl Scheduler {
         let mut specs = Vec::new();
         let names: Vec<String> = state.jobs.keys().cloned().collect();
         for name in names {
-            let job = state.jobs[&name].1.clone();
+            let mut job = state.jobs[&name].1.clone();
+            job.replicas = replicas_of(state, &job);
             let Some(update) = state.rollouts.get(&name) else {
                 let mut spec = job.spec();
                 if job.kind == JobKind::Batch {

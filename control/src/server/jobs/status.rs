@@ -9,17 +9,19 @@ use super::{Scheduler, SchedulerState};
 impl Scheduler {
     pub(super) fn job_status(&self, state: &SchedulerState, name: &str) -> Option<pb::JobStatus> {
         let (_, job) = state.jobs.get(name)?;
+        let replicas = super::replicas_of(state, job);
+        let (scale, scale_decisions) = super::scale::scale_status(state, job);
         let instances: Vec<pb::Instance> =
             self.instances(state).into_iter().filter(|i| i.job == name).collect();
         let pending_reason = state.pending.get(name).cloned().unwrap_or_default();
         let complete = instances.iter().filter(|i| i.state() == pb::InstanceState::Complete).count() as u32;
         let running = instances.iter().filter(|i| i.state() == pb::InstanceState::Running).count() as u32;
         let ready = instances.iter().filter(|i| i.ready).count() as u32;
-        let job_state = if job.kind == JobKind::Batch && complete >= job.replicas {
+        let job_state = if job.kind == JobKind::Batch && complete >= replicas {
             pb::JobState::Complete
         } else if !pending_reason.is_empty() {
             pb::JobState::Pending
-        } else if running >= job.replicas && (ready >= job.replicas || job.kind == JobKind::Batch) {
+        } else if running >= replicas && (ready >= replicas || job.kind == JobKind::Batch) {
             pb::JobState::Running
         } else {
             pb::JobState::Starting
@@ -30,7 +32,7 @@ impl Scheduler {
             name: job.name.clone(),
             service: job.service.clone(),
             version: job.version.clone(),
-            replicas: job.replicas,
+            replicas,
             kind: match job.kind {
                 JobKind::Service => pb::JobKind::Service,
                 JobKind::Batch => pb::JobKind::Batch,
@@ -39,6 +41,8 @@ impl Scheduler {
             ready,
             pending_reason,
             instances,
+            scale,
+            scale_decisions,
         })
     }
 
