@@ -42,6 +42,7 @@ pub fn policy_to_pb(policy: &Policy) -> pb::Policy {
         breaker_max_ejection_ms: policy.breaker_max_ejection_ms,
         permissive: policy.permissive,
         allow_from: policy.allow_from.as_ref().map(|services| pb::AllowFrom { services: services.clone() }),
+        hold_when_empty_ms: policy.hold_when_empty_ms,
     }
 }
 
@@ -64,6 +65,7 @@ pub fn policy_from_pb(policy: &pb::Policy) -> Result<Policy, String> {
         breaker_max_ejection_ms: policy.breaker_max_ejection_ms,
         permissive: policy.permissive,
         allow_from: policy.allow_from.as_ref().map(|allow| allow.services.clone()),
+        hold_when_empty_ms: policy.hold_when_empty_ms,
     })
 }
 

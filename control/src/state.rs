@@ -31,6 +31,9 @@ pub struct Policy {
     /// Callers allowed by service name; empty: every mesh identity.
     #[serde(default)]
     pub allow_from: Option<Vec<String>>,
+    /// With no ready endpoint, callers hold a request this long for one.
+    #[serde(default)]
+    pub hold_when_empty_ms: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,6 +129,9 @@ pub fn check_name(what: &str, name: &str) -> Result<(), ChangeError> {
     mesh_common::name::check_name(what, name).map_err(ChangeError)
 }
 
+/// The longest a caller's sidecar may hold a request for an instance.
+pub const MAX_HOLD_WHEN_EMPTY_MS: u64 = 600_000;
+
 fn check_policy(policy: &Policy) -> Result<(), ChangeError> {
     for (field, value) in [("timeout", policy.timeout_ms), ("connect-timeout", policy.connect_timeout_ms)] {
         if value == Some(0) {
@@ -140,6 +146,11 @@ fn check_policy(policy: &Policy) -> Result<(), ChangeError> {
     }
     if let Some(ratio) = policy.retry_budget_ratio {
         check_budget_ratio(ratio).map_err(|e| ChangeError(format!("retry-budget-ratio {e}")))?;
+    }
+    if policy.hold_when_empty_ms.is_some_and(|ms| ms > MAX_HOLD_WHEN_EMPTY_MS) {
+        return refuse(
+            "hold-when-empty must be at most 10m: a caller should not wait longer for an instance",
+        );
     }
     if policy.breaker_consecutive_failures == Some(0) {
         return refuse("breaker-failures must be at least 1");
@@ -172,6 +183,7 @@ fn merged(current: &Policy, update: &Policy) -> Policy {
         breaker_max_ejection_ms: update.breaker_max_ejection_ms.or(current.breaker_max_ejection_ms),
         permissive: update.permissive.or(current.permissive),
         allow_from: update.allow_from.clone().or_else(|| current.allow_from.clone()),
+        hold_when_empty_ms: update.hold_when_empty_ms.or(current.hold_when_empty_ms),
     }
 }
 

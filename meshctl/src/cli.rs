@@ -310,6 +310,10 @@ pub struct PolicyArgs {
     /// Every mesh identity may call this service (the default).
     #[arg(long)]
     pub allow_all_mesh: bool,
+    /// With no ready instance, callers' sidecars hold a request this long
+    /// for one (a job with `[scale] min = 0` sets it); 0s: answer 503 at once.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub hold_when_empty: Option<Duration>,
 }
 
 pub fn parse_weight(text: &str) -> Result<(String, u32), String> {

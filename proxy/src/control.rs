@@ -436,6 +436,7 @@ fn service_config(route: &pb::ServiceRoute) -> Result<ServiceConfig, String> {
         endpoints,
         permissive: policy.permissive.unwrap_or(false),
         allow_from: policy.allow_from.map(|allow| allow.services).unwrap_or_default(),
+        hold_when_empty: Duration::from_millis(policy.hold_when_empty_ms.unwrap_or(0)),
     })
 }
 

@@ -41,6 +41,9 @@ pub struct Proxy {
     pub renew_now: tokio::sync::Notify,
     /// Counts certificate changes, so the control stream can report them.
     pub identity_changes: tokio::sync::watch::Sender<u64>,
+    /// The version of each table stored: what a request held for an
+    /// endpoint waits on.
+    pub table_changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl Proxy {
@@ -68,6 +71,7 @@ impl Proxy {
             bundle: arc_swap::ArcSwapOption::empty(),
             renew_now: tokio::sync::Notify::new(),
             identity_changes: tokio::sync::watch::channel(0).0,
+            table_changes: tokio::sync::watch::channel(0).0,
         })
     }
 
@@ -204,6 +208,7 @@ impl Proxy {
         drop(previous);
         let version = snapshot.version;
         self.table.store(Arc::new(snapshot));
+        self.table_changes.send_replace(version);
         let metrics = &self.long_lived.metrics;
         metrics.reload_duration.record(started.elapsed());
         metrics.reloads_ok.fetch_add(1, Ordering::Relaxed);

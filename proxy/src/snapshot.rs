@@ -86,6 +86,11 @@ pub struct Chosen<'a> {
 }
 
 impl Service {
+    /// Whether any endpoint is ready, ejected or not.
+    pub fn any_ready(&self) -> bool {
+        self.groups.iter().any(|g| g.endpoints.iter().any(|e| e.ready))
+    }
+
     /// Chooses an endpoint for one try, avoiding the endpoints in `tried`
     /// when another is available. Fails with `no-endpoints` when nothing is
     /// ready, or `breaker-open` when everything ready is ejected.

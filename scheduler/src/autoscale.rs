@@ -134,6 +134,14 @@ impl Autoscaler {
     }
 }
 
+fn requests(n: u64) -> String {
+    if n == 1 {
+        "1 request".to_owned()
+    } else {
+        format!("{n} requests")
+    }
+}
+
 /// The count `load` calls for, within the policy's bounds, and the
 /// measurement it rests on as a user would read it.
 pub fn recommend(policy: &ScalePolicy, current: u32, load: &Load) -> (u32, String) {
@@ -145,9 +153,12 @@ pub fn recommend(policy: &ScalePolicy, current: u32, load: &Load) -> (u32, Strin
                 ScaleTarget::RpsPerInstance(t) => (load.requests_per_second / t).ceil() as u32,
                 ScaleTarget::P99(_) => 1,
             };
-            let why = match load.waiting {
-                0 => format!("{:.0} requests per second and no instance", load.requests_per_second),
-                n => format!("{n} requests waiting for an instance"),
+            let why = if load.in_flight >= 0.5 {
+                format!("{} held by callers for an instance", requests(load.in_flight.ceil() as u64))
+            } else if load.waiting > 0 {
+                format!("{} found no instance", requests(load.waiting))
+            } else {
+                format!("{:.1} requests per second and no instance", load.requests_per_second)
             };
             return (wanted.clamp(policy.min.max(1), policy.max), why);
         }
@@ -192,7 +203,13 @@ mod tests {
     use super::*;
 
     fn policy(min: u32, max: u32, target: ScaleTarget) -> ScalePolicy {
-        ScalePolicy { min, max, target, scale_down_after: Duration::from_secs(60) }
+        ScalePolicy {
+            min,
+            max,
+            target,
+            scale_down_after: Duration::from_secs(60),
+            hold_requests_for: Duration::from_secs(30),
+        }
     }
 
     fn in_flight(n: f64) -> Load {
@@ -257,9 +274,17 @@ mod tests {
                 10,
                 0,
                 Load { waiting: 3, ..Load::default() },
-                (1, "3 requests waiting for an instance"),
+                (1, "3 requests found no instance"),
             ),
-            (IN_FLIGHT_20, 0, 10, 0, in_flight(50.0), (3, "500 requests per second and no instance")),
+            (IN_FLIGHT_20, 0, 10, 0, in_flight(50.0), (3, "50 requests held by callers for an instance")),
+            (
+                IN_FLIGHT_20,
+                0,
+                10,
+                0,
+                Load { requests: 3, requests_per_second: 1.5, ..Load::default() },
+                (1, "1.5 requests per second and no instance"),
+            ),
             (IN_FLIGHT_20, 0, 10, 0, Load::default(), (0, "no requests")),
             (IN_FLIGHT_20, 0, 10, 1, Load::default(), (0, "0.0 in flight per instance < target 20")),
         ];

@@ -86,6 +86,9 @@ pub struct ScalePolicy {
     /// Instances are removed only when every recommendation over this
     /// long asked for fewer.
     pub scale_down_after: Duration,
+    /// With no instance ready (scaled to zero), how long callers' sidecars
+    /// hold a request for one.
+    pub hold_requests_for: Duration,
 }
 
 /// What one instance should carry.
@@ -129,6 +132,7 @@ struct RawScale {
     max: u32,
     target: RawScaleTarget,
     scale_down_after: Option<Dur>,
+    hold_requests_for: Option<Dur>,
 }
 
 #[derive(Deserialize)]
@@ -462,7 +466,11 @@ fn scale_policy(raw: &RawScale) -> Result<ScalePolicy, (&'static str, String)> {
         }
     };
     let scale_down_after = raw.scale_down_after.as_ref().map_or(Duration::from_secs(60), |d| d.0);
-    Ok(ScalePolicy { min, max: raw.max, target, scale_down_after })
+    let hold_requests_for = raw.hold_requests_for.as_ref().map_or(Duration::from_secs(30), |d| d.0);
+    if hold_requests_for.is_zero() || hold_requests_for > Duration::from_secs(600) {
+        return Err(("scale.hold_requests_for", "must be longer than zero and at most 10m".into()));
+    }
+    Ok(ScalePolicy { min, max: raw.max, target, scale_down_after, hold_requests_for })
 }
 
 impl Job {
@@ -612,6 +620,12 @@ scale_down_after = "30s"
                 "scale_down_after = \"later\"",
                 "scale.scale_down_after",
                 "unparsable",
+            ),
+            (
+                "scale_down_after = \"30s\"",
+                "hold_requests_for = \"1h\"",
+                "scale.hold_requests_for",
+                "at most 10m",
             ),
         ];
         for (from, to, field, message) in cases {

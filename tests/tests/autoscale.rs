@@ -124,3 +124,103 @@ async fn a_scaled_job_follows_a_load_step_up_at_once_and_down_after_its_window()
     assert!(last.ends_with("ago)") && last.contains("→ 1: no more than 1 wanted for 8s"), "{last}");
     meshd.running("web", 1, Duration::from_secs(30)).await;
 }
+
+/// `idle` scales to zero after three quiet seconds; a caller's sidecar
+/// holds requests for it for up to 30 s. `never` can be placed nowhere,
+/// and its callers wait 2 s.
+const IDLE: &str = r#"
+name = "idle"
+version = "v1"
+replicas = 1
+
+[task]
+command = "mesh-echo"
+args = ["--message", "awake"]
+
+[resources]
+cpu_millis = 100
+memory_mb = 32
+
+[health]
+readiness = { http = "/", interval = "200ms" }
+
+[scale]
+min = 0
+max = 2
+target = { in_flight_per_instance = 5 }
+scale_down_after = "3s"
+hold_requests_for = "30s"
+"#;
+
+const NEVER: &str = r#"
+name = "never"
+version = "v1"
+replicas = 0
+
+[task]
+command = "mesh-echo"
+
+[[constraints]]
+attribute = "zone"
+value = "nowhere"
+
+[scale]
+min = 0
+max = 1
+target = { in_flight_per_instance = 5 }
+hold_requests_for = "2s"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_job_scales_to_zero_and_the_first_request_after_wakes_it() {
+    let dir = TempDir::new("scale-to-zero");
+    let meshd = Meshd::start(&dir.path("data"));
+    let _agent = Agent::start(&meshd, "node-a", &mesh_tests::node_ip(), 1000, &dir.path("agent"), &[]);
+    for (name, text) in [("idle", IDLE), ("never", NEVER)] {
+        let file = dir.path(&format!("{name}.toml"));
+        std::fs::write(&file, text).unwrap();
+        meshd.ctl_ok(&["job", "run", file.to_str().unwrap()]);
+    }
+    meshd.running("idle", 1, Duration::from_secs(30)).await;
+    let client = meshd.mesh_client(&dir.path("client.toml"), "").await;
+    let http = mesh_tests::client::http1();
+    let answer = mesh_tests::client::get(&http, &client, "idle", "/").await.unwrap();
+    assert_eq!(answer.status, 200, "{answer:?}");
+
+    // Quiet for the window: the job goes to zero instances.
+    let quiet = Instant::now();
+    let zero = eventually("the idle job scales to zero", Duration::from_secs(30), || {
+        let now = meshd.ctl_json(&["job", "status", "idle"]);
+        let now = now.as_array().and_then(|r| r.first()).cloned().unwrap_or(now);
+        let gone = now["replicas"] == 0 && !meshd.instances().iter().any(|i| i["job"] == "idle");
+        async move { gone.then_some(now) }
+    })
+    .await;
+    eprintln!("zero after {:?}: {:?}", quiet.elapsed(), decisions(&zero));
+    assert!(decisions(&zero).first().is_some_and(|d| d.starts_with("1 → 0")), "{zero}");
+
+    // The first request after idle waits for an instance and is served.
+    let asked = Instant::now();
+    let answer = mesh_tests::client::get(&http, &client, "idle", "/").await.unwrap();
+    let woke_after = asked.elapsed();
+    assert_eq!(answer.status, 200, "the first request after idle succeeds: {answer:?}");
+    assert!(String::from_utf8_lossy(&answer.body).contains("awake"), "{answer:?}");
+    let now = meshd.ctl_json(&["job", "status", "idle"]);
+    let now = now.as_array().and_then(|r| r.first()).cloned().unwrap_or(now);
+    let woke = decisions(&now).first().cloned().unwrap_or_default();
+    eprintln!("the first request after idle took {woke_after:?}; {woke}");
+    assert!(woke.starts_with("0 → 1: 1 request held by callers for an instance"), "{woke}");
+
+    // A job that can never run: its callers wait the 2 s, then get 503
+    // with the reason.
+    let asked = Instant::now();
+    let answer = mesh_tests::client::get(&http, &client, "never", "/").await.unwrap();
+    let waited = asked.elapsed();
+    assert_eq!(answer.status, 503, "{answer:?}");
+    assert_eq!(answer.header("x-mesh-error"), Some("no-endpoints"), "{answer:?}");
+    let body = String::from_utf8_lossy(&answer.body);
+    assert!(body.contains("no instance of \"never\" became ready within 2s"), "{body}");
+    assert!(waited >= Duration::from_secs(2), "held for its bound: {waited:?}");
+    let never = meshd.ctl_json(&["job", "status", "never"]);
+    eprintln!("never: {never}");
+}

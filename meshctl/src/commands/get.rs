@@ -103,6 +103,7 @@ fn policy_json(policy: Option<&pb::Policy>) -> Value {
     set("breaker_max_ejection_ms", p.breaker_max_ejection_ms.map(Value::from));
     set("permissive", p.permissive.map(Value::from));
     set("allow_from", p.allow_from.as_ref().map(|allow| json!(allow.services)));
+    set("hold_when_empty_ms", p.hold_when_empty_ms.map(Value::from));
     Value::Object(fields)
 }
 

@@ -55,6 +55,7 @@ pub async fn policy(
         } else {
             policy.allow_from.map(|services| pb::AllowFrom { services })
         },
+        hold_when_empty_ms: ms(policy.hold_when_empty),
     };
     let mut admin = AdminClient::new(session.channel.clone());
     let request = pb::SetPolicyRequest { service: service.clone(), policy: Some(policy) };

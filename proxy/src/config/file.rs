@@ -62,6 +62,7 @@ struct RawService {
     breaker: Option<RawBreaker>,
     #[serde(default)]
     endpoints: Vec<RawEndpoint>,
+    hold_when_empty: Option<HumanDuration>,
 }
 
 /// A split weight: a whole number, never negative.
@@ -263,6 +264,7 @@ impl Validator<'_> {
             // the inbound takes mTLS from any holder of a trusted certificate.
             permissive: !has_identity,
             allow_from: Vec::new(),
+            hold_when_empty: raw.hold_when_empty.map_or(std::time::Duration::ZERO, |d| d.0),
         })
     }
 

@@ -74,6 +74,10 @@ pub struct ServiceConfig {
     pub permissive: bool,
     /// Services whose sidecars may call it; empty: every mesh identity.
     pub allow_from: Vec<String>,
+    /// With no ready endpoint, a request waits this long for one (a
+    /// service that scales to zero); zero: it is refused at once.
+    #[serde(serialize_with = "serialize_duration")]
+    pub hold_when_empty: Duration,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]

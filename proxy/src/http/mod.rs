@@ -3,6 +3,7 @@
 
 pub mod body;
 pub mod deadline;
+pub mod hold;
 pub mod hops;
 pub mod inbound;
 pub mod outbound;

@@ -278,7 +278,7 @@ fn handle_inbound(
 /// The app's calls: to the service its authority names, or to `fixed` (a
 /// per-upstream port).
 fn handle_outbound(
-    proxy: &Proxy,
+    proxy: &Arc<Proxy>,
     fixed: Option<&str>,
     timers: &Arc<ConnectionTimers>,
     request: Request<Incoming>,
@@ -317,6 +317,11 @@ fn handle_outbound(
         return Handled::answer(error_response(error, is_grpc(request.headers()), &detail));
     };
     drop(snapshot);
+    if crate::http::hold::should_hold(&service) {
+        let (proxy, timers) = (proxy.clone(), timers.clone());
+        let held = crate::http::hold::hold_then_forward(proxy, service, request, timers);
+        return Handled::Boxed { future: Box::pin(held) };
+    }
     if is_upgrade(&request) {
         Handled::Boxed { future: Box::pin(forward_upgrade(service, request)) }
     } else {

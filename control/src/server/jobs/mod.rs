@@ -282,8 +282,14 @@ impl Scheduler {
                 return Ok(false);
             }
             // The job's port protocol is its service's: proxies on both hops need it.
-            let protocol = Policy { protocol: Some(job.protocol), ..Policy::default() };
-            let change = Change::SetPolicy { service: job.service.clone(), policy: protocol };
+            // So is how long callers hold a request while it runs no instance.
+            let hold = job.scale.as_ref().filter(|scale| scale.min == 0).map(|s| s.hold_requests_for);
+            let policy = Policy {
+                protocol: Some(job.protocol),
+                hold_when_empty_ms: Some(hold.map_or(0, |d| d.as_millis() as u64)),
+                ..Policy::default()
+            };
+            let change = Change::SetPolicy { service: job.service.clone(), policy };
             self.control.change(change).await.map_err(super::registry::status_of)?;
             // Durable before it is acted on or answered.
             let (key, value) = (name.clone(), stored.clone());
