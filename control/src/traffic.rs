@@ -92,6 +92,29 @@ impl Counts {
         })
     }
 
+    /// The `q` quantile (seconds), interpolated linearly inside its bucket
+    /// as Prometheus' `histogram_quantile` does: what a gate compares with
+    /// its threshold. The largest bound for the unbounded bucket; `None`
+    /// without requests.
+    pub fn quantile_interpolated(&self, q: f64, bounds: &[f64]) -> Option<f64> {
+        let total: u64 = self.latency_buckets.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = q * total as f64;
+        let mut seen = 0u64;
+        for (i, count) in self.latency_buckets.iter().enumerate() {
+            if *count > 0 && (seen + count) as f64 >= rank {
+                let Some(upper) = bounds.get(i) else { return bounds.last().copied() };
+                let lower = if i == 0 { 0.0 } else { bounds[i - 1] };
+                let into = ((rank - seen as f64) / *count as f64).clamp(0.0, 1.0);
+                return Some(lower + (upper - lower) * into);
+            }
+            seen += count;
+        }
+        bounds.last().copied()
+    }
+
     pub fn add(&mut self, other: &Counts) {
         self.requests += other.requests;
         self.successes += other.successes;
@@ -441,6 +464,29 @@ mod tests {
             let total = second.saturating_sub(from) * per_second;
             let at = second * 1_000 + 500;
             traffic.record(proxy, at, &BOUNDS, vec![(row.clone(), counts(total, 0, 0), 0)]);
+        }
+    }
+
+    #[test]
+    fn interpolated_quantiles_fall_inside_their_bucket() {
+        let counts = |buckets: &[u64]| Counts { latency_buckets: buckets.to_vec(), ..Counts::default() };
+        // (buckets over bounds 10 ms, 100 ms, 1 s, +Inf; q) → seconds
+        let table: [(&[u64], f64, Option<f64>); 6] = [
+            (&[], 0.99, None),
+            (&[100, 0, 0, 0], 0.5, Some(0.005)),
+            (&[0, 100, 0, 0], 0.99, Some(0.01 + 0.09 * 0.99)),
+            (&[90, 10, 0, 0], 0.9, Some(0.01)),
+            (&[90, 0, 10, 0], 0.95, Some(0.1 + 0.9 * 0.5)),
+            (&[0, 0, 0, 5], 0.99, Some(1.0)),
+        ];
+        for (buckets, q, expected) in table {
+            let got = counts(buckets).quantile_interpolated(q, &BOUNDS);
+            match (got, expected) {
+                (Some(got), Some(expected)) => {
+                    assert!((got - expected).abs() < 1e-9, "{buckets:?} {q}: {got}")
+                }
+                (got, expected) => assert_eq!(got, expected, "{buckets:?} {q}"),
+            }
         }
     }
 

@@ -134,6 +134,11 @@ pub enum Command {
         #[command(subcommand)]
         command: JobCommand,
     },
+    /// A canary rollout (`[update] strategy = "canary"`): where it stands, and steering it.
+    Rollout {
+        #[command(subcommand)]
+        command: RolloutCommand,
+    },
     /// Operators: credentials with a role (viewer, operator, admin).
     User {
         #[command(subcommand)]
@@ -214,6 +219,21 @@ pub enum IdentityCommand {
         #[arg(long, value_parser = humantime::parse_duration, default_value = "2m")]
         stage_timeout: Duration,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RolloutCommand {
+    /// The step, each version's weight, and each gate's measured value against its threshold
+    /// (or how the last rollout ended).
+    Status { job: String },
+    /// Hold the current step: no gate is judged until resumed.
+    Pause { job: String },
+    /// Go on from the current step.
+    Resume { job: String },
+    /// Roll back now: all traffic to the old version, then its new instances stop.
+    Abort { job: String },
+    /// Skip the remaining steps: the new version takes all traffic and the old one stops.
+    Promote { job: String },
 }
 
 #[derive(Subcommand, Debug)]

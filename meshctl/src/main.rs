@@ -74,5 +74,6 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             commands::registry::deregister(&session, service, addr).await
         }
         Command::Job { command } => commands::job::run(&session, command, output).await,
+        Command::Rollout { command } => commands::rollout::run(&session, command, output).await,
     }
 }

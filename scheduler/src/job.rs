@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::canary::CanaryPolicy;
 use crate::{Constraint, JobSpec, Resources, Strategy};
 use mesh_common::duration::HumanDuration as Dur;
 use mesh_common::file_error::{parse_toml, FileError};
@@ -75,6 +76,9 @@ pub struct UpdatePolicy {
     pub auto_revert: bool,
     /// A new version not healthy within this long has failed its update.
     pub healthy_deadline: Duration,
+    /// `strategy = "canary"`: traffic moves to the new version in steps,
+    /// each gated on its callers' measurements. `None`: a rolling update.
+    pub gated: Option<CanaryPolicy>,
 }
 
 /// How a job scales on the traffic its sidecars report (`[scale]`).
@@ -116,7 +120,7 @@ struct RawJob {
     #[serde(default)]
     ports: Vec<RawPort>,
     health: Option<RawHealth>,
-    update: Option<RawUpdate>,
+    update: Option<Spanned<RawUpdate>>,
     #[serde(default)]
     upstreams: Vec<RawUpstream>,
     #[serde(default)]
@@ -204,6 +208,20 @@ struct RawUpdate {
     canary: Option<u32>,
     auto_revert: Option<bool>,
     healthy_deadline: Option<Dur>,
+    strategy: Option<RawUpdateStrategy>,
+    steps: Option<Vec<u32>>,
+    interval: Option<Dur>,
+    success_rate: Option<f64>,
+    p99: Option<Dur>,
+    min_requests: Option<u64>,
+    stall_after: Option<Dur>,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq)]
+#[serde(rename_all = "lowercase")]
+enum RawUpdateStrategy {
+    Rolling,
+    Canary,
 }
 
 #[derive(Deserialize)]
@@ -349,8 +367,10 @@ pub fn parse_job(text: &str) -> Result<Job, JobError> {
         canary: 0,
         auto_revert: true,
         healthy_deadline: Duration::from_secs(60),
+        gated: None,
     };
-    if let Some(u) = &raw.update {
+    if let Some(spanned) = &raw.update {
+        let u = spanned.get_ref();
         if let Some(max_parallel) = &u.max_parallel {
             if *max_parallel.get_ref() == 0 {
                 return Err(error(
@@ -365,6 +385,7 @@ pub fn parse_job(text: &str) -> Result<Job, JobError> {
         update.canary = u.canary.unwrap_or(0);
         update.auto_revert = u.auto_revert.unwrap_or(true);
         update.healthy_deadline = u.healthy_deadline.as_ref().map_or(update.healthy_deadline, |d| d.0);
+        update.gated = gated_policy(u).map_err(|(field, e)| error(Some(spanned.span()), field, e))?;
     }
     let kind = match raw.kind.unwrap_or(RawKind::Service) {
         RawKind::Service => JobKind::Service,
@@ -436,6 +457,61 @@ pub fn parse_job(text: &str) -> Result<Job, JobError> {
         scale,
         revision: 0,
     })
+}
+
+/// The canary strategy's settings, checked; `None` for a rolling update.
+fn gated_policy(raw: &RawUpdate) -> Result<Option<CanaryPolicy>, (&'static str, String)> {
+    let canary_fields = [
+        ("steps", raw.steps.is_some()),
+        ("interval", raw.interval.is_some()),
+        ("success_rate", raw.success_rate.is_some()),
+        ("p99", raw.p99.is_some()),
+        ("min_requests", raw.min_requests.is_some()),
+        ("stall_after", raw.stall_after.is_some()),
+    ];
+    if raw.strategy != Some(RawUpdateStrategy::Canary) {
+        if let Some((field, _)) = canary_fields.iter().find(|(_, set)| *set) {
+            return Err(("update.strategy", format!("{field} needs strategy = \"canary\"")));
+        }
+        return Ok(None);
+    }
+    if raw.canary.is_some_and(|n| n > 0) {
+        return Err((
+            "update.canary",
+            "a count of canaries awaiting promotion belongs to the rolling strategy; strategy = \"canary\" moves traffic in steps".into(),
+        ));
+    }
+    let steps = raw.steps.clone().unwrap_or_else(|| vec![10, 50, 100]);
+    if steps.is_empty() || steps.windows(2).any(|w| w[0] >= w[1]) || steps.iter().any(|s| *s == 0 || *s > 100)
+    {
+        return Err(("update.steps", format!("must rise from 1 to 100 percent, got {steps:?}")));
+    }
+    if steps.last() != Some(&100) {
+        return Err(("update.steps", format!("must end at 100, got {steps:?}")));
+    }
+    let interval = raw.interval.as_ref().map_or(Duration::from_secs(30), |d| d.0);
+    if interval < Duration::from_secs(1) || interval > Duration::from_secs(60) {
+        return Err((
+            "update.interval",
+            "must be from 1s to 60s: meshd keeps a minute of traffic to judge a step on".into(),
+        ));
+    }
+    let success_rate = raw.success_rate.unwrap_or(0.99);
+    if !(0.0..=1.0).contains(&success_rate) {
+        return Err(("update.success_rate", format!("must be from 0 to 1, got {success_rate}")));
+    }
+    let p99 = raw.p99.as_ref().map(|d| d.0);
+    if p99.is_some_and(|d| d.is_zero()) {
+        return Err(("update.p99", "must be longer than zero".into()));
+    }
+    Ok(Some(CanaryPolicy {
+        steps,
+        interval,
+        success_rate,
+        p99,
+        min_requests: raw.min_requests.unwrap_or(20),
+        stall_after: raw.stall_after.as_ref().map_or(interval * 5, |d| d.0),
+    }))
 }
 
 /// Checks a `[scale]` table; an error names the field inside it.
@@ -642,6 +718,45 @@ scale_down_after = "30s"
         .is_ok());
         let unscaled = WEB.replace("replicas = 3", "replicas = 0");
         assert!(parse_job(&unscaled).is_err());
+    }
+
+    #[test]
+    fn canary_updates_parse_and_bad_ones_say_why() {
+        let canary = "[update]\nstrategy = \"canary\"\nsteps = [5, 25, 50, 100]\ninterval = \"30s\"\nsuccess_rate = 0.995\np99 = \"300ms\"\nmin_requests = 50\n";
+        let text = SCALED.replace("[scale]", &format!("{canary}\n[scale]"));
+        let policy = parse_job(&text).unwrap().update.gated.unwrap();
+        assert_eq!(policy.steps, vec![5, 25, 50, 100]);
+        assert_eq!((policy.interval, policy.min_requests), (Duration::from_secs(30), 50));
+        assert_eq!((policy.success_rate, policy.p99), (0.995, Some(Duration::from_millis(300))));
+        assert_eq!(policy.stall_after, Duration::from_secs(150), "five intervals unless given");
+        assert_eq!(parse_job(SCALED).unwrap().update.gated, None, "rolling by default");
+        // (replace, with, field, message part)
+        let cases = [
+            ("steps = [5, 25, 50, 100]", "steps = [5, 25, 50]", "update.steps", "must end at 100"),
+            ("steps = [5, 25, 50, 100]", "steps = [25, 5, 100]", "update.steps", "must rise"),
+            ("interval = \"30s\"", "interval = \"5m\"", "update.interval", "from 1s to 60s"),
+            ("success_rate = 0.995", "success_rate = 99.5", "update.success_rate", "from 0 to 1"),
+            (
+                "strategy = \"canary\"",
+                "strategy = \"rolling\"",
+                "update.strategy",
+                "needs strategy = \"canary\"",
+            ),
+            (
+                "strategy = \"canary\"",
+                "strategy = \"canary\"\ncanary = 1",
+                "update.canary",
+                "rolling strategy",
+            ),
+            ("strategy = \"canary\"", "strategy = \"blue-green\"", "update.strategy", "unknown variant"),
+        ];
+        for (from, to, field, message) in cases {
+            let bad = text.replacen(from, to, 1);
+            assert_ne!(bad, text, "{to}");
+            let error = parse_job(&bad).expect_err(to);
+            assert!(error.field.starts_with(field), "{to}: field {:?} should be {field:?}", error.field);
+            assert!(error.to_string().contains(message), "{to}: {error}");
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! best) → plan (the placements and stops to carry out).
 
 pub mod autoscale;
+pub mod canary;
 pub mod job;
 pub mod placement;
 pub mod reconcile;

@@ -103,6 +103,7 @@ mod tests {
             canary,
             auto_revert: true,
             healthy_deadline: Duration::from_secs(30),
+            gated: None,
         }
     }
 

@@ -98,6 +98,7 @@ fn policy() -> UpdatePolicy {
         canary: 0,
         auto_revert: true,
         healthy_deadline: Duration::from_secs(30),
+        gated: None,
     }
 }
 

@@ -86,6 +86,8 @@ pub const METHODS: &[(&str, Requirement, Serves)] = &[
     ("/mesh.v1.Identity/RotateRoot", Requirement::Role(Admin), Leader),
     ("/mesh.v1.Jobs/Run", Requirement::Role(Operator), Any),
     ("/mesh.v1.Jobs/Stop", Requirement::Role(Operator), Any),
+    ("/mesh.v1.Jobs/RolloutStatus", Requirement::Role(Viewer), Leader),
+    ("/mesh.v1.Jobs/SetRollout", Requirement::Role(Operator), Leader),
     ("/mesh.v1.Jobs/Promote", Requirement::Role(Operator), Leader),
     ("/mesh.v1.Jobs/Status", Requirement::Role(Viewer), Leader),
     ("/mesh.v1.Jobs/List", Requirement::Role(Viewer), Leader),

@@ -9,6 +9,7 @@ pub mod identity;
 pub mod job;
 pub mod logs;
 pub mod registry;
+pub mod rollout;
 pub mod status;
 pub mod top;
 pub mod traffic;

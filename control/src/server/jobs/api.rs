@@ -76,6 +76,25 @@ impl Jobs for JobsService {
         Ok(Response::new(pb::JobName { name }))
     }
 
+    async fn rollout_status(
+        &self,
+        request: Request<pb::JobName>,
+    ) -> Result<Response<pb::RolloutReport>, Status> {
+        // Rollouts are the leader's knowledge.
+        self.scheduler.require_leader()?;
+        self.scheduler.rollout_report(&request.into_inner().name).map(Response::new)
+    }
+
+    async fn set_rollout(
+        &self,
+        request: Request<pb::RolloutAction>,
+    ) -> Result<Response<pb::RolloutReport>, Status> {
+        self.scheduler.require_leader()?;
+        let request = request.into_inner();
+        let action = request.action();
+        self.scheduler.act_on_rollout(&request.name, action).map(Response::new)
+    }
+
     async fn status(&self, request: Request<pb::JobName>) -> Result<Response<pb::JobStatus>, Status> {
         // Where instances run is the leader's knowledge.
         self.scheduler.require_leader()?;

@@ -38,6 +38,7 @@ pub use scale::load_of;
 use scale::{replicas_of, Scaling};
 
 mod api;
+mod canary;
 mod endpoints;
 mod scale;
 mod status;
@@ -87,6 +88,13 @@ struct SchedulerState {
     scaling: BTreeMap<String, Scaling>,
     /// When scaled jobs were last decided.
     scaled_at: Option<Instant>,
+    /// When canary rollouts were last measured.
+    canaries_at: Option<Instant>,
+    /// Per job: the split a finished canary rollout left on its service,
+    /// cleared once the losing version's instances are gone.
+    split_cleanup: BTreeMap<String, (String, String)>,
+    /// Per job: how its last canary rollout ended.
+    last_rollouts: BTreeMap<String, pb::RolloutReport>,
 }
 
 /// A job moving from one version to another.
@@ -94,6 +102,8 @@ struct Rollout {
     old: (StoredJob, Job),
     started: Instant,
     promoted: bool,
+    /// A canary rollout's progress (`[update] strategy = "canary"`).
+    canary: Option<canary::CanaryRun>,
 }
 
 pub struct Scheduler {
@@ -337,7 +347,7 @@ impl Scheduler {
                     Some(rollout) => rollout.old,
                     None => state.jobs[&name].clone(),
                 };
-                let update = Rollout { old, started: Instant::now(), promoted: false };
+                let update = Rollout { old, started: Instant::now(), promoted: false, canary: None };
                 state.rollouts.insert(name.clone(), update);
             }
             state.completed.remove(&name);
@@ -360,6 +370,7 @@ impl Scheduler {
         state.completed.remove(name);
         state.pending.remove(name);
         state.scaling.remove(name);
+        state.split_cleanup.remove(name);
         drop(state);
         tracing::info!(job = %name, "job stopped");
         self.wake.notify_one();
@@ -494,11 +505,13 @@ impl Scheduler {
             .collect();
         let behind = self.control.proxies_behind();
         let scaled = self.autoscale().await;
+        let measured = self.measure_canaries().await;
         let mut reverted = Vec::new();
+        let mut splits = Vec::new();
         let changes = {
             let mut state = self.lock();
             state.rounds += 1;
-            let specs = self.specs(&mut state, &mut reverted);
+            let specs = self.specs(&mut state, &mut reverted, &measured, &mut splits);
             let mut plan = reconcile(&specs, &nodes, &state.allocations, state.rounds);
             let held = self.hold_after_start(&mut state, &specs, &mut plan);
             for id in &plan.stop {
@@ -522,6 +535,7 @@ impl Scheduler {
                 .chain(held)
                 .collect();
             Self::note_unplaced(&mut state, &scaled);
+            Self::clear_finished_splits(&mut state, &mut splits);
             let live: Vec<String> = state.allocations.iter().map(|a| a.id.clone()).collect();
             state
                 .reports
@@ -539,6 +553,8 @@ impl Scheduler {
                 tracing::warn!(?error, "the scheduler could not update an endpoint");
             }
         }
+        // After the endpoints: a split may name a version only once it has one.
+        self.apply_splits(splits).await;
     }
 
     /// With node leases, a node this server has not heard from for the TTL
@@ -600,7 +616,13 @@ impl Scheduler {
     /// What to reconcile this round: every job's spec, and for a job being
     /// updated its two versions with the counts the rollout allows.
     /// Jobs rolled back here go into `reverted`, to be stored.
-    fn specs(&self, state: &mut SchedulerState, reverted: &mut Vec<(String, StoredJob)>) -> Vec<JobSpec> {
+    fn specs(
+        &self,
+        state: &mut SchedulerState,
+        reverted: &mut Vec<(String, StoredJob)>,
+        measured: &BTreeMap<String, Result<mesh_scheduler::canary::Measured, String>>,
+        splits: &mut Vec<canary::SplitChange>,
+    ) -> Vec<JobSpec> {
         let mut specs = Vec::new();
         let names: Vec<String> = state.jobs.keys().cloned().collect();
         for name in names {
@@ -615,6 +637,11 @@ impl Scheduler {
                 specs.push(spec);
                 continue;
             };
+            if let Some(policy) = canary::gated(&job, &update.old.1).cloned() {
+                let measured = measured.get(&name);
+                self.canary_round(state, &name, &job, &policy, measured, &mut specs, reverted, splits);
+                continue;
+            }
             let old_job = update.old.1.clone();
             let new_instances: Vec<NewInstance> = state
                 .allocations
