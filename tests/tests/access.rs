@@ -64,7 +64,9 @@ async fn every_method_is_refused_without_a_credential_and_every_write_for_a_view
         }
         let code = call(viewer.clone(), path).await;
         match requirement {
-            Requirement::Role(Role::Viewer) | Requirement::NodeOrRole(Role::Viewer) => {
+            Requirement::Role(Role::Viewer)
+            | Requirement::NodeOrRole(Role::Viewer)
+            | Requirement::ServerOrRole(Role::Viewer) => {
                 assert!(
                     !matches!(code, Code::Unauthenticated | Code::PermissionDenied),
                     "{path} for a viewer: {code:?}"
