@@ -237,3 +237,51 @@ async fn too_little_traffic_holds_the_step_with_the_reason_then_fails_it() {
     assert!(message.contains("too little traffic to judge the new version for 6s"), "{message}");
     mesh.settled_on("v1").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_promotes_one_rollout_and_aborts_the_next() {
+    let mesh = mesh("canary-steered").await;
+    // No traffic: the step would hold; promote skips the remaining steps.
+    mesh.run("v2", "");
+    eventually("v2's instances are ready and the step holds", Duration::from_secs(30), || {
+        let report = mesh.rollout();
+        let holding =
+            report["message"].as_str().is_some_and(|m| m.contains("judged in") || m.contains("holding"));
+        async move { holding.then_some(()) }
+    })
+    .await;
+    let promoted = mesh.meshd.ctl_ok(&["rollout", "promote", "web"]);
+    eprintln!("{promoted}");
+    let report = mesh.ended(Duration::from_secs(10)).await;
+    assert_eq!(report["state"], "promoted", "{report}");
+    assert!(
+        report["message"].as_str().unwrap().contains("promoted by `meshctl rollout promote`"),
+        "{report}"
+    );
+    mesh.settled_on("v2").await;
+
+    // The next one is aborted: all traffic back to v2, v3's instances stop.
+    mesh.run("v3", "");
+    eventually("v3's rollout is under way", Duration::from_secs(30), || {
+        let report = mesh.rollout();
+        let going = report["to"] == "v3" && report["state"] == "progressing";
+        async move { going.then_some(()) }
+    })
+    .await;
+    mesh.meshd.ctl_ok(&["rollout", "abort", "web"]);
+    let report = mesh.ended(Duration::from_secs(10)).await;
+    assert_eq!(
+        (report["state"].as_str(), report["to"].as_str()),
+        (Some("rolled back"), Some("v3")),
+        "{report}"
+    );
+    assert!(report["message"]
+        .as_str()
+        .unwrap()
+        .contains("rolled back to v2: aborted by `meshctl rollout abort`"));
+    mesh.settled_on("v2").await;
+    // Nothing is in progress now: steering it is refused with the reason.
+    let (code, _, err) = mesh.meshd.ctl(&["rollout", "pause", "web"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("has no rollout in progress"), "{err}");
+}

@@ -23,7 +23,13 @@ pub async fn run(session: &Session, command: RolloutCommand, output: Output) -> 
     let report = match action {
         None => jobs.rollout_status(pb::JobName { name }).await?.into_inner(),
         Some(action) => {
-            jobs.set_rollout(pb::RolloutAction { name, action: action as i32 }).await?.into_inner()
+            let request = pb::RolloutAction { name: name.clone(), action: action as i32 };
+            let report = jobs.set_rollout(request).await?.into_inner();
+            if output == Output::Table {
+                let what = action.as_str_name().to_lowercase();
+                println!("{what} of job {name}'s rollout: taken; the next round acts on it");
+            }
+            report
         }
     };
     print_report(&report, output);
