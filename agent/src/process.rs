@@ -43,7 +43,10 @@ pub fn resolve_command(command: &str, job_dir: &Path, path_var: Option<&str>) ->
         let candidate = job_dir.join(command);
         return candidate.is_file().then_some(candidate);
     }
-    path_var?.split(':').map(|dir| Path::new(dir).join(command)).find(|p| p.is_file())
+    let found = path_var?.split(':').map(|dir| Path::new(dir).join(command)).find(|p| p.is_file())?;
+    // The app starts in its own working directory: a relative PATH entry
+    // (`target/release`) means the agent's, so the path is made absolute.
+    std::path::absolute(&found).ok()
 }
 
 impl Running {
@@ -253,6 +256,9 @@ mod tests {
         assert_eq!(resolve_command("./bin/app", &dir, None), Some(dir.join("./bin/app")));
         assert_eq!(resolve_command("sh", &dir, Some("/nonexistent:/bin")), Some(PathBuf::from("/bin/sh")));
         assert_eq!(resolve_command("no-such-program", &dir, Some("/bin")), None);
+        // A relative PATH entry is the agent's directory, not the app's.
+        let here = std::env::current_dir().unwrap();
+        assert_eq!(resolve_command("Cargo.toml", &dir, Some(".")), Some(here.join("./Cargo.toml")));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
