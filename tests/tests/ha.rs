@@ -162,7 +162,10 @@ async fn the_mesh_survives_losing_its_leader_and_etcd_members() {
     .await;
 
     let web = dir.path("web.toml");
-    std::fs::write(&web, echo_job("web", 3)).unwrap();
+    // Scaled, with bounds that keep it at three: the leader's autoscaler
+    // reads every server's traffic, and `job status` shows what it read.
+    let scaled = "\n[scale]\nmin = 3\nmax = 3\ntarget = { rps_per_instance = 1000000 }\n";
+    std::fs::write(&web, echo_job("web", 3) + scaled).unwrap();
     ctl_ok_via(admin, &all, &["job", "run", web.to_str().unwrap()]);
     eventually("three instances of web are ready", Duration::from_secs(40), || {
         let ready = running(admin, &all, "web").len() == 3;
@@ -341,6 +344,27 @@ async fn the_mesh_survives_losing_its_leader_and_etcd_members() {
             web_rps.as_ref().and_then(Value::as_f64).is_some_and(|rps| rps > 0.0),
             "web's traffic shows through {server}: {top}"
         );
+    }
+    // The new leader's autoscaler reads the surviving servers' traffic as
+    // meshd itself (a server asking in its own name): it measures web's
+    // requests rather than holding for traffic it could not read.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = json_via(admin, &rest, &["job", "status", "web"]).unwrap_or_default();
+        let status = status.as_array().and_then(|rows| rows.first()).cloned().unwrap_or(status);
+        let scale = status["scale"].as_str().unwrap_or_default().to_owned();
+        // A server just killed may be listed a while longer: holding for it is right.
+        if scale.contains("requests/s per instance")
+            && !scale.contains("now 0.0")
+            && !scale.contains("holding")
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the leader's autoscaler measures web's traffic on every server: {scale}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let (_, checked, stderr) = admin.ctl_via(&rest, &["check", "-o", "json"]);
     let checked: Value =
