@@ -108,8 +108,7 @@ impl Service {
                 .any(|e| e.ready && e.state.breaker.load().availability(now_ms) != Availability::Ejected)
         };
         let Some(group_index) = pick_weighted(&self.weights, |i| usable(&self.groups[i]), rng) else {
-            let any_ready = self.groups.iter().any(|g| g.endpoints.iter().any(|e| e.ready));
-            return Err(if any_ready { ProxyError::BreakerOpen } else { ProxyError::NoEndpoints });
+            return Err(if self.any_ready() { ProxyError::BreakerOpen } else { ProxyError::NoEndpoints });
         };
         let endpoints = &self.groups[group_index].endpoints;
         // An endpoint whose ejection is over gets exactly one probe request.

@@ -54,30 +54,28 @@ pub async fn hold_then_forward(
     }
     let ready = {
         let _held = InFlight::start(waiting);
+        // Subscribed before the table is read again: a swap in between is not missed.
         let mut changes = proxy.table_changes.subscribe();
         let deadline = tokio::time::Instant::from_std(started + hold);
-        let mut current = service.clone();
         loop {
-            if current.any_ready() {
-                break Some(current);
+            match proxy.table.load().services.get(name.as_str()) {
+                None => {
+                    break Err(format!("service {name:?} left the routing table while its request waited"))
+                }
+                Some(current) if current.any_ready() => break Ok(current.clone()),
+                Some(_) => {}
             }
-            match tokio::time::timeout_at(deadline, changes.changed()).await {
-                Ok(Ok(())) => match proxy.table.load().services.get(name.as_str()) {
-                    Some(next) => current = next.clone(),
-                    None => break None,
-                },
-                _ => break None,
+            if !matches!(tokio::time::timeout_at(deadline, changes.changed()).await, Ok(Ok(()))) {
+                let within = humantime::format_duration(hold);
+                break Err(format!("no instance of {name:?} became ready within {within}"));
             }
         }
     };
     match ready {
-        Some(service) => {
+        Ok(service) => {
             tracing::debug!(service = %name, held = ?started.elapsed(), "an instance is ready; forwarding");
             super::outbound::forward(service, request, timers).await
         }
-        None => refuse(
-            &service,
-            format!("no instance of {name:?} became ready within {}", humantime::format_duration(hold)),
-        ),
+        Err(why) => refuse(&service, why),
     }
 }

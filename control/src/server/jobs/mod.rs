@@ -34,7 +34,6 @@ use mesh_scheduler::{Allocation, JobSpec, Node};
 
 pub use api::JobsService;
 use endpoints::endpoint_changes;
-pub use scale::load_of;
 use scale::{replicas_of, Scaling};
 
 mod api;

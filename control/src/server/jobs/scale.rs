@@ -54,7 +54,7 @@ pub(super) fn replicas_of(state: &SchedulerState, job: &Job) -> u32 {
 /// What the mesh measured for `service`: its own sidecars' inbound view,
 /// or its callers' outbound view where that shows more (a request held
 /// for lack of an instance is seen only by its caller).
-pub fn load_of(sums: &Sums, bounds: &[f64], service: &str) -> Load {
+fn load_of(sums: &Sums, bounds: &[f64], service: &str) -> Load {
     let mut inbound = (Counts::default(), 0i64, 0.0);
     let mut outbound = (Counts::default(), 0i64, 0.0);
     for (key, sum) in sums.iter().filter(|(key, _)| key.service == service) {
@@ -64,8 +64,8 @@ pub fn load_of(sums: &Sums, bounds: &[f64], service: &str) -> Load {
         side.2 += sum.requests_per_second;
     }
     let measured = if inbound.0.requests > 0 { &inbound.0 } else { &outbound.0 };
-    let p99 =
-        (measured.requests > 0).then(|| Duration::from_secs_f64(measured.quantile(0.99, bounds).max(0.0)));
+    // Interpolated inside its bucket, as a canary's gate reads it.
+    let p99 = measured.quantile_interpolated(0.99, bounds).map(Duration::from_secs_f64);
     Load {
         in_flight: inbound.1.max(outbound.1).max(0) as f64,
         requests_per_second: f64::max(inbound.2, outbound.2),
@@ -210,7 +210,8 @@ mod tests {
         let load = load_of(&sums, &bounds, "web");
         assert_eq!(load.in_flight, 14.0, "inbound 10 + 4 beats outbound 12");
         assert_eq!((load.requests, load.requests_per_second), (120, 60.0));
-        assert_eq!(load.p99, Some(Duration::from_millis(100)));
+        // All in the 10–100 ms bucket: 99 % of the way through it.
+        assert_eq!(load.p99, Some(Duration::from_secs_f64(0.01 + 0.09 * 0.99)));
         assert_eq!(load.waiting, 0);
         // No instance: only callers see the requests, held or refused.
         let mut held = Sums::new();
