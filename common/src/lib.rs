@@ -14,3 +14,4 @@ pub mod logging;
 pub mod name;
 pub mod policy;
 pub mod spiffe;
+pub mod traffic_policy;
