@@ -5,6 +5,7 @@ use mesh_common::policy::Protocol;
 use mesh_common::policy::RetryOn;
 use mesh_proto::convert::{protocol_from_pb, protocol_to_pb, retry_on_from_pb, retry_on_to_pb};
 use mesh_proto::mesh::v1 as pb;
+use mesh_proto::traffic_policy::{rate_limit_to_pb, route_to_pb};
 
 use crate::state::{Policy, ServiceState};
 
@@ -24,6 +25,8 @@ pub fn route(name: &str, service: &ServiceState) -> pb::ServiceRoute {
                 meshed: e.meshed,
             })
             .collect(),
+        routes: service.routes.iter().map(route_to_pb).collect(),
+        rate_limit: service.rate_limit.as_ref().map(rate_limit_to_pb),
     }
 }
 

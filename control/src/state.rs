@@ -5,6 +5,7 @@
 //! accepted it, so a bad request changes nothing.
 
 use mesh_common::policy::{check_budget_ratio, check_retry_attempts, Protocol, RetryOn};
+use mesh_common::traffic_policy::{RateLimitSpec, RouteSpec, TrafficPolicyFile};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
@@ -51,6 +52,12 @@ pub struct ServiceState {
     pub split: BTreeMap<String, u32>,
     /// Endpoint address to its record.
     pub endpoints: BTreeMap<SocketAddr, EndpointRecord>,
+    /// Tried in order before the service's defaults (`meshctl apply -f`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<RouteSpec>,
+    /// Enforced at the service's own inbound.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimitSpec>,
     /// The state version in which this service last changed; proxies are
     /// sent a service again only when its stamp moves.
     pub stamp: u64,
@@ -58,7 +65,11 @@ pub struct ServiceState {
 
 impl ServiceState {
     fn is_empty(&self) -> bool {
-        self.endpoints.is_empty() && self.split.is_empty() && self.policy == Policy::default()
+        self.endpoints.is_empty()
+            && self.split.is_empty()
+            && self.policy == Policy::default()
+            && self.routes.is_empty()
+            && self.rate_limit.is_none()
     }
 
     pub fn versions(&self) -> Vec<&str> {
@@ -104,6 +115,17 @@ pub enum Change {
     SetPolicy {
         service: String,
         policy: Policy,
+    },
+    /// A checked routes file: each service it names under `[[routes]]`
+    /// gets the file's routes, each under `[[rate_limits]]` its limit; all
+    /// at once, or none.
+    SetTrafficPolicy(TrafficPolicyFile),
+    DeleteRoute {
+        service: String,
+        name: String,
+    },
+    DeleteRateLimit {
+        service: String,
     },
 }
 
@@ -193,6 +215,16 @@ impl MeshState {
     pub fn apply(&self, change: &Change) -> Result<MeshState, ChangeError> {
         let mut next = self.clone();
         let version = self.version + 1;
+        if let Change::SetTrafficPolicy(file) = change {
+            let touched = set_traffic_policy(&mut next, file)?;
+            next.version = version;
+            for name in touched {
+                if let Some(entry) = next.services.get_mut(&name).map(Arc::make_mut) {
+                    entry.stamp = version;
+                }
+            }
+            return Ok(next);
+        }
         let name = match change {
             Change::Register { service, version: endpoint_version, addr, ready, meshed, plaintext_ok } => {
                 check_name("service", service)?;
@@ -273,6 +305,30 @@ impl MeshState {
                 entry.split.clear();
                 service
             }
+            Change::SetTrafficPolicy(_) => unreachable!("applied above"),
+            Change::DeleteRoute { service, name } => {
+                let Some(entry) = next.services.get_mut(service).map(Arc::make_mut) else {
+                    return refuse(format!("unknown service {service:?}"));
+                };
+                let before = entry.routes.len();
+                entry.routes.retain(|r| &r.name != name);
+                if entry.routes.len() == before {
+                    let names: Vec<&str> = entry.routes.iter().map(|r| r.name.as_str()).collect();
+                    return refuse(format!(
+                        "service {service:?} has no route {name:?} (its routes: {names:?})"
+                    ));
+                }
+                service
+            }
+            Change::DeleteRateLimit { service } => {
+                let Some(entry) = next.services.get_mut(service).map(Arc::make_mut) else {
+                    return refuse(format!("unknown service {service:?}"));
+                };
+                if entry.rate_limit.take().is_none() {
+                    return refuse(format!("service {service:?} has no rate limit"));
+                }
+                service
+            }
             Change::SetPolicy { service, policy } => {
                 check_name("service", service)?;
                 check_policy(policy)?;
@@ -294,6 +350,48 @@ impl MeshState {
     }
 }
 
+/// Applies a routes file to `state`: every service, version and other
+/// service it names must exist. Returns the services it touched.
+fn set_traffic_policy(state: &mut MeshState, file: &TrafficPolicyFile) -> Result<Vec<String>, ChangeError> {
+    let names = file.routes.keys().chain(file.rate_limits.keys());
+    for name in names.clone() {
+        if !state.services.contains_key(name) {
+            return refuse(format!("unknown service {name:?}: no job or endpoint has it"));
+        }
+    }
+    for (name, routes) in &file.routes {
+        let versions = state.services[name].versions();
+        for route in routes {
+            for version in route.own_versions() {
+                if !versions.contains(&version) {
+                    return refuse(format!(
+                        "route {:?} of {name:?} names version {version:?}; the service's endpoints have versions {versions:?}",
+                        route.name
+                    ));
+                }
+            }
+            for other in route.other_services() {
+                if !state.services.contains_key(other) {
+                    return refuse(format!(
+                        "route {:?} of {name:?} names unknown service {other:?}",
+                        route.name
+                    ));
+                }
+            }
+        }
+    }
+    for (name, routes) in &file.routes {
+        Arc::make_mut(state.services.get_mut(name).expect("checked above")).routes = routes.clone();
+    }
+    for (name, limit) in &file.rate_limits {
+        Arc::make_mut(state.services.get_mut(name).expect("checked above")).rate_limit = Some(limit.clone());
+    }
+    let mut touched: Vec<String> = names.cloned().collect();
+    touched.sort();
+    touched.dedup();
+    Ok(touched)
+}
+
 /// Whether moving the endpoint at `addr` out of `version` would leave a
 /// split weight on a version with no endpoints at all.
 fn split_needs(service: &ServiceState, version: &str, addr: SocketAddr) -> bool {
@@ -302,14 +400,23 @@ fn split_needs(service: &ServiceState, version: &str, addr: SocketAddr) -> bool 
 }
 
 impl Change {
-    /// The service a change is about.
-    pub fn service(&self) -> &str {
+    /// The services a change is about.
+    pub fn services(&self) -> Vec<&str> {
         match self {
             Change::Register { service, .. }
             | Change::Deregister { service, .. }
             | Change::SetSplit { service, .. }
             | Change::ClearSplit { service }
-            | Change::SetPolicy { service, .. } => service,
+            | Change::SetPolicy { service, .. }
+            | Change::DeleteRoute { service, .. }
+            | Change::DeleteRateLimit { service } => vec![service],
+            Change::SetTrafficPolicy(file) => {
+                let mut names: Vec<&str> =
+                    file.routes.keys().chain(file.rate_limits.keys()).map(String::as_str).collect();
+                names.sort_unstable();
+                names.dedup();
+                names
+            }
         }
     }
 }

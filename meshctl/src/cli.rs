@@ -34,11 +34,29 @@ pub enum Output {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// List services, endpoints, proxies, splits, nodes, jobs or instances.
+    /// List services, endpoints, proxies, splits, routes, nodes, jobs or instances.
     Get {
         /// What to list.
         #[arg(value_enum)]
         what: Listing,
+        /// With `routes`: only this service's.
+        service: Option<String>,
+    },
+    /// Routes and rate limits from a file (`[[routes]]`, `[[rate_limits]]`):
+    /// checked whole first, then applied at once. Each service the file
+    /// names under [[routes]] gets exactly the file's routes, in order;
+    /// each under [[rate_limits]] gets the file's limit.
+    Apply {
+        /// The routes file.
+        #[arg(short = 'f', long)]
+        file: std::path::PathBuf,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    /// Remove a route or a rate limit.
+    Delete {
+        #[command(subcommand)]
+        what: DeleteCommand,
     },
     /// Shift a service's traffic between versions: `meshctl split web v1=90 v2=10`.
     Split {
@@ -276,12 +294,31 @@ pub enum Listing {
     Proxies,
     /// Traffic splits by version.
     Splits,
+    /// Routes (match, backends, timeout, retry, mirror, fault) and rate limits.
+    Routes,
     /// Nodes with their capacity, attributes and liveness.
     Nodes,
     /// Jobs with their state and instance counts.
     Jobs,
     /// Instances: node, state, pids, endpoint, restarts.
     Instances,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DeleteCommand {
+    /// One route of a service: `meshctl delete route echo canary-by-header`.
+    Route {
+        service: String,
+        name: String,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    /// A service's rate limit.
+    RateLimit {
+        service: String,
+        #[command(flatten)]
+        wait: Wait,
+    },
 }
 
 #[derive(Args, Debug)]

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use cli::{Cli, Command, IdentityCommand, JobCommand, NodeCommand, TokenCommand, Wait};
+use cli::{Cli, Command, IdentityCommand, JobCommand, Listing, NodeCommand, TokenCommand, Wait};
 use failure::Failure;
 use session::Session;
 
@@ -41,6 +41,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     if let Command::Job { command: JobCommand::Validate { file } } = &cli.command {
         return commands::job::validate(file);
     }
+    // A bad routes file is refused before any server is asked.
+    if let Command::Apply { file, .. } = &cli.command {
+        commands::routes::read_file(file)?;
+    }
     let output = cli.output;
     let session = Session::open(cli.server, cli.credentials).await?;
     match cli.command {
@@ -49,7 +53,20 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Node { command: NodeCommand::Token { command: TokenCommand::Create { ttl, uses } } } => {
             commands::access::join_token(&session, ttl, uses, output).await
         }
-        Command::Get { what } => commands::get::run(&session, what, output).await,
+        Command::Get { what: Listing::Routes, service } => {
+            commands::routes::list(&session, service, output).await
+        }
+        Command::Get { what, service: Some(service) } => Err(Failure(
+            format!(
+                "`get {}` takes no SERVICE (only `get routes` does), got {service:?}",
+                clap::ValueEnum::to_possible_value(&what)
+                    .map_or_else(String::new, |v| v.get_name().to_owned())
+            ),
+            2,
+        )),
+        Command::Get { what, service: None } => commands::get::run(&session, what, output).await,
+        Command::Apply { file, wait } => commands::routes::apply(&session, &file, wait).await,
+        Command::Delete { what } => commands::routes::delete(&session, what).await,
         Command::Split { service, weights, clear, wait } => {
             commands::traffic::split(&session, service, weights, clear, wait).await
         }

@@ -28,6 +28,9 @@ pub mod health {
     }
 }
 
+/// Routes and rate limits to their messages and back.
+pub mod traffic_policy;
+
 /// Conversions between the wire's enums and the typed values every
 /// program uses inside: done once, here, at the edge.
 pub mod convert {

@@ -7,6 +7,7 @@
 use mesh_common::backoff::Backoff;
 use mesh_common::policy::check_retry_attempts;
 use mesh_proto::convert::{protocol_from_pb, retry_on_from_pb};
+use mesh_proto::traffic_policy::{rate_limit_from_pb, route_from_pb};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
@@ -437,6 +438,19 @@ fn service_config(route: &pb::ServiceRoute) -> Result<ServiceConfig, String> {
         permissive: policy.permissive.unwrap_or(false),
         allow_from: policy.allow_from.map(|allow| allow.services).unwrap_or_default(),
         hold_when_empty: Duration::from_millis(policy.hold_when_empty_ms.unwrap_or(0)),
+        routes: route
+            .routes
+            .iter()
+            .map(|r| {
+                let spec = route_from_pb(r)?;
+                // A match that would not compile is refused here, not skipped later.
+                crate::policy::matching::CompiledMatch::compile(&spec.matches)
+                    .map_err(|e| format!("route {:?}: {e}", spec.name))?;
+                Ok(spec)
+            })
+            .map(|r: Result<_, String>| r.map_err(|e| format!("service {name:?}: {e}")))
+            .collect::<Result<_, _>>()?,
+        rate_limit: route.rate_limit.as_ref().map(rate_limit_from_pb),
     })
 }
 

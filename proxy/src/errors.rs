@@ -20,10 +20,14 @@ pub enum ProxyError {
     /// The request went round proxies without reaching an app (an
     /// endpoint that points back at a proxy); answered with 508.
     LoopDetected,
+    /// A route's fault injection aborted the request, with the route's status.
+    InjectedFault,
+    /// The service's inbound rate limit refused the request; answered 429.
+    RateLimited,
 }
 
 impl ProxyError {
-    pub const ALL: [ProxyError; 9] = [
+    pub const ALL: [ProxyError; 11] = [
         ProxyError::UnknownService,
         ProxyError::NoEndpoints,
         ProxyError::BreakerOpen,
@@ -33,6 +37,8 @@ impl ProxyError {
         ProxyError::AuthzDenied,
         ProxyError::BadRequest,
         ProxyError::LoopDetected,
+        ProxyError::InjectedFault,
+        ProxyError::RateLimited,
     ];
 
     pub fn reason(self) -> &'static str {
@@ -46,6 +52,8 @@ impl ProxyError {
             ProxyError::AuthzDenied => "authz-denied",
             ProxyError::BadRequest => "bad-request",
             ProxyError::LoopDetected => "loop-detected",
+            ProxyError::InjectedFault => "injected-fault",
+            ProxyError::RateLimited => "rate-limited",
         }
     }
 
@@ -60,6 +68,9 @@ impl ProxyError {
             ProxyError::AuthzDenied => StatusCode::FORBIDDEN,
             ProxyError::BadRequest => StatusCode::BAD_REQUEST,
             ProxyError::LoopDetected => StatusCode::LOOP_DETECTED,
+            // The route's own status replaces it.
+            ProxyError::InjectedFault => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -75,6 +86,8 @@ impl ProxyError {
             ProxyError::AuthzDenied => 7,     // PERMISSION_DENIED
             ProxyError::BadRequest => 3,      // INVALID_ARGUMENT
             ProxyError::LoopDetected => 9,    // FAILED_PRECONDITION: a misconfigured mesh
+            ProxyError::InjectedFault => 14,  // UNAVAILABLE, unless the route names one
+            ProxyError::RateLimited => 8,     // RESOURCE_EXHAUSTED
         }
     }
 

@@ -13,6 +13,7 @@ pub mod http;
 pub mod identity;
 pub mod listen;
 pub mod metrics;
+pub mod policy;
 pub mod proxy;
 pub mod reload;
 pub mod retry_budget;

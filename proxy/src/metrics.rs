@@ -183,6 +183,8 @@ pub struct Metrics {
     /// When the proxy's certificate expires (Unix seconds), 0 without one.
     pub identity_expiry_unix_secs: AtomicU64,
     pub tls_handshakes: Arc<crate::tls::HandshakeCounters>,
+    routes: Mutex<BTreeMap<(String, String), Arc<crate::policy::routes::RouteMetrics>>>,
+    rate_limits: Mutex<BTreeMap<String, Arc<crate::policy::rate_limit::RateLimitMetrics>>>,
     /// Refused callers by identity; touched only when a call is refused.
     authz_denied: Mutex<BTreeMap<String, u64>>,
 }
@@ -207,6 +209,15 @@ impl Metrics {
         self.tcp.lock().expect("metrics lock").entry((direction, service.to_owned())).or_default().clone()
     }
 
+    pub fn route(&self, service: &str, route: &str) -> Arc<crate::policy::routes::RouteMetrics> {
+        let mut map = self.routes.lock().expect("metrics lock");
+        map.entry((service.to_owned(), route.to_owned())).or_default().clone()
+    }
+
+    pub fn rate_limit(&self, service: &str) -> Arc<crate::policy::rate_limit::RateLimitMetrics> {
+        self.rate_limits.lock().expect("metrics lock").entry(service.to_owned()).or_default().clone()
+    }
+
     pub fn record_authz_denied(&self, caller: &str) {
         *self.authz_denied.lock().expect("metrics lock").entry(caller.to_owned()).or_default() += 1;
     }
@@ -226,6 +237,7 @@ impl Metrics {
         self.render_http(&mut out, detail);
         self.render_retries(&mut out);
         self.render_tcp(&mut out);
+        self.render_traffic_policy(&mut out);
         header(
             &mut out,
             "mesh_upstream_connections",
@@ -387,6 +399,71 @@ impl Metrics {
                     escape(service),
                     count.load(Ordering::Relaxed)
                 );
+            }
+        }
+    }
+
+    /// Routes, faults, mirrors and rate limits: series only for what has
+    /// counted something.
+    fn render_traffic_policy(&self, out: &mut String) {
+        let routes = self.routes.lock().expect("metrics lock").clone();
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        header(
+            out,
+            "mesh_route_requests_total",
+            "counter",
+            "Requests that took a route, by service and route.",
+        );
+        for ((service, route), m) in &routes {
+            if load(&m.requests) > 0 {
+                let (service, route) = (escape(service), escape(route));
+                let _ = writeln!(
+                    out,
+                    "mesh_route_requests_total{{service=\"{service}\",route=\"{route}\"}} {}",
+                    load(&m.requests)
+                );
+            }
+        }
+        header(
+            out,
+            "mesh_faults_injected_total",
+            "counter",
+            "Faults a route injected, by kind (delay, abort).",
+        );
+        for ((service, route), m) in &routes {
+            for (kind, count) in [("delay", &m.delayed), ("abort", &m.aborted)] {
+                if load(count) > 0 {
+                    let (service, route) = (escape(service), escape(route));
+                    let _ = writeln!(out, "mesh_faults_injected_total{{service=\"{service}\",route=\"{route}\",kind=\"{kind}\"}} {}", load(count));
+                }
+            }
+        }
+        header(out, "mesh_mirror_requests_total", "counter", "Requests a route copied to its mirror (sent), or did not (busy: the mirror's cap was reached; body: streaming or over 64 KiB).");
+        for ((service, route), m) in &routes {
+            for (result, count) in [("sent", &m.mirrored), ("busy", &m.mirror_busy), ("body", &m.mirror_body)]
+            {
+                if load(count) > 0 {
+                    let (service, route) = (escape(service), escape(route));
+                    let _ = writeln!(out, "mesh_mirror_requests_total{{service=\"{service}\",route=\"{route}\",result=\"{result}\"}} {}", load(count));
+                }
+            }
+        }
+        header(
+            out,
+            "mesh_rate_limited_total",
+            "counter",
+            "Requests a service's inbound rate limit refused, by the limit that did (overall, caller).",
+        );
+        for (service, m) in self.rate_limits.lock().expect("metrics lock").iter() {
+            for (limit, count) in [("overall", &m.overall), ("caller", &m.caller)] {
+                if load(count) > 0 {
+                    let _ = writeln!(
+                        out,
+                        "mesh_rate_limited_total{{service=\"{}\",limit=\"{limit}\"}} {}",
+                        escape(service),
+                        load(count)
+                    );
+                }
             }
         }
     }

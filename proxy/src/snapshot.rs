@@ -23,8 +23,13 @@ use crate::endpoint::pool::MeshPeer;
 use crate::endpoint::EndpointState;
 use crate::errors::ProxyError;
 use crate::metrics::{Direction, EndpointCount, HttpMetrics, Metrics, RetryMetrics, TcpMetrics};
+use crate::policy::matching::CompiledMatch;
+use crate::policy::rate_limit::RateLimiter;
+use crate::policy::routes::{Mirror, Route, Routes};
 use crate::retry_budget::RetryBudget;
+use mesh_common::traffic_policy::{Backends, MirrorTarget, RouteRetry, RouteSpec};
 
+#[derive(Clone)]
 pub struct Endpoint {
     pub addr: SocketAddr,
     pub version: Arc<str>,
@@ -36,6 +41,7 @@ pub struct Endpoint {
 }
 
 /// Endpoints that share a split weight: one version, or with no split, all.
+#[derive(Clone)]
 pub struct Group {
     pub endpoints: Vec<Endpoint>,
 }
@@ -49,6 +55,9 @@ pub struct Service {
     /// For answers made before any endpoint was chosen.
     pub unrouted_metrics: Arc<HttpMetrics>,
     pub tcp_metrics: Arc<TcpMetrics>,
+    /// Tried before the service's own groups; `None` for most services,
+    /// whose requests then pay one test for this.
+    pub routes: Option<Box<Routes>>,
 }
 
 /// The local app behind the inbound listener.
@@ -60,6 +69,8 @@ pub struct Inbound {
     pub state: Arc<EndpointState>,
     pub metrics: Arc<HttpMetrics>,
     pub tcp_metrics: Arc<TcpMetrics>,
+    /// The local service's rate limit, when it has one.
+    pub rate_limit: Option<Arc<RateLimiter>>,
 }
 
 /// Services by name. FNV rather than SipHash: every request looks its
@@ -86,6 +97,47 @@ pub struct Chosen<'a> {
 }
 
 impl Service {
+    /// A service that sends to `groups` under `base`'s policy and handles,
+    /// less what a route overrides: what a route's backends or mirror are.
+    pub fn derived(
+        base: &Service,
+        name: &str,
+        (groups, weights): (Vec<Group>, Vec<u32>),
+        timeout_ms: Option<u64>,
+        retry: Option<&RouteRetry>,
+    ) -> Arc<Service> {
+        let b = &base.config;
+        let mut config = ServiceConfig {
+            name: name.to_owned(),
+            protocol: b.protocol,
+            timeout: timeout_ms.map_or(b.timeout, std::time::Duration::from_millis),
+            connect_timeout: b.connect_timeout,
+            split: Default::default(),
+            retry: b.retry.clone(),
+            breaker: b.breaker.clone(),
+            endpoints: Vec::new(),
+            permissive: b.permissive,
+            allow_from: Vec::new(),
+            hold_when_empty: std::time::Duration::ZERO,
+            routes: Vec::new(),
+            rate_limit: None,
+        };
+        if let Some(retry) = retry {
+            config.retry.attempts = retry.attempts;
+            config.retry.on = retry.on.clone();
+        }
+        Arc::new(Service {
+            config,
+            groups,
+            weights,
+            budget: base.budget.clone(),
+            retry_metrics: base.retry_metrics.clone(),
+            unrouted_metrics: base.unrouted_metrics.clone(),
+            tcp_metrics: base.tcp_metrics.clone(),
+            routes: None,
+        })
+    }
+
     /// Whether any endpoint is ready, ejected or not.
     pub fn any_ready(&self) -> bool {
         self.groups.iter().any(|g| g.endpoints.iter().any(|e| e.ready))
@@ -147,6 +199,9 @@ pub struct LongLived {
     /// of mesh endpoints read it when they connect.
     pub tls: Arc<arc_swap::ArcSwapOption<crate::tls::MeshTls>>,
     budgets: Mutex<HashMap<String, Arc<RetryBudget>>>,
+    /// Rate limiters by service: kept while their limit stays the same, so
+    /// a table change for another reason does not refill the buckets.
+    limiters: Mutex<HashMap<String, Arc<RateLimiter>>>,
     pub metrics: Metrics,
     next_version: AtomicU64,
     /// The proxy's own listening addresses: an endpoint at one of them
@@ -244,12 +299,26 @@ impl LongLived {
             }
         }
         let own = self.own_listeners(&settings);
+        let mut changed: HashSet<String> = change.removed.iter().cloned().collect();
         for config in change.set {
+            changed.insert(config.name.clone());
             let name: Arc<str> = Arc::from(config.name.as_str());
-            let service = self.build_service(config, &own);
+            let service = self.build_service(config, &own, &services);
             if let Some(replaced) = services.insert(name, service.clone()) {
                 self.forget_endpoints(&replaced, Some(&service));
             }
+        }
+        // Routes to other services hold those services' endpoints: a
+        // service whose routes name a changed one is built again from the
+        // finished map (the few with such routes; most have none).
+        let dependents: Vec<ServiceConfig> = services
+            .values()
+            .filter(|s| s.config.routes.iter().any(|r| r.other_services().any(|o| changed.contains(o))))
+            .map(|s| s.config.clone())
+            .collect();
+        for config in dependents {
+            let service = self.build_service(config, &own, &services);
+            services.insert(Arc::from(service.config.name.as_str()), service);
         }
         let inbound = self.inbound(&settings, &services, previous.map(|p| &p.inbound));
         Snapshot {
@@ -271,7 +340,12 @@ impl LongLived {
         own
     }
 
-    fn build_service(&self, config: ServiceConfig, own: &[SocketAddr]) -> Arc<Service> {
+    fn build_service(
+        &self,
+        config: ServiceConfig,
+        own: &[SocketAddr],
+        services: &ServiceMap,
+    ) -> Arc<Service> {
         let name = config.name.as_str();
         let endpoint = |e: &crate::config::EndpointConfig| {
             let loops = is_own_listener(own, e.addr);
@@ -289,35 +363,97 @@ impl LongLived {
                 metrics: self.metrics.http(Direction::Outbound, name, &e.version),
             }
         };
+        let all: Vec<Endpoint> = config.endpoints.iter().map(endpoint).collect();
         let (groups, weights) = if config.split.is_empty() {
-            (vec![Group { endpoints: config.endpoints.iter().map(endpoint).collect() }], vec![1])
+            (vec![Group { endpoints: all.clone() }], vec![1])
         } else {
-            let mut endpoint = endpoint;
-            config
-                .split
-                .iter()
-                .map(|(version, weight)| {
-                    let endpoints = config
-                        .endpoints
-                        .iter()
-                        .filter(|e| &e.version == version)
-                        .map(&mut endpoint)
-                        .collect();
-                    (Group { endpoints }, *weight)
-                })
-                .unzip()
+            config.split.iter().map(|(version, weight)| (version_group(&all, version), *weight)).unzip()
         };
         let budget =
             self.budgets.lock().expect("long-lived lock").entry(name.to_owned()).or_default().clone();
-        Arc::new(Service {
+        let mut service = Service {
             groups,
             weights,
             budget,
             retry_metrics: self.metrics.retries(name),
             unrouted_metrics: self.metrics.http(Direction::Outbound, name, ""),
             tcp_metrics: self.metrics.tcp(Direction::Outbound, name),
+            routes: None,
             config,
-        })
+        };
+        if !service.config.routes.is_empty() {
+            let list = service
+                .config
+                .routes
+                .iter()
+                .map(|spec| self.build_route(&service, &all, spec, services))
+                .collect();
+            service.routes = Some(Box::new(Routes { list }));
+        }
+        Arc::new(service)
+    }
+
+    /// One route of `service` (whose endpoints are `all`), its backends
+    /// and mirror resolved against `services`.
+    fn build_route(
+        &self,
+        service: &Service,
+        all: &[Endpoint],
+        spec: &RouteSpec,
+        services: &ServiceMap,
+    ) -> Route {
+        let name = service.config.name.as_str();
+        let versions = |weights: &mut dyn Iterator<Item = (&String, u32)>| -> (Vec<Group>, Vec<u32>) {
+            weights.map(|(version, weight)| (version_group(all, version), weight)).unzip()
+        };
+        // Another service as it is in the table; a service the table does
+        // not have yet has no endpoints, and its requests get `no-endpoints`.
+        let other = |other: &str, retry: Option<&RouteRetry>| match services.get(other) {
+            Some(found) => {
+                let groups = (found.groups.clone(), found.weights.clone());
+                Service::derived(found, other, groups, spec.timeout_ms, retry)
+            }
+            None => Service::derived(service, other, (Vec::new(), Vec::new()), spec.timeout_ms, retry),
+        };
+        let target = match &spec.backends {
+            Backends::Versions(weights) => {
+                let groups = versions(&mut weights.iter().map(|(v, w)| (v, *w)));
+                Service::derived(service, name, groups, spec.timeout_ms, spec.retry.as_ref())
+            }
+            Backends::Service(other_name) => other(other_name, spec.retry.as_ref()),
+        };
+        // A copy is tried once: mirroring must not multiply load on retries.
+        let once = RouteRetry { attempts: 1, on: Vec::new() };
+        let mirror = spec.mirror.as_ref().map(|mirror| {
+            let target = match &mirror.target {
+                MirrorTarget::Version(version) => {
+                    let version = version.clone();
+                    let groups = versions(&mut std::iter::once((&version, 1)));
+                    Service::derived(service, name, groups, spec.timeout_ms, Some(&once))
+                }
+                MirrorTarget::Service(other_name) => other(other_name, Some(&once)),
+            };
+            Mirror {
+                target,
+                per_million: mirror.per_million,
+                max_in_flight: mirror.max_in_flight,
+                in_flight: Default::default(),
+                timers: Default::default(),
+            }
+        });
+        let matcher = CompiledMatch::compile(&spec.matches).unwrap_or_else(|error| {
+            // Checked before it reached the table; should it fail anyway, the route matches nothing.
+            tracing::warn!(service = name, route = %spec.name, %error, "a route's match does not compile; it is skipped");
+            CompiledMatch::never()
+        });
+        Route {
+            name: Arc::from(spec.name.as_str()),
+            matcher,
+            target,
+            mirror,
+            fault: spec.fault.clone(),
+            metrics: self.metrics.route(name, &spec.name),
+        }
     }
 
     /// Drops the long-lived state of `old`'s endpoints that its successor
@@ -325,7 +461,7 @@ impl LongLived {
     fn forget_endpoints(&self, old: &Service, new: Option<&Service>) {
         let name = old.config.name.as_str();
         let keys = |service: &Service| -> HashSet<(SocketAddr, bool)> {
-            service.groups.iter().flat_map(|g| &g.endpoints).map(|e| (e.addr, e.meshed)).collect()
+            service.config.endpoints.iter().map(|e| (e.addr, e.meshed)).collect()
         };
         let kept = new.map(keys).unwrap_or_default();
         let mut endpoints = self.endpoints.lock().expect("long-lived lock");
@@ -346,13 +482,43 @@ impl LongLived {
             Some(app) => self.endpoint("", app, false),
             None => Arc::new(EndpointState::new(SocketAddr::from(([127, 0, 0, 1], 0)), None)),
         };
+        let local = services.get(settings.local_service.as_str());
         Inbound {
             app,
-            app_protocol: services.get(settings.local_service.as_str()).map(|s| s.config.protocol),
+            app_protocol: local.map(|s| s.config.protocol),
+            rate_limit: self
+                .rate_limiter(&settings.local_service, local.and_then(|s| s.config.rate_limit.as_ref())),
             state,
             metrics: self.metrics.http(Direction::Inbound, &settings.local_service, &settings.local_version),
             tcp_metrics: self.metrics.tcp(Direction::Inbound, &settings.local_service),
         }
+    }
+}
+
+/// The endpoints of `all` that belong to `version`.
+fn version_group(all: &[Endpoint], version: &str) -> Group {
+    Group { endpoints: all.iter().filter(|e| &*e.version == version).cloned().collect() }
+}
+
+impl LongLived {
+    /// The rate limiter for `service`'s `spec`: the one in use while the
+    /// spec stays the same, so its buckets keep their state.
+    fn rate_limiter(
+        &self,
+        service: &str,
+        spec: Option<&mesh_common::traffic_policy::RateLimitSpec>,
+    ) -> Option<Arc<RateLimiter>> {
+        let mut limiters = self.limiters.lock().expect("long-lived lock");
+        let Some(spec) = spec else {
+            limiters.remove(service);
+            return None;
+        };
+        if let Some(limiter) = limiters.get(service).filter(|l| l.spec == *spec) {
+            return Some(limiter.clone());
+        }
+        let limiter = Arc::new(RateLimiter::new(spec.clone(), self.metrics.rate_limit(service)));
+        limiters.insert(service.to_owned(), limiter.clone());
+        Some(limiter)
     }
 }
 

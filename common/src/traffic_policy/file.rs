@@ -408,7 +408,7 @@ impl Checker<'_> {
             );
             return Err(self.error(value.span(), field.to_owned(), message));
         }
-        if duration.subsec_nanos() % 1_000_000 != 0 {
+        if !duration.subsec_nanos().is_multiple_of(1_000_000) {
             let message = "give whole milliseconds";
             return Err(self.error(value.span(), field.to_owned(), message));
         }

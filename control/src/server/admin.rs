@@ -206,6 +206,55 @@ impl Admin for AdminService {
         Ok(Response::new(self.convergence(version, converged, &proxies, Duration::ZERO)))
     }
 
+    async fn apply_traffic_policy(
+        &self,
+        request: Request<pb::TrafficPolicyText>,
+    ) -> Result<Response<pb::ChangeReply>, Status> {
+        let text = request.into_inner().text;
+        let file = mesh_common::traffic_policy::file::parse_traffic_policy(&text)
+            .map_err(|e| Status::invalid_argument(format!("routes file: {e}")))?;
+        self.change(Change::SetTrafficPolicy(file)).await
+    }
+
+    async fn list_traffic_policy(
+        &self,
+        request: Request<pb::ServiceName>,
+    ) -> Result<Response<pb::TrafficPolicyList>, Status> {
+        let only = request.into_inner().service;
+        let state = self.control.state().await;
+        if !only.is_empty() && !state.services.contains_key(&only) {
+            return Err(Status::not_found(format!("unknown service {only:?}")));
+        }
+        let services = state
+            .services
+            .iter()
+            .filter(|(name, s)| {
+                (only.is_empty() || **name == only) && (!s.routes.is_empty() || s.rate_limit.is_some())
+            })
+            .map(|(name, s)| pb::ServiceTrafficPolicy {
+                service: name.clone(),
+                routes: s.routes.iter().map(mesh_proto::traffic_policy::route_to_pb).collect(),
+                rate_limit: s.rate_limit.as_ref().map(mesh_proto::traffic_policy::rate_limit_to_pb),
+            })
+            .collect();
+        Ok(Response::new(pb::TrafficPolicyList { services }))
+    }
+
+    async fn delete_route(
+        &self,
+        request: Request<pb::RouteName>,
+    ) -> Result<Response<pb::ChangeReply>, Status> {
+        let request = request.into_inner();
+        self.change(Change::DeleteRoute { service: request.service, name: request.name }).await
+    }
+
+    async fn delete_rate_limit(
+        &self,
+        request: Request<pb::ServiceName>,
+    ) -> Result<Response<pb::ChangeReply>, Status> {
+        self.change(Change::DeleteRateLimit { service: request.into_inner().service }).await
+    }
+
     async fn list_nodes(&self, _: Request<pb::Empty>) -> Result<Response<pb::NodeList>, Status> {
         // Nodes report to the leader.
         self.leader.require()?;

@@ -562,7 +562,7 @@ fn apply_batch(
         match next.apply(&pending.change) {
             Ok(applied) => {
                 if applied.version != next.version {
-                    touched.insert(pending.change.service().to_owned());
+                    touched.extend(pending.change.services().into_iter().map(str::to_owned));
                 }
                 next = applied;
                 results.push(Ok(next.version));

@@ -24,6 +24,7 @@ pub async fn run(session: &Session, what: Listing, output: Output) -> Result<(),
         Listing::Endpoints => endpoints(&mut admin).await?,
         Listing::Proxies => proxies(&admin.list_proxies(pb::Empty {}).await?.into_inner().proxies),
         Listing::Splits => splits(&mut admin).await?,
+        Listing::Routes => return crate::commands::routes::list(session, None, output).await,
         Listing::Nodes => nodes(&mut admin).await?,
         Listing::Jobs => {
             let list = JobsClient::new(channel).list(pb::Empty {}).await?.into_inner();

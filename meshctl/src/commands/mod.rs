@@ -10,6 +10,7 @@ pub mod job;
 pub mod logs;
 pub mod registry;
 pub mod rollout;
+pub mod routes;
 pub mod status;
 pub mod top;
 pub mod traffic;

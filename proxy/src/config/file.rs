@@ -9,6 +9,7 @@ use std::ops::Range;
 
 use mesh_common::file_error::{parse_toml, FileError};
 use mesh_common::policy::{check_budget_ratio, check_retry_attempts};
+use mesh_common::traffic_policy::file::{check_traffic_policy, RawRateLimit, RawRoute};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -31,6 +32,10 @@ struct RawFile {
     #[serde(default)]
     upstreams: Vec<RawUpstream>,
     identity: Option<RawIdentity>,
+    #[serde(default)]
+    routes: Vec<RawRoute>,
+    #[serde(default)]
+    rate_limits: Vec<RawRateLimit>,
 }
 
 #[derive(Deserialize)]
@@ -143,6 +148,7 @@ impl Validator<'_> {
             }
             services.push(self.service(&field, service, raw.identity.is_some())?);
         }
+        self.attach_traffic_policy(&mut services, raw.routes, raw.rate_limits)?;
         let mut upstream_addrs = HashSet::new();
         let mut upstreams = Vec::with_capacity(raw.upstreams.len());
         for (index, upstream) in raw.upstreams.into_iter().enumerate() {
@@ -186,6 +192,34 @@ impl Validator<'_> {
                 roots: i.roots,
             }),
         })
+    }
+
+    /// Gives each declared service its routes and rate limit; a table for
+    /// a service the file does not declare is an error.
+    fn attach_traffic_policy(
+        &self,
+        services: &mut [ServiceConfig],
+        routes: Vec<RawRoute>,
+        rate_limits: Vec<RawRateLimit>,
+    ) -> Result<(), ConfigError> {
+        let policy = check_traffic_policy(self.text, routes, rate_limits)?;
+        let undeclared = |table: &str, name: &str| {
+            let message = format!("service {name:?} is not declared under [[services]]");
+            FileError::at(self.text, None, table, message)
+        };
+        for (name, routes) in policy.routes {
+            let service =
+                services.iter_mut().find(|s| s.name == name).ok_or_else(|| undeclared("routes", &name))?;
+            service.routes = routes;
+        }
+        for (name, limit) in policy.rate_limits {
+            let service = services
+                .iter_mut()
+                .find(|s| s.name == name)
+                .ok_or_else(|| undeclared("rate_limits", &name))?;
+            service.rate_limit = Some(limit);
+        }
+        Ok(())
     }
 
     fn service(
@@ -265,6 +299,8 @@ impl Validator<'_> {
             permissive: !has_identity,
             allow_from: Vec::new(),
             hold_when_empty: raw.hold_when_empty.map_or(std::time::Duration::ZERO, |d| d.0),
+            routes: Vec::new(),
+            rate_limit: None,
         })
     }
 

@@ -15,6 +15,7 @@ use serde::Serialize;
 pub use file::{parse_config, ConfigError};
 pub use mesh_common::duration::HumanDuration;
 pub use mesh_common::policy::{Protocol, RetryOn};
+pub use mesh_common::traffic_policy::{RateLimitSpec, RouteSpec};
 
 /// Everything a proxy needs to run: its listeners and its routing table.
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -78,6 +79,10 @@ pub struct ServiceConfig {
     /// service that scales to zero); zero: it is refused at once.
     #[serde(serialize_with = "serialize_duration")]
     pub hold_when_empty: Duration,
+    /// Tried in order before the service's defaults; first match wins.
+    pub routes: Vec<RouteSpec>,
+    /// Enforced at this service's inbound, by its own sidecars.
+    pub rate_limit: Option<RateLimitSpec>,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]

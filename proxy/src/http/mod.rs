@@ -9,6 +9,7 @@ pub mod inbound;
 pub mod outbound;
 pub mod retry;
 pub mod route;
+pub mod routed;
 pub mod send;
 pub mod upgrade;
 

@@ -82,21 +82,49 @@ struct Outcome<'s> {
     metrics: &'s HttpMetrics,
 }
 
+/// A request's body as the forward gets it: the caller's stream, or bytes
+/// already read (a request that was mirrored, or is itself a copy).
+pub enum BodySource {
+    Caller(Incoming),
+    Read(Option<Bytes>),
+}
+
+impl BodySource {
+    fn is_end_stream(&self) -> bool {
+        match self {
+            BodySource::Caller(body) => body.is_end_stream(),
+            BodySource::Read(bytes) => bytes.is_none(),
+        }
+    }
+}
+
 /// Forwards an outbound request to `service` and records its metrics,
 /// under the service's timeout (timed by one of the connection's timers).
-pub async fn forward(
+pub fn forward(
     service: Arc<Service>,
     request: Request<Incoming>,
     timers: Arc<ConnectionTimers>,
+) -> impl Future<Output = Response<ResponseBody>> {
+    let (parts, body) = request.into_parts();
+    forward_from(service, parts, BodySource::Caller(body), timers, clock::now_nanos())
+}
+
+/// `forward` of a request in parts, whose latency counts from `started`
+/// (a `clock::now_nanos` reading: an injected delay before it counts).
+pub async fn forward_from(
+    service: Arc<Service>,
+    parts: Parts,
+    body: BodySource,
+    timers: Arc<ConnectionTimers>,
+    started: u64,
 ) -> Response<ResponseBody> {
-    let started = clock::now_nanos();
-    let grpc = is_grpc(request.headers());
-    let version = request.version();
+    let grpc = is_grpc(&parts.headers);
+    let version = parts.version;
     let mut progress = Progress { waiting_on: None, clock_nanos: started };
     let answered = {
         // Pinned here rather than moved into a timeout wrapper: the tries'
         // future is large, and each move copies it.
-        let mut tries = std::pin::pin!(attempts(&service, request, grpc, &mut progress));
+        let mut tries = std::pin::pin!(attempts(&service, parts, body, grpc, &mut progress));
         let deadline = tokio::time::Instant::from_std(clock::instant_of(started)) + service.config.timeout;
         let mut timer = timers.arm(deadline);
         let answered = std::future::poll_fn(|cx| match tries.as_mut().poll(cx) {
@@ -148,11 +176,11 @@ enum Template {
 
 async fn attempts<'s>(
     service: &'s Service,
-    request: Request<Incoming>,
+    mut parts: Parts,
+    body: BodySource,
     grpc: bool,
     progress: &mut Progress<'s>,
 ) -> Outcome<'s> {
-    let (mut parts, body) = request.into_parts();
     let body_to_read = !body.is_end_stream();
     strip_hop_by_hop(&mut parts.headers);
     if !count_hop(&mut parts.headers) {
@@ -378,10 +406,14 @@ fn record_failure(endpoint: &Endpoint, service: &Service) {
 }
 
 async fn prepare_body(
-    body: Incoming,
+    body: BodySource,
     parts: &Parts,
     keep_for_replay: bool,
 ) -> Result<PreparedBody, hyper::Error> {
+    let body = match body {
+        BodySource::Read(bytes) => return Ok(PreparedBody::Replayable(bytes)),
+        BodySource::Caller(body) => body,
+    };
     if body.is_end_stream() {
         return Ok(PreparedBody::Replayable(None));
     }

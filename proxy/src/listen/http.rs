@@ -24,6 +24,7 @@ use crate::http::deadline::ConnectionTimers;
 use crate::http::inbound::forward_inbound;
 use crate::http::outbound::forward;
 use crate::http::route::{has_several_hosts, routing_authority, service_name};
+use crate::http::routed::Routed;
 use crate::http::upgrade::{forward_upgrade, is_upgrade};
 use crate::http::{error_response, is_grpc};
 use crate::listen::drain::Drain;
@@ -78,7 +79,7 @@ async fn serve_meshed_inbound(
                     let grpc = is_grpc(request.headers());
                     Handled::answer(error_response(ProxyError::AuthzDenied, grpc, &detail))
                 }
-                None => handle_inbound(&proxy, request),
+                None => handle_inbound(&proxy, caller.as_deref(), request),
             }
         })
     };
@@ -164,7 +165,8 @@ pub async fn serve(
         let proxy = proxy.clone();
         match &role {
             Role::Inbound => {
-                let service = hyper::service::service_fn(move |request| handle_inbound(&proxy, request));
+                let service =
+                    hyper::service::service_fn(move |request| handle_inbound(&proxy, None, request));
                 let (builder, drain) = (builder.clone(), drain.clone());
                 tokio::spawn(async move {
                     // A peer that connects and says nothing holds no slot for long.
@@ -261,9 +263,11 @@ fn several_hosts_answer(grpc: bool) -> Response<ResponseBody> {
     response
 }
 
-/// Peers' calls to the local app.
+/// Peers' calls to the local app, from `caller` (its SPIFFE ID; `None`
+/// for plaintext).
 fn handle_inbound(
     proxy: &Proxy,
+    caller: Option<&str>,
     request: Request<Incoming>,
 ) -> Handled<impl Future<Output = Response<ResponseBody>>> {
     let snapshot = arc_swap::Guard::into_inner(proxy.table.load());
@@ -272,7 +276,27 @@ fn handle_inbound(
         snapshot.inbound.metrics.record(error.status().as_u16(), Some(error), Default::default());
         return Handled::answer(several_hosts_answer(is_grpc(request.headers())));
     }
+    if let Some(limiter) = &snapshot.inbound.rate_limit {
+        if let Err(refused) = limiter.admit(caller, crate::clock::now_nanos()) {
+            let error = ProxyError::RateLimited;
+            snapshot.inbound.metrics.record(error.status().as_u16(), Some(error), Default::default());
+            return Handled::answer(rate_limited_answer(refused, is_grpc(request.headers())));
+        }
+    }
     Handled::Forwarding { future: forward_inbound(snapshot, request) }
+}
+
+/// The 429 for a request over a rate limit, with when to come back.
+fn rate_limited_answer(refused: crate::policy::rate_limit::Refused, grpc: bool) -> Response<ResponseBody> {
+    let detail = match refused.limit {
+        crate::policy::rate_limit::Limit::Overall => "the service's rate limit for all callers is reached",
+        crate::policy::rate_limit::Limit::Caller => "the service's rate limit for this caller is reached",
+    };
+    let mut response = error_response(ProxyError::RateLimited, grpc, detail);
+    response
+        .headers_mut()
+        .insert(http::header::RETRY_AFTER, http::HeaderValue::from(refused.retry_after_secs));
+    response
 }
 
 /// The app's calls: to the service its authority names, or to `fixed` (a
@@ -323,8 +347,18 @@ fn handle_outbound(
         return Handled::Boxed { future: Box::pin(held) };
     }
     if is_upgrade(&request) {
-        Handled::Boxed { future: Box::pin(forward_upgrade(service, request)) }
-    } else {
+        return Handled::Boxed { future: Box::pin(forward_upgrade(service, request)) };
+    }
+    if let Some(routes) = &service.routes {
+        return match crate::http::routed::route(&service, routes, request, timers) {
+            Routed::Forward(target, request) => {
+                Handled::Forwarding { future: forward(target, request, timers.clone()) }
+            }
+            Routed::Answer(response) => Handled::answer(response),
+            Routed::Boxed(future) => Handled::Boxed { future },
+        };
+    }
+    {
         Handled::Forwarding { future: forward(service, request, timers.clone()) }
     }
 }

@@ -1,0 +1,148 @@
+//! Routes and rate limits: `meshctl apply -f FILE`, `meshctl get routes
+//! [SERVICE]`, `meshctl delete route|rate-limit`. A file is checked here
+//! first (line and field of the first mistake), then by meshd, which
+//! applies all of it or none.
+
+use mesh_common::traffic_policy::file::parse_traffic_policy;
+use mesh_common::traffic_policy::{percent_text, MirrorTarget, RateLimitSpec, RouteSpec};
+use mesh_proto::mesh::v1 as pb;
+use mesh_proto::mesh::v1::admin_client::AdminClient;
+use mesh_proto::traffic_policy::{rate_limit_from_pb, route_from_pb};
+use serde_json::{json, Value};
+
+use crate::cli::{DeleteCommand, Output, Wait};
+use crate::commands::traffic::wait_for;
+use crate::failure::Failure;
+use crate::render::{print_rows, Rows};
+use crate::session::Session;
+
+/// The file's text once it reads and checks; an error names the file,
+/// the line and the field.
+pub fn read_file(file: &std::path::Path) -> Result<String, Failure> {
+    let text = std::fs::read_to_string(file).map_err(|e| Failure(format!("{}: {e}", file.display()), 2))?;
+    parse_traffic_policy(&text).map_err(|e| Failure(format!("{}: {e}", file.display()), 2))?;
+    Ok(text)
+}
+
+pub async fn apply(session: &Session, file: &std::path::Path, wait: Wait) -> Result<(), Failure> {
+    let text = read_file(file)?;
+    let summary = parse_traffic_policy(&text).map_err(|e| Failure(e.to_string(), 2))?;
+    let mut admin = AdminClient::new(session.channel.clone());
+    let version = admin.apply_traffic_policy(pb::TrafficPolicyText { text }).await?.into_inner().version;
+    for (service, routes) in &summary.routes {
+        println!("service {service}: {} route(s) applied", routes.len());
+    }
+    for service in summary.rate_limits.keys() {
+        println!("service {service}: rate limit applied");
+    }
+    println!("version {version}");
+    wait_for(&mut admin, version, &wait).await
+}
+
+pub async fn delete(session: &Session, what: DeleteCommand) -> Result<(), Failure> {
+    let mut admin = AdminClient::new(session.channel.clone());
+    let (version, wait) = match what {
+        DeleteCommand::Route { service, name, wait } => {
+            let request = pb::RouteName { service: service.clone(), name: name.clone() };
+            let version = admin.delete_route(request).await?.into_inner().version;
+            println!("route {name} of {service} deleted");
+            (version, wait)
+        }
+        DeleteCommand::RateLimit { service, wait } => {
+            let version = admin
+                .delete_rate_limit(pb::ServiceName { service: service.clone() })
+                .await?
+                .into_inner()
+                .version;
+            println!("rate limit of {service} deleted");
+            (version, wait)
+        }
+    };
+    wait_for(&mut admin, version, &wait).await
+}
+
+pub async fn list(session: &Session, service: Option<String>, output: Output) -> Result<(), Failure> {
+    let mut admin = AdminClient::new(session.channel.clone());
+    let request = pb::ServiceName { service: service.unwrap_or_default() };
+    let list = admin.list_traffic_policy(request).await?.into_inner();
+    let mut rows: Rows = Vec::new();
+    for entry in &list.services {
+        for route in &entry.routes {
+            let route = route_from_pb(route).map_err(|e| Failure(e, 1))?;
+            rows.push(route_row(&entry.service, &route, output));
+        }
+        if let Some(limit) = &entry.rate_limit {
+            rows.push(limit_row(&entry.service, &rate_limit_from_pb(limit), output));
+        }
+    }
+    print_rows(output, &rows);
+    Ok(())
+}
+
+fn route_row(service: &str, route: &RouteSpec, output: Output) -> Vec<(&'static str, Value)> {
+    if output == Output::Json {
+        return vec![("service", json!(service)), ("kind", json!("route")), ("route", json!(route))];
+    }
+    let mut extras = Vec::new();
+    if let Some(ms) = route.timeout_ms {
+        extras.push(format!("timeout {ms}ms"));
+    }
+    if let Some(retry) = &route.retry {
+        let on: Vec<&str> = retry.on.iter().map(|c| c.as_str()).collect();
+        extras.push(format!("retry {}× on {}", retry.attempts, on.join(",")));
+    }
+    if let Some(mirror) = &route.mirror {
+        let target = match &mirror.target {
+            MirrorTarget::Version(v) => format!("version {v}"),
+            MirrorTarget::Service(s) => format!("service {s}"),
+        };
+        extras.push(format!(
+            "mirror {} % to {target} (at most {} in flight)",
+            percent_text(mirror.per_million),
+            mirror.max_in_flight
+        ));
+    }
+    if let Some(fault) = &route.fault {
+        if let Some(delay) = &fault.delay {
+            extras.push(format!("delay {}ms for {} %", delay.duration_ms, percent_text(delay.per_million)));
+        }
+        if let Some(abort) = &fault.abort {
+            extras.push(format!("abort {} for {} %", abort.status, percent_text(abort.per_million)));
+        }
+    }
+    let backends = route.backends_text();
+    vec![
+        ("service", json!(service)),
+        ("route", json!(route.name)),
+        ("match", json!(route.match_text())),
+        ("backends", json!(backends)),
+        ("policy", json!(extras.join("; "))),
+    ]
+}
+
+fn limit_row(service: &str, limit: &RateLimitSpec, output: Output) -> Vec<(&'static str, Value)> {
+    if output == Output::Json {
+        return vec![
+            ("service", json!(service)),
+            ("kind", json!("rate_limit")),
+            ("rate_limit", json!(limit)),
+        ];
+    }
+    let mut parts = Vec::new();
+    if let Some(b) = limit.overall {
+        parts.push(format!("{}/s (burst {}) overall", b.requests_per_second, b.burst));
+    }
+    if let Some(b) = limit.per_caller {
+        parts.push(format!("{}/s (burst {}) per caller", b.requests_per_second, b.burst));
+    }
+    for (caller, b) in &limit.overrides {
+        parts.push(format!("{}/s (burst {}) for {caller}", b.requests_per_second, b.burst));
+    }
+    vec![
+        ("service", json!(service)),
+        ("route", json!("(rate limit)")),
+        ("match", json!("inbound")),
+        ("backends", json!("")),
+        ("policy", json!(parts.join("; "))),
+    ]
+}
