@@ -116,15 +116,21 @@ impl Tally {
 
 /// Sends `total` GETs with `concurrency` in flight and tallies the answers.
 pub async fn closed_loop(proxy: &str, host: &str, total: u64, concurrency: u64) -> Tally {
+    closed_loop_path(proxy, host, "/load", total, concurrency).await
+}
+
+/// `closed_loop` of GETs to `path`.
+pub async fn closed_loop_path(proxy: &str, host: &str, path: &str, total: u64, concurrency: u64) -> Tally {
     let client = http1();
     let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
         let (client, next, proxy, host) = (client.clone(), next.clone(), proxy.to_owned(), host.to_owned());
+        let path = path.to_owned();
         tasks.push(tokio::spawn(async move {
             let mut tally = Tally::default();
             while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < total {
-                tally.add(&get(&client, &proxy, &host, "/load").await);
+                tally.add(&get(&client, &proxy, &host, &path).await);
             }
             tally
         }));
