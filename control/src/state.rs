@@ -569,3 +569,85 @@ mod tests {
         assert!(gone.services.is_empty());
     }
 }
+
+#[cfg(test)]
+mod traffic_policy_tests {
+    use super::*;
+    use mesh_common::traffic_policy::file::parse_traffic_policy;
+
+    fn state() -> MeshState {
+        let mut state = MeshState::default();
+        for (service, version, addr) in
+            [("web", "v1", "127.0.0.1:1"), ("web", "v2", "127.0.0.1:2"), ("api", "v1", "127.0.0.1:3")]
+        {
+            state = state.apply(&Change::ready_endpoint(service, version, addr)).unwrap();
+        }
+        state
+    }
+
+    fn file(text: &str) -> Change {
+        Change::SetTrafficPolicy(parse_traffic_policy(text).unwrap())
+    }
+
+    fn route(service: &str, name: &str, backends: &str) -> String {
+        format!("[[routes]]\nservice = \"{service}\"\nname = \"{name}\"\nbackends = {backends}\n")
+    }
+
+    #[test]
+    fn a_routes_file_applies_whole_to_every_service_it_names_or_not_at_all() {
+        let limit = "[[rate_limits]]\nservice = \"api\"\nrequests_per_second = 10\n";
+        let good = format!(
+            "{}{}{limit}",
+            route("web", "a", "{ v2 = 100 }"),
+            route("web", "b", "{ service = \"api\" }")
+        );
+        let next = state().apply(&file(&good)).unwrap();
+        assert_eq!(next.version, 4);
+        let names: Vec<&str> = next.services["web"].routes.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+        assert_eq!(
+            (next.services["web"].stamp, next.services["api"].stamp),
+            (4, 4),
+            "both services are sent again"
+        );
+        assert!(next.services["api"].rate_limit.is_some());
+        // A file of routes alone replaces the routes and keeps the limit.
+        let next = next.apply(&file(&route("api", "c", "{ v1 = 100 }"))).unwrap();
+        assert!(next.services["api"].rate_limit.is_some() && next.services["api"].routes.len() == 1);
+
+        // (file, words of the refusal): each refused whole.
+        let table = [
+            (format!("{limit}{}", route("web", "a", "{ v3 = 100 }")), "names version \"v3\""),
+            (route("web", "a", "{ service = \"nowhere\" }"), "unknown service \"nowhere\""),
+            (route("shop", "a", "{ v1 = 100 }"), "unknown service \"shop\""),
+            (
+                format!(
+                    "{}mirror = {{ version = \"v9\", percent = 1 }}\n",
+                    route("web", "a", "{ v1 = 100 }")
+                ),
+                "names version \"v9\"",
+            ),
+        ];
+        for (text, words) in table {
+            let error = state().apply(&file(&text)).unwrap_err();
+            assert!(error.0.contains(words), "{text}: {error}");
+        }
+    }
+
+    #[test]
+    fn routes_and_limits_are_deleted_by_name() {
+        let text = format!(
+            "{}[[rate_limits]]\nservice = \"web\"\nrequests_per_second = 5\n",
+            route("web", "a", "{ v2 = 100 }")
+        );
+        let state = state().apply(&file(&text)).unwrap();
+        let delete = |name: &str| Change::DeleteRoute { service: "web".into(), name: name.into() };
+        assert!(state.apply(&delete("b")).unwrap_err().0.contains("has no route \"b\""));
+        let next = state.apply(&delete("a")).unwrap();
+        assert!(next.services["web"].routes.is_empty());
+        let next = next.apply(&Change::DeleteRateLimit { service: "web".into() }).unwrap();
+        assert!(next.services["web"].rate_limit.is_none());
+        let again = next.apply(&Change::DeleteRateLimit { service: "web".into() }).unwrap_err();
+        assert!(again.0.contains("has no rate limit"), "{again}");
+    }
+}

@@ -4,7 +4,7 @@
 //! applies all of it or none.
 
 use mesh_common::traffic_policy::file::parse_traffic_policy;
-use mesh_common::traffic_policy::{percent_text, MirrorTarget, RateLimitSpec, RouteSpec};
+use mesh_common::traffic_policy::{percent_text, Bucket, MirrorTarget, RateLimitSpec, RouteSpec};
 use mesh_proto::mesh::v1 as pb;
 use mesh_proto::mesh::v1::admin_client::AdminClient;
 use mesh_proto::traffic_policy::{rate_limit_from_pb, route_from_pb};
@@ -72,7 +72,7 @@ pub async fn list(session: &Session, service: Option<String>, output: Output) ->
             rows.push(route_row(&entry.service, &route, output));
         }
         if let Some(limit) = &entry.rate_limit {
-            rows.push(limit_row(&entry.service, &rate_limit_from_pb(limit), output));
+            rows.extend(limit_rows(&entry.service, &rate_limit_from_pb(limit), output));
         }
     }
     print_rows(output, &rows);
@@ -83,66 +83,69 @@ fn route_row(service: &str, route: &RouteSpec, output: Output) -> Vec<(&'static 
     if output == Output::Json {
         return vec![("service", json!(service)), ("kind", json!("route")), ("route", json!(route))];
     }
-    let mut extras = Vec::new();
-    if let Some(ms) = route.timeout_ms {
-        extras.push(format!("timeout {ms}ms"));
-    }
-    if let Some(retry) = &route.retry {
+    let timeout = route.timeout_ms.map(|ms| format!("{ms}ms")).unwrap_or_default();
+    let retry = route.retry.as_ref().map_or_else(String::new, |retry| {
         let on: Vec<&str> = retry.on.iter().map(|c| c.as_str()).collect();
-        extras.push(format!("retry {}× on {}", retry.attempts, on.join(",")));
-    }
-    if let Some(mirror) = &route.mirror {
+        format!("{}× on {}", retry.attempts, on.join(","))
+    });
+    let mirror = route.mirror.as_ref().map_or_else(String::new, |mirror| {
         let target = match &mirror.target {
-            MirrorTarget::Version(v) => format!("version {v}"),
+            MirrorTarget::Version(v) => v.clone(),
             MirrorTarget::Service(s) => format!("service {s}"),
         };
-        extras.push(format!(
-            "mirror {} % to {target} (at most {} in flight)",
-            percent_text(mirror.per_million),
-            mirror.max_in_flight
-        ));
-    }
+        format!("{} % to {target}, ≤{} in flight", percent_text(mirror.per_million), mirror.max_in_flight)
+    });
+    let mut faults = Vec::new();
     if let Some(fault) = &route.fault {
         if let Some(delay) = &fault.delay {
-            extras.push(format!("delay {}ms for {} %", delay.duration_ms, percent_text(delay.per_million)));
+            faults.push(format!("delay {}ms {} %", delay.duration_ms, percent_text(delay.per_million)));
         }
         if let Some(abort) = &fault.abort {
-            extras.push(format!("abort {} for {} %", abort.status, percent_text(abort.per_million)));
+            let status = match abort.grpc_status {
+                Some(code) => format!("{} (grpc {code})", abort.status),
+                None => abort.status.to_string(),
+            };
+            faults.push(format!("abort {status} {} %", percent_text(abort.per_million)));
         }
     }
-    let backends = route.backends_text();
     vec![
         ("service", json!(service)),
         ("route", json!(route.name)),
         ("match", json!(route.match_text())),
-        ("backends", json!(backends)),
-        ("policy", json!(extras.join("; "))),
+        ("backends", json!(route.backends_text())),
+        ("timeout", json!(timeout)),
+        ("retry", json!(retry)),
+        ("mirror", json!(mirror)),
+        ("fault", json!(faults.join(", "))),
     ]
 }
 
-fn limit_row(service: &str, limit: &RateLimitSpec, output: Output) -> Vec<(&'static str, Value)> {
+/// A rate limit in a table: one row per bucket.
+fn limit_rows(service: &str, limit: &RateLimitSpec, output: Output) -> Vec<Vec<(&'static str, Value)>> {
     if output == Output::Json {
-        return vec![
+        return vec![vec![
             ("service", json!(service)),
             ("kind", json!("rate_limit")),
             ("rate_limit", json!(limit)),
-        ];
+        ]];
     }
-    let mut parts = Vec::new();
-    if let Some(b) = limit.overall {
-        parts.push(format!("{}/s (burst {}) overall", b.requests_per_second, b.burst));
-    }
-    if let Some(b) = limit.per_caller {
-        parts.push(format!("{}/s (burst {}) per caller", b.requests_per_second, b.burst));
-    }
-    for (caller, b) in &limit.overrides {
-        parts.push(format!("{}/s (burst {}) for {caller}", b.requests_per_second, b.burst));
-    }
-    vec![
-        ("service", json!(service)),
-        ("route", json!("(rate limit)")),
-        ("match", json!("inbound")),
-        ("backends", json!("")),
-        ("policy", json!(parts.join("; "))),
-    ]
+    let mut buckets: Vec<(String, Bucket)> = Vec::new();
+    buckets.extend(limit.overall.map(|b| ("all callers".to_owned(), b)));
+    buckets.extend(limit.per_caller.map(|b| ("each caller".to_owned(), b)));
+    buckets.extend(limit.overrides.iter().map(|(caller, b)| (caller.clone(), *b)));
+    buckets
+        .into_iter()
+        .map(|(who, b)| {
+            vec![
+                ("service", json!(service)),
+                ("route", json!("(rate limit)")),
+                ("match", json!(who)),
+                ("backends", json!("")),
+                ("timeout", json!("")),
+                ("retry", json!("")),
+                ("mirror", json!("")),
+                ("fault", json!(format!("{}/s, burst {}", b.requests_per_second, b.burst))),
+            ]
+        })
+        .collect()
 }
