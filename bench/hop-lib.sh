@@ -139,4 +139,51 @@ hop_load() {
 hop_teardown() {
   kill "$hop_nginx" 2>/dev/null || true
   wait "$hop_nginx" 2>/dev/null || true
+  if [[ -n ${hop_hung:-} ]]; then
+    kill "$hop_hung" 2>/dev/null || true
+    wait "$hop_hung" 2>/dev/null || true
+    hop_hung=
+  fi
+}
+
+# hop_setup_policy DIR KIND: as hop_setup, with traffic policy on the
+# backend service. KIND: none (no routes), routes20 (20 routes of mixed
+# match kinds that the load's GET / passes none of, so all 20 are tried
+# before the service's default), mirror1 (one route every request takes,
+# copying 1 % to version v2: the same nginx), hung-mirror (one route every
+# request takes, copying all of it to an address that accepts and never
+# answers, at most 100 in flight).
+hop_setup_policy() {
+  local dir=$1 kind=$2
+  hop_setup "$dir"
+  local proxy=$dir/proxy.toml
+  case $kind in
+    none) ;;
+    routes20)
+      for i in $(seq 0 19); do
+        case $((i % 5)) in
+          0) match="{ headers = { \"x-canary\" = \"$i\" } }" ;;
+          1) match="{ path_prefix = \"/api$i\", method = \"POST\" }" ;;
+          2) match="{ path_regex = \"/users/[0-9]+/$i\" }" ;;
+          3) match="{ query = { tier = \"t$i\" } }" ;;
+          4) match="{ path = \"/exact$i\" }" ;;
+        esac
+        printf '\n[[routes]]\nservice = "backend"\nname = "r%s"\nmatch = %s\nbackends = { v1 = 100 }\n' "$i" "$match"
+      done >> "$proxy"
+      ;;
+    mirror1)
+      # v2 is the same nginx under another version name.
+      sed -i "s|endpoints = \[ { addr = \"127.0.0.1:$hop_backend_port\", version = \"v1\" } \]|split = { v1 = 100 }\nendpoints = [ { addr = \"127.0.0.1:$hop_backend_port\", version = \"v1\" }, { addr = \"127.0.0.1:$hop_backend_port\", version = \"v2\" } ]|" "$proxy"
+      printf '\n[[routes]]\nservice = "backend"\nname = "shadow"\nbackends = { v1 = 100 }\nmirror = { version = "v2", percent = 1 }\n' >> "$proxy"
+      ;;
+    hung-mirror)
+      # A listener that never accepts: connections queue in its backlog, unanswered.
+      hop_hung_port=$(free_port)
+      python3 -c "import socket,time; s=socket.socket(); s.bind(('127.0.0.1',$hop_hung_port)); s.listen(1024); time.sleep(3600)" &
+      hop_hung=$!
+      printf '\n[[services]]\nname = "void"\ntimeout = "60s"\nendpoints = [ { addr = "127.0.0.1:%s" } ]\n' "$hop_hung_port" >> "$proxy"
+      printf '\n[[routes]]\nservice = "backend"\nname = "to-the-void"\nbackends = { v1 = 100 }\nmirror = { service = "void", percent = 100, max_in_flight = 100 }\n' >> "$proxy"
+      ;;
+    *) echo "unknown policy kind $kind" >&2; return 1 ;;
+  esac
 }
