@@ -433,13 +433,13 @@ impl LongLived {
                 }
                 MirrorTarget::Service(other_name) => other(other_name, Some(&once)),
             };
-            Mirror {
+            Arc::new(Mirror {
                 target,
                 per_million: mirror.per_million,
                 max_in_flight: mirror.max_in_flight,
                 in_flight: Default::default(),
                 timers: Default::default(),
-            }
+            })
         });
         let matcher = CompiledMatch::compile(&spec.matches).unwrap_or_else(|error| {
             // Checked before it reached the table; should it fail anyway, the route matches nothing.

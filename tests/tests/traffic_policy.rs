@@ -308,11 +308,19 @@ fault = { abort = { grpc_status = 8, percent = 100 } }
 
     // Delays: half the requests take 300 ms more, and the latency shows it.
     let client = http1();
-    let (mut slow, n) = (0u64, 60u64);
+    let (mut slow, mut marked, n) = (0u64, 0u64, 60u64);
     for _ in 0..n {
         let started = Instant::now();
         let answer = get(&client, &outbound, "echo", "/sluggish").await.unwrap();
         assert_eq!(answer.status, 200);
+        if answer.header("x-mesh-fault") == Some("delay") {
+            marked += 1;
+            assert!(
+                started.elapsed() >= Duration::from_millis(300),
+                "a delayed answer took {:?}",
+                started.elapsed()
+            );
+        }
         if started.elapsed() >= Duration::from_millis(300) {
             slow += 1;
         }

@@ -482,4 +482,25 @@ listen = "127.0.0.1:9191"
         assert_eq!(err.line, Some(19));
         assert!(err.message.contains("duplicate"), "{err}");
     }
+
+    #[test]
+    fn routes_and_rate_limits_attach_to_declared_services_only() {
+        let head = "service = \"echo\"\n[listen]\n[[services]]\nname = \"echo\"\nendpoints = [ { addr = \"127.0.0.1:1\", version = \"v1\" } ]\n";
+        let route = "[[routes]]\nservice = \"echo\"\nname = \"r\"\nbackends = { v1 = 100 }\n";
+        let limit = "[[rate_limits]]\nservice = \"echo\"\nrequests_per_second = 5\n";
+        let config = parse_config(&format!("{head}{route}{limit}")).unwrap();
+        assert_eq!(config.services[0].routes.len(), 1);
+        assert_eq!(config.services[0].rate_limit.as_ref().unwrap().overall.unwrap().requests_per_second, 5);
+        // (extra tables, field named, words)
+        let table = [
+            (route.replace("\"echo\"", "\"api\""), "routes", "\"api\" is not declared"),
+            (limit.replace("\"echo\"", "\"api\""), "rate_limits", "\"api\" is not declared"),
+            (route.replace("v1 = 100", "v1 = 50"), "routes[0].backends", "add up to 50"),
+        ];
+        for (extra, field, words) in table {
+            let error = parse_config(&format!("{head}{extra}")).unwrap_err();
+            assert_eq!(error.field, field, "{error}");
+            assert!(error.message.contains(words), "{error}");
+        }
+    }
 }

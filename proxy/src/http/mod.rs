@@ -3,9 +3,11 @@
 
 pub mod body;
 pub mod deadline;
+pub mod fault;
 pub mod hold;
 pub mod hops;
 pub mod inbound;
+pub mod mirror;
 pub mod outbound;
 pub mod retry;
 pub mod route;

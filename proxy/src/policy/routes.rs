@@ -22,7 +22,7 @@ pub struct Route {
     pub matcher: CompiledMatch,
     /// Where the route sends: its backends, with its timeout and retries.
     pub target: Arc<Service>,
-    pub mirror: Option<Mirror>,
+    pub mirror: Option<Arc<Mirror>>,
     pub fault: Option<FaultSpec>,
     pub metrics: Arc<RouteMetrics>,
 }
