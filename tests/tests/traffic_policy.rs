@@ -332,6 +332,7 @@ fault = { abort = { grpc_status = 8, percent = 100 } }
         slow as f64 >= delayed,
         "every delayed request took 300 ms or more: {slow} slow, {delayed} delayed"
     );
+    assert_eq!(marked as f64, delayed, "every delayed answer is marked x-mesh-fault: delay");
     let tolerance = split_tolerance(n, 50.0);
     assert!((100.0 * delayed / n as f64 - 50.0).abs() <= tolerance, "{delayed} of {n} delayed");
 
