@@ -591,7 +591,7 @@ impl Snapshot {
 mod tests {
     use super::*;
     use crate::config::parse_config;
-    use crate::config::BreakerPolicy;
+    use crate::config::{BreakerPolicy, RetryOn};
     use rand::rngs::StdRng;
     use rand::SeedableRng;
 
@@ -748,5 +748,41 @@ mod tests {
         for (endpoint, expected) in table {
             assert_eq!(is_own_listener(&own, addr(endpoint)), expected, "{endpoint}");
         }
+    }
+
+    #[test]
+    fn routes_send_to_their_versions_or_another_service_with_their_own_policy() {
+        let text = |other_port: u16| {
+            format!(
+                "[listen]\n\
+                 [[services]]\nname = \"echo\"\nsplit = {{ v1 = 100 }}\nendpoints = [ {{ addr = \"127.0.0.1:1\", version = \"v1\" }}, {{ addr = \"127.0.0.1:2\", version = \"v2\" }} ]\n\
+                 [[services]]\nname = \"other\"\nendpoints = [ {{ addr = \"127.0.0.1:{other_port}\" }} ]\n\
+                 [[routes]]\nservice = \"echo\"\nname = \"canary\"\nbackends = {{ v2 = 100 }}\ntimeout = \"250ms\"\nretry = {{ attempts = 4, on = [\"5xx\"] }}\n\
+                 [[routes]]\nservice = \"echo\"\nname = \"away\"\nbackends = {{ service = \"other\" }}\n"
+            )
+        };
+        let long_lived = LongLived::default();
+        let first = long_lived.build(parse_config(&text(3)).unwrap(), None);
+        let routes = &first.services["echo"].routes.as_ref().unwrap().list;
+        let canary = &routes[0].target;
+        let ports = |service: &Service| -> Vec<u16> {
+            service.groups.iter().flat_map(|g| &g.endpoints).map(|e| e.addr.port()).collect()
+        };
+        assert_eq!(ports(canary), [2], "the route's version only");
+        assert_eq!(canary.config.timeout, std::time::Duration::from_millis(250));
+        assert_eq!(
+            (canary.config.retry.attempts, canary.config.retry.on.clone()),
+            (4, vec![RetryOn::ServerError])
+        );
+        assert!(Arc::ptr_eq(&canary.budget, &first.services["echo"].budget), "the service's retry budget");
+        let away = &routes[1].target;
+        assert_eq!((away.config.name.as_str(), ports(away)), ("other", vec![3]));
+        assert_eq!(away.config.timeout, crate::config::DEFAULT_TIMEOUT, "no timeout of its own: the other's");
+        // The other service moves: the route follows, though echo itself did not change.
+        let second = reload(&long_lived, &first, &text(4));
+        let away = &second.services["echo"].routes.as_ref().unwrap().list[1].target;
+        assert_eq!(ports(away), [4]);
+        // A service without routes has none to test.
+        assert!(second.services["other"].routes.is_none());
     }
 }
