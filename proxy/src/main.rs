@@ -143,6 +143,7 @@ impl Listeners {
             self.bound.push(format!("inbound={}", local(&listener)?));
             proxy.long_lived.add_own_listener(local(&listener)?);
             let limits = self.limits;
+            let tcp_addr = local(&listener)?;
             self.serving.spawn(listen::http::serve(
                 listener,
                 proxy.clone(),
@@ -150,6 +151,17 @@ impl Listeners {
                 limits,
                 shutdown.clone(),
             ));
+            // HTTP/3 from peers on the same port number over UDP, once the
+            // proxy holds a certificate. Without the port, TCP serves alone.
+            match listen::quic::bind_udp(tcp_addr) {
+                Ok(socket) => {
+                    self.bound.push(format!("quic={}", socket.local_addr()?));
+                    self.serving.spawn(listen::quic::serve(socket, proxy.clone(), shutdown.clone()));
+                }
+                Err(error) => {
+                    tracing::warn!(%error, addr = %tcp_addr, "no QUIC inbound: its UDP port cannot be bound")
+                }
+            }
         }
         if let Some(addr) = listen.admin {
             let listener = bind("admin", addr).await?;

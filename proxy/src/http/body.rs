@@ -20,6 +20,9 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub enum RequestBody {
     Buffered(Option<Bytes>),
     Streaming(CallerBody),
+    /// A peer's request over QUIC (HTTP/3), on its way to the local app.
+    /// Boxed: rare beside the others, and larger.
+    Quic(Box<crate::http::h3_body::H3RequestBody>),
 }
 
 /// The caller's body streaming to an endpoint. A failure to read it (bad
@@ -49,6 +52,10 @@ impl CallerBody {
 pub struct CallerBroken(Option<Arc<AtomicBool>>);
 
 impl CallerBroken {
+    pub fn new(flag: Arc<AtomicBool>) -> CallerBroken {
+        CallerBroken(Some(flag))
+    }
+
     pub fn get(&self) -> bool {
         self.0.as_ref().is_some_and(|broken| broken.load(Ordering::Relaxed))
     }
@@ -56,12 +63,12 @@ impl CallerBroken {
 
 impl Body for RequestBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             RequestBody::Buffered(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             RequestBody::Streaming(caller) => {
@@ -69,8 +76,9 @@ impl Body for RequestBody {
                 if let (Poll::Ready(Some(Err(_))), Some(broken)) = (&polled, &caller.broken) {
                     broken.store(true, Ordering::Relaxed);
                 }
-                polled
+                polled.map(|frame| frame.map(|result| result.map_err(BoxError::from)))
             }
+            RequestBody::Quic(body) => Pin::new(body.as_mut()).poll_frame(cx),
         }
     }
 
@@ -78,6 +86,7 @@ impl Body for RequestBody {
         match self {
             RequestBody::Buffered(bytes) => bytes.is_none(),
             RequestBody::Streaming(caller) => caller.incoming.is_end_stream(),
+            RequestBody::Quic(body) => body.is_end_stream(),
         }
     }
 
@@ -86,6 +95,7 @@ impl Body for RequestBody {
             RequestBody::Buffered(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
             RequestBody::Buffered(None) => SizeHint::with_exact(0),
             RequestBody::Streaming(caller) => caller.incoming.size_hint(),
+            RequestBody::Quic(_) => SizeHint::default(),
         }
     }
 }

@@ -4,6 +4,7 @@
 pub mod body;
 pub mod deadline;
 pub mod fault;
+pub mod h3_body;
 pub mod hold;
 pub mod hops;
 pub mod inbound;

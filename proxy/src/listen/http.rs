@@ -287,7 +287,10 @@ fn handle_inbound(
 }
 
 /// The 429 for a request over a rate limit, with when to come back.
-fn rate_limited_answer(refused: crate::policy::rate_limit::Refused, grpc: bool) -> Response<ResponseBody> {
+pub(crate) fn rate_limited_answer(
+    refused: crate::policy::rate_limit::Refused,
+    grpc: bool,
+) -> Response<ResponseBody> {
     let detail = match refused.limit {
         crate::policy::rate_limit::Limit::Overall => "the service's rate limit for all callers is reached",
         crate::policy::rate_limit::Limit::Caller => "the service's rate limit for this caller is reached",

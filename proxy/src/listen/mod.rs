@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod drain;
 pub mod http;
+pub mod quic;
 pub mod request_line;
 pub mod tcp;
 

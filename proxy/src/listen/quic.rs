@@ -1,0 +1,237 @@
+//! The inbound over QUIC: HTTP/3 from peer sidecars on UDP, on the number
+//! of the inbound's TCP port, with the same mTLS (the proxy's workload
+//! certificate; the peer's chained to the trust bundle) and the same
+//! checks per request (allow-from, rate limit) as the TCP inbound. Each
+//! request goes on to the local app by `forward_inbound`.
+//!
+//! The socket asks the kernel for large buffers (QUIC drops packets when
+//! they overflow) and says once, with the sysctl to change, when the
+//! kernel caps them. quinn uses GSO and GRO where the kernel has them.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::BodyExt;
+
+use crate::errors::ProxyError;
+use crate::http::body::ResponseBody;
+use crate::http::h3_body::H3RequestBody;
+use crate::http::inbound::forward_inbound;
+use crate::http::{error_response, is_grpc, strip_hop_by_hop};
+use crate::listen::ShutdownSignal;
+use crate::proxy::Proxy;
+use crate::tls::{MeshTls, Side};
+
+/// What each UDP socket asks the kernel for, each way.
+pub const UDP_BUFFER_BYTES: usize = 2 * 1024 * 1024;
+/// A connection with no traffic for this long is closed (the TCP pool's
+/// default idle time).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+const ALPN_H3: &[u8] = b"h3";
+
+/// The QUIC side of `tls`: its server config with ALPN h3.
+pub fn server_config(tls: &MeshTls) -> Result<quinn::ServerConfig, String> {
+    let mut crypto = (*tls.server).clone();
+    crypto.alpn_protocols = vec![ALPN_H3.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(crypto).map_err(|e| e.to_string())?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport.max_idle_timeout(Some(IDLE_TIMEOUT.try_into().expect("a valid idle timeout")));
+    config.transport_config(Arc::new(transport));
+    Ok(config)
+}
+
+/// A UDP socket at `addr` with buffers as large as the kernel allows, up
+/// to `UDP_BUFFER_BYTES`; warns once when the kernel holds them smaller.
+pub fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use std::os::fd::AsRawFd;
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    let socket = std::net::UdpSocket::bind(addr)?;
+    let fd = socket.as_raw_fd();
+    let mut granted = Vec::new();
+    for option in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
+        let wanted = UDP_BUFFER_BYTES as libc::c_int;
+        let size = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: fd is an open socket; the option values are c_ints of the given size.
+        let got = unsafe {
+            libc::setsockopt(fd, libc::SOL_SOCKET, option, (&wanted as *const libc::c_int).cast(), size);
+            let mut got: libc::c_int = 0;
+            let mut len = size;
+            libc::getsockopt(fd, libc::SOL_SOCKET, option, (&mut got as *mut libc::c_int).cast(), &mut len);
+            got
+        };
+        // Linux reports twice what it keeps for the payload.
+        granted.push(usize::try_from(got).unwrap_or(0) / 2);
+    }
+    if granted.iter().any(|g| *g < UDP_BUFFER_BYTES) && !WARNED.swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            receive = granted[0],
+            send = granted[1],
+            wanted = UDP_BUFFER_BYTES,
+            "the kernel caps UDP socket buffers below what QUIC needs under load; raise them with: sysctl -w net.core.rmem_max=4194304 net.core.wmem_max=4194304"
+        );
+    }
+    socket.set_nonblocking(true)?;
+    Ok(socket)
+}
+
+/// Serves HTTP/3 on `addr` until shutdown, from the moment the proxy holds
+/// a certificate; a renewed certificate serves new connections at once.
+pub async fn serve(socket: std::net::UdpSocket, proxy: Arc<Proxy>, mut shutdown: ShutdownSignal) {
+    let mut identities = proxy.identity_changes.subscribe();
+    let tls = loop {
+        if let Some(tls) = proxy.long_lived.tls.load_full() {
+            break tls;
+        }
+        tokio::select! {
+            changed = identities.changed() => if changed.is_err() { return },
+            _ = crate::listen::shutdown_started(&mut shutdown) => return,
+        }
+    };
+    let config = match server_config(&tls) {
+        Ok(config) => config,
+        Err(error) => {
+            tracing::warn!(%error, "no QUIC inbound: its TLS config cannot be made");
+            return;
+        }
+    };
+    let runtime = Arc::new(quinn::TokioRuntime);
+    let endpoint = match quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(config), socket, runtime)
+    {
+        Ok(endpoint) => endpoint,
+        Err(error) => {
+            tracing::warn!(%error, "no QUIC inbound: the endpoint cannot start");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                tokio::spawn(connection(incoming, proxy.clone()));
+            }
+            changed = identities.changed() => {
+                if changed.is_err() { break }
+                if let Some(config) = proxy.long_lived.tls.load_full().and_then(|tls| server_config(&tls).ok()) {
+                    endpoint.set_server_config(Some(config));
+                }
+            }
+            _ = crate::listen::shutdown_started(&mut shutdown) => break,
+        }
+    }
+    endpoint.close(quinn::VarInt::from_u32(0), b"shutting down");
+    let _ = tokio::time::timeout(Duration::from_secs(5), endpoint.wait_idle()).await;
+}
+
+/// One peer's connection: its handshake, then its requests, each on a task.
+async fn connection(incoming: quinn::Incoming, proxy: Arc<Proxy>) {
+    let tls = proxy.long_lived.tls.load_full();
+    let record = |ok| {
+        if let Some(tls) = &tls {
+            tls.record_handshake(Side::Inbound, ok);
+        }
+    };
+    let connection = match incoming.await {
+        Ok(connection) => {
+            record(true);
+            connection
+        }
+        Err(error) => {
+            record(false);
+            tracing::info!(%error, "refused a QUIC peer");
+            return;
+        }
+    };
+    // The caller is who its certificate names.
+    let caller: Option<Arc<str>> = connection
+        .peer_identity()
+        .and_then(|identity| identity.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
+        .and_then(|chain| chain.first().map(|cert| crate::tls::uri_names(cert)))
+        .and_then(|names| names.into_iter().next())
+        .map(Arc::from);
+    let mut h3 = match h3::server::Connection::new(h3_quinn::Connection::new(connection)).await {
+        Ok(h3) => h3,
+        Err(error) => {
+            tracing::debug!(%error, "an HTTP/3 connection failed to start");
+            return;
+        }
+    };
+    loop {
+        match h3.accept().await {
+            Ok(Some(resolver)) => {
+                let (proxy, caller) = (proxy.clone(), caller.clone());
+                tokio::spawn(async move {
+                    match resolver.resolve_request().await {
+                        Ok((request, stream)) => serve_request(proxy, caller, request, stream).await,
+                        Err(error) => tracing::debug!(%error, "an HTTP/3 request could not be read"),
+                    }
+                });
+            }
+            Ok(None) => break,
+            Err(error) => {
+                tracing::debug!(%error, "an HTTP/3 connection ended");
+                break;
+            }
+        }
+    }
+}
+
+type Stream = h3::server::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
+
+/// One request: the same checks as on TCP, then the local app, then the
+/// answer back on the request's stream (data, then trailers).
+async fn serve_request(proxy: Arc<Proxy>, caller: Option<Arc<str>>, request: Request<()>, stream: Stream) {
+    let (mut send, recv) = stream.split();
+    let grpc = is_grpc(request.headers());
+    let response = match proxy.refuse_caller(caller.as_deref()) {
+        Some(detail) => {
+            proxy.long_lived.metrics.record_authz_denied(caller.as_deref().unwrap_or("plaintext"));
+            error_response(ProxyError::AuthzDenied, grpc, &detail)
+        }
+        None => {
+            let snapshot = arc_swap::Guard::into_inner(proxy.table.load());
+            let limited = snapshot
+                .inbound
+                .rate_limit
+                .as_ref()
+                .and_then(|limiter| limiter.admit(caller.as_deref(), crate::clock::now_nanos()).err());
+            match limited {
+                Some(refused) => crate::listen::http::rate_limited_answer(refused, grpc),
+                None => {
+                    let (parts, ()) = request.into_parts();
+                    let request = Request::from_parts(parts, H3RequestBody::new(recv));
+                    forward_inbound(snapshot, request).await
+                }
+            }
+        }
+    };
+    if let Err(error) = respond(&mut send, response).await {
+        tracing::debug!(%error, "an HTTP/3 answer could not be sent whole");
+    }
+}
+
+async fn respond(
+    send: &mut h3::server::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>,
+    response: Response<ResponseBody>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let (mut parts, mut body) = response.into_parts();
+    // HTTP/3 has no connection-specific headers.
+    strip_hop_by_hop(&mut parts.headers);
+    send.send_response(Response::from_parts(parts, ())).await?;
+    while let Some(frame) = body.frame().await {
+        match frame?.into_data() {
+            Ok(data) => send.send_data(data).await?,
+            Err(frame) => {
+                if let Ok(trailers) = frame.into_trailers() {
+                    send.send_trailers(trailers).await?;
+                }
+            }
+        }
+    }
+    send.finish().await?;
+    Ok(())
+}

@@ -1,0 +1,253 @@
+//! The inbound over QUIC (HTTP/3): a sidecar with a workload identity
+//! serves peers on UDP at its inbound port's number, with the same mTLS as
+//! on TCP. A peer with a mesh certificate is answered by the local app
+//! (HTTP/1.1 and gRPC, trailers included); a stranger's certificate, or
+//! none, is refused at the handshake.
+
+use std::future::poll_fn;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::Request;
+use mesh_proto::echo::v1::{EchoReply, EchoRequest};
+use mesh_tests::metrics::scrape;
+use mesh_tests::process::{Echo, Proxy};
+use mesh_tests::TempDir;
+use prost::Message;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+
+/// A CA and the certificates it signs, as PEM.
+struct Ca {
+    pem: String,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl Ca {
+    fn new() -> Ca {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let pem = params.clone().self_signed(&key).unwrap().pem();
+        Ca { pem, issuer: rcgen::Issuer::new(params, key) }
+    }
+
+    /// (certificate PEM, PKCS#8 key PEM) naming `spiffe://mesh.local/service/<service>`.
+    fn leaf(&self, service: &str) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        let uri = format!("spiffe://mesh.local/service/{service}");
+        params.subject_alt_names =
+            vec![rcgen::SanType::URI(rcgen::string::Ia5String::try_from(uri).unwrap())];
+        (params.signed_by(&key, &self.issuer).unwrap().pem(), key.serialize_pem())
+    }
+}
+
+/// The callee: mesh-proxy with an identity, its inbound before `app`.
+fn callee(dir: &TempDir, ca: &Ca, app: &str, protocol: &str) -> Proxy {
+    let (cert, key) = ca.leaf("backend");
+    std::fs::write(dir.path("backend.pem"), cert).unwrap();
+    std::fs::write(dir.path("backend.key"), key).unwrap();
+    std::fs::write(dir.path("ca.pem"), &ca.pem).unwrap();
+    let config = format!(
+        "service = \"backend\"\n[listen]\ninbound = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\napp = \"{app}\"\n\n\
+         [identity]\ncertificate = \"{}\"\nkey = \"{}\"\nroots = \"{}\"\n\n\
+         [[services]]\nname = \"backend\"\nprotocol = \"{protocol}\"\n",
+        dir.path("backend.pem").display(),
+        dir.path("backend.key").display(),
+        dir.path("ca.pem").display()
+    );
+    let path = dir.path(&format!("callee-{protocol}.toml"));
+    std::fs::write(&path, config).unwrap();
+    Proxy::start(&path)
+}
+
+/// Accepts the server's certificate as it is: these tests judge the
+/// callee's checks of its caller, not the caller's of the callee.
+#[derive(Debug)]
+struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+type Sender = h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>;
+
+/// An HTTP/3 connection to `addr` presenting `identity` (certificate and
+/// key PEM), or no certificate at all.
+async fn connect(addr: SocketAddr, identity: Option<(String, String)>) -> Result<Sender, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyServer(provider)));
+    let mut crypto = match identity {
+        Some((cert, key)) => {
+            let chain = mesh_client::pem::certificates(&cert).unwrap();
+            let key = mesh_client::pem::private_key(&key).unwrap();
+            builder.with_client_auth_cert(chain, key).unwrap()
+        }
+        None => builder.with_no_client_auth(),
+    };
+    crypto.alpn_protocols = vec![b"h3".to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    let connecting = endpoint.connect(addr, "backend.mesh").map_err(|e| e.to_string())?;
+    let connection = tokio::time::timeout(std::time::Duration::from_secs(10), connecting)
+        .await
+        .map_err(|_| "no handshake within 10s".to_owned())?
+        .map_err(|e| e.to_string())?;
+    let (mut driver, sender) =
+        h3::client::new(h3_quinn::Connection::new(connection)).await.map_err(|e| e.to_string())?;
+    tokio::spawn(async move { poll_fn(|cx| driver.poll_close(cx)).await });
+    Ok(sender)
+}
+
+/// Sends one request; returns (status, headers, body, trailers).
+async fn exchange(
+    sender: &mut Sender,
+    request: Request<()>,
+    body: Option<Bytes>,
+) -> (http::StatusCode, http::HeaderMap, Vec<u8>, Option<http::HeaderMap>) {
+    let mut stream = sender.send_request(request).await.unwrap();
+    if let Some(body) = body {
+        stream.send_data(body).await.unwrap();
+    }
+    stream.finish().await.unwrap();
+    let response = stream.recv_response().await.unwrap();
+    let mut received = Vec::new();
+    while let Some(mut chunk) = stream.recv_data().await.unwrap() {
+        received.extend_from_slice(&chunk.copy_to_bytes(chunk.remaining()));
+    }
+    let trailers = stream.recv_trailers().await.unwrap();
+    (response.status(), response.headers().clone(), received, trailers)
+}
+
+fn quic_addr(proxy: &Proxy) -> SocketAddr {
+    proxy.process.field("quic").parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mesh_peer_reaches_the_app_over_http3_and_a_stranger_is_refused() {
+    let dir = TempDir::new("quic-inbound");
+    let ca = Ca::new();
+    let echo = Echo::start("v1", &[]);
+    let proxy = callee(&dir, &ca, &echo.addr, "http");
+    let addr = quic_addr(&proxy);
+    assert_eq!(
+        addr.port(),
+        proxy.inbound().parse::<SocketAddr>().unwrap().port(),
+        "UDP on the TCP port's number"
+    );
+
+    let mut sender = connect(addr, Some(ca.leaf("frontend"))).await.expect("a mesh peer connects");
+    let (status, headers, body, _) =
+        exchange(&mut sender, Request::get("https://backend/hello").body(()).unwrap(), None).await;
+    assert_eq!(status, 200);
+    assert_eq!(headers.get("x-version").and_then(|v| v.to_str().ok()), Some("v1"));
+    let text = String::from_utf8_lossy(&body);
+    assert!(text.contains("/hello"), "the app saw the path: {text}");
+    // A body streams to the app.
+    let request =
+        Request::post("https://backend/order").header("content-type", "text/plain").body(()).unwrap();
+    let (status, _, body, _) = exchange(&mut sender, request, Some(Bytes::from_static(b"two books"))).await;
+    assert_eq!(status, 200);
+    let seen: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(seen["body_bytes"], 9, "the app got the whole body: {seen}");
+
+    // A certificate from another CA, and no certificate: refused at the handshake.
+    let stranger = Ca::new();
+    for (who, identity) in
+        [("a stranger's certificate", Some(stranger.leaf("frontend"))), ("no certificate", None)]
+    {
+        let refused = match connect(addr, identity).await {
+            Err(error) => error,
+            Ok(mut sender) => {
+                // TLS 1.3 judges the client's certificate after the client's side is done.
+                match sender.send_request(Request::get("https://backend/").body(()).unwrap()).await {
+                    Ok(mut stream) => match stream.recv_response().await {
+                        Ok(response) => panic!("{who}: answered {}", response.status()),
+                        Err(error) => error.to_string(),
+                    },
+                    Err(error) => error.to_string(),
+                }
+            }
+        };
+        eprintln!("{who}: {refused}");
+    }
+    let metrics = scrape(&proxy.admin()).await;
+    let handshakes =
+        |result| metrics.sum("mesh_tls_handshakes_total", &[("direction", "inbound"), ("result", result)]);
+    assert_eq!((handshakes("ok"), handshakes("failed")), (1.0, 2.0));
+    assert_eq!(metrics.sum("mesh_http_requests_total", &[("direction", "inbound"), ("code", "200")]), 2.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_over_http3_reaches_a_grpc_app_with_its_trailers() {
+    let dir = TempDir::new("quic-grpc");
+    let ca = Ca::new();
+    let echo = Echo::start("v2", &[]);
+    let proxy = callee(&dir, &ca, &echo.addr, "grpc");
+    let mut sender = connect(quic_addr(&proxy), Some(ca.leaf("frontend"))).await.unwrap();
+    // (request, gRPC status the answer's trailers carry)
+    for (message, fail_with_code, status) in [("ping", 0, "0"), ("nope", 5, "5")] {
+        let payload =
+            EchoRequest { message: message.into(), fail_with_code, ..Default::default() }.encode_to_vec();
+        let mut framed = BytesMut::new();
+        framed.extend_from_slice(&[0]);
+        framed.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        framed.extend_from_slice(&payload);
+        let request = Request::post("https://backend/mesh.echo.v1.Echo/Unary")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        let (status_code, headers, body, trailers) =
+            exchange(&mut sender, request, Some(framed.freeze())).await;
+        assert_eq!(status_code, 200);
+        let grpc_status = trailers
+            .as_ref()
+            .and_then(|t| t.get("grpc-status"))
+            .or_else(|| headers.get("grpc-status"))
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        assert_eq!(grpc_status.as_deref(), Some(status), "{message}: {headers:?} {trailers:?}");
+        if status == "0" {
+            let reply = EchoReply::decode(&body[5..]).unwrap();
+            assert_eq!((reply.message.as_str(), reply.version.as_str()), ("ping", "v2"));
+        }
+    }
+}
