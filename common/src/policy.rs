@@ -36,6 +36,41 @@ impl Protocol {
     }
 }
 
+/// How a proxy reaches a service's peer sidecars: mTLS over TCP (HTTP/2),
+/// or QUIC (HTTP/3, the same mTLS), falling back to TCP for a peer whose
+/// UDP does not get through.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    #[default]
+    Tcp,
+    Quic,
+}
+
+impl Transport {
+    pub const ALL: [Transport; 2] = [Transport::Tcp, Transport::Quic];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Quic => "quic",
+        }
+    }
+}
+
+impl FromStr for Transport {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        parse_named("transport", text, &Transport::ALL, Transport::as_str)
+    }
+}
+
+impl fmt::Display for Transport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Conditions that make a response worth another try. Connect failures are
 /// always retried, whatever the list says, because the request never left.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]

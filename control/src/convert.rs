@@ -3,7 +3,9 @@
 #[cfg(test)]
 use mesh_common::policy::Protocol;
 use mesh_common::policy::RetryOn;
-use mesh_proto::convert::{protocol_from_pb, protocol_to_pb, retry_on_from_pb, retry_on_to_pb};
+use mesh_proto::convert::{
+    protocol_from_pb, protocol_to_pb, retry_on_from_pb, retry_on_to_pb, transport_from_pb, transport_to_pb,
+};
 use mesh_proto::mesh::v1 as pb;
 use mesh_proto::traffic_policy::{rate_limit_to_pb, route_to_pb};
 
@@ -46,6 +48,7 @@ pub fn policy_to_pb(policy: &Policy) -> pb::Policy {
         permissive: policy.permissive,
         allow_from: policy.allow_from.as_ref().map(|services| pb::AllowFrom { services: services.clone() }),
         hold_when_empty_ms: policy.hold_when_empty_ms,
+        transport: policy.transport.map(transport_to_pb),
     }
 }
 
@@ -69,6 +72,7 @@ pub fn policy_from_pb(policy: &pb::Policy) -> Result<Policy, String> {
         permissive: policy.permissive,
         allow_from: policy.allow_from.as_ref().map(|allow| allow.services.clone()),
         hold_when_empty_ms: policy.hold_when_empty_ms,
+        transport: policy.transport.map(transport_from_pb).transpose()?,
     })
 }
 
@@ -83,6 +87,7 @@ mod tests {
             Policy { allow_from: Some(vec![]), ..Policy::default() },
             Policy { timeout_ms: Some(2000), retry_attempts: Some(3), ..Policy::default() },
             Policy { protocol: Some(Protocol::Grpc), ..Policy::default() },
+            Policy { transport: Some(mesh_common::policy::Transport::Quic), ..Policy::default() },
             Policy {
                 retry_on: Some(vec![RetryOn::ServerError]),
                 retry_budget_ratio: Some(0.0),

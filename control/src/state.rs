@@ -4,7 +4,7 @@
 //! persists a change and publishes the new state only after `apply`
 //! accepted it, so a bad request changes nothing.
 
-use mesh_common::policy::{check_budget_ratio, check_retry_attempts, Protocol, RetryOn};
+use mesh_common::policy::{check_budget_ratio, check_retry_attempts, Protocol, RetryOn, Transport};
 use mesh_common::traffic_policy::{RateLimitSpec, RouteSpec, TrafficPolicyFile};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -35,6 +35,9 @@ pub struct Policy {
     /// With no ready endpoint, callers hold a request this long for one.
     #[serde(default)]
     pub hold_when_empty_ms: Option<u64>,
+    /// How callers' sidecars reach this service's sidecars.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<Transport>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -206,6 +209,7 @@ fn merged(current: &Policy, update: &Policy) -> Policy {
         permissive: update.permissive.or(current.permissive),
         allow_from: update.allow_from.clone().or_else(|| current.allow_from.clone()),
         hold_when_empty_ms: update.hold_when_empty_ms.or(current.hold_when_empty_ms),
+        transport: update.transport.or(current.transport),
     }
 }
 

@@ -371,6 +371,10 @@ pub struct PolicyArgs {
     /// for one (a job with `[scale] min = 0` sets it); 0s: answer 503 at once.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub hold_when_empty: Option<Duration>,
+    /// How callers' sidecars reach this service's: tcp (mTLS over TCP), or
+    /// quic (HTTP/3 with the same mTLS, falling back to TCP per peer).
+    #[arg(long)]
+    pub transport: Option<mesh_common::policy::Transport>,
 }
 
 pub fn parse_weight(text: &str) -> Result<(String, u32), String> {

@@ -34,7 +34,7 @@ pub mod traffic_policy;
 /// Conversions between the wire's enums and the typed values every
 /// program uses inside: done once, here, at the edge.
 pub mod convert {
-    use mesh_common::policy::{Protocol, RetryOn};
+    use mesh_common::policy::{Protocol, RetryOn, Transport};
 
     use crate::mesh::v1 as pb;
 
@@ -57,6 +57,22 @@ pub mod convert {
             Ok(pb::Protocol::Grpc) => Ok(Protocol::Grpc),
             Ok(pb::Protocol::Tcp) => Ok(Protocol::Tcp),
             _ => Err(format!("unknown protocol value {value}")),
+        }
+    }
+
+    pub fn transport_to_pb(transport: Transport) -> i32 {
+        let wire = match transport {
+            Transport::Tcp => pb::Transport::Tcp,
+            Transport::Quic => pb::Transport::Quic,
+        };
+        wire as i32
+    }
+
+    pub fn transport_from_pb(value: i32) -> Result<Transport, String> {
+        match pb::Transport::try_from(value) {
+            Ok(pb::Transport::Tcp) => Ok(Transport::Tcp),
+            Ok(pb::Transport::Quic) => Ok(Transport::Quic),
+            _ => Err(format!("unknown transport value {value}")),
         }
     }
 
@@ -106,6 +122,9 @@ pub mod convert {
         fn every_value_crosses_the_wire_and_back() {
             for protocol in Protocol::ALL {
                 assert_eq!(protocol_from_pb(protocol_to_pb(protocol)), Ok(protocol));
+            }
+            for transport in Transport::ALL {
+                assert_eq!(transport_from_pb(transport_to_pb(transport)), Ok(transport));
             }
             for condition in RetryOn::ALL {
                 assert_eq!(retry_on_from_pb(retry_on_to_pb(condition)), Ok(condition));

@@ -6,7 +6,7 @@
 
 use mesh_common::backoff::Backoff;
 use mesh_common::policy::check_retry_attempts;
-use mesh_proto::convert::{protocol_from_pb, retry_on_from_pb};
+use mesh_proto::convert::{protocol_from_pb, retry_on_from_pb, transport_from_pb};
 use mesh_proto::traffic_policy::{rate_limit_from_pb, route_from_pb};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -438,6 +438,10 @@ fn service_config(route: &pb::ServiceRoute) -> Result<ServiceConfig, String> {
         permissive: policy.permissive.unwrap_or(false),
         allow_from: policy.allow_from.map(|allow| allow.services).unwrap_or_default(),
         hold_when_empty: Duration::from_millis(policy.hold_when_empty_ms.unwrap_or(0)),
+        transport: match policy.transport {
+            Some(value) => transport_from_pb(value).map_err(|e| format!("service {name:?}: {e}"))?,
+            None => Default::default(),
+        },
         routes: route
             .routes
             .iter()

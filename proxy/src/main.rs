@@ -73,6 +73,9 @@ struct Args {
     /// A peer's connection to the inbound that sends nothing for this long is closed.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
     first_byte_timeout: Duration,
+    /// Serve peers over TCP alone: no QUIC (UDP) beside the inbound.
+    #[arg(long)]
+    no_quic_inbound: bool,
     /// A connection to an endpoint that carried no request for this long
     /// is closed (checked every second).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
@@ -114,6 +117,7 @@ async fn bind(what: &str, addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 /// The proxy's listeners, bound, and the addresses they got.
 struct Listeners {
+    quic_inbound: bool,
     serving: JoinSet<()>,
     bound: Vec<String>,
     limits: ConnectionLimits,
@@ -153,14 +157,16 @@ impl Listeners {
             ));
             // HTTP/3 from peers on the same port number over UDP, once the
             // proxy holds a certificate. Without the port, TCP serves alone.
-            match listen::quic::bind_udp(tcp_addr) {
-                Ok(socket) => {
+            let quic = if self.quic_inbound { Some(listen::quic::bind_udp(tcp_addr)) } else { None };
+            match quic {
+                Some(Ok(socket)) => {
                     self.bound.push(format!("quic={}", socket.local_addr()?));
                     self.serving.spawn(listen::quic::serve(socket, proxy.clone(), shutdown.clone()));
                 }
-                Err(error) => {
+                Some(Err(error)) => {
                     tracing::warn!(%error, addr = %tcp_addr, "no QUIC inbound: its UDP port cannot be bound")
                 }
+                None => {}
             }
         }
         if let Some(addr) = listen.admin {
@@ -219,7 +225,8 @@ async fn run(args: Args) -> ExitCode {
         max_connections: args.max_connections as usize,
         first_byte_within: args.first_byte_timeout,
     };
-    let mut listeners = Listeners { serving: JoinSet::new(), bound: Vec::new(), limits };
+    let mut listeners =
+        Listeners { quic_inbound: !args.no_quic_inbound, serving: JoinSet::new(), bound: Vec::new(), limits };
     let started = match (&args.config, &args.control) {
         (Some(path), _) => start_from_file(path, &mut listeners, &shutdown_rx).await,
         (None, Some(control)) => start_under_control(control, &args, &mut listeners, &shutdown_rx).await,

@@ -238,6 +238,7 @@ impl Metrics {
         self.render_retries(&mut out);
         self.render_tcp(&mut out);
         self.render_traffic_policy(&mut out);
+        render_quic(&mut out);
         header(
             &mut out,
             "mesh_upstream_connections",
@@ -506,6 +507,29 @@ fn header(out: &mut String, name: &str, kind: &str, help: &str) {
 
 fn escape(value: &str) -> String {
     value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// Requests over QUIC, both ways, and tries that went to TCP because a
+/// peer could not be reached over QUIC.
+fn render_quic(out: &mut String) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let inbound = crate::listen::quic::QUIC_SERVED.load(Relaxed);
+    let outbound = crate::http::send::QUIC_SENT.load(Relaxed);
+    header(
+        out,
+        "mesh_quic_requests_total",
+        "counter",
+        "HTTP/3 requests between sidecars over QUIC, by direction.",
+    );
+    let _ = writeln!(out, "mesh_quic_requests_total{{direction=\"inbound\"}} {inbound}");
+    let _ = writeln!(out, "mesh_quic_requests_total{{direction=\"outbound\"}} {outbound}");
+    header(
+        out,
+        "mesh_quic_fallbacks_total",
+        "counter",
+        "Tries that went over TCP because QUIC to the peer could not be opened.",
+    );
+    let _ = writeln!(out, "mesh_quic_fallbacks_total {}", crate::http::send::QUIC_FALLBACKS.load(Relaxed));
 }
 
 #[cfg(test)]

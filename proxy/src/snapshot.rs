@@ -119,6 +119,7 @@ impl Service {
             permissive: b.permissive,
             allow_from: Vec::new(),
             hold_when_empty: std::time::Duration::ZERO,
+            transport: b.transport,
             routes: Vec::new(),
             rate_limit: None,
         };
@@ -198,6 +199,8 @@ pub struct LongLived {
     /// The proxy's mTLS configuration once it holds a certificate; pools
     /// of mesh endpoints read it when they connect.
     pub tls: Arc<arc_swap::ArcSwapOption<crate::tls::MeshTls>>,
+    /// The QUIC client socket every peer's pool shares.
+    quic: Arc<crate::endpoint::pool::QuicClient>,
     budgets: Mutex<HashMap<String, Arc<RetryBudget>>>,
     /// Rate limiters by service: kept while their limit stays the same, so
     /// a table change for another reason does not refill the buckets.
@@ -259,7 +262,11 @@ impl LongLived {
         let mut map = self.endpoints.lock().expect("long-lived lock");
         map.entry((service.to_owned(), addr, meshed))
             .or_insert_with(|| {
-                let mesh = meshed.then(|| MeshPeer { service: service.to_owned(), tls: self.tls.clone() });
+                let mesh = meshed.then(|| MeshPeer {
+                    service: service.to_owned(),
+                    tls: self.tls.clone(),
+                    quic: self.quic.clone(),
+                });
                 Arc::new(EndpointState::new(addr, mesh))
             })
             .clone()

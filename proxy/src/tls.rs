@@ -30,6 +30,8 @@ pub struct MeshTls {
     /// For a connection that carries one HTTP/1.1 upgrade (ALPN http/1.1).
     pub client_http1: Arc<ClientConfig>,
     pub server: Arc<ServerConfig>,
+    /// For QUIC to a peer (ALPN h3); `None` if quinn refuses the config.
+    pub quic_client: Option<quinn::ClientConfig>,
     pub trust_domain: String,
     counters: Arc<HandshakeCounters>,
 }
@@ -114,6 +116,13 @@ impl MeshTls {
             .map_err(|e| unusable("client certificate")(&e))?;
         let mut client_http1 = client.clone();
         client_http1.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let mut client_h3 = client.clone();
+        client_h3.alpn_protocols = vec![b"h3".to_vec()];
+        let quic_client = quinn::crypto::rustls::QuicClientConfig::try_from(client_h3).ok().map(|crypto| {
+            let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+            config.transport_config(Arc::new(crate::listen::quic::transport_config()));
+            config
+        });
         client.alpn_protocols = vec![b"h2".to_vec()];
 
         let mut server = ServerConfig::builder_with_provider(provider)
@@ -127,6 +136,7 @@ impl MeshTls {
             client: Arc::new(client),
             client_http1: Arc::new(client_http1),
             server: Arc::new(server),
+            quic_client,
             trust_domain,
             counters,
         })

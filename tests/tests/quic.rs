@@ -1,8 +1,10 @@
-//! The inbound over QUIC (HTTP/3): a sidecar with a workload identity
-//! serves peers on UDP at its inbound port's number, with the same mTLS as
-//! on TCP. A peer with a mesh certificate is answered by the local app
-//! (HTTP/1.1 and gRPC, trailers included); a stranger's certificate, or
-//! none, is refused at the handshake.
+//! QUIC between sidecars (HTTP/3). The inbound: a sidecar with a workload
+//! identity serves peers on UDP at its inbound port's number, with the
+//! same mTLS as on TCP; a peer with a mesh certificate is answered by the
+//! local app (HTTP/1.1 and gRPC, trailers included), a stranger's
+//! certificate, or none, is refused at the handshake. The caller: a
+//! service with `transport = "quic"` is reached over HTTP/3, and over TCP
+//! in the same try when the peer has no QUIC; an impostor is refused.
 
 use std::future::poll_fn;
 use std::net::SocketAddr;
@@ -10,6 +12,7 @@ use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::Request;
+use mesh_proto::echo::v1::echo_client::EchoClient;
 use mesh_proto::echo::v1::{EchoReply, EchoRequest};
 use mesh_tests::metrics::scrape;
 use mesh_tests::process::{Echo, Proxy};
@@ -45,19 +48,53 @@ impl Ca {
 
 /// The callee: mesh-proxy with an identity, its inbound before `app`.
 fn callee(dir: &TempDir, ca: &Ca, app: &str, protocol: &str) -> Proxy {
-    let (cert, key) = ca.leaf("backend");
-    std::fs::write(dir.path("backend.pem"), cert).unwrap();
-    std::fs::write(dir.path("backend.key"), key).unwrap();
+    callee_as(dir, ca, app, protocol, "backend", &[])
+}
+
+/// A callee holding `identity`'s certificate, with extra flags.
+fn callee_as(dir: &TempDir, ca: &Ca, app: &str, protocol: &str, identity: &str, flags: &[&str]) -> Proxy {
+    let (cert, key) = ca.leaf(identity);
+    let (cert_path, key_path) = (dir.path(&format!("{identity}.pem")), dir.path(&format!("{identity}.key")));
+    std::fs::write(&cert_path, cert).unwrap();
+    std::fs::write(&key_path, key).unwrap();
     std::fs::write(dir.path("ca.pem"), &ca.pem).unwrap();
     let config = format!(
         "service = \"backend\"\n[listen]\ninbound = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\napp = \"{app}\"\n\n\
          [identity]\ncertificate = \"{}\"\nkey = \"{}\"\nroots = \"{}\"\n\n\
          [[services]]\nname = \"backend\"\nprotocol = \"{protocol}\"\n",
-        dir.path("backend.pem").display(),
-        dir.path("backend.key").display(),
+        cert_path.display(),
+        key_path.display(),
         dir.path("ca.pem").display()
     );
-    let path = dir.path(&format!("callee-{protocol}.toml"));
+    let path = dir.path(&format!("callee-{protocol}-{identity}-{}.toml", flags.len()));
+    std::fs::write(&path, config).unwrap();
+    Proxy::start_args(&path, flags)
+}
+
+/// The caller: mesh-proxy as `frontend`, with each (service, protocol,
+/// peer inbound) reached with `transport = "quic"` and one try per
+/// request (a fallback must happen within the try, not by a retry), and
+/// an upstream port per service.
+fn caller(dir: &TempDir, ca: &Ca, services: &[(&str, &str, &str)]) -> Proxy {
+    let (cert, key) = ca.leaf("frontend");
+    std::fs::write(dir.path("frontend.pem"), cert).unwrap();
+    std::fs::write(dir.path("frontend.key"), key).unwrap();
+    std::fs::write(dir.path("ca.pem"), &ca.pem).unwrap();
+    let mut config = format!(
+        "service = \"frontend\"\n[listen]\noutbound = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\n\
+         [identity]\ncertificate = \"{}\"\nkey = \"{}\"\nroots = \"{}\"\n",
+        dir.path("frontend.pem").display(),
+        dir.path("frontend.key").display(),
+        dir.path("ca.pem").display()
+    );
+    for (name, protocol, peer) in services {
+        config.push_str(&format!(
+            "\n[[services]]\nname = \"{name}\"\nprotocol = \"{protocol}\"\ntransport = \"quic\"\nretry = {{ attempts = 1 }}\n\
+             endpoints = [ {{ addr = \"{peer}\", version = \"v1\", meshed = true }} ]\n\
+             [[upstreams]]\nservice = \"{name}\"\nlisten = \"127.0.0.1:0\"\n"
+        ));
+    }
+    let path = dir.path("caller.toml");
     std::fs::write(&path, config).unwrap();
     Proxy::start(&path)
 }
@@ -250,4 +287,89 @@ async fn grpc_over_http3_reaches_a_grpc_app_with_its_trailers() {
             assert_eq!((reply.message.as_str(), reply.version.as_str()), ("ping", "v2"));
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_reached_over_quic_carries_http_and_grpc_and_falls_back_to_tcp() {
+    let dir = TempDir::new("quic-outbound");
+    let ca = Ca::new();
+    let echo = Echo::start("v1", &[]);
+    let http = callee(&dir, &ca, &echo.addr, "http");
+    let grpc = callee_as(&dir, &ca, &echo.addr, "grpc", "grpc-backend", &[]);
+    let no_quic = callee_as(&dir, &ca, &echo.addr, "http", "tcp-only", &["--no-quic-inbound"]);
+    let impostor = callee_as(&dir, &ca, &echo.addr, "http", "other", &[]);
+    let caller = caller(
+        &dir,
+        &ca,
+        &[
+            ("backend", "http", &http.inbound()),
+            ("grpc-backend", "grpc", &grpc.inbound()),
+            ("tcp-only", "http", &no_quic.inbound()),
+            ("impersonated", "http", &impostor.inbound()),
+        ],
+    );
+    let client = mesh_tests::client::http1();
+    let quic_requests = |admin: String, direction: &'static str| async move {
+        scrape(&admin).await.sum("mesh_quic_requests_total", &[("direction", direction)])
+    };
+
+    // HTTP/1.1 from the app, HTTP/3 between the sidecars, every request.
+    for _ in 0..20 {
+        let answer =
+            mesh_tests::client::get(&client, &caller.upstream("backend"), "backend", "/q").await.unwrap();
+        assert_eq!((answer.status.as_u16(), answer.header("x-version")), (200, Some("v1")), "{answer:?}");
+    }
+    let answer =
+        mesh_tests::client::post_once(&client, &caller.upstream("backend"), "backend").await.unwrap();
+    let seen: serde_json::Value = serde_json::from_slice(&answer.body).unwrap();
+    assert_eq!(
+        (answer.status.as_u16(), seen["body_bytes"].as_u64()),
+        (200, Some(28)),
+        "the body crossed whole: {seen}"
+    );
+    assert_eq!(quic_requests(caller.admin(), "outbound").await, 21.0);
+    assert_eq!(quic_requests(http.admin(), "inbound").await, 21.0);
+
+    // gRPC, unary and streaming, with its trailers.
+    let mut echo_client =
+        EchoClient::connect(format!("http://{}", caller.upstream("grpc-backend"))).await.unwrap();
+    let reply =
+        echo_client.unary(EchoRequest { message: "over quic".into(), ..Default::default() }).await.unwrap();
+    assert_eq!(reply.get_ref().message, "over quic");
+    let mut stream = echo_client
+        .server_stream(EchoRequest { message: "s".into(), count: 3, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut sequences = Vec::new();
+    while let Some(reply) = stream.message().await.unwrap() {
+        sequences.push(reply.sequence);
+    }
+    assert_eq!(sequences, [0, 1, 2]);
+    let error = echo_client.unary(EchoRequest { fail_with_code: 5, ..Default::default() }).await.unwrap_err();
+    assert_eq!(error.code(), tonic::Code::NotFound, "a gRPC status crosses in the trailers");
+    assert_eq!(quic_requests(grpc.admin(), "inbound").await, 3.0);
+
+    // A peer without QUIC: the first request waits out the QUIC handshake,
+    // then goes over TCP in the same try; the next ones go over TCP at once.
+    for _ in 0..5 {
+        let answer =
+            mesh_tests::client::get(&client, &caller.upstream("tcp-only"), "tcp-only", "/t").await.unwrap();
+        assert_eq!(answer.status, 200, "{answer:?}");
+    }
+    let metrics = scrape(&caller.admin()).await;
+    assert_eq!(metrics.sum("mesh_quic_fallbacks_total", &[]), 1.0);
+    assert_eq!(quic_requests(caller.admin(), "outbound").await, 24.0, "none of them over QUIC");
+
+    // A peer holding another service's identity: refused over QUIC, and over TCP.
+    let answer = mesh_tests::client::get(&client, &caller.upstream("impersonated"), "impersonated", "/")
+        .await
+        .unwrap();
+    assert_eq!(
+        (answer.status.as_u16(), answer.header("x-mesh-error")),
+        (502, Some("connect-failed")),
+        "{answer:?}"
+    );
+    assert_eq!(scrape(&caller.admin()).await.sum("mesh_quic_fallbacks_total", &[]), 2.0);
+    assert_eq!(quic_requests(impostor.admin(), "inbound").await, 0.0);
 }

@@ -56,6 +56,7 @@ pub async fn policy(
             policy.allow_from.map(|services| pb::AllowFrom { services })
         },
         hold_when_empty_ms: ms(policy.hold_when_empty),
+        transport: policy.transport.map(mesh_proto::convert::transport_to_pb),
     };
     let mut admin = AdminClient::new(session.channel.clone());
     let request = pb::SetPolicyRequest { service: service.clone(), policy: Some(policy) };

@@ -68,6 +68,7 @@ struct RawService {
     #[serde(default)]
     endpoints: Vec<RawEndpoint>,
     hold_when_empty: Option<HumanDuration>,
+    transport: Option<super::Transport>,
 }
 
 /// A split weight: a whole number, never negative.
@@ -163,7 +164,9 @@ impl Validator<'_> {
                     ),
                 ));
             }
-            if !upstream_addrs.insert(*upstream.listen.get_ref()) {
+            // Port 0 asks the kernel for a free port each time: never a clash.
+            let addr = *upstream.listen.get_ref();
+            if addr.port() != 0 && !upstream_addrs.insert(addr) {
                 return Err(self.error(
                     upstream.listen.span(),
                     format!("{field}.listen"),
@@ -299,6 +302,7 @@ impl Validator<'_> {
             permissive: !has_identity,
             allow_from: Vec::new(),
             hold_when_empty: raw.hold_when_empty.map_or(std::time::Duration::ZERO, |d| d.0),
+            transport: raw.transport.unwrap_or_default(),
             routes: Vec::new(),
             rate_limit: None,
         })

@@ -14,7 +14,7 @@ use serde::Serialize;
 
 pub use file::{parse_config, ConfigError};
 pub use mesh_common::duration::HumanDuration;
-pub use mesh_common::policy::{Protocol, RetryOn};
+pub use mesh_common::policy::{Protocol, RetryOn, Transport};
 pub use mesh_common::traffic_policy::{RateLimitSpec, RouteSpec};
 
 /// Everything a proxy needs to run: its listeners and its routing table.
@@ -79,6 +79,8 @@ pub struct ServiceConfig {
     /// service that scales to zero); zero: it is refused at once.
     #[serde(serialize_with = "serialize_duration")]
     pub hold_when_empty: Duration,
+    /// How this proxy reaches the service's peer sidecars.
+    pub transport: Transport,
     /// Tried in order before the service's defaults; first match wins.
     pub routes: Vec<RouteSpec>,
     /// Enforced at this service's inbound, by its own sidecars.

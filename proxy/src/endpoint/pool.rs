@@ -1,11 +1,13 @@
 //! Reused connections to one endpoint: idle HTTP/1 connections in a
-//! lock-free queue, and one shared multiplexed HTTP/2 connection. A mesh
-//! endpoint (a peer's sidecar) is reached over mTLS and HTTP/2 whatever the
-//! app speaks, once this proxy holds a certificate.
+//! lock-free queue, one shared multiplexed HTTP/2 connection, and for a
+//! peer sidecar whose service is reached over QUIC, one shared HTTP/3
+//! connection. A mesh endpoint (a peer's sidecar) is reached over mTLS and
+//! HTTP/2 (or HTTP/3) whatever the app speaks, once this proxy holds a
+//! certificate.
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -50,7 +52,59 @@ pub struct ConnPool {
     /// idle, and an empty queue of this size is most of an endpoint's memory.
     idle_http1: ArcSwapOption<ArrayQueue<IdleHttp1>>,
     http2: ArcSwapOption<SharedHttp2>,
+    quic: ArcSwapOption<SharedQuic>,
+    /// One request opens the QUIC connection; the others meanwhile go over TCP.
+    quic_opening: AtomicBool,
+    /// Until then (`clock::now_millis`) QUIC to this peer failed: TCP only.
+    quic_down_until_ms: AtomicU64,
     mesh: Option<MeshPeer>,
+}
+
+pub type QuicSender = h3::client::SendRequest<h3_quinn::OpenStreams, bytes::Bytes>;
+
+/// How long a peer whose QUIC failed is reached over TCP alone before
+/// QUIC is tried again.
+pub const QUIC_RETRY_AFTER: Duration = Duration::from_secs(30);
+
+/// The shared HTTP/3 connection, as `SharedHttp2` is for HTTP/2.
+struct SharedQuic {
+    sender: QuicSender,
+    connection: quinn::Connection,
+    tls: Option<Arc<MeshTls>>,
+    last_used: AtomicU32,
+}
+
+/// How one request reaches a peer whose service asks for QUIC.
+pub enum QuicRoute {
+    /// Over the open HTTP/3 connection.
+    Ready(QuicSender),
+    /// This request opens the connection (`open_quic`).
+    Open,
+    /// Over TCP: QUIC failed lately, another request is opening it, or
+    /// the endpoint is not a peer sidecar.
+    Tcp,
+}
+
+/// The proxy's QUIC client socket, bound on first use and shared by every
+/// endpoint's pool.
+#[derive(Default)]
+pub struct QuicClient {
+    endpoint: std::sync::OnceLock<Option<quinn::Endpoint>>,
+}
+
+impl QuicClient {
+    fn endpoint(&self) -> Option<&quinn::Endpoint> {
+        let bind = || {
+            let socket = crate::listen::quic::bind_udp(SocketAddr::from(([0, 0, 0, 0], 0)))
+                .map_err(|error| tracing::warn!(%error, "no QUIC client: no UDP socket"))
+                .ok()?;
+            let runtime = Arc::new(quinn::TokioRuntime);
+            quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
+                .map_err(|error| tracing::warn!(%error, "no QUIC client"))
+                .ok()
+        };
+        self.endpoint.get_or_init(bind).as_ref()
+    }
 }
 
 /// A pooled HTTP/1 connection and the idle-clock tick it was released at.
@@ -77,6 +131,7 @@ struct SharedHttp2 {
 pub struct MeshPeer {
     pub service: String,
     pub tls: Arc<ArcSwapOption<MeshTls>>,
+    pub quic: Arc<QuicClient>,
 }
 
 /// Why no connection could be had.
@@ -85,7 +140,15 @@ pub struct ConnectError(pub io::Error);
 
 impl ConnPool {
     pub fn new(addr: SocketAddr, mesh: Option<MeshPeer>) -> Self {
-        ConnPool { addr, idle_http1: ArcSwapOption::empty(), http2: ArcSwapOption::empty(), mesh }
+        ConnPool {
+            addr,
+            idle_http1: ArcSwapOption::empty(),
+            http2: ArcSwapOption::empty(),
+            quic: ArcSwapOption::empty(),
+            quic_opening: AtomicBool::new(false),
+            quic_down_until_ms: AtomicU64::new(0),
+            mesh,
+        }
     }
 
     /// The mTLS configuration to reach this endpoint with, when it is a
@@ -170,6 +233,17 @@ impl ConnPool {
         if stale {
             self.http2.store(None);
             closed += 1;
+        }
+        let stale_quic = self
+            .quic
+            .load()
+            .as_ref()
+            .is_some_and(|shared| now.wrapping_sub(shared.last_used.load(Ordering::Relaxed)) >= ticks);
+        if stale_quic {
+            if let Some(shared) = self.quic.swap(None) {
+                shared.connection.close(quinn::VarInt::from_u32(0), b"idle");
+                closed += 1;
+            }
         }
         closed
     }
@@ -256,6 +330,96 @@ impl ConnPool {
 
     pub fn forget_http2(&self) {
         self.http2.store(None);
+    }
+
+    /// How a request to this peer goes when its service asks for QUIC.
+    pub fn quic_route(&self, now_ms: u64) -> QuicRoute {
+        if self.mesh.is_none() || now_ms < self.quic_down_until_ms.load(Ordering::Relaxed) {
+            return QuicRoute::Tcp;
+        }
+        if let Some(shared) = self.quic.load().as_ref() {
+            if shared.connection.close_reason().is_none() && self.opened_quic_with_current_tls(shared) {
+                let now = idle_now();
+                if shared.last_used.load(Ordering::Relaxed) != now {
+                    shared.last_used.store(now, Ordering::Relaxed);
+                }
+                return QuicRoute::Ready(shared.sender.clone());
+            }
+        }
+        if self.quic_opening.swap(true, Ordering::AcqRel) {
+            QuicRoute::Tcp
+        } else {
+            QuicRoute::Open
+        }
+    }
+
+    /// Opens the shared HTTP/3 connection (after `QuicRoute::Open`). When it
+    /// cannot be had, the peer is reached over TCP for `QUIC_RETRY_AFTER`.
+    pub async fn open_quic(&self, timeout: Duration) -> Result<QuicSender, ConnectError> {
+        let opened = self.try_open_quic(timeout).await;
+        if let Err(error) = &opened {
+            tracing::info!(peer = %self.addr, error = %error.0, "QUIC to a peer failed; TCP for a while");
+            self.quic_failed();
+        }
+        self.quic_opening.store(false, Ordering::Release);
+        opened
+    }
+
+    /// Marks QUIC to this peer as failed: TCP until `QUIC_RETRY_AFTER` passes.
+    pub fn quic_failed(&self) {
+        let until = crate::clock::now_millis() + QUIC_RETRY_AFTER.as_millis() as u64;
+        self.quic_down_until_ms.store(until, Ordering::Relaxed);
+        self.quic.store(None);
+    }
+
+    async fn try_open_quic(&self, timeout: Duration) -> Result<QuicSender, ConnectError> {
+        let fail = |message: String| ConnectError(io::Error::other(message));
+        let peer = self.mesh.as_ref().ok_or_else(|| fail("not a mesh peer".to_owned()))?;
+        let tls = peer.tls.load_full().ok_or_else(|| fail("no certificate yet".to_owned()))?;
+        let config = tls.quic_client.clone().ok_or_else(|| fail("no QUIC client config".to_owned()))?;
+        let endpoint = peer.quic.endpoint().ok_or_else(|| fail("no QUIC client socket".to_owned()))?;
+        let server_name = format!("{}.mesh", peer.service);
+        let connecting =
+            endpoint.connect_with(config, self.addr, &server_name).map_err(|e| fail(e.to_string()))?;
+        let connection = match tokio::time::timeout(timeout, connecting).await {
+            Ok(Ok(connection)) => {
+                tls.record_handshake(crate::tls::Side::Outbound, true);
+                connection
+            }
+            Ok(Err(error)) => {
+                tls.record_handshake(crate::tls::Side::Outbound, false);
+                return Err(fail(format!("QUIC handshake: {error}")));
+            }
+            Err(_) => {
+                return Err(fail(format!("no QUIC handshake within {}", humantime::format_duration(timeout))))
+            }
+        };
+        let started = h3::client::new(h3_quinn::Connection::new(connection.clone()));
+        let (mut driver, sender) = match tokio::time::timeout(timeout, started).await {
+            Ok(Ok(started)) => started,
+            Ok(Err(error)) => return Err(fail(format!("HTTP/3: {error}"))),
+            Err(_) => return Err(fail("HTTP/3 did not start in time".to_owned())),
+        };
+        tokio::spawn(async move {
+            let _ = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
+        });
+        let last_used = AtomicU32::new(idle_now());
+        let shared = SharedQuic { sender: sender.clone(), connection, tls: Some(tls), last_used };
+        self.quic.store(Some(Arc::new(shared)));
+        Ok(sender)
+    }
+
+    fn opened_quic_with_current_tls(&self, shared: &SharedQuic) -> bool {
+        let Some(peer) = &self.mesh else { return false };
+        match (peer.tls.load().as_ref(), &shared.tls) {
+            (Some(now), Some(then)) => Arc::ptr_eq(now, then),
+            _ => false,
+        }
+    }
+
+    /// Whether the shared HTTP/3 connection is open.
+    pub fn has_quic(&self) -> bool {
+        self.quic.load().as_ref().is_some_and(|shared| shared.connection.close_reason().is_none())
     }
 }
 

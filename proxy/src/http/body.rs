@@ -134,14 +134,52 @@ pub struct ResponseBody {
 }
 
 enum ResponseInner {
-    Upstream(Incoming),
+    Upstream(UpstreamBody),
     Local(Option<Bytes>),
+}
+
+/// An endpoint's answer body: hyper's (HTTP/1.1 or HTTP/2 over TCP), or
+/// h3's (HTTP/3 over QUIC, boxed: rare beside the other, and larger).
+pub enum UpstreamBody {
+    Hyper(Incoming),
+    Quic(Box<crate::http::h3_body::H3ResponseBody>),
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            UpstreamBody::Hyper(incoming) => Pin::new(incoming)
+                .poll_frame(cx)
+                .map(|frame| frame.map(|result| result.map_err(BoxError::from))),
+            UpstreamBody::Quic(body) => Pin::new(body.as_mut()).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Hyper(incoming) => incoming.is_end_stream(),
+            UpstreamBody::Quic(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Hyper(incoming) => incoming.size_hint(),
+            UpstreamBody::Quic(body) => body.size_hint(),
+        }
+    }
 }
 
 impl ResponseBody {
     /// An endpoint's answer; `held` is its first frame if it was read ahead.
     pub fn upstream(
-        body: Incoming,
+        body: UpstreamBody,
         held: Option<HeldFrame>,
         release: Option<(Arc<ConnPool>, Http1Sender)>,
     ) -> Self {
@@ -180,12 +218,12 @@ impl ResponseBody {
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         if let Some(frame) = this.held.take() {
             return Poll::Ready(Some(Ok(frame.into_frame())));

@@ -1,6 +1,7 @@
-//! A peer's request body as it arrives over HTTP/3: data frames, then
-//! trailers (gRPC needs them), read through h3's polling calls so that it
-//! streams to the local app like an HTTP/2 body does.
+//! A body as it arrives over HTTP/3, a peer's request (server side) or a
+//! peer's answer (client side): data frames, then trailers (gRPC needs
+//! them), read through h3's polling calls so that it streams like an
+//! HTTP/2 body does.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -8,37 +9,71 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes};
+use h3::error::StreamError;
+use http::HeaderMap;
 use http_body::{Body, Frame};
 
 use crate::http::body::{BoxError, CallerBroken};
 
-type RecvStream = h3::server::RequestStream<h3_quinn::RecvStream, Bytes>;
+/// The receiving half of an HTTP/3 request stream.
+pub trait H3Recv: Send + Unpin + 'static {
+    fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, StreamError>>;
+    fn poll_trailers(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<HeaderMap>, StreamError>>;
+}
 
-pub struct H3RequestBody {
-    stream: RecvStream,
+pub type ServerRecv = h3::server::RequestStream<h3_quinn::RecvStream, Bytes>;
+pub type ClientRecv = h3::client::RequestStream<h3_quinn::RecvStream, Bytes>;
+
+impl H3Recv for ServerRecv {
+    fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, StreamError>> {
+        self.poll_recv_data(cx).map_ok(|data| data.map(|mut d| d.copy_to_bytes(d.remaining())))
+    }
+
+    fn poll_trailers(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<HeaderMap>, StreamError>> {
+        self.poll_recv_trailers(cx)
+    }
+}
+
+impl H3Recv for ClientRecv {
+    fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, StreamError>> {
+        self.poll_recv_data(cx).map_ok(|data| data.map(|mut d| d.copy_to_bytes(d.remaining())))
+    }
+
+    fn poll_trailers(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<HeaderMap>, StreamError>> {
+        self.poll_recv_trailers(cx)
+    }
+}
+
+pub struct H3Body<S> {
+    stream: S,
     data_done: bool,
     finished: bool,
     broken: Arc<AtomicBool>,
 }
 
-impl H3RequestBody {
-    pub fn new(stream: RecvStream) -> H3RequestBody {
-        H3RequestBody { stream, data_done: false, finished: false, broken: Arc::default() }
+/// A peer's request to the local app.
+pub type H3RequestBody = H3Body<ServerRecv>;
+/// A peer's answer to this proxy's request.
+pub type H3ResponseBody = H3Body<ClientRecv>;
+
+impl<S: H3Recv> H3Body<S> {
+    pub fn new(stream: S) -> H3Body<S> {
+        H3Body { stream, data_done: false, finished: false, broken: Arc::default() }
     }
 
-    /// What tells, after a send failed, whether the peer's stream broke.
+    /// What tells, after a send failed, whether this stream broke.
     pub fn broken_flag(&self) -> CallerBroken {
         CallerBroken::new(self.broken.clone())
     }
 
-    fn fail(&mut self, error: h3::error::StreamError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn fail(&mut self, error: StreamError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         self.broken.store(true, Ordering::Relaxed);
         self.finished = true;
         Poll::Ready(Some(Err(Box::new(error))))
     }
 }
 
-impl Body for H3RequestBody {
+impl<S: H3Recv> Body for H3Body<S> {
     type Data = Bytes;
     type Error = BoxError;
 
@@ -51,16 +86,13 @@ impl Body for H3RequestBody {
             return Poll::Ready(None);
         }
         if !this.data_done {
-            match std::task::ready!(this.stream.poll_recv_data(cx)) {
-                Ok(Some(mut data)) => {
-                    let bytes = data.copy_to_bytes(data.remaining());
-                    return Poll::Ready(Some(Ok(Frame::data(bytes))));
-                }
+            match std::task::ready!(this.stream.poll_data(cx)) {
+                Ok(Some(bytes)) => return Poll::Ready(Some(Ok(Frame::data(bytes)))),
                 Ok(None) => this.data_done = true,
                 Err(error) => return this.fail(error),
             }
         }
-        match std::task::ready!(this.stream.poll_recv_trailers(cx)) {
+        match std::task::ready!(this.stream.poll_trailers(cx)) {
             Ok(trailers) => {
                 this.finished = true;
                 Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))))

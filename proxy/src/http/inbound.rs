@@ -100,7 +100,10 @@ pub async fn forward_inbound<B: InboundBody>(
         send_http1(pool, connect_timeout, upstream_request).await
     };
     let (mut response, error) = match sent {
-        Ok((response, release)) => (finish_response(response, None, release, &inbound.state.pool), None),
+        Ok((response, release)) => {
+            let response = response.map(crate::http::body::UpstreamBody::Hyper);
+            (finish_response(response, None, release, &inbound.state.pool), None)
+        }
         Err(SendError::Connect(error, _)) => {
             let detail = format!("local app at {app}: {}", error.0);
             (error_response(ProxyError::ConnectFailed, grpc, &detail), Some(ProxyError::ConnectFailed))

@@ -14,7 +14,7 @@ use std::task::Poll;
 
 use crate::config::Protocol;
 use crate::endpoint::pool::{ConnPool, ConnectError, Http1Sender};
-use crate::http::body::{HeldFrame, RequestBody, ResponseBody};
+use crate::http::body::{BoxError, HeldFrame, RequestBody, ResponseBody, UpstreamBody};
 use crate::http::strip_hop_by_hop;
 
 /// Why sending on an endpoint failed.
@@ -22,7 +22,7 @@ pub(crate) enum SendError {
     /// No connection could be made; the request never left and comes back.
     Connect(ConnectError, Box<Request<RequestBody>>),
     /// The connection broke after the request was (maybe partly) sent.
-    Broken(hyper::Error),
+    Broken(BoxError),
 }
 
 /// The authority the upstream sees: the one the caller used.
@@ -113,7 +113,7 @@ pub(crate) async fn send_http2(
                     pool.forget_http2();
                     request = unsent;
                 }
-                None => return Err(SendError::Broken(error.into_error())),
+                None => return Err(SendError::Broken(BoxError::from(error.into_error()))),
             },
         }
     }
@@ -134,7 +134,7 @@ pub(crate) async fn send_http1(
             Ok(response) => return Ok((response, Some(sender))),
             Err(mut error) => match error.take_message() {
                 Some(unsent) => unsent,
-                None => return Err(SendError::Broken(error.into_error())),
+                None => return Err(SendError::Broken(BoxError::from(error.into_error()))),
             },
         },
         None => request,
@@ -154,13 +154,13 @@ async fn send_http1_on_new_connection(
     };
     match sender.try_send_request(request).await {
         Ok(response) => Ok((response, Some(sender))),
-        Err(error) => Err(SendError::Broken(error.into_error())),
+        Err(error) => Err(SendError::Broken(BoxError::from(error.into_error()))),
     }
 }
 
 /// An endpoint's answer as the retry loop gets it.
 pub(crate) struct Answered {
-    pub response: Response<Incoming>,
+    pub response: Response<UpstreamBody>,
     /// The HTTP/1 connection it came on, pooled again once the body is read.
     pub release: Option<Http1Sender>,
     /// The body's first frame, read ahead while the request could go again.
@@ -177,7 +177,7 @@ pub(crate) enum FirstFrame {
     /// Its first frame (held) or its end came with the headers.
     Here(Answered),
     /// The connection broke before the body began.
-    Broken(hyper::Error),
+    Broken(BoxError),
     /// Nothing yet.
     Later(Answered),
 }
@@ -216,7 +216,7 @@ pub(crate) async fn hold_first_frame(mut answered: Answered) -> Result<Answered,
 }
 
 pub(crate) fn finish_response(
-    response: Response<Incoming>,
+    response: Response<UpstreamBody>,
     held: Option<HeldFrame>,
     release: Option<Http1Sender>,
     pool: &Arc<ConnPool>,
@@ -225,4 +225,100 @@ pub(crate) fn finish_response(
     strip_hop_by_hop(&mut parts.headers);
     let release = release.map(|sender| (pool.clone(), sender));
     Response::from_parts(parts, ResponseBody::upstream(body, held, release))
+}
+
+/// Requests sent over QUIC and tries that went to TCP instead, for /metrics.
+pub static QUIC_SENT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+pub static QUIC_FALLBACKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A try over QUIC: an answer (or a failure after the request left), or
+/// the request handed back untouched because the peer cannot be reached
+/// over QUIC now; it then goes over TCP, in the same try.
+pub(crate) enum QuicTry {
+    Sent(Result<Response<UpstreamBody>, SendError>),
+    Unreachable(Request<RequestBody>),
+}
+
+/// Tries `request` over the peer's HTTP/3 connection, opening it first if
+/// this request is the one to (others go over TCP meanwhile).
+pub(crate) async fn try_quic(
+    pool: &ConnPool,
+    connect_timeout: std::time::Duration,
+    request: Request<RequestBody>,
+) -> QuicTry {
+    use crate::endpoint::pool::QuicRoute;
+    use std::sync::atomic::Ordering;
+    let sender = match pool.quic_route(crate::clock::now_millis()) {
+        QuicRoute::Ready(sender) => sender,
+        QuicRoute::Open => match pool.open_quic(connect_timeout).await {
+            Ok(sender) => sender,
+            Err(_) => {
+                QUIC_FALLBACKS.fetch_add(1, Ordering::Relaxed);
+                return QuicTry::Unreachable(request);
+            }
+        },
+        QuicRoute::Tcp => return QuicTry::Unreachable(request),
+    };
+    QUIC_SENT.fetch_add(1, Ordering::Relaxed);
+    let sent = send_quic(sender, request).await;
+    if matches!(sent, Err(SendError::Broken(_))) {
+        // The connection failed under a request: the next ones go over TCP.
+        pool.quic_failed();
+    }
+    QuicTry::Sent(sent)
+}
+
+/// Sends a request over HTTP/3: its head, then its body on a task of its
+/// own (so the answer may begin while the body streams), and waits for
+/// the answer's head.
+async fn send_quic(
+    mut sender: crate::endpoint::pool::QuicSender,
+    request: Request<RequestBody>,
+) -> Result<Response<UpstreamBody>, SendError> {
+    let broken = |error: h3::error::StreamError| SendError::Broken(Box::new(error));
+    let (mut parts, body) = request.into_parts();
+    // HTTP/3 names the authority and scheme in pseudo-headers, not in Host.
+    let authority = parts
+        .uri
+        .authority()
+        .cloned()
+        .or_else(|| parts.headers.get(header::HOST).and_then(|h| Authority::try_from(h.as_bytes()).ok()));
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+    let mut uri = http::Uri::builder().scheme("https").path_and_query(path);
+    if let Some(authority) = authority {
+        uri = uri.authority(authority);
+    }
+    parts.uri = uri.build().map_err(|e| SendError::Broken(Box::new(e)))?;
+    parts.version = http::Version::HTTP_3;
+    parts.headers.remove(header::HOST);
+    let stream = sender.send_request(Request::from_parts(parts, ())).await.map_err(broken)?;
+    let (mut send, mut recv) = stream.split();
+    if body.is_end_stream() {
+        send.finish().await.map_err(broken)?;
+    } else {
+        tokio::spawn(async move {
+            let mut body = std::pin::pin!(body);
+            while let Some(frame) = body.frame().await {
+                let Ok(frame) = frame else {
+                    // The caller's body broke off: so does the stream.
+                    send.stop_stream(h3::error::Code::H3_REQUEST_CANCELLED);
+                    return;
+                };
+                let sent = match frame.into_data() {
+                    Ok(data) => send.send_data(data).await,
+                    Err(frame) => match frame.into_trailers() {
+                        Ok(trailers) => send.send_trailers(trailers).await,
+                        Err(_) => Ok(()),
+                    },
+                };
+                if sent.is_err() {
+                    return;
+                }
+            }
+            let _ = send.finish().await;
+        });
+    }
+    let response = recv.recv_response().await.map_err(broken)?;
+    let body = crate::http::h3_body::H3ResponseBody::new(recv);
+    Ok(response.map(|()| UpstreamBody::Quic(Box::new(body))))
 }

@@ -97,5 +97,11 @@ pub async fn upgrade_on(
         });
     }
     let (parts, body) = response.into_parts();
-    (Response::from_parts(parts, ResponseBody::upstream(body, None, None)), None)
+    (
+        Response::from_parts(
+            parts,
+            ResponseBody::upstream(crate::http::body::UpstreamBody::Hyper(body), None, None),
+        ),
+        None,
+    )
 }

@@ -26,12 +26,17 @@ use crate::listen::ShutdownSignal;
 use crate::proxy::Proxy;
 use crate::tls::{MeshTls, Side};
 
+/// Peers' requests served over QUIC, for /metrics.
+pub static QUIC_SERVED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// What each UDP socket asks the kernel for, each way.
 pub const UDP_BUFFER_BYTES: usize = 2 * 1024 * 1024;
 /// A connection with no traffic for this long is closed (the TCP pool's
 /// default idle time).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const ALPN_H3: &[u8] = b"h3";
+/// How often an open connection proves it is alive.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
 
 /// The QUIC side of `tls`: its server config with ALPN h3.
 pub fn server_config(tls: &MeshTls) -> Result<quinn::ServerConfig, String> {
@@ -39,10 +44,18 @@ pub fn server_config(tls: &MeshTls) -> Result<quinn::ServerConfig, String> {
     crypto.alpn_protocols = vec![ALPN_H3.to_vec()];
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(crypto).map_err(|e| e.to_string())?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(Arc::new(transport_config()));
+    Ok(config)
+}
+
+/// Both ends' QUIC transport settings: idle connections close when the
+/// TCP pool's do, and a caller's keep-alives hold a used one open (and
+/// notice a peer that went away) meanwhile.
+pub fn transport_config() -> quinn::TransportConfig {
     let mut transport = quinn::TransportConfig::default();
     transport.max_idle_timeout(Some(IDLE_TIMEOUT.try_into().expect("a valid idle timeout")));
-    config.transport_config(Arc::new(transport));
-    Ok(config)
+    transport.keep_alive_interval(Some(KEEP_ALIVE));
+    transport
 }
 
 /// A UDP socket at `addr` with buffers as large as the kernel allows, up
@@ -186,6 +199,7 @@ type Stream = h3::server::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
 /// answer back on the request's stream (data, then trailers).
 async fn serve_request(proxy: Arc<Proxy>, caller: Option<Arc<str>>, request: Request<()>, stream: Stream) {
     let (mut send, recv) = stream.split();
+    QUIC_SERVED.fetch_add(1, Ordering::Relaxed);
     let grpc = is_grpc(request.headers());
     let response = match proxy.refuse_caller(caller.as_deref()) {
         Some(detail) => {
