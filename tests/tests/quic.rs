@@ -245,7 +245,19 @@ async fn a_mesh_peer_reaches_the_app_over_http3_and_a_stranger_is_refused() {
         };
         eprintln!("{who}: {refused}");
     }
-    let metrics = scrape(&proxy.admin()).await;
+    // The callee counts a refusal when its side of the handshake ends,
+    // which may be just after the client saw it.
+    let admin = proxy.admin();
+    let metrics = mesh_tests::eventually("both refusals counted", std::time::Duration::from_secs(10), || {
+        let admin = admin.clone();
+        async move {
+            let metrics = scrape(&admin).await;
+            let failed =
+                metrics.sum("mesh_tls_handshakes_total", &[("direction", "inbound"), ("result", "failed")]);
+            (failed >= 2.0).then_some(metrics)
+        }
+    })
+    .await;
     let handshakes =
         |result| metrics.sum("mesh_tls_handshakes_total", &[("direction", "inbound"), ("result", result)]);
     assert_eq!((handshakes("ok"), handshakes("failed")), (1.0, 2.0));

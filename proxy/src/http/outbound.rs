@@ -33,8 +33,8 @@ use crate::http::hops::{count_hop, MAX_HOPS};
 use crate::http::retry::{is_idempotent, next_step, Tried};
 use crate::http::send::{
     authority_for_upstream, build_upstream_request, build_upstream_request_owned, finish_response,
-    first_frame_now, hold_first_frame, retarget, send_http1, send_http2, try_quic, Answered, FirstFrame,
-    QuicTry, SendError,
+    first_frame_now, hold_first_frame, retarget, send_http1, send_http2, send_quic_or_tcp, Answered,
+    FirstFrame, SendError,
 };
 use crate::http::{error_response, is_grpc, mark_error, strip_hop_by_hop, MESH_ERROR};
 use crate::metrics::HttpMetrics;
@@ -262,29 +262,20 @@ async fn attempts<'s>(
         progress.waiting_on = Some(endpoint);
         let pending = endpoint.state.ewma.start(now_nanos);
         let (pool, connect_timeout) = (&endpoint.state.pool, service.config.connect_timeout);
-        // A peer of a service reached over QUIC: over HTTP/3, unless the
-        // peer cannot be reached so now (then over TCP, in this same try).
-        // Boxed: opt-in, and its future would enlarge every request's.
-        let (upstream_request, over_quic) = if endpoint.meshed && service.config.transport == Transport::Quic
-        {
-            match Box::pin(try_quic(pool, connect_timeout, upstream_request)).await {
-                QuicTry::Sent(sent) => (None, Some(sent)),
-                QuicTry::Unreachable(request) => (Some(request), None),
-            }
-        } else {
-            (Some(upstream_request), None)
-        };
         // Two await points rather than one nested future: the two sends
-        // then share their space in this future.
-        let sent = match (over_quic, upstream_request) {
-            (Some(sent), _) => sent.map(|response| (response, None)),
-            (None, Some(request)) if wire.is_h2() => send_http2(pool, connect_timeout, request)
+        // then share their space in this future. A peer of a service
+        // reached over QUIC takes a third, boxed: opt-in, and its future
+        // would enlarge every request's.
+        let sent = if endpoint.meshed && service.config.transport == Transport::Quic {
+            Box::pin(send_quic_or_tcp(pool, connect_timeout, upstream_request, wire)).await
+        } else if wire.is_h2() {
+            send_http2(pool, connect_timeout, upstream_request)
                 .await
-                .map(|response| (response.map(UpstreamBody::Hyper), None)),
-            (None, Some(request)) => send_http1(pool, connect_timeout, request)
+                .map(|response| (response.map(UpstreamBody::Hyper), None))
+        } else {
+            send_http1(pool, connect_timeout, upstream_request)
                 .await
-                .map(|(response, release)| (response.map(UpstreamBody::Hyper), release)),
-            (None, None) => unreachable!("a try's request is sent one way or the other"),
+                .map(|(response, release)| (response.map(UpstreamBody::Hyper), release))
         };
         // While the request may still go again, its answer's headers wait
         // for the body to begin: an endpoint that dies in between is then a

@@ -231,6 +231,25 @@ pub(crate) fn finish_response(
 pub static QUIC_SENT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 pub static QUIC_FALLBACKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
+/// One try to a peer of a service reached over QUIC: over HTTP/3, or over
+/// TCP (`wire`) when the peer cannot be reached over QUIC now.
+pub(crate) async fn send_quic_or_tcp(
+    pool: &ConnPool,
+    connect_timeout: std::time::Duration,
+    request: Request<RequestBody>,
+    wire: Protocol,
+) -> Result<(Response<UpstreamBody>, Option<Http1Sender>), SendError> {
+    match try_quic(pool, connect_timeout, request).await {
+        QuicTry::Sent(sent) => sent.map(|response| (response, None)),
+        QuicTry::Unreachable(request) if wire.is_h2() => send_http2(pool, connect_timeout, request)
+            .await
+            .map(|response| (response.map(UpstreamBody::Hyper), None)),
+        QuicTry::Unreachable(request) => send_http1(pool, connect_timeout, request)
+            .await
+            .map(|(response, release)| (response.map(UpstreamBody::Hyper), release)),
+    }
+}
+
 /// A try over QUIC: an answer (or a failure after the request left), or
 /// the request handed back untouched because the peer cannot be reached
 /// over QUIC now; it then goes over TCP, in the same try.
