@@ -76,6 +76,10 @@ struct Args {
     /// Serve peers over TCP alone: no QUIC (UDP) beside the inbound.
     #[arg(long)]
     no_quic_inbound: bool,
+    /// A peer whose QUIC could not be opened is reached over TCP alone for
+    /// this long, then QUIC is tried again.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+    quic_retry_after: Duration,
     /// A connection to an endpoint that carried no request for this long
     /// is closed (checked every second).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
@@ -225,6 +229,7 @@ async fn run(args: Args) -> ExitCode {
         max_connections: args.max_connections as usize,
         first_byte_within: args.first_byte_timeout,
     };
+    mesh_proxy::endpoint::pool::set_quic_retry_after(args.quic_retry_after);
     let mut listeners =
         Listeners { quic_inbound: !args.no_quic_inbound, serving: JoinSet::new(), bound: Vec::new(), limits };
     let started = match (&args.config, &args.control) {

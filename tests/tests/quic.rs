@@ -4,7 +4,9 @@
 //! local app (HTTP/1.1 and gRPC, trailers included), a stranger's
 //! certificate, or none, is refused at the handshake. The caller: a
 //! service with `transport = "quic"` is reached over HTTP/3, and over TCP
-//! in the same try when the peer has no QUIC; an impostor is refused.
+//! in the same try when the peer has no QUIC; an impostor is refused. And
+//! between two hosts (network namespaces) with UDP dropped by iptables,
+//! every request goes over TCP, and QUIC comes back with UDP.
 
 use std::future::poll_fn;
 use std::net::SocketAddr;
@@ -384,4 +386,116 @@ async fn a_service_reached_over_quic_carries_http_and_grpc_and_falls_back_to_tcp
     );
     assert_eq!(scrape(&caller.admin()).await.sum("mesh_quic_fallbacks_total", &[]), 2.0);
     assert_eq!(quic_requests(impostor.admin(), "inbound").await, 0.0);
+}
+
+/// Runs `program args` inside `host`'s network namespace; its stdout.
+fn in_host(host: &mesh_tests::netns::Host, program: &str, args: &[&str]) -> String {
+    let output =
+        host.command(std::path::Path::new(program)).args(args).output().expect("run in the namespace");
+    assert!(output.status.success(), "{program} {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The sum of `name`'s samples on a proxy's /metrics, read inside `host`.
+fn metric_in(host: &mesh_tests::netns::Host, admin: &str, name: &str, label: &str) -> f64 {
+    let text = in_host(host, "/usr/bin/curl", &["-s", &format!("http://{admin}/metrics")]);
+    text.lines()
+        .filter(|line| line.starts_with(name) && line.contains(label))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_udp_dropped_between_hosts_requests_go_over_tcp_and_quic_returns_after() {
+    let dir = TempDir::new("quic-hosts");
+    let ca = Ca::new();
+    let mut lab = mesh_tests::netns::Lab::new();
+    let (a, b) = (lab.host("caller", 1), lab.host("callee", 2));
+    let echo = mesh_tests::process::Process::start_with(b.command(&mesh_tests::bin("mesh-echo")).args([
+        "--port",
+        "0",
+        "--version",
+        "v1",
+    ]));
+    let app = echo.first_line.split_whitespace().nth(3).unwrap().to_owned();
+    for name in ["backend", "frontend"] {
+        let (cert, key) = ca.leaf(name);
+        std::fs::write(dir.path(&format!("{name}.pem")), cert).unwrap();
+        std::fs::write(dir.path(&format!("{name}.key")), key).unwrap();
+    }
+    std::fs::write(dir.path("ca.pem"), &ca.pem).unwrap();
+    let identity = |name: &str| {
+        format!(
+            "[identity]\ncertificate = \"{}\"\nkey = \"{}\"\nroots = \"{}\"\n",
+            dir.path(&format!("{name}.pem")).display(),
+            dir.path(&format!("{name}.key")).display(),
+            dir.path("ca.pem").display()
+        )
+    };
+    let callee_config = format!(
+        "service = \"backend\"\n[listen]\ninbound = \"{}:0\"\nadmin = \"127.0.0.1:0\"\napp = \"{app}\"\n\n{}\n[[services]]\nname = \"backend\"\n",
+        b.ip,
+        identity("backend")
+    );
+    std::fs::write(dir.path("callee.toml"), callee_config).unwrap();
+    let callee = Proxy {
+        process: mesh_tests::process::Process::start_with(
+            b.command(&mesh_tests::bin("mesh-proxy"))
+                .args(["--config", dir.path("callee.toml").to_str().unwrap()]),
+        ),
+    };
+    let caller_config = format!(
+        "service = \"frontend\"\n[listen]\nadmin = \"127.0.0.1:0\"\n\n{}\n\
+         [[services]]\nname = \"backend\"\ntransport = \"quic\"\nretry = {{ attempts = 1 }}\n\
+         endpoints = [ {{ addr = \"{}\", version = \"v1\", meshed = true }} ]\n\
+         [[upstreams]]\nservice = \"backend\"\nlisten = \"127.0.0.1:0\"\n",
+        identity("frontend"),
+        callee.inbound()
+    );
+    std::fs::write(dir.path("caller.toml"), caller_config).unwrap();
+    let caller = Proxy {
+        process: mesh_tests::process::Process::start_with(a.command(&mesh_tests::bin("mesh-proxy")).args([
+            "--config",
+            dir.path("caller.toml").to_str().unwrap(),
+            "--quic-retry-after",
+            "2s",
+        ])),
+    };
+    let (upstream, admin) = (caller.upstream("backend"), caller.admin());
+    let call = || {
+        in_host(
+            &a,
+            "/usr/bin/curl",
+            &["-s", "-o", "/dev/null", "-w", "%{http_code}", &format!("http://{upstream}/")],
+        )
+    };
+    let quic_sent = || metric_in(&a, &admin, "mesh_quic_requests_total", "outbound");
+
+    // UDP to the callee dropped: every request is answered, over TCP.
+    in_host(&b, "iptables", &["-A", "INPUT", "-p", "udp", "-j", "DROP"]);
+    for i in 0..10 {
+        assert_eq!(call(), "200", "request {i} with UDP dropped");
+    }
+    assert_eq!(quic_sent(), 0.0);
+    assert_eq!(
+        metric_in(&a, &admin, "mesh_quic_fallbacks_total", ""),
+        1.0,
+        "one try waited out the handshake"
+    );
+
+    // UDP back: once the 2 s are over, QUIC carries the requests again.
+    in_host(&b, "iptables", &["-D", "INPUT", "-p", "udp", "-j", "DROP"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut answered = 0;
+    while quic_sent() == 0.0 {
+        assert!(std::time::Instant::now() < deadline, "QUIC never came back ({answered} answered over TCP)");
+        assert_eq!(call(), "200");
+        answered += 1;
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    for _ in 0..5 {
+        assert_eq!(call(), "200");
+    }
+    assert!(quic_sent() >= 5.0, "QUIC carries the requests again");
+    drop((caller, callee, echo));
 }

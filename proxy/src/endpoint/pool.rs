@@ -63,8 +63,13 @@ pub struct ConnPool {
 pub type QuicSender = h3::client::SendRequest<h3_quinn::OpenStreams, bytes::Bytes>;
 
 /// How long a peer whose QUIC failed is reached over TCP alone before
-/// QUIC is tried again.
-pub const QUIC_RETRY_AFTER: Duration = Duration::from_secs(30);
+/// QUIC is tried again (`--quic-retry-after`), in milliseconds.
+static QUIC_RETRY_AFTER_MS: AtomicU64 = AtomicU64::new(30_000);
+
+/// Sets how long a peer whose QUIC failed is reached over TCP alone.
+pub fn set_quic_retry_after(after: Duration) {
+    QUIC_RETRY_AFTER_MS.store(after.as_millis() as u64, Ordering::Relaxed);
+}
 
 /// The shared HTTP/3 connection, as `SharedHttp2` is for HTTP/2.
 struct SharedQuic {
@@ -354,7 +359,8 @@ impl ConnPool {
     }
 
     /// Opens the shared HTTP/3 connection (after `QuicRoute::Open`). When it
-    /// cannot be had, the peer is reached over TCP for `QUIC_RETRY_AFTER`.
+    /// cannot be had, the peer is reached over TCP for a while (30 s by
+    /// default, `--quic-retry-after`).
     pub async fn open_quic(&self, timeout: Duration) -> Result<QuicSender, ConnectError> {
         let opened = self.try_open_quic(timeout).await;
         if let Err(error) = &opened {
@@ -365,9 +371,9 @@ impl ConnPool {
         opened
     }
 
-    /// Marks QUIC to this peer as failed: TCP until `QUIC_RETRY_AFTER` passes.
+    /// Marks QUIC to this peer as failed: TCP for a while.
     pub fn quic_failed(&self) {
-        let until = crate::clock::now_millis() + QUIC_RETRY_AFTER.as_millis() as u64;
+        let until = crate::clock::now_millis() + QUIC_RETRY_AFTER_MS.load(Ordering::Relaxed);
         self.quic_down_until_ms.store(until, Ordering::Relaxed);
         self.quic.store(None);
     }
