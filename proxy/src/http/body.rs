@@ -52,8 +52,9 @@ impl CallerBody {
 pub struct CallerBroken(Option<Arc<AtomicBool>>);
 
 impl CallerBroken {
-    pub fn new(flag: Arc<AtomicBool>) -> CallerBroken {
-        CallerBroken(Some(flag))
+    /// `None`: a body that is never judged (it cannot be the caller's fault).
+    pub fn new(flag: Option<Arc<AtomicBool>>) -> CallerBroken {
+        CallerBroken(flag)
     }
 
     pub fn get(&self) -> bool {
@@ -76,7 +77,7 @@ impl Body for RequestBody {
                 if let (Poll::Ready(Some(Err(_))), Some(broken)) = (&polled, &caller.broken) {
                     broken.store(true, Ordering::Relaxed);
                 }
-                polled.map(|frame| frame.map(|result| result.map_err(BoxError::from)))
+                boxed_error(polled)
             }
             RequestBody::Quic(body) => Pin::new(body.as_mut()).poll_frame(cx),
         }
@@ -138,6 +139,14 @@ enum ResponseInner {
     Local(Option<Bytes>),
 }
 
+/// A hyper body's frame with its error boxed, as bodies of either kind
+/// (hyper's or h3's) report it. Boxed only when there is an error.
+fn boxed_error(
+    polled: Poll<Option<Result<Frame<Bytes>, hyper::Error>>>,
+) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    polled.map(|frame| frame.map(|result| result.map_err(BoxError::from)))
+}
+
 /// An endpoint's answer body: hyper's (HTTP/1.1 or HTTP/2 over TCP), or
 /// h3's (HTTP/3 over QUIC, boxed: rare beside the other, and larger).
 pub enum UpstreamBody {
@@ -154,9 +163,7 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
-            UpstreamBody::Hyper(incoming) => Pin::new(incoming)
-                .poll_frame(cx)
-                .map(|frame| frame.map(|result| result.map_err(BoxError::from))),
+            UpstreamBody::Hyper(incoming) => boxed_error(Pin::new(incoming).poll_frame(cx)),
             UpstreamBody::Quic(body) => Pin::new(body.as_mut()).poll_frame(cx),
         }
     }

@@ -48,7 +48,9 @@ pub struct H3Body<S> {
     stream: S,
     data_done: bool,
     finished: bool,
-    broken: Arc<AtomicBool>,
+    /// Only a request body's: it tells a failed send to the app apart
+    /// from the peer's stream breaking. An answer needs none.
+    broken: Option<Arc<AtomicBool>>,
 }
 
 /// A peer's request to the local app.
@@ -57,8 +59,14 @@ pub type H3RequestBody = H3Body<ServerRecv>;
 pub type H3ResponseBody = H3Body<ClientRecv>;
 
 impl<S: H3Recv> H3Body<S> {
+    /// An answer's body.
     pub fn new(stream: S) -> H3Body<S> {
-        H3Body { stream, data_done: false, finished: false, broken: Arc::default() }
+        H3Body { stream, data_done: false, finished: false, broken: None }
+    }
+
+    /// A peer's request body, whose breaking `broken_flag` tells.
+    pub fn request(stream: S) -> H3Body<S> {
+        H3Body { stream, data_done: false, finished: false, broken: Some(Arc::default()) }
     }
 
     /// What tells, after a send failed, whether this stream broke.
@@ -67,7 +75,9 @@ impl<S: H3Recv> H3Body<S> {
     }
 
     fn fail(&mut self, error: StreamError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        self.broken.store(true, Ordering::Relaxed);
+        if let Some(broken) = &self.broken {
+            broken.store(true, Ordering::Relaxed);
+        }
         self.finished = true;
         Poll::Ready(Some(Err(Box::new(error))))
     }

@@ -302,7 +302,7 @@ async fn send_quic(
         .authority()
         .cloned()
         .or_else(|| parts.headers.get(header::HOST).and_then(|h| Authority::try_from(h.as_bytes()).ok()));
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+    let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
     let mut uri = http::Uri::builder().scheme("https").path_and_query(path);
     if let Some(authority) = authority {
         uri = uri.authority(authority);

@@ -75,9 +75,8 @@ async fn serve_meshed_inbound(
             };
             match refusal {
                 Some(detail) => {
-                    proxy.long_lived.metrics.record_authz_denied(caller.as_deref().unwrap_or("plaintext"));
                     let grpc = is_grpc(request.headers());
-                    Handled::answer(error_response(ProxyError::AuthzDenied, grpc, &detail))
+                    Handled::answer(authz_denied(&proxy, caller.as_deref(), &detail, grpc))
                 }
                 None => handle_inbound(&proxy, caller.as_deref(), request),
             }
@@ -276,21 +275,39 @@ fn handle_inbound(
         snapshot.inbound.metrics.record(error.status().as_u16(), Some(error), Default::default());
         return Handled::answer(several_hosts_answer(is_grpc(request.headers())));
     }
-    if let Some(limiter) = &snapshot.inbound.rate_limit {
-        if let Err(refused) = limiter.admit(caller, crate::clock::now_nanos()) {
-            let error = ProxyError::RateLimited;
-            snapshot.inbound.metrics.record(error.status().as_u16(), Some(error), Default::default());
-            return Handled::answer(rate_limited_answer(refused, is_grpc(request.headers())));
-        }
+    if let Some(answer) = over_rate_limit(&snapshot, caller, || is_grpc(request.headers())) {
+        return Handled::answer(answer);
     }
     Handled::Forwarding { future: forward_inbound(snapshot, request) }
 }
 
-/// The 429 for a request over a rate limit, with when to come back.
-pub(crate) fn rate_limited_answer(
-    refused: crate::policy::rate_limit::Refused,
+/// The 403 for a caller the local service's policy refuses, counted. The
+/// TCP and the QUIC inbound both answer with it.
+pub(crate) fn authz_denied(
+    proxy: &Proxy,
+    caller: Option<&str>,
+    detail: &str,
     grpc: bool,
 ) -> Response<ResponseBody> {
+    proxy.long_lived.metrics.record_authz_denied(caller.unwrap_or("plaintext"));
+    error_response(ProxyError::AuthzDenied, grpc, detail)
+}
+
+/// The 429 (counted) when the local service's rate limit refuses a
+/// request from `caller`; `None` when it is admitted or there is no limit.
+pub(crate) fn over_rate_limit(
+    snapshot: &crate::snapshot::Snapshot,
+    caller: Option<&str>,
+    grpc: impl FnOnce() -> bool,
+) -> Option<Response<ResponseBody>> {
+    let refused = snapshot.inbound.rate_limit.as_ref()?.admit(caller, crate::clock::now_nanos()).err()?;
+    let error = ProxyError::RateLimited;
+    snapshot.inbound.metrics.record(error.status().as_u16(), Some(error), Default::default());
+    Some(rate_limited_answer(refused, grpc()))
+}
+
+/// The 429 for a request over a rate limit, with when to come back.
+fn rate_limited_answer(refused: crate::policy::rate_limit::Refused, grpc: bool) -> Response<ResponseBody> {
     let detail = match refused.limit {
         crate::policy::rate_limit::Limit::Overall => "the service's rate limit for all callers is reached",
         crate::policy::rate_limit::Limit::Caller => "the service's rate limit for this caller is reached",

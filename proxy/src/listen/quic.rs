@@ -17,11 +17,11 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::BodyExt;
 
-use crate::errors::ProxyError;
 use crate::http::body::ResponseBody;
 use crate::http::h3_body::H3RequestBody;
 use crate::http::inbound::forward_inbound;
-use crate::http::{error_response, is_grpc, strip_hop_by_hop};
+use crate::http::{is_grpc, strip_hop_by_hop};
+use crate::listen::http::{authz_denied, over_rate_limit};
 use crate::listen::ShutdownSignal;
 use crate::proxy::Proxy;
 use crate::tls::{MeshTls, Side};
@@ -202,22 +202,14 @@ async fn serve_request(proxy: Arc<Proxy>, caller: Option<Arc<str>>, request: Req
     QUIC_SERVED.fetch_add(1, Ordering::Relaxed);
     let grpc = is_grpc(request.headers());
     let response = match proxy.refuse_caller(caller.as_deref()) {
-        Some(detail) => {
-            proxy.long_lived.metrics.record_authz_denied(caller.as_deref().unwrap_or("plaintext"));
-            error_response(ProxyError::AuthzDenied, grpc, &detail)
-        }
+        Some(detail) => authz_denied(&proxy, caller.as_deref(), &detail, grpc),
         None => {
             let snapshot = arc_swap::Guard::into_inner(proxy.table.load());
-            let limited = snapshot
-                .inbound
-                .rate_limit
-                .as_ref()
-                .and_then(|limiter| limiter.admit(caller.as_deref(), crate::clock::now_nanos()).err());
-            match limited {
-                Some(refused) => crate::listen::http::rate_limited_answer(refused, grpc),
+            match over_rate_limit(&snapshot, caller.as_deref(), || grpc) {
+                Some(answer) => answer,
                 None => {
                     let (parts, ()) = request.into_parts();
-                    let request = Request::from_parts(parts, H3RequestBody::new(recv));
+                    let request = Request::from_parts(parts, H3RequestBody::request(recv));
                     forward_inbound(snapshot, request).await
                 }
             }
