@@ -228,15 +228,19 @@ mod tests {
     #[test]
     fn a_refusal_says_which_limit_and_when_to_come_back() {
         let limiter = limiter(
-            "requests_per_second = 1\nburst = 1\nper_caller = { requests_per_second = 10, burst = 2 }",
+            "requests_per_second = 10\nburst = 1\nper_caller = { requests_per_second = 1, burst = 2 }",
         );
         let a = Some("spiffe://mesh.local/service/a");
         assert_eq!(limiter.admit(a, SECOND), Ok(()));
+        // The caller's bucket has a second token; the overall one is empty for 100 ms.
         let refused = limiter.admit(a, SECOND).unwrap_err();
         assert_eq!(refused, Refused { limit: Limit::Overall, retry_after_secs: 1 });
-        // The overall refusal gave the caller's token back: its bucket still holds one.
-        let c = Some("spiffe://mesh.local/service/c");
-        assert_eq!(limiter.admit(c, 2 * SECOND + 1), Ok(()));
+        // The overall refusal gave the caller's token back: once the overall
+        // bucket refills, the caller still has it (its own refills once a second).
+        let later = SECOND + SECOND / 10 + 1;
+        assert_eq!(limiter.admit(a, later), Ok(()), "the caller's token came back");
+        let refused = limiter.admit(a, later + SECOND / 10).unwrap_err();
+        assert_eq!(refused.limit, Limit::Caller, "now the caller's own bucket is empty");
         let limiter = self::limiter("per_caller = { requests_per_second = 1, burst = 1 }");
         assert_eq!(limiter.admit(None, SECOND), Ok(()));
         assert_eq!(limiter.admit(None, SECOND).unwrap_err().limit, Limit::Caller);
