@@ -497,5 +497,16 @@ async fn with_udp_dropped_between_hosts_requests_go_over_tcp_and_quic_returns_af
         assert_eq!(call(), "200");
     }
     assert!(quic_sent() >= 5.0, "QUIC carries the requests again");
+
+    // UDP dropped under the open connection: the request that finds the
+    // path silent goes over TCP in the same try, and so do the next ones.
+    let (sent_before, fallbacks_before) =
+        (quic_sent(), metric_in(&a, &admin, "mesh_quic_fallbacks_total", ""));
+    in_host(&b, "iptables", &["-A", "INPUT", "-p", "udp", "-j", "DROP"]);
+    for i in 0..10 {
+        assert_eq!(call(), "200", "request {i} after UDP broke under an open connection");
+    }
+    assert_eq!(quic_sent(), sent_before + 1.0, "one request found the path silent; the rest went over TCP");
+    assert!(metric_in(&a, &admin, "mesh_quic_fallbacks_total", "") > fallbacks_before);
     drop((caller, callee, echo));
 }

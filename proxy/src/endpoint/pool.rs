@@ -62,6 +62,9 @@ pub struct ConnPool {
 
 pub type QuicSender = h3::client::SendRequest<h3_quinn::OpenStreams, bytes::Bytes>;
 
+/// HTTP/3's code for a connection closed without error (RFC 9114, 8.1).
+const H3_NO_ERROR: u32 = 0x100;
+
 /// How long a peer whose QUIC failed is reached over TCP alone before
 /// QUIC is tried again (`--quic-retry-after`), in milliseconds.
 static QUIC_RETRY_AFTER_MS: AtomicU64 = AtomicU64::new(30_000);
@@ -82,7 +85,7 @@ struct SharedQuic {
 /// How one request reaches a peer whose service asks for QUIC.
 pub enum QuicRoute {
     /// Over the open HTTP/3 connection.
-    Ready(QuicSender),
+    Ready(QuicSender, quinn::Connection),
     /// This request opens the connection (`open_quic`).
     Open,
     /// Over TCP: QUIC failed lately, another request is opening it, or
@@ -246,7 +249,7 @@ impl ConnPool {
             .is_some_and(|shared| now.wrapping_sub(shared.last_used.load(Ordering::Relaxed)) >= ticks);
         if stale_quic {
             if let Some(shared) = self.quic.swap(None) {
-                shared.connection.close(quinn::VarInt::from_u32(0), b"idle");
+                shared.connection.close(quinn::VarInt::from_u32(H3_NO_ERROR), b"idle");
                 closed += 1;
             }
         }
@@ -348,7 +351,7 @@ impl ConnPool {
                 if shared.last_used.load(Ordering::Relaxed) != now {
                     shared.last_used.store(now, Ordering::Relaxed);
                 }
-                return QuicRoute::Ready(shared.sender.clone());
+                return QuicRoute::Ready(shared.sender.clone(), shared.connection.clone());
             }
         }
         if self.quic_opening.swap(true, Ordering::AcqRel) {
@@ -361,7 +364,10 @@ impl ConnPool {
     /// Opens the shared HTTP/3 connection (after `QuicRoute::Open`). When it
     /// cannot be had, the peer is reached over TCP for a while (30 s by
     /// default, `--quic-retry-after`).
-    pub async fn open_quic(&self, timeout: Duration) -> Result<QuicSender, ConnectError> {
+    pub async fn open_quic(
+        &self,
+        timeout: Duration,
+    ) -> Result<(QuicSender, quinn::Connection), ConnectError> {
         let opened = self.try_open_quic(timeout).await;
         if let Err(error) = &opened {
             tracing::info!(peer = %self.addr, error = %error.0, "QUIC to a peer failed; TCP for a while");
@@ -371,14 +377,21 @@ impl ConnPool {
         opened
     }
 
-    /// Marks QUIC to this peer as failed: TCP for a while.
+    /// Marks QUIC to this peer as failed: TCP for a while. The connection
+    /// is closed, so requests waiting on it fail now rather than at its
+    /// idle timeout.
     pub fn quic_failed(&self) {
         let until = crate::clock::now_millis() + QUIC_RETRY_AFTER_MS.load(Ordering::Relaxed);
         self.quic_down_until_ms.store(until, Ordering::Relaxed);
-        self.quic.store(None);
+        if let Some(shared) = self.quic.swap(None) {
+            shared.connection.close(quinn::VarInt::from_u32(H3_NO_ERROR), b"path failed");
+        }
     }
 
-    async fn try_open_quic(&self, timeout: Duration) -> Result<QuicSender, ConnectError> {
+    async fn try_open_quic(
+        &self,
+        timeout: Duration,
+    ) -> Result<(QuicSender, quinn::Connection), ConnectError> {
         let fail = |message: String| ConnectError(io::Error::other(message));
         let peer = self.mesh.as_ref().ok_or_else(|| fail("not a mesh peer".to_owned()))?;
         let tls = peer.tls.load_full().ok_or_else(|| fail("no certificate yet".to_owned()))?;
@@ -410,9 +423,10 @@ impl ConnPool {
             let _ = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
         });
         let last_used = AtomicU32::new(idle_now());
-        let shared = SharedQuic { sender: sender.clone(), connection, tls: Some(tls), last_used };
+        let shared =
+            SharedQuic { sender: sender.clone(), connection: connection.clone(), tls: Some(tls), last_used };
         self.quic.store(Some(Arc::new(shared)));
-        Ok(sender)
+        Ok((sender, connection))
     }
 
     fn opened_quic_with_current_tls(&self, shared: &SharedQuic) -> bool {

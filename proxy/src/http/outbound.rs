@@ -267,7 +267,7 @@ async fn attempts<'s>(
         // reached over QUIC takes a third, boxed: opt-in, and its future
         // would enlarge every request's.
         let sent = if endpoint.meshed && service.config.transport == Transport::Quic {
-            Box::pin(send_quic_or_tcp(pool, connect_timeout, upstream_request, wire)).await
+            Box::pin(send_quic_or_tcp(pool, connect_timeout, upstream_request, wire, idempotent)).await
         } else if wire.is_h2() {
             send_http2(pool, connect_timeout, upstream_request)
                 .await

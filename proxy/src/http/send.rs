@@ -232,14 +232,17 @@ pub static QUIC_SENT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU6
 pub static QUIC_FALLBACKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// One try to a peer of a service reached over QUIC: over HTTP/3, or over
-/// TCP (`wire`) when the peer cannot be reached over QUIC now.
+/// TCP (`wire`) when the peer cannot be reached over QUIC now. A request
+/// that may be sent twice (`resendable`: idempotent, or allowed by the
+/// retry policy) also goes over TCP when the QUIC path fell silent under it.
 pub(crate) async fn send_quic_or_tcp(
     pool: &ConnPool,
     connect_timeout: std::time::Duration,
     request: Request<RequestBody>,
     wire: Protocol,
+    resendable: bool,
 ) -> Result<(Response<UpstreamBody>, Option<Http1Sender>), SendError> {
-    match try_quic(pool, connect_timeout, request).await {
+    match try_quic(pool, connect_timeout, request, resendable).await {
         QuicTry::Sent(sent) => sent.map(|response| (response, None)),
         QuicTry::Unreachable(request) if wire.is_h2() => send_http2(pool, connect_timeout, request)
             .await
@@ -251,8 +254,8 @@ pub(crate) async fn send_quic_or_tcp(
 }
 
 /// A try over QUIC: an answer (or a failure after the request left), or
-/// the request handed back untouched because the peer cannot be reached
-/// over QUIC now; it then goes over TCP, in the same try.
+/// the request handed back because the peer cannot be reached over QUIC
+/// now; it then goes over TCP, in the same try.
 pub(crate) enum QuicTry {
     Sent(Result<Response<UpstreamBody>, SendError>),
     Unreachable(Request<RequestBody>),
@@ -264,13 +267,14 @@ pub(crate) async fn try_quic(
     pool: &ConnPool,
     connect_timeout: std::time::Duration,
     request: Request<RequestBody>,
+    resendable: bool,
 ) -> QuicTry {
     use crate::endpoint::pool::QuicRoute;
     use std::sync::atomic::Ordering;
-    let sender = match pool.quic_route(crate::clock::now_millis()) {
-        QuicRoute::Ready(sender) => sender,
+    let (sender, connection) = match pool.quic_route(crate::clock::now_millis()) {
+        QuicRoute::Ready(sender, connection) => (sender, connection),
         QuicRoute::Open => match pool.open_quic(connect_timeout).await {
-            Ok(sender) => sender,
+            Ok(opened) => opened,
             Err(_) => {
                 QUIC_FALLBACKS.fetch_add(1, Ordering::Relaxed);
                 return QuicTry::Unreachable(request);
@@ -278,23 +282,78 @@ pub(crate) async fn try_quic(
         },
         QuicRoute::Tcp => return QuicTry::Unreachable(request),
     };
+    // A copy to send over TCP if the path falls silent: only of a request
+    // whose body is in memory and that may be sent twice.
+    let copy = match request.body() {
+        RequestBody::Buffered(bytes) if resendable => Some(copy_request(&request, bytes.clone())),
+        _ => None,
+    };
     QUIC_SENT.fetch_add(1, Ordering::Relaxed);
-    let sent = send_quic(sender, request).await;
-    if matches!(sent, Err(SendError::Broken(_))) {
-        // The connection failed under a request: the next ones go over TCP.
-        pool.quic_failed();
+    match send_quic(sender, &connection, request).await {
+        Ok(response) => QuicTry::Sent(Ok(response)),
+        Err(QuicSendError::Silent) => {
+            // Nothing came back from the peer: the path is broken (UDP
+            // blocked on the way). The peer goes over TCP for a while.
+            tracing::info!(peer = %connection.remote_address(), "the QUIC path fell silent; TCP for a while");
+            pool.quic_failed();
+            match copy {
+                Some(copy) => {
+                    QUIC_FALLBACKS.fetch_add(1, Ordering::Relaxed);
+                    QuicTry::Unreachable(copy)
+                }
+                None => {
+                    let error =
+                        std::io::Error::other("no packet from the peer over QUIC: the path is broken");
+                    QuicTry::Sent(Err(SendError::Broken(Box::new(error))))
+                }
+            }
+        }
+        Err(QuicSendError::Broken(error)) => {
+            // The connection failed under a request: the next ones go over TCP.
+            pool.quic_failed();
+            QuicTry::Sent(Err(error))
+        }
     }
-    QuicTry::Sent(sent)
+}
+
+/// A request's method, target, headers and in-memory body, copied.
+fn copy_request(request: &Request<RequestBody>, body: Option<bytes::Bytes>) -> Request<RequestBody> {
+    let mut copy = Request::new(RequestBody::Buffered(body));
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    copy
+}
+
+/// How a request over HTTP/3 failed.
+enum QuicSendError {
+    /// No packet came from the peer while the request waited.
+    Silent,
+    /// The connection or stream failed.
+    Broken(SendError),
+}
+
+/// How long a request over QUIC waits for a first packet from its peer
+/// before the path counts as broken. A live peer acknowledges what it
+/// gets within its ACK delay (25 ms) and a round trip; the margin covers
+/// lost packets and a busy machine, for a wrong verdict costs the peer
+/// its QUIC for a while.
+fn silence_window(rtt: std::time::Duration) -> std::time::Duration {
+    (rtt * 4 + std::time::Duration::from_millis(300)).min(std::time::Duration::from_secs(2))
 }
 
 /// Sends a request over HTTP/3: its head, then its body on a task of its
 /// own (so the answer may begin while the body streams), and waits for
-/// the answer's head.
+/// the answer's head. A request that heard nothing at all from the peer
+/// within the silence window gives up: on a working path the peer's
+/// acknowledgements would have come long before.
 async fn send_quic(
     mut sender: crate::endpoint::pool::QuicSender,
+    connection: &quinn::Connection,
     request: Request<RequestBody>,
-) -> Result<Response<UpstreamBody>, SendError> {
-    let broken = |error: h3::error::StreamError| SendError::Broken(Box::new(error));
+) -> Result<Response<UpstreamBody>, QuicSendError> {
+    let broken = |error: h3::error::StreamError| QuicSendError::Broken(SendError::Broken(Box::new(error)));
     let (mut parts, body) = request.into_parts();
     // HTTP/3 names the authority and scheme in pseudo-headers, not in Host.
     let authority = parts
@@ -307,9 +366,10 @@ async fn send_quic(
     if let Some(authority) = authority {
         uri = uri.authority(authority);
     }
-    parts.uri = uri.build().map_err(|e| SendError::Broken(Box::new(e)))?;
+    parts.uri = uri.build().map_err(|e| QuicSendError::Broken(SendError::Broken(Box::new(e))))?;
     parts.version = http::Version::HTTP_3;
     parts.headers.remove(header::HOST);
+    let heard = connection.stats().udp_rx.datagrams;
     let stream = sender.send_request(Request::from_parts(parts, ())).await.map_err(broken)?;
     let (mut send, mut recv) = stream.split();
     if body.is_end_stream() {
@@ -337,7 +397,15 @@ async fn send_quic(
             let _ = send.finish().await;
         });
     }
-    let response = recv.recv_response().await.map_err(broken)?;
+    let response = {
+        let mut response = std::pin::pin!(recv.recv_response());
+        match tokio::time::timeout(silence_window(connection.rtt()), response.as_mut()).await {
+            Ok(response) => response,
+            Err(_) if connection.stats().udp_rx.datagrams == heard => return Err(QuicSendError::Silent),
+            Err(_) => response.await,
+        }
+    }
+    .map_err(broken)?;
     let body = crate::http::h3_body::H3ResponseBody::new(recv);
     Ok(response.map(|()| UpstreamBody::Quic(Box::new(body))))
 }
