@@ -300,6 +300,14 @@ impl Metrics {
                 "mesh_tls_handshakes_total{{direction=\"{direction}\",result=\"{result}\"}} {count}"
             );
         }
+        header(
+            &mut out,
+            "mesh_tls_resumed_total",
+            "counter",
+            "Inbound mTLS handshakes that resumed an earlier session (TCP and QUIC).",
+        );
+        let _ =
+            writeln!(out, "mesh_tls_resumed_total {}", handshakes.inbound_resumed.load(Ordering::Relaxed));
         let expiry = self.identity_expiry_unix_secs.load(Ordering::Relaxed);
         if expiry > 0 {
             header(
@@ -527,9 +535,19 @@ fn render_quic(out: &mut String) {
         out,
         "mesh_quic_fallbacks_total",
         "counter",
-        "Tries that went over TCP because QUIC to the peer could not be opened.",
+        "Tries that went over TCP because QUIC to the peer could not be opened or fell silent.",
     );
     let _ = writeln!(out, "mesh_quic_fallbacks_total {}", crate::http::send::QUIC_FALLBACKS.load(Relaxed));
+    header(
+        out,
+        "mesh_quic_connections_open",
+        "gauge",
+        "Open QUIC connections with peer sidecars, by direction.",
+    );
+    let inbound = crate::listen::quic::QUIC_OPEN_INBOUND.load(Relaxed);
+    let outbound = crate::endpoint::pool::QUIC_OPEN_OUTBOUND.load(Relaxed);
+    let _ = writeln!(out, "mesh_quic_connections_open{{direction=\"inbound\"}} {inbound}");
+    let _ = writeln!(out, "mesh_quic_connections_open{{direction=\"outbound\"}} {outbound}");
 }
 
 #[cfg(test)]

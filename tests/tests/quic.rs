@@ -78,6 +78,11 @@ fn callee_as(dir: &TempDir, ca: &Ca, app: &str, protocol: &str, identity: &str, 
 /// request (a fallback must happen within the try, not by a retry), and
 /// an upstream port per service.
 fn caller(dir: &TempDir, ca: &Ca, services: &[(&str, &str, &str)]) -> Proxy {
+    caller_with(dir, ca, services, &[])
+}
+
+/// The caller, started with extra flags.
+fn caller_with(dir: &TempDir, ca: &Ca, services: &[(&str, &str, &str)], flags: &[&str]) -> Proxy {
     let (cert, key) = ca.leaf("frontend");
     std::fs::write(dir.path("frontend.pem"), cert).unwrap();
     std::fs::write(dir.path("frontend.key"), key).unwrap();
@@ -98,7 +103,7 @@ fn caller(dir: &TempDir, ca: &Ca, services: &[(&str, &str, &str)]) -> Proxy {
     }
     let path = dir.path("caller.toml");
     std::fs::write(&path, config).unwrap();
-    Proxy::start(&path)
+    Proxy::start_args(&path, flags)
 }
 
 /// Accepts the server's certificate as it is: these tests judge the
@@ -386,6 +391,54 @@ async fn a_service_reached_over_quic_carries_http_and_grpc_and_falls_back_to_tcp
     );
     assert_eq!(scrape(&caller.admin()).await.sum("mesh_quic_fallbacks_total", &[]), 2.0);
     assert_eq!(quic_requests(impostor.admin(), "inbound").await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_closed_when_idle_resumes_its_tls_session_when_reopened() {
+    let dir = TempDir::new("quic-resume");
+    let ca = Ca::new();
+    let echo = Echo::start("v1", &[]);
+    let callee = callee(&dir, &ca, &echo.addr, "http");
+    let caller =
+        caller_with(&dir, &ca, &[("backend", "http", &callee.inbound())], &["--upstream-idle-timeout", "1s"]);
+    let client = mesh_tests::client::http1();
+    let upstream = caller.upstream("backend");
+    let open = |admin: String, direction: &'static str| async move {
+        scrape(&admin).await.sum("mesh_quic_connections_open", &[("direction", direction)])
+    };
+    let handshakes = |admin: String| async move {
+        let metrics = scrape(&admin).await;
+        (
+            metrics.sum("mesh_tls_handshakes_total", &[("direction", "inbound"), ("result", "ok")]),
+            metrics.sum("mesh_tls_resumed_total", &[]),
+        )
+    };
+
+    let answer = mesh_tests::client::get(&client, &upstream, "backend", "/").await.unwrap();
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert_eq!(handshakes(callee.admin()).await, (1.0, 0.0), "a first handshake in full");
+    assert_eq!((open(caller.admin(), "outbound").await, open(callee.admin(), "inbound").await), (1.0, 1.0));
+
+    // Idle for a second: the caller closes the connection, and both ends see it gone.
+    mesh_tests::eventually("the idle QUIC connection closes", std::time::Duration::from_secs(15), || async {
+        let both = (open(caller.admin(), "outbound").await, open(callee.admin(), "inbound").await);
+        (both == (0.0, 0.0)).then_some(())
+    })
+    .await;
+
+    // The next request reopens it, resuming the session: no certificates cross.
+    let answer = mesh_tests::client::get(&client, &upstream, "backend", "/").await.unwrap();
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert_eq!(handshakes(callee.admin()).await, (2.0, 1.0), "the second handshake resumed");
+    let metrics = scrape(&caller.admin()).await;
+    assert_eq!(
+        (
+            metrics.sum("mesh_quic_requests_total", &[("direction", "outbound")]),
+            metrics.sum("mesh_quic_fallbacks_total", &[])
+        ),
+        (2.0, 0.0),
+        "both requests over QUIC"
+    );
 }
 
 /// Runs `program args` inside `host`'s network namespace; its stdout.

@@ -62,6 +62,9 @@ pub struct ConnPool {
 
 pub type QuicSender = h3::client::SendRequest<h3_quinn::OpenStreams, bytes::Bytes>;
 
+/// QUIC connections this proxy opened to peers, open now, for /metrics.
+pub static QUIC_OPEN_OUTBOUND: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
 /// HTTP/3's code for a connection closed without error (RFC 9114, 8.1).
 const H3_NO_ERROR: u32 = 0x100;
 
@@ -419,8 +422,10 @@ impl ConnPool {
             Ok(Err(error)) => return Err(fail(format!("HTTP/3: {error}"))),
             Err(_) => return Err(fail("HTTP/3 did not start in time".to_owned())),
         };
+        let open = crate::listen::quic::OpenConnection::count(&QUIC_OPEN_OUTBOUND);
         tokio::spawn(async move {
             let _ = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
+            drop(open);
         });
         let last_used = AtomicU32::new(idle_now());
         let shared =

@@ -28,6 +28,24 @@ use crate::tls::{MeshTls, Side};
 
 /// Peers' requests served over QUIC, for /metrics.
 pub static QUIC_SERVED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Peers' QUIC connections open now, for /metrics.
+pub static QUIC_OPEN_INBOUND: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+/// One open connection in a gauge, for as long as it lives.
+pub struct OpenConnection(&'static std::sync::atomic::AtomicI64);
+
+impl OpenConnection {
+    pub fn count(gauge: &'static std::sync::atomic::AtomicI64) -> OpenConnection {
+        gauge.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(gauge)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 /// What each UDP socket asks the kernel for, each way.
 pub const UDP_BUFFER_BYTES: usize = 2 * 1024 * 1024;
@@ -166,6 +184,7 @@ async fn connection(incoming: quinn::Incoming, proxy: Arc<Proxy>) {
         .and_then(|chain| chain.first().map(|cert| crate::tls::uri_names(cert)))
         .and_then(|names| names.into_iter().next())
         .map(Arc::from);
+    let _open = OpenConnection::count(&QUIC_OPEN_INBOUND);
     let mut h3 = match h3::server::Connection::new(h3_quinn::Connection::new(connection)).await {
         Ok(h3) => h3,
         Err(error) => {
