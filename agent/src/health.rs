@@ -15,6 +15,36 @@ use mesh_proto::health::v1::HealthCheckRequest;
 use mesh_scheduler::job::Probe;
 
 /// Runs one probe against the instance at `addr`; `Err` says why it failed.
+/// A sidecar's `/ready` (its admin port): `None` until it answers 200;
+/// then whether it serves QUIC (its `x-mesh-quic` header).
+pub async fn sidecar_ready(admin: SocketAddr, timeout: Duration) -> Option<SidecarReady> {
+    let answer = tokio::time::timeout(timeout, http_get(admin, "/ready")).await.ok()?.ok()?;
+    answer.status.is_success().then(|| SidecarReady { quic: answer.headers.contains_key("x-mesh-quic") })
+}
+
+/// What a ready sidecar tells of itself.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SidecarReady {
+    /// It serves QUIC on UDP at its inbound's port number.
+    pub quic: bool,
+}
+
+/// The head of the answer to `GET path` at `addr`, over a new HTTP/1.1 connection.
+async fn http_get(addr: SocketAddr, path: &str) -> Result<http::response::Parts, String> {
+    let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("http: {e}"))?;
+    tokio::spawn(connection);
+    let request = http::Request::get(path)
+        .header(http::header::HOST, addr.to_string())
+        .header(http::header::USER_AGENT, "meshd-health-check")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| format!("http: {e}"))?;
+    let response = sender.send_request(request).await.map_err(|e| format!("http: {e}"))?;
+    Ok(response.into_parts().0)
+}
+
 pub async fn probe(probe: &Probe, addr: SocketAddr, timeout: Duration) -> Result<(), String> {
     probe_as(probe, addr, timeout, None).await
 }
@@ -39,17 +69,7 @@ async fn run(probe: &Probe, addr: SocketAddr, user: Option<super::users::RunAs>)
             tokio::net::TcpStream::connect(addr).await.map(drop).map_err(|e| format!("connect: {e}"))
         }
         Probe::Http(path) => {
-            let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
-            let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                .await
-                .map_err(|e| format!("http: {e}"))?;
-            tokio::spawn(connection);
-            let request = http::Request::get(path.as_str())
-                .header(http::header::HOST, addr.to_string())
-                .header(http::header::USER_AGENT, "meshd-health-check")
-                .body(Empty::<Bytes>::new())
-                .map_err(|e| format!("http: {e}"))?;
-            let status = sender.send_request(request).await.map_err(|e| format!("http: {e}"))?.status();
+            let status = http_get(addr, path).await?.status;
             if status.is_success() || status.is_redirection() {
                 Ok(())
             } else {

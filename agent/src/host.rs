@@ -18,6 +18,7 @@ use mesh_proto::mesh::v1::admin_client::AdminClient;
 use mesh_proto::mesh::v1::identity_client::IdentityClient;
 use mesh_scheduler::job::Probe;
 
+pub use super::health::SidecarReady;
 use super::link::ControlLink;
 use super::process::{Launch, Running};
 use super::users::RunAs;
@@ -44,7 +45,7 @@ pub trait Host: Send + Sync {
         instance: &'a str,
     ) -> BoxFuture<'a, Result<String, String>>;
     /// Whether the sidecar whose admin port is `admin` has its table.
-    fn sidecar_ready(&self, admin: SocketAddr) -> BoxFuture<'_, bool>;
+    fn sidecar_ready(&self, admin: SocketAddr) -> BoxFuture<'_, Option<SidecarReady>>;
     /// One health check of the app at `addr`; `Err` says why it failed.
     fn probe<'a>(
         &'a self,
@@ -100,11 +101,8 @@ impl Host for NodeHost {
         })
     }
 
-    fn sidecar_ready(&self, admin: SocketAddr) -> BoxFuture<'_, bool> {
-        Box::pin(async move {
-            let ready = Probe::Http("/ready".into());
-            super::health::probe(&ready, admin, Duration::from_millis(500)).await.is_ok()
-        })
+    fn sidecar_ready(&self, admin: SocketAddr) -> BoxFuture<'_, Option<SidecarReady>> {
+        Box::pin(super::health::sidecar_ready(admin, Duration::from_millis(500)))
     }
 
     fn probe<'a>(

@@ -16,7 +16,7 @@ use tokio::sync::watch;
 
 use super::cgroup::{Cgroup, Hierarchy};
 use super::health::Verdict;
-use super::host::{Host, Process};
+use super::host::{Host, Process, SidecarReady};
 use super::process::{resolve_command, Launch};
 use super::restart::{crash_looping, resets_backoff, restart_delay};
 use mesh_scheduler::job::{parse_job, Check, Job, JobKind};
@@ -172,9 +172,12 @@ async fn run_inner(
         r.addr = ports.inbound.to_string();
         r.message = "waiting for the sidecar".into();
     });
-    if let Err(message) = wait_proxy_ready(context, &mut *proxy, ports.admin).await {
-        let _ = proxy.stop(STOP_GRACE).await;
-        return Err(message);
+    match wait_proxy_ready(context, &mut *proxy, ports.admin).await {
+        Ok(sidecar) => report.update(|r| r.quic = sidecar.quic),
+        Err(message) => {
+            let _ = proxy.stop(STOP_GRACE).await;
+            return Err(message);
+        }
     }
     let cgroup = limits(context, assignment, &job);
     let cgroup_procs = cgroup.as_ref().map(Cgroup::procs_files).unwrap_or_default();
@@ -434,11 +437,11 @@ async fn wait_proxy_ready(
     context: &Context,
     proxy: &mut dyn Process,
     admin: SocketAddr,
-) -> Result<(), StartError> {
+) -> Result<SidecarReady, StartError> {
     let deadline = Instant::now() + PROXY_READY_WITHIN;
     loop {
-        if context.host.sidecar_ready(admin).await {
-            return Ok(());
+        if let Some(ready) = context.host.sidecar_ready(admin).await {
+            return Ok(ready);
         }
         if let Ok(Some(status)) = proxy.try_wait() {
             return Err(StartError::Sidecar(format!("the sidecar exited before it was ready: {status}")));
@@ -621,8 +624,9 @@ async fn restart_sidecar(
         let mut proxy = start_proxy(context, assignment, job, ports, dir, token)?;
         report.update(|r| r.proxy_pid = proxy.pid());
         match wait_proxy_ready(context, &mut *proxy, ports.admin).await {
-            Ok(()) => {
+            Ok(sidecar) => {
                 report.update(|r| {
+                    r.quic = sidecar.quic;
                     r.ready = job.readiness.is_none();
                     r.message.clear();
                 });

@@ -17,7 +17,7 @@ use mesh_scheduler::job::Probe;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
-use crate::host::{BoxFuture, Host, Process};
+use crate::host::{BoxFuture, Host, Process, SidecarReady};
 use crate::instance::{run, Context, SharedReport};
 use crate::process::Launch;
 use crate::users::RunAs;
@@ -131,8 +131,8 @@ impl Host for ScriptedHost {
         Box::pin(async move { Ok(format!("token-for-{instance}")) })
     }
 
-    fn sidecar_ready(&self, _admin: SocketAddr) -> BoxFuture<'_, bool> {
-        Box::pin(async move { !self.script.sidecar_never_ready })
+    fn sidecar_ready(&self, _admin: SocketAddr) -> BoxFuture<'_, Option<SidecarReady>> {
+        Box::pin(async move { (!self.script.sidecar_never_ready).then_some(SidecarReady { quic: true }) })
     }
 
     fn probe<'a>(

@@ -70,7 +70,7 @@ fn summary(seconds: u64) -> pb::TrafficSummary {
         })
         .collect();
     let bounds = vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
-    pb::TrafficSummary { latency_bounds_seconds: bounds, rows }
+    pb::TrafficSummary { latency_bounds_seconds: bounds, rows, peers: None }
 }
 
 /// Sends a summary each second while `received.summaries` is set, until

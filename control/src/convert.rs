@@ -25,6 +25,7 @@ pub fn route(name: &str, service: &ServiceState) -> pb::ServiceRoute {
                 addr: addr.to_string(),
                 ready: e.ready,
                 meshed: e.meshed,
+                quic: e.quic,
             })
             .collect(),
         routes: service.routes.iter().map(route_to_pb).collect(),

@@ -47,6 +47,9 @@ pub struct EndpointRecord {
     /// Served by a mesh sidecar (the scheduler's instances): mTLS.
     #[serde(default)]
     pub meshed: bool,
+    /// Its sidecar serves QUIC at the address's port number (UDP).
+    #[serde(default)]
+    pub quic: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -101,6 +104,8 @@ pub enum Change {
         addr: String,
         ready: bool,
         meshed: bool,
+        /// Its sidecar serves QUIC too.
+        quic: bool,
         /// Allows a plaintext endpoint beside meshed ones (an admin's choice).
         plaintext_ok: bool,
     },
@@ -230,7 +235,15 @@ impl MeshState {
             return Ok(next);
         }
         let name = match change {
-            Change::Register { service, version: endpoint_version, addr, ready, meshed, plaintext_ok } => {
+            Change::Register {
+                service,
+                version: endpoint_version,
+                addr,
+                ready,
+                meshed,
+                quic,
+                plaintext_ok,
+            } => {
                 check_name("service", service)?;
                 check_name("version", endpoint_version)?;
                 let Ok(addr) = addr.parse::<SocketAddr>() else {
@@ -241,8 +254,12 @@ impl MeshState {
                         "address {addr} cannot be called: an endpoint needs a unicast IP and the port it listens on"
                     ));
                 }
-                let record =
-                    EndpointRecord { version: endpoint_version.clone(), ready: *ready, meshed: *meshed };
+                let record = EndpointRecord {
+                    version: endpoint_version.clone(),
+                    ready: *ready,
+                    meshed: *meshed,
+                    quic: *quic && *meshed,
+                };
                 let entry = Arc::make_mut(next.services.entry(service.clone()).or_default());
                 let downgrade = !*meshed && entry.endpoints.values().any(|e| e.meshed);
                 if downgrade && !*plaintext_ok {
@@ -435,6 +452,7 @@ impl Change {
             addr: addr.into(),
             ready: true,
             meshed: false,
+            quic: false,
             plaintext_ok: false,
         }
     }
@@ -528,6 +546,7 @@ mod tests {
             addr: addr.into(),
             ready: true,
             meshed: true,
+            quic: false,
             plaintext_ok: false,
         };
         let plain = |addr: &str, plaintext_ok: bool| Change::Register {
@@ -536,6 +555,7 @@ mod tests {
             addr: addr.into(),
             ready: true,
             meshed: false,
+            quic: false,
             plaintext_ok,
         };
         let state = MeshState::default().apply(&meshed("127.0.0.1:1")).unwrap();

@@ -85,7 +85,12 @@ pub enum Command {
         wait_timeout: Duration,
     },
     /// The current version, and per proxy its acked version, lag and last contact.
-    Status,
+    Status {
+        /// Instead, per proxy, how it reaches each peer of the services it
+        /// calls over QUIC: quic, or tcp and why (fallback, no-quic, idle).
+        #[arg(long)]
+        peers: bool,
+    },
     /// Identity health: the CA's and every proxy's certificate expiry, the
     /// trust bundle's version; exits 4 when something expires too soon.
     Check {

@@ -83,7 +83,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Check { warn_within } => commands::check::run(&session, warn_within, output).await,
         Command::Top { window } => commands::top::top(&session, window, output).await,
         Command::Stat { service, window } => commands::top::stat(&session, service, window, output).await,
-        Command::Status => commands::status::run(&session, output).await,
+        Command::Status { peers } => commands::status::run(&session, output, peers).await,
         Command::Register { service, version, addr, not_ready, plaintext_ok } => {
             commands::registry::register(&session, service, version, addr, !not_ready, plaintext_ok).await
         }

@@ -185,7 +185,7 @@ async fn session(
                 continue;
             }
             _ = summary_tick.tick() => {
-                let summary = summarizer.next(&proxy.long_lived.metrics);
+                let summary = summarizer.next(&proxy.long_lived.metrics, &proxy.table.load());
                 if acks.send(pb::SubscribeRequest { message: Some(Message::Traffic(summary)) }).await.is_err() {
                     break;
                 }
@@ -423,7 +423,13 @@ fn service_config(route: &pb::ServiceRoute) -> Result<ServiceConfig, String> {
                 .addr
                 .parse()
                 .map_err(|_| format!("service {name:?}: endpoint address {:?} is not IP:port", e.addr))?;
-            Ok(EndpointConfig { addr, version: e.version.clone(), ready: e.ready, meshed: e.meshed })
+            Ok(EndpointConfig {
+                addr,
+                version: e.version.clone(),
+                ready: e.ready,
+                meshed: e.meshed,
+                quic: e.quic && e.meshed,
+            })
         })
         .collect::<Result<Vec<_>, String>>()?;
     Ok(ServiceConfig {

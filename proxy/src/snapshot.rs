@@ -36,6 +36,8 @@ pub struct Endpoint {
     pub ready: bool,
     /// A mesh sidecar, reached over mTLS; part of its long-lived state's key.
     pub meshed: bool,
+    /// Its sidecar announced QUIC: a service reached over QUIC tries it.
+    pub quic: bool,
     pub state: Arc<EndpointState>,
     pub metrics: Arc<HttpMetrics>,
 }
@@ -366,6 +368,7 @@ impl LongLived {
                 version: Arc::from(e.version.as_str()),
                 ready,
                 meshed: e.meshed,
+                quic: e.quic,
                 state,
                 metrics: self.metrics.http(Direction::Outbound, name, &e.version),
             }

@@ -379,6 +379,7 @@ async fn a_full_disk_fails_writes_clearly_and_meshd_recovers_when_space_is_back(
                 addr: format!("127.0.0.1:{port}"),
                 ready: true,
                 meshed: false,
+                quic: false,
             };
             let call =
                 registry.register(pb::RegisterRequest { endpoint: Some(endpoint), plaintext_ok: false });

@@ -188,6 +188,7 @@ async fn register(
         addr: addr.into(),
         ready,
         meshed: false,
+        quic: false,
     };
     registry.register(pb::RegisterRequest { endpoint: Some(endpoint), plaintext_ok: false }).await.unwrap();
 }

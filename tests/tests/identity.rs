@@ -327,6 +327,7 @@ async fn a_sidecar_cannot_pass_for_another_service() {
         addr: web_inbound,
         ready: true,
         meshed: true,
+        quic: false,
     };
     registry.register(pb::RegisterRequest { endpoint: Some(endpoint), plaintext_ok: false }).await.unwrap();
     // The caller's sidecar wants payments' identity and sees web's: no request reaches it.

@@ -74,7 +74,8 @@ fn callee_as(dir: &TempDir, ca: &Ca, app: &str, protocol: &str, identity: &str, 
 }
 
 /// The caller: mesh-proxy as `frontend`, with each (service, protocol,
-/// peer inbound) reached with `transport = "quic"` and one try per
+/// peer inbound, announced as serving QUIC) reached with
+/// `transport = "quic"` and one try per
 /// request (a fallback must happen within the try, not by a retry), and
 /// an upstream port per service.
 fn caller(dir: &TempDir, ca: &Ca, services: &[(&str, &str, &str)]) -> Proxy {
@@ -97,7 +98,7 @@ fn caller_with(dir: &TempDir, ca: &Ca, services: &[(&str, &str, &str)], flags: &
     for (name, protocol, peer) in services {
         config.push_str(&format!(
             "\n[[services]]\nname = \"{name}\"\nprotocol = \"{protocol}\"\ntransport = \"quic\"\nretry = {{ attempts = 1 }}\n\
-             endpoints = [ {{ addr = \"{peer}\", version = \"v1\", meshed = true }} ]\n\
+             endpoints = [ {{ addr = \"{peer}\", version = \"v1\", meshed = true, quic = true }} ]\n\
              [[upstreams]]\nservice = \"{name}\"\nlisten = \"127.0.0.1:0\"\n"
         ));
     }
@@ -500,7 +501,7 @@ async fn with_udp_dropped_between_hosts_requests_go_over_tcp_and_quic_returns_af
     let caller_config = format!(
         "service = \"frontend\"\n[listen]\nadmin = \"127.0.0.1:0\"\n\n{}\n\
          [[services]]\nname = \"backend\"\ntransport = \"quic\"\nretry = {{ attempts = 1 }}\n\
-         endpoints = [ {{ addr = \"{}\", version = \"v1\", meshed = true }} ]\n\
+         endpoints = [ {{ addr = \"{}\", version = \"v1\", meshed = true, quic = true }} ]\n\
          [[upstreams]]\nservice = \"backend\"\nlisten = \"127.0.0.1:0\"\n",
         identity("frontend"),
         callee.inbound()

@@ -132,6 +132,7 @@ async fn register(
         addr: addr.into(),
         ready,
         meshed: false,
+        quic: false,
     };
     registry
         .register(pb::RegisterRequest { endpoint: Some(endpoint), plaintext_ok: false })

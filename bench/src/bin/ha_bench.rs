@@ -201,6 +201,7 @@ async fn write_rate(servers: &[String], tls: &mesh_client::ClientTls, writes: u3
                 addr: format!("127.0.{}.{}:{}", 1 + n / 60_000 / 250, 1 + (n / 60_000) % 250, 1 + n % 60_000),
                 ready: true,
                 meshed: false,
+                quic: false,
             };
             let request = pb::RegisterRequest { endpoint: Some(endpoint), plaintext_ok: false };
             let answer = client.register(request).await;
@@ -225,6 +226,7 @@ async fn setup(servers: &[String], tls: &mesh_client::ClientTls) {
             addr: addr.into(),
             ready: true,
             meshed: false,
+            quic: false,
         };
         registry
             .register(pb::RegisterRequest { endpoint: Some(endpoint), plaintext_ok: false })

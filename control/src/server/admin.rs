@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status};
 use crate::auth::principal::Principal;
 use crate::convert::{policy_from_pb, policy_to_pb};
 use crate::server::registry::status_of;
-use crate::server::{ControlPlane, ProxyRecord};
+use crate::server::{ControlPlane, PeerTransport, ProxyRecord};
 use crate::state::Change;
 
 pub struct AdminService {
@@ -44,6 +44,7 @@ pub fn proxy_status(id: &str, record: &ProxyRecord, me: &str) -> pb::ProxyStatus
         certificate_root: record.certificate_root.clone(),
         bundle_version: record.bundle_version,
         server: if record.server.is_empty() { me.to_owned() } else { record.server.clone() },
+        peers: record.peers.iter().map(PeerTransport::to_pb).collect(),
     }
 }
 

@@ -136,6 +136,10 @@ async fn push(
 
 /// Keeps a proxy's traffic summary (rows it left out did not change).
 fn record_traffic(control: &ControlPlane, proxy: &str, summary: pb::TrafficSummary) {
+    if let Some(peers) = summary.peers {
+        let peers = peers.peers.into_iter().map(super::PeerTransport::from_pb).collect();
+        control.update_proxy(proxy, |record| record.peers = peers);
+    }
     let rows = summary.rows.into_iter().map(|row| {
         let key = crate::traffic::RowKey { inbound: row.inbound, service: row.service, version: row.version };
         let counts = crate::traffic::Counts::from_wire(

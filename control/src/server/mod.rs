@@ -83,6 +83,36 @@ pub struct ProxyRecord {
     pub bundle_version: u64,
     /// The other server it is connected to; "" for this one.
     pub server: String,
+    /// How it reaches the peers of the services it calls over QUIC, as it
+    /// last said.
+    pub peers: Vec<PeerTransport>,
+}
+
+/// How a proxy reaches one peer sidecar (`meshctl status --peers`).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PeerTransport {
+    pub service: String,
+    pub addr: String,
+    pub quic: bool,
+    /// Why TCP, when it is: "fallback", "no-quic" or "idle".
+    pub reason: String,
+}
+
+impl PeerTransport {
+    pub fn from_pb(peer: pb::PeerTransport) -> PeerTransport {
+        let quic = peer.transport() == pb::Transport::Quic;
+        PeerTransport { service: peer.service, addr: peer.addr, quic, reason: peer.reason }
+    }
+
+    pub fn to_pb(&self) -> pb::PeerTransport {
+        let transport = if self.quic { pb::Transport::Quic } else { pb::Transport::Tcp };
+        pb::PeerTransport {
+            service: self.service.clone(),
+            addr: self.addr.clone(),
+            transport: transport.into(),
+            reason: self.reason.clone(),
+        }
+    }
 }
 
 /// A connected proxy that has left an update unacknowledged this long is

@@ -45,6 +45,7 @@ mod tests {
             certificate_root: String::new(),
             bundle_version: 0,
             server: String::new(),
+            peers: Vec::new(),
         }
     }
 

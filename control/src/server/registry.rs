@@ -52,6 +52,7 @@ impl Registry for RegistryService {
             addr: endpoint.addr,
             ready: endpoint.ready,
             meshed: endpoint.meshed,
+            quic: endpoint.quic,
             plaintext_ok: request.plaintext_ok,
         };
         let version = self.control.change(change).await.map_err(status_of)?;

@@ -39,6 +39,8 @@ struct Shared {
     stalled: bool,
     certificate_root: String,
     bundle_version: u64,
+    #[serde(default)]
+    peers: Vec<super::PeerTransport>,
     /// Left out of the comparison that decides whether to rewrite.
     last_contact_unix_ms: u64,
 }
@@ -58,6 +60,7 @@ impl Shared {
             stalled: record.stalled(),
             certificate_root: record.certificate_root.clone(),
             bundle_version: record.bundle_version,
+            peers: record.peers.clone(),
             last_contact_unix_ms,
         }
     }
@@ -78,6 +81,7 @@ impl Shared {
             certificate_root: self.certificate_root,
             bundle_version: self.bundle_version,
             server: server.to_owned(),
+            peers: self.peers,
         }
     }
 

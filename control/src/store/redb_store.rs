@@ -391,6 +391,7 @@ mod tests {
             addr: "127.0.0.1:1".into(),
             ready: true,
             meshed: false,
+            quic: false,
             plaintext_ok: false,
         };
         let state = MeshState::default().apply(&change).unwrap();

@@ -119,6 +119,8 @@ async fn endpoints(admin: &mut AdminClient<Channel>) -> Result<Rows, Failure> {
                 ("version", json!(e.version)),
                 ("addr", json!(e.addr)),
                 ("ready", json!(e.ready)),
+                ("meshed", json!(e.meshed)),
+                ("quic", json!(e.quic)),
             ]
         })
         .collect())

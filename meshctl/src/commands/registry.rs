@@ -14,8 +14,14 @@ pub async fn register(
     ready: bool,
     plaintext_ok: bool,
 ) -> Result<(), Failure> {
-    let endpoint =
-        pb::Endpoint { service: service.clone(), version, addr: addr.clone(), ready, meshed: false };
+    let endpoint = pb::Endpoint {
+        service: service.clone(),
+        version,
+        addr: addr.clone(),
+        ready,
+        meshed: false,
+        quic: false,
+    };
     let mut registry = RegistryClient::new(session.channel.clone());
     let request = pb::RegisterRequest { endpoint: Some(endpoint), plaintext_ok };
     let reply = registry.register(request).await?.into_inner();

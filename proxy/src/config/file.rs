@@ -110,6 +110,8 @@ struct RawEndpoint {
     ready: Option<bool>,
     /// A peer sidecar's inbound, reached over mTLS; needs `[identity]`.
     meshed: Option<Spanned<bool>>,
+    /// The peer sidecar serves QUIC at the same port number; needs `meshed`.
+    quic: Option<Spanned<bool>>,
 }
 
 #[derive(Deserialize)]
@@ -246,11 +248,23 @@ impl Validator<'_> {
                     Some(meshed) => meshed.into_inner(),
                     None => false,
                 };
+            let quic = match e.quic {
+                Some(quic) if *quic.get_ref() && !meshed => {
+                    return Err(self.error(
+                        quic.span(),
+                        format!("{field}.endpoints[{index}].quic"),
+                        "QUIC runs between sidecars: the endpoint needs meshed = true",
+                    ))
+                }
+                Some(quic) => quic.into_inner(),
+                None => false,
+            };
             endpoints.push(EndpointConfig {
                 addr: e.addr,
                 version: e.version.unwrap_or_else(|| DEFAULT_VERSION.to_owned()),
                 ready: e.ready.unwrap_or(true),
                 meshed,
+                quic,
             });
         }
         let versions: HashSet<&str> = endpoints.iter().map(|e| e.version.as_str()).collect();
@@ -449,6 +463,13 @@ listen = "127.0.0.1:9191"
                 "version = \"v2\", ready = false, meshed = true }",
                 15,
                 "services[0].endpoints[1].meshed",
+            ),
+            (
+                "QUIC to an endpoint that is no sidecar",
+                "version = \"v2\", ready = false }",
+                "version = \"v2\", ready = false, quic = true }",
+                15,
+                "services[0].endpoints[1].quic",
             ),
         ];
         for (what, from, to, line, field) in cases {

@@ -114,6 +114,8 @@ pub struct EndpointConfig {
     pub ready: bool,
     /// A mesh sidecar's inbound: reached over mTLS when this proxy has an identity.
     pub meshed: bool,
+    /// The sidecar serves QUIC too, at the same port number over UDP.
+    pub quic: bool,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]

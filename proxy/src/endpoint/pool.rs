@@ -85,6 +85,17 @@ struct SharedQuic {
     last_used: AtomicU32,
 }
 
+/// Where QUIC to a peer stands, for `meshctl status`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QuicState {
+    /// An HTTP/3 connection is open.
+    Open,
+    /// QUIC failed lately: TCP until it is tried again.
+    Failed,
+    /// No connection now; the next request opens one.
+    Closed,
+}
+
 /// How one request reaches a peer whose service asks for QUIC.
 pub enum QuicRoute {
     /// Over the open HTTP/3 connection.
@@ -442,9 +453,15 @@ impl ConnPool {
         }
     }
 
-    /// Whether the shared HTTP/3 connection is open.
-    pub fn has_quic(&self) -> bool {
-        self.quic.load().as_ref().is_some_and(|shared| shared.connection.close_reason().is_none())
+    /// Where QUIC to this peer stands now.
+    pub fn quic_state(&self, now_ms: u64) -> QuicState {
+        if self.quic.load().as_ref().is_some_and(|shared| shared.connection.close_reason().is_none()) {
+            QuicState::Open
+        } else if now_ms < self.quic_down_until_ms.load(Ordering::Relaxed) {
+            QuicState::Failed
+        } else {
+            QuicState::Closed
+        }
     }
 }
 

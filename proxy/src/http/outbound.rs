@@ -266,7 +266,7 @@ async fn attempts<'s>(
         // then share their space in this future. A peer of a service
         // reached over QUIC takes a third, boxed: opt-in, and its future
         // would enlarge every request's.
-        let sent = if endpoint.meshed && service.config.transport == Transport::Quic {
+        let sent = if endpoint.quic && service.config.transport == Transport::Quic {
             Box::pin(send_quic_or_tcp(pool, connect_timeout, upstream_request, wire, idempotent)).await
         } else if wire.is_h2() {
             send_http2(pool, connect_timeout, upstream_request)

@@ -1,5 +1,6 @@
 //! The admin listener: `/metrics`, `/ready`, `/live`, `/config`.
 
+use crate::listen::quic::QuicInbound;
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -66,7 +67,17 @@ fn handle(proxy: &Proxy, request: Request<Incoming>) -> Response<Full<Bytes>> {
         "/ready" if !proxy.has_table.load(Ordering::Acquire) => {
             text(StatusCode::SERVICE_UNAVAILABLE, "waiting for a routing table from the control plane\n")
         }
-        "/ready" => text(StatusCode::OK, "ready\n"),
+        "/ready" if QuicInbound::now() == QuicInbound::Starting => {
+            text(StatusCode::SERVICE_UNAVAILABLE, "starting the QUIC inbound\n")
+        }
+        "/ready" => {
+            let mut response = text(StatusCode::OK, "ready\n");
+            // The agent announces an endpoint's QUIC in discovery from this.
+            if QuicInbound::now() == QuicInbound::Serving {
+                response.headers_mut().insert("x-mesh-quic", HeaderValue::from_static("1"));
+            }
+            response
+        }
         "/live" => text(StatusCode::OK, "live\n"),
         "/config" => {
             let snapshot = proxy.table.load();

@@ -28,8 +28,47 @@ use crate::tls::{MeshTls, Side};
 
 /// Peers' requests served over QUIC, for /metrics.
 pub static QUIC_SERVED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Where the QUIC inbound is ([`QuicInbound`] as a number): `/ready`
+/// waits while it starts and says when it serves, and the agent announces
+/// that in discovery.
+pub static QUIC_INBOUND: std::sync::atomic::AtomicU8 =
+    std::sync::atomic::AtomicU8::new(QuicInbound::Off as u8);
+
+/// The QUIC inbound's state.
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum QuicInbound {
+    /// None: not asked for, or it could not start.
+    Off = 0,
+    /// Its socket is bound; it serves once the proxy holds a certificate.
+    Starting = 1,
+    Serving = 2,
+}
+
+impl QuicInbound {
+    pub fn now() -> QuicInbound {
+        match QUIC_INBOUND.load(Ordering::Relaxed) {
+            1 => QuicInbound::Starting,
+            2 => QuicInbound::Serving,
+            _ => QuicInbound::Off,
+        }
+    }
+
+    fn set(self) {
+        QUIC_INBOUND.store(self as u8, Ordering::Relaxed);
+    }
+}
 /// Peers' QUIC connections open now, for /metrics.
 pub static QUIC_OPEN_INBOUND: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+/// Runs its function when dropped: on every way out of a scope.
+struct OnDrop<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
+}
 
 /// One open connection in a gauge, for as long as it lives.
 pub struct OpenConnection(&'static std::sync::atomic::AtomicI64);
@@ -112,7 +151,21 @@ pub fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
 
 /// Serves HTTP/3 on `addr` until shutdown, from the moment the proxy holds
 /// a certificate; a renewed certificate serves new connections at once.
-pub async fn serve(socket: std::net::UdpSocket, proxy: Arc<Proxy>, mut shutdown: ShutdownSignal) {
+/// `/ready` waits for it from here when a certificate is expected.
+pub fn serve(
+    socket: std::net::UdpSocket,
+    proxy: Arc<Proxy>,
+    shutdown: ShutdownSignal,
+) -> impl std::future::Future<Output = ()> {
+    let identified = proxy.needs_identity.load(Ordering::Acquire) || proxy.long_lived.tls.load().is_some();
+    if identified {
+        QuicInbound::Starting.set();
+    }
+    serve_when_identified(socket, proxy, shutdown)
+}
+
+async fn serve_when_identified(socket: std::net::UdpSocket, proxy: Arc<Proxy>, mut shutdown: ShutdownSignal) {
+    let _off = OnDrop(|| QuicInbound::Off.set());
     let mut identities = proxy.identity_changes.subscribe();
     let tls = loop {
         if let Some(tls) = proxy.long_lived.tls.load_full() {
@@ -139,6 +192,7 @@ pub async fn serve(socket: std::net::UdpSocket, proxy: Arc<Proxy>, mut shutdown:
             return;
         }
     };
+    QuicInbound::Serving.set();
     loop {
         tokio::select! {
             incoming = endpoint.accept() => {

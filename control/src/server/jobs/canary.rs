@@ -146,7 +146,7 @@ impl Scheduler {
         let new_registered = state
             .registered
             .iter()
-            .any(|((service, _), (version, _))| *service == job.service && *version == job.version);
+            .any(|((service, _), (version, _, _))| *service == job.service && *version == job.version);
         let run = state.rollouts.get_mut(name).expect("a rollout").canary.get_or_insert_default();
         match measured {
             Some(Ok(m)) => {

@@ -22,7 +22,7 @@ pub(super) fn endpoint_changes(
     behind: &std::collections::HashSet<String>,
 ) -> Vec<Change> {
     let node_up = |name: &str| nodes.iter().any(|n| n.name == name && n.up);
-    let mut wanted: BTreeMap<(String, String), (String, bool)> = BTreeMap::new();
+    let mut wanted: BTreeMap<(String, String), (String, bool, bool)> = BTreeMap::new();
     for allocation in &state.allocations {
         let Some((node, report)) = state.reports.get(&allocation.id) else { continue };
         let Some(job) = job_of(state, allocation) else { continue };
@@ -33,17 +33,21 @@ pub(super) fn endpoint_changes(
             && report.state() == pb::InstanceState::Running
             && node_up(node)
             && !behind.contains(&allocation.id);
-        wanted.insert((job.service.clone(), report.addr.clone()), (allocation.version.clone(), ready));
+        wanted.insert(
+            (job.service.clone(), report.addr.clone()),
+            (allocation.version.clone(), ready, report.quic),
+        );
     }
     let mut changes = Vec::new();
-    for ((service, addr), (version, ready)) in &wanted {
-        if state.registered.get(&(service.clone(), addr.clone())) != Some(&(version.clone(), *ready)) {
+    for ((service, addr), (version, ready, quic)) in &wanted {
+        if state.registered.get(&(service.clone(), addr.clone())) != Some(&(version.clone(), *ready, *quic)) {
             changes.push(Change::Register {
                 service: service.clone(),
                 version: version.clone(),
                 addr: addr.clone(),
                 ready: *ready,
                 meshed: true,
+                quic: *quic,
                 plaintext_ok: false,
             });
         }

@@ -60,8 +60,8 @@ struct SchedulerState {
     reports: HashMap<String, (String, pb::InstanceReport)>,
     /// Per job: why instances wait unplaced.
     pending: BTreeMap<String, String>,
-    /// Endpoints this scheduler registered: (service, addr) → (version, ready).
-    registered: BTreeMap<(String, String), (String, bool)>,
+    /// Endpoints this scheduler registered: (service, addr) → (version, ready, serves QUIC).
+    registered: BTreeMap<(String, String), (String, bool, bool)>,
     /// Batch instances that ran to completion are not placed again.
     completed: BTreeMap<String, u32>,
     /// Every instance id this server has handed out or adopted. Ids never
