@@ -93,3 +93,68 @@ async fn a_service_set_to_quic_is_reached_over_quic_and_status_shows_each_peer()
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewals_and_a_root_rotation_under_load_over_quic_fail_no_request() {
+    let dir = TempDir::new("quic-identity");
+    let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", &["--cert-ttl", "15s"]);
+    let _agent = Agent::start(&meshd, "node-a", &mesh_tests::node_ip(), 1000, &dir.path("agent"), &[]);
+    std::fs::write(dir.path("web.toml"), WEB).unwrap();
+    meshd.ctl_ok(&["job", "run", dir.path("web.toml").to_str().unwrap()]);
+    meshd.running("web", 1, Duration::from_secs(30)).await;
+    let client = meshd.mesh_client(&dir.path("client.toml"), "").await;
+    meshd.ctl_ok(&["policy", "web", "--transport", "quic", "--wait"]);
+    let (web_admin, client_admin) = (admin_of(&meshd, "web"), admin_of(&meshd, "client"));
+    let expiry = |admin: String| async move {
+        scrape(&admin).await.present("mesh_identity_cert_expiry_timestamp_seconds", &[])
+    };
+    let quic_handshakes = || async {
+        let metrics = scrape(&web_admin).await;
+        (
+            metrics.sum("mesh_quic_requests_total", &[("direction", "inbound")]),
+            metrics.sum("mesh_tls_handshakes_total", &[("direction", "inbound"), ("result", "failed")]),
+        )
+    };
+    let (expiries, (served_before, _)) =
+        ((expiry(web_admin.clone()).await, expiry(client_admin.clone()).await), quic_handshakes().await);
+
+    // Both sidecars renew (every ~10 s) while requests flow over QUIC.
+    let load = mesh_tests::client::Background::start(&client, "web", 2);
+    load.wait_for(50).await;
+    eventually("both sidecars renewed", Duration::from_secs(60), || async {
+        let now = (expiry(web_admin.clone()).await, expiry(client_admin.clone()).await);
+        (now.0 > expiries.0 && now.1 > expiries.1).then_some(())
+    })
+    .await;
+    load.wait_for(50).await;
+
+    // Then the root rotates, in stages, under the same load.
+    let out = meshd.ctl_ok(&["identity", "rotate-root", "--stage-timeout", "60s"]);
+    assert!(out.contains("[done]"), "{out}");
+    load.wait_for(100).await;
+    let tally = load.stop().await;
+    assert_eq!(tally.failed(), 0, "failed requests: {:?}\n{out}", tally.failures);
+
+    // QUIC carried them: new connections with the new certificates, no
+    // handshake refused, no fall back to TCP.
+    let (served, failed_handshakes) = quic_handshakes().await;
+    let sent = served - served_before;
+    let client_metrics = scrape(&client_admin).await;
+    let quic_lines = |scrape: &mesh_tests::metrics::Scrape| {
+        format!(
+            "{:?}",
+            scrape.0.iter().filter(|(k, _)| k.contains("quic") || k.contains("tls")).collect::<Vec<_>>()
+        )
+    };
+    assert!(
+        sent >= tally.ok as f64 * 0.9,
+        "{sent} of {} requests over QUIC; the client's:\n{}",
+        tally.ok,
+        quic_lines(&client_metrics)
+    );
+    assert_eq!(failed_handshakes, 0.0);
+    assert_eq!(client_metrics.sum("mesh_quic_fallbacks_total", &[]), 0.0);
+    let opened =
+        client_metrics.sum("mesh_tls_handshakes_total", &[("direction", "outbound"), ("result", "ok")]);
+    assert!(opened >= 3.0, "a QUIC connection per certificate: {opened} handshakes");
+}

@@ -402,6 +402,15 @@ impl ConnPool {
         }
     }
 
+    /// Lets go of `connection` if it is the shared one (it closed): the
+    /// next request opens another.
+    pub fn forget_quic(&self, connection: &quinn::Connection) {
+        let current = self.quic.load_full();
+        if current.as_ref().is_some_and(|shared| shared.connection.stable_id() == connection.stable_id()) {
+            self.quic.compare_and_swap(&current, None);
+        }
+    }
+
     async fn try_open_quic(
         &self,
         timeout: Duration,

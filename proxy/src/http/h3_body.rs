@@ -22,7 +22,24 @@ pub trait H3Recv: Send + Unpin + 'static {
 }
 
 pub type ServerRecv = h3::server::RequestStream<h3_quinn::RecvStream, Bytes>;
-pub type ClientRecv = h3::client::RequestStream<h3_quinn::RecvStream, Bytes>;
+
+/// A peer's answer stream, with a handle on its connection: h3 closes a
+/// connection once its last handle is gone, and one the pool has let go
+/// of (a renewed certificate opens another) must live until its answers
+/// are read.
+pub struct ClientRecv {
+    stream: h3::client::RequestStream<h3_quinn::RecvStream, Bytes>,
+    _connection: crate::endpoint::pool::QuicSender,
+}
+
+impl ClientRecv {
+    pub fn new(
+        stream: h3::client::RequestStream<h3_quinn::RecvStream, Bytes>,
+        connection: crate::endpoint::pool::QuicSender,
+    ) -> ClientRecv {
+        ClientRecv { stream, _connection: connection }
+    }
+}
 
 impl H3Recv for ServerRecv {
     fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, StreamError>> {
@@ -36,11 +53,11 @@ impl H3Recv for ServerRecv {
 
 impl H3Recv for ClientRecv {
     fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, StreamError>> {
-        self.poll_recv_data(cx).map_ok(|data| data.map(|mut d| d.copy_to_bytes(d.remaining())))
+        self.stream.poll_recv_data(cx).map_ok(|data| data.map(|mut d| d.copy_to_bytes(d.remaining())))
     }
 
     fn poll_trailers(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<HeaderMap>, StreamError>> {
-        self.poll_recv_trailers(cx)
+        self.stream.poll_recv_trailers(cx)
     }
 }
 

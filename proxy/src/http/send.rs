@@ -309,8 +309,17 @@ pub(crate) async fn try_quic(
             }
         }
         Err(QuicSendError::Broken(error)) => {
-            // The connection failed under a request: the next ones go over TCP.
-            pool.quic_failed();
+            // A connection that timed out lost its path: TCP for a while.
+            // One closed otherwise is let go (the next request opens
+            // another); a stream reset leaves the connection as it is.
+            match connection.close_reason() {
+                Some(quinn::ConnectionError::TimedOut) => {
+                    tracing::info!(peer = %connection.remote_address(), "a QUIC connection timed out under a request; TCP for a while");
+                    pool.quic_failed();
+                }
+                Some(_) => pool.forget_quic(&connection),
+                None => {}
+            }
             QuicTry::Sent(Err(error))
         }
     }
@@ -406,6 +415,6 @@ async fn send_quic(
         }
     }
     .map_err(broken)?;
-    let body = crate::http::h3_body::H3ResponseBody::new(recv);
+    let body = crate::http::h3_body::H3ResponseBody::new(crate::http::h3_body::ClientRecv::new(recv, sender));
     Ok(response.map(|()| UpstreamBody::Quic(Box::new(body))))
 }

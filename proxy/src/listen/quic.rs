@@ -246,11 +246,16 @@ async fn connection(incoming: quinn::Incoming, proxy: Arc<Proxy>) {
             return;
         }
     };
+    // The connection's requests: when the peer stops sending new ones (it
+    // let go of the connection), those in flight finish before it closes.
+    let mut requests = tokio::task::JoinSet::new();
     loop {
+        // Finished requests are reaped as they go, so the set stays small.
+        while requests.try_join_next().is_some() {}
         match h3.accept().await {
             Ok(Some(resolver)) => {
                 let (proxy, caller) = (proxy.clone(), caller.clone());
-                tokio::spawn(async move {
+                requests.spawn(async move {
                     match resolver.resolve_request().await {
                         Ok((request, stream)) => serve_request(proxy, caller, request, stream).await,
                         Err(error) => tracing::debug!(%error, "an HTTP/3 request could not be read"),
@@ -264,6 +269,7 @@ async fn connection(incoming: quinn::Incoming, proxy: Arc<Proxy>) {
             }
         }
     }
+    let _ = tokio::time::timeout(IDLE_TIMEOUT, async { while requests.join_next().await.is_some() {} }).await;
 }
 
 type Stream = h3::server::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
