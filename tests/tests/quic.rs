@@ -3,14 +3,20 @@
 //! same mTLS as on TCP; a peer with a mesh certificate is answered by the
 //! local app (HTTP/1.1 and gRPC, trailers included), a stranger's
 //! certificate, or none, is refused at the handshake. The caller: a
-//! service with `transport = "quic"` is reached over HTTP/3, and over TCP
-//! in the same try when the peer has no QUIC; an impostor is refused. And
-//! between two hosts (network namespaces) with UDP dropped by iptables,
-//! every request goes over TCP, and QUIC comes back with UDP.
+//! service with `transport = "quic"` is reached over HTTP/3 (HTTP/1.1,
+//! h2c and gRPC apps; upgrades stay on TCP), and over TCP in the same try
+//! when the peer has no QUIC; an impostor is refused; a connection closed
+//! when idle resumes its TLS session. Between two hosts (network
+//! namespaces): with UDP dropped by iptables every request goes over TCP,
+//! also when UDP breaks under an open connection, and QUIC comes back with
+//! UDP; with 1 % and 3 % of packets dropped, 32 concurrent requests on one
+//! connection all succeed over either transport, and their p99 is reported.
 
 use std::future::poll_fn;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::Request;
@@ -316,6 +322,7 @@ async fn a_service_reached_over_quic_carries_http_and_grpc_and_falls_back_to_tcp
     let echo = Echo::start("v1", &[]);
     let http = callee(&dir, &ca, &echo.addr, "http");
     let grpc = callee_as(&dir, &ca, &echo.addr, "grpc", "grpc-backend", &[]);
+    let h2 = callee_as(&dir, &ca, &echo.addr, "h2", "h2-backend", &[]);
     let no_quic = callee_as(&dir, &ca, &echo.addr, "http", "tcp-only", &["--no-quic-inbound"]);
     let impostor = callee_as(&dir, &ca, &echo.addr, "http", "other", &[]);
     let caller = caller(
@@ -324,6 +331,7 @@ async fn a_service_reached_over_quic_carries_http_and_grpc_and_falls_back_to_tcp
         &[
             ("backend", "http", &http.inbound()),
             ("grpc-backend", "grpc", &grpc.inbound()),
+            ("h2-backend", "h2", &h2.inbound()),
             ("tcp-only", "http", &no_quic.inbound()),
             ("impersonated", "http", &impostor.inbound()),
         ],
@@ -370,6 +378,42 @@ async fn a_service_reached_over_quic_carries_http_and_grpc_and_falls_back_to_tcp
     assert_eq!(error.code(), tonic::Code::NotFound, "a gRPC status crosses in the trailers");
     assert_eq!(quic_requests(grpc.admin(), "inbound").await, 3.0);
 
+    // An h2c app, called with HTTP/2 prior knowledge: HTTP/3 between the sidecars.
+    for _ in 0..3 {
+        let request =
+            Request::get("http://h2-backend/h2").body(http_body_util::Full::new(Bytes::new())).unwrap();
+        let answer = mesh_tests::client::h2_prior_knowledge(&caller.outbound(), request).await.unwrap();
+        let seen: serde_json::Value = serde_json::from_slice(&answer.body).unwrap();
+        assert_eq!((answer.status.as_u16(), seen["path"].as_str()), (200, Some("/h2")), "{seen}");
+    }
+    assert_eq!(quic_requests(h2.admin(), "inbound").await, 3.0);
+
+    // An upgrade (WebSocket) has no HTTP/3 form: it crosses over mTLS on
+    // TCP, and its bytes flow both ways after the switch.
+    let sent_before = quic_requests(caller.admin(), "outbound").await;
+    let mut stream = tokio::net::TcpStream::connect(caller.upstream("backend")).await.unwrap();
+    stream
+        .write_all(b"GET /chat HTTP/1.1\r\nHost: backend\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut byte)).await;
+        assert_eq!(read.unwrap().unwrap(), 1, "closed early: {}", String::from_utf8_lossy(&head));
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    stream.write_all(b"ping over tcp").await.unwrap();
+    let mut echoed = [0u8; 13];
+    tokio::time::timeout(std::time::Duration::from_secs(5), stream.read_exact(&mut echoed))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&echoed, b"ping over tcp");
+    assert_eq!(quic_requests(caller.admin(), "outbound").await, sent_before);
+    drop(stream);
+
     // A peer without QUIC: the first request waits out the QUIC handshake,
     // then goes over TCP in the same try; the next ones go over TCP at once.
     for _ in 0..5 {
@@ -379,7 +423,7 @@ async fn a_service_reached_over_quic_carries_http_and_grpc_and_falls_back_to_tcp
     }
     let metrics = scrape(&caller.admin()).await;
     assert_eq!(metrics.sum("mesh_quic_fallbacks_total", &[]), 1.0);
-    assert_eq!(quic_requests(caller.admin(), "outbound").await, 24.0, "none of them over QUIC");
+    assert_eq!(quic_requests(caller.admin(), "outbound").await, 27.0, "none of them over QUIC");
 
     // A peer holding another service's identity: refused over QUIC, and over TCP.
     let answer = mesh_tests::client::get(&client, &caller.upstream("impersonated"), "impersonated", "/")
@@ -459,86 +503,110 @@ fn metric_in(host: &mesh_tests::netns::Host, admin: &str, name: &str, label: &st
         .sum()
 }
 
+/// Two hosts (network namespaces on a bridge): on `callee`, mesh-echo
+/// behind a sidecar holding `backend`'s identity.
+struct TwoHosts {
+    dir: TempDir,
+    /// Dropped last: the namespaces go with it.
+    _lab: mesh_tests::netns::Lab,
+    caller_host: mesh_tests::netns::Host,
+    callee_host: mesh_tests::netns::Host,
+    callee: Proxy,
+    _echo: mesh_tests::process::Process,
+}
+
+impl TwoHosts {
+    fn start(name: &str) -> TwoHosts {
+        let dir = TempDir::new(name);
+        let ca = Ca::new();
+        let mut lab = mesh_tests::netns::Lab::new();
+        let (a, b) = (lab.host("caller", 1), lab.host("callee", 2));
+        let echo = mesh_tests::process::Process::start_with(b.command(&mesh_tests::bin("mesh-echo")).args([
+            "--port",
+            "0",
+            "--version",
+            "v1",
+        ]));
+        let app = echo.first_line.split_whitespace().nth(3).unwrap().to_owned();
+        for name in ["backend", "frontend"] {
+            let (cert, key) = ca.leaf(name);
+            std::fs::write(dir.path(&format!("{name}.pem")), cert).unwrap();
+            std::fs::write(dir.path(&format!("{name}.key")), key).unwrap();
+        }
+        std::fs::write(dir.path("ca.pem"), &ca.pem).unwrap();
+        let callee_config = format!(
+            "service = \"backend\"\n[listen]\ninbound = \"{}:0\"\nadmin = \"127.0.0.1:0\"\napp = \"{app}\"\n\n{}\n[[services]]\nname = \"backend\"\n",
+            b.ip,
+            identity_section(&dir, "backend")
+        );
+        std::fs::write(dir.path("callee.toml"), callee_config).unwrap();
+        let callee = Proxy {
+            process: mesh_tests::process::Process::start_with(
+                b.command(&mesh_tests::bin("mesh-proxy"))
+                    .args(["--config", dir.path("callee.toml").to_str().unwrap()]),
+            ),
+        };
+        TwoHosts { dir, _lab: lab, caller_host: a, callee_host: b, callee, _echo: echo }
+    }
+
+    /// A caller sidecar on the caller's host reaching `backend` over
+    /// `transport`, one try per request, with extra flags.
+    fn caller(&self, transport: &str, flags: &[&str]) -> Proxy {
+        let config = format!(
+            "service = \"frontend\"\n[listen]\nadmin = \"127.0.0.1:0\"\n\n{}\n\
+             [[services]]\nname = \"backend\"\ntransport = \"{transport}\"\nretry = {{ attempts = 1 }}\n\
+             endpoints = [ {{ addr = \"{}\", version = \"v1\", meshed = true, quic = true }} ]\n\
+             [[upstreams]]\nservice = \"backend\"\nlisten = \"127.0.0.1:0\"\n",
+            identity_section(&self.dir, "frontend"),
+            self.callee.inbound()
+        );
+        let path = self.dir.path(&format!("caller-{transport}.toml"));
+        std::fs::write(&path, config).unwrap();
+        let mut command = self.caller_host.command(&mesh_tests::bin("mesh-proxy"));
+        command.args(["--config", path.to_str().unwrap()]).args(flags);
+        Proxy { process: mesh_tests::process::Process::start_with(&mut command) }
+    }
+}
+
+/// The `[identity]` section of a proxy holding `name`'s certificate.
+fn identity_section(dir: &TempDir, name: &str) -> String {
+    format!(
+        "[identity]\ncertificate = \"{}\"\nkey = \"{}\"\nroots = \"{}\"\n",
+        dir.path(&format!("{name}.pem")).display(),
+        dir.path(&format!("{name}.key")).display(),
+        dir.path("ca.pem").display()
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_udp_dropped_between_hosts_requests_go_over_tcp_and_quic_returns_after() {
-    let dir = TempDir::new("quic-hosts");
-    let ca = Ca::new();
-    let mut lab = mesh_tests::netns::Lab::new();
-    let (a, b) = (lab.host("caller", 1), lab.host("callee", 2));
-    let echo = mesh_tests::process::Process::start_with(b.command(&mesh_tests::bin("mesh-echo")).args([
-        "--port",
-        "0",
-        "--version",
-        "v1",
-    ]));
-    let app = echo.first_line.split_whitespace().nth(3).unwrap().to_owned();
-    for name in ["backend", "frontend"] {
-        let (cert, key) = ca.leaf(name);
-        std::fs::write(dir.path(&format!("{name}.pem")), cert).unwrap();
-        std::fs::write(dir.path(&format!("{name}.key")), key).unwrap();
-    }
-    std::fs::write(dir.path("ca.pem"), &ca.pem).unwrap();
-    let identity = |name: &str| {
-        format!(
-            "[identity]\ncertificate = \"{}\"\nkey = \"{}\"\nroots = \"{}\"\n",
-            dir.path(&format!("{name}.pem")).display(),
-            dir.path(&format!("{name}.key")).display(),
-            dir.path("ca.pem").display()
-        )
-    };
-    let callee_config = format!(
-        "service = \"backend\"\n[listen]\ninbound = \"{}:0\"\nadmin = \"127.0.0.1:0\"\napp = \"{app}\"\n\n{}\n[[services]]\nname = \"backend\"\n",
-        b.ip,
-        identity("backend")
-    );
-    std::fs::write(dir.path("callee.toml"), callee_config).unwrap();
-    let callee = Proxy {
-        process: mesh_tests::process::Process::start_with(
-            b.command(&mesh_tests::bin("mesh-proxy"))
-                .args(["--config", dir.path("callee.toml").to_str().unwrap()]),
-        ),
-    };
-    let caller_config = format!(
-        "service = \"frontend\"\n[listen]\nadmin = \"127.0.0.1:0\"\n\n{}\n\
-         [[services]]\nname = \"backend\"\ntransport = \"quic\"\nretry = {{ attempts = 1 }}\n\
-         endpoints = [ {{ addr = \"{}\", version = \"v1\", meshed = true, quic = true }} ]\n\
-         [[upstreams]]\nservice = \"backend\"\nlisten = \"127.0.0.1:0\"\n",
-        identity("frontend"),
-        callee.inbound()
-    );
-    std::fs::write(dir.path("caller.toml"), caller_config).unwrap();
-    let caller = Proxy {
-        process: mesh_tests::process::Process::start_with(a.command(&mesh_tests::bin("mesh-proxy")).args([
-            "--config",
-            dir.path("caller.toml").to_str().unwrap(),
-            "--quic-retry-after",
-            "2s",
-        ])),
-    };
+    let hosts = TwoHosts::start("quic-hosts");
+    let (a, b) = (&hosts.caller_host, &hosts.callee_host);
+    let caller = hosts.caller("quic", &["--quic-retry-after", "2s"]);
     let (upstream, admin) = (caller.upstream("backend"), caller.admin());
     let call = || {
         in_host(
-            &a,
+            a,
             "/usr/bin/curl",
             &["-s", "-o", "/dev/null", "-w", "%{http_code}", &format!("http://{upstream}/")],
         )
     };
-    let quic_sent = || metric_in(&a, &admin, "mesh_quic_requests_total", "outbound");
+    let quic_sent = || metric_in(a, &admin, "mesh_quic_requests_total", "outbound");
 
     // UDP to the callee dropped: every request is answered, over TCP.
-    in_host(&b, "iptables", &["-A", "INPUT", "-p", "udp", "-j", "DROP"]);
+    in_host(b, "iptables", &["-A", "INPUT", "-p", "udp", "-j", "DROP"]);
     for i in 0..10 {
         assert_eq!(call(), "200", "request {i} with UDP dropped");
     }
     assert_eq!(quic_sent(), 0.0);
     assert_eq!(
-        metric_in(&a, &admin, "mesh_quic_fallbacks_total", ""),
+        metric_in(a, &admin, "mesh_quic_fallbacks_total", ""),
         1.0,
         "one try waited out the handshake"
     );
 
     // UDP back: once the 2 s are over, QUIC carries the requests again.
-    in_host(&b, "iptables", &["-D", "INPUT", "-p", "udp", "-j", "DROP"]);
+    in_host(b, "iptables", &["-D", "INPUT", "-p", "udp", "-j", "DROP"]);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let mut answered = 0;
     while quic_sent() == 0.0 {
@@ -555,12 +623,104 @@ async fn with_udp_dropped_between_hosts_requests_go_over_tcp_and_quic_returns_af
     // UDP dropped under the open connection: the request that finds the
     // path silent goes over TCP in the same try, and so do the next ones.
     let (sent_before, fallbacks_before) =
-        (quic_sent(), metric_in(&a, &admin, "mesh_quic_fallbacks_total", ""));
-    in_host(&b, "iptables", &["-A", "INPUT", "-p", "udp", "-j", "DROP"]);
+        (quic_sent(), metric_in(a, &admin, "mesh_quic_fallbacks_total", ""));
+    in_host(b, "iptables", &["-A", "INPUT", "-p", "udp", "-j", "DROP"]);
     for i in 0..10 {
         assert_eq!(call(), "200", "request {i} after UDP broke under an open connection");
     }
     assert_eq!(quic_sent(), sent_before + 1.0, "one request found the path silent; the rest went over TCP");
-    assert!(metric_in(&a, &admin, "mesh_quic_fallbacks_total", "") > fallbacks_before);
-    drop((caller, callee, echo));
+    assert!(metric_in(a, &admin, "mesh_quic_fallbacks_total", "") > fallbacks_before);
+    drop(caller);
+}
+
+/// What a `wrk --latency` run measured: (p50, p99) in milliseconds, and
+/// the requests that failed (socket errors and answers other than 2xx/3xx).
+fn wrk_summary(output: &str) -> (f64, f64, u64, u64) {
+    let millis = |value: &str| -> f64 {
+        let split = value.find(|c: char| c.is_ascii_alphabetic()).expect("a unit");
+        let (number, unit) = value.split_at(split);
+        let number: f64 = number.parse().expect("a number");
+        match unit {
+            "us" => number / 1000.0,
+            "ms" => number,
+            "s" => number * 1000.0,
+            "m" => number * 60_000.0,
+            other => panic!("unit {other} in {output}"),
+        }
+    };
+    let percentile = |label: &str| {
+        let line = output.lines().find(|l| l.trim_start().starts_with(label)).expect("wrk --latency");
+        millis(line.split_whitespace().nth(1).expect("a latency"))
+    };
+    let requests = output
+        .lines()
+        .find_map(|l| l.trim().split_once(" requests in ").map(|(n, _)| n.parse::<u64>().expect("a count")))
+        .expect("a request count");
+    let non_2xx = output
+        .lines()
+        .find_map(|l| {
+            l.trim().strip_prefix("Non-2xx or 3xx responses:").map(|n| n.trim().parse::<u64>().unwrap())
+        })
+        .unwrap_or(0);
+    let socket_errors: u64 = output
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Socket errors:"))
+        .map(|errors| {
+            errors.split(',').filter_map(|e| e.split_whitespace().nth(1)?.parse::<u64>().ok()).sum()
+        })
+        .unwrap_or(0);
+    (percentile("50%"), percentile("99%"), requests, non_2xx + socket_errors)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_packet_loss_many_streams_on_one_connection_all_succeed_and_p99_is_reported() {
+    let hosts = TwoHosts::start("quic-loss");
+    let (a, b) = (&hosts.caller_host, &hosts.callee_host);
+    let callers = [("quic", hosts.caller("quic", &[])), ("http/2 over tcp", hosts.caller("tcp", &[]))];
+    let run = |upstream: &str, seconds: u32| {
+        let url = format!("http://{upstream}/");
+        let duration = format!("{seconds}s");
+        in_host(a, "/usr/bin/wrk", &["-t1", "-c32", "-d", &duration, "--latency", "--timeout", "10s", &url])
+    };
+    // Warm: both connections open before any loss.
+    for (name, caller) in &callers {
+        let output = run(&caller.upstream("backend"), 1);
+        let (_, _, requests, failed) = wrk_summary(&output);
+        assert!(requests > 0 && failed == 0, "{name}: {requests} requests, {failed} failed: {output}");
+    }
+    let mut report = Vec::new();
+    for percent in [1, 3] {
+        let probability = format!("{:.2}", f64::from(percent) / 100.0);
+        let rule = [
+            "INPUT",
+            "-i",
+            "eth0",
+            "-m",
+            "statistic",
+            "--mode",
+            "random",
+            "--probability",
+            &probability,
+            "-j",
+            "DROP",
+        ];
+        for host in [a, b] {
+            in_host(host, "iptables", &[&["-A"][..], &rule[..]].concat());
+        }
+        for (name, caller) in &callers {
+            let output = run(&caller.upstream("backend"), 3);
+            let (p50, p99, requests, failed) = wrk_summary(&output);
+            assert_eq!(failed, 0, "{name} at {percent} % loss: {output}");
+            assert!(requests > 100, "{name} at {percent} % loss: {output}");
+            report.push(format!(
+                "{percent} % loss, {name}: {requests} requests, p50 {p50:.2} ms, p99 {p99:.2} ms"
+            ));
+        }
+        for host in [a, b] {
+            in_host(host, "iptables", &[&["-D"][..], &rule[..]].concat());
+        }
+    }
+    let quic = metric_in(a, &callers[0].1.admin(), "mesh_quic_requests_total", "outbound");
+    assert!(quic > 0.0 && metric_in(a, &callers[0].1.admin(), "mesh_quic_fallbacks_total", "") == 0.0);
+    eprintln!("32 concurrent requests on one connection between two hosts:\n{}", report.join("\n"));
 }

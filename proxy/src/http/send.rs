@@ -382,7 +382,10 @@ async fn send_quic(
     let stream = sender.send_request(Request::from_parts(parts, ())).await.map_err(broken)?;
     let (mut send, mut recv) = stream.split();
     if body.is_end_stream() {
-        send.finish().await.map_err(broken)?;
+        // A peer that answered before this end reached it stops the
+        // request's stream, and finishing it then fails: the answer is
+        // still on its way, and a broken stream fails reading it anyway.
+        let _ = send.finish().await;
     } else {
         tokio::spawn(async move {
             let mut body = std::pin::pin!(body);
