@@ -87,10 +87,14 @@ pub fn backend_command(setup: &Setup) -> Command {
     std::fs::create_dir_all(&dir).expect("backend dir");
     let [a, b] = setup.backends;
     let h2 = setup.backend_h2;
+    // A 1 MiB answer, for the mesh path's throughput.
+    let large = dir.join("1mib.bin");
+    std::fs::write(&large, vec![b'x'; 1 << 20]).expect("write the 1 MiB answer");
     let config = format!(
-        "{}http {{\n  access_log off;\n  {}\n  server {{\n    listen 127.0.0.1:{a} backlog=4096;\n    listen 127.0.0.1:{b} backlog=4096;\n    keepalive_requests 1000000;\n    location / {{ return 200 \"ok\\n\"; }}\n  }}\n  server {{\n    listen 127.0.0.1:{h2} http2;\n    keepalive_requests 1000000;\n    location / {{ return 200 \"ok\\n\"; }}\n  }}\n}}\n",
+        "{}http {{\n  access_log off;\n  {}\n  server {{\n    listen 127.0.0.1:{a} backlog=4096;\n    listen 127.0.0.1:{b} backlog=4096;\n    keepalive_requests 1000000;\n    location / {{ return 200 \"ok\\n\"; }}\n    location = /1mib {{ alias {}; }}\n  }}\n  server {{\n    listen 127.0.0.1:{h2} http2;\n    keepalive_requests 1000000;\n    location / {{ return 200 \"ok\\n\"; }}\n  }}\n}}\n",
         nginx_main(&dir),
-        nginx_temp_paths(&dir)
+        nginx_temp_paths(&dir),
+        large.display()
     );
     let path = dir.join("nginx.conf");
     std::fs::write(&path, config).expect("write backend config");

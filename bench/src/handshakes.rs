@@ -1,5 +1,5 @@
 //! New mTLS connections as fast as a few callers can open them: the
-//! handshake rate of the second hop's inbound listener. Each caller
+//! handshake rate of the second hop's inbound listener, over TCP or QUIC. Each caller
 //! verifies the server as a mesh sidecar does (mesh-proxy's own client
 //! configuration), sends one HTTP/2 request, and counts the connection only
 //! once that request succeeded: with TLS 1.3 the client's side of the
@@ -78,5 +78,66 @@ where
     }
     drop(sender);
     let _ = driver.await;
+    Ok(())
+}
+
+/// As `run`, over QUIC: each new connection carries one HTTP/3 request.
+pub async fn run_quic(
+    port: u16,
+    tls: Arc<MeshTls>,
+    service: &str,
+    duration: Duration,
+    callers: usize,
+) -> Result<u64, String> {
+    let config = tls.quic_client.clone().ok_or("no QUIC client configuration")?;
+    let mut endpoint = quinn::Endpoint::client(([127, 0, 0, 1], 0).into()).map_err(|e| e.to_string())?;
+    endpoint.set_default_client_config(config);
+    let done = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + duration;
+    let name = format!("{service}.mesh");
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..callers {
+        let (endpoint, done, name, service) =
+            (endpoint.clone(), done.clone(), name.clone(), service.to_owned());
+        tasks.spawn(async move {
+            while Instant::now() < deadline {
+                let connecting =
+                    endpoint.connect(([127, 0, 0, 1], port).into(), &name).map_err(|e| e.to_string())?;
+                let connection = tokio::time::timeout(Duration::from_secs(5), connecting)
+                    .await
+                    .map_err(|_| "QUIC handshake timed out".to_owned())?
+                    .map_err(|e| format!("QUIC handshake failed: {e}"))?;
+                tokio::time::timeout(Duration::from_secs(5), one_h3_request(connection.clone(), &service))
+                    .await
+                    .map_err(|_| "no answer within 5 s on a new QUIC connection".to_owned())??;
+                connection.close(0u32.into(), b"done");
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok::<(), String>(())
+        });
+    }
+    while let Some(result) = tasks.join_next().await {
+        result.map_err(|e| e.to_string())??;
+    }
+    endpoint.wait_idle().await;
+    Ok(done.load(Ordering::Relaxed))
+}
+
+/// One HTTP/3 request on a fresh connection, answered 2xx.
+async fn one_h3_request(connection: quinn::Connection, service: &str) -> Result<(), String> {
+    let (mut driver, mut sender) = h3::client::new(h3_quinn::Connection::new(connection))
+        .await
+        .map_err(|e| format!("HTTP/3 on a new connection: {e}"))?;
+    let driving = tokio::spawn(async move { std::future::poll_fn(|cx| driver.poll_close(cx)).await });
+    let request = Request::get(format!("https://{service}/")).body(()).map_err(|e| e.to_string())?;
+    let mut stream = sender.send_request(request).await.map_err(|e| format!("request: {e}"))?;
+    stream.finish().await.map_err(|e| format!("request: {e}"))?;
+    let response = stream.recv_response().await.map_err(|e| format!("answer: {e}"))?;
+    while stream.recv_data().await.map_err(|e| format!("answer: {e}"))?.is_some() {}
+    if !response.status().is_success() {
+        return Err(format!("a new connection's request was answered {}", response.status()));
+    }
+    drop((stream, sender));
+    driving.abort();
     Ok(())
 }

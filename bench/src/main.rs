@@ -54,6 +54,12 @@ struct Args {
     /// Only these contenders (comma-separated names as in the table).
     #[arg(long)]
     only: Option<String>,
+    /// Drop this share (percent) of the packets of the mesh path's second
+    /// hop, both ways, TCP and UDP, with iptables on loopback. Run it in a
+    /// network namespace of its own (`bench/quic-path` does): the rules
+    /// are on that namespace's loopback.
+    #[arg(long, default_value_t = 0.0)]
+    loss: f64,
 }
 
 impl Args {
@@ -313,6 +319,70 @@ fn measure_h2(kind: Kind, setup: &Setup, args: &Args) -> Result<H2Row, String> {
     Ok(row)
 }
 
+/// Packets of one port dropped at random on loopback (iptables), both
+/// ways, TCP and UDP, until dropped.
+struct Loss {
+    rules: Vec<Vec<String>>,
+}
+
+impl Loss {
+    fn apply(port: u16, percent: f64) -> Result<Loss, String> {
+        let probability = format!("{:.4}", percent / 100.0);
+        let mut rules = Vec::new();
+        for protocol in ["tcp", "udp"] {
+            for direction in ["--dport", "--sport"] {
+                let rule: Vec<String> = [
+                    "INPUT",
+                    "-i",
+                    "lo",
+                    "-p",
+                    protocol,
+                    direction,
+                    &port.to_string(),
+                    "-m",
+                    "statistic",
+                    "--mode",
+                    "random",
+                    "--probability",
+                    &probability,
+                    "-j",
+                    "DROP",
+                ]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+                iptables("-A", &rule)?;
+                rules.push(rule);
+            }
+        }
+        Ok(Loss { rules })
+    }
+}
+
+impl Drop for Loss {
+    fn drop(&mut self) {
+        for rule in &self.rules {
+            let _ = iptables("-D", rule);
+        }
+    }
+}
+
+fn iptables(action: &str, rule: &[String]) -> Result<(), String> {
+    let output = std::process::Command::new("iptables")
+        .arg(action)
+        .args(rule)
+        .output()
+        .map_err(|e| format!("cannot run iptables: {e}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "iptables {action} {}: {}",
+            rule.join(" "),
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    Ok(())
+}
+
 /// One round of the full-path points for one path: CPU of all its
 /// proxies per request at saturation, latency at the fixed rate, and the
 /// second hop's new-connection handshake rate per core.
@@ -322,6 +392,10 @@ fn measure_path(kind: PathKind, setup: &Setup, args: &Args, certs: &Certs) -> Re
     let running: Vec<Running> = started.commands.into_iter().map(Running::start).collect();
     wait_ready(started.entry_port, mesh_path::SERVICE)?;
     let target = format!("127.0.0.1:{}", started.entry_port);
+    let _loss = match started.inbound_port {
+        Some(port) if args.loss > 0.0 => Some(Loss::apply(port, args.loss)?),
+        _ => None,
+    };
     let pgids: Vec<i32> = running.iter().map(Running::pgid).collect();
     let cpu = || pgids.iter().map(|g| procstat::cpu_seconds(*g)).sum::<f64>();
 
@@ -357,14 +431,23 @@ fn measure_path(kind: PathKind, setup: &Setup, args: &Args, certs: &Certs) -> Re
                 .enable_all()
                 .build()
                 .map_err(|e| e.to_string())?;
-            let count = runtime.block_on(handshakes::run(port, tls, mesh_path::SERVICE, seconds, 4))?;
+            let count = if kind == PathKind::MeshQuic {
+                runtime.block_on(handshakes::run_quic(port, tls, mesh_path::SERVICE, seconds, 4))?
+            } else {
+                runtime.block_on(handshakes::run(port, tls, mesh_path::SERVICE, seconds, 4))?
+            };
             let used = procstat::cpu_seconds(callee) - before;
             Some(count as f64 / used.max(0.01))
         }
         None => None,
     };
+    let large = tools::wrk(&format!("http://{target}/1mib"), mesh_path::SERVICE, 4, seconds)?;
+    if large.errors > 0 {
+        return Err(format!("{}: {} failed 1 MiB requests", kind.name(), large.errors));
+    }
     drop(running);
     Ok(PathRow {
+        mib_per_second: large.requests_per_second,
         name: kind.name().to_owned(),
         saturation_rps: saturation.requests_per_second,
         cpu_us_per_request,
@@ -398,6 +481,7 @@ fn median_path_row(runs: &[PathRow]) -> PathRow {
         rate_p50_us: median_of(runs, |r| r.rate_p50_us),
         rate_p99_us: median_of(runs, |r| r.rate_p99_us),
         handshakes_per_core_second: median_of_some(runs, |r| r.handshakes_per_core_second),
+        mib_per_second: median_of(runs, |r| r.mib_per_second),
     }
 }
 

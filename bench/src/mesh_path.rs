@@ -1,6 +1,7 @@
 //! The full mesh path: app → outbound proxy → inbound proxy → app, the
-//! two proxies on the proxy core. mesh-proxy in plaintext and with mTLS
-//! (HTTP/2 between the proxies, certificates from files), Envoy doing the
+//! two proxies on the proxy core. mesh-proxy in plaintext, with mTLS
+//! (HTTP/2 between the proxies, certificates from files) and with mTLS
+//! over QUIC (HTTP/3 between the proxies), Envoy doing the
 //! same two hops with mTLS from the same static certificates, and one
 //! HAProxy hop as the yardstick (target: the mTLS path costs at most two
 //! of it).
@@ -14,18 +15,25 @@ use crate::contenders::{envoy_listener, free_port, Setup};
 pub enum PathKind {
     MeshPlaintext,
     MeshMtls,
+    MeshQuic,
     EnvoyMtls,
     HaproxyOneHop,
 }
 
 impl PathKind {
-    pub const ALL: [PathKind; 4] =
-        [PathKind::MeshPlaintext, PathKind::MeshMtls, PathKind::EnvoyMtls, PathKind::HaproxyOneHop];
+    pub const ALL: [PathKind; 5] = [
+        PathKind::MeshPlaintext,
+        PathKind::MeshMtls,
+        PathKind::MeshQuic,
+        PathKind::EnvoyMtls,
+        PathKind::HaproxyOneHop,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             PathKind::MeshPlaintext => "mesh path (plaintext)",
             PathKind::MeshMtls => "mesh path (mTLS)",
+            PathKind::MeshQuic => "mesh path (mTLS over QUIC)",
             PathKind::EnvoyMtls => "Envoy path (mTLS)",
             PathKind::HaproxyOneHop => "HAProxy 1 hop",
         }
@@ -33,7 +41,7 @@ impl PathKind {
 
     /// Whether the second hop takes mTLS (and so has a handshake rate).
     pub fn has_mtls(self) -> bool {
-        matches!(self, PathKind::MeshMtls | PathKind::EnvoyMtls)
+        matches!(self, PathKind::MeshMtls | PathKind::MeshQuic | PathKind::EnvoyMtls)
     }
 }
 
@@ -109,8 +117,10 @@ pub fn commands(kind: PathKind, setup: &Setup, certs: &Certs) -> PathCommands {
         path.display().to_string()
     };
     match kind {
-        PathKind::MeshPlaintext | PathKind::MeshMtls => {
-            let mtls = kind == PathKind::MeshMtls;
+        PathKind::MeshPlaintext | PathKind::MeshMtls | PathKind::MeshQuic => {
+            let mtls = kind != PathKind::MeshPlaintext;
+            let quic = kind == PathKind::MeshQuic;
+            let transport = if quic { "transport = \"quic\"\n" } else { "" };
             let identity = |cert: &Path, key: &Path| {
                 if mtls {
                     format!(
@@ -124,7 +134,7 @@ pub fn commands(kind: PathKind, setup: &Setup, certs: &Certs) -> PathCommands {
                 }
             };
             let caller = format!(
-                "service = \"bench-client\"\n[listen]\noutbound = \"127.0.0.1:{entry_port}\"\nadmin = \"127.0.0.1:0\"\n\n{}[[services]]\nname = \"{SERVICE}\"\ntimeout = \"5s\"\nretry = {{ attempts = 3, on = [\"connect-failure\", \"5xx\"] }}\nendpoints = [{{ addr = \"127.0.0.1:{inbound_port}\", meshed = {mtls} }}]\n",
+                "service = \"bench-client\"\n[listen]\noutbound = \"127.0.0.1:{entry_port}\"\nadmin = \"127.0.0.1:0\"\n\n{}[[services]]\nname = \"{SERVICE}\"\n{transport}timeout = \"5s\"\nretry = {{ attempts = 3, on = [\"connect-failure\", \"5xx\"] }}\nendpoints = [{{ addr = \"127.0.0.1:{inbound_port}\", meshed = {mtls}, quic = {quic} }}]\n",
                 identity(&certs.client_cert, &certs.client_key)
             );
             // The callee lists its own service to say what its app speaks.
