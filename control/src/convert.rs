@@ -9,12 +9,18 @@ use mesh_proto::convert::{
 use mesh_proto::mesh::v1 as pb;
 use mesh_proto::traffic_policy::{rate_limit_to_pb, route_to_pb};
 
-use crate::state::{Policy, ServiceState};
+use crate::state::{MeshDefaults, Policy, ServiceState};
 
-pub fn route(name: &str, service: &ServiceState) -> pb::ServiceRoute {
+/// A service's routing entry as proxies get it; a policy that names no
+/// transport gets the mesh's default.
+pub fn route(name: &str, service: &ServiceState, defaults: &MeshDefaults) -> pb::ServiceRoute {
+    let mut policy = policy_to_pb(&service.policy);
+    if service.policy.transport.is_none() {
+        policy.transport = Some(transport_to_pb(defaults.transport));
+    }
     pb::ServiceRoute {
         name: name.to_owned(),
-        policy: Some(policy_to_pb(&service.policy)),
+        policy: Some(policy),
         split: service.split.iter().map(|(k, v)| (k.clone(), *v)).collect(),
         endpoints: service
             .endpoints

@@ -12,7 +12,7 @@ use prost::bytes::Bytes;
 use prost::Message;
 
 use crate::convert;
-use crate::state::MeshState;
+use crate::state::{MeshDefaults, MeshState};
 
 /// A service's route as proxies receive it.
 #[derive(Clone)]
@@ -48,8 +48,8 @@ pub type Changed<'a> = Vec<(&'a str, &'a PublishedService)>;
 
 impl Published {
     /// The publication for `state`, reusing the routes of `previous` whose
-    /// stamps did not move.
-    pub fn build(state: &MeshState, previous: &Published) -> Published {
+    /// stamps did not move (`defaults` are the server's for its life).
+    pub fn build(state: &MeshState, previous: &Published, defaults: &MeshDefaults) -> Published {
         let mut delta = Delta { from: previous.version, ..Delta::default() };
         let services = state
             .services
@@ -58,7 +58,7 @@ impl Published {
                 let reused = previous.services.get(name).filter(|p| p.stamp == service.stamp).cloned();
                 let published = reused.unwrap_or_else(|| {
                     delta.changed.push(name.clone());
-                    let encoded = convert::route(name, service).encode_to_vec().into();
+                    let encoded = convert::route(name, service, defaults).encode_to_vec().into();
                     PublishedService { stamp: service.stamp, encoded }
                 });
                 (name.clone(), published)
@@ -172,13 +172,13 @@ mod tests {
         for change in [register("a", "127.0.0.1:1"), register("b", "127.0.0.1:2")] {
             state = state.apply(&change).unwrap();
         }
-        let first = Published::build(&state, &Published::default());
+        let first = Published::build(&state, &Published::default(), &MeshDefaults::default());
         let sent: BTreeMap<String, u64> = first.services.iter().map(|(n, s)| (n.clone(), s.stamp)).collect();
         let (changed, removed) = diff(&sent, &first);
         assert!(changed.is_empty() && removed.is_empty(), "up to date");
 
         let state = state.apply(&register("b", "127.0.0.1:3")).unwrap();
-        let second = Published::build(&state, &first);
+        let second = Published::build(&state, &first, &MeshDefaults::default());
         assert_eq!(
             first.services["a"].encoded.as_ptr(),
             second.services["a"].encoded.as_ptr(),
@@ -191,7 +191,7 @@ mod tests {
 
         let state =
             state.apply(&Change::Deregister { service: "a".into(), addr: "127.0.0.1:1".into() }).unwrap();
-        let third = Published::build(&state, &second);
+        let third = Published::build(&state, &second, &MeshDefaults::default());
         let (_, removed) = diff(&sent, &third);
         assert_eq!(removed, vec!["a".to_owned()]);
         // A fresh proxy gets everything.
@@ -206,7 +206,7 @@ mod tests {
         {
             state = state.apply(&change).unwrap();
         }
-        let first = Published::build(&state, &Published::default());
+        let first = Published::build(&state, &Published::default(), &MeshDefaults::default());
         let mut sent = BTreeMap::new();
         let (changed, removed) = first.since(0, &sent);
         assert_eq!(changed.len(), 3, "a new proxy gets every service");
@@ -215,7 +215,7 @@ mod tests {
         let state = state.apply(&register("b", "127.0.0.1:4")).unwrap();
         let state =
             state.apply(&Change::Deregister { service: "c".into(), addr: "127.0.0.1:3".into() }).unwrap();
-        let second = Published::build(&state, &first);
+        let second = Published::build(&state, &first, &MeshDefaults::default());
         let names =
             |changed: &Changed<'_>| changed.iter().map(|(name, _)| name.to_string()).collect::<Vec<_>>();
         let (by_delta, removed_by_delta) = second.since(first.version, &sent);
@@ -230,7 +230,7 @@ mod tests {
 
         // A proxy two publications behind is compared, not given the last delta.
         let state = state.apply(&register("a", "127.0.0.1:5")).unwrap();
-        let third = Published::build(&state, &second);
+        let third = Published::build(&state, &second, &MeshDefaults::default());
         let (changed, removed) = third.since(first.version, &BTreeMap::from([("b".to_owned(), 0)]));
         assert_eq!((names(&changed), removed), (vec!["a".to_owned(), "b".to_owned()], vec![]));
     }

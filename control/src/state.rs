@@ -40,6 +40,14 @@ pub struct Policy {
     pub transport: Option<Transport>,
 }
 
+/// Settings for every service that does not set its own: the same on
+/// every server (`meshd server --default-transport`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MeshDefaults {
+    /// How sidecars reach a service's peers when its policy does not say.
+    pub transport: Transport,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EndpointRecord {
     pub version: String,

@@ -158,3 +158,32 @@ async fn renewals_and_a_root_rotation_under_load_over_quic_fail_no_request() {
         client_metrics.sum("mesh_tls_handshakes_total", &[("direction", "outbound"), ("result", "ok")]);
     assert!(opened >= 3.0, "a QUIC connection per certificate: {opened} handshakes");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mesh_wide_default_of_quic_holds_until_a_service_says_otherwise() {
+    let dir = TempDir::new("quic-default");
+    let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", &["--default-transport", "quic"]);
+    let _agent = Agent::start(&meshd, "node-a", &mesh_tests::node_ip(), 1000, &dir.path("agent"), &[]);
+    std::fs::write(dir.path("web.toml"), WEB).unwrap();
+    meshd.ctl_ok(&["job", "run", dir.path("web.toml").to_str().unwrap()]);
+    meshd.running("web", 1, Duration::from_secs(30)).await;
+    let client = meshd.mesh_client(&dir.path("client.toml"), "").await;
+    let web_admin = admin_of(&meshd, "web");
+    let served_over_quic =
+        || async { scrape(&web_admin).await.sum("mesh_quic_requests_total", &[("direction", "inbound")]) };
+
+    // No policy names a transport: the mesh's default, QUIC, holds.
+    let http = http1();
+    for i in 0..20 {
+        assert_eq!(get(&http, &client, "web", "/").await.unwrap().status, 200, "request {i}");
+    }
+    assert!(served_over_quic().await >= 19.0, "{}", served_over_quic().await);
+
+    // A service's own transport wins over the default.
+    meshd.ctl_ok(&["policy", "web", "--transport", "tcp", "--wait"]);
+    let before = served_over_quic().await;
+    for _ in 0..5 {
+        assert_eq!(get(&http, &client, "web", "/").await.unwrap().status, 200);
+    }
+    assert_eq!(served_over_quic().await, before);
+}

@@ -95,7 +95,9 @@ impl Admin for AdminService {
         let endpoints = state
             .services
             .iter()
-            .flat_map(|(name, service)| crate::convert::route(name, service).endpoints)
+            .flat_map(|(name, service)| {
+                crate::convert::route(name, service, &self.control.defaults).endpoints
+            })
             .collect();
         Ok(Response::new(pb::EndpointList { endpoints }))
     }

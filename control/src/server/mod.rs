@@ -38,7 +38,7 @@ use mesh_proto::mesh::v1 as pb;
 
 use crate::metrics::ControlMetrics;
 use crate::publish::Published;
-use crate::state::{Change, ChangeError, MeshState, ServiceState};
+use crate::state::{Change, ChangeError, MeshDefaults, MeshState, ServiceState};
 use crate::store::{Store, StoreError, StoreEvent, Stored, Writer};
 use proxy_records::merge_proxies;
 pub use window::PublishWindow;
@@ -131,6 +131,8 @@ impl ProxyRecord {
 }
 
 pub struct ControlPlane {
+    /// The mesh's defaults for services that set none.
+    pub defaults: MeshDefaults,
     store: Arc<dyn Store>,
     /// Writers take this lock in turn; readers use `published`.
     state: tokio::sync::Mutex<MeshState>,
@@ -203,15 +205,25 @@ impl ControlPlane {
         store: Arc<dyn Store>,
         window: PublishWindow,
     ) -> Result<Arc<ControlPlane>, StoreError> {
+        ControlPlane::with_defaults(store, window, MeshDefaults::default())
+    }
+
+    /// A control plane with the mesh's defaults for services that set none.
+    pub fn with_defaults(
+        store: Arc<dyn Store>,
+        window: PublishWindow,
+        defaults: MeshDefaults,
+    ) -> Result<Arc<ControlPlane>, StoreError> {
         let state = store.load()?;
         let feed = store.follow(state.version);
         let version = state.version;
-        let published = Published::build(&state, &Published::default());
+        let published = Published::build(&state, &Published::default(), &defaults);
         let metrics = ControlMetrics::default();
         metrics.set_version(state.version);
         metrics.set_publish_window(window.base);
         let (writes, pending) = mpsc::channel(MAX_BATCH * 4);
         let control = Arc::new(ControlPlane {
+            defaults,
             store,
             state: tokio::sync::Mutex::new(state),
             published: watch::channel(Arc::new(published)).0,
@@ -398,7 +410,7 @@ impl ControlPlane {
         // Versions only grow, across restarts too.
         let version = next.version;
         self.durably(move |store| store.save_services(&[], version, version - 1, Writer::Any)).await?;
-        let mut published = Published::build(&next, &self.published.borrow());
+        let mut published = Published::build(&next, &self.published.borrow(), &self.defaults);
         published.bundle = Some(Arc::new(bundle));
         *state = next;
         self.metrics.set_version(state.version);
@@ -674,7 +686,7 @@ async fn publish_loop(control: Arc<ControlPlane>, window: PublishWindow) {
             let state = control.state.lock().await;
             let before = control.published.borrow().version;
             if state.version != before {
-                let published = Published::build(&state, &control.published.borrow());
+                let published = Published::build(&state, &control.published.borrow(), &control.defaults);
                 control.published.send_replace(Arc::new(published));
                 burst = true;
                 // Versions count changes here, but not with a shared store,

@@ -192,6 +192,12 @@ struct ServerArgs {
     /// Equal to --publish-window: a window that never grows.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "400ms")]
     publish_window_max: Duration,
+    /// How sidecars reach the peers of a service whose policy sets no
+    /// transport (`meshctl policy SVC --transport`): `tcp` (mTLS over
+    /// TCP) or `quic` (HTTP/3, falling back to TCP per peer). Give every
+    /// server the same.
+    #[arg(long, default_value = "tcp")]
+    default_transport: mesh_common::policy::Transport,
     /// Where the state lives: `redb` (embedded, one server) or `etcd`
     /// (shared by several servers, one of them elected leader).
     #[arg(long, value_enum, default_value = "redb")]

@@ -40,6 +40,7 @@ pub(crate) async fn serve(
         server_names,
         publish_window,
         publish_window_max,
+        default_transport,
         store: store_kind,
         etcd_endpoints,
         store_key,
@@ -77,7 +78,8 @@ pub(crate) async fn serve(
             (store.clone() as Arc<dyn mesh_control::store::Store>, leader, Some(store))
         }
     };
-    let control = ControlPlane::with_window(store, publish_window).map_err(|e| e.to_string())?;
+    let defaults = mesh_control::state::MeshDefaults { transport: default_transport };
+    let control = ControlPlane::with_defaults(store, publish_window, defaults).map_err(|e| e.to_string())?;
     // Made once the store is open: waiting for etcd is not meshd stalling.
     let heartbeat_interval = (heartbeat_ttl / 3).max(Duration::from_millis(100));
     let nodes = Arc::new(NodeRegistry::new(heartbeat_interval, heartbeat_ttl));
