@@ -17,13 +17,16 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh_proxy::tls::MeshTls;
 
 /// Connections (handshake and one successful request each) completed
-/// against `port` in `duration` by `callers`; an error if any failed.
+/// against `port` in `duration` by `callers`; an error if any failed. On a
+/// lossy link (`lossy`) a connection that takes over 5 s is given up and
+/// not counted; on a clean one it is an error.
 pub async fn run(
     port: u16,
     tls: Arc<MeshTls>,
     service: &str,
     duration: Duration,
     callers: usize,
+    lossy: bool,
 ) -> Result<u64, String> {
     let done = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + duration;
@@ -34,17 +37,22 @@ pub async fn run(
         tasks.spawn(async move {
             let connector = tokio_rustls::TlsConnector::from(tls.client.clone());
             while Instant::now() < deadline {
-                let tcp =
-                    tokio::net::TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| e.to_string())?;
-                let _ = tcp.set_nodelay(true);
-                let stream =
-                    tokio::time::timeout(Duration::from_secs(5), connector.connect(name.clone(), tcp))
+                let opened = async {
+                    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
                         .await
-                        .map_err(|_| "handshake timed out".to_owned())?
+                        .map_err(|e| e.to_string())?;
+                    let _ = tcp.set_nodelay(true);
+                    let stream = connector
+                        .connect(name.clone(), tcp)
+                        .await
                         .map_err(|e| format!("handshake failed: {e}"))?;
-                tokio::time::timeout(Duration::from_secs(5), one_request(stream, &service))
-                    .await
-                    .map_err(|_| "no answer within 5 s on a new connection".to_owned())??;
+                    one_request(stream, &service).await
+                };
+                match tokio::time::timeout(Duration::from_secs(5), opened).await {
+                    Ok(result) => result?,
+                    Err(_) if lossy => continue,
+                    Err(_) => return Err("no answer within 5 s on a new connection".to_owned()),
+                }
                 done.fetch_add(1, Ordering::Relaxed);
             }
             Ok::<(), String>(())
@@ -82,12 +90,16 @@ where
 }
 
 /// As `run`, over QUIC: each new connection carries one HTTP/3 request.
+/// On a lossy link (`lossy`) a connection that takes over 5 s (its
+/// handshake packets lost again and again) is given up and not counted;
+/// on a clean one it is an error.
 pub async fn run_quic(
     port: u16,
     tls: Arc<MeshTls>,
     service: &str,
     duration: Duration,
     callers: usize,
+    lossy: bool,
 ) -> Result<u64, String> {
     let config = tls.quic_client.clone().ok_or("no QUIC client configuration")?;
     let mut endpoint = quinn::Endpoint::client(([127, 0, 0, 1], 0).into()).map_err(|e| e.to_string())?;
@@ -103,14 +115,17 @@ pub async fn run_quic(
             while Instant::now() < deadline {
                 let connecting =
                     endpoint.connect(([127, 0, 0, 1], port).into(), &name).map_err(|e| e.to_string())?;
-                let connection = tokio::time::timeout(Duration::from_secs(5), connecting)
-                    .await
-                    .map_err(|_| "QUIC handshake timed out".to_owned())?
-                    .map_err(|e| format!("QUIC handshake failed: {e}"))?;
-                tokio::time::timeout(Duration::from_secs(5), one_h3_request(connection.clone(), &service))
-                    .await
-                    .map_err(|_| "no answer within 5 s on a new QUIC connection".to_owned())??;
-                connection.close(0u32.into(), b"done");
+                let opened = async {
+                    let connection = connecting.await.map_err(|e| format!("QUIC handshake failed: {e}"))?;
+                    one_h3_request(connection.clone(), &service).await?;
+                    connection.close(0u32.into(), b"done");
+                    Ok::<(), String>(())
+                };
+                match tokio::time::timeout(Duration::from_secs(5), opened).await {
+                    Ok(result) => result?,
+                    Err(_) if lossy => continue,
+                    Err(_) => return Err("no answer within 5 s on a new QUIC connection".to_owned()),
+                }
                 done.fetch_add(1, Ordering::Relaxed);
             }
             Ok::<(), String>(())

@@ -432,9 +432,23 @@ fn measure_path(kind: PathKind, setup: &Setup, args: &Args, certs: &Certs) -> Re
                 .build()
                 .map_err(|e| e.to_string())?;
             let count = if kind == PathKind::MeshQuic {
-                runtime.block_on(handshakes::run_quic(port, tls, mesh_path::SERVICE, seconds, 4))?
+                runtime.block_on(handshakes::run_quic(
+                    port,
+                    tls,
+                    mesh_path::SERVICE,
+                    seconds,
+                    4,
+                    args.loss > 0.0,
+                ))?
             } else {
-                runtime.block_on(handshakes::run(port, tls, mesh_path::SERVICE, seconds, 4))?
+                runtime.block_on(handshakes::run(
+                    port,
+                    tls,
+                    mesh_path::SERVICE,
+                    seconds,
+                    4,
+                    args.loss > 0.0,
+                ))?
             };
             let used = procstat::cpu_seconds(callee) - before;
             Some(count as f64 / used.max(0.01))
