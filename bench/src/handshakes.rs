@@ -17,9 +17,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh_proxy::tls::MeshTls;
 
 /// Connections (handshake and one successful request each) completed
-/// against `port` in `duration` by `callers`; an error if any failed. On a
-/// lossy link (`lossy`) a connection that takes over 5 s is given up and
-/// not counted; on a clean one it is an error.
+/// against `port` in `duration` by `callers`, over TCP; an error if any
+/// failed (see `count_connections` for a lossy link).
 pub async fn run(
     port: u16,
     tls: Arc<MeshTls>,
@@ -28,27 +27,44 @@ pub async fn run(
     callers: usize,
     lossy: bool,
 ) -> Result<u64, String> {
+    let name = mesh_proxy::tls::server_name(service).ok_or("not a service name")?;
+    let connector = tokio_rustls::TlsConnector::from(tls.client.clone());
+    let service = service.to_owned();
+    let open = move || {
+        let (connector, name, service) = (connector.clone(), name.clone(), service.clone());
+        async move {
+            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| e.to_string())?;
+            let _ = tcp.set_nodelay(true);
+            let stream = connector.connect(name, tcp).await.map_err(|e| format!("handshake failed: {e}"))?;
+            one_request(stream, &service).await
+        }
+    };
+    count_connections(duration, callers, lossy, open).await
+}
+
+/// Runs `callers` loops until `duration` is over, each opening one
+/// connection after another with `open`, and counts those that succeeded.
+/// On a lossy link (`lossy`) a connection that takes over 5 s (its
+/// handshake packets lost again and again) is given up and not counted;
+/// on a clean one it is an error, as is any failure.
+async fn count_connections<F, Fut>(
+    duration: Duration,
+    callers: usize,
+    lossy: bool,
+    open: F,
+) -> Result<u64, String>
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), String>> + Send,
+{
     let done = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + duration;
-    let name = mesh_proxy::tls::server_name(service).ok_or("not a service name")?;
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..callers {
-        let (tls, done, name, service) = (tls.clone(), done.clone(), name.clone(), service.to_owned());
+        let (open, done) = (open.clone(), done.clone());
         tasks.spawn(async move {
-            let connector = tokio_rustls::TlsConnector::from(tls.client.clone());
             while Instant::now() < deadline {
-                let opened = async {
-                    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    let _ = tcp.set_nodelay(true);
-                    let stream = connector
-                        .connect(name.clone(), tcp)
-                        .await
-                        .map_err(|e| format!("handshake failed: {e}"))?;
-                    one_request(stream, &service).await
-                };
-                match tokio::time::timeout(Duration::from_secs(5), opened).await {
+                match tokio::time::timeout(Duration::from_secs(5), open()).await {
                     Ok(result) => result?,
                     Err(_) if lossy => continue,
                     Err(_) => return Err("no answer within 5 s on a new connection".to_owned()),
@@ -90,9 +106,6 @@ where
 }
 
 /// As `run`, over QUIC: each new connection carries one HTTP/3 request.
-/// On a lossy link (`lossy`) a connection that takes over 5 s (its
-/// handshake packets lost again and again) is given up and not counted;
-/// on a clean one it is an error.
 pub async fn run_quic(
     port: u16,
     tls: Arc<MeshTls>,
@@ -104,38 +117,22 @@ pub async fn run_quic(
     let config = tls.quic_client.clone().ok_or("no QUIC client configuration")?;
     let mut endpoint = quinn::Endpoint::client(([127, 0, 0, 1], 0).into()).map_err(|e| e.to_string())?;
     endpoint.set_default_client_config(config);
-    let done = Arc::new(AtomicU64::new(0));
-    let deadline = Instant::now() + duration;
-    let name = format!("{service}.mesh");
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..callers {
-        let (endpoint, done, name, service) =
-            (endpoint.clone(), done.clone(), name.clone(), service.to_owned());
-        tasks.spawn(async move {
-            while Instant::now() < deadline {
-                let connecting =
-                    endpoint.connect(([127, 0, 0, 1], port).into(), &name).map_err(|e| e.to_string())?;
-                let opened = async {
-                    let connection = connecting.await.map_err(|e| format!("QUIC handshake failed: {e}"))?;
-                    one_h3_request(connection.clone(), &service).await?;
-                    connection.close(0u32.into(), b"done");
-                    Ok::<(), String>(())
-                };
-                match tokio::time::timeout(Duration::from_secs(5), opened).await {
-                    Ok(result) => result?,
-                    Err(_) if lossy => continue,
-                    Err(_) => return Err("no answer within 5 s on a new QUIC connection".to_owned()),
-                }
-                done.fetch_add(1, Ordering::Relaxed);
-            }
-            Ok::<(), String>(())
-        });
-    }
-    while let Some(result) = tasks.join_next().await {
-        result.map_err(|e| e.to_string())??;
-    }
+    let (name, service) = (format!("{service}.mesh"), service.to_owned());
+    let client = endpoint.clone();
+    let open = move || {
+        let (endpoint, name, service) = (client.clone(), name.clone(), service.clone());
+        async move {
+            let connecting =
+                endpoint.connect(([127, 0, 0, 1], port).into(), &name).map_err(|e| e.to_string())?;
+            let connection = connecting.await.map_err(|e| format!("QUIC handshake failed: {e}"))?;
+            one_h3_request(connection.clone(), &service).await?;
+            connection.close(0u32.into(), b"done");
+            Ok(())
+        }
+    };
+    let count = count_connections(duration, callers, lossy, open).await;
     endpoint.wait_idle().await;
-    Ok(done.load(Ordering::Relaxed))
+    count
 }
 
 /// One HTTP/3 request on a fresh connection, answered 2xx.

@@ -431,24 +431,11 @@ fn measure_path(kind: PathKind, setup: &Setup, args: &Args, certs: &Certs) -> Re
                 .enable_all()
                 .build()
                 .map_err(|e| e.to_string())?;
+            let lossy = args.loss > 0.0;
             let count = if kind == PathKind::MeshQuic {
-                runtime.block_on(handshakes::run_quic(
-                    port,
-                    tls,
-                    mesh_path::SERVICE,
-                    seconds,
-                    4,
-                    args.loss > 0.0,
-                ))?
+                runtime.block_on(handshakes::run_quic(port, tls, mesh_path::SERVICE, seconds, 4, lossy))?
             } else {
-                runtime.block_on(handshakes::run(
-                    port,
-                    tls,
-                    mesh_path::SERVICE,
-                    seconds,
-                    4,
-                    args.loss > 0.0,
-                ))?
+                runtime.block_on(handshakes::run(port, tls, mesh_path::SERVICE, seconds, 4, lossy))?
             };
             let used = procstat::cpu_seconds(callee) - before;
             Some(count as f64 / used.max(0.01))

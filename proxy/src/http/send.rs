@@ -365,11 +365,7 @@ async fn send_quic(
     let broken = |error: h3::error::StreamError| QuicSendError::Broken(SendError::Broken(Box::new(error)));
     let (mut parts, body) = request.into_parts();
     // HTTP/3 names the authority and scheme in pseudo-headers, not in Host.
-    let authority = parts
-        .uri
-        .authority()
-        .cloned()
-        .or_else(|| parts.headers.get(header::HOST).and_then(|h| Authority::try_from(h.as_bytes()).ok()));
+    let authority = authority_for_upstream(&parts);
     let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
     let mut uri = http::Uri::builder().scheme("https").path_and_query(path);
     if let Some(authority) = authority {
