@@ -85,6 +85,15 @@ struct SharedQuic {
     last_used: AtomicU32,
 }
 
+/// A QUIC connection being opened; dropped, it lets the next request open one.
+struct Opening<'a>(&'a AtomicBool);
+
+impl Drop for Opening<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
 /// Where QUIC to a peer stands, for `meshctl status`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum QuicState {
@@ -382,12 +391,14 @@ impl ConnPool {
         &self,
         timeout: Duration,
     ) -> Result<(QuicSender, quinn::Connection), ConnectError> {
+        // Cleared however this ends: a request dropped mid-handshake (its
+        // caller gone) must not leave the peer on TCP for good.
+        let _opening = Opening(&self.quic_opening);
         let opened = self.try_open_quic(timeout).await;
         if let Err(error) = &opened {
             tracing::info!(peer = %self.addr, error = %error.0, "QUIC to a peer failed; TCP for a while");
             self.quic_failed();
         }
-        self.quic_opening.store(false, Ordering::Release);
         opened
     }
 
@@ -502,4 +513,51 @@ where
         let _ = connection.await;
     });
     Ok(sender)
+}
+
+#[cfg(test)]
+mod quic_opening_tests {
+    use super::*;
+
+    /// A mesh identity from a throwaway CA, as a sidecar holds one.
+    fn mesh_tls(dir: &std::path::Path) -> MeshTls {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_pem = ca.clone().self_signed(&ca_key).unwrap().pem();
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut leaf = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        let uri = rcgen::string::Ia5String::try_from("spiffe://mesh.local/service/caller").unwrap();
+        leaf.subject_alt_names = vec![rcgen::SanType::URI(uri)];
+        std::fs::write(dir.join("cert.pem"), leaf.signed_by(&key, &issuer).unwrap().pem()).unwrap();
+        std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+        std::fs::write(dir.join("ca.pem"), ca_pem).unwrap();
+        let files = crate::config::IdentityFiles {
+            certificate: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+            roots: dir.join("ca.pem"),
+        };
+        let identity = crate::identity::from_files(&files).unwrap();
+        MeshTls::new(&identity, Default::default()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_request_dropped_while_opening_quic_lets_the_next_one_open_it() {
+        let dir = std::env::temp_dir().join(format!("quic-opening-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // A peer whose UDP swallows everything: the handshake never ends.
+        let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let tls = Arc::new(ArcSwapOption::from(Some(Arc::new(mesh_tls(&dir)))));
+        let peer = MeshPeer { service: "callee".into(), tls, quic: Arc::new(QuicClient::default()) };
+        let pool = ConnPool::new(silent.local_addr().unwrap(), Some(peer));
+
+        assert!(matches!(pool.quic_route(0), QuicRoute::Open));
+        assert!(matches!(pool.quic_route(0), QuicRoute::Tcp), "one request opens; the others go over TCP");
+        // The opening request's caller goes away mid-handshake.
+        let opening = pool.open_quic(Duration::from_secs(10));
+        assert!(tokio::time::timeout(Duration::from_millis(100), opening).await.is_err());
+        assert!(matches!(pool.quic_route(0), QuicRoute::Open), "the next request opens QUIC again");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
