@@ -710,7 +710,16 @@ async fn under_packet_loss_many_streams_on_one_connection_all_succeed_and_p99_is
         for (name, caller) in &callers {
             let output = run(&caller.upstream("backend"), 3);
             let (p50, p99, requests, failed) = wrk_summary(&output);
-            assert_eq!(failed, 0, "{name} at {percent} % loss: {output}");
+            if failed > 0 {
+                // Which errors: the caller's counts of requests by code and error.
+                let metrics =
+                    in_host(a, "/usr/bin/curl", &["-s", &format!("http://{}/metrics", caller.admin())]);
+                let errors: Vec<&str> = metrics
+                    .lines()
+                    .filter(|l| l.starts_with("mesh_http_requests_total") && !l.contains("error=\"\""))
+                    .collect();
+                panic!("{name} at {percent} % loss: {failed} failed: {errors:?}\n{output}");
+            }
             assert!(requests > 100, "{name} at {percent} % loss: {output}");
             report.push(format!(
                 "{percent} % loss, {name}: {requests} requests, p50 {p50:.2} ms, p99 {p99:.2} ms"
