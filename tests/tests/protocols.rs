@@ -202,3 +202,71 @@ async fn inbound_forwards_to_the_app_and_counts() {
     let inbound = [("direction", "inbound"), ("service", "api"), ("version", "v7"), ("code", "200")];
     assert_eq!(metrics.sum("mesh_http_requests_total", &inbound), 2.0);
 }
+
+/// One HTTP/2 frame: its 9-byte head, then its payload.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut frame = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    frame.extend([kind, flags]);
+    frame.extend(stream.to_be_bytes());
+    frame.extend(payload);
+    frame
+}
+
+/// Sends `cancelled` GET requests each cancelled at once, then one more,
+/// all in one write on a new HTTP/2 connection to `addr`; what came back
+/// first: the last request's status (as its HPACK byte) or a GOAWAY.
+async fn after_cancelled_requests(addr: &str, cancelled: u32) -> String {
+    // GET / to `api`, in HPACK with static-table names and no indexing.
+    let request = [0x82, 0x86, 0x84, 0x01, 0x03, b'a', b'p', b'i'];
+    const HEADERS: u8 = 0x1;
+    const RST_STREAM: u8 = 0x3;
+    const SETTINGS: u8 = 0x4;
+    const GOAWAY: u8 = 0x7;
+    const END_STREAM_AND_HEADERS: u8 = 0x5;
+    let cancel = 0x8u32.to_be_bytes();
+    let mut burst = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    burst.extend(h2_frame(SETTINGS, 0, 0, &[]));
+    for stream in (1..).step_by(2).take(cancelled as usize) {
+        burst.extend(h2_frame(HEADERS, END_STREAM_AND_HEADERS, stream, &request));
+        burst.extend(h2_frame(RST_STREAM, 0, stream, &cancel));
+    }
+    let last = 2 * cancelled + 1;
+    burst.extend(h2_frame(HEADERS, END_STREAM_AND_HEADERS, last, &request));
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(&burst).await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let mut head = [0u8; 9];
+            stream.read_exact(&mut head).await?;
+            let length = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let mut payload = vec![0u8; length];
+            stream.read_exact(&mut payload).await?;
+            let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            match head[3] {
+                GOAWAY => return Ok::<_, std::io::Error>(format!("GOAWAY, error code {:?}", &payload[4..8])),
+                HEADERS if id == last => return Ok(format!("status byte {:#x}", payload[0])),
+                _ => {}
+            }
+        }
+    });
+    answer.await.expect("an answer within 10 s").expect("the connection stays open until it answers")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_cancelling_many_http2_requests_at_once_keeps_its_connection() {
+    // A sidecar whose caller went away cancels every request it had in
+    // flight; on a lossy link the requests and their cancels reach the
+    // peer in one burst, before it has taken up any of them.
+    let dir = TempDir::new("h2-cancels");
+    let app = Echo::start("v1", &[]);
+    let path = dir.path("proxy.toml");
+    std::fs::write(&path, format!("service = \"api\"\n{}", render(&[], &[], Some(&app.addr)))).unwrap();
+    let proxy = Proxy::start(&path);
+    // As many as the proxy lets one connection have open: answered 200 (0x88).
+    let answer = after_cancelled_requests(&proxy.inbound(), 200).await;
+    assert_eq!(answer, "status byte 0x88", "the request after 200 cancelled ones");
+    // Far more than a caller can have open is still the rapid-reset attack,
+    // and the connection is closed: ENHANCE_YOUR_CALM (11).
+    let answer = after_cancelled_requests(&proxy.inbound(), 1000).await;
+    assert_eq!(answer, "GOAWAY, error code [0, 0, 0, 11]", "after 1 000 cancelled requests");
+}

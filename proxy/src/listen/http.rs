@@ -120,6 +120,9 @@ async fn serve_meshed_inbound(
     let _ = drain.watch(connection.into_owned()).await;
 }
 
+/// Streams one HTTP/2 connection may have open at once (hyper's default).
+const MAX_CONCURRENT_STREAMS: u32 = 200;
+
 pub async fn serve(
     listener: TcpListener,
     proxy: Arc<Proxy>,
@@ -138,7 +141,16 @@ pub async fn serve(
         Role::Outbound | Role::Upstream(_) => None,
     };
     builder.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(header_read_timeout);
-    builder.http2().timer(hyper_util::rt::TokioTimer::new());
+    // A caller may cancel every stream it has open at once (its own client
+    // went away), and on a lossy link the requests and their cancels arrive
+    // in one burst, before any was taken up. h2's default of 20 such streams
+    // (its rapid-reset guard) answered that with GOAWAY, failing the
+    // caller's other requests; twice the stream limit still bounds it.
+    builder
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .max_pending_accept_reset_streams(2 * MAX_CONCURRENT_STREAMS as usize);
     loop {
         let Some(stream) = next_connection(&listener, &mut shutdown).await else { break };
         let Some(slot) = slots.take(&proxy.long_lived.metrics) else {
