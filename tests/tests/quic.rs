@@ -732,5 +732,10 @@ async fn under_packet_loss_many_streams_on_one_connection_all_succeed_and_p99_is
     }
     let quic = metric_in(a, &callers[0].1.admin(), "mesh_quic_requests_total", "outbound");
     assert!(quic > 0.0 && metric_in(a, &callers[0].1.admin(), "mesh_quic_fallbacks_total", "") == 0.0);
+    // One TCP connection carried the baseline, from the first burst of 32
+    // requests through both losses: one handshake.
+    let ok = "outbound\",result=\"ok";
+    let handshakes = metric_in(a, &callers[1].1.admin(), "mesh_tls_handshakes_total", ok);
+    assert_eq!(handshakes, 1.0, "the HTTP/2-over-TCP caller's handshakes");
     eprintln!("32 concurrent requests on one connection between two hosts:\n{}", report.join("\n"));
 }

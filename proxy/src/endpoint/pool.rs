@@ -52,6 +52,12 @@ pub struct ConnPool {
     /// idle, and an empty queue of this size is most of an endpoint's memory.
     idle_http1: ArcSwapOption<ArrayQueue<IdleHttp1>>,
     http2: ArcSwapOption<SharedHttp2>,
+    /// Held by the one request opening the shared HTTP/2 connection; the
+    /// others that found none wait for it instead of each opening their own.
+    http2_opening: tokio::sync::Mutex<()>,
+    /// Failed attempts to open it: a request that waited and sees this
+    /// moved fails with the attempt rather than making its own.
+    http2_failures: AtomicU32,
     quic: ArcSwapOption<SharedQuic>,
     /// One request opens the QUIC connection; the others meanwhile go over TCP.
     quic_opening: AtomicBool,
@@ -175,6 +181,8 @@ impl ConnPool {
             addr,
             idle_http1: ArcSwapOption::empty(),
             http2: ArcSwapOption::empty(),
+            http2_opening: tokio::sync::Mutex::new(()),
+            http2_failures: AtomicU32::new(0),
             quic: ArcSwapOption::empty(),
             quic_opening: AtomicBool::new(false),
             quic_down_until_ms: AtomicU64::new(0),
@@ -314,19 +322,48 @@ impl ConnPool {
     /// The shared HTTP/2 connection, opened on first use and again after it
     /// closes.
     pub async fn http2(&self, timeout: Duration) -> Result<Http2Sender, ConnectError> {
-        if let Some(shared) = self.http2.load().as_ref() {
-            if !shared.sender.is_closed() && self.opened_with_current_tls(shared) {
-                // Written only when the tick moved: no shared write per request.
-                let now = idle_now();
-                if shared.last_used.load(Ordering::Relaxed) != now {
-                    shared.last_used.store(now, Ordering::Relaxed);
-                }
-                return Ok(shared.sender.clone());
-            }
+        if let Some(sender) = self.open_http2_sender() {
+            return Ok(sender);
         }
         // Boxed: the connect and TLS handshake futures are large, and every
         // request's future would carry (and move) them inline otherwise.
-        Box::pin(self.open_http2(timeout)).await
+        Box::pin(self.open_http2_once(timeout)).await
+    }
+
+    /// The shared connection's sender, when it is open and was opened with
+    /// the mTLS configuration in force.
+    fn open_http2_sender(&self) -> Option<Http2Sender> {
+        let guard = self.http2.load();
+        let shared = guard.as_ref()?;
+        if shared.sender.is_closed() || !self.opened_with_current_tls(shared) {
+            return None;
+        }
+        // Written only when the tick moved: no shared write per request.
+        let now = idle_now();
+        if shared.last_used.load(Ordering::Relaxed) != now {
+            shared.last_used.store(now, Ordering::Relaxed);
+        }
+        Some(shared.sender.clone())
+    }
+
+    /// Opens the shared connection, or waits for the request opening it
+    /// and shares its outcome: a burst of requests to a peer makes one
+    /// connection (and one TLS handshake), not one each.
+    async fn open_http2_once(&self, timeout: Duration) -> Result<Http2Sender, ConnectError> {
+        let failures = self.http2_failures.load(Ordering::Acquire);
+        let _opening = self.http2_opening.lock().await;
+        if let Some(sender) = self.open_http2_sender() {
+            return Ok(sender);
+        }
+        if self.http2_failures.load(Ordering::Acquire) != failures {
+            let error = io::Error::other("the connection opened for this request's burst failed");
+            return Err(ConnectError(error));
+        }
+        let opened = self.open_http2(timeout).await;
+        if opened.is_err() {
+            self.http2_failures.fetch_add(1, Ordering::Release);
+        }
+        opened
     }
 
     async fn open_http2(&self, timeout: Duration) -> Result<Http2Sender, ConnectError> {
@@ -559,5 +596,60 @@ mod quic_opening_tests {
         assert!(tokio::time::timeout(Duration::from_millis(100), opening).await.is_err());
         assert!(matches!(pool.quic_route(0), QuicRoute::Open), "the next request opens QUIC again");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod http2_opening_tests {
+    use super::*;
+
+    /// `count` requests at once asking `pool` for its HTTP/2 connection.
+    async fn burst(
+        pool: &Arc<ConnPool>,
+        count: usize,
+        timeout: Duration,
+    ) -> Vec<Result<Http2Sender, ConnectError>> {
+        let mut requests = tokio::task::JoinSet::new();
+        for _ in 0..count {
+            let pool = pool.clone();
+            requests.spawn(async move { pool.http2(timeout).await });
+        }
+        requests.join_all().await
+    }
+
+    /// Connections waiting in a listener's accept queue.
+    fn queued(listener: &std::net::TcpListener) -> usize {
+        listener.set_nonblocking(true).unwrap();
+        std::iter::from_fn(|| listener.accept().ok()).take(1000).count()
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_requests_to_an_http2_endpoint_opens_one_connection() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let pool = Arc::new(ConnPool::new(listener.local_addr().unwrap(), None));
+        let opened = burst(&pool, 32, Duration::from_secs(5)).await;
+        assert!(opened.iter().all(Result::is_ok), "every request has a sender");
+        assert_eq!(queued(&listener), 1, "one connection, shared");
+    }
+
+    #[tokio::test]
+    async fn when_the_opening_fails_the_requests_waiting_on_it_fail_with_it() {
+        // A listener whose accept queue (backlog 0: one connection) is full
+        // drops new SYNs: a connect to it times out.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(0).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _filler = std::net::TcpStream::connect(addr).unwrap();
+        let pool = Arc::new(ConnPool::new(addr, None));
+        let timeout = Duration::from_millis(300);
+        let started = std::time::Instant::now();
+        let opened = burst(&pool, 8, timeout).await;
+        assert!(opened.iter().all(Result::is_err), "no connection could be had");
+        // One timeout, not one after another for each waiting request.
+        assert!(started.elapsed() < 4 * timeout, "took {:?}", started.elapsed());
+        // The next request tries again.
+        let again = tokio::time::timeout(Duration::from_millis(100), pool.http2(timeout)).await;
+        assert!(again.is_err(), "a new attempt, waiting on the full queue");
     }
 }
