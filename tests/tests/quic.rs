@@ -4,7 +4,8 @@
 //! local app (HTTP/1.1 and gRPC, trailers included), a stranger's
 //! certificate, or none, is refused at the handshake. The caller: a
 //! service with `transport = "quic"` is reached over HTTP/3 (HTTP/1.1,
-//! h2c and gRPC apps; upgrades stay on TCP), and over TCP in the same try
+//! h2c and gRPC apps, grpcio's four kinds of call with their statuses;
+//! upgrades stay on TCP), and over TCP in the same try
 //! when the peer has no QUIC; an impostor is refused; a connection closed
 //! when idle resumes its TLS session. Between two hosts (network
 //! namespaces): with UDP dropped by iptables every request goes over TCP,
@@ -436,6 +437,50 @@ async fn a_service_reached_over_quic_carries_http_and_grpc_and_falls_back_to_tcp
     );
     assert_eq!(scrape(&caller.admin()).await.sum("mesh_quic_fallbacks_total", &[]), 2.0);
     assert_eq!(quic_requests(impostor.admin(), "inbound").await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcio_streaming_both_ways_crosses_two_sidecars_over_quic() {
+    // A real grpcio client and server: unary, server, client and
+    // bidirectional streaming, trailers and an error status.
+    let dir = TempDir::new("quic-grpcio");
+    let ca = Ca::new();
+    let server_script = mesh_tests::workspace_dir().join("tests/python/grpc_server.py");
+    let server = mesh_tests::process::Process::start_with(
+        std::process::Command::new(mesh_tests::python()).arg(&server_script),
+    );
+    let server_addr = server.first_line.split_whitespace().last().unwrap().to_owned();
+    let callee = callee_as(&dir, &ca, &server_addr, "grpc", "pyecho", &[]);
+    let caller = caller(&dir, &ca, &[("pyecho", "grpc", &callee.inbound())]);
+
+    let client_script = mesh_tests::workspace_dir().join("tests/python/grpc_client.py");
+    let target = caller.upstream("pyecho");
+    let (code, stdout, stderr) = tokio::task::spawn_blocking(move || {
+        mesh_tests::process::run(&mesh_tests::python(), &[client_script.to_str().unwrap(), &target, "pyecho"])
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "the grpcio client failed: {stderr}");
+    let result: serde_json::Value = serde_json::from_str(stdout.trim()).expect("the client prints JSON");
+    assert_eq!(result["unary"], "echo:hello", "{result}");
+    assert_eq!(result["unary_trailers"]["x-trailer"], "kept", "{result}");
+    assert_eq!(
+        result["server_stream"],
+        serde_json::json!(["item-0", "item-1", "item-2", "item-3", "item-4"])
+    );
+    assert_eq!(result["client_stream"], "a+b+c", "{result}");
+    assert_eq!(result["bidi"], serde_json::json!(["bidi:x", "bidi:y"]), "{result}");
+    assert_eq!(result["fail"]["code"], "NOT_FOUND", "{result}");
+    assert_eq!(result["fail"]["details"], "no such thing: gizmo", "{result}");
+
+    // Every call went over QUIC: none over TCP, no fallback.
+    let caller_metrics = scrape(&caller.admin()).await;
+    let calls = caller_metrics.sum("mesh_http_requests_total", &[("direction", "outbound")]);
+    let over_quic =
+        scrape(&callee.admin()).await.sum("mesh_quic_requests_total", &[("direction", "inbound")]);
+    assert!(calls >= 5.0, "five kinds of call: {calls}");
+    assert_eq!(over_quic, calls, "calls the callee took over QUIC");
+    assert_eq!(caller_metrics.sum("mesh_quic_fallbacks_total", &[]), 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

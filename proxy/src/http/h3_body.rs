@@ -81,6 +81,13 @@ impl<S: H3Recv> H3Body<S> {
         H3Body { stream, data_done: false, finished: false, broken: None }
     }
 
+    /// An answer known to have no body and no trailers: it reports its
+    /// end before it is read, so an HTTP/2 caller gets it as one HEADERS
+    /// frame ending the stream.
+    pub fn ended(stream: S) -> H3Body<S> {
+        H3Body { stream, data_done: true, finished: true, broken: None }
+    }
+
     /// A peer's request body, whose breaking `broken_flag` tells.
     pub fn request(stream: S) -> H3Body<S> {
         H3Body { stream, data_done: false, finished: false, broken: Some(Arc::default()) }

@@ -414,6 +414,50 @@ async fn send_quic(
         }
     }
     .map_err(broken)?;
-    let body = crate::http::h3_body::H3ResponseBody::new(crate::http::h3_body::ClientRecv::new(recv, sender));
+    let recv = crate::http::h3_body::ClientRecv::new(recv, sender);
+    // HTTP/3 ends a stream apart from its HEADERS frame, and an answer
+    // that only said so later would reach an HTTP/2 caller as HEADERS
+    // then an empty DATA frame: gRPC clients (grpcio) take a Trailers-Only
+    // answer in that shape for a stream with no status.
+    let body = if is_grpc_trailers_only(response.headers()) {
+        crate::http::h3_body::H3ResponseBody::ended(recv)
+    } else {
+        crate::http::h3_body::H3ResponseBody::new(recv)
+    };
     Ok(response.map(|()| UpstreamBody::Quic(Box::new(body))))
+}
+
+/// Whether an answer is gRPC's Trailers-Only form: its status in the
+/// headers, and by gRPC's protocol nothing after them.
+fn is_grpc_trailers_only(headers: &http::HeaderMap) -> bool {
+    let grpc = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    grpc && headers.contains_key("grpc-status")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_grpc_answer_with_its_status_in_the_headers_is_trailers_only() {
+        let cases: [(&[(&str, &str)], bool); 5] = [
+            (&[("content-type", "application/grpc"), ("grpc-status", "5")], true),
+            (&[("content-type", "application/grpc+proto"), ("grpc-status", "0")], true),
+            // The status comes later, in the trailers.
+            (&[("content-type", "application/grpc")], false),
+            // Not gRPC: a header of that name means nothing.
+            (&[("content-type", "text/plain"), ("grpc-status", "5")], false),
+            (&[("grpc-status", "5")], false),
+        ];
+        for (headers, expected) in cases {
+            let map: http::HeaderMap = headers
+                .iter()
+                .map(|(k, v)| (http::HeaderName::from_static(k), HeaderValue::from_static(v)))
+                .collect();
+            assert_eq!(is_grpc_trailers_only(&map), expected, "{headers:?}");
+        }
+    }
 }
