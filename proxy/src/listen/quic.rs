@@ -118,35 +118,58 @@ pub fn transport_config() -> quinn::TransportConfig {
 /// A UDP socket at `addr` with buffers as large as the kernel allows, up
 /// to `UDP_BUFFER_BYTES`; warns once when the kernel holds them smaller.
 pub fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
-    use std::os::fd::AsRawFd;
     static WARNED: AtomicBool = AtomicBool::new(false);
+    let (socket, capped) = bind_udp_asking(addr, UDP_BUFFER_BYTES)?;
+    if let Some(granted) = capped {
+        if !WARNED.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                receive = granted.receive,
+                send = granted.send,
+                wanted = UDP_BUFFER_BYTES,
+                "the kernel caps UDP socket buffers below what QUIC needs under load; raise them with: {RAISE_UDP_BUFFERS}"
+            );
+        }
+    }
+    Ok(socket)
+}
+
+/// The command that lifts the kernel's cap on UDP socket buffers.
+pub const RAISE_UDP_BUFFERS: &str = "sysctl -w net.core.rmem_max=4194304 net.core.wmem_max=4194304";
+
+/// Buffer sizes the kernel granted, each way, when below what was asked.
+#[derive(Debug, PartialEq, Eq)]
+pub struct GrantedBuffers {
+    pub receive: usize,
+    pub send: usize,
+}
+
+/// A non-blocking UDP socket at `addr` that asked for `wanted` bytes of
+/// buffer each way, and what the kernel granted when it gave less.
+fn bind_udp_asking(
+    addr: SocketAddr,
+    wanted: usize,
+) -> std::io::Result<(std::net::UdpSocket, Option<GrantedBuffers>)> {
+    use std::os::fd::AsRawFd;
     let socket = std::net::UdpSocket::bind(addr)?;
     let fd = socket.as_raw_fd();
-    let mut granted = Vec::new();
-    for option in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
-        let wanted = UDP_BUFFER_BYTES as libc::c_int;
+    let mut granted = [0usize; 2];
+    for (option, granted) in [libc::SO_RCVBUF, libc::SO_SNDBUF].into_iter().zip(&mut granted) {
+        let asked = libc::c_int::try_from(wanted).unwrap_or(libc::c_int::MAX);
         let size = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
         // SAFETY: fd is an open socket; the option values are c_ints of the given size.
         let got = unsafe {
-            libc::setsockopt(fd, libc::SOL_SOCKET, option, (&wanted as *const libc::c_int).cast(), size);
+            libc::setsockopt(fd, libc::SOL_SOCKET, option, (&asked as *const libc::c_int).cast(), size);
             let mut got: libc::c_int = 0;
             let mut len = size;
             libc::getsockopt(fd, libc::SOL_SOCKET, option, (&mut got as *mut libc::c_int).cast(), &mut len);
             got
         };
         // Linux reports twice what it keeps for the payload.
-        granted.push(usize::try_from(got).unwrap_or(0) / 2);
-    }
-    if granted.iter().any(|g| *g < UDP_BUFFER_BYTES) && !WARNED.swap(true, Ordering::Relaxed) {
-        tracing::warn!(
-            receive = granted[0],
-            send = granted[1],
-            wanted = UDP_BUFFER_BYTES,
-            "the kernel caps UDP socket buffers below what QUIC needs under load; raise them with: sysctl -w net.core.rmem_max=4194304 net.core.wmem_max=4194304"
-        );
+        *granted = usize::try_from(got).unwrap_or(0) / 2;
     }
     socket.set_nonblocking(true)?;
-    Ok(socket)
+    let capped = granted.iter().any(|g| *g < wanted);
+    Ok((socket, capped.then_some(GrantedBuffers { receive: granted[0], send: granted[1] })))
 }
 
 /// Serves HTTP/3 on `addr` until shutdown, from the moment the proxy holds
@@ -319,4 +342,27 @@ async fn respond(
     }
     send.finish().await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod udp_buffer_tests {
+    use super::*;
+
+    /// The kernel's cap on a socket's receive buffer, as it reports it.
+    fn kernel_cap() -> usize {
+        std::fs::read_to_string("/proc/sys/net/core/rmem_max").unwrap().trim().parse().unwrap()
+    }
+
+    #[test]
+    fn buffers_under_the_kernel_cap_are_granted_and_over_it_are_reported_capped() {
+        let local = SocketAddr::from(([127, 0, 0, 1], 0));
+        let (_, capped) = bind_udp_asking(local, 64 * 1024).unwrap();
+        assert_eq!(capped, None, "64 KiB is under any kernel's cap");
+        // Beyond the cap: the kernel grants the cap, and it is reported.
+        let over = 2 * kernel_cap() + (1 << 20);
+        let (_, capped) = bind_udp_asking(local, over).unwrap();
+        let granted = capped.expect("reported as capped");
+        assert!(granted.receive < over && granted.receive >= kernel_cap() / 2, "{granted:?}");
+        assert!(RAISE_UDP_BUFFERS.contains("net.core.rmem_max"));
+    }
 }
