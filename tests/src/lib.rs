@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod etcd;
+pub mod grpcio;
 pub mod metrics;
 pub mod netns;
 pub mod process;

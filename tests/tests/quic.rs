@@ -445,33 +445,13 @@ async fn grpcio_streaming_both_ways_crosses_two_sidecars_over_quic() {
     // bidirectional streaming, trailers and an error status.
     let dir = TempDir::new("quic-grpcio");
     let ca = Ca::new();
-    let server_script = mesh_tests::workspace_dir().join("tests/python/grpc_server.py");
-    let server = mesh_tests::process::Process::start_with(
-        std::process::Command::new(mesh_tests::python()).arg(&server_script),
-    );
-    let server_addr = server.first_line.split_whitespace().last().unwrap().to_owned();
-    let callee = callee_as(&dir, &ca, &server_addr, "grpc", "pyecho", &[]);
+    let server = mesh_tests::grpcio::start_server();
+    let callee = callee_as(&dir, &ca, &mesh_tests::grpcio::server_addr(&server), "grpc", "pyecho", &[]);
     let caller = caller(&dir, &ca, &[("pyecho", "grpc", &callee.inbound())]);
-
-    let client_script = mesh_tests::workspace_dir().join("tests/python/grpc_client.py");
     let target = caller.upstream("pyecho");
-    let (code, stdout, stderr) = tokio::task::spawn_blocking(move || {
-        mesh_tests::process::run(&mesh_tests::python(), &[client_script.to_str().unwrap(), &target, "pyecho"])
-    })
-    .await
-    .unwrap();
-    assert_eq!(code, 0, "the grpcio client failed: {stderr}");
-    let result: serde_json::Value = serde_json::from_str(stdout.trim()).expect("the client prints JSON");
-    assert_eq!(result["unary"], "echo:hello", "{result}");
-    assert_eq!(result["unary_trailers"]["x-trailer"], "kept", "{result}");
-    assert_eq!(
-        result["server_stream"],
-        serde_json::json!(["item-0", "item-1", "item-2", "item-3", "item-4"])
-    );
-    assert_eq!(result["client_stream"], "a+b+c", "{result}");
-    assert_eq!(result["bidi"], serde_json::json!(["bidi:x", "bidi:y"]), "{result}");
-    assert_eq!(result["fail"]["code"], "NOT_FOUND", "{result}");
-    assert_eq!(result["fail"]["details"], "no such thing: gizmo", "{result}");
+    tokio::task::spawn_blocking(move || mesh_tests::grpcio::assert_calls_intact(&target, "pyecho"))
+        .await
+        .unwrap();
 
     // Every call went over QUIC: none over TCP, no fallback.
     let caller_metrics = scrape(&caller.admin()).await;
