@@ -31,15 +31,29 @@ fn admin_of(meshd: &Meshd, service: &str) -> String {
     proxy["admin_addr"].as_str().expect("an admin address").to_owned()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_service_set_to_quic_is_reached_over_quic_and_status_shows_each_peer() {
-    let dir = TempDir::new("quic-mesh");
-    let meshd = Meshd::start(&dir.path("data"));
-    let _agent = Agent::start(&meshd, "node-a", &mesh_tests::node_ip(), 1000, &dir.path("agent"), &[]);
+/// meshd (with extra flags) and one agent running `web`, and the upstream
+/// address of a meshed client that calls it. The agent lives as long as
+/// its binding: bind it by name, not to `_` or `..`.
+struct WebMesh {
+    meshd: Meshd,
+    _agent: Agent,
+    client: String,
+}
+
+async fn web_mesh(dir: &TempDir, meshd_flags: &[&str]) -> WebMesh {
+    let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", meshd_flags);
+    let agent = Agent::start(&meshd, "node-a", &mesh_tests::node_ip(), 1000, &dir.path("agent"), &[]);
     std::fs::write(dir.path("web.toml"), WEB).unwrap();
     meshd.ctl_ok(&["job", "run", dir.path("web.toml").to_str().unwrap()]);
     meshd.running("web", 1, Duration::from_secs(30)).await;
     let client = meshd.mesh_client(&dir.path("client.toml"), "").await;
+    WebMesh { meshd, _agent: agent, client }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_set_to_quic_is_reached_over_quic_and_status_shows_each_peer() {
+    let dir = TempDir::new("quic-mesh");
+    let WebMesh { meshd, _agent, client } = web_mesh(&dir, &[]).await;
 
     // The instance's sidecar serves QUIC, and its endpoint says so.
     let endpoints = meshd.ctl_json(&["get", "endpoints"]);
@@ -97,12 +111,7 @@ async fn a_service_set_to_quic_is_reached_over_quic_and_status_shows_each_peer()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn renewals_and_a_root_rotation_under_load_over_quic_fail_no_request() {
     let dir = TempDir::new("quic-identity");
-    let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", &["--cert-ttl", "15s"]);
-    let _agent = Agent::start(&meshd, "node-a", &mesh_tests::node_ip(), 1000, &dir.path("agent"), &[]);
-    std::fs::write(dir.path("web.toml"), WEB).unwrap();
-    meshd.ctl_ok(&["job", "run", dir.path("web.toml").to_str().unwrap()]);
-    meshd.running("web", 1, Duration::from_secs(30)).await;
-    let client = meshd.mesh_client(&dir.path("client.toml"), "").await;
+    let WebMesh { meshd, _agent, client } = web_mesh(&dir, &["--cert-ttl", "15s"]).await;
     meshd.ctl_ok(&["policy", "web", "--transport", "quic", "--wait"]);
     let (web_admin, client_admin) = (admin_of(&meshd, "web"), admin_of(&meshd, "client"));
     let expiry = |admin: String| async move {
@@ -162,12 +171,7 @@ async fn renewals_and_a_root_rotation_under_load_over_quic_fail_no_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mesh_wide_default_of_quic_holds_until_a_service_says_otherwise() {
     let dir = TempDir::new("quic-default");
-    let meshd = Meshd::start_with(&dir.path("data"), "127.0.0.1:0", &["--default-transport", "quic"]);
-    let _agent = Agent::start(&meshd, "node-a", &mesh_tests::node_ip(), 1000, &dir.path("agent"), &[]);
-    std::fs::write(dir.path("web.toml"), WEB).unwrap();
-    meshd.ctl_ok(&["job", "run", dir.path("web.toml").to_str().unwrap()]);
-    meshd.running("web", 1, Duration::from_secs(30)).await;
-    let client = meshd.mesh_client(&dir.path("client.toml"), "").await;
+    let WebMesh { meshd, _agent, client } = web_mesh(&dir, &["--default-transport", "quic"]).await;
     let web_admin = admin_of(&meshd, "web");
     let served_over_quic =
         || async { scrape(&web_admin).await.sum("mesh_quic_requests_total", &[("direction", "inbound")]) };
