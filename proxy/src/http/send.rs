@@ -430,11 +430,7 @@ async fn send_quic(
 /// Whether an answer is gRPC's Trailers-Only form: its status in the
 /// headers, and by gRPC's protocol nothing after them.
 fn is_grpc_trailers_only(headers: &http::HeaderMap) -> bool {
-    let grpc = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/grpc"));
-    grpc && headers.contains_key("grpc-status")
+    crate::http::is_grpc(headers) && headers.contains_key("grpc-status")
 }
 
 #[cfg(test)]
