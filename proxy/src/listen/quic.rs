@@ -348,9 +348,10 @@ async fn respond(
 mod udp_buffer_tests {
     use super::*;
 
-    /// The kernel's cap on a socket's receive buffer, as it reports it.
-    fn kernel_cap() -> usize {
-        std::fs::read_to_string("/proc/sys/net/core/rmem_max").unwrap().trim().parse().unwrap()
+    /// The kernel's cap on a socket's buffer one way (`rmem_max`, `wmem_max`).
+    fn kernel_cap(sysctl: &str) -> usize {
+        let path = format!("/proc/sys/net/core/{sysctl}");
+        std::fs::read_to_string(path).unwrap().trim().parse().unwrap()
     }
 
     #[test]
@@ -359,10 +360,11 @@ mod udp_buffer_tests {
         let (_, capped) = bind_udp_asking(local, 64 * 1024).unwrap();
         assert_eq!(capped, None, "64 KiB is under any kernel's cap");
         // Beyond the cap: the kernel grants the cap, and it is reported.
-        let over = 2 * kernel_cap() + (1 << 20);
+        let (receive_cap, send_cap) = (kernel_cap("rmem_max"), kernel_cap("wmem_max"));
+        let over = 2 * receive_cap.max(send_cap) + (1 << 20);
         let (_, capped) = bind_udp_asking(local, over).unwrap();
         let granted = capped.expect("reported as capped");
-        assert!(granted.receive < over && granted.receive >= kernel_cap() / 2, "{granted:?}");
+        assert_eq!(granted, GrantedBuffers { receive: receive_cap, send: send_cap });
         assert!(RAISE_UDP_BUFFERS.contains("net.core.rmem_max"));
     }
 }
